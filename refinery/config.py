@@ -1,0 +1,134 @@
+"""Typed configuration: command-line flag > refinery.toml > defaults.
+
+Every table forbids unknown keys, so a typo in refinery.toml is an error that names the key
+instead of a setting that silently does nothing.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from refinery.canonical import sig_hash
+
+CONFIG_FILE = "refinery.toml"
+
+
+class ConfigError(Exception):
+    """A user error in the configuration; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MaterializeConfig(Section):
+    max_line_bytes: int = Field(default=1 << 20, gt=0,
+                                description="longer source lines are quarantined as line_too_long")
+    workers: int = Field(default=0, ge=0, description="worker processes; 0 = one per core")
+    parallel_min_bytes: int = Field(
+        default=8 << 20, ge=0,
+        description="inputs smaller than this are processed in-process (workers cost start-up time)")
+    quarantine_raw_max: int = Field(default=64 << 10, gt=0,
+                                    description="how much of a refused row's text quarantine keeps")
+    ignore: list[str] = Field(
+        default_factory=lambda: ["audit_baselines.jsonl"],
+        description="globs (relative to data/_kb) of files that are not source streams")
+    transforms_dirs: list[str] = Field(
+        default_factory=list,
+        description="extra folders of transform modules, relative to the workspace")
+
+
+class FieldMap(Section):
+    """Where each evidence field lives in a row: a column name or a dotted JSON path."""
+
+    recorded_at: str
+    prompt: str | None = None
+    messages: str | None = None
+    response: str | None = None
+    id: str | None = None
+    task_id: str | None = None
+    task_name: str | None = None
+    score: str | None = None
+    expected: str | None = None
+    approved: str | None = None
+    approver: str | None = None
+    rating: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    latency_ms: str | None = None
+    prompt_tokens: str | None = None
+    completion_tokens: str | None = None
+    error: str | None = None
+    stop_reason: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_text(self) -> FieldMap:
+        if not (self.prompt or self.messages):
+            raise ValueError("a mapping needs `prompt` or `messages` in its fields")
+        return self
+
+
+class Mapping(Section):
+    """A declarative transform for a stream that has no transform module."""
+
+    match: str = Field(description="glob of file paths relative to data/_kb, e.g. 'support_bot*.jsonl'")
+    kind: str = "mapped"
+    format: Literal["jsonl", "csv"] | None = Field(
+        default=None, description="default: from the file extension")
+    fields: FieldMap
+    score_scale: float = Field(default=1.0, gt=0, description="divide the score by this to get 0..1")
+    rating_scale: float = Field(default=1.0, gt=0, description="divide the rating by this to get 0..1")
+    approved_values: list[str] = Field(
+        default_factory=lambda: ["true", "yes", "y", "1", "approved", "pass"],
+        description="values of the approved field that mean approved (case-insensitive)")
+
+
+class Config(Section):
+    materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
+    mappings: dict[str, Mapping] = Field(default_factory=dict)
+
+    def config_hash(self) -> str:
+        return sig_hash(self.model_dump(mode="json"))
+
+
+def _format_errors(origin: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key '{key}' — remove it or check its spelling")
+        else:
+            lines.append(f"{origin}: '{key}': {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(workspace: Path, path: Path | None = None,
+                overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read `refinery.toml` (or `path`), apply command-line `overrides` on top, validate."""
+    cfg_path = path or workspace / CONFIG_FILE
+    data: dict[str, Any] = {}
+    origin = str(cfg_path)
+    if path is not None and not cfg_path.is_file():
+        raise ConfigError(f"{origin}: no such config file")
+    if cfg_path.is_file():
+        try:
+            data = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{origin}: invalid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{origin}: not valid UTF-8") from None
+    for section, values in (overrides or {}).items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            data.setdefault(section, {})
+            if not isinstance(data[section], dict):
+                raise ConfigError(f"{origin}: '{section}' must be a table")
+            data[section] = {**data[section], **values}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(origin, e)) from None

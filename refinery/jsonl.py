@@ -1,0 +1,188 @@
+"""Streaming JSONL reading and atomic writing.
+
+`read_jsonl` yields every physical line of a file — good or bad — with its 0-based line
+offset; it never stops at a bad line. Writers go through a temporary file that is fsynced and
+renamed into place, so a killed process never leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+
+from refinery.reasons import Reason
+
+DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB
+
+
+class Line(NamedTuple):
+    """One physical line of a JSONL file.
+
+    Exactly one of `obj` / `reason` is set. `raw` holds the line's bytes without the line
+    terminator (for a line over the size limit: only its first bytes).
+    """
+
+    offset: int
+    raw: bytes
+    obj: dict[str, Any] | None
+    reason: Reason | None
+    detail: str | None
+
+
+def _classify_unparseable(raw: bytes, err: Exception) -> tuple[Reason, str]:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Reason.INVALID_UTF8, f"invalid UTF-8 byte at column {e.start + 1}"
+    return Reason.INVALID_JSON, str(err)
+
+
+def read_jsonl(path: str | os.PathLike, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Line]:
+    """Yield every line of `path` with its offset and either its parsed object or a reason."""
+    loads = orjson.loads
+    decode_error = orjson.JSONDecodeError
+    limit = max_line_bytes + 2  # room for "\r\n"
+    with open(path, "rb") as f:
+        readline = f.readline
+        offset = -1
+        while True:
+            raw = readline(limit)
+            if not raw:
+                return
+            offset += 1
+            if len(raw) == limit and not raw.endswith(b"\n"):
+                # Over the limit: drain the rest of the line without holding it in memory.
+                total = len(raw)
+                while chunk := readline(1 << 20):
+                    total += len(chunk)
+                    if chunk.endswith(b"\n"):
+                        break
+                yield Line(offset, raw[:256], None, Reason.LINE_TOO_LONG,
+                           f"line is {total} bytes, over the {max_line_bytes}-byte limit")
+                continue
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                yield Line(offset, raw, None, Reason.BLANK_LINE, "blank line")
+                continue
+            try:
+                obj = loads(raw)
+            except decode_error as err:
+                reason, detail = _classify_unparseable(raw, err)
+                yield Line(offset, raw, None, reason, detail)
+                continue
+            if type(obj) is not dict:
+                yield Line(offset, raw, None, Reason.NOT_AN_OBJECT,
+                           f"expected a JSON object, got a JSON {type(obj).__name__}")
+                continue
+            yield Line(offset, raw, obj, None, None)
+
+
+def dumps_line(obj: Any) -> bytes:
+    """One JSONL line: compact JSON in the dict's own (fixed) key order, plus a newline."""
+    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform/file system allows it
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temp file beside `path`; on success fsync and rename it over `path`.
+
+    On any exception the temp file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    f = open(tmp, mode)
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+class JsonlWriter:
+    """Writes dicts as JSONL lines, counting rows and hashing the bytes as it goes."""
+
+    def __init__(self, f):
+        self._f = f
+        self._h = hashlib.sha256()
+        self.rows = 0
+
+    def write(self, obj: Any) -> None:
+        data = dumps_line(obj)
+        self._f.write(data)
+        self._h.update(data)
+        self.rows += 1
+
+    @property
+    def sha256(self) -> str:
+        return self._h.hexdigest()
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows) -> tuple[int, str]:
+    """Write `rows` to `path` atomically; return (row count, sha256 of the file)."""
+    with atomic_write(path) as f:
+        w = JsonlWriter(f)
+        for row in rows:
+            w.write(row)
+    return w.rows, w.sha256
+
+
+def publish_dir(staging: Path, target: Path) -> None:
+    """Atomically (as far as the file system allows) replace directory `target` by `staging`.
+
+    The old tree is moved aside first and only deleted once the new one is in place; if the
+    process dies between the two renames, `recover_dir` puts the old tree back.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, trash)
+    os.replace(staging, target)
+    fsync_dir(target.parent)
+    if trash.exists():
+        shutil.rmtree(trash)
+
+
+def recover_dir(target: Path) -> None:
+    """Undo what a killed `publish_dir` / staging step left behind next to `target`."""
+    parent = target.parent
+    if not parent.exists():
+        return
+    olds = sorted(parent.glob(f".{target.name}.old-*"))
+    if olds and not target.exists():
+        os.replace(olds[0], target)
+        olds = olds[1:]
+    for leftover in [*olds, *parent.glob(f".{target.name}.staging-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh staging directory beside `target`, for `publish_dir`."""
+    d = target.with_name(f".{target.name}.staging-{os.getpid()}")
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return d

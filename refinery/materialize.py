@@ -1,0 +1,323 @@
+"""Stage 1 — materialize: every source line becomes evidence or a quarantined refusal.
+
+    data/_kb/<stream>.jsonl|csv  ──▶  data/evidence/YYYY/MM/DD/<stream>.jsonl   (EvidenceRecord)
+                                 ──▶  exports/quarantine/materialize.jsonl       (QuarantineRecord)
+
+Files are independent, so they are processed in parallel (one worker per core) and their
+outputs are written into a staging folder that replaces the old evidence tree only once
+everything succeeded. Output order is source order within each partition file; ids derive from
+the stream name and the row's sig_hash, so two runs on the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from refinery.canonical import file_sha256, short_id
+from refinery.config import Config, MaterializeConfig
+from refinery.discovery import Registry, Transform
+from refinery.jsonl import (JsonlWriter, atomic_write, publish_dir, recover_dir, staging_dir)
+from refinery.reasons import Reason
+from refinery.sources import SourceFile, list_sources, read_rows
+from refinery.transform import Refusal, RowContext, RowError
+from refinery.workspace import Workspace
+
+STAGE = "materialize"
+
+
+@dataclass
+class FileResult:
+    source_file: str
+    source: str
+    transform: str | None
+    input_sha256: str | None
+    rows_in: int = 0
+    evidence: int = 0
+    quarantined: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    partitions: dict[str, int] = field(default_factory=dict)
+    """evidence path (relative to the evidence root) → rows"""
+    transform_errors: int = 0
+    first_transform_error: str | None = None
+    file_error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MaterializeResult:
+    files: list[FileResult]
+    ignored: list[str]
+    outputs: list[dict[str, Any]]
+    """[{path, sha256, rows}] of every evidence file and the quarantine file"""
+    seconds: float
+
+    @property
+    def rows_in(self) -> int:
+        return sum(f.rows_in for f in self.files)
+
+    @property
+    def evidence(self) -> int:
+        return sum(f.evidence for f in self.files)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(f.quarantined for f in self.files)
+
+    @property
+    def by_reason(self) -> dict[str, int]:
+        c: Counter[str] = Counter()
+        for f in self.files:
+            c.update(f.by_reason)
+        return dict(sorted(c.items()))
+
+    @property
+    def transform_errors(self) -> int:
+        return sum(f.transform_errors for f in self.files)
+
+    @property
+    def file_errors(self) -> list[str]:
+        return [f"{f.source_file}: {f.file_error}" for f in self.files if f.file_error]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": STAGE, "rows_in": self.rows_in, "evidence": self.evidence,
+            "quarantined": self.quarantined, "by_reason": self.by_reason,
+            "transform_errors": self.transform_errors, "file_errors": self.file_errors,
+            "ignored": self.ignored, "files": [asdict(f) for f in self.files],
+            "outputs": self.outputs, "seconds": round(self.seconds, 3),
+        }
+
+
+class AccountingError(AssertionError):
+    """rows in ≠ evidence + quarantined for some file: a bug, never a data problem."""
+
+
+def _quarantine_row(src: SourceFile, offset: int | None, raw: bytes | None, reason: Reason, detail: str,
+                    sig: str | None, raw_max: int, recorded_at: str | None = None) -> dict[str, Any]:
+    text = None if raw is None else raw.decode("utf-8", "backslashreplace")
+    truncated = text is not None and len(text) > raw_max
+    return {
+        "schema_version": 1,
+        "id": short_id("q", STAGE, src.ws_rel, str(offset)),
+        "stage": STAGE,
+        "source": src.source,
+        "reason": reason.value,
+        "detail": detail,
+        "raw": text[:raw_max] if truncated else text,
+        "raw_truncated": truncated,
+        "provenance": {"source_file": src.ws_rel, "line_offset": offset, "sig_hash": sig,
+                       "recorded_at": recorded_at},
+    }
+
+
+def _validator() -> Callable[[dict[str, Any]], None]:
+    from refinery.models import EvidenceRecord
+
+    return EvidenceRecord.model_validate
+
+
+def process_file(src: SourceFile, transform: Transform | None, mcfg: MaterializeConfig,
+                 evidence_root: Path, quarantine_part: Path, validate: bool = False) -> FileResult:
+    """Materialize one source file into `evidence_root` (partitioned) and `quarantine_part`."""
+    res = FileResult(src.ws_rel, src.source, transform.spec.name if transform else None, None)
+    writers: dict[str, tuple[Any, JsonlWriter]] = {}
+    by_reason: Counter[str] = Counter()
+    raw_max = mcfg.quarantine_raw_max
+    sha256 = hashlib.sha256
+    dumps = orjson.dumps
+    sort_keys = orjson.OPT_SORT_KEYS
+    check = _validator() if validate else None
+    ctx = RowContext(source=src.source, source_file=src.ws_rel)
+    fn = transform.fn if transform else None
+    seen: dict[bytes, int] = {}
+    id_prefix = (src.source + "\x1f").encode()
+    try:
+        res.input_sha256 = file_sha256(src.path)
+        with open(quarantine_part, "wb") as qf:
+            qw = JsonlWriter(qf)
+
+            def refuse(offset, raw, reason, detail, sig, recorded_at=None):
+                by_reason[reason.value] += 1
+                qw.write(_quarantine_row(src, offset, raw, reason, detail, sig, raw_max, recorded_at))
+
+            for line in read_rows(src, mcfg.max_line_bytes):
+                res.rows_in += 1
+                offset, raw, row = line.offset, line.raw, line.obj
+                if row is None:
+                    refuse(offset, raw, line.reason, line.detail, sha256(raw).hexdigest())
+                    continue
+                digest = sha256(dumps(row, option=sort_keys)).digest()
+                sig = digest.hex()
+                if fn is None:
+                    refuse(offset, raw, Reason.UNKNOWN_SOURCE,
+                           f"no transform or mapping claims data/_kb/{src.kb_rel}", sig)
+                    continue
+                key = digest[:12]
+                first = seen.get(key)
+                if first is not None:
+                    refuse(offset, raw, Reason.DUPLICATE_ROW, f"exact duplicate of line {first}", sig)
+                    continue
+                seen[key] = offset
+                ctx.line_offset = offset
+                try:
+                    out = fn(row, ctx)
+                except RowError as e:
+                    refuse(offset, raw, e.reason, e.detail, sig)
+                    continue
+                except Exception as e:  # a bug in the transform: count it, keep the row, go on
+                    res.transform_errors += 1
+                    msg = f"transform {transform.spec.name} raised {type(e).__name__}: {e}"
+                    if res.first_transform_error is None:
+                        res.first_transform_error = f"{src.ws_rel}:{offset}: {msg}"
+                    refuse(offset, raw, Reason.TRANSFORM_ERROR, msg, sig)
+                    continue
+                if type(out) is Refusal:
+                    refuse(offset, raw, out.reason, out.detail, sig)
+                    continue
+                recorded_at = out["recorded_at"]
+                out["id"] = "ev-" + sha256(id_prefix + digest).hexdigest()[:16]
+                out["source"] = src.source
+                out["provenance"] = {"source_file": src.ws_rel, "line_offset": offset,
+                                     "sig_hash": sig, "recorded_at": recorded_at}
+                if check is not None:
+                    try:
+                        check(out)
+                    except Exception as e:
+                        res.transform_errors += 1
+                        msg = f"transform {transform.spec.name} produced an invalid record: {e}"
+                        if res.first_transform_error is None:
+                            res.first_transform_error = f"{src.ws_rel}:{offset}: {msg}"
+                        refuse(offset, raw, Reason.TRANSFORM_ERROR, msg.splitlines()[0], sig)
+                        continue
+                day = recorded_at[:10]
+                w = writers.get(day)
+                if w is None:
+                    rel = f"{day[:4]}/{day[5:7]}/{day[8:10]}/{src.source}.jsonl"
+                    path = evidence_root / rel
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    fh = open(path, "wb")
+                    w = writers[day] = (fh, JsonlWriter(fh))
+                w[1].write(out)
+                res.evidence += 1
+        for fh, _ in writers.values():
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        # Unreadable (or vanished) mid-way: publish nothing of this file, say so once.
+        for fh, _ in writers.values():
+            fh.close()
+        for day in writers:
+            (evidence_root / f"{day[:4]}/{day[5:7]}/{day[8:10]}/{src.source}.jsonl").unlink(missing_ok=True)
+        res.rows_in = res.evidence = 0
+        by_reason.clear()
+        res.file_error = f"cannot read: {e.strerror or e}"
+        with open(quarantine_part, "wb") as qf:
+            JsonlWriter(qf).write(_quarantine_row(src, None, None, Reason.UNREADABLE_FILE,
+                                                  res.file_error, None, raw_max))
+        res.by_reason = {}
+        return res
+    finally:
+        for fh, _ in writers.values():
+            fh.close()
+    res.quarantined = sum(by_reason.values())
+    res.by_reason = dict(sorted(by_reason.items()))
+    res.partitions = {f"{d[:4]}/{d[5:7]}/{d[8:10]}/{src.source}.jsonl": w.rows
+                      for d, (_, w) in sorted(writers.items())}
+    if res.rows_in == 0:
+        res.warnings.append(f"{src.ws_rel} is empty")
+    if res.rows_in != res.evidence + res.quarantined:
+        raise AccountingError(f"{src.ws_rel}: {res.rows_in} rows in, {res.evidence} evidence + "
+                              f"{res.quarantined} quarantined")
+    return res
+
+
+# --- worker processes ---------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(ws_root: str, cfg: Config) -> None:
+    _WORKER["registry"] = Registry.load(Path(ws_root), cfg)
+    _WORKER["cfg"] = cfg
+
+
+def _work(src: SourceFile, evidence_root: Path, quarantine_part: Path, validate: bool) -> FileResult:
+    registry: Registry = _WORKER["registry"]
+    return process_file(src, registry.resolve(src.kb_rel), _WORKER["cfg"].materialize,
+                        evidence_root, quarantine_part, validate)
+
+
+def run(ws: Workspace, cfg: Config, *, validate: bool = False,
+        on_file_done: Callable[[FileResult, int], None] | None = None) -> MaterializeResult:
+    """Materialize every source stream of `ws`. Raises TransformLoadError for a broken transform."""
+    t0 = time.perf_counter()
+    registry = Registry.load(ws.root, cfg)  # fails fast, naming a broken module or mapping
+    sources, ignored = list_sources(ws, cfg.materialize.ignore)
+    claims = {s.kb_rel: registry.resolve(s.kb_rel) for s in sources}
+
+    recover_dir(ws.evidence)
+    ws.root.joinpath("data").mkdir(parents=True, exist_ok=True)
+    for stale in ws.root.joinpath("data").glob(".materialize-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = staging_dir(ws.evidence)
+    parts = Path(tempfile.mkdtemp(prefix=".materialize-", dir=ws.root / "data"))
+    try:
+        jobs = [(i, s, parts / f"{i:06d}.jsonl") for i, s in enumerate(sources)]
+        results: list[FileResult | None] = [None] * len(jobs)
+        total_bytes = sum(s.size for s in sources)
+        workers = cfg.materialize.workers or os.cpu_count() or 1
+        workers = min(workers, len(jobs))
+        if workers <= 1 or total_bytes < cfg.materialize.parallel_min_bytes:
+            for i, s, part in jobs:
+                results[i] = process_file(s, claims[s.kb_rel], cfg.materialize, staging, part, validate)
+                if on_file_done:
+                    on_file_done(results[i], s.size)
+        else:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                                     initargs=(str(ws.root), cfg)) as pool:
+                # Largest files first, so one big file does not start last.
+                futures = {pool.submit(_work, s, staging, part, validate): (i, s)
+                           for i, s, part in sorted(jobs, key=lambda j: -j[1].size)}
+                for fut in as_completed(futures):
+                    i, s = futures[fut]
+                    results[i] = fut.result()
+                    if on_file_done:
+                        on_file_done(results[i], s.size)
+        files = [r for r in results if r is not None]
+
+        outputs = []
+        for r in files:
+            for rel in r.partitions:
+                p = staging / rel
+                outputs.append({"path": f"{ws.rel(ws.evidence)}/{rel}", "sha256": file_sha256(p),
+                                "rows": r.partitions[rel]})
+        outputs.sort(key=lambda o: o["path"])
+        qpath = ws.quarantine / f"{STAGE}.jsonl"
+        h = hashlib.sha256()
+        qrows = 0
+        with atomic_write(qpath) as qf:
+            for _, _, part in jobs:
+                with open(part, "rb") as pf:
+                    while block := pf.read(1 << 20):
+                        qf.write(block)
+                        h.update(block)
+                        qrows += block.count(b"\n")
+        publish_dir(staging, ws.evidence)
+        outputs.append({"path": ws.rel(qpath), "sha256": h.hexdigest(), "rows": qrows})
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return MaterializeResult(files, ignored, outputs, time.perf_counter() - t0)

@@ -1,0 +1,268 @@
+"""The record contracts: one pydantic model per record type, each with a `schema_version`.
+
+These models are the source of truth for `schemas/*.json` (see `refinery.schemas`). The hot
+paths build plain dicts in the same field order and validate at the boundaries (tests,
+acceptance, audit), so that a million rows do not pay a pydantic round-trip each.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from refinery.reasons import Reason
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Timestamp = Annotated[
+    str,
+    Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$",
+          description="UTC, ISO 8601, always ending in Z"),
+]
+Category = Literal["accepted", "partially_accepted", "rejected", "needs_human_review"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Provenance(Strict):
+    """Where a row came from: one line of one file, and the hash that pins its content."""
+
+    source_file: str = Field(description="path relative to the workspace root")
+    line_offset: int | None = Field(
+        ge=0, description="0-based line in source_file; null only for a whole-file refusal")
+    sig_hash: Sha256 | None = Field(
+        description="sha256 of the canonical JSON of the row (of the raw bytes when the line "
+                    "does not parse); null only for a whole-file refusal")
+    recorded_at: Timestamp | None = Field(description="when the row was recorded, if known")
+
+
+# --- evidence -----------------------------------------------------------------------------
+
+ToolCallProblem = Literal[
+    "tool_key_instead_of_name", "missing_name", "arguments_not_json", "arguments_not_object",
+    "not_an_object",
+]
+
+
+class ToolCall(Strict):
+    id: str | None = None
+    name: str | None = Field(description="the function called; null when the call is malformed")
+    arguments: Any = Field(default=None, description="an object when well-formed")
+    problem: ToolCallProblem | None = Field(
+        default=None, description="why the call is malformed, as seen in the source row")
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class Signals(Strict):
+    """Outcome signals a scorer can use. Null means "the source said nothing"."""
+
+    eval_score: float | None = Field(default=None, description="0..1")
+    expected: str | None = None
+    approved: bool | None = None
+    approver: str | None = None
+    human_rating: float | None = Field(default=None, description="normalised to 0..1")
+    verdict: Literal["pass", "fail", "flag"] | None = None
+    error: str | None = None
+    exit_status: int | None = None
+    tool_call_count: int | None = None
+    stop_reason: str | None = None
+    safety_flags: list[str] = Field(default_factory=list)
+
+
+class EvidenceRecord(Strict):
+    """One usable source row, in one shape whatever stream it came from."""
+
+    schema_version: Literal[1] = 1
+    id: str = Field(description="ev-<16 hex>: stable for the same source stream and row content")
+    source: str = Field(description="the source stream: the file's path under data/_kb without extension")
+    kind: str = Field(description="what the row is: run, eval, transcript, gateway_call, ...")
+    task_id: str | None = None
+    task_name: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    response: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    model: str | None = None
+    provider: str | None = None
+    latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    signals: Signals
+    recorded_at: Timestamp
+    provenance: Provenance
+
+
+# --- scoring and exports ------------------------------------------------------------------
+
+
+class ScoredRun(Strict):
+    schema_version: Literal[1] = 1
+    id: str = Field(description="the evidence id it scores")
+    source: str
+    kind: str
+    task_key: str = Field(description="what groups answers to the same task/prompt")
+    category: Category
+    score: float
+    rules_fired: list[str]
+    policy_version: str
+    policy_hash: Sha256
+    recorded_at: Timestamp
+    provenance: Provenance = Field(description="the evidence line this run scores")
+
+
+class RagSample(Strict):
+    schema_version: Literal[1] = 1
+    id: str
+    task_key: str
+    task_name: str | None = None
+    prompt: str
+    response: str
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    category: Category
+    score: float
+    source: str
+    provenance: Provenance = Field(description="the scored-run line this row comes from")
+
+
+class SftSample(Strict):
+    schema_version: Literal[1] = 1
+    id: str
+    instruction: str
+    input: str = ""
+    messages: list[Message] | None = None
+    response: str
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    quality_score: Literal["accepted", "partially_accepted"] = Field(
+        description="rejected and needs_human_review are not representable here, by design")
+    score: float
+    source: str
+    provenance: Provenance
+
+
+class PreferencePair(Strict):
+    schema_version: Literal[1] = 1
+    id: str
+    task_key: str
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_id: str
+    rejected_id: str
+    chosen_score: float
+    rejected_score: float
+    provenance: Provenance = Field(description="the chosen answer's scored-run line")
+    rejected_provenance: Provenance
+
+
+class QuarantineRecord(Strict):
+    """A refused row: why, at which stage, and exactly where it came from."""
+
+    schema_version: Literal[1] = 1
+    id: str = Field(description="q-<16 hex>: stable for the same stage, file and line")
+    stage: str
+    source: str
+    reason: Reason
+    detail: str
+    raw: str | None = Field(description="the row as text (invalid bytes backslash-escaped), possibly truncated")
+    raw_truncated: bool = False
+    provenance: Provenance
+
+
+# --- receipts, runs, drift, baselines -----------------------------------------------------
+
+
+class FileDigest(Strict):
+    path: str
+    sha256: Sha256
+    rows: int = Field(ge=0)
+
+
+class StageTimings(Strict):
+    started_at: Timestamp
+    finished_at: Timestamp
+    seconds: float = Field(ge=0)
+
+
+class StageReceipt(Strict):
+    schema_version: Literal[1] = 1
+    run_id: str
+    stage: str
+    code_version: str
+    config_hash: Sha256
+    policy_hash: Sha256 | None = None
+    inputs: list[FileDigest]
+    outputs: list[FileDigest]
+    counts: dict[str, int] = Field(description="rows_in, rows_out, quarantined, ...")
+    by_category: dict[str, int] = Field(default_factory=dict)
+    by_reason: dict[str, int] = Field(default_factory=dict)
+    timings: StageTimings
+    receipt_hash: Sha256 = Field(description="sha256 of the canonical receipt without timings and run_id")
+
+
+class StageRef(Strict):
+    stage: str
+    receipt_hash: Sha256
+    reused: bool = False
+
+
+class RunSummary(Strict):
+    schema_version: Literal[1] = 1
+    run_id: str
+    status: Literal["complete", "incomplete", "failed"]
+    stages: list[StageRef]
+    totals: dict[str, int]
+    overall_hash: Sha256
+    started_at: Timestamp
+    finished_at: Timestamp | None = None
+
+
+class DriftMetric(Strict):
+    name: str
+    value: float
+    previous: float | None
+    change_pct: float | None
+    severity: Literal["ok", "warn", "alert"]
+
+
+class DriftReport(Strict):
+    schema_version: Literal[1] = 1
+    run_id: str
+    previous_run_id: str | None
+    severity: Literal["ok", "warn", "alert"]
+    metrics: list[DriftMetric]
+    note: str | None = None
+
+
+class BaselineRow(Strict):
+    schema_version: Literal[1] = 1
+    seq: int = Field(ge=0)
+    recorded_at: Timestamp
+    run_id: str | None = None
+    metrics: dict[str, float]
+    prev_hash: Sha256 | None = Field(description="row_hash of the previous row; null for the first")
+    row_hash: Sha256 = Field(description="sha256 of this row's canonical JSON without row_hash")
+
+
+#: Every record type with a JSON Schema file in schemas/, by file stem.
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "provenance": Provenance,
+    "evidence_record": EvidenceRecord,
+    "scored_run": ScoredRun,
+    "rag_sample": RagSample,
+    "sft_sample": SftSample,
+    "preference_pair": PreferencePair,
+    "quarantine_record": QuarantineRecord,
+    "stage_receipt": StageReceipt,
+    "run_summary": RunSummary,
+    "drift_report": DriftReport,
+    "baseline_row": BaselineRow,
+}

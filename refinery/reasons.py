@@ -1,0 +1,58 @@
+"""The one closed list of reasons a row can be refused, at any stage.
+
+Every quarantined row carries exactly one of these codes, and every receipt counts rows
+per code. Adding a reason means adding it here (and documenting it), never inventing a
+string at the call site.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    # --- reading a source line -------------------------------------------------------
+    INVALID_UTF8 = "invalid_utf8"
+    """The line is not valid UTF-8."""
+    INVALID_JSON = "invalid_json"
+    """The line is not parseable JSON (truncated, trailing garbage, ...)."""
+    NOT_AN_OBJECT = "not_an_object"
+    """The line parses, but to a JSON array/string/number instead of an object."""
+    BLANK_LINE = "blank_line"
+    """An empty or whitespace-only line inside the file."""
+    LINE_TOO_LONG = "line_too_long"
+    """The line is longer than `materialize.max_line_bytes`."""
+    CSV_MALFORMED = "csv_malformed"
+    """A CSV record whose column count does not match the header."""
+    # --- transforming a row into evidence ------------------------------------------
+    MISSING_FIELD = "missing_field"
+    """A field the transform needs is absent or empty."""
+    WRONG_TYPE = "wrong_type"
+    """A field has the wrong JSON type (a string where a number is expected, ...)."""
+    BAD_TIMESTAMP = "bad_timestamp"
+    """The row's timestamp is missing or cannot be parsed, so it cannot be dated."""
+    DUPLICATE_ROW = "duplicate_row"
+    """An exact duplicate (same canonical JSON) of an earlier row in the same file."""
+    UNKNOWN_SOURCE = "unknown_source"
+    """No transform or declarative mapping claims the source file."""
+    UNREADABLE_FILE = "unreadable_file"
+    """The source file could not be opened or read (permissions, I/O error)."""
+    TRANSFORM_ERROR = "transform_error"
+    """The transform crashed on the row: a bug in the transform, reported and counted."""
+
+
+REASON_HELP: dict[Reason, str] = {
+    Reason.INVALID_UTF8: "re-encode the file as UTF-8 or fix the producer",
+    Reason.INVALID_JSON: "the line is not JSON; check the producer for truncated writes",
+    Reason.NOT_AN_OBJECT: "each JSONL line must be one JSON object",
+    Reason.BLANK_LINE: "remove blank lines from the file",
+    Reason.LINE_TOO_LONG: "raise materialize.max_line_bytes in refinery.toml if the row is legitimate",
+    Reason.CSV_MALFORMED: "the record has a different number of columns than the header",
+    Reason.MISSING_FIELD: "add the field, or map it in refinery.toml",
+    Reason.WRONG_TYPE: "the field has the wrong JSON type",
+    Reason.BAD_TIMESTAMP: "timestamps must be ISO 8601 or epoch seconds/milliseconds",
+    Reason.DUPLICATE_ROW: "an identical row appears earlier in the same file",
+    Reason.UNKNOWN_SOURCE: "add a transform module in transforms/ or a [mappings.<name>] table in refinery.toml",
+    Reason.UNREADABLE_FILE: "check the file's permissions",
+    Reason.TRANSFORM_ERROR: "a bug in the transform module named in the detail; fix it and re-run",
+}
