@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install run-all materialize test schemas sample bench clean
+.PHONY: help install run-all materialize sources test schemas sample bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ run-all: install ## run the pipeline on the bundled sample data in data/_kb/
 
 materialize: install ## raw source streams -> data/evidence/
 	$(RUN) materialize
+
+sources: install ## list the source streams in data/_kb/ and the transform that claims each
+	$(RUN) sources
 
 test: install ## the whole test suite (the acceptance gate included); pytest's "no tests" (exit 5) fails
 	@$(PY) -m pytest -q; rc=$$?; \

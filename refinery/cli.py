@@ -115,16 +115,27 @@ def _materialize_table(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
     table = Table(title=f"materialize — {result.seconds:.2f}s", title_justify="left")
-    for col in ("source file", "transform", "rows in", "evidence", "quarantined", "top reasons"):
-        table.add_column(col, justify="right" if col in ("rows in", "evidence", "quarantined") else "left")
+    table.add_column("stream (data/_kb/)")
+    table.add_column("transform")
+    for col in ("rows in", "evidence", "quarantined"):
+        table.add_column(col, justify="right")
     for f in result.files:
-        top = ", ".join(f"{k} {v}" for k, v in sorted(f.by_reason.items(), key=lambda kv: -kv[1])[:3])
-        table.add_row(f.source_file, f.transform or "(none)", str(f.rows_in), str(f.evidence),
-                      str(f.quarantined), f.file_error or top)
-    table.add_row("total", "", str(result.rows_in), str(result.evidence), str(result.quarantined),
-                  ", ".join(f"{k} {v}" for k, v in result.by_reason.items()), style="bold")
-    Console(width=max(120, Console().width)).print(table)
+        table.add_row(f.source_file.removeprefix("data/_kb/"), f.transform or "(none)", f"{f.rows_in:,}", f"{f.evidence:,}",
+                      f"{f.quarantined:,}" if not f.file_error else "unreadable")
+    table.add_row("total", "", f"{result.rows_in:,}", f"{result.evidence:,}", f"{result.quarantined:,}",
+                  style="bold")
+    console.print(table)
+    if result.by_reason:
+        reasons = Table(title="quarantined, by reason", title_justify="left")
+        reasons.add_column("reason")
+        reasons.add_column("rows", justify="right")
+        for reason, n in sorted(result.by_reason.items(), key=lambda kv: (-kv[1], kv[0])):
+            reasons.add_row(reason, f"{n:,}")
+        console.print(reasons)
+    console.print("evidence: data/evidence/YYYY/MM/DD/<stream>.jsonl   "
+                  "quarantine: exports/quarantine/materialize.jsonl")
 
 
 @app.command()

@@ -63,6 +63,7 @@ def read_jsonl(path: str | os.PathLike, max_line_bytes: int = DEFAULT_MAX_LINE_B
                 while chunk := readline(1 << 20):
                     total += len(chunk)
                     if chunk.endswith(b"\n"):
+                        total -= 2 if chunk.endswith(b"\r\n") else 1
                         break
                 yield Line(offset, raw[:256], None, Reason.LINE_TOO_LONG,
                            f"line is {total} bytes, over the {max_line_bytes}-byte limit")

@@ -27,6 +27,7 @@ import orjson
 
 from refinery.canonical import file_sha256, short_id
 from refinery.config import Config, MaterializeConfig
+from refinery.dedup import SeenHashes
 from refinery.discovery import Registry, Transform
 from refinery.jsonl import (JsonlWriter, atomic_write, publish_dir, recover_dir, staging_dir)
 from refinery.reasons import Reason
@@ -141,11 +142,15 @@ def process_file(src: SourceFile, transform: Transform | None, mcfg: Materialize
     check = _validator() if validate else None
     ctx = RowContext(source=src.source, source_file=src.ws_rel)
     fn = transform.fn if transform else None
-    seen: dict[bytes, int] = {}
-    id_prefix = (src.source + "\x1f").encode()
+    # The one structure that grows with the input: 64 bits of each row's hash (16 bytes a
+    # row), so that exact duplicates anywhere in the file are caught.
+    seen_add = SeenHashes(expected=src.size // 1024).add
+    from_bytes = int.from_bytes
+    source = src.source
+    id_prefix = (source + "\x1f").encode()
     try:
         res.input_sha256 = file_sha256(src.path)
-        with open(quarantine_part, "wb") as qf:
+        with open(quarantine_part, "wb", buffering=1 << 20) as qf:
             qw = JsonlWriter(qf)
 
             def refuse(offset, raw, reason, detail, sig, recorded_at=None):
@@ -164,12 +169,11 @@ def process_file(src: SourceFile, transform: Transform | None, mcfg: Materialize
                     refuse(offset, raw, Reason.UNKNOWN_SOURCE,
                            f"no transform or mapping claims data/_kb/{src.kb_rel}", sig)
                     continue
-                key = digest[:12]
-                first = seen.get(key)
-                if first is not None:
-                    refuse(offset, raw, Reason.DUPLICATE_ROW, f"exact duplicate of line {first}", sig)
+                key = from_bytes(digest[:8], "little")
+                if not seen_add(key):
+                    refuse(offset, raw, Reason.DUPLICATE_ROW,
+                           "exact duplicate of an earlier row in this file (same sig_hash)", sig)
                     continue
-                seen[key] = offset
                 ctx.line_offset = offset
                 try:
                     out = fn(row, ctx)
@@ -188,7 +192,7 @@ def process_file(src: SourceFile, transform: Transform | None, mcfg: Materialize
                     continue
                 recorded_at = out["recorded_at"]
                 out["id"] = "ev-" + sha256(id_prefix + digest).hexdigest()[:16]
-                out["source"] = src.source
+                out["source"] = source
                 out["provenance"] = {"source_file": src.ws_rel, "line_offset": offset,
                                      "sig_hash": sig, "recorded_at": recorded_at}
                 if check is not None:
@@ -204,10 +208,10 @@ def process_file(src: SourceFile, transform: Transform | None, mcfg: Materialize
                 day = recorded_at[:10]
                 w = writers.get(day)
                 if w is None:
-                    rel = f"{day[:4]}/{day[5:7]}/{day[8:10]}/{src.source}.jsonl"
+                    rel = f"{day[:4]}/{day[5:7]}/{day[8:10]}/{source}.jsonl"
                     path = evidence_root / rel
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    fh = open(path, "wb")
+                    fh = open(path, "wb", buffering=1 << 20)
                     w = writers[day] = (fh, JsonlWriter(fh))
                 w[1].write(out)
                 res.evidence += 1

@@ -13,6 +13,7 @@ fields and wrong types). The materializer adds `id`, `source` and `provenance`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -183,6 +184,9 @@ def format_utc(dt: datetime) -> str:
     return f"{base}.{dt.microsecond:06d}Z" if dt.microsecond else f"{base}Z"
 
 
+_CANONICAL_TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{6})?Z").fullmatch
+
+
 def parse_timestamp(value: Any, field: str = "timestamp") -> str:
     """ISO 8601 (naive = UTC) or epoch s/ms/µs/ns → 'YYYY-MM-DDTHH:MM:SS[.ffffff]Z'."""
     if value is None or value == "":
@@ -193,6 +197,12 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> str:
         epoch = float(value)
     elif t is str:
         s = value.strip()
+        if _CANONICAL_TS(s):  # already UTC "YYYY-MM-DDTHH:MM:SS[.ffffff]Z": just check it is a real time
+            try:
+                datetime.fromisoformat(s)
+                return s
+            except ValueError:
+                raise RowError(Reason.BAD_TIMESTAMP, f"field '{field}': {s!r} is not a valid time") from None
         if s.replace(".", "", 1).isdigit():
             epoch = float(s)
         else:

@@ -1,0 +1,67 @@
+"""Shared fixtures. Every test runs in its own temporary workspace (autouse), so no test can
+touch the repository's data/, exports/ or reports/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from refinery.config import Config, load_config
+from refinery.workspace import Workspace
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "data" / "_kb").mkdir(parents=True)
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("REFINERY_WORKSPACE", str(ws))
+    return ws
+
+
+@pytest.fixture
+def ws(_isolated_workspace: Path) -> Workspace:
+    return Workspace.at(_isolated_workspace)
+
+
+@pytest.fixture
+def cfg(ws: Workspace) -> Config:
+    return load_config(ws.root)
+
+
+def write_kb(ws: Workspace, files: dict[str, str | bytes]) -> None:
+    """Write source files under data/_kb/ (str is written as UTF-8)."""
+    for name, content in files.items():
+        p = ws.kb / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+
+
+def read_jsonl_file(path: Path) -> list[dict]:
+    import orjson
+
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def evidence_rows(ws: Workspace) -> list[dict]:
+    rows = []
+    for p in sorted(ws.evidence.rglob("*.jsonl")):
+        rows.extend(read_jsonl_file(p))
+    return rows
+
+
+def quarantine_rows(ws: Workspace, stage: str = "materialize") -> list[dict]:
+    p = ws.quarantine / f"{stage}.jsonl"
+    return read_jsonl_file(p) if p.exists() else []
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+os.environ.setdefault("NO_COLOR", "1")

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO, write_kb
+from refinery.cli import app
+
+runner = CliRunner()
+COMMANDS = sorted(c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands)
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "Usage" in result.output and len(result.output) > 200
+
+
+def test_every_command_has_a_make_target():
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), re.M))
+    assert set(COMMANDS) <= targets, f"commands without a Make target: {set(COMMANDS) - targets}"
+
+
+def test_python_dash_m_and_help_stay_light():
+    code = ("import sys, runpy; sys.argv=['refinery','--help']\n"
+            "try:\n    runpy.run_module('refinery', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = [m for m in ('mlx', 'mlx_lm', 'transformers', 'torch', 'polars') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "materialize" in proc.stdout
+
+
+def test_materialize_json_and_exit_code_ok(ws):
+    write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "a", "completion": "b"}\nnot json\n'})
+    result = invoke("materialize", "--json")
+    assert result.exit_code == 0, result.output
+    out = orjson.loads(result.stdout)
+    assert (out["rows_in"], out["evidence"], out["quarantined"]) == (2, 1, 1)
+    assert out["by_reason"] == {"invalid_json": 1}
+
+
+def test_run_all_prints_a_summary_table(ws):
+    write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "a", "completion": "b"}\n'})
+    result = invoke("run-all")
+    assert result.exit_code == 0
+    assert "gateway_receipts" in result.stdout and "total" in result.stdout
+
+
+def test_bad_config_exits_2_naming_the_key(ws):
+    (ws.root / "refinery.toml").write_text("[materialize]\nbogus = 1\n")
+    result = invoke("materialize")
+    assert result.exit_code == 2
+    assert "unknown key 'materialize.bogus'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_broken_transform_module_exits_2_naming_it(ws):
+    (ws.root / "transforms").mkdir()
+    (ws.root / "transforms" / "bad.py").write_text("raise RuntimeError('boom')\n")
+    result = invoke("materialize")
+    assert result.exit_code == 2
+    assert "bad.py failed to import: RuntimeError: boom" in result.stderr
+
+
+def test_transform_bug_exits_1(ws):
+    (ws.root / "transforms").mkdir()
+    (ws.root / "transforms" / "buggy.py").write_text(
+        'from refinery.transform import TransformSpec\n'
+        'SPEC = TransformSpec(name="buggy", patterns=("buggy.jsonl",), format="jsonl", kind="x")\n'
+        'def transform(row, ctx):\n    raise KeyError("x")\n')
+    write_kb(ws, {"buggy.jsonl": '{"a": 1}\n'})
+    result = invoke("materialize")
+    assert result.exit_code == 1
+    assert "transform bug" in result.stderr and "buggy.jsonl:0" in result.stderr
+
+
+def test_unknown_source_warns_with_the_fix(ws):
+    write_kb(ws, {"mystery.jsonl": '{"a": 1}\n'})
+    result = invoke("materialize")
+    assert result.exit_code == 0
+    assert "data/_kb/mystery.jsonl: no transform claims this file" in result.stderr
+    assert "[mappings.<name>]" in result.stderr
+
+
+def test_missing_source_folder_exits_2(ws):
+    import shutil
+
+    shutil.rmtree(ws.kb)
+    result = invoke("materialize")
+    assert result.exit_code == 2 and "no source folder" in result.stderr
+
+
+def test_sources_lists_claims(ws):
+    write_kb(ws, {"runs.csv": "a\n1\n", "mystery.jsonl": "{}\n"})
+    out = orjson.loads(invoke("sources", "--json").stdout)
+    assert {s["file"]: s["transform"] for s in out["sources"]} == {
+        "data/_kb/mystery.jsonl": None, "data/_kb/runs.csv": "runs"}
+
+
+def test_schemas_check(ws):
+    assert invoke("schemas", "--check").exit_code == 0
+
+
+def test_sample_command_writes_streams(ws, tmp_path):
+    out = tmp_path / "kb"
+    result = invoke("sample", "--rows", "100", "--seed", "1", "--out", str(out))
+    assert result.exit_code == 0
+    assert len(list(out.iterdir())) == 7

@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import FIXTURES, evidence_rows, quarantine_rows, tree_bytes, write_kb
+from refinery import materialize
+from refinery.canonical import sig_hash
+from refinery.config import load_config
+from refinery.models import EvidenceRecord, QuarantineRecord
+
+# Every fixture stream at once: the end-to-end case with known counts.
+EXPECTED_REASONS = {
+    "bad_timestamp": 4, "blank_line": 1, "csv_malformed": 1, "duplicate_row": 3, "invalid_json": 1,
+    "invalid_utf8": 1, "missing_field": 6, "not_an_object": 1, "wrong_type": 11,
+}
+
+
+def load_all_fixtures(ws):
+    for d in sorted(FIXTURES.iterdir()):
+        if d.is_dir() and d.name not in ("acceptance", "mapping"):
+            for p in d.iterdir():
+                if p.name != "expected.jsonl":
+                    shutil.copy(p, ws.kb / p.name)
+
+
+def test_end_to_end_exact_counts(ws, cfg):
+    load_all_fixtures(ws)
+    result = materialize.run(ws, cfg, validate=True)
+    assert (result.rows_in, result.evidence, result.quarantined) == (52, 23, 29)
+    assert result.by_reason == EXPECTED_REASONS
+    per_file = {f.source: (f.rows_in, f.evidence, f.quarantined) for f in result.files}
+    assert per_file == {
+        "agent_transcripts": (10, 4, 6), "auditor_verdicts": (5, 3, 2), "eval": (7, 4, 3),
+        "gateway_receipts": (8, 3, 5), "human_feedback": (6, 2, 4), "openai_chat_log": (5, 3, 2),
+        "runs": (11, 4, 7),
+    }
+    for f in result.files:
+        assert f.rows_in == f.evidence + f.quarantined
+    assert len(evidence_rows(ws)) == result.evidence
+    assert len(quarantine_rows(ws)) == result.quarantined
+
+
+def test_partitioned_by_recorded_at_with_provenance(ws, cfg):
+    load_all_fixtures(ws)
+    materialize.run(ws, cfg)
+    for p in ws.evidence.rglob("*.jsonl"):
+        y, m, d, name = p.relative_to(ws.evidence).parts
+        for row in evidence_rows_of(p):
+            assert row["recorded_at"].startswith(f"{y}-{m}-{d}T")
+            assert name == f"{row['source']}.jsonl"
+            prov = row["provenance"]
+            assert prov["recorded_at"] == row["recorded_at"]
+            assert prov["source_file"].startswith("data/_kb/")
+
+
+def evidence_rows_of(p):
+    import orjson
+
+    return [orjson.loads(line) for line in p.read_bytes().splitlines()]
+
+
+def test_provenance_points_at_the_source_line_and_its_hash(ws, cfg):
+    load_all_fixtures(ws)
+    materialize.run(ws, cfg)
+    import orjson
+
+    for row in evidence_rows(ws):
+        prov = row["provenance"]
+        src = ws.root / prov["source_file"]
+        if src.suffix == ".jsonl":
+            line = src.read_bytes().splitlines()[prov["line_offset"]]
+            assert sig_hash(orjson.loads(line)) == prov["sig_hash"]
+    for q in quarantine_rows(ws):
+        QuarantineRecord.model_validate(q)
+
+
+def test_records_validate_against_the_model(ws, cfg):
+    load_all_fixtures(ws)
+    materialize.run(ws, cfg)
+    for row in evidence_rows(ws):
+        assert list(EvidenceRecord.model_validate(row).model_dump(mode="json")) == list(row)
+
+
+def test_two_runs_give_identical_bytes_whatever_the_worker_count(ws):
+    load_all_fixtures(ws)
+    serial = load_config(ws.root, overrides={"materialize": {"workers": 1}})
+    parallel = load_config(ws.root, overrides={"materialize": {"workers": 2, "parallel_min_bytes": 0}})
+    materialize.run(ws, serial)
+    first = tree_bytes(ws.evidence), (ws.quarantine / "materialize.jsonl").read_bytes()
+    materialize.run(ws, parallel)
+    second = tree_bytes(ws.evidence), (ws.quarantine / "materialize.jsonl").read_bytes()
+    assert first == second
+    assert len(first[0]) > 5
+
+
+def test_outputs_carry_hashes_and_rows(ws, cfg):
+    load_all_fixtures(ws)
+    result = materialize.run(ws, cfg)
+    from refinery.canonical import file_sha256
+
+    for o in result.outputs:
+        p = ws.root / o["path"]
+        assert file_sha256(p) == o["sha256"]
+        assert len(p.read_bytes().splitlines()) == o["rows"]
+
+
+def test_a_rerun_replaces_the_previous_evidence(ws, cfg):
+    write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "a", "completion": "b"}\n'})
+    materialize.run(ws, cfg)
+    (ws.kb / "gateway_receipts.jsonl").write_text('{"ts": "2026-11-09T00:00:00Z", "prompt": "a", "completion": "b"}\n')
+    materialize.run(ws, cfg)
+    assert [p.relative_to(ws.evidence).as_posix() for p in ws.evidence.rglob("*.jsonl")] == [
+        "2026/11/09/gateway_receipts.jsonl"]
+
+
+def test_a_crash_mid_run_leaves_the_previous_output_intact(ws, cfg, monkeypatch):
+    load_all_fixtures(ws)
+    materialize.run(ws, cfg)
+    before = tree_bytes(ws.evidence), (ws.quarantine / "materialize.jsonl").read_bytes()
+
+    real = materialize.process_file
+    calls = []
+
+    def dying(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill: not an Exception a transform could swallow
+        return real(*a, **kw)
+
+    monkeypatch.setattr(materialize, "process_file", dying)
+    (ws.kb / "gateway_receipts.jsonl").write_text('{"ts": 1762000000, "prompt": "changed", "completion": "b"}\n')
+    with pytest.raises(KeyboardInterrupt):
+        materialize.run(ws, cfg)
+    after = tree_bytes(ws.evidence), (ws.quarantine / "materialize.jsonl").read_bytes()
+    assert after == before
+    leftovers = [p.name for p in (ws.root / "data").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_an_unreadable_file_is_reported_and_the_run_goes_on(ws, cfg, monkeypatch):
+    load_all_fixtures(ws)
+    real = materialize.file_sha256
+
+    def deny(path, *a):
+        if str(path).endswith("eval.csv"):
+            raise PermissionError(13, "Permission denied")
+        return real(path, *a)
+
+    monkeypatch.setattr(materialize, "file_sha256", deny)
+    result = materialize.run(ws, cfg)
+    assert result.file_errors == ["data/_kb/eval.csv: cannot read: Permission denied"]
+    assert result.evidence == 19  # everything else went through (23 less eval's 4)
+    q = [r for r in quarantine_rows(ws) if r["reason"] == "unreadable_file"]
+    assert len(q) == 1 and q[0]["provenance"]["line_offset"] is None
+
+
+def test_an_empty_file_is_a_warning(ws, cfg):
+    write_kb(ws, {"runs.csv": "", "gateway_receipts.jsonl": ""})
+    result = materialize.run(ws, cfg)
+    assert result.rows_in == 0
+    assert sorted(w for f in result.files for w in f.warnings) == [
+        "data/_kb/gateway_receipts.jsonl is empty", "data/_kb/runs.csv is empty"]
+
+
+def test_a_transform_bug_is_counted_not_fatal(ws, cfg):
+    (ws.root / "transforms").mkdir()
+    (ws.root / "transforms" / "buggy.py").write_text(
+        'from refinery.transform import TransformSpec\n'
+        'SPEC = TransformSpec(name="buggy", patterns=("buggy.jsonl",), format="jsonl", kind="x")\n'
+        'def transform(row, ctx):\n    return 1 / 0\n')
+    write_kb(ws, {"buggy.jsonl": '{"a": 1}\n{"a": 2}\n'})
+    result = materialize.run(ws, cfg)
+    assert result.transform_errors == 2
+    assert result.files[0].first_transform_error.startswith("data/_kb/buggy.jsonl:0: transform buggy raised ZeroDivisionError")
+    assert {q["reason"] for q in quarantine_rows(ws)} == {"transform_error"}
+
+
+def test_ignored_files_are_not_sources(ws, cfg):
+    write_kb(ws, {"audit_baselines.jsonl": '{"seq": 0}\n', "notes.md": "# notes\n", ".hidden.jsonl": "x\n"})
+    result = materialize.run(ws, cfg)
+    assert result.files == [] and result.ignored == ["audit_baselines.jsonl", "notes.md"]
+
+
+def _peak_materialize_memory(ws, rows: int) -> tuple[int, int]:
+    import tracemalloc
+
+    line = '{"ts": %d, "prompt": "%s", "completion": "%s"}\n'
+    data = "".join(line % (1762000000 + i, "p" * 200 + str(i), "c" * 300) for i in range(rows))
+    write_kb(ws, {"gateway_receipts.jsonl": data})
+    del data
+    size = (ws.kb / "gateway_receipts.jsonl").stat().st_size
+    tracemalloc.start()
+    materialize.run(ws, load_config(ws.root, overrides={"materialize": {"workers": 1}}))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return size, peak
+
+
+def test_memory_does_not_grow_with_the_input(ws):
+    """Streaming: doubling the input adds only the duplicate index (8-byte hash keys), never rows."""
+    size1, peak1 = _peak_materialize_memory(ws, 10_000)
+    size2, peak2 = _peak_materialize_memory(ws, 30_000)
+    assert size2 - size1 > 10_000_000
+    growth = (peak2 - peak1) / (size2 - size1)
+    assert growth < 0.1, f"peak grew by {growth:.0%} of the added input ({peak1} → {peak2} bytes)"

@@ -1,0 +1,106 @@
+"""The bundled sample: deterministic, realistic, and carrying every defect operators have."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter, defaultdict
+
+import orjson
+import pytest
+
+from conftest import REPO, evidence_rows, quarantine_rows, tree_bytes
+from refinery import materialize
+from refinery.sample import generate
+
+BUNDLED = REPO / "data" / "_kb"
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    generate(400, 3, tmp_path / "a")
+    generate(400, 3, tmp_path / "b")
+    generate(400, 4, tmp_path / "c")
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    assert tree_bytes(tmp_path / "a") != tree_bytes(tmp_path / "c")
+
+
+def test_the_bundled_sample_is_what_the_generator_writes(tmp_path):
+    """data/_kb/ is reproducible: `make sample` (1500 rows, seed 7) writes exactly these bytes."""
+    generate(1500, 7, tmp_path / "kb")
+    bundled = {k: v for k, v in tree_bytes(BUNDLED).items() if k != "audit_baselines.jsonl"}
+    assert bundled == tree_bytes(tmp_path / "kb")
+
+
+@pytest.fixture(scope="module")
+def materialized(tmp_path_factory):
+    from refinery.config import load_config
+    from refinery.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("sample")
+    shutil.copytree(BUNDLED, root / "data" / "_kb")
+    ws = Workspace.at(root)
+    result = materialize.run(ws, load_config(ws.root), validate=True)
+    return ws, result, evidence_rows(ws), quarantine_rows(ws)
+
+
+def test_size_families_and_days(materialized):
+    ws, result, ev, _ = materialized
+    assert result.rows_in >= 1000
+    assert len({r["kind"] for r in ev}) >= 6
+    assert {f.transform for f in result.files} >= {"runs", "eval_sheet", "agent_transcripts", "gateway_receipts",
+                                                    "auditor_verdicts", "human_feedback"}
+    days = {r["recorded_at"][:10] for r in ev}
+    assert len(days) >= 5
+    assert result.transform_errors == 0
+
+
+def test_every_line_defect_is_present(materialized):
+    _, result, _, _ = materialized
+    for reason in ("invalid_json", "invalid_utf8", "missing_field", "wrong_type", "duplicate_row",
+                   "csv_malformed", "bad_timestamp"):
+        assert result.by_reason.get(reason, 0) > 0, reason
+
+
+def test_content_defects_are_present(materialized):
+    _, _, ev, _ = materialized
+    texts = [r["response"] or "" for r in ev]
+    joined = "\n".join(texts)
+    for marker in ("sk-live-", "Bearer ey", "-----BEGIN RSA PRIVATE KEY-----", "@corvid-analytics.com",
+                   "+1 415 555", "password"):
+        assert marker in joined, marker
+    assert any(c["problem"] == "tool_key_instead_of_name" for r in ev for c in r["tool_calls"])
+    assert any(len(r["tool_calls"]) >= 20 or (r["signals"]["tool_call_count"] or 0) >= 20 for r in ev)
+    assert any(r["response"] == "" for r in ev)
+    assert any(r["signals"]["approved"] and (r["signals"]["eval_score"] or 1) < 0.5 for r in ev)
+    assert any(r["signals"]["stop_reason"] in (None, "length") and r["kind"] != "eval" for r in ev)
+
+
+def test_the_same_prompt_is_answered_several_times_with_different_outcomes(materialized):
+    _, _, ev, _ = materialized
+    answers = defaultdict(set)
+    for r in ev:
+        answers[r["prompt"]].add(r["response"])
+    repeated = [p for p, a in answers.items() if len(a) >= 3]
+    assert len(repeated) >= 20
+
+
+def test_text_is_realistic_not_lorem(materialized):
+    _, _, ev, _ = materialized
+    joined = " ".join((r["prompt"] or "") + (r["response"] or "") for r in ev).lower()
+    assert "lorem" not in joined
+    words = Counter(joined.split())
+    assert len(words) > 300
+
+
+def test_generator_streams(tmp_path):
+    """Rows are written as they are made: a generator for 10^6 rows never builds a list of them."""
+    import tracemalloc
+
+    tracemalloc.start()
+    generate(3000, 1, tmp_path / "s")
+    _, small = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    tracemalloc.start()
+    generate(12000, 1, tmp_path / "l")
+    _, large = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert large < small * 1.5 + 200_000
