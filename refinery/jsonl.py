@@ -26,11 +26,12 @@ class Line(NamedTuple):
     """One physical line of a JSONL file.
 
     Exactly one of `obj` / `reason` is set. `raw` holds the line's bytes without the line
-    terminator (for a line over the size limit: only its first bytes).
+    terminator (for a line over the size limit: only its first bytes); a CSV reader may leave
+    it None for a parsed row, to be rebuilt only if the row is refused.
     """
 
     offset: int
-    raw: bytes
+    raw: bytes | None
     obj: dict[str, Any] | None
     reason: Reason | None
     detail: str | None

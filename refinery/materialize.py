@@ -31,7 +31,7 @@ from refinery.dedup import SeenHashes
 from refinery.discovery import Registry, Transform
 from refinery.jsonl import (JsonlWriter, atomic_write, publish_dir, recover_dir, staging_dir)
 from refinery.reasons import Reason
-from refinery.sources import SourceFile, list_sources, read_rows
+from refinery.sources import SourceFile, csv_raw, list_sources, read_rows
 from refinery.transform import Refusal, RowContext, RowError
 from refinery.workspace import Workspace
 
@@ -154,6 +154,8 @@ def process_file(src: SourceFile, transform: Transform | None, mcfg: Materialize
             qw = JsonlWriter(qf)
 
             def refuse(offset, raw, reason, detail, sig, recorded_at=None):
+                if raw is None:  # a parsed CSV row: rebuild its line only now that it is refused
+                    raw = csv_raw(list(row.values()))
                 by_reason[reason.value] += 1
                 qw.write(_quarantine_row(src, offset, raw, reason, detail, sig, raw_max, recorded_at))
 

@@ -53,7 +53,8 @@ def list_sources(ws: Workspace, ignore: list[str]) -> tuple[list[SourceFile], li
     return sources, ignored
 
 
-def _csv_raw(fields: list[str]) -> bytes:
+def csv_raw(fields: list[str]) -> bytes:
+    """A CSV record as one line of bytes (invalid UTF-8 restored as it was in the file)."""
     buf = io.StringIO()
     csv.writer(buf, lineterminator="").writerow(fields)
     return buf.getvalue().encode("utf-8", "surrogateescape")
@@ -97,20 +98,22 @@ def read_csv(path: Path, max_line_bytes: int) -> Iterator[Line]:
             if not fields:
                 yield Line(offset, b"", None, Reason.BLANK_LINE, "blank line")
                 continue
-            raw = _csv_raw(fields)
             if header_problem:
+                raw = csv_raw(fields)
                 yield Line(offset, raw, None, Reason.CSV_MALFORMED, header_problem)
                 continue
             try:
                 "\x1f".join(fields).encode("utf-8")
             except UnicodeEncodeError as e:
-                yield Line(offset, raw, None, Reason.INVALID_UTF8, f"invalid UTF-8 near column {e.start + 1}")
+                yield Line(offset, csv_raw(fields), None, Reason.INVALID_UTF8,
+                           f"invalid UTF-8 near column {e.start + 1}")
                 continue
             if len(fields) != ncols:
-                yield Line(offset, raw, None, Reason.CSV_MALFORMED,
+                yield Line(offset, csv_raw(fields), None, Reason.CSV_MALFORMED,
                            f"{len(fields)} columns, but the header has {ncols}")
                 continue
-            yield Line(offset, raw, dict(zip(header, fields)), None, None)
+            # raw is rebuilt from the row only if the row is refused later (see `row_raw`)
+            yield Line(offset, None, dict(zip(header, fields)), None, None)
 
 
 def read_rows(src: SourceFile, max_line_bytes: int) -> Iterator[Line]:

@@ -63,8 +63,11 @@ _MISSING = object()
 
 def get(row: dict, path: str) -> Any:
     """The value at a column name or dotted JSON path; None when absent."""
-    if path in row:
-        return row[path]
+    value = row.get(path, _MISSING)
+    if value is not _MISSING:
+        return value
+    if "." not in path:
+        return None
     cur: Any = row
     for part in path.split("."):
         if isinstance(cur, dict):

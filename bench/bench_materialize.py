@@ -1,0 +1,90 @@
+"""Benchmark: materialize throughput and peak memory against a bare parse of the same input.
+
+    python bench/bench_materialize.py --rows 100000 [--workers 0]
+
+Generates the sample streams at the given size (cached under bench/out/), times a bare
+single-core parse of every line (orjson for JSONL, csv for CSV), then runs
+`refinery materialize` in a subprocess and reads its peak RSS (the largest of the process and
+its workers). Prints a table and writes bench/out/materialize-<rows>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from refinery.sample import generate  # noqa: E402
+
+
+def bare_parse(kb: Path) -> tuple[int, float]:
+    rows = 0
+    t0 = time.perf_counter()
+    for p in sorted(kb.iterdir()):
+        if p.suffix == ".jsonl":
+            with open(p, "rb") as f:
+                for line in f:
+                    try:
+                        orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        pass
+                    rows += 1
+        elif p.suffix == ".csv":
+            with open(p, encoding="utf-8", errors="surrogateescape", newline="") as f:
+                rows += sum(1 for _ in csv.reader(f)) - 1
+    return rows, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--workers", type=int, default=0, help="0 = one per core")
+    args = ap.parse_args()
+
+    ws = HERE / "out" / f"ws-{args.rows}-{args.seed}"
+    kb = ws / "data" / "_kb"
+    if not (kb / ".complete").exists():
+        print(f"generating {args.rows:,} rows into {kb} ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        generate(args.rows, args.seed, kb)
+        (kb / ".complete").write_text("")
+        print(f"  {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    size = sum(p.stat().st_size for p in kb.iterdir() if p.suffix in (".jsonl", ".csv"))
+
+    parsed, parse_s = bare_parse(kb)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "refinery", "materialize", "--workspace", str(ws), "--json",
+                           "--workers", str(args.workers)], capture_output=True, cwd=HERE.parent)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"materialize failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
+    out = orjson.loads(proc.stdout)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = {
+        "rows": out["rows_in"], "bytes": size, "cores": os.cpu_count(), "workers": args.workers,
+        "bare_parse_s": round(parse_s, 3), "materialize_s": round(wall, 3),
+        "materialize_stage_s": out["seconds"], "rows_per_s": round(out["rows_in"] / wall),
+        "x_bare_parse": round(wall / parse_s, 2), "peak_rss_mib": round(peak_kib / 1024, 1),
+        "evidence": out["evidence"], "quarantined": out["quarantined"],
+    }
+    assert parsed == out["rows_in"], (parsed, out["rows_in"])
+    (HERE / "out" / f"materialize-{args.rows}.json").write_text(json.dumps(result, indent=2) + "\n")
+    w = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{w}}  {v:,}" if isinstance(v, int) else f"{k:<{w}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
