@@ -76,6 +76,7 @@ def _run_materialize(ws, cfg, validate: bool, as_json: bool) -> int:
     from refinery.discovery import TransformLoadError
     from refinery.materialize import run
     from refinery.sources import list_sources
+    from refinery.workspace import WorkspaceBusy
 
     sources, _ = list_sources(ws, cfg.materialize.ignore)
     if not ws.kb.is_dir():
@@ -86,7 +87,7 @@ def _run_materialize(ws, cfg, validate: bool, as_json: bool) -> int:
         try:
             result = run(ws, cfg, validate=validate,
                          on_file_done=lambda r, size: progress.advance(task, size))
-        except TransformLoadError as e:
+        except (TransformLoadError, WorkspaceBusy) as e:
             _fail(f"error: {e}")
     if as_json:
         _print_json(result.to_json())

@@ -273,57 +273,57 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
     sources, ignored = list_sources(ws, cfg.materialize.ignore)
     claims = {s.kb_rel: registry.resolve(s.kb_rel) for s in sources}
 
-    recover_dir(ws.evidence)
-    ws.root.joinpath("data").mkdir(parents=True, exist_ok=True)
-    for stale in ws.root.joinpath("data").glob(".materialize-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = staging_dir(ws.evidence)
-    parts = Path(tempfile.mkdtemp(prefix=".materialize-", dir=ws.root / "data"))
-    try:
-        jobs = [(i, s, parts / f"{i:06d}.jsonl") for i, s in enumerate(sources)]
-        results: list[FileResult | None] = [None] * len(jobs)
-        total_bytes = sum(s.size for s in sources)
-        workers = cfg.materialize.workers or os.cpu_count() or 1
-        workers = min(workers, len(jobs))
-        if workers <= 1 or total_bytes < cfg.materialize.parallel_min_bytes:
-            for i, s, part in jobs:
-                results[i] = process_file(s, claims[s.kb_rel], cfg.materialize, staging, part, validate)
-                if on_file_done:
-                    on_file_done(results[i], s.size)
-        else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                     initargs=(str(ws.root), cfg)) as pool:
-                # Largest files first, so one big file does not start last.
-                futures = {pool.submit(_work, s, staging, part, validate): (i, s)
-                           for i, s, part in sorted(jobs, key=lambda j: -j[1].size)}
-                for fut in as_completed(futures):
-                    i, s = futures[fut]
-                    results[i] = fut.result()
+    with ws.lock():  # one writer per workspace
+        recover_dir(ws.evidence)
+        for stale in ws.root.joinpath("data").glob(".materialize-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = staging_dir(ws.evidence)
+        parts = Path(tempfile.mkdtemp(prefix=".materialize-", dir=ws.root / "data"))
+        try:
+            jobs = [(i, s, parts / f"{i:06d}.jsonl") for i, s in enumerate(sources)]
+            results: list[FileResult | None] = [None] * len(jobs)
+            total_bytes = sum(s.size for s in sources)
+            workers = cfg.materialize.workers or os.cpu_count() or 1
+            workers = min(workers, len(jobs))
+            if workers <= 1 or total_bytes < cfg.materialize.parallel_min_bytes:
+                for i, s, part in jobs:
+                    results[i] = process_file(s, claims[s.kb_rel], cfg.materialize, staging, part, validate)
                     if on_file_done:
                         on_file_done(results[i], s.size)
-        files = [r for r in results if r is not None]
+            else:
+                with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                                         initargs=(str(ws.root), cfg)) as pool:
+                    # Largest files first, so one big file does not start last.
+                    futures = {pool.submit(_work, s, staging, part, validate): (i, s)
+                               for i, s, part in sorted(jobs, key=lambda j: -j[1].size)}
+                    for fut in as_completed(futures):
+                        i, s = futures[fut]
+                        results[i] = fut.result()
+                        if on_file_done:
+                            on_file_done(results[i], s.size)
+            files = [r for r in results if r is not None]
 
-        outputs = []
-        for r in files:
-            for rel in r.partitions:
-                p = staging / rel
-                outputs.append({"path": f"{ws.rel(ws.evidence)}/{rel}", "sha256": file_sha256(p),
-                                "rows": r.partitions[rel]})
-        outputs.sort(key=lambda o: o["path"])
-        qpath = ws.quarantine / f"{STAGE}.jsonl"
-        h = hashlib.sha256()
-        qrows = 0
-        with atomic_write(qpath) as qf:
-            for _, _, part in jobs:
-                with open(part, "rb") as pf:
-                    while block := pf.read(1 << 20):
-                        qf.write(block)
-                        h.update(block)
-                        qrows += block.count(b"\n")
-        publish_dir(staging, ws.evidence)
-        outputs.append({"path": ws.rel(qpath), "sha256": h.hexdigest(), "rows": qrows})
-    finally:
-        shutil.rmtree(parts, ignore_errors=True)
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return MaterializeResult(files, ignored, outputs, time.perf_counter() - t0)
+            outputs = []
+            for r in files:
+                for rel in r.partitions:
+                    p = staging / rel
+                    outputs.append({"path": f"{ws.rel(ws.evidence)}/{rel}", "sha256": file_sha256(p),
+                                    "rows": r.partitions[rel]})
+            outputs.sort(key=lambda o: o["path"])
+            qpath = ws.quarantine / f"{STAGE}.jsonl"
+            h = hashlib.sha256()
+            qrows = 0
+            with atomic_write(qpath) as qf:
+                for _, _, part in jobs:
+                    with open(part, "rb") as pf:
+                        while block := pf.read(1 << 20):
+                            qf.write(block)
+                            h.update(block)
+                            qrows += block.count(b"\n")
+            publish_dir(staging, ws.evidence)
+            outputs.append({"path": ws.rel(qpath), "sha256": h.hexdigest(), "rows": qrows})
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return MaterializeResult(files, ignored, outputs, time.perf_counter() - t0)

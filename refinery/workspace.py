@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+
+class WorkspaceBusy(Exception):
+    """Another refinery process is writing to the same workspace."""
 
 
 @dataclass(frozen=True)
@@ -42,3 +50,20 @@ class Workspace:
     def rel(self, path: Path) -> str:
         """`path` relative to the workspace root, with forward slashes (as in provenance)."""
         return path.resolve().relative_to(self.root).as_posix()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the workspace's write lock; fail at once if another run holds it."""
+        path = self.root / "data" / ".refinery.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WorkspaceBusy(
+                    f"another refinery run is writing to {self.root} (lock {path}); "
+                    "wait for it to finish") from None
+            yield
+        finally:
+            os.close(fd)

@@ -136,7 +136,16 @@ def test_a_crash_mid_run_leaves_the_previous_output_intact(ws, cfg, monkeypatch)
     after = tree_bytes(ws.evidence), (ws.quarantine / "materialize.jsonl").read_bytes()
     assert after == before
     leftovers = [p.name for p in (ws.root / "data").iterdir() if p.name.startswith(".")]
-    assert leftovers == []
+    assert leftovers == [".refinery.lock"]  # no staging folder, no half-written part
+
+
+def test_one_writer_per_workspace(ws, cfg):
+    from refinery.workspace import WorkspaceBusy
+
+    with ws.lock():
+        with pytest.raises(WorkspaceBusy, match="another refinery run"):
+            materialize.run(ws, cfg)
+    materialize.run(ws, cfg)  # released again
 
 
 def test_an_unreadable_file_is_reported_and_the_run_goes_on(ws, cfg, monkeypatch):
