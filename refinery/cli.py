@@ -63,7 +63,8 @@ def _print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _progress(total: int, description: str):
+def _progress():
+    """A progress bar on stderr, shown only on a terminal (CI logs stay clean)."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -82,7 +83,7 @@ def _run_materialize(ws, cfg, validate: bool, as_json: bool) -> int:
     if not ws.kb.is_dir():
         _fail(f"error: no source folder {ws.kb} — put JSONL/CSV streams there, or run `refinery sample`")
     total = sum(s.size for s in sources)
-    with _progress(total, "materialize") as progress:
+    with _progress() as progress:
         task = progress.add_task("materialize", total=total)
         try:
             result = run(ws, cfg, validate=validate,

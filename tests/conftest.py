@@ -42,6 +42,15 @@ def write_kb(ws: Workspace, files: dict[str, str | bytes]) -> None:
         p.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
 
 
+def write_transform(ws: Workspace, name: str, body: str, patterns: str = '("{name}.jsonl",)') -> None:
+    """Drop a transform module `name` into the workspace's transforms/ folder."""
+    d = ws.root / "transforms"
+    d.mkdir(exist_ok=True)
+    spec = (f'from refinery.transform import TransformSpec\n'
+            f'SPEC = TransformSpec(name="{name}", patterns={patterns.format(name=name)}, format="jsonl", kind="x")\n')
+    (d / f"{name}.py").write_text(spec + body)
+
+
 def read_jsonl_file(path: Path) -> list[dict]:
     import orjson
 

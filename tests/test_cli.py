@@ -8,7 +8,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, write_kb
+from conftest import REPO, write_kb, write_transform
 from refinery.cli import app
 
 runner = CliRunner()
@@ -74,11 +74,7 @@ def test_broken_transform_module_exits_2_naming_it(ws):
 
 
 def test_transform_bug_exits_1(ws):
-    (ws.root / "transforms").mkdir()
-    (ws.root / "transforms" / "buggy.py").write_text(
-        'from refinery.transform import TransformSpec\n'
-        'SPEC = TransformSpec(name="buggy", patterns=("buggy.jsonl",), format="jsonl", kind="x")\n'
-        'def transform(row, ctx):\n    raise KeyError("x")\n')
+    write_transform(ws, "buggy", 'def transform(row, ctx):\n    raise KeyError("x")\n')
     write_kb(ws, {"buggy.jsonl": '{"a": 1}\n'})
     result = invoke("materialize")
     assert result.exit_code == 1

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import FIXTURES, evidence_rows, quarantine_rows, tree_bytes, write_kb
+from conftest import FIXTURES, evidence_rows, quarantine_rows, tree_bytes, write_kb, write_transform
 from refinery import materialize
 from refinery.canonical import sig_hash
 from refinery.config import load_config
@@ -174,11 +174,7 @@ def test_an_empty_file_is_a_warning(ws, cfg):
 
 
 def test_a_transform_bug_is_counted_not_fatal(ws, cfg):
-    (ws.root / "transforms").mkdir()
-    (ws.root / "transforms" / "buggy.py").write_text(
-        'from refinery.transform import TransformSpec\n'
-        'SPEC = TransformSpec(name="buggy", patterns=("buggy.jsonl",), format="jsonl", kind="x")\n'
-        'def transform(row, ctx):\n    return 1 / 0\n')
+    write_transform(ws, "buggy", "def transform(row, ctx):\n    return 1 / 0\n")
     write_kb(ws, {"buggy.jsonl": '{"a": 1}\n{"a": 2}\n'})
     result = materialize.run(ws, cfg)
     assert result.transform_errors == 2
