@@ -18,7 +18,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from refinery.canonical import file_sha256, short_id
 from refinery.config import Config, MaterializeConfig
 from refinery.dedup import SeenHashes
 from refinery.discovery import Registry, Transform
-from refinery.jsonl import (JsonlWriter, atomic_write, publish_dir, recover_dir, staging_dir)
+from refinery.jsonl import JsonlWriter, atomic_write, publish_dir, recover_dir, staging_dir
+from refinery.parallel import map_files
 from refinery.reasons import Reason
 from refinery.sources import SourceFile, csv_raw, list_sources, read_rows
 from refinery.transform import Refusal, RowContext, RowError
@@ -269,9 +269,11 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
         on_file_done: Callable[[FileResult, int], None] | None = None) -> MaterializeResult:
     """Materialize every source stream of `ws`. Raises TransformLoadError for a broken transform."""
     t0 = time.perf_counter()
-    registry = Registry.load(ws.root, cfg)  # fails fast, naming a broken module or mapping
+    # Fail fast, before touching any output, on a broken module or a file claimed twice.
+    registry = Registry.load(ws.root, cfg)
     sources, ignored = list_sources(ws, cfg.materialize.ignore)
-    claims = {s.kb_rel: registry.resolve(s.kb_rel) for s in sources}
+    for s in sources:
+        registry.resolve(s.kb_rel)
 
     with ws.lock():  # one writer per workspace
         recover_dir(ws.evidence)
@@ -280,28 +282,13 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
         staging = staging_dir(ws.evidence)
         parts = Path(tempfile.mkdtemp(prefix=".materialize-", dir=ws.root / "data"))
         try:
-            jobs = [(i, s, parts / f"{i:06d}.jsonl") for i, s in enumerate(sources)]
-            results: list[FileResult | None] = [None] * len(jobs)
-            total_bytes = sum(s.size for s in sources)
-            workers = cfg.materialize.workers or os.cpu_count() or 1
-            workers = min(workers, len(jobs))
-            if workers <= 1 or total_bytes < cfg.materialize.parallel_min_bytes:
-                for i, s, part in jobs:
-                    results[i] = process_file(s, claims[s.kb_rel], cfg.materialize, staging, part, validate)
-                    if on_file_done:
-                        on_file_done(results[i], s.size)
-            else:
-                with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                         initargs=(str(ws.root), cfg)) as pool:
-                    # Largest files first, so one big file does not start last.
-                    futures = {pool.submit(_work, s, staging, part, validate): (i, s)
-                               for i, s, part in sorted(jobs, key=lambda j: -j[1].size)}
-                    for fut in as_completed(futures):
-                        i, s = futures[fut]
-                        results[i] = fut.result()
-                        if on_file_done:
-                            on_file_done(results[i], s.size)
-            files = [r for r in results if r is not None]
+            part_of = [parts / f"{i:06d}.jsonl" for i in range(len(sources))]
+            mcfg = cfg.materialize
+            results = map_files(
+                _work, [(s, staging, part, validate) for s, part in zip(sources, part_of)],
+                [s.size for s in sources], workers=mcfg.workers, parallel_min_bytes=mcfg.parallel_min_bytes,
+                initializer=_init_worker, initargs=(str(ws.root), cfg), on_done=on_file_done)
+            files = results
 
             outputs = []
             for r in files:
@@ -314,7 +301,7 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
             h = hashlib.sha256()
             qrows = 0
             with atomic_write(qpath) as qf:
-                for _, _, part in jobs:
+                for part in part_of:
                     with open(part, "rb") as pf:
                         while block := pf.read(1 << 20):
                             qf.write(block)

@@ -1,0 +1,41 @@
+"""Per-file parallelism shared by the stages: files are independent, so each goes to a worker
+process and the results come back in job order, whatever order the workers finish in."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any, TypeVar
+
+R = TypeVar("R")
+
+
+def map_files(fn: Callable[..., R], jobs: Sequence[tuple[Any, ...]], sizes: Sequence[int], *,
+              workers: int, parallel_min_bytes: int,
+              initializer: Callable[..., None] | None = None, initargs: tuple[Any, ...] = (),
+              on_done: Callable[[R, int], None] | None = None) -> list[R]:
+    """`[fn(*job) for job in jobs]`, in worker processes when the input is large enough.
+
+    `sizes[i]` is job i's input size in bytes: it decides whether workers pay off and lets the
+    largest jobs start first. `on_done(result, size)` is called as each job finishes.
+    """
+    results: list[Any] = [None] * len(jobs)
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers <= 1 or sum(sizes) < parallel_min_bytes:
+        if initializer:
+            initializer(*initargs)
+        for i, job in enumerate(jobs):
+            results[i] = fn(*job)
+            if on_done:
+                on_done(results[i], sizes[i])
+        return results
+    with ProcessPoolExecutor(max_workers=workers, initializer=initializer, initargs=initargs) as pool:
+        order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
+        futures = {pool.submit(fn, *jobs[i]): i for i in order}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            results[i] = fut.result()
+            if on_done:
+                on_done(results[i], sizes[i])
+    return results
