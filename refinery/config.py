@@ -87,8 +87,57 @@ class Mapping(Section):
         description="values of the approved field that mean approved (case-insensitive)")
 
 
+class ScoreCaps(Section):
+    """Upper bounds on the numeric score per category, so a better category always scores higher."""
+
+    partially_accepted: float = Field(default=0.69, ge=0, le=1)
+    needs_human_review: float = Field(default=0.5, ge=0, le=1)
+    rejected: float = Field(default=0.3, ge=0, le=1)
+
+
+class ScoreConfig(Section):
+    """Thresholds of the scoring policy (see refinery/policy.py); their hash is the policy hash."""
+
+    accept_min_score: float = Field(default=0.7, ge=0, le=1,
+                                    description="accepted needs a quality score at least this")
+    partial_min_score: float = Field(default=0.5, ge=0, le=1,
+                                     description="below this the row is rejected (low_eval_score)")
+    require_approval: bool = Field(default=True, description="accepted also needs an approval")
+    human_reject_max: float = Field(default=0.25, ge=0, le=1,
+                                    description="a human rating at or below this is a rejection")
+    max_tool_calls: int = Field(default=20, ge=1, description="more tool calls is a runaway loop")
+    stop_required_kinds: list[str] = Field(
+        default_factory=lambda: ["run", "transcript", "gateway_call", "chat_completion"],
+        description="kinds whose sources record a stop reason; a missing one caps at partially_accepted")
+    caps: ScoreCaps = Field(default_factory=ScoreCaps)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScoreConfig:
+        if self.partial_min_score > self.accept_min_score:
+            raise ValueError("partial_min_score must not exceed accept_min_score")
+        return self
+
+
+SensitiveKind = Literal["api_key", "bearer_token", "private_key", "password", "email", "phone", "private_note"]
+
+
+class ExportConfig(Section):
+    include_partial: bool = Field(default=False,
+                                  description="SFT also takes partially_accepted rows (never rejected or review)")
+    rag_categories: list[Literal["accepted", "partially_accepted"]] = Field(
+        default_factory=lambda: ["accepted", "partially_accepted"])
+    sensitive: Literal["quarantine", "redact"] = Field(
+        default="quarantine", description="what to do with a row carrying a secret or personal data")
+    allow_sensitive: list[SensitiveKind] = Field(
+        default_factory=list, description="kinds explicitly allowed into exports (e.g. ['email'])")
+    dedup: bool = Field(default=True, description="drop repeated (task, answer) rows from RAG and SFT")
+    max_pairs_per_task: int = Field(default=8, ge=1, description="preference pairs per task at most")
+
+
 class Config(Section):
     materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     mappings: dict[str, Mapping] = Field(default_factory=dict)
 
     def config_hash(self) -> str:

@@ -24,12 +24,13 @@ from typing import Any
 
 import orjson
 
-from refinery.canonical import file_sha256, short_id
+from refinery.canonical import file_sha256
 from refinery.config import Config, MaterializeConfig
 from refinery.dedup import SeenHashes
 from refinery.discovery import Registry, Transform
 from refinery.jsonl import JsonlWriter, atomic_write, publish_dir, recover_dir, staging_dir
 from refinery.parallel import map_files
+from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.sources import SourceFile, csv_raw, list_sources, read_rows
 from refinery.transform import Refusal, RowContext, RowError
@@ -105,24 +106,6 @@ class AccountingError(AssertionError):
     """rows in ≠ evidence + quarantined for some file: a bug, never a data problem."""
 
 
-def _quarantine_row(src: SourceFile, offset: int | None, raw: bytes | None, reason: Reason, detail: str,
-                    sig: str | None, raw_max: int, recorded_at: str | None = None) -> dict[str, Any]:
-    text = None if raw is None else raw.decode("utf-8", "backslashreplace")
-    truncated = text is not None and len(text) > raw_max
-    return {
-        "schema_version": 1,
-        "id": short_id("q", STAGE, src.ws_rel, str(offset)),
-        "stage": STAGE,
-        "source": src.source,
-        "reason": reason.value,
-        "detail": detail,
-        "raw": text[:raw_max] if truncated else text,
-        "raw_truncated": truncated,
-        "provenance": {"source_file": src.ws_rel, "line_offset": offset, "sig_hash": sig,
-                       "recorded_at": recorded_at},
-    }
-
-
 def _validator() -> Callable[[dict[str, Any]], None]:
     from refinery.models import EvidenceRecord
 
@@ -157,7 +140,8 @@ def process_file(src: SourceFile, transform: Transform | None, mcfg: Materialize
                 if raw is None:  # a parsed CSV row: rebuild its line only now that it is refused
                     raw = csv_raw(list(row.values()))
                 by_reason[reason.value] += 1
-                qw.write(_quarantine_row(src, offset, raw, reason, detail, sig, raw_max, recorded_at))
+                qw.write(quarantine_record(STAGE, source, src.ws_rel, offset, reason, detail, sig, raw=raw,
+                                           raw_max=raw_max, recorded_at=recorded_at))
 
             for line in read_rows(src, mcfg.max_line_bytes):
                 res.rows_in += 1
@@ -230,8 +214,8 @@ def process_file(src: SourceFile, transform: Transform | None, mcfg: Materialize
         by_reason.clear()
         res.file_error = f"cannot read: {e.strerror or e}"
         with open(quarantine_part, "wb") as qf:
-            JsonlWriter(qf).write(_quarantine_row(src, None, None, Reason.UNREADABLE_FILE,
-                                                  res.file_error, None, raw_max))
+            JsonlWriter(qf).write(quarantine_record(STAGE, source, src.ws_rel, None, Reason.UNREADABLE_FILE,
+                                                    res.file_error, None))
         res.by_reason = {}
         return res
     finally:
