@@ -124,7 +124,8 @@ def _materialize_table(result) -> None:
     for col in ("rows in", "evidence", "quarantined"):
         table.add_column(col, justify="right")
     for f in result.files:
-        table.add_row(f.source_file.removeprefix("data/_kb/"), f.transform or "(none)", f"{f.rows_in:,}", f"{f.evidence:,}",
+        table.add_row(f.source_file.removeprefix("data/_kb/"), f.transform or "(none)", f"{f.rows_in:,}",
+                      f"{f.evidence:,}",
                       f"{f.quarantined:,}" if not f.file_error else "unreadable")
     table.add_row("total", "", f"{result.rows_in:,}", f"{result.evidence:,}", f"{result.quarantined:,}",
                   style="bold")

@@ -152,6 +152,20 @@ def write_jsonl_atomic(path: str | os.PathLike, rows) -> tuple[int, str]:
     return w.rows, w.sha256
 
 
+def concat_files(parts: list[Path], dest: Path) -> tuple[int, str]:
+    """Concatenate JSONL `parts` into `dest` atomically; return (rows, sha256 of dest)."""
+    h = hashlib.sha256()
+    rows = 0
+    with atomic_write(dest) as out:
+        for part in parts:
+            with open(part, "rb") as pf:
+                while block := pf.read(1 << 20):
+                    out.write(block)
+                    h.update(block)
+                    rows += block.count(b"\n")
+    return rows, h.hexdigest()
+
+
 def publish_dir(staging: Path, target: Path) -> None:
     """Atomically (as far as the file system allows) replace directory `target` by `staging`.
 

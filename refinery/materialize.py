@@ -28,7 +28,7 @@ from refinery.canonical import file_sha256
 from refinery.config import Config, MaterializeConfig
 from refinery.dedup import SeenHashes
 from refinery.discovery import Registry, Transform
-from refinery.jsonl import JsonlWriter, atomic_write, publish_dir, recover_dir, staging_dir
+from refinery.jsonl import JsonlWriter, concat_files, publish_dir, recover_dir, staging_dir
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
@@ -282,17 +282,9 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                                     "rows": r.partitions[rel]})
             outputs.sort(key=lambda o: o["path"])
             qpath = ws.quarantine / f"{STAGE}.jsonl"
-            h = hashlib.sha256()
-            qrows = 0
-            with atomic_write(qpath) as qf:
-                for part in part_of:
-                    with open(part, "rb") as pf:
-                        while block := pf.read(1 << 20):
-                            qf.write(block)
-                            h.update(block)
-                            qrows += block.count(b"\n")
+            qrows, qsha = concat_files(part_of, qpath)
             publish_dir(staging, ws.evidence)
-            outputs.append({"path": ws.rel(qpath), "sha256": h.hexdigest(), "rows": qrows})
+            outputs.append({"path": ws.rel(qpath), "sha256": qsha, "rows": qrows})
         finally:
             shutil.rmtree(parts, ignore_errors=True)
             if staging.exists():

@@ -109,7 +109,9 @@ class ScoredRun(Strict):
     id: str = Field(description="the evidence id it scores")
     source: str
     kind: str
-    task_key: str = Field(description="what groups answers to the same task/prompt")
+    task_key: str = Field(description="tk-<16 hex> of the normalised prompt: groups answers to the same task")
+    task_id: str | None = None
+    task_name: str | None = None
     category: Category
     score: float
     rules_fired: list[str]

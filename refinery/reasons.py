@@ -39,6 +39,24 @@ class Reason(StrEnum):
     """The source file could not be opened or read (permissions, I/O error)."""
     TRANSFORM_ERROR = "transform_error"
     """The transform crashed on the row: a bug in the transform, reported and counted."""
+    # --- scoring ---------------------------------------------------------------------
+    INVALID_EVIDENCE = "invalid_evidence"
+    """An evidence line that does not parse or lacks a field the scorer needs (edited by hand?)."""
+    # --- exports ---------------------------------------------------------------------
+    CATEGORY_EXCLUDED = "category_excluded"
+    """The row's category is not admitted by this export (e.g. rejected rows never reach SFT)."""
+    MISSING_TEXT = "missing_text"
+    """The row has no prompt, or no answer text or tool call, for this export to use."""
+    SECRET_DETECTED = "secret_detected"
+    """An API key, bearer token, private key block or password in the row's text."""
+    PII_DETECTED = "pii_detected"
+    """An email address, a phone number or a note marked private in the row's text."""
+    DUPLICATE_ANSWER = "duplicate_answer"
+    """The same answer (normalised) to the same task was already exported."""
+    NO_PAIR = "no_pair"
+    """No answer to the same task to pair with (a single answer, or only one side)."""
+    PAIR_LIMIT = "pair_limit"
+    """The task already has export.max_pairs_per_task pairs without this row."""
 
 
 REASON_HELP: dict[Reason, str] = {
@@ -55,4 +73,13 @@ REASON_HELP: dict[Reason, str] = {
     Reason.UNKNOWN_SOURCE: "add a transform module in transforms/ or a [mappings.<name>] table in refinery.toml",
     Reason.UNREADABLE_FILE: "check the file's permissions",
     Reason.TRANSFORM_ERROR: "a bug in the transform module named in the detail; fix it and re-run",
+    Reason.INVALID_EVIDENCE: "evidence is written by materialize only; re-run `refinery materialize`",
+    Reason.CATEGORY_EXCLUDED: "expected: the export only takes the categories it is configured for",
+    Reason.MISSING_TEXT: "the source row has no prompt or no answer; check the transform's mapping",
+    Reason.SECRET_DETECTED: "remove the secret at the source, or set export.sensitive = \"redact\"",
+    Reason.PII_DETECTED: "redact at the source, set export.sensitive = \"redact\", or allow the kind "
+                         "in export.allow_sensitive",
+    Reason.DUPLICATE_ANSWER: "expected: one copy of each answer per task is kept",
+    Reason.NO_PAIR: "expected for tasks answered once, or only well / only badly",
+    Reason.PAIR_LIMIT: "raise export.max_pairs_per_task to use more answers of the same task",
 }

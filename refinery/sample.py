@@ -36,6 +36,7 @@ class Task:
     task_name: str
     prompt: str
     good: str
+    good_alt: str
     partial: str
     bad: str
     tool: str
@@ -64,6 +65,9 @@ def _billing_tasks() -> Iterator[Task]:
                 f"charge of ${amt} to the original card, and reply to {cust} with the refund reference. "
                 "Card refunds settle in 5-10 business days; no credit note is needed because the first "
                 "charge stands.",
+                f"Confirm in the billing ledger that {inv} shows two captures of ${amt}. If it does, refund "
+                f"one capture to the card on file (not as store credit) and send {cust} the refund reference; "
+                "the bank usually shows it within 5-10 business days.",
                 f"Refund ${amt} for {inv} and tell the customer it may take a few days.",
                 f"Tell {cust} that duplicate charges resolve themselves automatically within 24 hours, "
                 "so no action is needed.",
@@ -83,6 +87,8 @@ def _sql_tasks() -> Iterator[Task]:
                 f"How many rows in {table} were created in {month} 2026? Give the SQL you used.",
                 f"Use a half-open date range so the last day is fully counted:\n{query}\n"
                 f"It returned 1,{312 + 7 * month_i} rows for {month} 2026.",
+                f"1,{312 + 7 * month_i} rows. I filtered {col} on [{start}, {end}) rather than BETWEEN, "
+                f"so timestamps late on the last day of {month} are included:\n{query}",
                 f"Count the {table} rows for {month} with a WHERE on {col}.",
                 f"SELECT count(*) FROM {table} WHERE month({col}) = '{month}'; -- about 900 rows",
                 "run_sql", {"query": query},
@@ -100,6 +106,9 @@ def _incident_tasks() -> Iterator[Task]:
                 f"right after start-up. The new release loads its cache eagerly; raise the memory limit "
                 f"from 256Mi to 512Mi or roll back with `kubectl rollout undo deploy/{svc} -n {ns}`, then "
                 "watch the restart count settle.",
+                f"The container is OOMKilled (exit 137) seconds after start: the new {svc} build warms its "
+                f"cache at boot. Either roll back (`kubectl rollout undo deploy/{svc} -n {ns}`) or raise the "
+                "memory limit to 512Mi, then confirm the restart count stops climbing.",
                 f"The {svc} container is running out of memory; increase its limit.",
                 f"Delete the namespace {ns} and redeploy everything from scratch.",
                 "kubectl", {"args": ["describe", "pod", "-n", ns, "-l", f"app={svc}"]},
@@ -116,10 +125,13 @@ def _travel_tasks() -> Iterator[Task]:
                 f"The cheapest direct option {a}→{b} on {d} departs 07:40 and costs EUR 142 in economy "
                 "light (no checked bag). I placed a 24-hour hold, reference HX7Q2; confirm before the hold "
                 "expires to keep the fare.",
+                f"Held the cheapest direct {a}→{b} flight on {d}: 07:40 departure, EUR 142, economy light "
+                "without a checked bag. Hold reference HX7Q2 is valid for 24 hours; the traveller must "
+                "confirm before then.",
                 f"There is a direct flight from {a} to {b} on {d} for about EUR 140.",
                 f"Booked a first-class ticket {a}→{b} on {d} for EUR 2,900 and charged the company card.",
                 "search_flights", {"origin": a, "destination": b, "date": d, "direct": True},
-                f'{{"offers": [{{"dep": "07:40", "price": 142, "currency": "EUR", "cabin": "economy"}}]}}',
+                '{"offers": [{"dep": "07:40", "price": 142, "currency": "EUR", "cabin": "economy"}]}',
             )
 
 
@@ -145,7 +157,7 @@ SECRETS = [
 
 # --- row outcomes -------------------------------------------------------------------------
 
-OUTCOMES = ("good", "good", "good", "partial", "bad", "empty", "conflict")
+OUTCOMES = ("good", "good", "good", "good", "good", "partial", "partial", "bad", "bad", "empty", "conflict")
 
 
 @dataclass
@@ -162,7 +174,8 @@ class Draw:
 
     @property
     def answer(self) -> str:
-        return {"good": self.task.good, "partial": self.task.partial, "bad": self.task.bad,
+        good = self.task.good if self.i % 3 else self.task.good_alt
+        return {"good": good, "partial": self.task.partial, "bad": self.task.bad,
                 "empty": "", "conflict": self.task.partial}[self.outcome]
 
     @property
@@ -174,6 +187,11 @@ class Draw:
     @property
     def approved(self) -> bool:
         return self.outcome in ("good", "conflict")
+
+    @property
+    def reviewer(self) -> str:
+        """Who signed the row off ('' when nobody did); drawn only for approved rows."""
+        return REVIEWERS[self.i % len(REVIEWERS)] if self.approved and self.i % 5 else ""
 
 
 def _iso(ts: datetime) -> str:
@@ -200,6 +218,8 @@ def _run_row(d: Draw, defect: str | None) -> dict[str, Any]:
         "error": "ToolTimeout: lookup exceeded 30s" if failed else "",
         "tool_calls": str(25 + d.i % 9) if defect == "runaway" else str(1 + d.i % 3),
         "stop_reason": "" if defect == "no_stop" else ("error" if failed else "end_turn"),
+        "check_score": "" if d.i % 6 == 5 else f"{d.score:.2f}",  # the automated checker skips some
+        "reviewed_by": d.reviewer,
     }
     if defect == "missing":
         row["started_at"] = ""
@@ -245,6 +265,8 @@ def _transcript_row(d: Draw, defect: str | None) -> dict[str, Any]:
         "stop_reason": None if defect in ("runaway", "no_stop") else "end_turn",
         "latency_ms": 800 + (d.i * 37) % 4000,
     }
+    if d.i % 4:  # the grader ran on most traces
+        row["outcome"] = {"score": d.score, "reviewed_by": d.reviewer or None}
     if defect == "missing":
         del row["started_at"]
     if defect == "wrong_type":

@@ -137,6 +137,17 @@ def number(row: dict, field: str, required: bool = False) -> float | None:
     raise wrong_type(field, "a number", value)
 
 
+def unit_score(row: dict, field: str) -> float | None:
+    """A score in 0..1; one in 0..100 is divided by 100. Anything else is a wrong type."""
+    score = number(row, field)
+    if score is not None:
+        if score > 1.0:
+            score /= 100.0
+        if not 0.0 <= score <= 1.0:
+            raise RowError(Reason.WRONG_TYPE, f"field '{field}': {get(row, field)!r} is outside 0..1 and 0..100")
+    return score
+
+
 def integer(row: dict, field: str, required: bool = False) -> int | None:
     f = number(row, field, required)
     if f is None:

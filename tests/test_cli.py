@@ -33,7 +33,8 @@ def test_every_command_has_a_make_target():
 
 def test_python_dash_m_and_help_stay_light():
     code = ("import sys, runpy; sys.argv=['refinery','--help']\n"
-            "try:\n    runpy.run_module('refinery', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "try:\n    runpy.run_module('refinery', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0\n"
             "heavy = [m for m in ('mlx', 'mlx_lm', 'transformers', 'torch', 'polars') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

@@ -178,7 +178,8 @@ def test_a_transform_bug_is_counted_not_fatal(ws, cfg):
     write_kb(ws, {"buggy.jsonl": '{"a": 1}\n{"a": 2}\n'})
     result = materialize.run(ws, cfg)
     assert result.transform_errors == 2
-    assert result.files[0].first_transform_error.startswith("data/_kb/buggy.jsonl:0: transform buggy raised ZeroDivisionError")
+    assert result.files[0].first_transform_error.startswith(
+        "data/_kb/buggy.jsonl:0: transform buggy raised ZeroDivisionError")
     assert {q["reason"] for q in quarantine_rows(ws)} == {"transform_error"}
 
 

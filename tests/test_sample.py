@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from collections import Counter, defaultdict
 
-import orjson
 import pytest
 
 from conftest import REPO, evidence_rows, quarantine_rows, tree_bytes

@@ -3,7 +3,8 @@
     {"trace_id", "task_id", "task_name", "started_at", "model", "provider", "latency_ms",
      "messages": [{"role", "content", "tool_calls": [{"id", "name", "arguments": {...}}]},
                   {"role": "tool", "tool_call_id", "name", "content"}, ...],
-     "status": "completed" | "error" | "max_turns", "error", "stop_reason"}
+     "status": "completed" | "error" | "max_turns", "error", "stop_reason",
+     "outcome": {"score": 0..1, "reviewed_by": "who signed it off" | null}}   (optional)
 
 The prompt is the first user message, the response the last assistant text; every tool call
 is kept, malformed ones (a "tool" key instead of "name") marked as such.
@@ -11,7 +12,7 @@ is kept, malformed ones (a "tool" key instead of "name") marked as such.
 
 from refinery.transform import (
     TransformSpec, all_tool_calls, first_user_text, last_assistant_text, messages, missing,
-    new_evidence, new_signals, number, parse_timestamp, text,
+    new_evidence, new_signals, number, parse_timestamp, text, unit_score,
 )
 
 SPEC = TransformSpec(name="agent_transcripts", patterns=("agent_transcripts*.jsonl",), format="jsonl",
@@ -27,6 +28,7 @@ def transform(row, ctx):
     if prompt is None:
         raise missing("messages[role=user].content")
     calls = all_tool_calls(msgs)
+    reviewer = text(row, "outcome.reviewed_by")
     status = text(row, "status")
     error = text(row, "error")
     if error is None and status not in (None, "completed", "ok", "success"):
@@ -36,5 +38,7 @@ def transform(row, ctx):
         task_id=text(row, "task_id") or text(row, "trace_id"), task_name=text(row, "task_name"),
         prompt=prompt, messages=msgs, response=last_assistant_text(msgs), tool_calls=calls,
         model=text(row, "model"), provider=text(row, "provider"), latency_ms=number(row, "latency_ms"),
-        signals=new_signals(error=error, tool_call_count=len(calls), stop_reason=text(row, "stop_reason")),
+        signals=new_signals(error=error, tool_call_count=len(calls), stop_reason=text(row, "stop_reason"),
+                            eval_score=unit_score(row, "outcome.score"), approved=True if reviewer else None,
+                            approver=reviewer),
     )

@@ -5,9 +5,8 @@ evaluated_at. A non-empty approver means the answer was approved. Scores in 0..1
 (then divided by 100).
 """
 
-from refinery.reasons import Reason
 from refinery.transform import (
-    RowError, TransformSpec, new_evidence, new_signals, number, parse_timestamp, text, text_or_empty,
+    TransformSpec, new_evidence, new_signals, parse_timestamp, text, text_or_empty, unit_score,
 )
 
 SPEC = TransformSpec(name="eval_sheet", patterns=("eval*.csv",), format="csv", kind="eval",
@@ -15,12 +14,7 @@ SPEC = TransformSpec(name="eval_sheet", patterns=("eval*.csv",), format="csv", k
 
 
 def transform(row, ctx):
-    score = number(row, "score")
-    if score is not None:
-        if score > 1.0:
-            score /= 100.0
-        if not 0.0 <= score <= 1.0:
-            raise RowError(Reason.WRONG_TYPE, f"field 'score': {row['score']!r} is outside 0..1 and 0..100")
+    score = unit_score(row, "score")
     approver = text(row, "approver")
     return new_evidence(
         SPEC.kind, recorded_at=parse_timestamp(row.get("evaluated_at"), "evaluated_at"),

@@ -1,0 +1,58 @@
+"""What makes two prompts "the same task" and two answers "the same text".
+
+Used by the scorer (the task key that groups answers for preference pairs) and by the
+exports (duplicate answers, identical chosen/rejected texts). Normalising is deliberately
+mild — Unicode NFKC, case-folded, whitespace collapsed — so that two answers that differ in
+a number or a word are never taken for the same answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from typing import Any
+
+import orjson
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_text(s: str) -> str:
+    return _WS.sub(" ", unicodedata.normalize("NFKC", s).casefold()).strip()
+
+
+def text_hash(s: str) -> bytes:
+    """16-byte digest of the normalised text."""
+    return hashlib.sha256(normalize_text(s).encode("utf-8")).digest()[:16]
+
+
+def task_key(ev: dict[str, Any]) -> str:
+    """`tk-<16 hex>` of the normalised prompt; rows without a prompt never share a key."""
+    prompt = ev.get("prompt")
+    if prompt and prompt.strip():
+        basis = "p\x1f" + normalize_text(prompt)
+    else:
+        basis = "id\x1f" + ev["id"]
+    return "tk-" + hashlib.sha256(basis.encode("utf-8")).hexdigest()[:16]
+
+
+def render_tool_calls(calls: list[dict[str, Any]]) -> str:
+    """Tool calls as text, one `{"name", "arguments"}` JSON object per line, in call order.
+
+    A call that used `"tool"` instead of `"name"` is rendered the way it was made: as the
+    rejected side of a preference pair, the bad shape is the point.
+    """
+    def one(c: dict[str, Any]) -> str:
+        key = "tool" if c.get("problem") == "tool_key_instead_of_name" else "name"
+        return orjson.dumps({key: c["name"], "arguments": c["arguments"]}).decode()
+
+    return "\n".join(one(c) for c in calls)
+
+
+def answer_text(ev: dict[str, Any]) -> str:
+    """The whole answer as one text: the response, then its tool calls (if any)."""
+    parts = [ev["response"]] if ev.get("response") else []
+    if ev.get("tool_calls"):
+        parts.append(render_tool_calls(ev["tool_calls"]))
+    return "\n".join(parts)

@@ -1,0 +1,215 @@
+"""Stage 2 — score: every evidence record gets one ScoredRun, by the rules in refinery.policy.
+
+    data/evidence/YYYY/MM/DD/<src>.jsonl  ──▶  data/scored-runs/YYYY/MM/DD/<src>.jsonl  (ScoredRun)
+                                          ──▶  exports/quarantine/score.jsonl          (unreadable lines)
+
+The scored-runs tree mirrors the evidence tree file for file and line for line, so line N of
+a scored-run file scores line N of the evidence file of the same name; each ScoredRun's
+provenance points at that evidence line and carries its sig_hash. `manifest.json` in the
+tree records the sha256 of every evidence file it was computed from, so the exports can
+refuse to combine evidence with stale scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from refinery.canonical import file_sha256
+from refinery.config import Config, ScoreConfig
+from refinery.jsonl import JsonlWriter, concat_files, publish_dir, read_jsonl, recover_dir, staging_dir
+from refinery.normalize import task_key
+from refinery.parallel import map_files
+from refinery.policy import POLICY_VERSION, policy_hash, score_record
+from refinery.quarantine import quarantine_record
+from refinery.reasons import Reason
+from refinery.workspace import Workspace
+
+STAGE = "score"
+MANIFEST = "manifest.json"
+CATEGORIES = ("accepted", "partially_accepted", "rejected", "needs_human_review")
+
+
+class StaleInputError(Exception):
+    """A stage's input is missing or does not match what the stage before it wrote."""
+
+
+@dataclass
+class FileResult:
+    evidence_file: str
+    scored_file: str
+    evidence_sha256: str
+    rows_in: int = 0
+    scored: int = 0
+    quarantined: int = 0
+    by_category: dict[str, int] = field(default_factory=dict)
+    by_reason: dict[str, int] = field(default_factory=dict)
+    by_rule: dict[str, int] = field(default_factory=dict)
+    sha256: str = ""
+
+
+@dataclass
+class ScoreResult:
+    files: list[FileResult]
+    policy_version: str
+    policy_hash: str
+    outputs: list[dict[str, Any]]
+    seconds: float
+
+    def _sum(self, attr: str) -> dict[str, int]:
+        c: Counter[str] = Counter()
+        for f in self.files:
+            c.update(getattr(f, attr))
+        return dict(sorted(c.items()))
+
+    @property
+    def rows_in(self) -> int:
+        return sum(f.rows_in for f in self.files)
+
+    @property
+    def scored(self) -> int:
+        return sum(f.scored for f in self.files)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(f.quarantined for f in self.files)
+
+    @property
+    def by_category(self) -> dict[str, int]:
+        c = self._sum("by_category")
+        return {k: c.get(k, 0) for k in CATEGORIES}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": STAGE, "rows_in": self.rows_in, "scored": self.scored, "quarantined": self.quarantined,
+            "by_category": self.by_category, "by_rule": self._sum("by_rule"), "by_reason": self._sum("by_reason"),
+            "policy_version": self.policy_version, "policy_hash": self.policy_hash,
+            "files": [asdict(f) for f in self.files], "outputs": self.outputs, "seconds": round(self.seconds, 3),
+        }
+
+
+def scored_run(ev: dict[str, Any], evidence_file: str, offset: int, sig: str, scfg: ScoreConfig,
+               phash: str) -> dict[str, Any]:
+    """The ScoredRun dict for one evidence record (field order as in refinery.models.ScoredRun)."""
+    category, score, fired = score_record(ev, scfg)
+    return {
+        "schema_version": 1, "id": ev["id"], "source": ev["source"], "kind": ev["kind"],
+        "task_key": task_key(ev), "task_id": ev["task_id"], "task_name": ev["task_name"],
+        "category": category, "score": score, "rules_fired": fired,
+        "policy_version": POLICY_VERSION, "policy_hash": phash, "recorded_at": ev["recorded_at"],
+        "provenance": {"source_file": evidence_file, "line_offset": offset, "sig_hash": sig,
+                       "recorded_at": ev["recorded_at"]},
+    }
+
+
+def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quarantine_part: Path,
+               scfg: ScoreConfig, raw_max: int) -> FileResult:
+    phash = policy_hash(scfg)
+    res = FileResult(evidence_rel, out_rel, file_sha256(evidence))
+    cats: Counter[str] = Counter()
+    rules: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb", buffering=1 << 20) as f, open(quarantine_part, "wb") as qf:
+        w, qw = JsonlWriter(f), JsonlWriter(qf)
+        for line in read_jsonl(evidence):
+            res.rows_in += 1
+            if line.obj is None:
+                reasons[Reason.INVALID_EVIDENCE] += 1
+                qw.write(quarantine_record(STAGE, "?", evidence_rel, line.offset, Reason.INVALID_EVIDENCE,
+                                           f"{line.reason}: {line.detail}", sha256(line.raw or b"").hexdigest(),
+                                           raw=line.raw, raw_max=raw_max))
+                continue
+            ev = line.obj
+            sig = sha256(dumps(ev, option=sort_keys)).hexdigest()
+            try:
+                row = scored_run(ev, evidence_rel, line.offset, sig, scfg, phash)
+            except (KeyError, TypeError, AttributeError) as e:
+                reasons[Reason.INVALID_EVIDENCE] += 1
+                src = ev.get("source") if isinstance(ev.get("source"), str) else "?"
+                qw.write(quarantine_record(STAGE, src, evidence_rel, line.offset, Reason.INVALID_EVIDENCE,
+                                           f"not an EvidenceRecord: {type(e).__name__} {e}", sig,
+                                           raw=line.raw, raw_max=raw_max))
+                continue
+            w.write(row)
+            cats[row["category"]] += 1
+            rules.update(row["rules_fired"])
+        f.flush()
+        os.fsync(f.fileno())
+    res.scored, res.sha256 = w.rows, w.sha256
+    res.quarantined = sum(reasons.values())
+    res.by_category = dict(sorted(cats.items()))
+    res.by_rule = dict(sorted(rules.items()))
+    res.by_reason = {str(k): v for k, v in sorted(reasons.items())}
+    if res.rows_in != res.scored + res.quarantined:
+        raise AssertionError(f"{evidence_rel}: {res.rows_in} in, {res.scored} scored + {res.quarantined} quarantined")
+    return res
+
+
+def evidence_files(ws: Workspace) -> list[Path]:
+    """The evidence partition files, in path order (the order every later stage reads them in)."""
+    if not ws.evidence.is_dir():
+        raise StaleInputError("no evidence in data/evidence/; run `refinery materialize` first")
+    return sorted(ws.evidence.rglob("*.jsonl"), key=lambda p: p.relative_to(ws.evidence).as_posix())
+
+
+def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int], None] | None = None) -> ScoreResult:
+    t0 = time.perf_counter()
+    with ws.lock():
+        files = evidence_files(ws)
+        recover_dir(ws.scored_runs)
+        staging = staging_dir(ws.scored_runs)
+        parts = Path(tempfile.mkdtemp(prefix=".score-", dir=ws.root / "data"))
+        try:
+            jobs = []
+            for i, p in enumerate(files):
+                rel = p.relative_to(ws.evidence).as_posix()
+                jobs.append((p, ws.rel(p), staging / rel, f"{ws.rel(ws.scored_runs)}/{rel}",
+                             parts / f"{i:06d}.jsonl", cfg.score, cfg.materialize.quarantine_raw_max))
+            results: list[FileResult] = map_files(
+                score_file, jobs, [p.stat().st_size for p in files], workers=cfg.materialize.workers,
+                parallel_min_bytes=cfg.materialize.parallel_min_bytes, on_done=on_file_done)
+            phash = policy_hash(cfg.score)
+            manifest = {
+                "stage": STAGE, "policy_version": POLICY_VERSION, "policy_hash": phash,
+                "files": [{"evidence": r.evidence_file, "evidence_sha256": r.evidence_sha256,
+                           "scored": r.scored_file, "sha256": r.sha256, "rows": r.scored} for r in results],
+            }
+            (staging / MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+            qpath = ws.quarantine / f"{STAGE}.jsonl"
+            qrows, qsha = concat_files([j[4] for j in jobs], qpath)
+            publish_dir(staging, ws.scored_runs)
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    outputs = [{"path": r.scored_file, "sha256": r.sha256, "rows": r.scored} for r in results]
+    outputs.append({"path": ws.rel(qpath), "sha256": qsha, "rows": qrows})
+    return ScoreResult(results, POLICY_VERSION, phash, outputs, time.perf_counter() - t0)
+
+
+def read_manifest(ws: Workspace) -> dict[str, Any]:
+    """The scored-runs manifest, checked against the evidence on disk (raises StaleInputError)."""
+    path = ws.scored_runs / MANIFEST
+    if not path.exists():
+        raise StaleInputError("no scored runs in data/scored-runs/; run `refinery score` first")
+    manifest = orjson.loads(path.read_bytes())
+    on_disk = [ws.rel(p) for p in evidence_files(ws)]
+    listed = [f["evidence"] for f in manifest["files"]]
+    if on_disk != listed:
+        raise StaleInputError("the evidence files changed since scoring; run `refinery score` again")
+    for f in manifest["files"]:
+        if file_sha256(ws.root / f["evidence"]) != f["evidence_sha256"]:
+            raise StaleInputError(f"{f['evidence']} changed since it was scored; run `refinery score` again")
+    return manifest
