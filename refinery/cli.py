@@ -73,27 +73,25 @@ def _progress():
                     console=console, disable=not console.is_terminal, transient=True)
 
 
-def _run_materialize(ws, cfg, validate: bool, as_json: bool) -> int:
+def _do_materialize(ws, cfg, validate: bool):
     from refinery.discovery import TransformLoadError
     from refinery.materialize import run
     from refinery.sources import list_sources
     from refinery.workspace import WorkspaceBusy
 
-    sources, _ = list_sources(ws, cfg.materialize.ignore)
     if not ws.kb.is_dir():
         _fail(f"error: no source folder {ws.kb} — put JSONL/CSV streams there, or run `refinery sample`")
-    total = sum(s.size for s in sources)
+    sources, _ = list_sources(ws, cfg.materialize.ignore)
     with _progress() as progress:
-        task = progress.add_task("materialize", total=total)
+        task = progress.add_task("materialize", total=sum(s.size for s in sources))
         try:
-            result = run(ws, cfg, validate=validate,
-                         on_file_done=lambda r, size: progress.advance(task, size))
+            return run(ws, cfg, validate=validate, on_file_done=lambda r, size: progress.advance(task, size))
         except (TransformLoadError, WorkspaceBusy) as e:
             _fail(f"error: {e}")
-    if as_json:
-        _print_json(result.to_json())
-    else:
-        _materialize_table(result)
+
+
+def _materialize_verdict(result) -> int:
+    """Warnings and errors of a materialize run on stderr; its exit code."""
     for w in (w for f in result.files for w in f.warnings):
         _err(f"warning: {w}")
     unknown = [f.source_file for f in result.files if f.transform is None and not f.file_error]
@@ -113,32 +111,33 @@ def _run_materialize(ws, cfg, validate: bool, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _materialize_table(result) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _do_score(ws, cfg):
+    from refinery.score import StaleInputError, evidence_files, run
+    from refinery.workspace import WorkspaceBusy
 
-    console = Console()
-    table = Table(title=f"materialize — {result.seconds:.2f}s", title_justify="left")
-    table.add_column("stream (data/_kb/)")
-    table.add_column("transform")
-    for col in ("rows in", "evidence", "quarantined"):
-        table.add_column(col, justify="right")
-    for f in result.files:
-        table.add_row(f.source_file.removeprefix("data/_kb/"), f.transform or "(none)", f"{f.rows_in:,}",
-                      f"{f.evidence:,}",
-                      f"{f.quarantined:,}" if not f.file_error else "unreadable")
-    table.add_row("total", "", f"{result.rows_in:,}", f"{result.evidence:,}", f"{result.quarantined:,}",
-                  style="bold")
-    console.print(table)
-    if result.by_reason:
-        reasons = Table(title="quarantined, by reason", title_justify="left")
-        reasons.add_column("reason")
-        reasons.add_column("rows", justify="right")
-        for reason, n in sorted(result.by_reason.items(), key=lambda kv: (-kv[1], kv[0])):
-            reasons.add_row(reason, f"{n:,}")
-        console.print(reasons)
-    console.print("evidence: data/evidence/YYYY/MM/DD/<stream>.jsonl   "
-                  "quarantine: exports/quarantine/materialize.jsonl")
+    try:
+        total = sum(p.stat().st_size for p in evidence_files(ws))
+        with _progress() as progress:
+            task = progress.add_task("score", total=total)
+            return run(ws, cfg, on_file_done=lambda r, size: progress.advance(task, size))
+    except (StaleInputError, WorkspaceBusy) as e:
+        _fail(f"error: {e}")
+
+
+def _do_export(ws, cfg, exports: tuple[str, ...], include_partial: bool | None):
+    from refinery.export import LeakError, run
+    from refinery.score import StaleInputError
+    from refinery.workspace import WorkspaceBusy
+
+    try:
+        with _progress() as progress:
+            task = progress.add_task("export", total=None)
+            return run(ws, cfg, exports=exports, include_partial=include_partial,
+                       on_file_done=lambda r, size: progress.advance(task, size))
+    except (StaleInputError, WorkspaceBusy) as e:
+        _fail(f"error: {e}")
+    except LeakError as e:
+        _fail(f"SFT CHECK FAILED, nothing was published: {e}", EXIT_CHECK_FAILED)
 
 
 @app.command()
@@ -154,19 +153,118 @@ def materialize(
     """Turn every line under data/_kb/ into evidence (data/evidence/YYYY/MM/DD/<source>.jsonl)
     or a quarantined row with a reason (exports/quarantine/materialize.jsonl)."""
     ws, cfg = _load(workspace, config, {"materialize": {"workers": workers, "max_line_bytes": max_line_bytes}})
-    raise typer.Exit(_run_materialize(ws, cfg, validate, as_json))
+    result = _do_materialize(ws, cfg, validate)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        from refinery import console
+
+        console.materialize_table(result)
+    raise typer.Exit(_materialize_verdict(result))
+
+
+@app.command()
+def score(
+    workspace: WorkspaceOpt = Path("."),
+    config: ConfigOpt = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score every evidence record by the rules of the policy (no LLM): accepted,
+    partially_accepted, rejected or needs_human_review, with the rules that fired.
+    Writes data/scored-runs/YYYY/MM/DD/<source>.jsonl. `refinery policy` lists the rules."""
+    ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
+    result = _do_score(ws, cfg)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        from refinery import console
+
+        console.score_table(result)
+
+
+@app.command()
+def policy(config: ConfigOpt = None, workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
+    """Print the scoring policy: its version, hash, thresholds and every rule with its effect."""
+    from refinery.policy import POLICY_VERSION, RULES, policy_hash
+
+    _, cfg = _load(workspace, config)
+    doc = {"policy_version": POLICY_VERSION, "policy_hash": policy_hash(cfg.score),
+           "thresholds": cfg.score.model_dump(mode="json"),
+           "rules": [{"id": k, "effect": eff, "meaning": meaning} for k, (eff, meaning) in RULES.items()]}
+    if as_json:
+        _print_json(doc)
+        return
+    typer.echo(f"policy {POLICY_VERSION}  hash {doc['policy_hash']}")
+    for k, v in doc["thresholds"].items():
+        typer.echo(f"  score.{k} = {v}")
+    for r in doc["rules"]:
+        typer.echo(f"  {r['id']:<22} {r['effect']:<16} {r['meaning']}")
+
+
+IncludePartialOpt = Annotated[bool | None, typer.Option(
+    "--include-partial/--accepted-only",
+    help="SFT also takes partially_accepted rows (never rejected or needs_human_review). "
+         "Default: export.include_partial in refinery.toml (false).")]
+
+
+def _export_command(exports: tuple[str, ...]):
+    def command(
+        workspace: WorkspaceOpt = Path("."),
+        config: ConfigOpt = None,
+        include_partial: IncludePartialOpt = None,
+        workers: Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
+        result = _do_export(ws, cfg, exports, include_partial)
+        if as_json:
+            _print_json(result.to_json())
+        else:
+            from refinery import console
+
+            console.export_table(result)
+    return command
+
+
+_EXPORT_HELP = {
+    "rag": "Export accepted and partially accepted answers as retrieval playbooks: exports/rag/playbooks.jsonl.",
+    "sft": "Export accepted answers (--include-partial: also partially accepted) as SFT rows: "
+           "exports/sft/instruction_response.jsonl. The written file is re-read and checked; on a "
+           "forbidden row nothing is published and the exit code is 1.",
+    "preference": "Export chosen/rejected pairs of answers to the same prompt, chosen scored strictly "
+                  "higher, no self-pairs, no identical texts: exports/preference/chosen_rejected.jsonl.",
+}
+for _name, _help in _EXPORT_HELP.items():
+    app.command(f"export-{_name}", help=_help + " Refused rows go to exports/quarantine/export-"
+                f"{_name}.jsonl with a reason; composition stats go next to the export.")(_export_command((_name,)))
+app.command("export-all", help="Write the RAG, SFT and preference exports in one pass over the scored "
+             "runs (see export-rag, export-sft, export-preference).")(_export_command(("rag", "sft", "preference")))
 
 
 @app.command("run-all")
 def run_all(
     workspace: WorkspaceOpt = Path("."),
     config: ConfigOpt = None,
+    include_partial: IncludePartialOpt = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the pipeline on the workspace: materialize (later stages build on it)."""
+    """Run the pipeline on the workspace: materialize → score → export-all, ending in a
+    summary (rows per stage, categories, quarantine reasons). Exit 2 if a source file could
+    not be read, 1 if a check failed (a transform bug, an SFT leak), else 0."""
     ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
-    raise typer.Exit(_run_materialize(ws, cfg, False, as_json))
+    m = _do_materialize(ws, cfg, False)
+    code = _materialize_verdict(m)
+    s = _do_score(ws, cfg)
+    e = _do_export(ws, cfg, ("rag", "sft", "preference"), include_partial)
+    if as_json:
+        _print_json({"materialize": m.to_json(), "score": s.to_json(), "export": e.to_json(), "exit_code": code})
+    else:
+        from refinery import console
+
+        console.run_all_summary(m, s, e)
+    raise typer.Exit(code)
 
 
 @app.command()

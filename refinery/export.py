@@ -1,0 +1,569 @@
+"""Stage 3 — exports: scored runs (with their evidence) → RAG, SFT and preference corpora.
+
+    data/scored-runs + data/evidence ──▶ exports/rag/playbooks.jsonl              (RagSample)
+                                     ──▶ exports/sft/instruction_response.jsonl   (SftSample)
+                                     ──▶ exports/preference/chosen_rejected.jsonl (PreferencePair)
+                                     ──▶ exports/quarantine/export-<name>.jsonl   (every row not taken)
+                                     ──▶ <export>.stats.json next to each export  (composition)
+
+Every scored run is accounted for in every export it was offered to: written, or quarantined
+with a reason (a category the export does not take, no text, a secret or personal data, a
+duplicate answer, no counterpart for a pair, ...). For preference, a row counts as written
+when it is in at least one pair.
+
+How it runs: each scored-run file is read together with its evidence file (they correspond
+line for line) in a worker process, which writes its candidate rows and refusals into part
+files. A sequential merge then drops duplicate answers across files (RAG, SFT), and pairs
+preference candidates one hash bucket of task keys at a time — so grouping never holds more
+than one bucket in memory. Nothing is published until every export is complete and the SFT
+file has been re-read and checked; then each file is renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from refinery import sensitive
+from refinery.config import Config, ExportConfig
+from refinery.dedup import SeenHashes
+from refinery.canonical import file_sha256
+from refinery.jsonl import JsonlWriter, concat_files, fsync_dir, read_jsonl
+from refinery.normalize import answer_text, normalize_text, render_tool_calls
+from refinery.parallel import map_files
+from refinery.quarantine import quarantine_record
+from refinery.reasons import Reason
+from refinery.score import StaleInputError, read_manifest
+from refinery.workspace import Workspace
+
+EXPORTS = ("rag", "sft", "preference")
+PATHS = {"rag": "rag/playbooks.jsonl", "sft": "sft/instruction_response.jsonl",
+         "preference": "preference/chosen_rejected.jsonl"}
+#: Categories that must never reach SFT, whatever the config says (defence 2 of 3).
+SFT_NEVER = frozenset({"rejected", "needs_human_review"})
+PREFERENCE_CHOSEN = ("accepted", "partially_accepted")
+PREFERENCE_REJECTED = ("rejected",)
+BUCKET_BYTES = 32 << 20  # evidence bytes per preference bucket: bounds the grouping's memory
+
+
+class LeakError(AssertionError):
+    """The re-read of the written SFT file found a row that must not be there. Nothing was published."""
+
+
+def stage_name(export: str) -> str:
+    return f"export-{export}"
+
+
+# --- per-export results -------------------------------------------------------------------
+
+
+@dataclass
+class ExportStats:
+    export: str
+    rows_in: int = 0
+    rows_out: int = 0
+    quarantined: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    redacted: Counter[str] = field(default_factory=Counter)
+    sha256: str = ""
+
+    def add(self, other: ExportStats) -> None:
+        self.rows_in += other.rows_in
+        self.quarantined += other.quarantined
+        self.by_reason.update(other.by_reason)
+        self.redacted.update(other.redacted)
+
+
+@dataclass
+class ExportResult:
+    exports: dict[str, dict[str, Any]]
+    """export → {rows_in, rows_out, quarantined, by_reason, path, quarantine, stats, ...}"""
+    outputs: list[dict[str, Any]]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": "export", "exports": self.exports, "outputs": self.outputs,
+                "seconds": round(self.seconds, 3)}
+
+
+# --- building rows ------------------------------------------------------------------------
+
+
+def _prov(scored_rel: str, sr: dict[str, Any], sig: str) -> dict[str, Any]:
+    return {"source_file": scored_rel, "line_offset": sr["_line"], "sig_hash": sig,
+            "recorded_at": sr["recorded_at"]}
+
+
+def rag_row(ev: dict[str, Any], sr: dict[str, Any], prov: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema_version": 1, "id": "rag-" + sr["id"][3:], "task_key": sr["task_key"],
+        "task_name": ev["task_name"], "prompt": ev["prompt"], "response": ev["response"] or "",
+        "tool_calls": [_plain_call(c) for c in ev["tool_calls"]], "category": sr["category"],
+        "score": sr["score"], "source": ev["source"], "provenance": prov,
+    }
+
+
+def sft_row(ev: dict[str, Any], sr: dict[str, Any], prov: dict[str, Any]) -> dict[str, Any]:
+    msgs = ev["messages"]
+    return {
+        "schema_version": 1, "id": "sft-" + sr["id"][3:], "instruction": ev["prompt"], "input": "",
+        "messages": [_plain_message(m) for m in msgs] if msgs else None, "response": ev["response"] or "",
+        "tool_calls": [_plain_call(c) for c in ev["tool_calls"]], "quality_score": sr["category"],
+        "score": sr["score"], "source": ev["source"], "provenance": prov,
+    }
+
+
+def _plain_call(c: dict[str, Any]) -> dict[str, Any]:
+    return {"id": c["id"], "name": c["name"], "arguments": c["arguments"], "problem": c["problem"]}
+
+
+def _plain_message(m: dict[str, Any]) -> dict[str, Any]:
+    out = dict(m)
+    if m.get("tool_calls"):
+        out["tool_calls"] = [_plain_call(c) for c in m["tool_calls"]]
+    return out
+
+
+def _texts(ev: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The fields of an evidence record that can reach an export, for the sensitive-data scan."""
+    fields: list[tuple[str, Any]] = [("prompt", ev["prompt"]), ("response", ev["response"])]
+    if ev["tool_calls"]:
+        fields.append(("tool_calls", [c["arguments"] for c in ev["tool_calls"]]))
+    if ev["messages"]:
+        fields.append(("messages", [[m.get("content"), [c["arguments"] for c in m.get("tool_calls") or []]]
+                                    for m in ev["messages"]]))
+    return fields
+
+
+def _redact_evidence(ev: dict[str, Any], allow: list[str]) -> tuple[dict[str, Any], list[str]]:
+    out = dict(ev)
+    found: list[str] = []
+    for key in ("prompt", "response", "messages", "tool_calls"):
+        out[key], kinds = sensitive.redact(ev[key], allow)
+        found += kinds
+    return out, found
+
+
+# --- the per-file worker ------------------------------------------------------------------
+
+
+@dataclass
+class FileJob:
+    index: int
+    evidence: Path
+    evidence_rel: str
+    scored: Path
+    scored_rel: str
+    parts: Path
+    exports: tuple[str, ...]
+    ecfg: ExportConfig
+    include_partial: bool
+    buckets: int
+
+
+@dataclass
+class FileOutcome:
+    stats: dict[str, ExportStats]
+    rows: int
+
+
+def _pairs(job: FileJob) -> Iterator[tuple[dict[str, Any], dict[str, Any], str]]:
+    """(evidence record, scored run, canonical sig of the scored run) for every scored line."""
+    sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
+    evidence = read_jsonl(job.evidence)
+    ev_line = None
+    for line in read_jsonl(job.scored):
+        if line.obj is None:
+            raise StaleInputError(f"{job.scored_rel}:{line.offset}: {line.reason} — scored runs are written by "
+                                  "`refinery score`; run it again")
+        sr = line.obj
+        target = sr["provenance"]["line_offset"]
+        while ev_line is None or ev_line.offset < target:
+            ev_line = next(evidence, None)
+            if ev_line is None:
+                break
+        if ev_line is None or ev_line.offset != target or ev_line.obj is None or ev_line.obj["id"] != sr["id"]:
+            raise StaleInputError(f"{job.scored_rel}:{line.offset} does not match {job.evidence_rel}:{target}; "
+                                  "run `refinery score` again")
+        sr["_line"] = line.offset
+        yield ev_line.obj, sr, sha256(dumps({k: v for k, v in sr.items() if k != "_line"},
+                                            option=sort_keys)).hexdigest()
+
+
+def export_file(job: FileJob) -> FileOutcome:
+    ecfg = job.ecfg
+    stats = {e: ExportStats(e) for e in job.exports}
+    rag_ok = set(ecfg.rag_categories)
+    sft_ok = {"accepted", "partially_accepted"} if job.include_partial else {"accepted"}
+    allow = list(ecfg.allow_sensitive)
+    redact = ecfg.sensitive == "redact"
+    parts = job.parts
+    out = {e: open(parts / f"{e}-{job.index:06d}.jsonl", "wb", buffering=1 << 20) for e in job.exports}
+    quar = {e: open(parts / f"q-{e}-{job.index:06d}.jsonl", "wb", buffering=1 << 18) for e in job.exports}
+    qw = {e: JsonlWriter(f) for e, f in quar.items()}
+    bucket_files: dict[int, Any] = {}
+    n = 0
+
+    def refuse(export: str, sr: dict[str, Any], sig: str, reason: Reason, detail: str) -> None:
+        st = stats[export]
+        st.quarantined += 1
+        st.by_reason[reason.value] += 1
+        # The row itself is not copied (it may hold the very secret it was refused for): the
+        # provenance points at its scored run.
+        qw[export].write(quarantine_record(stage_name(export), sr["source"], job.scored_rel, sr["_line"], reason,
+                                           detail, sig, recorded_at=sr["recorded_at"]))
+
+    try:
+        for ev, sr, sig in _pairs(job):
+            n += 1
+            cat = sr["category"]
+            prov = _prov(job.scored_rel, sr, sig)
+            for st in stats.values():
+                st.rows_in += 1
+            has_prompt = bool(ev["prompt"] and ev["prompt"].strip())
+            has_answer = bool((ev["response"] or "").strip() or ev["tool_calls"])
+            wanted = [e for e in job.exports if _admits(e, cat, rag_ok, sft_ok)]
+            for e in job.exports:
+                if e not in wanted:
+                    refuse(e, sr, sig, Reason.CATEGORY_EXCLUDED, f"{cat} is not taken by the {e} export")
+            if not wanted:
+                continue
+            if not has_prompt or not has_answer:
+                for e in wanted:
+                    refuse(e, sr, sig, Reason.MISSING_TEXT, "no prompt" if not has_prompt else "no answer")
+                continue
+            finding = sensitive.first_finding(_texts(ev), allow)
+            if finding is not None:
+                kind, where = finding
+                if not redact:
+                    secret = sensitive.reason_family(kind) == "secret"
+                    reason = Reason.SECRET_DETECTED if secret else Reason.PII_DETECTED
+                    for e in wanted:
+                        refuse(e, sr, sig, reason, f"{kind} in {where}")
+                    continue
+                ev, kinds = _redact_evidence(ev, allow)
+                for e in wanted:
+                    stats[e].redacted.update(kinds)
+            answer = answer_text(ev)
+            key = hashlib.sha256(f"{sr['task_key']}\x1f{normalize_text(answer)}".encode()).hexdigest()[:16]
+            if "rag" in wanted:
+                out["rag"].write(key.encode() + b"\t" + orjson.dumps(rag_row(ev, sr, prov)) + b"\n")
+            if "sft" in wanted:
+                if cat in SFT_NEVER:  # defence 2: never, whatever _admits and the config say
+                    raise LeakError(f"{job.scored_rel}:{sr['_line']}: a {cat} row was about to be written to SFT")
+                out["sft"].write(key.encode() + b"\t" + orjson.dumps(sft_row(ev, sr, prov)) + b"\n")
+            if "preference" in wanted:
+                b = int(sr["task_key"][3:11], 16) % job.buckets
+                f = bucket_files.get(b)
+                if f is None:
+                    f = bucket_files[b] = open(parts / f"b{b:04d}-{job.index:06d}.jsonl", "wb", buffering=1 << 18)
+                f.write(orjson.dumps({
+                    "task_key": sr["task_key"], "id": sr["id"], "category": cat, "score": sr["score"],
+                    "source": sr["source"], "prompt": ev["prompt"], "text": answer,
+                    "text_key": normalize_text(answer), "prov": prov,
+                }) + b"\n")
+    finally:
+        for f in [*out.values(), *quar.values(), *bucket_files.values()]:
+            f.close()
+    for st in stats.values():
+        st.rows_out = st.rows_in - st.quarantined  # candidates; the merge settles the final count
+    return FileOutcome(stats, n)
+
+
+def _admits(export: str, category: str, rag_ok: set[str], sft_ok: set[str]) -> bool:
+    if export == "rag":
+        return category in rag_ok
+    if export == "sft":
+        return category in sft_ok and category not in SFT_NEVER
+    return category in PREFERENCE_CHOSEN or category in PREFERENCE_REJECTED
+
+
+# --- merging ------------------------------------------------------------------------------
+
+
+def _merge_dedup(export: str, parts: list[Path], dest: Any, qw: JsonlWriter, dedup: bool,
+                 st: ExportStats) -> Iterator[dict[str, Any]]:
+    """Write candidate rows to `dest` in file order, dropping repeated (task, answer) keys.
+
+    Yields every row written (for the composition stats).
+    """
+    seen = SeenHashes().add
+    w = JsonlWriter(dest)
+    for part in parts:
+        with open(part, "rb") as f:
+            for line in f:
+                key, _, body = line.partition(b"\t")
+                row = orjson.loads(body)
+                if dedup and not seen(int(key, 16)):
+                    p = row["provenance"]
+                    st.quarantined += 1
+                    st.by_reason[Reason.DUPLICATE_ANSWER.value] += 1
+                    qw.write(quarantine_record(stage_name(export), row["source"], p["source_file"], p["line_offset"],
+                                               Reason.DUPLICATE_ANSWER,
+                                               "the same answer to the same task is already in the export",
+                                               p["sig_hash"], recorded_at=p["recorded_at"]))
+                    continue
+                w.write(row)
+                yield row
+    st.rows_out, st.sha256 = w.rows, w.sha256
+
+
+def pair_group(rows: list[dict[str, Any]], max_pairs: int) -> tuple[list[tuple[dict, dict]], dict[str, Reason]]:
+    """Pairs for one task's candidates, and a reason for every candidate left out.
+
+    chosen: accepted / partially_accepted answers, best first; rejected: rejected answers,
+    worst first. Identical texts (normalised) are kept once per side; a pair needs different
+    ids, different texts and a strictly higher chosen score. Each answer is used once before
+    any is used twice, up to `max_pairs` pairs.
+    """
+    left: dict[str, Reason] = {}
+
+    def side(cats: tuple[str, ...], order: Callable[[dict], tuple]) -> list[dict]:
+        seen: set[str] = set()
+        out = []
+        for r in sorted((r for r in rows if r["category"] in cats), key=order):
+            if r["text_key"] in seen:
+                left[r["id"]] = Reason.DUPLICATE_ANSWER
+                continue
+            seen.add(r["text_key"])
+            out.append(r)
+        return out
+
+    chosen = side(PREFERENCE_CHOSEN, lambda r: (-r["score"], r["id"]))
+    rejected = side(PREFERENCE_REJECTED, lambda r: (r["score"], r["id"]))
+    valid = [(c, r) for c in chosen for r in rejected
+             if c["id"] != r["id"] and c["text_key"] != r["text_key"] and c["score"] > r["score"]]
+    picked: list[tuple[dict, dict]] = []
+    used: set[str] = set()
+    for want_new in (True, False):
+        for c, r in valid:
+            if len(picked) >= max_pairs:
+                break
+            if (c, r) in picked or (want_new and c["id"] in used and r["id"] in used):
+                continue
+            picked.append((c, r))
+            used.update((c["id"], r["id"]))
+    partners = {x["id"] for pair in valid for x in pair}
+    for r in chosen + rejected:
+        if r["id"] not in used:
+            left[r["id"]] = Reason.PAIR_LIMIT if r["id"] in partners else Reason.NO_PAIR
+    return picked, left
+
+
+def _merge_preference(parts_dir: Path, n_files: int, buckets: int, dest: Any, qw: JsonlWriter, max_pairs: int,
+                      st: ExportStats) -> Iterator[dict[str, Any]]:
+    w = JsonlWriter(dest)
+    used_rows = 0
+    for b in range(buckets):
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for i in range(n_files):
+            part = parts_dir / f"b{b:04d}-{i:06d}.jsonl"
+            if part.exists():
+                with open(part, "rb") as f:
+                    for line in f:
+                        r = orjson.loads(line)
+                        groups[r["task_key"]].append(r)
+        for tk in sorted(groups):
+            rows = groups[tk]
+            picked, left = pair_group(rows, max_pairs)
+            for c, r in picked:
+                pair = {
+                    "schema_version": 1,
+                    "id": "pp-" + hashlib.sha256(f"{c['id']}\x1f{r['id']}".encode()).hexdigest()[:16],
+                    "task_key": tk, "prompt": c["prompt"], "chosen": c["text"], "rejected": r["text"],
+                    "chosen_id": c["id"], "rejected_id": r["id"], "chosen_score": c["score"],
+                    "rejected_score": r["score"], "provenance": c["prov"], "rejected_provenance": r["prov"],
+                }
+                w.write(pair)
+                yield pair
+            used_rows += len(rows) - len(left)
+            for row in rows:  # in candidate order, so the quarantine file is deterministic
+                reason = left.get(row["id"])
+                if reason is None:
+                    continue
+                p = row["prov"]
+                st.quarantined += 1
+                st.by_reason[reason.value] += 1
+                detail = {Reason.DUPLICATE_ANSWER: "an identical answer to this task is already paired",
+                          Reason.NO_PAIR: "no answer to the same task on the other side to pair with",
+                          Reason.PAIR_LIMIT: f"the task already has {max_pairs} pairs"}[reason]
+                qw.write(quarantine_record(stage_name("preference"), row["source"], p["source_file"],
+                                           p["line_offset"], reason, detail, p["sig_hash"],
+                                           recorded_at=p["recorded_at"]))
+    st.rows_out, st.sha256 = used_rows, w.sha256
+
+
+# --- composition stats --------------------------------------------------------------------
+
+
+class Composition:
+    def __init__(self, export: str):
+        self.export = export
+        self.rows = 0
+        self.by_source: Counter[str] = Counter()
+        self.by_category: Counter[str] = Counter()
+        self.tool_using = 0
+        self.prompt_chars = 0
+        self.answer_chars = 0
+        self.rejected_chars = 0
+        self.tasks = SeenHashes()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        if self.export == "preference":
+            self.prompt_chars += len(row["prompt"])
+            self.answer_chars += len(row["chosen"])
+            self.rejected_chars += len(row["rejected"])
+            self.by_source[row["provenance"]["source_file"].rsplit("/", 1)[-1].removesuffix(".jsonl")] += 1
+            self.tool_using += '"arguments"' in row["chosen"]
+            self.tasks.add(int(row["task_key"][3:], 16))
+            return
+        self.by_source[row["source"]] += 1
+        cat = row.get("category") or row.get("quality_score")
+        self.by_category[cat] += 1
+        self.tool_using += bool(row["tool_calls"])
+        prompt = row.get("prompt") if self.export == "rag" else row["instruction"]
+        self.prompt_chars += len(prompt)
+        self.answer_chars += len(row["response"]) + (len(render_tool_calls(row["tool_calls"]))
+                                                     if row["tool_calls"] else 0)
+
+    def to_json(self, st: ExportStats, path: str) -> dict[str, Any]:
+        mean = (lambda total: round(total / self.rows, 1) if self.rows else 0.0)
+        out: dict[str, Any] = {"export": self.export, "path": path, "rows": self.rows}
+        if self.export == "preference":
+            out.update({"pairs": self.rows, "rows_used": st.rows_out, "tasks": len(self.tasks),
+                        "by_chosen_source": dict(sorted(self.by_source.items())),
+                        "tool_using_chosen": self.tool_using,
+                        "mean_prompt_chars": mean(self.prompt_chars), "mean_chosen_chars": mean(self.answer_chars),
+                        "mean_rejected_chars": mean(self.rejected_chars)})
+        else:
+            out.update({"by_source": dict(sorted(self.by_source.items())),
+                        "by_category": dict(sorted(self.by_category.items())),
+                        "tool_using": self.tool_using, "direct_answers": self.rows - self.tool_using,
+                        "mean_prompt_chars": mean(self.prompt_chars), "mean_answer_chars": mean(self.answer_chars)})
+        out.update({"rows_in": st.rows_in, "quarantined": st.quarantined,
+                    "by_reason": dict(sorted(st.by_reason.items())), "redacted": dict(sorted(st.redacted.items()))})
+        return out
+
+
+# --- defence 3: re-read the written SFT file ----------------------------------------------
+
+
+def verify_sft(path: Path, ws: Workspace, allowed: set[str]) -> int:
+    """Re-read an SFT file: every row's quality_score is allowed, never on the never-list, and
+    agrees with the category of the scored run its provenance points at. Raises LeakError."""
+    current: tuple[str, Iterator] | None = None
+    last = None
+    rows = 0
+    for line in read_jsonl(path):
+        if line.obj is None:
+            raise LeakError(f"{path.name}:{line.offset}: unreadable row ({line.reason})")
+        row = line.obj
+        rows += 1
+        q = row.get("quality_score")
+        if q in SFT_NEVER or q not in allowed:
+            raise LeakError(f"{path.name}:{line.offset}: quality_score {q!r} must never be in SFT (allowed: "
+                            f"{', '.join(sorted(allowed))})")
+        p = row["provenance"]
+        if current is None or current[0] != p["source_file"]:
+            current = (p["source_file"], read_jsonl(ws.root / p["source_file"]))
+            last = None
+        while last is None or last.offset < p["line_offset"]:
+            last = next(current[1], None)
+            if last is None:
+                break
+        if last is None or last.offset != p["line_offset"] or last.obj is None:
+            raise LeakError(f"{path.name}:{line.offset}: its scored run {p['source_file']}:{p['line_offset']} "
+                            "is missing")
+        if last.obj["category"] != q or last.obj["category"] in SFT_NEVER:
+            raise LeakError(f"{path.name}:{line.offset}: labelled {q!r} but its scored run is "
+                            f"{last.obj['category']!r}")
+    return rows
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def _work(job: FileJob) -> FileOutcome:
+    return export_file(job)
+
+
+def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, include_partial: bool | None = None,
+        on_file_done: Callable[[FileOutcome, int], None] | None = None) -> ExportResult:
+    """Write the requested exports. Raises StaleInputError (inputs missing or out of date) or
+    LeakError (the SFT re-read failed: nothing was published)."""
+    t0 = time.perf_counter()
+    ecfg = cfg.export
+    include_partial = ecfg.include_partial if include_partial is None else include_partial
+    exports = tuple(e for e in EXPORTS if e in exports)
+    with ws.lock():
+        manifest = read_manifest(ws)
+        files = manifest["files"]
+        total_bytes = sum((ws.root / f["evidence"]).stat().st_size for f in files)
+        buckets = max(1, min(4096, -(-total_bytes // BUCKET_BYTES)))
+        tmp_root = Path(tempfile.mkdtemp(prefix=".export-", dir=ws.root / "data"))
+        try:
+            jobs = [FileJob(i, ws.root / f["evidence"], f["evidence"], ws.root / f["scored"], f["scored"], tmp_root,
+                            exports, ecfg, include_partial, buckets) for i, f in enumerate(files)]
+            outcomes = map_files(_work, [(j,) for j in jobs], [j.evidence.stat().st_size for j in jobs],
+                                 workers=cfg.materialize.workers, parallel_min_bytes=cfg.materialize.parallel_min_bytes,
+                                 on_done=on_file_done)
+            results: dict[str, dict[str, Any]] = {}
+            staged: list[tuple[Path, Path]] = []
+            outputs: list[dict[str, Any]] = []
+            for e in exports:
+                st = ExportStats(e)
+                for o in outcomes:
+                    st.add(o.stats[e])
+                final = ws.exports / PATHS[e]
+                qfinal = ws.quarantine / f"{stage_name(e)}.jsonl"
+                tmp, qtmp = tmp_root / f"out-{e}.jsonl", tmp_root / f"outq-{e}.jsonl"
+                comp = Composition(e)
+                # refusals made while reading come first, in file order; the merge's after them
+                concat_files([tmp_root / f"q-{e}-{i:06d}.jsonl" for i in range(len(jobs))], qtmp)
+                with open(qtmp, "ab") as qf:
+                    qw = JsonlWriter(qf)
+                    with open(tmp, "wb") as f:
+                        if e == "preference":
+                            rows = _merge_preference(tmp_root, len(jobs), buckets, f, qw, ecfg.max_pairs_per_task, st)
+                        else:
+                            rows = _merge_dedup(e, [tmp_root / f"{e}-{i:06d}.jsonl" for i in range(len(jobs))],
+                                                f, qw, ecfg.dedup, st)
+                        for row in rows:
+                            comp.add(row)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    qf.flush()
+                    os.fsync(qf.fileno())
+                if st.rows_in != st.rows_out + st.quarantined:
+                    raise AssertionError(f"{e}: {st.rows_in} in, {st.rows_out} out + {st.quarantined} quarantined")
+                if e == "sft":  # defence 3: re-read what was written, against the scored runs
+                    verify_sft(tmp, ws, {"accepted", "partially_accepted"} if include_partial else {"accepted"})
+                stats_tmp = tmp_root / f"stats-{e}.json"
+                stats_json = comp.to_json(st, f"exports/{PATHS[e]}")
+                stats_tmp.write_bytes(orjson.dumps(stats_json, option=orjson.OPT_INDENT_2) + b"\n")
+                stats_final = final.with_name(final.name.removesuffix(".jsonl") + ".stats.json")
+                staged += [(tmp, final), (qtmp, qfinal), (stats_tmp, stats_final)]
+                results[e] = {**stats_json, "rows_out": st.rows_out, "quarantine": f"exports/quarantine/{qfinal.name}",
+                              "stats_path": f"exports/{PATHS[e].removesuffix('.jsonl')}.stats.json"}
+                outputs.append({"path": f"exports/{PATHS[e]}", "sha256": st.sha256, "rows": comp.rows})
+                outputs.append({"path": f"exports/quarantine/{qfinal.name}", "sha256": file_sha256(qtmp),
+                                "rows": st.quarantined})
+            for src, dest in staged:  # every export complete and checked: publish
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+            for d in {dest.parent for _, dest in staged}:
+                fsync_dir(d)
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+    return ExportResult(results, outputs, time.perf_counter() - t0)
