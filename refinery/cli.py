@@ -268,6 +268,77 @@ def run_all(
 
 
 @app.command()
+def trace(
+    row_id: Annotated[str, typer.Argument(metavar="ID", help="An id from any export, scored run, evidence "
+                                          "or quarantine file (rag-…, sft-…, pp-…, ev-…, q-…).")],
+    workspace: WorkspaceOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Walk a row back to its source line: export → scored run → evidence → data/_kb/,
+    recomputing each sig_hash. Exit 0 when every hop checks, 1 naming the hop that does not,
+    2 when the id is not found."""
+    from refinery.trace import NotFound
+    from refinery.trace import trace as do_trace
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    try:
+        t = do_trace(ws, row_id)
+    except NotFound as e:
+        _fail(f"error: {e}")
+    if as_json:
+        _print_json(t.to_json())
+    else:
+        for c in t.chains:
+            if len(t.chains) > 1:
+                typer.echo(f"[{c.label}]")
+            for i, h in enumerate(c.hops):
+                where = f"{h.file}:{h.line}" if h.line is not None else h.file
+                mark = "ok " if h.ok else "BAD"
+                what = "found" if i == 0 else f"sig_hash {h.expected_sig[:12] if h.expected_sig else None}…"
+                typer.echo(f"  {mark} {i}. {where}  {h.id or ''}  {what}")
+                if h.problem:
+                    typer.echo(f"        {h.problem}")
+                    if h.expected_sig and h.actual_sig:
+                        typer.echo(f"        expected {h.expected_sig}\n        found    {h.actual_sig}")
+            last = c.hops[-1]
+            if c.ok and last.preview:
+                typer.echo(f"  source line: {last.preview}")
+    if not t.ok:
+        for c in t.chains:
+            if (b := c.broken) is not None:
+                _err(f"trace {row_id}: broken at {b.file}:{b.line} ({b.problem})")
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
+def convert(
+    to: Annotated[str, typer.Option("--to", help="mlx-chat | mlx-tools | mlx-completions | alpaca | openai "
+                                                 "(from the SFT export) or trl (from the preference export).")],
+    workspace: WorkspaceOpt = Path("."),
+    src: Annotated[Path | None, typer.Option("--from", help="Input JSONL (default: the matching export).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file (default: exports/formats/<format>.jsonl).")] = None,
+) -> None:
+    """Convert the SFT or preference export into a training format (mlx-lm chat/tools/
+    completions, Alpaca with provenance in `meta`, OpenAI fine-tune, TRL preference)."""
+    from refinery.formats import FORMATS, FormatError, convert as do_convert, default_input
+    from refinery.workspace import Workspace
+
+    if to not in FORMATS:
+        _fail(f"error: unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    ws = Workspace.at(workspace)
+    src = src or ws.root / default_input(to)
+    out = out or ws.exports / "formats" / f"{to}.jsonl"
+    if not src.is_file():
+        _fail(f"error: {src} does not exist; run `refinery export-all` first")
+    try:
+        n = do_convert(src, out, to)
+    except FormatError as e:
+        _fail(f"error: {e}")
+    typer.echo(f"wrote {n:,} rows in {to} format to {out}")
+
+
+@app.command()
 def sources(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """List the source files under data/_kb/ and the transform that claims each."""
     from refinery.discovery import Registry, TransformLoadError
