@@ -10,10 +10,11 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install run-all materialize sources test schemas sample bench clean
+.PHONY: help install run-all materialize score policy export-rag export-sft export-preference export-all trace \
+        convert sources test lint schemas sample bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -31,6 +32,32 @@ run-all: install ## run the pipeline on the bundled sample data in data/_kb/
 materialize: install ## raw source streams -> data/evidence/
 	$(RUN) materialize
 
+score: install ## data/evidence/ -> data/scored-runs/ (rules, no LLM)
+	$(RUN) score
+
+policy: install ## print the scoring policy: rules, thresholds, hash
+	$(RUN) policy
+
+export-rag: install ## scored runs -> exports/rag/playbooks.jsonl
+	$(RUN) export-rag
+
+export-sft: install ## scored runs -> exports/sft/instruction_response.jsonl (accepted only)
+	$(RUN) export-sft
+
+export-preference: install ## scored runs -> exports/preference/chosen_rejected.jsonl
+	$(RUN) export-preference
+
+export-all: install ## all three exports in one pass
+	$(RUN) export-all
+
+trace: install ## walk a row back to its source line: make trace ID=sft-...
+	@if [ -z "$(ID)" ]; then echo "usage: make trace ID=<row id>" >&2; exit 2; fi
+	$(RUN) trace $(ID)
+
+convert: install ## SFT/preference export -> a training format: make convert TO=mlx-chat
+	@if [ -z "$(TO)" ]; then echo "usage: make convert TO=mlx-chat|mlx-tools|mlx-completions|alpaca|openai|trl" >&2; exit 2; fi
+	$(RUN) convert --to $(TO)
+
 sources: install ## list the source streams in data/_kb/ and the transform that claims each
 	$(RUN) sources
 
@@ -38,13 +65,16 @@ test: install ## the whole test suite (the acceptance gate included); pytest's "
 	@$(PY) -m pytest -q; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
+lint: install ## ruff over the code and tests
+	$(VENV)/bin/ruff check refinery transforms tests bench
+
 schemas: install ## regenerate schemas/*.json from the pydantic models
 	$(RUN) schemas --write
 
 sample: install ## regenerate the bundled sample sources in data/_kb/
 	$(RUN) sample --rows 1500 --seed 7 --out data/_kb
 
-bench: install ## materialize throughput and peak memory at 10^5 rows (BENCH_ROWS=1000000 for 10^6)
+bench: install ## materialize and run-all throughput and peak memory at 10^5 rows (BENCH_ROWS=1000000 for 10^6)
 	$(PY) bench/bench_materialize.py --rows $${BENCH_ROWS:-100000}
 
 clean: ## remove generated outputs (not the sample data)

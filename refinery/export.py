@@ -324,7 +324,7 @@ def pair_group(rows: list[dict[str, Any]], max_pairs: int) -> tuple[list[tuple[d
     chosen: accepted / partially_accepted answers, best first; rejected: rejected answers,
     worst first. Identical texts (normalised) are kept once per side; a pair needs different
     ids, different texts and a strictly higher chosen score. Each answer is used once before
-    any is used twice, up to `max_pairs` pairs.
+    any is used twice, up to `max_pairs` pairs; output order is deterministic (by score, id).
     """
     left: dict[str, Reason] = {}
 
@@ -345,14 +345,18 @@ def pair_group(rows: list[dict[str, Any]], max_pairs: int) -> tuple[list[tuple[d
              if c["id"] != r["id"] and c["text_key"] != r["text_key"] and c["score"] > r["score"]]
     picked: list[tuple[dict, dict]] = []
     used: set[str] = set()
-    for want_new in (True, False):
+    taken: set[tuple[str, str]] = set()
+    # Three sweeps: pairs of two unused answers, then pairs with one, then any — so that as
+    # many answers as possible are used before any is used twice.
+    for fresh in (2, 1, 0):
         for c, r in valid:
             if len(picked) >= max_pairs:
                 break
-            if (c, r) in picked or (want_new and c["id"] in used and r["id"] in used):
-                continue
-            picked.append((c, r))
-            used.update((c["id"], r["id"]))
+            ids = (c["id"], r["id"])
+            if ids not in taken and (c["id"] not in used) + (r["id"] not in used) >= fresh:
+                picked.append((c, r))
+                taken.add(ids)
+                used.update(ids)
     partners = {x["id"] for pair in valid for x in pair}
     for r in chosen + rejected:
         if r["id"] not in used:

@@ -19,7 +19,7 @@ EXPECTED_REASONS = {
 
 def load_all_fixtures(ws):
     for d in sorted(FIXTURES.iterdir()):
-        if d.is_dir() and d.name not in ("acceptance", "mapping"):
+        if d.is_dir() and d.name not in ("acceptance", "mapping", "exports"):
             for p in d.iterdir():
                 if p.name != "expected.jsonl":
                     shutil.copy(p, ws.kb / p.name)

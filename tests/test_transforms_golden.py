@@ -14,7 +14,7 @@ from refinery import materialize
 from refinery.config import load_config
 from refinery.jsonl import dumps_line
 
-GOLDEN = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir() and p.name != "acceptance")
+GOLDEN = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir() and p.name not in ("acceptance", "exports"))
 
 
 def run_fixture(ws, name: str) -> bytes:

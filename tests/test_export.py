@@ -1,0 +1,256 @@
+"""Score + exports on a hand-made fixture (tests/fixtures/exports/): golden files, accounting,
+the three SFT defences, secrets, pairing rules, staleness, edge cases, determinism."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jsonschema
+import orjson
+import pytest
+
+from conftest import FIXTURES, read_jsonl_file, tree_bytes, write_kb
+from refinery import export, materialize, score
+from refinery.config import load_config
+from refinery.schemas import load_schema
+
+FIXTURE = FIXTURES / "exports"
+UPDATE = os.environ.get("REFINERY_UPDATE_GOLDEN") == "1"
+
+
+def pipeline(ws, cfg, **kw):
+    materialize.run(ws, cfg)
+    s = score.run(ws, cfg)
+    e = export.run(ws, cfg, **kw)
+    return s, e
+
+
+@pytest.fixture
+def fixture_ws(ws):
+    for p in FIXTURE.iterdir():
+        if p.suffix in (".csv", ".jsonl") and not p.name.startswith("expected"):
+            shutil.copy(p, ws.kb / p.name)
+    return ws
+
+
+def test_golden_exports(fixture_ws, cfg):
+    ws = fixture_ws
+    pipeline(ws, cfg)
+    for name, rel in export.PATHS.items():
+        got = (ws.exports / rel).read_bytes()
+        golden = FIXTURE / f"expected_{name}.jsonl"
+        if UPDATE:
+            golden.write_bytes(got)
+        assert got == golden.read_bytes(), f"{name} differs from {golden.name} (REFINERY_UPDATE_GOLDEN=1 to accept)"
+
+
+def test_fixture_counts_and_accounting(fixture_ws, cfg):
+    s, e = pipeline(fixture_ws, cfg)
+    assert s.rows_in == s.scored == 16
+    assert s.by_category == {"accepted": 8, "partially_accepted": 1, "rejected": 5, "needs_human_review": 2}
+    ex = e.exports
+    assert (ex["rag"]["rows"], ex["sft"]["rows"], ex["preference"]["rows"]) == (6, 5, 7)
+    assert ex["preference"]["rows_out"] == 9  # rows used in at least one pair
+    assert ex["rag"]["by_reason"] == {"category_excluded": 7, "duplicate_answer": 1, "pii_detected": 1,
+                                      "secret_detected": 1}
+    assert ex["sft"]["by_reason"] == {"category_excluded": 8, "duplicate_answer": 1, "pii_detected": 1,
+                                      "secret_detected": 1}
+    assert ex["preference"]["by_reason"] == {"category_excluded": 2, "duplicate_answer": 1, "missing_text": 1,
+                                             "no_pair": 1, "pii_detected": 1, "secret_detected": 1}
+    for name, x in ex.items():
+        assert x["rows_in"] == x["rows_out"] + x["quarantined"], name
+        q = read_jsonl_file(fixture_ws.root / x["quarantine"])
+        assert len(q) == x["quarantined"]
+        assert all(r["stage"] == f"export-{name}" and r["raw"] is None for r in q)
+
+
+def test_every_output_row_validates_against_its_schema(fixture_ws, cfg):
+    pipeline(fixture_ws, cfg)
+    ws = fixture_ws
+    checks = {"scored_run": [p for p in ws.scored_runs.rglob("*.jsonl")],
+              "rag_sample": [ws.exports / export.PATHS["rag"]], "sft_sample": [ws.exports / export.PATHS["sft"]],
+              "preference_pair": [ws.exports / export.PATHS["preference"]],
+              "quarantine_record": list(ws.quarantine.glob("*.jsonl"))}
+    n = 0
+    for schema_name, files in checks.items():
+        validator = jsonschema.Draft202012Validator(load_schema(schema_name))
+        for f in files:
+            for row in read_jsonl_file(f):
+                validator.validate(row)
+                n += 1
+    assert n > 60
+
+
+def test_sft_takes_accepted_only_unless_include_partial(fixture_ws, cfg):
+    pipeline(fixture_ws, cfg)
+    sft = read_jsonl_file(fixture_ws.exports / export.PATHS["sft"])
+    assert {r["quality_score"] for r in sft} == {"accepted"}
+    export.run(fixture_ws, cfg, include_partial=True)
+    sft = read_jsonl_file(fixture_ws.exports / export.PATHS["sft"])
+    assert {r["quality_score"] for r in sft} == {"accepted", "partially_accepted"}
+
+
+def test_schema_enum_refuses_forbidden_categories():  # defence 1
+    from refinery.models import SftSample
+
+    validator = jsonschema.Draft202012Validator(load_schema("sft_sample"))
+    for bad in ("rejected", "needs_human_review"):
+        assert not validator.is_valid({"quality_score": bad})
+        with pytest.raises(ValueError):
+            SftSample.model_validate({"id": "x", "instruction": "i", "response": "r", "quality_score": bad,
+                                      "score": 0.1, "source": "s", "provenance": {
+                                          "source_file": "f", "line_offset": 0, "sig_hash": "0" * 64,
+                                          "recorded_at": None}})
+
+
+def test_never_list_stops_a_rejected_row_even_if_admitted(fixture_ws, cfg, monkeypatch):  # defence 2
+    materialize.run(fixture_ws, cfg)
+    score.run(fixture_ws, cfg)
+    monkeypatch.setattr(export, "_admits", lambda e, c, rag_ok, sft_ok: True)
+    with pytest.raises(export.LeakError, match="about to be written to SFT"):
+        export.run(fixture_ws, cfg)
+    assert not (fixture_ws.exports / export.PATHS["sft"]).exists()
+
+
+def test_reread_fails_loudly_and_publishes_nothing(fixture_ws, cfg, monkeypatch):  # defence 3
+    pipeline(fixture_ws, cfg)
+    before = tree_bytes(fixture_ws.exports)
+    monkeypatch.setattr(export, "_admits", lambda e, c, rag_ok, sft_ok: True)
+    monkeypatch.setattr(export, "SFT_NEVER", frozenset())
+    with pytest.raises(export.LeakError, match="must never be in SFT"):
+        export.run(fixture_ws, cfg)
+    assert tree_bytes(fixture_ws.exports) == before  # the previous exports are untouched
+
+
+def test_reread_catches_a_mislabelled_row(fixture_ws, cfg):
+    pipeline(fixture_ws, cfg)
+    path = fixture_ws.exports / export.PATHS["sft"]
+    rows = read_jsonl_file(path)
+    # point an "accepted" SFT row at a scored run that is really rejected
+    scored = [(p, i, r) for p in sorted(fixture_ws.scored_runs.rglob("*.jsonl"))
+              for i, r in enumerate(read_jsonl_file(p)) if r["category"] == "rejected"]
+    p, i, _ = scored[0]
+    rows[0]["provenance"] = {**rows[0]["provenance"], "source_file": fixture_ws.rel(p), "line_offset": i}
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    with pytest.raises(export.LeakError, match="its scored run is 'rejected'"):
+        export.verify_sft(path, fixture_ws, {"accepted"})
+
+
+def test_secrets_never_reach_an_export(fixture_ws, cfg):
+    from refinery import sensitive
+
+    pipeline(fixture_ws, cfg)
+    for rel in export.PATHS.values():
+        text = (fixture_ws.exports / rel).read_text()
+        assert list(sensitive.find(text)) == [], rel
+
+
+def test_redact_mode_keeps_the_row_without_the_secret(fixture_ws):
+    (fixture_ws.root / "refinery.toml").write_text('[export]\nsensitive = "redact"\n')
+    cfg = load_config(fixture_ws.root)
+    _, e = pipeline(fixture_ws, cfg)
+    sft = (fixture_ws.exports / export.PATHS["sft"]).read_text()
+    assert "[REDACTED:api_key]" in sft and "[REDACTED:email]" in sft
+    assert "sk-live-" not in sft and "jane.doe@" not in sft
+    assert e.exports["sft"]["redacted"] == {"api_key": 1, "email": 1}
+    assert "secret_detected" not in e.exports["sft"]["by_reason"]
+
+
+def test_preference_rules(fixture_ws, cfg):
+    from refinery.normalize import normalize_text
+
+    pipeline(fixture_ws, cfg)
+    pairs = read_jsonl_file(fixture_ws.exports / export.PATHS["preference"])
+    assert pairs
+    for p in pairs:
+        assert p["chosen_id"] != p["rejected_id"]
+        assert normalize_text(p["chosen"]) != normalize_text(p["rejected"])
+        assert p["chosen_score"] > p["rejected_score"]
+    assert len({p["id"] for p in pairs}) == len(pairs)
+    # the malformed tool call is shown the way it was made, on the rejected side
+    assert any('{"tool":"lookup_invoice"' in p["rejected"] for p in pairs)
+
+
+def row(id_, cat, score, text, tk="tk-1"):
+    return {"task_key": tk, "id": id_, "category": cat, "score": score, "text": text, "text_key": text.lower(),
+            "prompt": "p", "source": "s", "prov": {}}
+
+
+def test_pair_group_single_answer_ties_identical_texts_and_limit():
+    assert pair_group([row("a", "accepted", 0.9, "x")]) == ([], {"a": "no_pair"})
+    # a tie: no strictly better answer, so no pair
+    picked, left = pair_group([row("a", "partially_accepted", 0.3, "x"), row("b", "rejected", 0.3, "y")])
+    assert picked == [] and left == {"a": "no_pair", "b": "no_pair"}
+    # identical texts on both sides never pair
+    picked, left = pair_group([row("a", "accepted", 0.9, "Same"), row("b", "rejected", 0.1, "same")])
+    assert picked == [] and set(left) == {"a", "b"}
+    # every answer used once before any is used twice; the limit holds
+    rows = [row(f"c{i}", "accepted", 0.9 - i / 100, f"good {i}") for i in range(3)] + \
+           [row(f"r{i}", "rejected", 0.1 + i / 100, f"bad {i}") for i in range(12)]
+    picked, left = export.pair_group(rows, 8)
+    assert len(picked) == 8
+    used = {x["id"] for pair in picked for x in pair}
+    assert {"c0", "c1", "c2"} <= used
+    assert all(left[i] == "pair_limit" for i in left)
+    assert len(used) + len(left) == len(rows)
+
+
+def pair_group(rows):
+    picked, left = export.pair_group(rows, 8)
+    return [(c["id"], r["id"]) for c, r in picked], {k: v.value for k, v in left.items()}
+
+
+def test_stale_scores_are_refused(fixture_ws, cfg):
+    pipeline(fixture_ws, cfg)
+    ev = sorted(fixture_ws.evidence.rglob("*.jsonl"))[0]
+    ev.write_bytes(ev.read_bytes().replace(b'"score"', b'"score"', 1) + b"")
+    with open(ev, "ab") as f:
+        f.write(b"\n")
+    with pytest.raises(score.StaleInputError, match="changed since it was scored"):
+        export.run(fixture_ws, cfg)
+
+
+def test_exports_need_scores_first(ws, cfg):
+    with pytest.raises(score.StaleInputError, match="run `refinery score` first"):
+        export.run(ws, cfg)
+    with pytest.raises(score.StaleInputError, match="run `refinery materialize` first"):
+        score.run(ws, cfg)
+
+
+def test_score_quarantines_an_unreadable_evidence_line(fixture_ws, cfg):
+    materialize.run(fixture_ws, cfg)
+    ev = sorted(fixture_ws.evidence.rglob("*.jsonl"))[0]
+    with open(ev, "ab") as f:
+        f.write(b'{"truncated": \n{"id": "ev-1"}\n')
+    s = score.run(fixture_ws, cfg)
+    assert s.to_json()["by_reason"] == {"invalid_evidence": 2}
+    assert s.rows_in == s.scored + s.quarantined
+    export.run(fixture_ws, cfg)  # the exports line up with the scored runs that exist
+
+
+def test_empty_sources_and_only_bad_lines(ws, cfg):
+    write_kb(ws, {"eval.csv": "", "human_feedback.jsonl": "{broken\n\xff\n"})
+    s, e = pipeline(ws, cfg)
+    assert s.rows_in == 0
+    for name, x in e.exports.items():
+        assert x["rows"] == 0 and x["rows_in"] == 0, name
+        assert (ws.exports / export.PATHS[name]).read_bytes() == b""
+
+
+def test_determinism_and_worker_count_do_not_change_bytes(fixture_ws):
+    cfg1 = load_config(fixture_ws.root, None, {"materialize": {"workers": 1}})
+    pipeline(fixture_ws, cfg1)
+    first = tree_bytes(fixture_ws.exports) | tree_bytes(fixture_ws.scored_runs)
+    cfg2 = load_config(fixture_ws.root, None, {"materialize": {"workers": 2, "parallel_min_bytes": 0}})
+    pipeline(fixture_ws, cfg2)
+    assert tree_bytes(fixture_ws.exports) | tree_bytes(fixture_ws.scored_runs) == first
+
+
+def test_composition_stats_next_to_each_export(fixture_ws, cfg):
+    pipeline(fixture_ws, cfg)
+    rag = orjson.loads((fixture_ws.exports / "rag" / "playbooks.stats.json").read_bytes())
+    assert rag["rows"] == 6 and rag["tool_using"] + rag["direct_answers"] == 6
+    assert set(rag["by_source"]) == {"eval", "agent_transcripts"} and rag["mean_answer_chars"] > 0
+    pref = orjson.loads((fixture_ws.exports / "preference" / "chosen_rejected.stats.json").read_bytes())
+    assert pref["pairs"] == 7 and pref["tasks"] == 3
