@@ -75,7 +75,8 @@ sample: install ## regenerate the bundled sample sources in data/_kb/
 	$(RUN) sample --rows 1500 --seed 7 --out data/_kb
 
 bench: install ## materialize and run-all throughput and peak memory at 10^5 rows (BENCH_ROWS=1000000 for 10^6)
-	$(PY) bench/bench_materialize.py --rows $${BENCH_ROWS:-100000}
+	$(PY) bench/bench_pipeline.py --command materialize --rows $${BENCH_ROWS:-100000}
+	$(PY) bench/bench_pipeline.py --command run-all --rows $${BENCH_ROWS:-100000}
 
 clean: ## remove generated outputs (not the sample data)
 	rm -rf data/evidence data/scored-runs exports reports distill_out bench/out

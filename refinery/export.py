@@ -255,7 +255,8 @@ def export_file(job: FileJob) -> FileOutcome:
                 for e in wanted:
                     stats[e].redacted.update(kinds)
             answer = answer_text(ev)
-            key = hashlib.sha256(f"{sr['task_key']}\x1f{normalize_text(answer)}".encode()).hexdigest()[:16]
+            norm = normalize_text(answer)
+            key = hashlib.sha256(f"{sr['task_key']}\x1f{norm}".encode()).hexdigest()[:16]
             if "rag" in wanted:
                 out["rag"].write(key.encode() + b"\t" + orjson.dumps(rag_row(ev, sr, prov)) + b"\n")
             if "sft" in wanted:
@@ -270,7 +271,7 @@ def export_file(job: FileJob) -> FileOutcome:
                 f.write(orjson.dumps({
                     "task_key": sr["task_key"], "id": sr["id"], "category": cat, "score": sr["score"],
                     "source": sr["source"], "prompt": ev["prompt"], "text": answer,
-                    "text_key": normalize_text(answer), "prov": prov,
+                    "text_key": norm, "prov": prov,
                 }) + b"\n")
     finally:
         for f in [*out.values(), *quar.values(), *bucket_files.values()]:

@@ -1,16 +1,18 @@
-"""Benchmark: materialize throughput and peak memory against a bare parse of the same input.
+"""Benchmark: materialize or run-all throughput and peak memory against a bare parse of the input.
 
-    python bench/bench_materialize.py --rows 100000 [--workers 0]
+    python bench/bench_pipeline.py --rows 100000 [--command materialize|run-all] [--workers 0]
 
 Generates the sample streams at the given size (cached under bench/out/), times a bare
 single-core parse of every line (orjson for JSONL, csv for CSV), then runs
-`refinery materialize` in a subprocess and reads its peak RSS (the largest of the process and
-its workers). Prints a table and writes bench/out/materialize-<rows>.json.
+`refinery <command>` in a subprocess and reads its peak RSS (the largest of the process and
+its workers). Prints a table and writes bench/out/<command>-<rows>.json. Run each command in
+its own invocation: the peak RSS is per benchmark process.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import csv
 import json
 import os
@@ -51,9 +53,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--workers", type=int, default=0, help="0 = one per core")
+    ap.add_argument("--command", choices=("materialize", "run-all"), default="materialize")
     args = ap.parse_args()
 
-    ws = HERE / "out" / f"ws-{args.rows}-{args.seed}"
+    # the cache is keyed by the generator's code too, so a changed generator regenerates
+    gen = hashlib.sha256((HERE.parent / "refinery" / "sample.py").read_bytes()).hexdigest()[:8]
+    ws = HERE / "out" / f"ws-{args.rows}-{args.seed}-{gen}"
     kb = ws / "data" / "_kb"
     if not (kb / ".complete").exists():
         print(f"generating {args.rows:,} rows into {kb} ...", file=sys.stderr)
@@ -65,22 +70,28 @@ def main() -> None:
 
     parsed, parse_s = bare_parse(kb)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "refinery", "materialize", "--workspace", str(ws), "--json",
+    proc = subprocess.run([sys.executable, "-m", "refinery", args.command, "--workspace", str(ws), "--json",
                            "--workers", str(args.workers)], capture_output=True, cwd=HERE.parent)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"materialize failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
+        sys.exit(f"{args.command} failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
     out = orjson.loads(proc.stdout)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    m = out["materialize"] if args.command == "run-all" else out
     result = {
-        "rows": out["rows_in"], "bytes": size, "cores": os.cpu_count(), "workers": args.workers,
-        "bare_parse_s": round(parse_s, 3), "materialize_s": round(wall, 3),
-        "materialize_stage_s": out["seconds"], "rows_per_s": round(out["rows_in"] / wall),
-        "x_bare_parse": round(wall / parse_s, 2), "peak_rss_mib": round(peak_kib / 1024, 1),
-        "evidence": out["evidence"], "quarantined": out["quarantined"],
+        "command": args.command, "rows": m["rows_in"], "bytes": size, "cores": os.cpu_count(),
+        "workers": args.workers, "bare_parse_s": round(parse_s, 3), "wall_s": round(wall, 3),
+        "rows_per_s": round(m["rows_in"] / wall), "x_bare_parse": round(wall / parse_s, 2),
+        "peak_rss_mib": round(peak_kib / 1024, 1), "materialize_s": m["seconds"],
+        "evidence": m["evidence"], "quarantined": m["quarantined"],
     }
-    assert parsed == out["rows_in"], (parsed, out["rows_in"])
-    (HERE / "out" / f"materialize-{args.rows}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.command == "run-all":
+        ex = out["export"]["exports"]
+        result.update({"score_s": out["score"]["seconds"], "export_s": out["export"]["seconds"],
+                       "rag": ex["rag"]["rows"], "sft": ex["sft"]["rows"],
+                       "preference_pairs": ex["preference"]["rows"]})
+    assert parsed == m["rows_in"], (parsed, m["rows_in"])
+    (HERE / "out" / f"{args.command}-{args.rows}.json").write_text(json.dumps(result, indent=2) + "\n")
     w = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{w}}  {v:,}" if isinstance(v, int) else f"{k:<{w}}  {v}")
