@@ -31,6 +31,7 @@ WorkspaceOpt = Annotated[Path, typer.Option(
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Config file (default: <workspace>/refinery.toml, if present).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")]
 
 
 def _err(msg: str) -> None:
@@ -144,7 +145,7 @@ def _do_export(ws, cfg, exports: tuple[str, ...], include_partial: bool | None):
 def materialize(
     workspace: WorkspaceOpt = Path("."),
     config: ConfigOpt = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")] = None,
+    workers: WorkersOpt = None,
     max_line_bytes: Annotated[int | None, typer.Option(help="Quarantine longer source lines.")] = None,
     validate: Annotated[bool, typer.Option(
         "--validate", help="Also validate every record against the EvidenceRecord model (slower).")] = False,
@@ -167,7 +168,7 @@ def materialize(
 def score(
     workspace: WorkspaceOpt = Path("."),
     config: ConfigOpt = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")] = None,
+    workers: WorkersOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score every evidence record by the rules of the policy (no LLM): accepted,
@@ -213,7 +214,7 @@ def _export_command(exports: tuple[str, ...]):
         workspace: WorkspaceOpt = Path("."),
         config: ConfigOpt = None,
         include_partial: IncludePartialOpt = None,
-        workers: Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")] = None,
+        workers: WorkersOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
@@ -247,7 +248,7 @@ def run_all(
     workspace: WorkspaceOpt = Path("."),
     config: ConfigOpt = None,
     include_partial: IncludePartialOpt = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")] = None,
+    workers: WorkersOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the pipeline on the workspace: materialize → score → export-all, ending in a
