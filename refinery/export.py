@@ -38,7 +38,7 @@ from refinery import sensitive
 from refinery.config import Config, ExportConfig
 from refinery.dedup import SeenHashes
 from refinery.canonical import file_sha256
-from refinery.jsonl import JsonlWriter, concat_files, fsync_dir, read_jsonl
+from refinery.jsonl import JsonlWriter, LineCursor, concat_files, fsync_dir, read_jsonl
 from refinery.normalize import answer_text, normalize_text, render_tool_calls
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
@@ -97,11 +97,6 @@ class ExportResult:
 
 
 # --- building rows ------------------------------------------------------------------------
-
-
-def _prov(scored_rel: str, sr: dict[str, Any], sig: str) -> dict[str, Any]:
-    return {"source_file": scored_rel, "line_offset": sr["_line"], "sig_hash": sig,
-            "recorded_at": sr["recorded_at"]}
 
 
 def rag_row(ev: dict[str, Any], sr: dict[str, Any], prov: dict[str, Any]) -> dict[str, Any]:
@@ -171,40 +166,47 @@ class FileJob:
     buckets: int
 
 
-@dataclass
-class FileOutcome:
-    stats: dict[str, ExportStats]
-    rows: int
-
-
-def _pairs(job: FileJob) -> Iterator[tuple[dict[str, Any], dict[str, Any], str]]:
-    """(evidence record, scored run, canonical sig of the scored run) for every scored line."""
+def _pairs(job: FileJob) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """(evidence record, scored run, provenance of the scored-run line) for every scored line."""
     sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
-    evidence = read_jsonl(job.evidence)
-    ev_line = None
+    evidence = LineCursor(read_jsonl(job.evidence))
     for line in read_jsonl(job.scored):
         if line.obj is None:
             raise StaleInputError(f"{job.scored_rel}:{line.offset}: {line.reason} — scored runs are written by "
                                   "`refinery score`; run it again")
         sr = line.obj
         target = sr["provenance"]["line_offset"]
-        while ev_line is None or ev_line.offset < target:
-            ev_line = next(evidence, None)
-            if ev_line is None:
-                break
-        if ev_line is None or ev_line.offset != target or ev_line.obj is None or ev_line.obj["id"] != sr["id"]:
+        ev_line = evidence.at(target)
+        if ev_line is None or ev_line.obj is None or ev_line.obj["id"] != sr["id"]:
             raise StaleInputError(f"{job.scored_rel}:{line.offset} does not match {job.evidence_rel}:{target}; "
                                   "run `refinery score` again")
-        sr["_line"] = line.offset
-        yield ev_line.obj, sr, sha256(dumps({k: v for k, v in sr.items() if k != "_line"},
-                                            option=sort_keys)).hexdigest()
+        prov = {"source_file": job.scored_rel, "line_offset": line.offset,
+                "sig_hash": sha256(dumps(sr, option=sort_keys)).hexdigest(), "recorded_at": sr["recorded_at"]}
+        yield ev_line.obj, sr, prov
 
 
-def export_file(job: FileJob) -> FileOutcome:
+def _quarantine(qw: JsonlWriter, st: ExportStats, source: str, prov: dict[str, Any], reason: Reason,
+                detail: str) -> None:
+    """Count and write one refusal of export `st.export`, pointing at its scored-run line.
+
+    The row itself is not copied (it may hold the very secret it was refused for).
+    """
+    st.quarantined += 1
+    st.by_reason[reason.value] += 1
+    qw.write(quarantine_record(stage_name(st.export), source, prov["source_file"], prov["line_offset"], reason,
+                               detail, prov["sig_hash"], recorded_at=prov["recorded_at"]))
+
+
+def sft_categories(include_partial: bool) -> set[str]:
+    return {"accepted", "partially_accepted"} if include_partial else {"accepted"}
+
+
+def export_file(job: FileJob) -> dict[str, ExportStats]:
+    """Read one scored-run file with its evidence; write candidates and refusals into part files."""
     ecfg = job.ecfg
     stats = {e: ExportStats(e) for e in job.exports}
     rag_ok = set(ecfg.rag_categories)
-    sft_ok = {"accepted", "partially_accepted"} if job.include_partial else {"accepted"}
+    sft_ok = sft_categories(job.include_partial)
     allow = list(ecfg.allow_sensitive)
     redact = ecfg.sensitive == "redact"
     parts = job.parts
@@ -212,35 +214,26 @@ def export_file(job: FileJob) -> FileOutcome:
     quar = {e: open(parts / f"q-{e}-{job.index:06d}.jsonl", "wb", buffering=1 << 18) for e in job.exports}
     qw = {e: JsonlWriter(f) for e, f in quar.items()}
     bucket_files: dict[int, Any] = {}
-    n = 0
 
-    def refuse(export: str, sr: dict[str, Any], sig: str, reason: Reason, detail: str) -> None:
-        st = stats[export]
-        st.quarantined += 1
-        st.by_reason[reason.value] += 1
-        # The row itself is not copied (it may hold the very secret it was refused for): the
-        # provenance points at its scored run.
-        qw[export].write(quarantine_record(stage_name(export), sr["source"], job.scored_rel, sr["_line"], reason,
-                                           detail, sig, recorded_at=sr["recorded_at"]))
+    def refuse(exports: list[str], sr: dict[str, Any], prov: dict[str, Any], reason: Reason, detail: str) -> None:
+        for e in exports:
+            _quarantine(qw[e], stats[e], sr["source"], prov, reason, detail)
 
     try:
-        for ev, sr, sig in _pairs(job):
-            n += 1
+        for ev, sr, prov in _pairs(job):
             cat = sr["category"]
-            prov = _prov(job.scored_rel, sr, sig)
             for st in stats.values():
                 st.rows_in += 1
-            has_prompt = bool(ev["prompt"] and ev["prompt"].strip())
-            has_answer = bool((ev["response"] or "").strip() or ev["tool_calls"])
             wanted = [e for e in job.exports if _admits(e, cat, rag_ok, sft_ok)]
             for e in job.exports:
                 if e not in wanted:
-                    refuse(e, sr, sig, Reason.CATEGORY_EXCLUDED, f"{cat} is not taken by the {e} export")
+                    refuse([e], sr, prov, Reason.CATEGORY_EXCLUDED, f"{cat} is not taken by the {e} export")
             if not wanted:
                 continue
+            has_prompt = bool(ev["prompt"] and ev["prompt"].strip())
+            has_answer = bool((ev["response"] or "").strip() or ev["tool_calls"])
             if not has_prompt or not has_answer:
-                for e in wanted:
-                    refuse(e, sr, sig, Reason.MISSING_TEXT, "no prompt" if not has_prompt else "no answer")
+                refuse(wanted, sr, prov, Reason.MISSING_TEXT, "no prompt" if not has_prompt else "no answer")
                 continue
             finding = sensitive.first_finding(_texts(ev), allow)
             if finding is not None:
@@ -248,8 +241,7 @@ def export_file(job: FileJob) -> FileOutcome:
                 if not redact:
                     secret = sensitive.reason_family(kind) == "secret"
                     reason = Reason.SECRET_DETECTED if secret else Reason.PII_DETECTED
-                    for e in wanted:
-                        refuse(e, sr, sig, reason, f"{kind} in {where}")
+                    refuse(wanted, sr, prov, reason, f"{kind} in {where}")
                     continue
                 ev, kinds = _redact_evidence(ev, allow)
                 for e in wanted:
@@ -261,7 +253,8 @@ def export_file(job: FileJob) -> FileOutcome:
                 out["rag"].write(key.encode() + b"\t" + orjson.dumps(rag_row(ev, sr, prov)) + b"\n")
             if "sft" in wanted:
                 if cat in SFT_NEVER:  # defence 2: never, whatever _admits and the config say
-                    raise LeakError(f"{job.scored_rel}:{sr['_line']}: a {cat} row was about to be written to SFT")
+                    raise LeakError(f"{job.scored_rel}:{prov['line_offset']}: a {cat} row was about to be "
+                                    "written to SFT")
                 out["sft"].write(key.encode() + b"\t" + orjson.dumps(sft_row(ev, sr, prov)) + b"\n")
             if "preference" in wanted:
                 b = int(sr["task_key"][3:11], 16) % job.buckets
@@ -276,9 +269,7 @@ def export_file(job: FileJob) -> FileOutcome:
     finally:
         for f in [*out.values(), *quar.values(), *bucket_files.values()]:
             f.close()
-    for st in stats.values():
-        st.rows_out = st.rows_in - st.quarantined  # candidates; the merge settles the final count
-    return FileOutcome(stats, n)
+    return stats
 
 
 def _admits(export: str, category: str, rag_ok: set[str], sft_ok: set[str]) -> bool:
@@ -292,7 +283,7 @@ def _admits(export: str, category: str, rag_ok: set[str], sft_ok: set[str]) -> b
 # --- merging ------------------------------------------------------------------------------
 
 
-def _merge_dedup(export: str, parts: list[Path], dest: Any, qw: JsonlWriter, dedup: bool,
+def _merge_dedup(parts: list[Path], dest: Any, qw: JsonlWriter, dedup: bool,
                  st: ExportStats) -> Iterator[dict[str, Any]]:
     """Write candidate rows to `dest` in file order, dropping repeated (task, answer) keys.
 
@@ -306,13 +297,8 @@ def _merge_dedup(export: str, parts: list[Path], dest: Any, qw: JsonlWriter, ded
                 key, _, body = line.partition(b"\t")
                 row = orjson.loads(body)
                 if dedup and not seen(int(key, 16)):
-                    p = row["provenance"]
-                    st.quarantined += 1
-                    st.by_reason[Reason.DUPLICATE_ANSWER.value] += 1
-                    qw.write(quarantine_record(stage_name(export), row["source"], p["source_file"], p["line_offset"],
-                                               Reason.DUPLICATE_ANSWER,
-                                               "the same answer to the same task is already in the export",
-                                               p["sig_hash"], recorded_at=p["recorded_at"]))
+                    _quarantine(qw, st, row["source"], row["provenance"], Reason.DUPLICATE_ANSWER,
+                                "the same answer to the same task is already in the export")
                     continue
                 w.write(row)
                 yield row
@@ -396,15 +382,10 @@ def _merge_preference(parts_dir: Path, n_files: int, buckets: int, dest: Any, qw
                 reason = left.get(row["id"])
                 if reason is None:
                     continue
-                p = row["prov"]
-                st.quarantined += 1
-                st.by_reason[reason.value] += 1
                 detail = {Reason.DUPLICATE_ANSWER: "an identical answer to this task is already paired",
                           Reason.NO_PAIR: "no answer to the same task on the other side to pair with",
                           Reason.PAIR_LIMIT: f"the task already has {max_pairs} pairs"}[reason]
-                qw.write(quarantine_record(stage_name("preference"), row["source"], p["source_file"],
-                                           p["line_offset"], reason, detail, p["sig_hash"],
-                                           recorded_at=p["recorded_at"]))
+                _quarantine(qw, st, row["source"], row["prov"], reason, detail)
     st.rows_out, st.sha256 = used_rows, w.sha256
 
 
@@ -467,8 +448,7 @@ class Composition:
 def verify_sft(path: Path, ws: Workspace, allowed: set[str]) -> int:
     """Re-read an SFT file: every row's quality_score is allowed, never on the never-list, and
     agrees with the category of the scored run its provenance points at. Raises LeakError."""
-    current: tuple[str, Iterator] | None = None
-    last = None
+    current: tuple[str, LineCursor] | None = None
     rows = 0
     for line in read_jsonl(path):
         if line.obj is None:
@@ -481,13 +461,9 @@ def verify_sft(path: Path, ws: Workspace, allowed: set[str]) -> int:
                             f"{', '.join(sorted(allowed))})")
         p = row["provenance"]
         if current is None or current[0] != p["source_file"]:
-            current = (p["source_file"], read_jsonl(ws.root / p["source_file"]))
-            last = None
-        while last is None or last.offset < p["line_offset"]:
-            last = next(current[1], None)
-            if last is None:
-                break
-        if last is None or last.offset != p["line_offset"] or last.obj is None:
+            current = (p["source_file"], LineCursor(read_jsonl(ws.root / p["source_file"])))
+        last = current[1].at(p["line_offset"])
+        if last is None or last.obj is None:
             raise LeakError(f"{path.name}:{line.offset}: its scored run {p['source_file']}:{p['line_offset']} "
                             "is missing")
         if last.obj["category"] != q or last.obj["category"] in SFT_NEVER:
@@ -499,12 +475,8 @@ def verify_sft(path: Path, ws: Workspace, allowed: set[str]) -> int:
 # --- the stage ----------------------------------------------------------------------------
 
 
-def _work(job: FileJob) -> FileOutcome:
-    return export_file(job)
-
-
 def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, include_partial: bool | None = None,
-        on_file_done: Callable[[FileOutcome, int], None] | None = None) -> ExportResult:
+        on_file_done: Callable[[dict[str, ExportStats], int], None] | None = None) -> ExportResult:
     """Write the requested exports. Raises StaleInputError (inputs missing or out of date) or
     LeakError (the SFT re-read failed: nothing was published)."""
     t0 = time.perf_counter()
@@ -520,7 +492,7 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
         try:
             jobs = [FileJob(i, ws.root / f["evidence"], f["evidence"], ws.root / f["scored"], f["scored"], tmp_root,
                             exports, ecfg, include_partial, buckets) for i, f in enumerate(files)]
-            outcomes = map_files(_work, [(j,) for j in jobs], [j.evidence.stat().st_size for j in jobs],
+            outcomes = map_files(export_file, [(j,) for j in jobs], [j.evidence.stat().st_size for j in jobs],
                                  workers=cfg.materialize.workers, parallel_min_bytes=cfg.materialize.parallel_min_bytes,
                                  on_done=on_file_done)
             results: dict[str, dict[str, Any]] = {}
@@ -529,7 +501,7 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
             for e in exports:
                 st = ExportStats(e)
                 for o in outcomes:
-                    st.add(o.stats[e])
+                    st.add(o[e])
                 final = ws.exports / PATHS[e]
                 qfinal = ws.quarantine / f"{stage_name(e)}.jsonl"
                 tmp, qtmp = tmp_root / f"out-{e}.jsonl", tmp_root / f"outq-{e}.jsonl"
@@ -542,7 +514,7 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
                         if e == "preference":
                             rows = _merge_preference(tmp_root, len(jobs), buckets, f, qw, ecfg.max_pairs_per_task, st)
                         else:
-                            rows = _merge_dedup(e, [tmp_root / f"{e}-{i:06d}.jsonl" for i in range(len(jobs))],
+                            rows = _merge_dedup([tmp_root / f"{e}-{i:06d}.jsonl" for i in range(len(jobs))],
                                                 f, qw, ecfg.dedup, st)
                         for row in rows:
                             comp.add(row)
@@ -553,7 +525,7 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
                 if st.rows_in != st.rows_out + st.quarantined:
                     raise AssertionError(f"{e}: {st.rows_in} in, {st.rows_out} out + {st.quarantined} quarantined")
                 if e == "sft":  # defence 3: re-read what was written, against the scored runs
-                    verify_sft(tmp, ws, {"accepted", "partially_accepted"} if include_partial else {"accepted"})
+                    verify_sft(tmp, ws, sft_categories(include_partial))
                 stats_tmp = tmp_root / f"stats-{e}.json"
                 stats_json = comp.to_json(st, f"exports/{PATHS[e]}")
                 stats_tmp.write_bytes(orjson.dumps(stats_json, option=orjson.OPT_INDENT_2) + b"\n")

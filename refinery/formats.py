@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from refinery.jsonl import read_jsonl, write_jsonl_atomic
-from refinery.normalize import render_tool_calls
+from refinery.normalize import answer_text
 
 SFT_FORMATS = ("mlx-chat", "mlx-tools", "mlx-completions", "alpaca", "openai")
 PREFERENCE_FORMATS = ("trl",)
@@ -27,13 +27,6 @@ FORMATS = SFT_FORMATS + PREFERENCE_FORMATS
 
 class FormatError(ValueError):
     pass
-
-
-def _answer(row: dict[str, Any]) -> str:
-    parts = [row["response"]] if row["response"] else []
-    if row["tool_calls"]:
-        parts.append(render_tool_calls(row["tool_calls"]))
-    return "\n".join(parts)
 
 
 def _call(c: dict[str, Any], i: int, string_args: bool) -> dict[str, Any]:
@@ -88,7 +81,7 @@ def to_mlx_chat(row: dict[str, Any]) -> dict[str, Any]:
     system = [m for m in row["messages"] or [] if m["role"] == "system" and m["content"]]
     return {"messages": [*({"role": "system", "content": m["content"]} for m in system[:1]),
                          {"role": "user", "content": row["instruction"]},
-                         {"role": "assistant", "content": _answer(row)}]}
+                         {"role": "assistant", "content": answer_text(row)}]}
 
 
 def to_mlx_tools(row: dict[str, Any]) -> dict[str, Any]:
@@ -103,11 +96,11 @@ def to_openai(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_mlx_completions(row: dict[str, Any]) -> dict[str, Any]:
-    return {"prompt": row["instruction"], "completion": _answer(row)}
+    return {"prompt": row["instruction"], "completion": answer_text(row)}
 
 
 def to_alpaca(row: dict[str, Any]) -> dict[str, Any]:
-    return {"instruction": row["instruction"], "input": row["input"], "output": _answer(row),
+    return {"instruction": row["instruction"], "input": row["input"], "output": answer_text(row),
             "meta": {"id": row["id"], "source": row["source"], "quality_score": row["quality_score"],
                      "score": row["score"], "provenance": row["provenance"]}}
 

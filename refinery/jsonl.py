@@ -86,6 +86,22 @@ def read_jsonl(path: str | os.PathLike, max_line_bytes: int = DEFAULT_MAX_LINE_B
             yield Line(offset, raw, obj, None, None)
 
 
+class LineCursor:
+    """Forward-only access by line offset to a stream of Lines (from read_jsonl / read_csv)."""
+
+    def __init__(self, lines: Iterator[Line]):
+        self._lines = lines
+        self._last: Line | None = None
+
+    def at(self, offset: int) -> Line | None:
+        """The line at `offset`, or None if the stream has no such line (or is already past it)."""
+        while self._last is None or self._last.offset < offset:
+            self._last = next(self._lines, None)
+            if self._last is None:
+                return None
+        return self._last if self._last.offset == offset else None
+
+
 def dumps_line(obj: Any) -> bytes:
     """One JSONL line: compact JSON in the dict's own (fixed) key order, plus a newline."""
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)

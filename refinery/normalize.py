@@ -22,11 +22,6 @@ def normalize_text(s: str) -> str:
     return _WS.sub(" ", unicodedata.normalize("NFKC", s).casefold()).strip()
 
 
-def text_hash(s: str) -> bytes:
-    """16-byte digest of the normalised text."""
-    return hashlib.sha256(normalize_text(s).encode("utf-8")).digest()[:16]
-
-
 def task_key(ev: dict[str, Any]) -> str:
     """`tk-<16 hex>` of the normalised prompt; rows without a prompt never share a key."""
     prompt = ev.get("prompt")

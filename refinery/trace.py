@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from refinery.canonical import sig_hash
-from refinery.jsonl import DEFAULT_MAX_LINE_BYTES, Line, read_jsonl
+from refinery.jsonl import DEFAULT_MAX_LINE_BYTES, Line, LineCursor, read_jsonl
 from refinery.sources import FORMATS, SourceFile, read_rows
 from refinery.workspace import Workspace
 
@@ -107,12 +107,7 @@ def _read_line(ws: Workspace, rel: str, offset: int) -> Line | None:
         lines = read_rows(src, DEFAULT_MAX_LINE_BYTES)
     else:
         lines = read_jsonl(path)
-    for line in lines:
-        if line.offset == offset:
-            return line
-        if line.offset > offset:
-            return None
-    return None
+    return LineCursor(lines).at(offset)
 
 
 def follow(ws: Workspace, prov: dict[str, Any], label: str, start: Hop) -> Chain:
