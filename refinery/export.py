@@ -461,7 +461,7 @@ def verify_sft(path: Path, ws: Workspace, allowed: set[str]) -> int:
                             f"{', '.join(sorted(allowed))})")
         p = row["provenance"]
         if current is None or current[0] != p["source_file"]:
-            current = (p["source_file"], LineCursor(read_jsonl(ws.root / p["source_file"])))
+            current = (p["source_file"], LineCursor(read_jsonl(ws.out / p["source_file"])))
         last = current[1].at(p["line_offset"])
         if last is None or last.obj is None:
             raise LeakError(f"{path.name}:{line.offset}: its scored run {p['source_file']}:{p['line_offset']} "
@@ -486,11 +486,11 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
     with ws.lock():
         manifest = read_manifest(ws)
         files = manifest["files"]
-        total_bytes = sum((ws.root / f["evidence"]).stat().st_size for f in files)
+        total_bytes = sum((ws.out / f["evidence"]).stat().st_size for f in files)
         buckets = max(1, min(4096, -(-total_bytes // BUCKET_BYTES)))
         tmp_root = Path(tempfile.mkdtemp(prefix=".export-", dir=ws.root / "data"))
         try:
-            jobs = [FileJob(i, ws.root / f["evidence"], f["evidence"], ws.root / f["scored"], f["scored"], tmp_root,
+            jobs = [FileJob(i, ws.out / f["evidence"], f["evidence"], ws.out / f["scored"], f["scored"], tmp_root,
                             exports, ecfg, include_partial, buckets) for i, f in enumerate(files)]
             outcomes = map_files(export_file, [(j,) for j in jobs], [j.evidence.stat().st_size for j in jobs],
                                  workers=cfg.materialize.workers, parallel_min_bytes=cfg.materialize.parallel_min_bytes,
@@ -528,7 +528,8 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
                     verify_sft(tmp, ws, sft_categories(include_partial))
                 stats_tmp = tmp_root / f"stats-{e}.json"
                 stats_json = comp.to_json(st, f"exports/{PATHS[e]}")
-                stats_tmp.write_bytes(orjson.dumps(stats_json, option=orjson.OPT_INDENT_2) + b"\n")
+                stats_bytes = orjson.dumps(stats_json, option=orjson.OPT_INDENT_2) + b"\n"
+                stats_tmp.write_bytes(stats_bytes)
                 stats_final = final.with_name(final.name.removesuffix(".jsonl") + ".stats.json")
                 staged += [(tmp, final), (qtmp, qfinal), (stats_tmp, stats_final)]
                 results[e] = {**stats_json, "rows_out": st.rows_out, "quarantine": f"exports/quarantine/{qfinal.name}",
@@ -536,6 +537,8 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
                 outputs.append({"path": f"exports/{PATHS[e]}", "sha256": st.sha256, "rows": comp.rows})
                 outputs.append({"path": f"exports/quarantine/{qfinal.name}", "sha256": file_sha256(qtmp),
                                 "rows": st.quarantined})
+                outputs.append({"path": results[e]["stats_path"], "sha256": hashlib.sha256(stats_bytes).hexdigest(),
+                                "rows": 1})
             for src, dest in staged:  # every export complete and checked: publish
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dest)

@@ -211,6 +211,55 @@ def recover_dir(target: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+#: In a run's staging root: the moves still to make, so a publish killed half-way can be completed.
+PUBLISH_JOURNAL = "PUBLISH.json"
+RUN_STAGING_PREFIX = ".run-"
+
+
+def publish_together(root: Path, staging_root: Path, moves: list[tuple[str, str]]) -> None:
+    """Move several staged trees and files (paths relative to `root`) into place together.
+
+    The list of moves is journaled in `staging_root` first: if the process dies part-way,
+    the next holder of the workspace lock completes them (`finish_publishes`), so the
+    workspace never stays a mix of two runs.
+    """
+    journal = staging_root / PUBLISH_JOURNAL
+    with atomic_write(journal) as f:
+        f.write(orjson.dumps({"moves": [list(m) for m in moves]}))
+    _apply_moves(root, moves)
+    shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def _apply_moves(root: Path, moves: list[tuple[str, str]]) -> None:
+    for src, dest in moves:
+        s, d = root / src, root / dest
+        recover_dir(d)  # an old tree moved aside by a killed publish_dir goes back first
+        if s.is_dir():
+            publish_dir(s, d)
+        elif s.exists():
+            d.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(s, d)
+            fsync_dir(d.parent)
+
+
+def finish_publishes(data_dir: Path) -> list[str]:
+    """Complete journaled publishes that a killed run left; drop unpublished run stagings.
+
+    Call it only while holding the workspace lock. Returns the run stagings it dealt with.
+    """
+    done = []
+    if not data_dir.is_dir():
+        return done
+    for staging in sorted(data_dir.glob(RUN_STAGING_PREFIX + "*")):
+        journal = staging / PUBLISH_JOURNAL
+        if journal.is_file():
+            moves = [tuple(m) for m in orjson.loads(journal.read_bytes())["moves"]]
+            _apply_moves(data_dir.parent, moves)
+        shutil.rmtree(staging, ignore_errors=True)
+        done.append(staging.name)
+    return done
+
+
 def staging_dir(target: Path) -> Path:
     """A fresh staging directory beside `target`, for `publish_dir`."""
     d = target.with_name(f".{target.name}.staging-{os.getpid()}")

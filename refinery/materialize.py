@@ -92,6 +92,11 @@ class MaterializeResult:
     def file_errors(self) -> list[str]:
         return [f"{f.source_file}: {f.file_error}" for f in self.files if f.file_error]
 
+    @property
+    def exit_code(self) -> int:
+        """2 when a source file could not be read, 1 when a transform failed on a row, else 0."""
+        return 2 if self.file_errors else 1 if self.transform_errors else 0
+
     def to_json(self) -> dict[str, Any]:
         return {
             "stage": STAGE, "rows_in": self.rows_in, "evidence": self.evidence,

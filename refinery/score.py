@@ -186,7 +186,8 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
                 "files": [{"evidence": r.evidence_file, "evidence_sha256": r.evidence_sha256,
                            "scored": r.scored_file, "sha256": r.sha256, "rows": r.scored} for r in results],
             }
-            (staging / MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+            manifest_bytes = orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n"
+            (staging / MANIFEST).write_bytes(manifest_bytes)
             qpath = ws.quarantine / f"{STAGE}.jsonl"
             qrows, qsha = concat_files([j[4] for j in jobs], qpath)
             publish_dir(staging, ws.scored_runs)
@@ -195,6 +196,8 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
     outputs = [{"path": r.scored_file, "sha256": r.sha256, "rows": r.scored} for r in results]
+    outputs.append({"path": f"{ws.rel(ws.scored_runs)}/{MANIFEST}",
+                    "sha256": hashlib.sha256(manifest_bytes).hexdigest(), "rows": 1})
     outputs.append({"path": ws.rel(qpath), "sha256": qsha, "rows": qrows})
     return ScoreResult(results, POLICY_VERSION, phash, outputs, time.perf_counter() - t0)
 
@@ -210,6 +213,6 @@ def read_manifest(ws: Workspace) -> dict[str, Any]:
     if on_disk != listed:
         raise StaleInputError("the evidence files changed since scoring; run `refinery score` again")
     for f in manifest["files"]:
-        if file_sha256(ws.root / f["evidence"]) != f["evidence_sha256"]:
+        if file_sha256(ws.out / f["evidence"]) != f["evidence_sha256"]:
             raise StaleInputError(f"{f['evidence']} changed since it was scored; run `refinery score` again")
     return manifest

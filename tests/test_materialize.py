@@ -140,12 +140,28 @@ def test_a_crash_mid_run_leaves_the_previous_output_intact(ws, cfg, monkeypatch)
 
 
 def test_one_writer_per_workspace(ws, cfg):
+    """Another process holding the lock stops a run at once; this process may re-enter its own
+    lock (run-all holds it across the stages it calls)."""
+    import subprocess
+    import sys
+
     from refinery.workspace import WorkspaceBusy
 
-    with ws.lock():
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from refinery.workspace import Workspace\n"
+         f"with Workspace.at({str(ws.root)!r}).lock():\n    print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert ws.busy()
         with pytest.raises(WorkspaceBusy, match="another refinery run"):
             materialize.run(ws, cfg)
-    materialize.run(ws, cfg)  # released again
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not ws.busy()
+    with ws.lock():
+        materialize.run(ws, cfg)  # re-entrant within one process
 
 
 def test_an_unreadable_file_is_reported_and_the_run_goes_on(ws, cfg, monkeypatch):
