@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install run-all materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install run-all runs receipts materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -26,8 +26,14 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 
 install: $(VENV)/.synced ## create .venv from uv.lock (idempotent)
 
-run-all: install ## run the pipeline on the bundled sample data in data/_kb/
-	$(RUN) run-all
+run-all: install ## run the pipeline on the bundled sample data in data/_kb/ (FORCE=1 recomputes every stage)
+	$(RUN) run-all $(if $(FORCE),--force)
+
+runs: install ## list the recorded runs: status, stages reused, overall hash, drift
+	$(RUN) runs
+
+receipts: install ## a run's receipts, summary and drift: make receipts [RUN_ID=...] (default: the newest)
+	$(RUN) receipts $(if $(RUN_ID),--run-id $(RUN_ID))
 
 materialize: install ## raw source streams -> data/evidence/
 	$(RUN) materialize

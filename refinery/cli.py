@@ -6,6 +6,7 @@ imports the training stack.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -105,11 +106,7 @@ def _materialize_verdict(result) -> int:
         first = next(f.first_transform_error for f in result.files if f.first_transform_error)
         _err(f"error: {result.transform_errors} rows hit a transform bug (quarantined as transform_error); "
              f"first: {first}")
-    if result.file_errors:
-        return EXIT_BAD_INPUT
-    if result.transform_errors:
-        return EXIT_CHECK_FAILED
-    return EXIT_OK
+    return result.exit_code
 
 
 def _do_score(ws, cfg):
@@ -243,29 +240,118 @@ app.command("export-all", help="Write the RAG, SFT and preference exports in one
              "runs (see export-rag, export-sft, export-preference).")(_export_command(("rag", "sft", "preference")))
 
 
+@contextlib.contextmanager
+def _stage_progress(stage: str, total: int | None):
+    with _progress() as progress:
+        task = progress.add_task(stage, total=total)
+        yield lambda result, size: progress.advance(task, size)
+
+
 @app.command("run-all")
 def run_all(
     workspace: WorkspaceOpt = Path("."),
     config: ConfigOpt = None,
     include_partial: IncludePartialOpt = None,
     workers: WorkersOpt = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Recompute every stage, even one whose inputs, settings and code are unchanged "
+                        "since the last successful run.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the pipeline on the workspace: materialize → score → export-all, ending in a
-    summary (rows per stage, categories, quarantine reasons). Exit 2 if a source file could
-    not be read, 1 if a check failed (a transform bug, an SFT leak), else 0."""
+    """Run the pipeline on the workspace as one recorded run: materialize → score →
+    export-all, with a receipt per stage in reports/distillation/<run_id>/, a summary and
+    drift against the previous complete run. A stage whose inputs, settings and code are
+    unchanged since the last successful run is reused, not recomputed (--force: recompute).
+    The outputs are published together at the end: a failed or killed run changes nothing.
+    Exit 2 if a source file could not be read, 1 if a check failed (a transform bug, an SFT
+    leak, a broken receipt chain), else 0."""
+    from refinery.discovery import TransformLoadError
+    from refinery.export import LeakError
+    from refinery.runs import ChainError
+    from refinery.runs import run_all as do_run_all
+    from refinery.score import StaleInputError
+    from refinery.workspace import WorkspaceBusy
+
     ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
-    m = _do_materialize(ws, cfg, False)
-    code = _materialize_verdict(m)
-    s = _do_score(ws, cfg)
-    e = _do_export(ws, cfg, ("rag", "sft", "preference"), include_partial)
+    if not ws.kb.is_dir():
+        _fail(f"error: no source folder {ws.kb} — put JSONL/CSV streams there, or run `refinery sample`")
+    try:
+        outcome = do_run_all(ws, cfg, include_partial=include_partial, force=force, progress=_stage_progress,
+                             log=lambda msg: typer.echo(msg, err=True))
+    except (TransformLoadError, StaleInputError, WorkspaceBusy) as e:
+        _fail(f"error: {e}")
+    except LeakError as e:
+        _fail(f"SFT CHECK FAILED, nothing was published: {e}", EXIT_CHECK_FAILED)
+    except ChainError as e:
+        _fail(f"RECEIPT CHECK FAILED, nothing was published: {e}", EXIT_CHECK_FAILED)
+    if outcome.materialize is not None:
+        _materialize_verdict(outcome.materialize)
+    elif unclaimed := outcome.receipts["materialize"]["by_reason"].get("unknown_source"):
+        _err(f"warning: {unclaimed} rows come from files no transform claims (quarantined as unknown_source); "
+             "`refinery sources` shows which")
     if as_json:
-        _print_json({"materialize": m.to_json(), "score": s.to_json(), "export": e.to_json(), "exit_code": code})
+        _print_json({"run_id": outcome.run_id, "status": outcome.summary["status"],
+                     "exit_code": outcome.exit_code, "recomputed": outcome.why_recomputed,
+                     "summary": outcome.summary, "receipts": outcome.receipts, "drift": outcome.drift})
     else:
         from refinery import console
 
-        console.run_all_summary(m, s, e)
-    raise typer.Exit(code)
+        console.run_all_summary(outcome)
+    raise typer.Exit(outcome.exit_code)
+
+
+RunIdOpt = Annotated[str | None, typer.Option(
+    "--run-id", help="A run id from `refinery runs` (a unique prefix will do). Default: the newest run.")]
+
+
+@app.command()
+def receipts(workspace: WorkspaceOpt = Path("."), run_id: RunIdOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a run's stage receipts (inputs, outputs, counts, hashes), its summary and its
+    drift against the previous complete run. Re-checks each receipt's hash and the chain
+    between stages: exit 1 if either does not hold, 2 if there is no such run."""
+    from refinery.receipts import check_chain, check_hashes
+    from refinery.runs import RunNotFound, load_run, resolve_run
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    try:
+        rid = resolve_run(ws, run_id)
+    except RunNotFound as e:
+        _fail(f"error: {e}")
+    summary, stage_receipts, drift = load_run(ws, rid)
+    problems = check_hashes(stage_receipts) + check_chain(stage_receipts)
+    if as_json:
+        _print_json({"summary": summary, "receipts": stage_receipts, "drift": drift,
+                     "checks": {"ok": not problems, "problems": problems}})
+    else:
+        from refinery import console
+
+        console.receipts_view(summary, stage_receipts, drift, problems)
+    if problems:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
+def runs(workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
+    """List the recorded runs, oldest first: status (complete, incomplete = killed or still
+    running, failed = stopped by an error, nothing published), exit code, stages reused,
+    overall hash and drift severity."""
+    import orjson
+
+    from refinery.runs import DRIFT, list_runs
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    rows = list_runs(ws)
+    for r in rows:
+        p = ws.reports / r["run_id"] / DRIFT
+        r["drift_severity"] = orjson.loads(p.read_bytes())["severity"] if p.exists() else None
+    if as_json:
+        _print_json(rows)
+        return
+    from refinery import console
+
+    console.runs_table(rows)
 
 
 @app.command()

@@ -134,10 +134,24 @@ class ExportConfig(Section):
     max_pairs_per_task: int = Field(default=8, ge=1, description="preference pairs per task at most")
 
 
+class DriftConfig(Section):
+    """When a run's metric moves against the previous complete run by this much, say so."""
+
+    warn_pct: float = Field(default=10.0, ge=0, description="a change of at least this many % is a warning")
+    alert_pct: float = Field(default=25.0, ge=0, description="a change of at least this many % is an alert")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DriftConfig:
+        if self.warn_pct > self.alert_pct:
+            raise ValueError("warn_pct must not exceed alert_pct")
+        return self
+
+
 class Config(Section):
     materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     mappings: dict[str, Mapping] = Field(default_factory=dict)
 
     def config_hash(self) -> str:

@@ -86,23 +86,104 @@ def export_table(result: Any, console: Console | None = None) -> None:
     console.print("quarantine: exports/quarantine/export-<name>.jsonl   stats: <export>.stats.json")
 
 
-def run_all_summary(m: Any, s: Any, e: Any, console: Console | None = None) -> None:
+def _stage_table(title: str, receipts: dict[str, dict[str, Any]], *, hashes: bool = False) -> Table:
+    extra = ["files in→out", "reused", "receipt_hash"] if hashes else ["seconds", "reused"]
+    t = _table(title, "stage", "rows in", "rows out", "quarantined", *extra)
+    t.columns[0].no_wrap = t.columns[-1].no_wrap = True
+    for stage, r in receipts.items():
+        c = r["counts"]
+        out = f"{c['written']:,} pairs" if stage == "export-preference" else f"{c.get('written', c['rows_out']):,}"
+        row = [stage, f"{c['rows_in']:,}", out, f"{c['quarantined']:,}"]
+        if hashes:
+            row += [f"{len(r['inputs'])}→{len(r['outputs'])}", "yes" if r["reused_from"] else "·",
+                    r["receipt_hash"][:10]]
+        else:
+            row += [f"{r['timings']['seconds']:.2f}", "yes" if r["reused_from"] else "·"]
+        t.add_row(*row)
+    return t
+
+
+def _drift_line(drift: dict[str, Any] | None) -> str:
+    if drift is None:
+        return "drift: not computed (the run did not finish)"
+    if drift["previous_run_id"] is None:
+        return f"drift: {drift['note']}"
+    moved = Counter(m["severity"] for m in drift["metrics"])
+    return (f"drift against run {drift['previous_run_id']}: {drift['severity']} "
+            f"({moved['alert']} alert, {moved['warn']} warn, {moved['ok']} ok)")
+
+
+def run_all_summary(outcome: Any, console: Console | None = None) -> None:
     console = console or Console()
-    t = _table("run-all", "stage", "rows in", "rows out", "quarantined", "seconds")
-    t.add_row("materialize", f"{m.rows_in:,}", f"{m.evidence:,}", f"{m.quarantined:,}", f"{m.seconds:.2f}")
-    t.add_row("score", f"{s.rows_in:,}", f"{s.scored:,}", f"{s.quarantined:,}", f"{s.seconds:.2f}")
-    for name, x in e.exports.items():
-        out = f"{x['rows']:,} pairs" if name == "preference" else f"{x['rows']:,}"
-        t.add_row(f"export-{name}", f"{x['rows_in']:,}", out, f"{x['quarantined']:,}", "")
-    console.print(t)
-    console.print(_category_table(s))
-    reasons = {"materialize": m.by_reason, "score": s.to_json()["by_reason"],
-               **{f"export-{k}": v["by_reason"] for k, v in e.exports.items()}}
+    rs = outcome.receipts
+    console.print(_stage_table(f"run-all — run {outcome.run_id}", rs))
+    if score := rs.get("score"):
+        t = _table("score — categories per source", "source", "accepted", "partially", "rejected", "review")
+        for src, cats in score["by_source"].items():
+            t.add_row(src, *(f"{cats.get(c, 0):,}" for c in CATEGORIES))
+        t.add_row("total", *(f"{score['by_category'].get(c, 0):,}" for c in CATEGORIES), style="bold")
+        console.print(t)
+    reasons = {stage.removeprefix("export-"): r["by_reason"] for stage, r in rs.items()}
     names = sorted({r for v in reasons.values() for r in v})
     if names:
-        rt = _table("quarantine, by reason", "reason", *(k.removeprefix("export-") for k in reasons))
+        rt = _table("quarantine, by reason", "reason", *reasons)
         for r in names:
             rt.add_row(r, *(f"{v.get(r, 0):,}" if v.get(r) else "·" for v in reasons.values()))
         console.print(rt)
-    console.print(f"total {m.seconds + s.seconds + e.seconds:.2f}s — exports/ holds rag/, sft/, preference/ "
-                  "and quarantine/; `refinery trace <id>` follows any row back to its source line")
+    console.print(_drift_line(outcome.drift))
+    reused = sorted({r["reused_from"] for r in rs.values() if r["reused_from"]})
+    if reused:
+        console.print(f"reused: unchanged stages kept the outputs of run {', '.join(reused)} (--force recomputes)")
+    console.print(f"total {outcome.seconds:.2f}s — exports/ holds rag/, sft/, preference/ and quarantine/; "
+                  f"`refinery receipts` shows this run's receipts, `refinery trace <id>` follows any row "
+                  "back to its source line")
+
+
+def receipts_view(summary: dict[str, Any], receipts: dict[str, dict[str, Any]], drift: dict[str, Any] | None,
+                  problems: list[str], console: Console | None = None) -> None:
+    console = console or Console()
+    status = summary["status"] + (f", exit {summary['exit_code']}" if summary.get("exit_code") is not None else "")
+    console.print(f"run {summary['run_id']} — {status} — code {summary['code_version']} — "
+                  f"started {summary['started_at']}")
+    if summary.get("error"):
+        console.print(f"[red]error: {summary['error']}[/red]")
+    console.print(_stage_table("receipts", receipts, hashes=True))
+    if summary.get("overall_hash"):
+        console.print(f"overall hash {summary['overall_hash']}")
+    if summary.get("totals"):
+        console.print("totals: " + ", ".join(f"{k} {v:,}" for k, v in summary["totals"].items()))
+    if problems:
+        for p in problems:
+            console.print(f"[red]CHECK FAILED[/red] {p}")
+    else:
+        console.print("checks: every receipt_hash matches its receipt; each stage read exactly what the "
+                      "stage before it wrote")
+    console.print(_drift_line(drift))
+    if drift and drift["previous_run_id"] is not None:
+        order = {"alert": 0, "warn": 1, "ok": 2}
+        t = _table("drift", "metric", "previous", "value", "change %", "severity")
+        for m in sorted(drift["metrics"], key=lambda m: (order[m["severity"]], m["name"])):
+            change = "new" if m["change_pct"] is None else f"{m['change_pct']:+.1f}"
+            t.add_row(m["name"], _num(m["previous"]), _num(m["value"]), change, m["severity"])
+        console.print(t)
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "·"
+    return f"{int(v):,}" if float(v).is_integer() else f"{v:,.2f}"
+
+
+def runs_table(runs: list[dict[str, Any]], console: Console | None = None) -> None:
+    console = console or Console()
+    if not runs:
+        console.print("no runs recorded yet; `refinery run-all` records one")
+        return
+    t = _table("runs (oldest first)", "run id", "status", "exit", "reused", "overall hash", "drift")
+    for r in runs:
+        stages = r.get("stages", [])
+        reused = f"{sum(s['reused'] for s in stages)}/{len(stages)}" if stages else "·"
+        exit_code = "·" if r.get("exit_code") is None else str(r["exit_code"])
+        t.add_row(r["run_id"], r["status"], exit_code, reused, (r.get("overall_hash") or "·")[:12],
+                  r.get("drift_severity") or "·")
+    console.print(t)

@@ -183,9 +183,9 @@ class QuarantineRecord(Strict):
 
 
 class FileDigest(Strict):
-    path: str
+    path: str = Field(description="relative to the workspace root")
     sha256: Sha256
-    rows: int = Field(ge=0)
+    rows: int = Field(ge=0, description="JSONL lines (a source file: the rows materialize read; a JSON file: 1)")
 
 
 class StageTimings(Strict):
@@ -195,19 +195,25 @@ class StageTimings(Strict):
 
 
 class StageReceipt(Strict):
+    """What one stage of one run read, wrote and counted. `receipt_hash` covers everything
+    but `run_id`, `reused_from` and `timings`, so the same inputs, config and code give the
+    same hash in every run."""
+
     schema_version: Literal[1] = 1
     run_id: str
     stage: str
     code_version: str
-    config_hash: Sha256
+    config_hash: Sha256 = Field(description="sha256 of the settings this stage reads (worker counts excluded)")
     policy_hash: Sha256 | None = None
     inputs: list[FileDigest]
     outputs: list[FileDigest]
     counts: dict[str, int] = Field(description="rows_in, rows_out, quarantined, ...")
     by_category: dict[str, int] = Field(default_factory=dict)
     by_reason: dict[str, int] = Field(default_factory=dict)
+    by_source: dict[str, dict[str, int]] = Field(default_factory=dict, description="the counts per source stream")
+    reused_from: str | None = Field(default=None, description="the run whose outputs this stage reused, if any")
     timings: StageTimings
-    receipt_hash: Sha256 = Field(description="sha256 of the canonical receipt without timings and run_id")
+    receipt_hash: Sha256 = Field(description="sha256 of the canonical receipt without timings, run_id and reused_from")
 
 
 class StageRef(Strict):
@@ -219,10 +225,16 @@ class StageRef(Strict):
 class RunSummary(Strict):
     schema_version: Literal[1] = 1
     run_id: str
-    status: Literal["complete", "incomplete", "failed"]
+    status: Literal["complete", "incomplete", "failed"] = Field(
+        description="complete: every stage ran and the outputs were published; incomplete: running, or "
+                    "killed; failed: stopped by an error, nothing published")
+    exit_code: int | None = Field(description="the exit code run-all gave; null while incomplete")
+    error: str | None = None
+    code_version: str
+    config_hash: Sha256
     stages: list[StageRef]
     totals: dict[str, int]
-    overall_hash: Sha256
+    overall_hash: Sha256 | None = Field(description="sha256 over the stages' receipt hashes; null unless complete")
     started_at: Timestamp
     finished_at: Timestamp | None = None
 

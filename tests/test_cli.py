@@ -71,16 +71,20 @@ def test_run_all_end_to_end_on_the_bundled_sample(ws):
     result = invoke("run-all", "--json")
     assert result.exit_code == 0, result.output
     doc = orjson.loads(result.stdout)
-    m, s, e = doc["materialize"], doc["score"], doc["export"]["exports"]
-    assert m["rows_in"] == 1500 == m["evidence"] + m["quarantined"]  # `make sample` writes 1500 rows
-    assert s["rows_in"] == m["evidence"] == s["scored"] + s["quarantined"]
-    assert all(v > 0 for v in s["by_category"].values())
-    for name, x in e.items():
-        assert x["rows_in"] == s["scored"] == x["rows_out"] + x["quarantined"], name
-        assert x["rows"] > 0
-        assert len((ws.root / x["quarantine"]).read_bytes().splitlines()) == x["quarantined"]
-    assert e["sft"]["rows"] >= 50  # enough for the training stage's default minimum
-    assert {"secret_detected", "pii_detected"} <= set(e["sft"]["by_reason"])
+    assert doc["status"] == "complete" and doc["exit_code"] == 0
+    r = doc["receipts"]
+    m, s = r["materialize"]["counts"], r["score"]["counts"]
+    assert m["rows_in"] == 1500 == m["rows_out"] + m["quarantined"]  # `make sample` writes 1500 rows
+    assert s["rows_in"] == m["rows_out"] == s["rows_out"] + s["quarantined"]
+    assert all(v > 0 for v in r["score"]["by_category"].values())
+    for name in ("export-rag", "export-sft", "export-preference"):
+        x = r[name]["counts"]
+        assert x["rows_in"] == s["rows_out"] == x["rows_out"] + x["quarantined"], name
+        assert x["written"] > 0
+        q = next(o for o in r[name]["outputs"] if o["path"] == f"exports/quarantine/{name}.jsonl")
+        assert len((ws.root / q["path"]).read_bytes().splitlines()) == q["rows"] == x["quarantined"]
+    assert r["export-sft"]["counts"]["written"] >= 50  # enough for the training stage's default minimum
+    assert {"secret_detected", "pii_detected"} <= set(r["export-sft"]["by_reason"])
 
 
 def test_stage_commands_in_order_and_out_of_order(ws):

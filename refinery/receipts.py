@@ -1,0 +1,251 @@
+"""Stage receipts: what each stage of a run read and wrote, with the hashes that prove it.
+
+    reports/distillation/<run_id>/receipts/<stage>.json   (StageReceipt)
+
+A receipt lists its stage's inputs and outputs (path, sha256, rows), its counts, the hash of
+the settings it read, the code version and — for score — the policy hash. `receipt_hash`
+covers all of that but the run id and the timings, so two runs over the same inputs with the
+same config and code have the same receipt hashes, and a changed source row changes the
+hashes of exactly the files (and receipts) downstream of it.
+
+The chain: a stage's inputs must be exactly the outputs of the stages it reads from (minus
+their quarantine files, which nothing reads), byte for byte — `check_chain` says where not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import refinery
+from refinery.canonical import sig_hash
+from refinery.config import Config
+from refinery.workspace import Workspace
+
+STAGES = ("materialize", "score", "export-rag", "export-sft", "export-preference")
+EXPORT_STAGES = STAGES[2:]
+#: The stages whose outputs each stage reads.
+READS_FROM: dict[str, tuple[str, ...]] = {
+    "materialize": (),
+    "score": ("materialize",),
+    **{s: ("materialize", "score") for s in EXPORT_STAGES},
+}
+QUARANTINE_DIR = "exports/quarantine/"
+#: Fields a receipt's hash leaves out: they differ between runs that did the same work.
+UNHASHED = ("run_id", "reused_from", "timings", "receipt_hash")
+
+
+def code_version(ws: Workspace, cfg: Config) -> str:
+    """The package version plus a hash of its code and of every transform module it loads,
+    so an edited transform or stage invalidates what was computed with the old one."""
+    from refinery.discovery import transform_dirs
+
+    h = hashlib.sha256()
+    pkg = Path(refinery.__file__).resolve().parent
+    files = [(f"refinery/{p.relative_to(pkg).as_posix()}", p) for p in pkg.rglob("*.py")]
+    for d in transform_dirs(ws.root, cfg):
+        files += [(f"transforms:{p.name}", p) for p in d.glob("*.py")]
+    for name, p in sorted(files):
+        h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return f"{refinery.__version__}+{h.hexdigest()[:12]}"
+
+
+def stage_config_hash(stage: str, cfg: Config, include_partial: bool | None = None) -> str:
+    """The hash of the settings `stage` reads. Worker counts are left out: they never change
+    an output."""
+    if stage == "materialize":
+        m = cfg.materialize.model_dump(mode="json", exclude={"workers", "parallel_min_bytes"})
+        doc: dict[str, Any] = {"materialize": m, "mappings": {k: v.model_dump(mode="json")
+                                                               for k, v in cfg.mappings.items()}}
+    elif stage == "score":
+        doc = {"score": cfg.score.model_dump(mode="json"),
+               "quarantine_raw_max": cfg.materialize.quarantine_raw_max}
+    elif stage in EXPORT_STAGES:
+        e = cfg.export.model_dump(mode="json")
+        if include_partial is not None:
+            e["include_partial"] = include_partial
+        doc = {"export": e, "stage": stage}
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return sig_hash(doc)
+
+
+class Digests:
+    """sha256 and line counts of files, each file read once per run.
+
+    Keyed by inode, size and mtime: within a run (which holds the workspace lock) a file that
+    keeps all three has not changed — and a reused output hard-linked into the run's staging
+    keeps its inode, so it is not read twice.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int, int, int], tuple[str, int]] = {}
+
+    def of(self, path: Path, rel: str) -> dict[str, Any]:
+        st = path.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in self._cache:
+            h, lines, last = hashlib.sha256(), 0, b"\n"
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+                    lines += block.count(b"\n")
+                    last = block[-1:]
+            if last != b"\n":
+                lines += 1
+            self._cache[key] = (h.hexdigest(), lines)
+        sha, lines = self._cache[key]
+        return {"path": rel, "sha256": sha, "rows": 1 if path.suffix == ".json" else lines}
+
+
+def receipt_hash(receipt: dict[str, Any]) -> str:
+    return sig_hash({k: v for k, v in receipt.items() if k not in UNHASHED})
+
+
+def make_receipt(**fields: Any) -> dict[str, Any]:
+    """A StageReceipt (validated) as a dict in field order, with its receipt_hash."""
+    from refinery.models import StageReceipt
+
+    fields.setdefault("receipt_hash", "0" * 64)
+    doc = StageReceipt.model_validate(fields).model_dump(mode="json")
+    doc["receipt_hash"] = receipt_hash(doc)
+    return doc
+
+
+# --- counts per stage, from the stages' results -------------------------------------------
+
+
+def materialize_counts(result: Any) -> dict[str, Any]:
+    by_source: dict[str, Counter[str]] = {}
+    for f in result.files:
+        c = by_source.setdefault(f.source, Counter())
+        c.update({"rows_in": f.rows_in, "evidence": f.evidence, "quarantined": f.quarantined})
+    return {
+        "inputs": [{"path": f.source_file, "sha256": f.input_sha256, "rows": f.rows_in}
+                   for f in result.files if f.input_sha256],
+        "counts": {"files": len(result.files), "rows_in": result.rows_in, "rows_out": result.evidence,
+                   "quarantined": result.quarantined, "transform_errors": result.transform_errors,
+                   "unreadable_files": len(result.file_errors)},
+        "by_reason": result.by_reason,
+        "by_source": {s: dict(c) for s, c in sorted(by_source.items())},
+    }
+
+
+def score_counts(result: Any) -> dict[str, Any]:
+    by_source: dict[str, Counter[str]] = {}
+    for f in result.files:
+        src = f.evidence_file.rsplit("/", 1)[-1].removesuffix(".jsonl")
+        by_source.setdefault(src, Counter()).update(f.by_category)
+    j = result.to_json()
+    return {
+        "counts": {"rows_in": result.rows_in, "rows_out": result.scored, "quarantined": result.quarantined},
+        "by_category": result.by_category,
+        "by_reason": j["by_reason"],
+        "by_source": {s: dict(sorted(c.items())) for s, c in sorted(by_source.items())},
+    }
+
+
+def export_counts(name: str, e: dict[str, Any]) -> dict[str, Any]:
+    counts = {"rows_in": e["rows_in"], "rows_out": e["rows_out"], "quarantined": e["quarantined"],
+              "written": e["rows"]}
+    if name == "preference":
+        counts.update({"pairs": e["pairs"], "tasks": e["tasks"], "tool_using_chosen": e["tool_using_chosen"]})
+        by_source = e["by_chosen_source"]
+    else:
+        counts.update({"tool_using": e["tool_using"], "direct_answers": e["direct_answers"]})
+        by_source = e["by_source"]
+    counts.update({f"redacted.{k}": v for k, v in e["redacted"].items()})
+    return {"counts": counts, "by_category": e.get("by_category", {}), "by_reason": e["by_reason"],
+            "by_source": {s: {"written": n} for s, n in by_source.items()}}
+
+
+# --- checks -------------------------------------------------------------------------------
+
+
+def check_chain(receipts: dict[str, dict[str, Any]]) -> list[str]:
+    """Problems with the chain: each stage's inputs must be exactly the (non-quarantine)
+    outputs of the stages it reads from, with the same sha256 and rows."""
+    problems = []
+    for stage, r in receipts.items():
+        upstream = READS_FROM.get(stage, ())
+        if not upstream:
+            continue
+        missing = [u for u in upstream if u not in receipts]
+        if missing:
+            problems.append(f"{stage}: no receipt for {', '.join(missing)}, which it reads from")
+            continue
+        produced = {o["path"]: o for u in upstream for o in receipts[u]["outputs"]
+                    if not o["path"].startswith(QUARANTINE_DIR)}
+        read = {i["path"]: i for i in r["inputs"]}
+        for path in sorted(produced.keys() | read.keys()):
+            p, i = produced.get(path), read.get(path)
+            if i is None:
+                problems.append(f"{stage}: did not read {path}, which {_who(receipts, upstream, path)} wrote")
+            elif p is None:
+                problems.append(f"{stage}: read {path}, which no stage before it wrote")
+            elif (p["sha256"], p["rows"]) != (i["sha256"], i["rows"]):
+                problems.append(f"{stage}: read {path} with sha256 {i['sha256'][:12]}… ({i['rows']} rows), but "
+                                f"{_who(receipts, upstream, path)} wrote sha256 {p['sha256'][:12]}… ({p['rows']} rows)")
+    return problems
+
+
+def _who(receipts: dict[str, dict[str, Any]], upstream: tuple[str, ...], path: str) -> str:
+    return next((u for u in upstream if any(o["path"] == path for o in receipts[u]["outputs"])), "?")
+
+
+def check_hashes(receipts: dict[str, dict[str, Any]]) -> list[str]:
+    """Receipts whose receipt_hash does not match their content (edited after the run)."""
+    return [f"{stage}: receipt_hash {r['receipt_hash'][:12]}… does not match its content "
+            f"({receipt_hash(r)[:12]}…)" for stage, r in receipts.items() if receipt_hash(r) != r["receipt_hash"]]
+
+
+def verify_files(ws: Workspace, files: list[dict[str, Any]], digests: Digests) -> str | None:
+    """None when every file is on disk with the recorded sha256; else what differs first."""
+    for f in files:
+        p = ws.out / f["path"]
+        if not p.is_file():
+            return f"{f['path']} was deleted"
+        if digests.of(p, f["path"])["sha256"] != f["sha256"]:
+            return f"{f['path']} changed"
+    return None
+
+
+# --- files --------------------------------------------------------------------------------
+
+
+def receipt_path(run_dir: Path, stage: str) -> Path:
+    return run_dir / "receipts" / f"{stage}.json"
+
+
+def write_json(path: Path, doc: Any) -> None:
+    from refinery.jsonl import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def read_receipts(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The receipts of a run, in stage order (stages that did not finish are absent)."""
+    out = {}
+    for stage in STAGES:
+        p = receipt_path(run_dir, stage)
+        if p.is_file():
+            out[stage] = orjson.loads(p.read_bytes())
+    return out
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Put `src` at `dest` without copying bytes when the file system allows (outputs are
+    only ever replaced by rename, never edited in place, so sharing the inode is safe)."""
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
