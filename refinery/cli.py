@@ -309,16 +309,16 @@ def receipts(workspace: WorkspaceOpt = Path("."), run_id: RunIdOpt = None, as_js
     """Show a run's stage receipts (inputs, outputs, counts, hashes), its summary and its
     drift against the previous complete run. Re-checks each receipt's hash and the chain
     between stages: exit 1 if either does not hold, 2 if there is no such run."""
-    from refinery.receipts import check_chain, check_hashes
+    from refinery.receipts import ReportUnreadable, check_chain, check_hashes
     from refinery.runs import RunNotFound, load_run, resolve_run
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
+    ws.try_recover()
     try:
-        rid = resolve_run(ws, run_id)
-    except RunNotFound as e:
+        summary, stage_receipts, drift = load_run(ws, resolve_run(ws, run_id))
+    except (RunNotFound, ReportUnreadable) as e:
         _fail(f"error: {e}")
-    summary, stage_receipts, drift = load_run(ws, rid)
     problems = check_hashes(stage_receipts) + check_chain(stage_receipts)
     if as_json:
         _print_json({"summary": summary, "receipts": stage_receipts, "drift": drift,
@@ -342,6 +342,7 @@ def runs(workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
+    ws.try_recover()  # a run killed while publishing: complete it, so what is listed is true
     rows = list_runs(ws)
     for r in rows:
         p = ws.reports / r["run_id"] / DRIFT

@@ -214,6 +214,8 @@ def recover_dir(target: Path) -> None:
 #: In a run's staging root: the moves still to make, so a publish killed half-way can be completed.
 PUBLISH_JOURNAL = "PUBLISH.json"
 RUN_STAGING_PREFIX = ".run-"
+#: The stages' temporary folders in data/ (part files): a killed stage leaves one behind.
+STAGE_TEMP_PREFIXES = (".materialize-", ".score-", ".export-")
 
 
 def publish_together(root: Path, staging_root: Path, moves: list[tuple[str, str]]) -> None:
@@ -243,10 +245,9 @@ def _apply_moves(root: Path, moves: list[tuple[str, str]]) -> None:
 
 
 def finish_publishes(data_dir: Path) -> list[str]:
-    """Complete journaled publishes that a killed run left; drop unpublished run stagings.
-
-    Call it only while holding the workspace lock. Returns the run stagings it dealt with.
-    """
+    """Complete journaled publishes that a killed run left; drop unpublished run stagings and
+    the stages' temporary folders. Call it only while holding the workspace lock. Returns
+    the names of the folders it dealt with."""
     done = []
     if not data_dir.is_dir():
         return done
@@ -257,6 +258,10 @@ def finish_publishes(data_dir: Path) -> list[str]:
             _apply_moves(data_dir.parent, moves)
         shutil.rmtree(staging, ignore_errors=True)
         done.append(staging.name)
+    for prefix in STAGE_TEMP_PREFIXES:
+        for temp in sorted(data_dir.glob(prefix + "*")):
+            shutil.rmtree(temp, ignore_errors=True)
+            done.append(temp.name)
     return done
 
 

@@ -266,8 +266,6 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
 
     with ws.lock():  # one writer per workspace
         recover_dir(ws.evidence)
-        for stale in ws.root.joinpath("data").glob(".materialize-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
         staging = staging_dir(ws.evidence)
         parts = Path(tempfile.mkdtemp(prefix=".materialize-", dir=ws.root / "data"))
         try:

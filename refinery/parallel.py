@@ -4,6 +4,8 @@ process and the results come back in job order, whatever order the workers finis
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
@@ -30,7 +32,8 @@ def map_files(fn: Callable[..., R], jobs: Sequence[tuple[Any, ...]], sizes: Sequ
             if on_done:
                 on_done(results[i], sizes[i])
         return results
-    with ProcessPoolExecutor(max_workers=workers, initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                             initargs=(os.getpid(), initializer, initargs)) as pool:
         order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
         futures = {pool.submit(fn, *jobs[i]): i for i in order}
         for fut in as_completed(futures):
@@ -39,3 +42,15 @@ def map_files(fn: Callable[..., R], jobs: Sequence[tuple[Any, ...]], sizes: Sequ
             if on_done:
                 on_done(results[i], sizes[i])
     return results
+
+
+def _init_worker(parent: int, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    # A worker whose parent was killed would otherwise wait forever for work: leave with it.
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if initializer:
+        initializer(*initargs)

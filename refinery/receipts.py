@@ -235,8 +235,19 @@ def read_receipts(run_dir: Path) -> dict[str, dict[str, Any]]:
     for stage in STAGES:
         p = receipt_path(run_dir, stage)
         if p.is_file():
-            out[stage] = orjson.loads(p.read_bytes())
+            out[stage] = read_json(p)
     return out
+
+
+class ReportUnreadable(ValueError):
+    """A receipt, summary or drift report that is not valid JSON any more."""
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as e:
+        raise ReportUnreadable(f"{path}: not valid JSON ({e}); this report was damaged") from None
 
 
 def link_or_copy(src: Path, dest: Path) -> None:

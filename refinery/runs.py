@@ -83,8 +83,8 @@ def new_run_id() -> str:
 
 def list_runs(ws: Workspace) -> list[dict[str, Any]]:
     """Every recorded run's summary, oldest first. A run whose summary cannot be read is
-    listed with status 'unreadable'; the newest incomplete one shows as 'running' while a
-    process holds the workspace lock."""
+    listed with status 'unreadable'; an incomplete one shows as 'running' while the process
+    running it is alive and holds the workspace lock."""
     if not ws.reports.is_dir():
         return []
     runs = []
@@ -96,8 +96,10 @@ def list_runs(ws: Workspace) -> list[dict[str, Any]]:
             runs.append(orjson.loads(path.read_bytes()))
         except (orjson.JSONDecodeError, OSError):
             runs.append({"run_id": d.name, "status": "unreadable"})
-    if runs and runs[-1]["status"] == "incomplete" and ws.busy():
-        runs[-1] = {**runs[-1], "status": "running"}
+    holder = ws.holder()
+    for r in runs:
+        if r["status"] == "incomplete" and holder is not None and holder[1] == r["run_id"]:
+            r["status"] = "running"
     return runs
 
 
@@ -116,11 +118,12 @@ def resolve_run(ws: Workspace, run_id: str | None) -> str:
 
 
 def load_run(ws: Workspace, run_id: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any] | None]:
-    """(summary, receipts by stage, drift report or None) of a recorded run."""
+    """(summary, receipts by stage, drift report or None) of a recorded run. Raises
+    ReportUnreadable naming a file that is not valid JSON."""
     d = ws.reports / run_id
-    summary = orjson.loads((d / SUMMARY).read_bytes())
     drift_path = d / DRIFT
-    return summary, receipts.read_receipts(d), orjson.loads(drift_path.read_bytes()) if drift_path.exists() else None
+    return (receipts.read_json(d / SUMMARY), receipts.read_receipts(d),
+            receipts.read_json(drift_path) if drift_path.exists() else None)
 
 
 def _latest(ws: Workspace, *, clean: bool) -> tuple[str, dict[str, dict[str, Any]]] | None:
@@ -129,7 +132,7 @@ def _latest(ws: Workspace, *, clean: bool) -> tuple[str, dict[str, dict[str, Any
         if s["status"] == "complete" and (not clean or s.get("exit_code") == 0):
             try:
                 return s["run_id"], receipts.read_receipts(ws.reports / s["run_id"])
-            except (orjson.JSONDecodeError, OSError):
+            except (receipts.ReportUnreadable, OSError):
                 continue  # a damaged report: look further back (and never reuse from it)
     return None
 
@@ -148,6 +151,7 @@ class _Run:
         self.ws, self.cfg, self.include_partial, self.force = ws, cfg, include_partial, force
         self.progress, self.log = progress, log
         self.run_id = new_run_id()
+        ws.note_lock(self.run_id)  # so `refinery runs` can tell this run is running, not killed
         self.dir = ws.reports / self.run_id
         self.staging = ws.root / "data" / f"{RUN_STAGING_PREFIX}{self.run_id}"
         self.staged = ws.staged(self.staging)
@@ -298,6 +302,7 @@ class _Run:
         m = self.materialize()
         self.score()
         self.exports()
+        self.receipts = {s: self.receipts[s] for s in receipts.STAGES}  # stage order, whatever was reused
         if problems := receipts.check_chain(self.receipts):
             raise ChainError("the receipt chain is broken: " + "; ".join(problems))
         exit_code = m.exit_code if m is not None else 0

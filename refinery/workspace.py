@@ -10,14 +10,17 @@ relative to the workspace root for the sources.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 #: The workspace roots this process holds the lock of, with how deeply it is held.
 _HELD: dict[Path, int] = {}
+_LOCK_FD: dict[Path, int] = {}
 
 
 class WorkspaceBusy(Exception):
@@ -79,10 +82,14 @@ class Workspace:
         return self.root / "data" / ".refinery.lock"
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the workspace's write lock; fail at once if another process holds it.
+    def lock(self, *, wait_s: float = 2.0) -> Iterator[None]:
+        """Hold the workspace's write lock; fail (after `wait_s`) if another process holds it.
 
-        Re-entrant within a process, so run-all can hold it across the stages it calls.
+        A POSIX record lock (`lockf`), not `flock`: worker processes forked while it is held
+        do not inherit it, so a killed run's orphaned workers cannot keep the workspace
+        locked. Re-entrant within a process, so run-all can hold it across the stages it
+        calls. The holder's pid (and a note: run-all's run id) is written into the lock file
+        for `holder()`; the first acquisition cleans up after a killed run (`recover`).
         """
         if _HELD.get(self.root):
             _HELD[self.root] += 1
@@ -95,32 +102,64 @@ class Workspace:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise WorkspaceBusy(
-                    f"another refinery run is writing to {self.root} (lock {path}); "
-                    "wait for it to finish") from None
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise WorkspaceBusy(
+                            f"another refinery run is writing to {self.root} (lock {path}); "
+                            "wait for it to finish") from None
+                    time.sleep(0.05)
             _HELD[self.root] = 1
+            _LOCK_FD[self.root] = fd
             try:
-                from refinery.jsonl import finish_publishes
-
-                finish_publishes(self.root / "data")  # a run killed while publishing: complete it
+                self.note_lock("")
+                self.recover()
                 yield
             finally:
+                os.ftruncate(fd, 0)  # nobody holds it any more
                 _HELD.pop(self.root, None)
+                _LOCK_FD.pop(self.root, None)
         finally:
-            os.close(fd)
+            os.close(fd)  # releases the lock
 
-    def busy(self) -> bool:
-        """Whether some process holds the write lock right now (a run is in progress)."""
-        if _HELD.get(self.root) or not self.lock_path.exists():
-            return bool(_HELD.get(self.root))
-        fd = os.open(self.lock_path, os.O_RDWR)
+    def note_lock(self, note: str) -> None:
+        """Record who holds the lock (this process) and what it is doing, for `holder()`."""
+        fd = _LOCK_FD[self.root]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {note}".encode(), 0)
+
+    def holder(self) -> tuple[int, str] | None:
+        """(pid, note) of the live process holding the write lock, or None. Reads the lock
+        file only: asking never gets in the way of a run that is about to start."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+            pid_s, _, note = self.lock_path.read_text().partition(" ")
+            pid = int(pid_s)
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # killed while holding it: the lock died with it
+        except PermissionError:
+            pass  # alive, someone else's
+        return pid, note.strip()
+
+    def recover(self) -> list[str]:
+        """Clean up after a killed run (call only while holding the lock): complete a publish
+        it journaled, drop its staging and its stages' temporary folders."""
+        from refinery.jsonl import finish_publishes
+
+        return finish_publishes(self.root / "data")
+
+    def try_recover(self) -> None:
+        """`recover` if the lock is free right now; otherwise leave it to its holder."""
+        if not self.lock_path.exists():
+            return  # nothing ever wrote here
+        with contextlib.suppress(WorkspaceBusy), self.lock(wait_s=0):
+            pass

@@ -153,13 +153,13 @@ def test_one_writer_per_workspace(ws, cfg):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert ws.busy()
+        assert ws.holder() == (holder.pid, "")
         with pytest.raises(WorkspaceBusy, match="another refinery run"):
             materialize.run(ws, cfg)
     finally:
         holder.kill()
         holder.wait()
-    assert not ws.busy()
+    assert ws.holder() is None  # killed while holding it: the lock is free again
     with ws.lock():
         materialize.run(ws, cfg)  # re-entrant within one process
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import shutil
+from pathlib import Path
 
 import jsonschema
 import orjson
@@ -153,7 +154,7 @@ def test_same_inputs_same_hashes_whatever_the_worker_count(sample):
     (sample.root / "refinery.toml").write_text("[materialize]\nparallel_min_bytes = 0\n")
     b = run_all("--force", "--workers", "2")
     c = run_all()  # reused: the receipts are carried over, hashes and all
-    assert hashes(a) == hashes(b) == hashes(c)
+    assert hashes(a) == hashes(b) == hashes(c)  # a vs b is the determinism; c shows reuse keeps it
     assert a["summary"]["overall_hash"] == b["summary"]["overall_hash"] == c["summary"]["overall_hash"]
     assert outputs(sample) == before
     assert a["run_id"] != b["run_id"] != c["run_id"]
@@ -218,11 +219,14 @@ def test_drift_first_run_and_metrics_that_come_and_go():
 
 
 def test_drift_thresholds_come_from_config(sample):
-    run_all()
-    with open(sample.kb / "eval.csv", "ab") as f:  # ~10 % more eval rows
+    first = run_all()
+    with open(sample.kb / "eval.csv", "ab") as f:
         f.write(b"".join(EVAL_ROW % (b"%d" % i) for i in range(6)))
-    loose = run_all()
-    assert loose["drift"]["severity"] in ("ok", "warn", "alert")
+    loose = run_all()  # default thresholds (10 % / 25 %): six more source rows are no news
+    rows = first["receipts"]["materialize"]["counts"]["rows_in"]
+    source_rows = next(m for m in loose["drift"]["metrics"] if m["name"] == "source_rows")
+    assert source_rows == {"name": "source_rows", "value": rows + 6, "previous": rows,
+                           "change_pct": round(600 / rows, 2), "severity": "ok"}
     (sample.root / "refinery.toml").write_text("[drift]\nwarn_pct = 0.01\nalert_pct = 0.02\n")
     strict = run_all()  # same inputs as `loose`: nothing moved, so nothing to flag
     assert strict["drift"]["severity"] == "ok"
@@ -267,6 +271,7 @@ def test_an_unchanged_run_reuses_every_stage_and_says_so(sample):
     ("edited_output", ["score"]),  # recomputed as it was: the exports downstream are reused
     ("transform_module", STAGES),
     ("edited_receipt", ["materialize"]),  # a receipt that no longer matches its hash is not trusted
+    ("deleted_output", ["export-sft"]),
 ])
 def test_reuse_is_invalidated_by_what_the_stage_depends_on(sample, monkeypatch, change, recomputed):
     first = run_all()
@@ -290,6 +295,8 @@ def test_reuse_is_invalidated_by_what_the_stage_depends_on(sample, monkeypatch, 
     elif change == "transform_module":
         (sample.root / "transforms").mkdir()
         (sample.root / "transforms" / "_helper.py").write_text("# a helper the transforms could import\n")
+    elif change == "deleted_output":
+        (sample.root / "exports" / "sft" / "instruction_response.jsonl").unlink()
     elif change == "edited_receipt":
         path = receipts.receipt_path(sample.reports / first["run_id"], "materialize")
         path.write_bytes(path.read_bytes().replace(b'"files": ', b'"files": 1', 1))
@@ -298,6 +305,8 @@ def test_reuse_is_invalidated_by_what_the_stage_depends_on(sample, monkeypatch, 
     assert set(doc["recomputed"]) == set(recomputed)
     forced = run_all("--force", *args)  # what was reused is exactly what a full recompute gives
     assert hashes(forced) == hashes(doc)
+    assert forced["summary"]["overall_hash"] == doc["summary"]["overall_hash"]
+    assert [s["stage"] for s in doc["summary"]["stages"]] == STAGES
 
 
 def test_settings_that_do_not_change_outputs_do_not_invalidate(sample):
@@ -381,9 +390,19 @@ def test_a_publish_killed_half_way_is_completed_by_the_next_writer(sample, monke
     assert {r["reused_from"] for r in doc["receipts"].values()} == {killed}
 
 
+def worker_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="watches worker processes through /proc (Linux)")
 def test_a_run_killed_mid_way_leaves_the_previous_run_intact(ws, tmp_path):
-    """A real SIGKILL in the middle of run-all (after materialize finished, before the end)."""
+    """A real SIGKILL in the middle of run-all (after materialize finished, before the end),
+    with worker processes running (they must not keep the workspace locked)."""
     generate(6000, 7, ws.kb)
+    (ws.root / "refinery.toml").write_text("[materialize]\nworkers = 2\nparallel_min_bytes = 0\n")
     env = {**os.environ, "REFINERY_WORKSPACE": str(ws.root), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "refinery", "run-all", "--json"]
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
@@ -394,11 +413,17 @@ def test_a_run_killed_mid_way_leaves_the_previous_run_intact(ws, tmp_path):
         f.write(EVAL_ROW % b"new")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not list(ws.reports.glob("*/receipts/materialize.json"))[1:] and time.monotonic() < deadline:
-        time.sleep(0.005)
+    # kill it once materialize is done and a later stage's workers are running
+    while not (list(ws.reports.glob("*/receipts/materialize.json"))[1:] and worker_pids(proc.pid)):
+        assert time.monotonic() < deadline and proc.poll() is None, "never saw a later stage's workers"
+        time.sleep(0.002)
+    workers = worker_pids(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list(ws.reports.glob("*/receipts/materialize.json"))[1:], "the run never got past materialize"
+    assert not list(ws.reports.glob("*/receipts/export-sft.json"))[1:], "the run finished before the kill"
+    while any(Path(f"/proc/{w}").exists() for w in workers):  # orphaned workers leave with their parent
+        assert time.monotonic() < deadline, f"workers {workers} outlived their killed parent"
+        time.sleep(0.05)
 
     assert outputs(ws) == before_outputs  # nothing of the killed run was published
     after = tree_bytes(ws.reports)
@@ -409,8 +434,11 @@ def test_a_run_killed_mid_way_leaves_the_previous_run_intact(ws, tmp_path):
     assert listed[1]["exit_code"] is None and listed[1]["overall_hash"] is None
 
     resumed = orjson.loads(subprocess.run(cmd, env=env, capture_output=True, check=True).stdout)
+    leftovers = [p.name for p in (ws.root / "data").iterdir() if p.name.startswith(".") and p.is_dir()]
+    assert leftovers == []  # the killed run's staging and its stages' temp folders are gone
     fresh_ws = tmp_path / "fresh"
     shutil.copytree(ws.kb, fresh_ws / "data" / "_kb")
+    shutil.copy(ws.root / "refinery.toml", fresh_ws)
     fresh = orjson.loads(subprocess.run(cmd, env={**env, "REFINERY_WORKSPACE": str(fresh_ws)},
                                         capture_output=True, check=True).stdout)
     assert hashes(resumed) == hashes(fresh)  # the next run gives what an uninterrupted one gives
@@ -450,7 +478,18 @@ def test_a_workspace_whose_rows_are_all_quarantined_runs_twice(ws):
     assert reused(second) == STAGES and hashes(first) == hashes(second)
 
 
-def test_runs_shows_a_run_in_progress_as_running(sample):
+def hold_lock(ws, note: str) -> subprocess.Popen:
+    """Another process holding the workspace lock, as run-all (note = its run id) or a stage command."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from refinery.workspace import Workspace\n"
+         f"ws = Workspace.at({str(ws.root)!r})\n"
+         f"with ws.lock():\n    ws.note_lock({note!r}); print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_runs_tells_a_running_run_from_a_killed_one(sample):
     done = run_all()
     in_progress = "29991231T000000000Z-ffff"  # sorts after the real run
     d = sample.reports / in_progress
@@ -458,15 +497,13 @@ def test_runs_shows_a_run_in_progress_as_running(sample):
     summary = orjson.loads((sample.reports / done["run_id"] / "summary.json").read_bytes())
     (d / "summary.json").write_bytes(orjson.dumps({**summary, "run_id": in_progress, "status": "incomplete",
                                                    "exit_code": None, "overall_hash": None}))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from refinery.workspace import Workspace\n"
-         f"with Workspace.at({str(sample.root)!r}).lock():\n    print('held', flush=True); time.sleep(30)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        assert orjson.loads(invoke("runs", "--json").stdout)[-1]["status"] == "running"
-        assert "is writing to" in invoke("run-all").output  # exit 2: one writer at a time
-    finally:
-        holder.kill()
-        holder.wait()
+    for note, shown in ((in_progress, "running"), ("", "incomplete")):  # run-all vs a stage command
+        holder = hold_lock(sample, note)
+        try:
+            assert orjson.loads(invoke("runs", "--json").stdout)[-1]["status"] == shown
+            if note:
+                assert "is writing to" in invoke("run-all").output  # exit 2: one writer at a time
+        finally:
+            holder.kill()
+            holder.wait()
     assert orjson.loads(invoke("runs", "--json").stdout)[-1]["status"] == "incomplete"
