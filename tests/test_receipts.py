@@ -507,3 +507,13 @@ def test_runs_tells_a_running_run_from_a_killed_one(sample):
             holder.kill()
             holder.wait()
     assert orjson.loads(invoke("runs", "--json").stdout)[-1]["status"] == "incomplete"
+
+
+def test_a_damaged_report_is_named_not_a_traceback(sample):
+    doc = run_all()
+    (sample.reports / doc["run_id"] / "summary.json").write_text("{bad")
+    assert orjson.loads(invoke("runs", "--json").stdout)[0]["status"] == "unreadable"
+    result = invoke("receipts", "--run-id", doc["run_id"])
+    assert result.exit_code == 2 and "summary.json: not valid JSON" in result.output
+    again = run_all()  # a damaged run is neither reused from nor compared with
+    assert reused(again) == [] and again["drift"]["previous_run_id"] is None
