@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install run-all runs receipts materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install run-all runs receipts acceptance audit-full materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -67,9 +67,16 @@ convert: install ## SFT/preference export -> a training format: make convert TO=
 sources: install ## list the source streams in data/_kb/ and the transform that claims each
 	$(RUN) sources
 
-test: install ## the whole test suite (the acceptance gate included); pytest's "no tests" (exit 5) fails
+test: install ## the whole test suite, then the acceptance gate; pytest's "no tests" (exit 5) fails
 	@$(PY) -m pytest -q; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+	$(RUN) acceptance
+
+acceptance: install ## the acceptance gate: the pipeline on tests/fixtures/acceptance, every invariant PASS/FAIL
+	$(RUN) acceptance
+
+audit-full: install ## re-verify the workspace on disk, determinism re-run, drift vs data/_kb/audit_baselines.jsonl
+	$(RUN) audit-full
 
 lint: install ## ruff over the code and tests
 	$(VENV)/bin/ruff check refinery transforms tests bench

@@ -356,6 +356,99 @@ def runs(workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def acceptance(
+    fixture: Annotated[Path | None, typer.Option(
+        file_okay=False, help="The fixture folder (kb/, refinery.toml, transforms/, expected.json). "
+                              "Default: tests/fixtures/acceptance.")] = None,
+    keep: Annotated[Path | None, typer.Option(
+        file_okay=False, help="Run in this folder (run-a/, run-b/) and leave it, instead of a temporary one.")] = None,
+    write_expected: Annotated[bool, typer.Option(
+        "--write-expected", help="Pin what the fixture gives now into its expected.json (after a deliberate "
+                                 "change to the fixture or the policy; review the diff).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The acceptance gate: run the pipeline twice on a hand-made fixture (every stream family,
+    every defect kind, every scorer rule) in temporary workspaces and check every numbered
+    invariant — accounting, determinism, no leaks into SFT, clean preference pairs,
+    provenance, the receipt chain, no secrets, the pinned counts, the schemas. Prints PASS or
+    FAIL for each; exit 1 if any fails."""
+    from refinery.acceptance import FIXTURE, FixtureError, run_gate
+
+    try:
+        checks = run_gate(fixture or FIXTURE, keep=keep, write_expected=write_expected)
+    except FixtureError as e:
+        _fail(f"error: {e}")
+    failed = [c for c in checks if not c.ok]
+    if as_json:
+        _print_json({"ok": not failed, "checks": [c.to_json() for c in checks]})
+    else:
+        _print_checks(checks)
+        typer.echo(f"acceptance: {len(checks) - len(failed)} of {len(checks)} invariants hold"
+                   + (f"; FAILED: {', '.join(c.key for c in failed)}" if failed else ""))
+    if failed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _print_checks(checks) -> None:
+    for c in checks:
+        mark = ("SKIP" if c.problems else "PASS") if c.ok else ("FAIL" if c.required else "WARN")
+        typer.echo(f"{c.number:>3} {mark}  {c.key} — {c.title}")
+        for p in c.problems:
+            typer.echo(f"          {p}")
+
+
+@app.command("audit-full")
+def audit_full(
+    workspace: WorkspaceOpt = Path("."),
+    config: ConfigOpt = None,
+    rerun: Annotated[bool, typer.Option(
+        "--rerun/--no-rerun", help="Re-run the pipeline in a temporary workspace to check determinism "
+                                   "(the slow part; --no-rerun skips it and says so).")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-verify the workspace on disk: receipts against every file's real sha256, the receipt
+    chain, provenance of every row, accounting, no leaks, schemas, a determinism re-run in a
+    temporary workspace; then drift of the tracked metrics against the last row of
+    data/_kb/audit_baselines.jsonl (> 20 % is flagged warn). Writes
+    reports/distillation/audit-full-report.md and, when every required check holds, appends a
+    row to the ledger. Refuses to run if the ledger's rows were changed. Exit 0 only when every
+    required check holds, else 1."""
+    from refinery.audit import LedgerTampered, run_audit
+    from refinery.workspace import WorkspaceBusy
+
+    ws, cfg = _load(workspace, config)
+    try:
+        res = run_audit(ws, cfg, rerun=rerun)
+    except LedgerTampered as e:
+        _fail(f"AUDIT REFUSED: {e}. The ledger is append-only: restore it (e.g. `git checkout` or a backup) "
+              "and run again.", EXIT_CHECK_FAILED)
+    except WorkspaceBusy as e:
+        _fail(f"error: {e}")
+    if as_json:
+        _print_json(res.to_json())
+    else:
+        _print_checks(res.checks)
+        flagged = [d for d in res.drift if d["flag"] == "warn"]
+        if res.baseline is None:
+            typer.echo("drift: first audit, no baseline to compare with")
+        else:
+            typer.echo(f"drift against baseline row {res.baseline['seq']}: {len(flagged)} of {len(res.drift)} "
+                       "metrics moved more than 20 %")
+            for d in flagged:
+                change = "from 0" if d["change_pct"] is None else f"{d['change_pct']:+.1f} %"
+                typer.echo(f"  warn  {d['name']}: {d['baseline']:g} → {d['value']:g} ({change})")
+        for n in res.notes:
+            typer.echo(n)
+        if res.appended:
+            typer.echo(f"baseline row {res.appended['seq']} appended to data/_kb/audit_baselines.jsonl")
+        passed = sum(c.ok for c in res.checks)
+        typer.echo(f"audit-full: {'PASS' if res.ok else 'FAIL'} — {passed} of {len(res.checks)} checks hold; "
+                   f"report: {res.report}")
+    if not res.ok:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
 def trace(
     row_id: Annotated[str, typer.Argument(metavar="ID", help="An id from any export, scored run, evidence "
                                           "or quarantine file (rag-…, sft-…, pp-…, ev-…, q-…).")],

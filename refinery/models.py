@@ -232,6 +232,7 @@ class RunSummary(Strict):
     error: str | None = None
     code_version: str
     config_hash: Sha256
+    include_partial: bool | None = Field(default=None, description="run-all's --include-partial flag, if given")
     stages: list[StageRef]
     totals: dict[str, int]
     overall_hash: Sha256 | None = Field(description="sha256 over the stages' receipt hashes; null unless complete")

@@ -163,7 +163,8 @@ class _Run:
         self.previous = None if force else _latest(ws, clean=True)
         self.summary: dict[str, Any] = {
             "schema_version": 1, "run_id": self.run_id, "status": "incomplete", "exit_code": None, "error": None,
-            "code_version": self.code, "config_hash": cfg.config_hash(), "stages": [], "totals": {},
+            "code_version": self.code, "config_hash": cfg.config_hash(), "include_partial": include_partial,
+            "stages": [], "totals": {},
             "overall_hash": None, "started_at": _now(), "finished_at": None}
 
     # the reuse decision -------------------------------------------------------------------

@@ -1,0 +1,273 @@
+"""`refinery audit-full`: re-verify everything on disk, re-run the pipeline to prove determinism,
+and track drift in an append-only baseline ledger.
+
+    reports/distillation/audit-full-report.md   the checks table and the drift table
+    data/_kb/audit_baselines.jsonl              one BaselineRow appended per passing audit
+
+The checks are the on-disk invariants (refinery.invariants: receipts against the files' real
+sha256, provenance of every row, accounting, no leaks, schemas, ...) plus a determinism re-run:
+the sources, config and transforms are copied into a temporary workspace, run-all runs there,
+and its receipt hashes must equal the newest run's. Exit 0 only when every required check holds.
+
+The ledger is append-only: each row carries the hash of the one before it (`prev_hash`) and its
+own (`row_hash`), so an edited, deleted or reordered row breaks the chain, and the audit
+refuses to run until the ledger is restored. Drift is the move of each tracked metric against
+the ledger's last row; a move of more than `DRIFT_WARN_PCT` % is flagged `warn`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from refinery import invariants as inv
+from refinery.canonical import sig_hash
+from refinery.config import Config, load_config
+from refinery.invariants import Check, Context
+from refinery.workspace import Workspace
+
+LEDGER = "audit_baselines.jsonl"
+REPORT = "audit-full-report.md"
+DRIFT_WARN_PCT = 20.0
+
+
+class LedgerTampered(Exception):
+    """The baseline ledger's existing rows were changed: the audit refuses to run."""
+
+
+@dataclass
+class AuditResult:
+    checks: list[Check]
+    metrics: dict[str, float]
+    drift: list[dict[str, Any]]
+    baseline: dict[str, Any] | None
+    """the last ledger row drift was measured against (None: the first audit)"""
+    appended: dict[str, Any] | None = None
+    report: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks if c.required)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks], "metrics": self.metrics,
+                "drift": self.drift, "baseline_seq": self.baseline["seq"] if self.baseline else None,
+                "appended": self.appended, "report": self.report, "notes": self.notes}
+
+
+# --- the ledger ----------------------------------------------------------------------------
+
+
+def ledger_path(ws: Workspace) -> Path:
+    return ws.kb / LEDGER
+
+
+def row_hash(row: dict[str, Any]) -> str:
+    return sig_hash({k: v for k, v in row.items() if k != "row_hash"})
+
+
+def read_ledger(ws: Workspace) -> list[dict[str, Any]]:
+    """The ledger's rows, each checked against the chain. Raises LedgerTampered naming the line."""
+    from refinery.models import BaselineRow
+
+    path = ledger_path(ws)
+    if not path.exists():
+        return []
+    rel, rows, prev = ws.rel(path), [], None
+    for n, raw in enumerate(path.read_bytes().splitlines()):
+        where = f"{rel}:{n + 1}"
+        try:
+            row = BaselineRow.model_validate_json(raw).model_dump(mode="json")
+        except ValueError as e:
+            raise LedgerTampered(f"{where}: not a baseline row ({str(e).splitlines()[0]})") from None
+        if row["seq"] != n:
+            raise LedgerTampered(f"{where}: seq {row['seq']}, expected {n} (a row was removed or moved)")
+        if row["prev_hash"] != prev:
+            raise LedgerTampered(f"{where}: prev_hash does not match the row before it (a row before it was "
+                                 "edited, removed or moved)")
+        if row_hash(row) != row["row_hash"]:
+            raise LedgerTampered(f"{where}: row_hash does not match the row's content (the row was edited)")
+        rows.append(row)
+        prev = row["row_hash"]
+    return rows
+
+
+def append_ledger(ws: Workspace, rows: list[dict[str, Any]], run_id: str | None,
+                  metrics: dict[str, float]) -> dict[str, Any]:
+    """Append one row; the file is rewritten whole through a temp file, so a kill leaves the old
+    ledger or the new one, never a torn last line."""
+    from refinery.jsonl import atomic_write, dumps_line
+    from refinery.models import BaselineRow
+
+    row = {"schema_version": 1, "seq": len(rows), "recorded_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "run_id": run_id, "metrics": metrics, "prev_hash": rows[-1]["row_hash"] if rows else None,
+           "row_hash": "0" * 64}
+    row = BaselineRow.model_validate(row).model_dump(mode="json")  # hash what is written (metrics as floats)
+    row["row_hash"] = row_hash(row)
+    path = ledger_path(ws)
+    old = path.read_bytes() if path.exists() else b""
+    with atomic_write(path) as f:
+        f.write(old)
+        f.write(dumps_line(row))
+    return row
+
+
+# --- metrics and drift ---------------------------------------------------------------------
+
+
+def tracked_metrics(ctx: Context) -> dict[str, float]:
+    """Record counts, category mix, export sizes and quarantine totals by reason."""
+    r = ctx.receipts
+    out: dict[str, float] = {}
+    if m := r.get("materialize"):
+        out.update({"source_rows": m["counts"]["rows_in"], "evidence_rows": m["counts"]["rows_out"]})
+    if s := r.get("score"):
+        total = s["counts"]["rows_out"]
+        out["scored_rows"] = total
+        for cat, n in s["by_category"].items():
+            out[f"category_share_pct.{cat}"] = round(100 * n / total, 2) if total else 0.0
+    for stage, rel in inv.EXPORT_FILES.items():
+        if e := r.get(stage):
+            name = stage.removeprefix("export-")
+            out[f"export_rows.{name}"] = e["counts"]["written"]
+            p = ctx.path(rel)
+            out[f"export_bytes.{name}"] = p.stat().st_size if p.is_file() else 0
+    reasons: dict[str, int] = {}
+    for rec in r.values():
+        for reason, n in rec["by_reason"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    out["quarantined_total"] = sum(reasons.values())
+    out.update({f"quarantined.{k}": v for k, v in sorted(reasons.items())})
+    return out
+
+
+def drift_rows(metrics: dict[str, float], baseline: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each metric against the baseline: a move of more than DRIFT_WARN_PCT % is `warn`."""
+    prev = baseline["metrics"] if baseline else None
+    rows = []
+    for name in sorted(metrics.keys() | (prev or {}).keys()):
+        value = metrics.get(name, 0)
+        before = None if prev is None else prev.get(name)
+        if before is None:
+            change, flag = None, "new" if prev is not None else "first"
+        elif before == 0:
+            change, flag = (0.0, "ok") if value == 0 else (None, "warn")
+        else:
+            change = round(100 * (value - before) / abs(before), 2)
+            flag = "warn" if abs(change) > DRIFT_WARN_PCT else "ok"
+        rows.append({"name": name, "value": value, "baseline": before, "change_pct": change, "flag": flag})
+    return rows
+
+
+# --- the determinism re-run ----------------------------------------------------------------
+
+
+def determinism_rerun(ctx: Context) -> list[str]:
+    """Copy the sources, config and transforms into a temporary workspace, run-all there, and
+    compare every receipt hash with the newest run's."""
+    from refinery.runs import run_all
+
+    if not ctx.receipts:
+        return ["no run to compare with"]
+    tmp = Path(tempfile.mkdtemp(prefix="refinery-audit-rerun-"))
+    try:
+        shutil.copytree(ctx.ws.kb, tmp / "data" / "_kb", ignore=shutil.ignore_patterns(LEDGER))
+        for extra in ("refinery.toml",):
+            if (ctx.ws.root / extra).is_file():
+                shutil.copy(ctx.ws.root / extra, tmp / extra)
+        for d in ["transforms", *ctx.cfg.materialize.transforms_dirs]:
+            if (ctx.ws.root / d).is_dir():
+                shutil.copytree(ctx.ws.root / d, tmp / d, ignore=shutil.ignore_patterns("__pycache__"))
+        twin = Workspace.at(tmp)
+        outcome = run_all(twin, load_config(twin.root), include_partial=(ctx.summary or {}).get("include_partial"),
+                          force=True)
+        if outcome.summary["code_version"] != ctx.summary["code_version"]:
+            return [f"the code changed since run {ctx.summary['run_id']} ({ctx.summary['code_version']} → "
+                    f"{outcome.summary['code_version']}): run `refinery run-all`, then audit"]
+        problems = [f"{stage}: the re-run gives receipt_hash {outcome.receipts[stage]['receipt_hash'][:12]}…, "
+                    f"run {ctx.summary['run_id']} recorded {r['receipt_hash'][:12]}…"
+                    for stage, r in ctx.receipts.items()
+                    if outcome.receipts.get(stage, {}).get("receipt_hash") != r["receipt_hash"]]
+        if not problems and outcome.summary["overall_hash"] != ctx.summary.get("overall_hash"):
+            problems.append("the re-run's overall hash differs")
+        return problems
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+AUDIT_ONLY = [("determinism_rerun", "a re-run in a temporary workspace gives the same receipt hashes",
+               determinism_rerun)]
+
+
+# --- the audit -----------------------------------------------------------------------------
+
+
+def run_audit(ws: Workspace, cfg: Config, *, rerun: bool = True) -> AuditResult:
+    """Verify the workspace; write the report; append a baseline row if every required check
+    holds. Raises LedgerTampered (before checking anything) when the ledger was changed."""
+    with ws.lock():  # no run may change the workspace while it is being verified
+        return _audit(ws, cfg, rerun)
+
+
+def _audit(ws: Workspace, cfg: Config, rerun: bool) -> AuditResult:
+    ledger = read_ledger(ws)
+    ctx = Context(ws, cfg)
+    checks = inv.run_checks(ctx, inv.INVARIANTS)
+    extra = AUDIT_ONLY if rerun else []
+    checks += inv.run_checks(ctx, extra, first_number=len(checks) + 1)
+    if not rerun:
+        checks.append(Check(len(checks) + 1, "determinism_rerun", AUDIT_ONLY[0][1], True,
+                            ["skipped (--no-rerun)"], required=False))
+    metrics = tracked_metrics(ctx)
+    baseline = ledger[-1] if ledger else None
+    result = AuditResult(checks, metrics, drift_rows(metrics, baseline), baseline)
+    if not result.ok:
+        result.notes.append("baseline not updated: a required check failed")
+    elif not rerun:
+        result.notes.append("baseline not updated: the determinism re-run was skipped (--no-rerun)")
+    else:
+        result.appended = append_ledger(ws, ledger, ctx.summary["run_id"] if ctx.summary else None, metrics)
+    report = ws.reports / REPORT
+    _write_report(report, result, ctx, ws)
+    result.report = ws.rel(report)
+    return result
+
+
+def _write_report(path: Path, res: AuditResult, ctx: Context, ws: Workspace) -> None:
+    from refinery.jsonl import atomic_write
+
+    run = ctx.summary["run_id"] if ctx.summary else "(none)"
+    base = f"row {res.baseline['seq']} of {ws.rel(ledger_path(ws))}" if res.baseline else "none yet (first audit)"
+    failed = [c for c in res.checks if not c.ok]
+    lines = [
+        "# refinery audit-full", "",
+        f"- run audited: `{run}`",
+        f"- result: **{'PASS' if res.ok else 'FAIL'}** — {len(res.checks) - len(failed)} of {len(res.checks)} "
+        "checks hold",
+        f"- baseline: {base}",
+        f"- appended: {'row ' + str(res.appended['seq']) if res.appended else 'nothing'}", "",
+        "## Checks", "", "| # | check | result | detail |", "|---|---|---|---|",
+    ]
+    for c in res.checks:
+        detail = "; ".join(c.problems[:3]) + (f" (+{len(c.problems) - 3} more)" if len(c.problems) > 3 else "")
+        mark = ("SKIP" if c.problems else "PASS") if c.ok else ("FAIL" if c.required else "WARN")
+        lines.append(f"| {c.number} | `{c.key}` — {c.title} | {mark} | {_md(detail)} |")
+    lines += ["", "## Drift against the last baseline", "",
+              f"More than {DRIFT_WARN_PCT:g} % either way is flagged `warn`; `new` is a metric the baseline "
+              "does not have.", "", "| metric | baseline | now | change % | flag |", "|---|---|---|---|---|"]
+    for d in res.drift:
+        change = "·" if d["change_pct"] is None else f"{d['change_pct']:+.1f}"
+        base = "·" if d["baseline"] is None else f"{d['baseline']:g}"
+        lines.append(f"| {d['name']} | {base} | {d['value']:g} | {change} | {d['flag']} |")
+    lines += ["", *(f"- {n}" for n in res.notes)]
+    with atomic_write(path) as f:
+        f.write(("\n".join(lines).rstrip() + "\n").encode())
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")

@@ -1,0 +1,558 @@
+"""The invariants that make a workspace's outputs training-safe, checked on what is on disk.
+
+Each invariant is a numbered, named function of a `Context` (the workspace, its config and its
+newest run's receipts) that returns the problems it found — an empty list when it holds. The
+acceptance gate checks all of them on its fixture (plus fixture-specific ones, see
+refinery.acceptance); `audit-full` checks them on the real workspace (see refinery.audit).
+A check that crashes is reported as failed with the error; it never stops the others.
+
+They read the files themselves, line by line: nothing here trusts a count kept in memory by
+the stage that wrote the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from refinery import receipts as rc
+from refinery.canonical import sig_hash
+from refinery.config import Config
+from refinery.jsonl import DEFAULT_MAX_LINE_BYTES, Line, LineCursor, read_jsonl
+from refinery.normalize import normalize_text
+from refinery.workspace import Workspace
+
+EXPORT_FILES = {"export-rag": "exports/rag/playbooks.jsonl", "export-sft": "exports/sft/instruction_response.jsonl",
+                "export-preference": "exports/preference/chosen_rejected.jsonl"}
+#: The trees whose every file a receipt must account for.
+RECORDED_TREES = ("data/evidence", "data/scored-runs", "exports/rag", "exports/sft", "exports/preference",
+                  "exports/quarantine")
+MAX_PROBLEMS = 20  # per check: enough to act on, not a flood
+
+
+@dataclass
+class Check:
+    number: int
+    key: str
+    title: str
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    required: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"number": self.number, "key": self.key, "title": self.title, "ok": self.ok,
+                "problems": self.problems, "required": self.required}
+
+
+class Context:
+    """What the checks read: the workspace, its config and its newest run."""
+
+    def __init__(self, ws: Workspace, cfg: Config):
+        from refinery.runs import list_runs
+
+        self.ws, self.cfg = ws, cfg
+        runs = list_runs(ws)
+        self.summary: dict[str, Any] | None = runs[-1] if runs else None
+        self.receipts: dict[str, dict[str, Any]] = {}
+        if self.summary and self.summary.get("status") != "unreadable":
+            self.receipts = rc.read_receipts(ws.reports / self.summary["run_id"])
+
+    def path(self, rel: str) -> Path:
+        return self.ws.root / rel
+
+    def rows(self, rel: str) -> Iterator[Line]:
+        p = self.path(rel)
+        return read_jsonl(p) if p.is_file() else iter(())
+
+    def files(self, tree: str, pattern: str = "*.jsonl") -> list[str]:
+        root = self.path(tree)
+        return sorted(self.ws.rel(p) for p in root.rglob(pattern) if p.is_file()) if root.is_dir() else []
+
+    def outputs(self, stage: str) -> list[dict[str, Any]]:
+        return self.receipts.get(stage, {}).get("outputs", [])
+
+
+class Lines:
+    """Lines of workspace files by (path, offset): each file is read forward, reopened only to
+    go back, so rows that reference their upstream in order cost one pass."""
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        self._cursors: dict[str, tuple[int, LineCursor]] = {}
+
+    def at(self, rel: str, offset: int) -> Line | None:
+        last, cur = self._cursors.get(rel, (-1, None))
+        if cur is None or offset <= last:
+            path = self.ws.root / rel
+            if not path.is_file():
+                return None
+            cur = LineCursor(self._read(path, rel))
+        line = cur.at(offset)
+        self._cursors[rel] = (offset, cur)
+        return line
+
+    def _read(self, path: Path, rel: str) -> Iterator[Line]:
+        if path.suffix.lower() == ".csv" and rel.startswith("data/_kb/"):
+            from refinery.sources import SourceFile, read_rows
+
+            return read_rows(SourceFile(path, rel.removeprefix("data/_kb/"), rel, "csv", path.stat().st_size),
+                             DEFAULT_MAX_LINE_BYTES)
+        return read_jsonl(path)
+
+
+def line_sig(line: Line) -> str:
+    if line.obj is not None:
+        return sig_hash(line.obj)
+    return hashlib.sha256(line.raw or b"").hexdigest()
+
+
+class Problems(list):
+    """A list of problems that stops growing at MAX_PROBLEMS, counting the rest."""
+
+    extra = 0
+
+    def add(self, msg: str) -> None:
+        if len(self) < MAX_PROBLEMS:
+            self.append(msg)
+        else:
+            self.extra += 1
+
+    def done(self) -> list[str]:
+        return [*self, f"... and {self.extra} more"] if self.extra else list(self)
+
+
+# --- the invariants ------------------------------------------------------------------------
+
+
+def latest_run_complete(ctx: Context) -> list[str]:
+    if ctx.summary is None:
+        return ["no run recorded: run `refinery run-all` first"]
+    s = ctx.summary
+    problems = []
+    if s["status"] != "complete":
+        problems.append(f"the newest run {s['run_id']} is {s['status']}")
+    missing = [st for st in rc.STAGES if st not in ctx.receipts]
+    if missing:
+        problems.append(f"run {s['run_id']} has no receipt for {', '.join(missing)}")
+    return problems
+
+
+def receipt_hashes(ctx: Context) -> list[str]:
+    problems = rc.check_hashes(ctx.receipts)
+    if ctx.summary and ctx.summary.get("overall_hash") and ctx.receipts:
+        stages = [{"stage": s, "receipt_hash": r["receipt_hash"]} for s, r in ctx.receipts.items()]
+        if sig_hash(stages) != ctx.summary["overall_hash"]:
+            problems.append("summary.json: overall_hash does not match the receipts' hashes")
+    return problems
+
+
+def receipt_chain(ctx: Context) -> list[str]:
+    return rc.check_chain(ctx.receipts)
+
+
+def receipts_match_files(ctx: Context) -> list[str]:
+    """Every file a receipt records is on disk with that sha256 and row count: an edited byte
+    anywhere in evidence, scored runs, exports or quarantine is caught, and the file named."""
+    problems = Problems()
+    digests = rc.Digests()
+    for stage, r in ctx.receipts.items():
+        for f in r["outputs"]:
+            p = ctx.path(f["path"])
+            if not p.is_file():
+                problems.add(f"{f['path']} (written by {stage}) is missing")
+                continue
+            d = digests.of(p, f["path"])
+            if d["sha256"] != f["sha256"]:
+                problems.add(f"{f['path']} changed since {stage} wrote it: sha256 {d['sha256'][:12]}… "
+                             f"!= recorded {f['sha256'][:12]}…")
+            elif d["rows"] != f["rows"]:
+                problems.add(f"{f['path']}: {d['rows']} rows, the receipt says {f['rows']}")
+    return problems.done()
+
+
+def no_unrecorded_outputs(ctx: Context) -> list[str]:
+    """No file in the output trees that no receipt accounts for (a planted or leftover file)."""
+    recorded = {f["path"] for r in ctx.receipts.values() for f in r["outputs"]}
+    return [f"{p} is not in any receipt of run {ctx.summary['run_id'] if ctx.summary else '?'}"
+            for tree in RECORDED_TREES for p in ctx.files(tree, "*") if p not in recorded]
+
+
+def _file_rows(ctx: Context, rel: str) -> int:
+    return sum(1 for _ in ctx.rows(rel))
+
+
+def accounting_materialize(ctx: Context) -> list[str]:
+    r = ctx.receipts.get("materialize")
+    if r is None:
+        return ["no materialize receipt"]
+    c, problems = r["counts"], []
+    if c["rows_in"] != c["rows_out"] + c["quarantined"]:
+        problems.append(f"materialize: {c['rows_in']} rows in != {c['rows_out']} evidence + {c['quarantined']} "
+                        "quarantined")
+    if (n := sum(i["rows"] for i in r["inputs"])) != c["rows_in"] and not c.get("unreadable_files"):
+        problems.append(f"materialize: the source files hold {n} rows, the receipt counts {c['rows_in']} in")
+    evidence = sum(_file_rows(ctx, f) for f in ctx.files("data/evidence"))
+    if evidence != c["rows_out"]:
+        problems.append(f"data/evidence/ holds {evidence} rows, materialize wrote {c['rows_out']}")
+    q = _file_rows(ctx, "exports/quarantine/materialize.jsonl")
+    if q != c["quarantined"] + c.get("unreadable_files", 0):
+        problems.append(f"exports/quarantine/materialize.jsonl holds {q} rows, materialize quarantined "
+                        f"{c['quarantined']}")
+    return problems
+
+
+def accounting_score(ctx: Context) -> list[str]:
+    s, m = ctx.receipts.get("score"), ctx.receipts.get("materialize")
+    if s is None or m is None:
+        return ["no score or materialize receipt"]
+    c, problems = s["counts"], []
+    if c["rows_in"] != m["counts"]["rows_out"]:
+        problems.append(f"score read {c['rows_in']} rows, materialize wrote {m['counts']['rows_out']}")
+    if c["rows_in"] != c["rows_out"] + c["quarantined"]:
+        problems.append(f"score: {c['rows_in']} in != {c['rows_out']} scored + {c['quarantined']} quarantined")
+    scored = sum(_file_rows(ctx, f) for f in ctx.files("data/scored-runs"))
+    if scored != c["rows_out"]:
+        problems.append(f"data/scored-runs/ holds {scored} rows, score wrote {c['rows_out']}")
+    if sum(s["by_category"].values()) != c["rows_out"]:
+        problems.append(f"score: the categories add up to {sum(s['by_category'].values())}, not {c['rows_out']}")
+    return problems
+
+
+def accounting_exports(ctx: Context) -> list[str]:
+    s = ctx.receipts.get("score")
+    problems = []
+    for stage, path in EXPORT_FILES.items():
+        r = ctx.receipts.get(stage)
+        if r is None or s is None:
+            problems.append(f"no {stage} or score receipt")
+            continue
+        c = r["counts"]
+        if c["rows_in"] != s["counts"]["rows_out"]:
+            problems.append(f"{stage} was offered {c['rows_in']} rows, score wrote {s['counts']['rows_out']}")
+        if c["rows_in"] != c["rows_out"] + c["quarantined"]:
+            problems.append(f"{stage}: {c['rows_in']} in != {c['rows_out']} out + {c['quarantined']} quarantined")
+        if (n := _file_rows(ctx, path)) != c["written"]:
+            problems.append(f"{path} holds {n} rows, {stage} wrote {c['written']}")
+        if (n := _file_rows(ctx, f"exports/quarantine/{stage}.jsonl")) != c["quarantined"]:
+            problems.append(f"exports/quarantine/{stage}.jsonl holds {n} rows, {stage} quarantined {c['quarantined']}")
+        if sum(r["by_reason"].values()) != c["quarantined"]:
+            problems.append(f"{stage}: the reasons add up to {sum(r['by_reason'].values())}, not {c['quarantined']}")
+    return problems
+
+
+def nothing_lost(ctx: Context) -> list[str]:
+    """Every row of every source file is in the evidence or in materialize's quarantine,
+    exactly once (by its source file and line)."""
+    m = ctx.receipts.get("materialize")
+    if m is None:
+        return ["no materialize receipt"]
+    seen: dict[str, bytearray] = {}
+    for i in m["inputs"]:
+        p = ctx.path(i["path"])
+        lines = p.read_bytes().count(b"\n") + 1 if p.is_file() else 0
+        seen[i["path"]] = bytearray(lines + 1)
+    whole_file: set[str] = set()
+    problems = Problems()
+
+    def mark(prov: dict[str, Any], where: str) -> None:
+        src, off = prov["source_file"], prov["line_offset"]
+        if src not in seen:
+            problems.add(f"{where}: points at {src}, which is not an input of the run")
+        elif off is None:
+            whole_file.add(src)
+        elif off >= len(seen[src]):
+            problems.add(f"{where}: {src} has no line {off}")
+        elif seen[src][off]:
+            problems.add(f"{where}: {src}:{off} is accounted for twice")
+        else:
+            seen[src][off] = 1
+
+    for rel in [*ctx.files("data/evidence"), "exports/quarantine/materialize.jsonl"]:
+        for line in ctx.rows(rel):
+            if line.obj is None:
+                problems.add(f"{rel}:{line.offset}: unreadable ({line.reason})")
+            else:
+                mark(line.obj["provenance"], f"{rel}:{line.offset}")
+    for i in m["inputs"]:
+        n = sum(seen[i["path"]])
+        if i["path"] not in whole_file and n != i["rows"]:
+            problems.add(f"{i['path']}: {i['rows']} rows read, {n} found in evidence or quarantine")
+    return problems.done()
+
+
+def _check_provenance(ctx: Context, rel: str, lines: Lines, problems: Problems,
+                      provs: Callable[[dict[str, Any]], list[dict[str, Any]]], expect_id: bool) -> int:
+    n = 0
+    for line in ctx.rows(rel):
+        if line.obj is None:
+            problems.add(f"{rel}:{line.offset}: unreadable ({line.reason})")
+            continue
+        for prov in provs(line.obj):
+            n += 1
+            up = lines.at(prov["source_file"], prov["line_offset"])
+            where = f"{rel}:{line.offset} → {prov['source_file']}:{prov['line_offset']}"
+            if up is None:
+                problems.add(f"{where}: no such line")
+            elif line_sig(up) != prov["sig_hash"]:
+                problems.add(f"{where}: sig_hash differs (the line changed after this row was written)")
+            elif expect_id and (up.obj or {}).get("id") != "ev-" + line.obj["id"].split("-", 1)[1]:
+                problems.add(f"{where}: the line there is {(up.obj or {}).get('id')}, not this row's")
+    return n
+
+
+def evidence_provenance(ctx: Context) -> list[str]:
+    """Every evidence row's provenance names its source line, whose hash recomputes."""
+    problems, lines = Problems(), Lines(ctx.ws)
+    for rel in ctx.files("data/evidence"):
+        _check_provenance(ctx, rel, lines, problems, lambda o: [o["provenance"]], expect_id=False)
+    return problems.done()
+
+
+def scored_provenance(ctx: Context) -> list[str]:
+    """Every scored run points at its evidence line (same id), whose hash recomputes."""
+    problems, lines = Problems(), Lines(ctx.ws)
+    for rel in ctx.files("data/scored-runs"):
+        _check_provenance(ctx, rel, lines, problems, lambda o: [o["provenance"]], expect_id=True)
+    return problems.done()
+
+
+def export_provenance(ctx: Context) -> list[str]:
+    """Every export row (both answers of a pair) points at its scored run, whose hash recomputes."""
+    problems, lines = Problems(), Lines(ctx.ws)
+    for stage, rel in EXPORT_FILES.items():
+        if stage == "export-preference":
+            _check_provenance(ctx, rel, lines, problems,
+                              lambda o: [o["provenance"], o["rejected_provenance"]], expect_id=False)
+        else:
+            _check_provenance(ctx, rel, lines, problems, lambda o: [o["provenance"]], expect_id=True)
+    return problems.done()
+
+
+def _scored(ctx: Context, lines: Lines, prov: dict[str, Any]) -> dict[str, Any]:
+    up = lines.at(prov["source_file"], prov["line_offset"])
+    return up.obj if up is not None and up.obj is not None else {}
+
+
+def sft_never_rejected_or_review(ctx: Context) -> list[str]:
+    """No SFT row is (or points at a scored run that is) rejected or needs_human_review."""
+    problems, lines = Problems(), Lines(ctx.ws)
+    rel = EXPORT_FILES["export-sft"]
+    for line in ctx.rows(rel):
+        row = line.obj or {}
+        cat = _scored(ctx, lines, row.get("provenance", {})).get("category") if row else None
+        if row.get("quality_score") in ("rejected", "needs_human_review") or cat in ("rejected", "needs_human_review"):
+            problems.add(f"{rel}:{line.offset} ({row.get('id')}): its scored run is {cat}")
+        elif cat != row.get("quality_score"):
+            problems.add(f"{rel}:{line.offset} ({row.get('id')}): quality_score {row.get('quality_score')} but "
+                         f"its scored run is {cat}")
+    return problems.done()
+
+
+def rag_categories(ctx: Context) -> list[str]:
+    problems, lines = Problems(), Lines(ctx.ws)
+    allowed = set(ctx.cfg.export.rag_categories)
+    rel = EXPORT_FILES["export-rag"]
+    for line in ctx.rows(rel):
+        row = line.obj or {}
+        cat = _scored(ctx, lines, row.get("provenance", {})).get("category")
+        if cat not in allowed or row.get("category") != cat:
+            problems.add(f"{rel}:{line.offset} ({row.get('id')}): category {row.get('category')}, scored {cat}; "
+                         f"RAG takes {sorted(allowed)}")
+    return problems.done()
+
+
+def _pairs(ctx: Context) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line in ctx.rows(EXPORT_FILES["export-preference"]):
+        if line.obj is not None:
+            yield line.offset, line.obj
+
+
+def preference_no_self_pairs(ctx: Context) -> list[str]:
+    return [f"pair {p['id']} (line {i}): chosen and rejected are the same row"
+            for i, p in _pairs(ctx)
+            if p["chosen_id"] == p["rejected_id"]
+            or (p["provenance"]["source_file"], p["provenance"]["line_offset"])
+            == (p["rejected_provenance"]["source_file"], p["rejected_provenance"]["line_offset"])]
+
+
+def preference_no_identical_texts(ctx: Context) -> list[str]:
+    return [f"pair {p['id']} (line {i}): chosen and rejected say the same thing"
+            for i, p in _pairs(ctx) if normalize_text(p["chosen"]) == normalize_text(p["rejected"])]
+
+
+def preference_chosen_outranks(ctx: Context) -> list[str]:
+    """Chosen is accepted or partially accepted, rejected is rejected, the chosen score is
+    strictly higher, and both answer the same task — as their scored runs say."""
+    problems, lines = Problems(), Lines(ctx.ws)
+    for i, p in _pairs(ctx):
+        c, r = _scored(ctx, lines, p["provenance"]), _scored(ctx, lines, p["rejected_provenance"])
+        if c.get("category") not in ("accepted", "partially_accepted") or r.get("category") != "rejected":
+            problems.add(f"pair {p['id']} (line {i}): chosen is {c.get('category')}, rejected is {r.get('category')}")
+        elif not c["score"] > r["score"] or not p["chosen_score"] > p["rejected_score"]:
+            problems.add(f"pair {p['id']} (line {i}): chosen score {c['score']} is not above {r['score']}")
+        elif not c["task_key"] == r["task_key"] == p["task_key"]:
+            problems.add(f"pair {p['id']} (line {i}): chosen and rejected answer different tasks")
+    return problems.done()
+
+
+def preference_pair_limit(ctx: Context) -> list[str]:
+    limit = ctx.cfg.export.max_pairs_per_task
+    per_task = Counter(p["task_key"] for _, p in _pairs(ctx))
+    return [f"task {k}: {n} pairs, more than export.max_pairs_per_task = {limit}"
+            for k, n in sorted(per_task.items()) if n > limit]
+
+
+def no_duplicate_answers(ctx: Context) -> list[str]:
+    """RAG and SFT hold each (task, answer) once (when export.dedup is on)."""
+    if not ctx.cfg.export.dedup:
+        return []
+    from refinery.normalize import render_tool_calls
+
+    problems = Problems()
+    for stage in ("export-rag", "export-sft"):
+        seen: dict[bytes, int] = {}
+        lines = Lines(ctx.ws)
+        for line in ctx.rows(EXPORT_FILES[stage]):
+            row = line.obj or {}
+            task = row.get("task_key") or _scored(ctx, lines, row.get("provenance", {})).get("task_key")
+            answer = normalize_text(row.get("response", "") + render_tool_calls(row.get("tool_calls") or []))
+            key = hashlib.sha256(f"{task}\x1f{answer}".encode()).digest()[:16]
+            if key in seen:
+                problems.add(f"{EXPORT_FILES[stage]}:{line.offset} repeats the answer of line {seen[key]} "
+                             "for the same task")
+            seen.setdefault(key, line.offset)
+    return problems.done()
+
+
+def no_secrets_in_exports(ctx: Context) -> list[str]:
+    """No export row carries an API key, token, private key, password, email, phone number
+    or private note (kinds in export.allow_sensitive excepted)."""
+    from refinery.sensitive import first_finding
+
+    skip = {"id", "provenance", "rejected_provenance", "task_key", "chosen_id", "rejected_id", "schema_version"}
+    problems = Problems()
+    for rel in EXPORT_FILES.values():
+        for line in ctx.rows(rel):
+            row = line.obj or {}
+            hit = first_finding([(k, v) for k, v in row.items() if k not in skip], ctx.cfg.export.allow_sensitive)
+            if hit:
+                problems.add(f"{rel}:{line.offset} ({row.get('id')}): {hit[0]} in {hit[1]}")
+    return problems.done()
+
+
+def export_quarantine_holds_no_text(ctx: Context) -> list[str]:
+    """The exports' quarantine records name the row and the reason, never copy its text (a
+    refused secret must not reappear in quarantine)."""
+    problems = Problems()
+    for stage in EXPORT_FILES:
+        rel = f"exports/quarantine/{stage}.jsonl"
+        for line in ctx.rows(rel):
+            if line.obj is None or line.obj.get("raw") is not None:
+                problems.add(f"{rel}:{line.offset}: carries the row's text")
+    return problems.done()
+
+
+def unique_ids(ctx: Context) -> list[str]:
+    problems = Problems()
+    groups = {"evidence": ctx.files("data/evidence"), "scored runs": ctx.files("data/scored-runs"),
+              **{stage: [rel] for stage, rel in EXPORT_FILES.items()},
+              "quarantine": ctx.files("exports/quarantine")}
+    for name, rels in groups.items():
+        seen: dict[bytes, str] = {}
+        for rel in rels:
+            for line in ctx.rows(rel):
+                rid = (line.obj or {}).get("id")
+                key = hashlib.sha256(str(rid).encode()).digest()[:16]
+                if key in seen:
+                    problems.add(f"{name}: id {rid} at {rel}:{line.offset} is also at {seen[key]}")
+                else:
+                    seen[key] = f"{rel}:{line.offset}"
+    return problems.done()
+
+
+def schemas_validate(ctx: Context) -> list[str]:
+    """Every output row and every report validates against its JSON Schema in schemas/."""
+    import jsonschema
+
+    from refinery.schemas import SCHEMA_DIR
+
+    validators: dict[str, Any] = {}
+
+    def validator(name: str):
+        if name not in validators:
+            schema = orjson.loads((SCHEMA_DIR / f"{name}.v1.json").read_bytes())
+            validators[name] = jsonschema.Draft202012Validator(schema)
+        return validators[name]
+
+    plan = [("evidence_record", ctx.files("data/evidence")), ("scored_run", ctx.files("data/scored-runs")),
+            ("rag_sample", [EXPORT_FILES["export-rag"]]), ("sft_sample", [EXPORT_FILES["export-sft"]]),
+            ("preference_pair", [EXPORT_FILES["export-preference"]]),
+            ("quarantine_record", ctx.files("exports/quarantine"))]
+    problems = Problems()
+    for name, rels in plan:
+        v = validator(name)
+        for rel in rels:
+            for line in ctx.rows(rel):
+                if line.obj is None:
+                    problems.add(f"{rel}:{line.offset}: not JSON ({line.reason})")
+                elif (err := next(v.iter_errors(line.obj), None)) is not None:
+                    where = "/".join(str(p) for p in err.absolute_path) or "(row)"
+                    problems.add(f"{rel}:{line.offset}: {name} schema: {where}: {err.message[:120]}")
+    if ctx.summary:
+        run_dir = ctx.ws.reports / ctx.summary["run_id"]
+        docs = [("run_summary", run_dir / "summary.json"), ("drift_report", run_dir / "drift.json"),
+                *(("stage_receipt", rc.receipt_path(run_dir, s)) for s in ctx.receipts)]
+        for name, p in docs:
+            if p.is_file() and (err := next(validator(name).iter_errors(orjson.loads(p.read_bytes())), None)):
+                problems.add(f"{ctx.ws.rel(p)}: {name} schema: {err.message[:120]}")
+    return problems.done()
+
+
+#: The on-disk invariants, in the order they are numbered and reported.
+INVARIANTS: list[tuple[str, str, Callable[[Context], list[str]]]] = [
+    ("latest_run_complete", "the newest run is complete, with a receipt for every stage", latest_run_complete),
+    ("receipt_hashes", "every receipt_hash and the overall hash recompute", receipt_hashes),
+    ("receipt_chain", "each stage read exactly what the stage before it wrote", receipt_chain),
+    ("receipts_match_files", "every recorded output is on disk with its sha256 and rows", receipts_match_files),
+    ("no_unrecorded_outputs", "every file in the output trees is in a receipt", no_unrecorded_outputs),
+    ("accounting_materialize", "source rows = evidence + quarantined", accounting_materialize),
+    ("accounting_score", "evidence rows = scored + quarantined", accounting_score),
+    ("accounting_exports", "scored rows = written + quarantined, for each export", accounting_exports),
+    ("nothing_lost", "every source line is in evidence or quarantine exactly once", nothing_lost),
+    ("evidence_provenance", "every evidence row resolves to its source line; sig_hash recomputes",
+     evidence_provenance),
+    ("scored_provenance", "every scored run resolves to its evidence line; sig_hash recomputes", scored_provenance),
+    ("export_provenance", "every export row resolves to its scored run; sig_hash recomputes", export_provenance),
+    ("sft_never_rejected_or_review", "no rejected or needs_human_review row in SFT", sft_never_rejected_or_review),
+    ("rag_categories", "RAG holds only the categories export.rag_categories allows", rag_categories),
+    ("preference_no_self_pairs", "no preference pair pairs a row with itself", preference_no_self_pairs),
+    ("preference_no_identical_texts", "no preference pair has identical chosen and rejected texts",
+     preference_no_identical_texts),
+    ("preference_chosen_outranks", "chosen is accepted/partial, scored strictly higher, same task",
+     preference_chosen_outranks),
+    ("preference_pair_limit", "at most export.max_pairs_per_task pairs per task", preference_pair_limit),
+    ("no_duplicate_answers", "RAG and SFT hold each (task, answer) once", no_duplicate_answers),
+    ("no_secrets_in_exports", "no secret or personal data in any export row", no_secrets_in_exports),
+    ("export_quarantine_holds_no_text", "export quarantine records never copy the refused text",
+     export_quarantine_holds_no_text),
+    ("unique_ids", "ids are unique within evidence, scored runs, each export and quarantine", unique_ids),
+    ("schemas", "every output row and report validates against schemas/", schemas_validate),
+]
+
+
+def run_checks(ctx: Context, checks: list[tuple[str, str, Callable[[Context], list[str]]]],
+               first_number: int = 1) -> list[Check]:
+    out = []
+    for n, (key, title, fn) in enumerate(checks, first_number):
+        try:
+            problems = fn(ctx)
+        except Exception as e:  # a check that crashes fails; it never hides the others
+            problems = [f"the check itself failed: {type(e).__name__}: {e}"]
+        out.append(Check(n, key, title, not problems, problems))
+    return out

@@ -1,0 +1,185 @@
+"""audit-full: the checks on a real workspace, the determinism re-run, the report, and the
+append-only baseline ledger with drift against its last row."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from refinery import audit
+from refinery.cli import app
+from refinery.invariants import INVARIANTS
+from refinery.sample import generate
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def ran(ws):
+    generate(400, 7, ws.kb)
+    assert invoke("run-all").exit_code == 0
+    return ws
+
+
+def ledger(ws) -> list[dict]:
+    return [orjson.loads(x) for x in (ws.kb / audit.LEDGER).read_bytes().splitlines()]
+
+
+def audit_json(*args: str) -> tuple[int, dict]:
+    result = invoke("audit-full", "--json", *args)
+    return result.exit_code, orjson.loads(result.stdout)
+
+
+def test_an_audit_of_a_clean_workspace_passes_reports_and_appends(ran):
+    code, doc = audit_json()
+    assert code == 0 and doc["ok"]
+    keys = [c["key"] for c in doc["checks"]]
+    assert len(keys) >= 16 and keys[-1] == "determinism_rerun" and all(c["ok"] for c in doc["checks"])
+    assert len(doc["metrics"]) >= 10
+    assert {"source_rows", "evidence_rows", "category_share_pct.accepted", "export_rows.sft", "export_bytes.rag",
+            "quarantined_total"} <= set(doc["metrics"])
+    report = (ran.reports / audit.REPORT).read_text()
+    assert "**PASS**" in report and "## Checks" in report and "## Drift against the last baseline" in report
+    assert "| 24 | `determinism_rerun`" in report
+    (row0,) = ledger(ran)
+    assert row0["seq"] == 0 and row0["prev_hash"] is None and row0["metrics"] == doc["metrics"]
+    assert doc["appended"]["row_hash"] == row0["row_hash"]
+
+    code, doc = audit_json()  # nothing changed: no drift, a second row chained to the first
+    assert code == 0 and doc["baseline_seq"] == 0
+    assert {d["flag"] for d in doc["drift"]} == {"ok"}
+    row0, row1 = ledger(ran)
+    assert row1["seq"] == 1 and row1["prev_hash"] == row0["row_hash"]
+
+
+def test_the_table_output_names_checks_and_drift(ran):
+    invoke("audit-full")
+    result = invoke("audit-full")
+    assert result.exit_code == 0
+    assert "  1 PASS  latest_run_complete" in result.stdout
+    assert "drift against baseline row 0: 0 of" in result.stdout
+    assert "audit-full: PASS — 24 of 24 checks hold; report: reports/distillation/audit-full-report.md" in result.stdout
+
+
+def test_a_tampered_workspace_fails_names_the_file_and_keeps_the_baseline(ran):
+    assert invoke("audit-full").exit_code == 0
+    evidence = sorted(ran.evidence.rglob("*.jsonl"))[0]
+    evidence.write_bytes(evidence.read_bytes().replace(b'","', b'", "', 1))  # one byte, same parsed row
+    result = invoke("audit-full")
+    assert result.exit_code == 1
+    assert f"{ran.rel(evidence)} changed since materialize wrote it" in result.stdout
+    assert " FAIL  receipts_match_files" in result.stdout
+    assert "baseline not updated: a required check failed" in result.stdout
+    assert len(ledger(ran)) == 1
+    assert "**FAIL**" in (ran.reports / audit.REPORT).read_text()
+
+
+def test_determinism_rerun_fails_alone_when_the_outputs_no_longer_follow_from_the_inputs(ran):
+    # the config changed since the run: the outputs on disk are sound, but a re-run gives others
+    (ran.root / "refinery.toml").write_text("[score]\naccept_min_score = 0.95\n")
+    code, doc = audit_json()
+    assert code == 1
+    assert [c["key"] for c in doc["checks"] if not c["ok"]] == ["determinism_rerun"]
+    problems = next(c["problems"] for c in doc["checks"] if c["key"] == "determinism_rerun")
+    assert problems[0].startswith("score: the re-run gives receipt_hash")
+
+
+def test_no_rerun_skips_and_does_not_move_the_baseline(ran):
+    code, doc = audit_json("--no-rerun")
+    assert code == 0
+    rerun = doc["checks"][-1]
+    assert rerun["key"] == "determinism_rerun" and rerun["problems"] == ["skipped (--no-rerun)"]
+    assert not rerun["required"] and doc["appended"] is None
+    assert "the determinism re-run was skipped" in doc["notes"][0]
+    assert " SKIP  determinism_rerun" in invoke("audit-full", "--no-rerun").stdout
+
+
+def test_an_audit_before_any_run_fails_cleanly(ws):
+    code, doc = audit_json("--no-rerun")
+    assert code == 1
+    assert next(c for c in doc["checks"] if c["key"] == "latest_run_complete")["problems"] == [
+        "no run recorded: run `refinery run-all` first"]
+
+
+# --- the ledger is append-only ---------------------------------------------------------------
+
+
+def three_rows(ws) -> list[bytes]:
+    """A ledger of three rows, appended as passing audits append them."""
+    for i in range(3):
+        rows = audit.read_ledger(ws)
+        audit.append_ledger(ws, rows, f"run-{i}", {"source_rows": 100.0 + i})
+    return (ws.kb / audit.LEDGER).read_bytes().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize(("tamper", "line", "what"), [
+    (lambda rows: [rows[0].replace(b'"source_rows":100.0', b'"source_rows":101.0'), *rows[1:]], 1, "row_hash"),
+    (lambda rows: rows[1:], 1, "seq 1, expected 0"),
+    (lambda rows: [rows[1], rows[0], rows[2]], 1, "seq 1, expected 0"),
+    (lambda rows: [rows[0], b"{not json\n", rows[2]], 2, "not a baseline row"),
+])
+def test_a_changed_ledger_is_refused(ran, tamper, line, what):
+    rows = three_rows(ran)
+    (ran.kb / audit.LEDGER).write_bytes(b"".join(tamper(rows)))
+    before = (ran.kb / audit.LEDGER).read_bytes()
+    result = invoke("audit-full", "--no-rerun")
+    assert result.exit_code == 1
+    assert f"AUDIT REFUSED: data/_kb/audit_baselines.jsonl:{line}: " in result.output and what in result.output
+    assert (ran.kb / audit.LEDGER).read_bytes() == before  # nothing appended to a broken ledger
+
+
+def test_a_forger_who_rehashes_an_edited_row_breaks_the_next_link(ran):
+    rows = [orjson.loads(x) for x in three_rows(ran)]
+    rows[0]["metrics"]["source_rows"] = 999.0
+    rows[0]["row_hash"] = audit.row_hash(rows[0])
+    (ran.kb / audit.LEDGER).write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    with pytest.raises(audit.LedgerTampered, match=r"audit_baselines.jsonl:2: prev_hash does not match"):
+        audit.read_ledger(ran)
+
+
+def test_appending_keeps_every_existing_byte(ran):
+    rows = three_rows(ran)
+    audit.append_ledger(ran, audit.read_ledger(ran), "run-x", {"source_rows": 1.0})
+    now = (ran.kb / audit.LEDGER).read_bytes().splitlines(keepends=True)
+    assert now[:3] == rows and len(now) == 4
+
+
+# --- drift against the baseline ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("before", "now", "flag"), [
+    (100, 120, "ok"), (100, 120.01, "warn"), (100, 80, "ok"), (100, 79.99, "warn"), (100, 100, "ok"),
+    (0, 0, "ok"), (0, 1, "warn"),
+])
+def test_drift_flags_moves_of_more_than_20_percent(before, now, flag):
+    (row,) = audit.drift_rows({"m": now}, {"seq": 0, "metrics": {"m": before}})
+    assert row["flag"] == flag and row["baseline"] == before and row["value"] == now
+
+
+def test_drift_without_a_baseline_or_for_a_new_metric():
+    assert audit.drift_rows({"m": 1}, None)[0]["flag"] == "first"
+    rows = {r["name"]: r for r in audit.drift_rows({"m": 1, "new": 2}, {"seq": 0, "metrics": {"m": 1, "gone": 3}})}
+    assert rows["new"]["flag"] == "new" and rows["gone"]["value"] == 0 and rows["gone"]["flag"] == "warn"
+
+
+def test_a_real_move_is_flagged_in_the_report(ran):
+    assert invoke("audit-full").exit_code == 0
+    with open(ran.kb / "eval.csv", "ab") as f:  # many more eval rows: the mix and sizes move
+        for i in range(200):
+            f.write(b"ev-y%d,t-y,extra,How many orders are open (%d)?,12,12,0.9,li.chen,2026-11-02T10:00:00Z\n"
+                    % (i, i))
+    assert invoke("run-all").exit_code == 0
+    result = invoke("audit-full")
+    assert result.exit_code == 0  # drift is reported, it does not fail the audit
+    assert "  warn  source_rows: 400 → 600 (+50.0 %)" in result.stdout
+    assert "| source_rows | 400 | 600 | +50.0 | warn |" in (ran.reports / audit.REPORT).read_text()
+
+
+def test_every_shared_invariant_is_an_audit_check(ran):
+    _, doc = audit_json("--no-rerun")
+    assert [c["key"] for c in doc["checks"]][:len(INVARIANTS)] == [k for k, _, _ in INVARIANTS]

@@ -1,0 +1,288 @@
+"""Every on-disk invariant (the audit's checks and the gate's) fails on a workspace tampered in
+exactly its way — and only that one fails.
+
+The workspaces come from one run of the acceptance gate on its fixture. A tamper that edits an
+output "re-seals" the receipts afterwards (new sha256s, receipt hashes, overall hash), as a
+careful forger would, so that the semantic check — not the hash check — is the one that sees it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from refinery import invariants as inv
+from refinery import receipts as rc
+from refinery.acceptance import FIXTURE, run_gate
+from refinery.canonical import sig_hash
+from refinery.config import load_config
+from refinery.runs import list_runs
+from refinery.workspace import Workspace
+
+KEYS = [k for k, _, _ in inv.INVARIANTS]
+
+
+@pytest.fixture(scope="module")
+def gate_dir(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("gate")
+    checks = run_gate(FIXTURE, keep=base)
+    assert all(c.ok for c in checks), [(c.key, c.problems) for c in checks if not c.ok]
+    return base
+
+
+@pytest.fixture
+def gws(gate_dir, tmp_path) -> Workspace:
+    """A private copy of the gate's first workspace."""
+    shutil.copytree(gate_dir / "run-a", tmp_path / "a", symlinks=True)
+    return Workspace.at(tmp_path / "a")
+
+
+def failing(ws: Workspace) -> set[str]:
+    ctx = inv.Context(ws, load_config(ws.root))
+    return {c.key for c in inv.run_checks(ctx, inv.INVARIANTS) if not c.ok}
+
+
+def problems_of(ws: Workspace, key: str) -> list[str]:
+    ctx = inv.Context(ws, load_config(ws.root))
+    fn = next(f for k, _, f in inv.INVARIANTS if k == key)
+    return fn(ctx)
+
+
+# --- tampering helpers ---------------------------------------------------------------------
+
+
+def run_dir(ws: Workspace) -> Path:
+    return ws.reports / list_runs(ws)[-1]["run_id"]
+
+
+def edit_receipt(ws: Workspace, stage: str, change: Callable[[dict], None], rehash: bool = True) -> None:
+    p = rc.receipt_path(run_dir(ws), stage)
+    r = orjson.loads(p.read_bytes())
+    change(r)
+    if rehash:
+        r["receipt_hash"] = rc.receipt_hash(r)
+    p.write_bytes(orjson.dumps(r))
+    if rehash:
+        reseal_summary(ws)
+
+
+def reseal_summary(ws: Workspace) -> None:
+    d = run_dir(ws)
+    s = orjson.loads((d / "summary.json").read_bytes())
+    recs = rc.read_receipts(d)
+    s["stages"] = [{"stage": k, "receipt_hash": r["receipt_hash"], "reused": False} for k, r in recs.items()]
+    s["overall_hash"] = sig_hash([{"stage": k, "receipt_hash": r["receipt_hash"]} for k, r in recs.items()])
+    (d / "summary.json").write_bytes(orjson.dumps(s))
+
+
+def reseal(ws: Workspace) -> None:
+    """Record the files as they are now in every receipt (a forger's cover-up)."""
+    d = run_dir(ws)
+    digests = rc.Digests()
+    for stage, r in rc.read_receipts(d).items():
+        r["outputs"] = [digests.of(ws.root / f["path"], f["path"]) for f in r["outputs"]]
+        if stage != "materialize":
+            r["inputs"] = [digests.of(ws.root / f["path"], f["path"]) for f in r["inputs"]]
+        r["receipt_hash"] = rc.receipt_hash(r)
+        rc.receipt_path(d, stage).write_bytes(orjson.dumps(r))
+    reseal_summary(ws)
+
+
+def edit_rows(ws: Workspace, rel: str, change: Callable[[int, dict], dict | None], *, seal: bool = True) -> None:
+    """Rewrite the JSONL file `rel` with `change(i, row)` applied (None keeps the row)."""
+    p = ws.root / rel
+    out = []
+    for i, raw in enumerate(p.read_bytes().splitlines()):
+        row = orjson.loads(raw)
+        new = change(i, row)
+        out.append(orjson.dumps(new if new is not None else row))
+    p.write_bytes(b"\n".join(out) + b"\n")
+    if seal:
+        reseal(ws)
+
+
+def first_evidence(ws: Workspace) -> str:
+    return sorted(ws.rel(p) for p in ws.evidence.rglob("*.jsonl"))[0]
+
+
+def set_field(i_target: int, **values):
+    def change(i, row):
+        return {**row, **values} if i == i_target else None
+    return change
+
+
+RAG, SFT, PREF = inv.EXPORT_FILES["export-rag"], inv.EXPORT_FILES["export-sft"], inv.EXPORT_FILES["export-preference"]
+
+
+# --- one tamper per check ------------------------------------------------------------------
+
+
+def t_latest_run_complete(ws):
+    p = run_dir(ws) / "summary.json"
+    p.write_bytes(orjson.dumps({**orjson.loads(p.read_bytes()), "status": "incomplete"}))
+
+
+def t_receipt_hashes(ws):
+    edit_receipt(ws, "score", lambda r: r["by_source"].update({"planted": {"accepted": 1}}), rehash=False)
+
+
+def t_receipt_chain(ws):
+    edit_receipt(ws, "score", lambda r: r["inputs"][0].update({"sha256": "0" * 64}))
+
+
+def t_receipts_match_files(ws):
+    # one byte that changes no parsed value: only the file's sha256 can tell
+    p = ws.root / SFT
+    p.write_bytes(p.read_bytes().replace(b'"input":""', b'"input": ""', 1))
+
+
+def t_no_unrecorded_outputs(ws):
+    (ws.root / "exports" / "rag" / "planted.jsonl").write_text('{"id": "x"}\n')
+
+
+def t_accounting_materialize(ws):
+    edit_receipt(ws, "materialize", lambda r: r["counts"].update(
+        rows_in=r["counts"]["rows_in"] + 1, quarantined=r["counts"]["quarantined"] + 1))
+
+
+def t_accounting_score(ws):
+    edit_receipt(ws, "score", lambda r: r["counts"].update(
+        rows_in=r["counts"]["rows_in"] + 1, quarantined=r["counts"]["quarantined"] + 1))
+
+
+def t_accounting_exports(ws):
+    edit_receipt(ws, "export-rag", lambda r: r["counts"].update(
+        rows_in=r["counts"]["rows_in"] + 1, quarantined=r["counts"]["quarantined"] + 1))
+
+
+def t_nothing_lost(ws):
+    # a quarantine record claims the source line of another one: that line is counted twice,
+    # and its own line is lost
+    rows = [orjson.loads(x) for x in (ws.quarantine / "materialize.jsonl").read_bytes().splitlines()]
+    first, second = next((a, b) for a, b in zip(rows, rows[1:])
+                         if a["provenance"]["source_file"] == b["provenance"]["source_file"]
+                         and a["provenance"]["line_offset"] is not None)
+    edit_rows(ws, "exports/quarantine/materialize.jsonl",
+              lambda i, r: {**r, "provenance": first["provenance"]} if r["id"] == second["id"] else None)
+
+
+def t_evidence_provenance(ws):
+    # a source line changed after the run (materialize's inputs are not re-sealed: they are data/_kb)
+    src = orjson.loads((ws.root / first_evidence(ws)).read_bytes().splitlines()[0])["provenance"]["source_file"]
+    p = ws.root / src
+    lines = p.read_bytes().splitlines(keepends=True)
+    for n, line in enumerate(lines):
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            lines[n] = orjson.dumps({**obj, "planted": True}) + b"\n"
+            break
+    p.write_bytes(b"".join(lines))
+
+
+def t_scored_provenance(ws):
+    edit_rows(ws, first_evidence(ws), set_field(0, model="planted-model"))
+
+
+def t_export_provenance(ws):
+    prov = orjson.loads((ws.root / RAG).read_bytes().splitlines()[0])["provenance"]
+    edit_rows(ws, prov["source_file"], set_field(prov["line_offset"], task_name="planted"))
+
+
+def t_sft_never_rejected_or_review(ws):
+    # an SFT row whose provenance (id and sig_hash consistent) leads to a rejected scored run:
+    # exactly the leak the invariant exists for
+    rel, n, scored = next((rel, n, row) for rel in sorted(ws.rel(p) for p in ws.scored_runs.rglob("*.jsonl"))
+                          for n, row in enumerate(map(orjson.loads, (ws.root / rel).read_bytes().splitlines()))
+                          if row["category"] == "rejected")
+    prov = {"source_file": rel, "line_offset": n, "sig_hash": sig_hash(scored), "recorded_at": scored["recorded_at"]}
+    edit_rows(ws, SFT, set_field(0, id="sft-" + scored["id"][3:], provenance=prov))
+
+
+def t_rag_categories(ws):
+    edit_rows(ws, RAG, set_field(0, category="rejected"))
+
+
+def t_preference_no_self_pairs(ws):
+    # the pair names one row on both sides (were its provenance also the chosen's, the "rejected"
+    # side would be accepted and preference_chosen_outranks would fail with it)
+    edit_rows(ws, PREF, lambda i, r: {**r, "rejected_id": r["chosen_id"]} if i == 0 else None)
+
+
+def t_preference_no_identical_texts(ws):
+    edit_rows(ws, PREF, lambda i, r: {**r, "rejected": r["chosen"].upper() + "  "} if i == 0 else None)
+
+
+def t_preference_chosen_outranks(ws):
+    edit_rows(ws, PREF, lambda i, r: {**r, "chosen_score": r["rejected_score"], "rejected_score": r["chosen_score"]}
+              if i == 0 else None)
+
+
+def t_preference_pair_limit(ws):
+    (ws.root / "refinery.toml").write_text((ws.root / "refinery.toml").read_text().replace(
+        "max_pairs_per_task = 2", "max_pairs_per_task = 1"))
+
+
+def t_no_duplicate_answers(ws):
+    rows = list(map(orjson.loads, (ws.root / RAG).read_bytes().splitlines()))
+    edit_rows(ws, RAG, lambda i, r: {**r, "task_key": rows[0]["task_key"], "response": rows[0]["response"],
+                                     "tool_calls": rows[0]["tool_calls"]} if i == 1 else None)
+
+
+def t_no_secrets_in_exports(ws):
+    edit_rows(ws, RAG, lambda i, r: {**r, "response": r["response"] + " Use sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c."}
+              if i == 0 else None)
+
+
+def t_export_quarantine_holds_no_text(ws):
+    edit_rows(ws, "exports/quarantine/export-sft.jsonl", set_field(0, raw="the refused answer, copied"))
+
+
+def t_unique_ids(ws):
+    rows = list(map(orjson.loads, (ws.quarantine / "export-sft.jsonl").read_bytes().splitlines()))
+    edit_rows(ws, "exports/quarantine/export-sft.jsonl", set_field(1, id=rows[0]["id"]))
+
+
+def t_schemas(ws):
+    edit_rows(ws, RAG, set_field(0, score="high"))
+
+
+TAMPERS = {k: globals()[f"t_{k}"] for k in KEYS}
+
+
+def test_every_invariant_has_a_tamper():
+    assert list(TAMPERS) == KEYS
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_each_invariant_fails_alone_on_its_tamper(gws, key):
+    assert failing(gws) == set()
+    TAMPERS[key](gws)
+    assert failing(gws) == {key}
+    assert problems_of(gws, key)  # and says what it found
+
+
+def test_an_edited_byte_is_caught_and_the_file_named(gws):
+    for rel in (first_evidence(gws), RAG, "exports/quarantine/score.jsonl", "data/scored-runs/manifest.json"):
+        p = gws.root / rel
+        data = p.read_bytes()
+        p.write_bytes(data[:-1] + (b" " if data[-1:] != b" " else b"\t"))
+        found = problems_of(gws, "receipts_match_files")
+        assert any(f.startswith(f"{rel} changed since") for f in found), (rel, found)
+        p.write_bytes(data)
+    assert problems_of(gws, "receipts_match_files") == []
+
+
+def test_a_crashing_check_fails_without_hiding_the_others(gws, monkeypatch):
+    def boom(ctx):
+        raise RuntimeError("bug in a check")
+
+    checks = inv.run_checks(inv.Context(gws, load_config(gws.root)), [("a", "a", boom), *inv.INVARIANTS[:2]])
+    assert [c.ok for c in checks] == [False, True, True]
+    assert checks[0].problems == ["the check itself failed: RuntimeError: bug in a check"]
