@@ -170,6 +170,7 @@ def drift_rows(metrics: dict[str, float], baseline: dict[str, Any] | None) -> li
 def determinism_rerun(ctx: Context) -> list[str]:
     """Copy the sources, config and transforms into a temporary workspace, run-all there, and
     compare every receipt hash with the newest run's."""
+    from refinery.discovery import BUILTIN_DIR
     from refinery.runs import run_all
 
     if not ctx.receipts:
@@ -181,8 +182,9 @@ def determinism_rerun(ctx: Context) -> list[str]:
             if (ctx.ws.root / extra).is_file():
                 shutil.copy(ctx.ws.root / extra, tmp / extra)
         for d in ["transforms", *ctx.cfg.materialize.transforms_dirs]:
-            if (ctx.ws.root / d).is_dir():
-                shutil.copytree(ctx.ws.root / d, tmp / d, ignore=shutil.ignore_patterns("__pycache__"))
+            src = (ctx.ws.root / d).resolve()
+            if src.is_dir() and src != BUILTIN_DIR.resolve():  # the built-in ones load anyway
+                shutil.copytree(src, tmp / d, ignore=shutil.ignore_patterns("__pycache__"))
         twin = Workspace.at(tmp)
         outcome = run_all(twin, load_config(twin.root), include_partial=(ctx.summary or {}).get("include_partial"),
                           force=True)

@@ -183,3 +183,22 @@ def test_a_real_move_is_flagged_in_the_report(ran):
 def test_every_shared_invariant_is_an_audit_check(ran):
     _, doc = audit_json("--no-rerun")
     assert [c["key"] for c in doc["checks"]][:len(INVARIANTS)] == [k for k, _, _ in INVARIANTS]
+
+
+def test_the_rerun_works_where_the_workspace_is_the_repository(tmp_path):
+    """In the repo, the workspace's transforms/ is the built-in folder: the re-run must not load
+    it twice."""
+    import shutil
+
+    from conftest import REPO
+    from refinery.config import load_config
+    from refinery.invariants import Context
+    from refinery.runs import run_all
+    from refinery.workspace import Workspace
+
+    repo_like = tmp_path / "repo"
+    shutil.copytree(REPO / "data" / "_kb", repo_like / "data" / "_kb")
+    (repo_like / "transforms").symlink_to(REPO / "transforms")
+    ws = Workspace.at(repo_like)
+    run_all(ws, load_config(ws.root))
+    assert audit.determinism_rerun(Context(ws, load_config(ws.root))) == []
