@@ -34,6 +34,7 @@ EXPORT_FILES = {"export-rag": "exports/rag/playbooks.jsonl", "export-sft": "expo
 RECORDED_TREES = ("data/evidence", "data/scored-runs", "exports/rag", "exports/sft", "exports/preference",
                   "exports/quarantine")
 MAX_PROBLEMS = 20  # per check: enough to act on, not a flood
+SCHEMA_CROSS_CHECK_ROWS = 200  # rows per file also run through the JSON Schema validator itself
 
 
 @dataclass
@@ -477,40 +478,63 @@ def unique_ids(ctx: Context) -> list[str]:
 
 
 def schemas_validate(ctx: Context) -> list[str]:
-    """Every output row and every report validates against its JSON Schema in schemas/."""
+    """Every output row and every report validates against its JSON Schema in schemas/.
+
+    schemas/ is first checked to be exactly what the record models generate; rows are then
+    validated with those models in strict mode (no coercion: ~100x faster than a JSON Schema
+    validator, which matters at 10^6 rows), and a row the model rejects is reported with the
+    JSON Schema's own message. The first rows of every file and every report also go through
+    the JSON Schema validator itself, as a cross-check of the two.
+    """
     import jsonschema
+    from pydantic import ValidationError
 
-    from refinery.schemas import SCHEMA_DIR
+    from refinery.models import SCHEMA_MODELS
+    from refinery.schemas import SCHEMA_DIR, stale_schemas
 
+    problems = Problems()
+    for name in stale_schemas():
+        problems.add(f"schemas/{name} is not what the models generate: run `make schemas`")
     validators: dict[str, Any] = {}
 
-    def validator(name: str):
+    def schema_error(name: str, obj: Any) -> str | None:
         if name not in validators:
             schema = orjson.loads((SCHEMA_DIR / f"{name}.v1.json").read_bytes())
             validators[name] = jsonschema.Draft202012Validator(schema)
-        return validators[name]
+        err = next(validators[name].iter_errors(obj), None)
+        if err is None:
+            return None
+        return f"{'/'.join(str(p) for p in err.absolute_path) or '(row)'}: {err.message[:120]}"
 
     plan = [("evidence_record", ctx.files("data/evidence")), ("scored_run", ctx.files("data/scored-runs")),
             ("rag_sample", [EXPORT_FILES["export-rag"]]), ("sft_sample", [EXPORT_FILES["export-sft"]]),
             ("preference_pair", [EXPORT_FILES["export-preference"]]),
             ("quarantine_record", ctx.files("exports/quarantine"))]
-    problems = Problems()
     for name, rels in plan:
-        v = validator(name)
+        model = SCHEMA_MODELS[name]
+        validate = model.model_validate_json
         for rel in rels:
-            for line in ctx.rows(rel):
-                if line.obj is None:
-                    problems.add(f"{rel}:{line.offset}: not JSON ({line.reason})")
-                elif (err := next(v.iter_errors(line.obj), None)) is not None:
-                    where = "/".join(str(p) for p in err.absolute_path) or "(row)"
-                    problems.add(f"{rel}:{line.offset}: {name} schema: {where}: {err.message[:120]}")
+            if not ctx.path(rel).is_file():
+                continue  # receipts_match_files names what is missing
+            with open(ctx.path(rel), "rb") as f:
+                for offset, raw in enumerate(f):
+                    try:
+                        validate(raw, strict=True)  # strict JSON mode: no coercion, enums as strings
+                        err = schema_error(name, orjson.loads(raw)) if offset < SCHEMA_CROSS_CHECK_ROWS else None
+                    except ValidationError as e:
+                        try:
+                            err = schema_error(name, orjson.loads(raw)) or str(e).splitlines()[2].strip()[:120]
+                        except orjson.JSONDecodeError:
+                            err = "not JSON"
+                    if err:
+                        problems.add(f"{rel}:{offset}: {name} schema: {err}")
     if ctx.summary:
         run_dir = ctx.ws.reports / ctx.summary["run_id"]
         docs = [("run_summary", run_dir / "summary.json"), ("drift_report", run_dir / "drift.json"),
                 *(("stage_receipt", rc.receipt_path(run_dir, s)) for s in ctx.receipts)]
         for name, p in docs:
-            if p.is_file() and (err := next(validator(name).iter_errors(orjson.loads(p.read_bytes())), None)):
-                problems.add(f"{ctx.ws.rel(p)}: {name} schema: {err.message[:120]}")
+            if p.is_file() and (err := schema_error(name, orjson.loads(p.read_bytes()))):
+                problems.add(f"{ctx.ws.rel(p)}: {name} schema: {err}")
     return problems.done()
 
 
