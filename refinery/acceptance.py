@@ -172,18 +172,23 @@ def check_workspaces(ws: Workspace, twin: Workspace, expected: dict[str, Any]) -
 
 def run_gate(fixture: Path = FIXTURE, *, keep: Path | None = None, write_expected: bool = False) -> list[Check]:
     """Run the pipeline twice on `fixture` in temporary workspaces and check every invariant.
-    `keep`: run there instead of a temporary folder (and leave the workspaces for a look)."""
-    from refinery import runs
+    `keep`: run there instead of a temporary folder (and leave the workspaces for a look).
+
+    Each run is a separate `refinery run-all` process with its own hash seed, so output that
+    depends on `hash()`, on set order or on process state shows up as a determinism failure."""
+    from refinery.runs import run_all_in_subprocess
 
     expected_path = fixture / EXPECTED
     if not write_expected and not expected_path.is_file():
         raise FixtureError(f"{expected_path} is missing: the gate needs the pinned counts "
                            "(`refinery acceptance --write-expected` pins what the fixture gives now)")
+    if keep is not None and keep.exists() and any(keep.iterdir()):
+        raise FixtureError(f"--keep {keep}: the folder is not empty; give an empty or new one")
     base = Path(tempfile.mkdtemp(prefix="refinery-acceptance-")) if keep is None else keep
     try:
         wss = [prepare(fixture, base / name) for name in ("run-a", "run-b")]
-        for w in wss:
-            runs.run_all(w, load_config(w.root), force=True)
+        for seed, w in enumerate(wss, 1):
+            run_all_in_subprocess(w.root, hash_seed=seed)
         if write_expected:
             from refinery.receipts import write_json
 

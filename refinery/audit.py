@@ -17,6 +17,7 @@ the ledger's last row; a move of more than `DRIFT_WARN_PCT` % is flagged `warn`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -24,14 +25,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from refinery import invariants as inv
 from refinery.canonical import sig_hash
-from refinery.config import Config, load_config
+from refinery.config import Config
 from refinery.invariants import Check, Context
 from refinery.workspace import Workspace
 
 LEDGER = "audit_baselines.jsonl"
 REPORT = "audit-full-report.md"
+#: The ledger's last row as of the last audit, kept outside it: cutting rows off the end (or
+#: deleting the file, or re-hashing the whole chain) is caught against it.
+HEAD = "audit-ledger-head.json"
 DRIFT_WARN_PCT = 20.0
 
 
@@ -71,8 +77,27 @@ def row_hash(row: dict[str, Any]) -> str:
     return sig_hash({k: v for k, v in row.items() if k != "row_hash"})
 
 
+def head_path(ws: Workspace) -> Path:
+    return ws.reports / HEAD
+
+
 def read_ledger(ws: Workspace) -> list[dict[str, Any]]:
-    """The ledger's rows, each checked against the chain. Raises LedgerTampered naming the line."""
+    """The ledger's rows, each checked against the chain and the last against the recorded
+    head. Raises LedgerTampered naming the line."""
+    rows = _read_chain(ws)
+    head = head_path(ws)
+    if head.is_file():
+        want = orjson.loads(head.read_bytes())
+        last = rows[-1] if rows else None
+        if last is None or (last["seq"], last["row_hash"]) != (want["seq"], want["row_hash"]):
+            have = f"ends at row {last['seq']} ({last['row_hash'][:12]}…)" if last else "is empty or missing"
+            raise LedgerTampered(f"{ws.rel(ledger_path(ws))}: the last audit left row {want['seq']} "
+                                 f"({want['row_hash'][:12]}…) at its end, but it {have}: rows were removed or "
+                                 f"rewritten (head recorded in {ws.rel(head)})")
+    return rows
+
+
+def _read_chain(ws: Workspace) -> list[dict[str, Any]]:
     from refinery.models import BaselineRow
 
     path = ledger_path(ws)
@@ -114,6 +139,8 @@ def append_ledger(ws: Workspace, rows: list[dict[str, Any]], run_id: str | None,
     with atomic_write(path) as f:
         f.write(old)
         f.write(dumps_line(row))
+    with atomic_write(head_path(ws)) as f:
+        f.write(orjson.dumps({"seq": row["seq"], "row_hash": row["row_hash"]}) + b"\n")
     return row
 
 
@@ -158,8 +185,8 @@ def drift_rows(metrics: dict[str, float], baseline: dict[str, Any] | None) -> li
         elif before == 0:
             change, flag = (0.0, "ok") if value == 0 else (None, "warn")
         else:
-            change = round(100 * (value - before) / abs(before), 2)
-            flag = "warn" if abs(change) > DRIFT_WARN_PCT else "ok"
+            exact = 100 * (value - before) / abs(before)
+            change, flag = round(exact, 2), "warn" if abs(exact) > DRIFT_WARN_PCT else "ok"
         rows.append({"name": name, "value": value, "baseline": before, "change_pct": change, "flag": flag})
     return rows
 
@@ -168,38 +195,61 @@ def drift_rows(metrics: dict[str, float], baseline: dict[str, Any] | None) -> li
 
 
 def determinism_rerun(ctx: Context) -> list[str]:
-    """Copy the sources, config and transforms into a temporary workspace, run-all there, and
-    compare every receipt hash with the newest run's."""
+    """Copy the sources, the config and the workspace's transforms into a temporary workspace,
+    run-all there (a fresh process, its own hash seed), and compare every receipt hash with
+    the audited run's."""
     from refinery.discovery import BUILTIN_DIR
-    from refinery.runs import run_all
+    from refinery.runs import run_all_in_subprocess
 
     if not ctx.receipts:
         return ["no run to compare with"]
     tmp = Path(tempfile.mkdtemp(prefix="refinery-audit-rerun-"))
     try:
-        shutil.copytree(ctx.ws.kb, tmp / "data" / "_kb", ignore=shutil.ignore_patterns(LEDGER))
-        for extra in ("refinery.toml",):
-            if (ctx.ws.root / extra).is_file():
-                shutil.copy(ctx.ws.root / extra, tmp / extra)
-        for d in ["transforms", *ctx.cfg.materialize.transforms_dirs]:
-            src = (ctx.ws.root / d).resolve()
-            if src.is_dir() and src != BUILTIN_DIR.resolve():  # the built-in ones load anyway
-                shutil.copytree(src, tmp / d, ignore=shutil.ignore_patterns("__pycache__"))
-        twin = Workspace.at(tmp)
-        outcome = run_all(twin, load_config(twin.root), include_partial=(ctx.summary or {}).get("include_partial"),
-                          force=True)
-        if outcome.summary["code_version"] != ctx.summary["code_version"]:
+        # transforms_dirs may climb out of the workspace (../shared): nest the twin deep enough
+        # that the same relative paths still land inside the temporary folder
+        rel_dirs = [d for d in ctx.cfg.materialize.transforms_dirs if not Path(d).is_absolute()]
+        depth = max((Path(d).parts.count("..") for d in rel_dirs), default=0)
+        root = tmp.joinpath(*["w"] * (depth + 1))
+        shutil.copytree(ctx.ws.kb, root / "data" / "_kb", ignore=shutil.ignore_patterns(LEDGER))
+        config = ctx.config_path or ctx.ws.root / "refinery.toml"
+        if config.is_file():
+            shutil.copy(config, root / "refinery.toml")
+        for d in ["transforms", *rel_dirs]:
+            src, dest = (ctx.ws.root / d).resolve(), Path(os.path.normpath(root / d))
+            if src.is_dir() and src != BUILTIN_DIR.resolve() and not dest.exists():  # built-ins load anyway
+                shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+        try:
+            doc = run_all_in_subprocess(root, hash_seed=os.getpid() % 4093 + 1,
+                                        include_partial=(ctx.summary or {}).get("include_partial"))
+        except RuntimeError as e:
+            return [f"the re-run failed: {e}"]
+        if doc["summary"]["code_version"] != ctx.summary["code_version"]:
             return [f"the code changed since run {ctx.summary['run_id']} ({ctx.summary['code_version']} → "
-                    f"{outcome.summary['code_version']}): run `refinery run-all`, then audit"]
-        problems = [f"{stage}: the re-run gives receipt_hash {outcome.receipts[stage]['receipt_hash'][:12]}…, "
+                    f"{doc['summary']['code_version']}): run `refinery run-all`, then audit"]
+        problems = [f"{stage}: the re-run gives receipt_hash {doc['receipts'][stage]['receipt_hash'][:12]}…, "
                     f"run {ctx.summary['run_id']} recorded {r['receipt_hash'][:12]}…"
+                    + _first_difference(doc["receipts"][stage], r)
                     for stage, r in ctx.receipts.items()
-                    if outcome.receipts.get(stage, {}).get("receipt_hash") != r["receipt_hash"]]
-        if not problems and outcome.summary["overall_hash"] != ctx.summary.get("overall_hash"):
+                    if doc["receipts"].get(stage, {}).get("receipt_hash") != r["receipt_hash"]]
+        if not problems and doc["summary"]["overall_hash"] != ctx.summary.get("overall_hash"):
             problems.append("the re-run's overall hash differs")
         return problems
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _first_difference(now: dict[str, Any], then: dict[str, Any]) -> str:
+    """Where two receipts of one stage part: which input, setting or output."""
+    for side in ("inputs", "outputs"):
+        a = {f["path"]: f["sha256"] for f in now.get(side, [])}
+        b = {f["path"]: f["sha256"] for f in then.get(side, [])}
+        diff = sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
+        if diff:
+            return f" (first different {side[:-1]}: {diff[0]})"
+    for key in ("config_hash", "policy_hash", "counts", "by_reason", "by_category"):
+        if now.get(key) != then.get(key):
+            return f" ({key} differs)"
+    return ""
 
 
 AUDIT_ONLY = [("determinism_rerun", "a re-run in a temporary workspace gives the same receipt hashes",
@@ -209,16 +259,24 @@ AUDIT_ONLY = [("determinism_rerun", "a re-run in a temporary workspace gives the
 # --- the audit -----------------------------------------------------------------------------
 
 
-def run_audit(ws: Workspace, cfg: Config, *, rerun: bool = True) -> AuditResult:
+def run_audit(ws: Workspace, cfg: Config, *, rerun: bool = True, config_path: Path | None = None) -> AuditResult:
     """Verify the workspace; write the report; append a baseline row if every required check
     holds. Raises LedgerTampered (before checking anything) when the ledger was changed."""
+    from refinery.jsonl import atomic_write
+
     with ws.lock():  # no run may change the workspace while it is being verified
-        return _audit(ws, cfg, rerun)
+        try:
+            ledger = read_ledger(ws)
+        except LedgerTampered as e:
+            with atomic_write(ws.reports / REPORT) as f:  # never leave an older PASS report standing
+                f.write(f"# refinery audit-full\n\n- result: **REFUSED** — {_md(str(e))}\n".encode())
+            raise
+        return _audit(ws, cfg, rerun, config_path, ledger)
 
 
-def _audit(ws: Workspace, cfg: Config, rerun: bool) -> AuditResult:
-    ledger = read_ledger(ws)
-    ctx = Context(ws, cfg)
+def _audit(ws: Workspace, cfg: Config, rerun: bool, config_path: Path | None,
+           ledger: list[dict[str, Any]]) -> AuditResult:
+    ctx = Context(ws, cfg, config_path)
     checks = inv.run_checks(ctx, inv.INVARIANTS)
     extra = AUDIT_ONLY if rerun else []
     checks += inv.run_checks(ctx, extra, first_number=len(checks) + 1)

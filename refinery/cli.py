@@ -418,10 +418,10 @@ def audit_full(
 
     ws, cfg = _load(workspace, config)
     try:
-        res = run_audit(ws, cfg, rerun=rerun)
+        res = run_audit(ws, cfg, rerun=rerun, config_path=config)
     except LedgerTampered as e:
-        _fail(f"AUDIT REFUSED: {e}. The ledger is append-only: restore it (e.g. `git checkout` or a backup) "
-              "and run again.", EXIT_CHECK_FAILED)
+        _fail(f"AUDIT REFUSED: {e}. The ledger is append-only: restore it from your backup or version "
+              "control and run again.", EXIT_CHECK_FAILED)
     except WorkspaceBusy as e:
         _fail(f"error: {e}")
     if as_json:

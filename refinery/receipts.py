@@ -57,9 +57,10 @@ def code_version(ws: Workspace, cfg: Config) -> str:
 
 def stage_config_hash(stage: str, cfg: Config, include_partial: bool | None = None) -> str:
     """The hash of the settings `stage` reads. Worker counts are left out: they never change
-    an output."""
+    an output; so are the transform folders' paths (their modules' content is in the code version)."""
     if stage == "materialize":
-        m = cfg.materialize.model_dump(mode="json", exclude={"workers", "parallel_min_bytes"})
+        # transforms_dirs only says where modules are; what they are is in the code version
+        m = cfg.materialize.model_dump(mode="json", exclude={"workers", "parallel_min_bytes", "transforms_dirs"})
         doc: dict[str, Any] = {"materialize": m, "mappings": {k: v.model_dump(mode="json")
                                                                for k, v in cfg.mappings.items()}}
     elif stage == "score":

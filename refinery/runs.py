@@ -368,3 +368,24 @@ def run_all(ws: Workspace, cfg: Config, *, include_partial: bool | None = None, 
             run.fail(e)
             shutil.rmtree(run.staging, ignore_errors=True)
             raise
+
+
+def run_all_in_subprocess(root: Path, *, hash_seed: int, include_partial: bool | None = None) -> dict[str, Any]:
+    """`refinery run-all --force --json` on `root` in a fresh interpreter with its own hash seed,
+    so that a determinism check also catches output that depends on `hash()` or on process
+    state. Returns run-all's JSON document; raises RuntimeError with its stderr on a crash."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "refinery", "run-all", "--force", "--json", "--workspace", str(root)]
+    if include_partial is not None:
+        cmd.append("--include-partial" if include_partial else "--accepted-only")
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "REFINERY_WORKSPACE": str(root)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                       env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, env=env, capture_output=True, stdin=subprocess.DEVNULL)
+    try:
+        return orjson.loads(proc.stdout)
+    except orjson.JSONDecodeError:
+        raise RuntimeError(f"run-all in {root} exited {proc.returncode}: "
+                           f"{proc.stderr.decode(errors='replace')[-800:]}") from None

@@ -36,6 +36,10 @@ class SourceFile:
         return self.kb_rel.rsplit(".", 1)[0].replace("/", ".")
 
 
+#: data/_kb/ also holds the audit's baseline ledger (refinery.audit).
+ALWAYS_IGNORED = "audit_baselines.jsonl"
+
+
 def list_sources(ws: Workspace, ignore: list[str]) -> tuple[list[SourceFile], list[str]]:
     """(source files, in sorted order; ignored files) under data/_kb."""
     sources, ignored = [], []
@@ -46,7 +50,8 @@ def list_sources(ws: Workspace, ignore: list[str]) -> tuple[list[SourceFile], li
         if any(part.startswith(".") for part in kb_rel.split("/")):
             continue
         fmt = FORMATS.get(path.suffix.lower())
-        if fmt is None or any(fnmatchcase(kb_rel, g) for g in ignore):
+        # the audit's ledger lives here but is never a stream, whatever materialize.ignore says
+        if fmt is None or kb_rel == ALWAYS_IGNORED or any(fnmatchcase(kb_rel, g) for g in ignore):
             ignored.append(kb_rel)
             continue
         sources.append(SourceFile(path, kb_rel, ws.rel(path), fmt, path.stat().st_size))

@@ -131,3 +131,12 @@ def test_acceptance_and_audit_do_not_import_the_training_stack():
             "heavy = [m for m in ('mlx', 'mlx_lm', 'transformers', 'torch') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_determinism_catches_output_that_depends_on_the_hash_seed(fixture_copy):
+    t = fixture_copy / "transforms" / "flaky_tool.py"
+    t.write_text(t.read_text().replace('response=text(row, "a"))',
+                                       'response=f"{text(row, \'a\')} #{hash(\'salt\') % 997}")'))
+    checks = {c.key: c for c in run_gate(fixture_copy)}
+    assert not checks["determinism"].ok
+    assert any("receipt_hash" in p for p in checks["determinism"].problems)

@@ -45,7 +45,7 @@ def test_an_audit_of_a_clean_workspace_passes_reports_and_appends(ran):
             "quarantined_total"} <= set(doc["metrics"])
     report = (ran.reports / audit.REPORT).read_text()
     assert "**PASS**" in report and "## Checks" in report and "## Drift against the last baseline" in report
-    assert "| 24 | `determinism_rerun`" in report
+    assert "| 25 | `determinism_rerun`" in report
     (row0,) = ledger(ran)
     assert row0["seq"] == 0 and row0["prev_hash"] is None and row0["metrics"] == doc["metrics"]
     assert doc["appended"]["row_hash"] == row0["row_hash"]
@@ -63,7 +63,7 @@ def test_the_table_output_names_checks_and_drift(ran):
     assert result.exit_code == 0
     assert "  1 PASS  latest_run_complete" in result.stdout
     assert "drift against baseline row 0: 0 of" in result.stdout
-    assert "audit-full: PASS — 24 of 24 checks hold; report: reports/distillation/audit-full-report.md" in result.stdout
+    assert "audit-full: PASS — 25 of 25 checks hold; report: reports/distillation/audit-full-report.md" in result.stdout
 
 
 def test_a_tampered_workspace_fails_names_the_file_and_keeps_the_baseline(ran):
@@ -153,8 +153,8 @@ def test_appending_keeps_every_existing_byte(ran):
 
 
 @pytest.mark.parametrize(("before", "now", "flag"), [
-    (100, 120, "ok"), (100, 120.01, "warn"), (100, 80, "ok"), (100, 79.99, "warn"), (100, 100, "ok"),
-    (0, 0, "ok"), (0, 1, "warn"),
+    (100, 120, "ok"), (100, 120.01, "warn"), (100, 120.001, "warn"), (100, 80, "ok"), (100, 79.99, "warn"),
+    (100, 100, "ok"), (0, 0, "ok"), (0, 1, "warn"),
 ])
 def test_drift_flags_moves_of_more_than_20_percent(before, now, flag):
     (row,) = audit.drift_rows({"m": now}, {"seq": 0, "metrics": {"m": before}})
@@ -202,3 +202,89 @@ def test_the_rerun_works_where_the_workspace_is_the_repository(tmp_path):
     ws = Workspace.at(repo_like)
     run_all(ws, load_config(ws.root))
     assert audit.determinism_rerun(Context(ws, load_config(ws.root))) == []
+
+
+# --- the ledger's head, kept outside it ------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", ["last_rows", "whole_file", "rehashed_chain"])
+def test_cutting_or_rewriting_the_end_of_the_ledger_is_refused(ran, cut):
+    three_rows(ran)
+    path = ran.kb / audit.LEDGER
+    rows = [orjson.loads(x) for x in path.read_bytes().splitlines()]
+    if cut == "last_rows":
+        path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows[:1]))
+    elif cut == "whole_file":
+        path.unlink()
+    else:  # edit row 0 and re-hash every row after it: a consistent chain, but not the audited one
+        rows[0]["metrics"]["source_rows"] = 1.0
+        prev = None
+        for r in rows:
+            r["prev_hash"] = prev
+            r["row_hash"] = prev = audit.row_hash(r)
+        path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    result = invoke("audit-full", "--no-rerun")
+    assert result.exit_code == 1 and "rows were removed or rewritten" in result.output
+    assert "**REFUSED**" in (ran.reports / audit.REPORT).read_text()  # no older PASS report left standing
+
+
+def test_the_ledger_is_never_a_source_whatever_ignore_says(ran):
+    three_rows(ran)
+    (ran.root / "refinery.toml").write_text('[materialize]\nignore = ["*.bak"]\n')
+    assert invoke("run-all").exit_code == 0
+    listed = orjson.loads(invoke("sources", "--json").stdout)
+    assert "audit_baselines.jsonl" in listed["ignored"]
+    assert all(s["file"] != "data/_kb/audit_baselines.jsonl" for s in listed["sources"])
+    code, doc = audit_json()
+    assert code == 0, [c for c in doc["checks"] if not c["ok"]]
+
+
+def test_the_rerun_uses_the_config_given_and_the_transform_folders_wherever_they_are(ran, tmp_path):
+    import shutil
+
+    shared = tmp_path / "shared_transforms"  # an absolute folder ...
+    shared.mkdir()
+    (shared / "_helper.py").write_text("X = 1\n")
+    sibling = ran.root.parent / "team_transforms"  # ... and one beside the workspace: ../team_transforms
+    sibling.mkdir()
+    (sibling / "_other.py").write_text("Y = 2\n")
+    custom = tmp_path / "custom.toml"
+    custom.write_text(f'[materialize]\ntransforms_dirs = ["{shared}", "../team_transforms"]\n'
+                      '[score]\naccept_min_score = 0.8\n')
+    assert invoke("run-all", "--config", str(custom)).exit_code == 0
+    code, doc = audit_json("--config", str(custom))
+    assert code == 0, [c for c in doc["checks"] if not c["ok"]]
+    import tempfile
+    from pathlib import Path
+
+    # the re-run copied ../team_transforms inside its own temporary folder, not beside it
+    assert not (Path(tempfile.gettempdir()) / "team_transforms").exists()
+    shutil.rmtree(sibling)
+
+
+def test_rows_longer_than_the_default_line_limit_are_audited_when_the_config_allows_them(ws):
+    (ws.root / "refinery.toml").write_text("[materialize]\nmax_line_bytes = 4194304\n")
+    big = "x" * 1_600_000
+    (ws.kb / "gateway_receipts.jsonl").write_text(orjson.dumps(
+        {"request_id": "g1", "ts": 1762000000000, "provider": "openai", "model": "m", "prompt": "Summarise.",
+         "completion": big, "finish_reason": "stop", "status_code": 200}).decode() + "\n")
+    assert invoke("run-all").exit_code == 0
+    code, doc = audit_json("--no-rerun")
+    assert code == 0, [c for c in doc["checks"] if not c["ok"]]
+
+
+def test_a_convert_output_is_scanned_and_planted_files_are_named(ran):
+    assert invoke("convert", "--to", "mlx-chat").exit_code == 0
+    code, doc = audit_json("--no-rerun")
+    assert code == 0  # what convert writes is not a run output, and it is clean
+    fmt = ran.exports / "formats" / "mlx-chat.jsonl"
+    with open(fmt, "a") as f:
+        f.write('{"messages": [{"role": "user", "content": "deploy"}, '
+                '{"role": "assistant", "content": "use password=hunter2hunter2"}]}\n')
+    (ran.exports / "planted.jsonl").write_text("{}\n")
+    code, doc = audit_json("--no-rerun")
+    failed = {c["key"]: c["problems"] for c in doc["checks"] if not c["ok"]}
+    assert set(failed) == {"no_secrets_in_exports", "no_unrecorded_outputs"}
+    assert failed["no_secrets_in_exports"][0].startswith("exports/formats/mlx-chat.jsonl:")
+    assert len(failed["no_unrecorded_outputs"]) == 1
+    assert failed["no_unrecorded_outputs"][0].startswith("exports/planted.jsonl is not in any receipt of run ")

@@ -87,6 +87,8 @@ def reseal(ws: Workspace) -> None:
         r["outputs"] = [digests.of(ws.root / f["path"], f["path"]) for f in r["outputs"]]
         if stage != "materialize":
             r["inputs"] = [digests.of(ws.root / f["path"], f["path"]) for f in r["inputs"]]
+        else:  # sources: their rows are the rows materialize read, not lines
+            r["inputs"] = [{**f, "sha256": digests.of(ws.root / f["path"], f["path"])["sha256"]} for f in r["inputs"]]
         r["receipt_hash"] = rc.receipt_hash(r)
         rc.receipt_path(d, stage).write_bytes(orjson.dumps(r))
     reseal_summary(ws)
@@ -122,8 +124,7 @@ RAG, SFT, PREF = inv.EXPORT_FILES["export-rag"], inv.EXPORT_FILES["export-sft"],
 
 
 def t_latest_run_complete(ws):
-    p = run_dir(ws) / "summary.json"
-    p.write_bytes(orjson.dumps({**orjson.loads(p.read_bytes()), "status": "incomplete"}))
+    rc.receipt_path(run_dir(ws), "export-sft").unlink()  # a receipt lost
 
 
 def t_receipt_hashes(ws):
@@ -170,8 +171,13 @@ def t_nothing_lost(ws):
               lambda i, r: {**r, "provenance": first["provenance"]} if r["id"] == second["id"] else None)
 
 
+def t_sources_match_receipt(ws):
+    with open(ws.kb / "eval.csv", "ab") as f:  # a row appended to a source after the run
+        f.write(b"x1,t,n,Planted?,,Yes.,0.9,li,2026-11-05T00:00:00Z\n")
+
+
 def t_evidence_provenance(ws):
-    # a source line changed after the run (materialize's inputs are not re-sealed: they are data/_kb)
+    # a source line changed after the run, and the receipt re-sealed to hide that the file changed
     src = orjson.loads((ws.root / first_evidence(ws)).read_bytes().splitlines()[0])["provenance"]["source_file"]
     p = ws.root / src
     lines = p.read_bytes().splitlines(keepends=True)
@@ -184,6 +190,7 @@ def t_evidence_provenance(ws):
             lines[n] = orjson.dumps({**obj, "planted": True}) + b"\n"
             break
     p.write_bytes(b"".join(lines))
+    reseal(ws)
 
 
 def t_scored_provenance(ws):
@@ -206,7 +213,12 @@ def t_sft_never_rejected_or_review(ws):
 
 
 def t_rag_categories(ws):
-    edit_rows(ws, RAG, set_field(0, category="rejected"))
+    # a rejected row in RAG, and the receipt's category counts made to agree
+    was = orjson.loads((ws.root / RAG).read_bytes().splitlines()[0])["category"]
+    edit_rows(ws, RAG, set_field(0, category="rejected"), seal=False)
+    edit_receipt(ws, "export-rag", lambda r: r["by_category"].update(
+        {was: r["by_category"][was] - 1, "rejected": 1}))
+    reseal(ws)
 
 
 def t_preference_no_self_pairs(ws):
@@ -260,11 +272,16 @@ def test_every_invariant_has_a_tamper():
     assert list(TAMPERS) == KEYS
 
 
+#: Where checks cannot be told apart: without a stage's receipt, the checks that read that
+#: receipt fail too.
+ALSO = {"latest_run_complete": {"receipt_hashes", "accounting_exports", "no_unrecorded_outputs"}}
+
+
 @pytest.mark.parametrize("key", KEYS)
 def test_each_invariant_fails_alone_on_its_tamper(gws, key):
     assert failing(gws) == set()
     TAMPERS[key](gws)
-    assert failing(gws) == {key}
+    assert failing(gws) == {key} | ALSO.get(key, set())
     assert problems_of(gws, key)  # and says what it found
 
 
@@ -286,3 +303,21 @@ def test_a_crashing_check_fails_without_hiding_the_others(gws, monkeypatch):
     checks = inv.run_checks(inv.Context(gws, load_config(gws.root)), [("a", "a", boom), *inv.INVARIANTS[:2]])
     assert [c.ok for c in checks] == [False, True, True]
     assert checks[0].problems == ["the check itself failed: RuntimeError: bug in a check"]
+
+
+def test_a_killed_or_failed_run_after_a_complete_one_is_not_a_failure(gws):
+    """The outputs on disk are the newest complete run's: a later run that published nothing
+    does not make the workspace unsound."""
+    d = gws.reports / "29991231T000000000Z-dead"
+    d.mkdir()
+    summary = orjson.loads((run_dir(gws) / "summary.json").read_bytes())
+    (d / "summary.json").write_bytes(orjson.dumps({**summary, "run_id": d.name, "status": "incomplete"}))
+    ctx = inv.Context(gws, load_config(gws.root))
+    assert ctx.newest["run_id"] == d.name and ctx.summary["run_id"] != d.name
+    assert failing(gws) == set()
+
+
+def test_a_damaged_receipt_is_a_failed_check_not_a_traceback(gws):
+    rc.receipt_path(run_dir(gws), "score").write_text("{bad")
+    checks = {c.key: c for c in inv.run_checks(inv.Context(gws, load_config(gws.root)), inv.INVARIANTS)}
+    assert "not valid JSON" in checks["latest_run_complete"].problems[0]
