@@ -124,6 +124,8 @@ def test_write_expected_pins_what_the_fixture_gives(fixture_copy, tmp_path):
         (FIXTURE / "expected.json").read_bytes())
     assert (tmp_path / "kept" / "run-a" / "exports" / "sft" / "instruction_response.jsonl").is_file()
     assert Workspace.at(tmp_path / "kept" / "run-b").reports.is_dir()
+    again = runner.invoke(app, ["acceptance", "--keep", str(tmp_path / "kept")])
+    assert again.exit_code == 2 and "is not empty" in again.output
 
 
 def test_acceptance_and_audit_do_not_import_the_training_stack():
