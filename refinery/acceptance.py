@@ -6,10 +6,11 @@
     tests/fixtures/acceptance/transforms/   a workspace transform with a planted bug
     tests/fixtures/acceptance/expected.json the counts the run must give, pinned
 
-The fixture is copied into two temporary workspaces and run-all runs in each (--force). The
-first workspace is then checked against every on-disk invariant (refinery.invariants) and
-the gate's own: the two runs are identical (hashes and bytes), the counts are the pinned ones,
-and the fixture still covers every family, rule and defect kind.
+The fixture is copied into two temporary workspaces and `run-all --force` runs in each, in
+two processes with different hash seeds. The first workspace is then checked against every
+on-disk invariant (refinery.invariants) and the gate's own: the two runs are identical
+(hashes and bytes), the counts are the pinned ones, and the fixture still covers every
+family, rule and defect kind.
 """
 
 from __future__ import annotations
@@ -50,9 +51,8 @@ def prepare(fixture: Path, dest: Path) -> Workspace:
     if not (fixture / "kb").is_dir():
         raise FixtureError(f"{fixture}/kb/ does not exist: not an acceptance fixture")
     shutil.copytree(fixture / "kb", dest / "data" / "_kb")
-    for extra in ("refinery.toml",):
-        if (fixture / extra).is_file():
-            shutil.copy(fixture / extra, dest / extra)
+    if (fixture / "refinery.toml").is_file():
+        shutil.copy(fixture / "refinery.toml", dest / "refinery.toml")
     if (fixture / "transforms").is_dir():
         shutil.copytree(fixture / "transforms", dest / "transforms",
                         ignore=shutil.ignore_patterns("__pycache__"))
