@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install run-all runs receipts acceptance audit-full materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install run-all runs receipts acceptance audit-full train-collect tiny-model materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -21,7 +21,7 @@ $(UV):
 	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
 
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --quiet
+	$(UV) sync --frozen --all-extras --quiet
 	@touch $@
 
 install: $(VENV)/.synced ## create .venv from uv.lock (idempotent)
@@ -55,6 +55,12 @@ export-preference: install ## scored runs -> exports/preference/chosen_rejected.
 
 export-all: install ## all three exports in one pass
 	$(RUN) export-all
+
+train-collect: install ## exports/sft -> distill_out/data/{train,valid,test}.jsonl for mlx-lm (+ collect.json)
+	$(RUN) train collect
+
+tiny-model: install ## build a tiny local base model (random weights, tokenizer trained on the SFT texts)
+	$(RUN) train tiny-model
 
 trace: install ## walk a row back to its source line: make trace ID=sft-...
 	@if [ -z "$(ID)" ]; then echo "usage: make trace ID=<row id>" >&2; exit 2; fi

@@ -578,6 +578,76 @@ def schemas(
     typer.echo("schemas/ is up to date (use --write to regenerate)")
 
 
+train_app = typer.Typer(
+    help="The training stage (MLX LoRA): collect the SFT export into mlx-lm data, build a tiny local "
+         "base model for trying it out. (Training, evaluation, promotion and rollback follow.)",
+    no_args_is_help=True)
+app.add_typer(train_app, name="train")
+DistillConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="Training config (default: <workspace>/distill_config.json, if present).")]
+
+
+def _distill_config(ws_root: Path, config: Path | None):
+    from refinery.training.config import DistillConfigError, load_distill_config
+
+    try:
+        return load_distill_config(ws_root, config)
+    except DistillConfigError as e:
+        _fail(f"error: {e}")
+
+
+@train_app.command("collect")
+def train_collect(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Write exports/sft/instruction_response.jsonl as mlx-lm data: <output_dir>/data/train.jsonl,
+    valid.jsonl and test.jsonl, split by a hash of each row's id (held-out test: test_fraction,
+    20 % by default), chat rows as chat and tool-using rows in the tools shape; and a receipt
+    (collect.json) with the input's sha256 and per split: rows, tool-using vs direct answers,
+    mean tokens. Refuses (exit 2) with fewer rows than min_rows (50 by default)."""
+    from refinery.training.collect import CollectError, collect
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    try:
+        receipt = collect(ws, dcfg)
+    except CollectError as e:
+        _fail(f"error: {e}")
+    if as_json:
+        _print_json(receipt)
+        return
+    for name, st in receipt["splits"].items():
+        typer.echo(f"{dcfg.output_dir}/data/{name}.jsonl: {st['rows']:,} rows ({st['tool_using']} tool-using, "
+                   f"{st['direct_answers']} direct), mean {st['mean_tokens']} tokens")
+    typer.echo(f"tokens counted with: {receipt['token_counter']}; receipt: {dcfg.output_dir}/data/collect.json")
+
+
+@train_app.command("tiny-model")
+def train_tiny_model(
+    workspace: WorkspaceOpt = Path("."),
+    config: DistillConfigOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write it (default: base_model of the config).")] = None,
+    seed: Annotated[int, typer.Option(help="Same SFT export and seed → the same model files.")] = 0,
+) -> None:
+    """Build a tiny llama-shaped base model locally — random weights and a byte-level BPE
+    tokenizer trained on the SFT export's texts — for trying the training stage without
+    downloading anything. It is small (~100k parameters) and learns quickly; it is not good."""
+    from refinery.jsonl import read_jsonl
+    from refinery.training.collect import SFT_EXPORT
+    from refinery.training.tinymodel import build_tiny_model, sft_texts
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    src = ws.root / SFT_EXPORT
+    if not src.is_file():
+        _fail(f"error: no SFT export at {SFT_EXPORT}: run `refinery run-all` first")
+    dest = out or ws.root / dcfg.base_model
+    cfg = build_tiny_model(dest, sft_texts(line.obj for line in read_jsonl(src) if line.obj is not None), seed=seed)
+    typer.echo(f"wrote a tiny {cfg['model_type']} model ({cfg['num_hidden_layers']} layers, hidden "
+               f"{cfg['hidden_size']}, vocabulary {cfg['vocab_size']}) to {dest}")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,126 @@
+"""`refinery train collect`: the SFT export as mlx-lm training data, split by id hash.
+
+    exports/sft/instruction_response.jsonl ──▶ <output_dir>/data/train.jsonl, valid.jsonl, test.jsonl
+                                           ──▶ <output_dir>/data/collect.json  (the receipt)
+
+A row's split depends only on its id (sha256 → a number in [0, 1): below test_fraction it is
+held out for testing, below test_fraction + valid_fraction it validates, else it trains), so
+the split is deterministic, does not depend on row order, and a row never changes split when
+others are added. Rows with tool calls are written in mlx-lm's tools shape (chat + "tools",
+calls as {"id", "type": "function", "function": {"name", "arguments"}}), the rest as chat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+from refinery.canonical import file_sha256
+from refinery.formats import to_mlx_chat, to_mlx_tools
+from refinery.jsonl import JsonlWriter, publish_dir, read_jsonl, recover_dir, staging_dir
+from refinery.receipts import Digests, write_json
+from refinery.training.config import DistillConfig
+from refinery.workspace import Workspace
+
+SFT_EXPORT = "exports/sft/instruction_response.jsonl"
+SPLITS = ("train", "valid", "test")
+RECEIPT = "collect.json"
+
+
+class CollectError(Exception):
+    """No SFT export, or too few rows to train on; the message says what to do."""
+
+
+def split_of(row_id: str, test_fraction: float, valid_fraction: float) -> str:
+    x = int(hashlib.sha256(row_id.encode()).hexdigest()[:13], 16) / 16**13
+    return "test" if x < test_fraction else "valid" if x < test_fraction + valid_fraction else "train"
+
+
+def uses_tools(row: dict[str, Any]) -> bool:
+    return bool(row["tool_calls"]) or any(m.get("tool_calls") for m in row["messages"] or [])
+
+
+def mlx_row(row: dict[str, Any]) -> dict[str, Any]:
+    return to_mlx_tools(row) if uses_tools(row) else to_mlx_chat(row)
+
+
+def token_counter(dcfg: DistillConfig, ws: Workspace) -> tuple[str, Callable[[str], int]]:
+    """The base model's tokenizer when there is one to read (tokenizer.json), else words."""
+    tok_file = (ws.root / dcfg.base_model / "tokenizer.json")
+    if tok_file.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tok_file))
+            return "base model tokenizer", lambda text: len(tok.encode(text).ids)
+        except ImportError:
+            pass
+    return "whitespace words (no base model tokenizer found)", lambda text: len(text.split())
+
+
+def _text(m: dict[str, Any]) -> str:
+    import orjson
+
+    calls = orjson.dumps(m["tool_calls"]).decode() if m.get("tool_calls") else ""
+    return (m.get("content") or "") + calls
+
+
+def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
+    """Write the three splits and the receipt; return the receipt. Raises CollectError."""
+    src = ws.root / SFT_EXPORT
+    if not src.is_file():
+        raise CollectError(f"no SFT export at {SFT_EXPORT}: run `refinery run-all` first")
+    rows = sum(1 for line in read_jsonl(src) if line.obj is not None)
+    if rows < dcfg.min_rows:
+        raise CollectError(f"{SFT_EXPORT} has {rows} rows, fewer than min_rows = {dcfg.min_rows} in "
+                           "distill_config.json: too few to train on. Add sources (or accept partially "
+                           "accepted rows: run-all --include-partial), or lower min_rows.")
+    counter_name, count = token_counter(dcfg, ws)
+    out = ws.root / dcfg.output_dir / "data"
+    recover_dir(out)
+    staging = staging_dir(out)
+    stats = {s: {"rows": 0, "tool_using": 0, "direct_answers": 0, "tokens": 0} for s in SPLITS}
+    try:
+        files = {s: open(staging / f"{s}.jsonl", "wb") for s in SPLITS}
+        try:
+            writers = {s: JsonlWriter(f) for s, f in files.items()}
+            for line in read_jsonl(src):
+                if line.obj is None:
+                    raise CollectError(f"{SFT_EXPORT}:{line.offset}: unreadable ({line.reason}); "
+                                       "run `refinery run-all` again")
+                row = line.obj
+                split = split_of(row["id"], dcfg.test_fraction, dcfg.valid_fraction)
+                out_row = mlx_row(row)
+                writers[split].write(out_row)
+                st = stats[split]
+                st["rows"] += 1
+                tools = uses_tools(row)
+                st["tool_using"] += tools
+                st["direct_answers"] += not tools
+                st["tokens"] += sum(count(_text(m)) for m in out_row["messages"])
+        finally:
+            for f in files.values():
+                f.close()
+        digests = Digests()
+        outputs = [digests.of(staging / f"{s}.jsonl", f"{dcfg.output_dir}/data/{s}.jsonl") for s in SPLITS]
+        publish_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    splits = {s: {"rows": st["rows"], "tool_using": st["tool_using"], "direct_answers": st["direct_answers"],
+                  "mean_tokens": round(st["tokens"] / st["rows"], 1) if st["rows"] else 0.0}
+              for s, st in stats.items()}
+    receipt = {
+        "schema_version": 1, "stage": "train-collect",
+        "input": {"path": SFT_EXPORT, "sha256": file_sha256(src), "rows": rows},
+        "split_rule": {"by": "sha256(id)", "test_fraction": dcfg.test_fraction,
+                       "valid_fraction": dcfg.valid_fraction, "min_rows": dcfg.min_rows},
+        "token_counter": counter_name, "splits": splits,
+        "total": {"rows": rows, "tool_using": sum(s["tool_using"] for s in splits.values()),
+                  "direct_answers": sum(s["direct_answers"] for s in splits.values())},
+        "outputs": outputs,
+    }
+    write_json(out / RECEIPT, receipt)
+    return receipt

@@ -1,0 +1,70 @@
+"""`distill_config.json`: everything a training run depends on, typed; an unknown key is an error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_FILE = "distill_config.json"
+
+
+class DistillConfigError(Exception):
+    """A user error in distill_config.json; the message names the file and the key."""
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(default="distill_out/tiny-base",
+                            description="local path of the base model (an mlx-lm / HF folder); nothing is downloaded")
+    adapter_type: Literal["lora", "qlora"] = Field(default="lora", description="qlora: LoRA on a quantized base")
+    train_steps: int = Field(default=200, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    lr: float = Field(default=1e-4, gt=0, description="learning rate")
+    lora_rank: int = Field(default=8, gt=0)
+    lora_scale: float = Field(default=20.0, gt=0, description="mlx-lm's scale (PEFT lora_alpha = scale × rank)")
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    num_layers: int = Field(default=16, gt=0, description="adapt the last N transformer layers")
+    eval_steps: int = Field(default=50, gt=0, description="validation loss every N steps")
+    seed: int = 0
+    max_seq_length: int = Field(default=2048, gt=0)
+    time_cap_s: float = Field(default=3600.0, gt=0, description="stop training after this many seconds")
+    output_dir: str = Field(default="distill_out", description="adapters, data and reports go here")
+    min_rows: int = Field(default=50, ge=1, description="collect refuses with fewer SFT rows than this")
+    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="held-out test share, by id hash")
+    valid_fraction: float = Field(default=0.1, gt=0, lt=1, description="validation share, by id hash")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DistillConfig:
+        if self.test_fraction + self.valid_fraction >= 1:
+            raise ValueError("test_fraction + valid_fraction must leave rows to train on")
+        return self
+
+
+def load_distill_config(workspace: Path, path: Path | None = None) -> DistillConfig:
+    """`distill_config.json` of the workspace (or `path`); defaults when there is none."""
+    cfg_path = path or workspace / CONFIG_FILE
+    if path is not None and not cfg_path.is_file():
+        raise DistillConfigError(f"{cfg_path}: no such config file")
+    if not cfg_path.is_file():
+        return DistillConfig()
+    try:
+        data = orjson.loads(cfg_path.read_bytes())
+    except orjson.JSONDecodeError as e:
+        raise DistillConfigError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DistillConfigError(f"{cfg_path}: must be a JSON object")
+    try:
+        return DistillConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{cfg_path}: unknown key '{key}' — remove it or check its spelling")
+            else:
+                lines.append(f"{cfg_path}: '{key}': {err['msg']}")
+        raise DistillConfigError("\n".join(lines)) from None

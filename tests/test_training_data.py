@@ -1,0 +1,151 @@
+"""The data side of the training stage: distill_config.json, `train collect`, the tiny model."""
+
+from __future__ import annotations
+
+import shutil
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO
+from refinery.cli import app
+from refinery.training.collect import SPLITS, split_of
+from refinery.training.config import DistillConfig, DistillConfigError, load_distill_config
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def sample_exports(tmp_path_factory):
+    """The bundled sample, run once: its SFT export (145 rows) is what the tests collect."""
+    ws = tmp_path_factory.mktemp("sample")
+    shutil.copytree(REPO / "data" / "_kb", ws / "data" / "_kb",
+                    ignore=shutil.ignore_patterns("audit_baselines.jsonl"))
+    assert runner.invoke(app, ["run-all", "--workspace", str(ws)]).exit_code == 0
+    return ws
+
+
+@pytest.fixture
+def ws(sample_exports, tmp_path):
+    dest = tmp_path / "w"
+    shutil.copytree(sample_exports, dest)
+    return dest
+
+
+def rows(path) -> list[dict]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()]
+
+
+# --- distill_config.json -------------------------------------------------------------------
+
+
+def test_config_defaults_and_unknown_keys(tmp_path):
+    assert load_distill_config(tmp_path) == DistillConfig()
+    (tmp_path / "distill_config.json").write_text('{"train_steps": 10, "lora_rnak": 4}')
+    with pytest.raises(DistillConfigError, match="unknown key 'lora_rnak'"):
+        load_distill_config(tmp_path)
+    (tmp_path / "distill_config.json").write_text('{"adapter_type": "dora"}')
+    with pytest.raises(DistillConfigError, match="'adapter_type'"):
+        load_distill_config(tmp_path)
+    (tmp_path / "distill_config.json").write_text('{"test_fraction": 0.6, "valid_fraction": 0.5}')
+    with pytest.raises(DistillConfigError, match="must leave rows to train on"):
+        load_distill_config(tmp_path)
+    (tmp_path / "distill_config.json").write_text("{not json")
+    with pytest.raises(DistillConfigError, match="not valid JSON"):
+        load_distill_config(tmp_path)
+    ok = {"base_model": "models/x", "adapter_type": "qlora", "train_steps": 5, "batch_size": 2, "lr": 1e-3,
+          "lora_rank": 4, "lora_scale": 10.0, "lora_dropout": 0.1, "num_layers": 2, "eval_steps": 5, "seed": 3,
+          "max_seq_length": 256, "time_cap_s": 60, "output_dir": "out"}
+    (tmp_path / "distill_config.json").write_text(orjson.dumps(ok).decode())
+    assert load_distill_config(tmp_path).model_dump(include=set(ok)) == {**ok, "time_cap_s": 60.0}
+
+
+def test_a_bad_config_is_exit_2_naming_the_key(ws):
+    (ws / "distill_config.json").write_text('{"epochs": 3}')
+    result = invoke("train", "collect", "--workspace", str(ws))
+    assert result.exit_code == 2 and "unknown key 'epochs'" in result.output
+
+
+# --- collect -------------------------------------------------------------------------------
+
+
+def test_collect_splits_by_id_hash_and_writes_mlx_shapes(ws):
+    result = invoke("train", "collect", "--workspace", str(ws), "--json")
+    assert result.exit_code == 0, result.output
+    receipt = orjson.loads(result.stdout)
+    sft = rows(ws / "exports" / "sft" / "instruction_response.jsonl")
+    data = {s: rows(ws / "distill_out" / "data" / f"{s}.jsonl") for s in SPLITS}
+    assert sum(len(v) for v in data.values()) == len(sft) == receipt["input"]["rows"] == 145
+    for row in sft:  # every row lands in the split its id says, in the shape its content says
+        split = split_of(row["id"], 0.2, 0.1)
+        assert receipt["splits"][split]["rows"] == len(data[split])
+    assert 0.1 < len(data["test"]) / len(sft) < 0.3  # about 20 % held out
+    tools = [r for v in data.values() for r in v if "tools" in r]
+    assert len(tools) == receipt["total"]["tool_using"] > 0
+    call = next(m["tool_calls"][0] for r in tools for m in r["messages"] if m.get("tool_calls"))
+    assert call["type"] == "function" and set(call["function"]) == {"name", "arguments"}
+    assert isinstance(call["function"]["arguments"], dict)
+    chat = next(r for v in data.values() for r in v if "tools" not in r)
+    assert [m["role"] for m in chat["messages"]][-2:] == ["user", "assistant"]
+    for s in SPLITS:
+        st = receipt["splits"][s]
+        assert st["tool_using"] + st["direct_answers"] == st["rows"] and st["mean_tokens"] > 0
+    assert receipt["token_counter"].startswith("whitespace words")  # no base model built yet
+    from refinery.canonical import file_sha256
+
+    assert receipt["input"]["sha256"] == file_sha256(ws / "exports" / "sft" / "instruction_response.jsonl")
+    assert orjson.loads((ws / "distill_out" / "data" / "collect.json").read_bytes()) == receipt
+
+
+def test_collect_is_deterministic_and_a_row_keeps_its_split(ws):
+    assert invoke("train", "collect", "--workspace", str(ws)).exit_code == 0
+    first = {s: (ws / "distill_out" / "data" / f"{s}.jsonl").read_bytes() for s in SPLITS}
+    assert invoke("train", "collect", "--workspace", str(ws)).exit_code == 0
+    assert {s: (ws / "distill_out" / "data" / f"{s}.jsonl").read_bytes() for s in SPLITS} == first
+    ids = [f"sft-{i:016x}" for i in range(2000)]
+    assert [split_of(i, 0.2, 0.1) for i in ids[:100]] == [split_of(i, 0.2, 0.1) for i in ids][:100]
+    share = sum(split_of(i, 0.2, 0.1) == "test" for i in ids) / len(ids)
+    assert 0.17 < share < 0.23
+
+
+def test_collect_refuses_too_few_rows_and_a_missing_export(ws, tmp_path):
+    (ws / "distill_config.json").write_text('{"min_rows": 1000}')
+    result = invoke("train", "collect", "--workspace", str(ws))
+    assert result.exit_code == 2
+    assert "has 145 rows, fewer than min_rows = 1000" in result.output
+    assert not (ws / "distill_out" / "data").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke("train", "collect", "--workspace", str(empty))
+    assert result.exit_code == 2 and "run `refinery run-all` first" in result.output
+
+
+# --- the tiny model ------------------------------------------------------------------------
+
+
+def test_the_tiny_model_is_built_locally_loads_and_is_reproducible(ws, tmp_path):
+    pytest.importorskip("mlx_lm")
+    from mlx_lm import generate, load
+
+    assert invoke("train", "tiny-model", "--workspace", str(ws)).exit_code == 0
+    base = ws / "distill_out" / "tiny-base"
+    assert sorted(p.name for p in base.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                      "tokenizer_config.json"]
+    assert invoke("train", "tiny-model", "--workspace", str(ws), "--out", str(tmp_path / "again")).exit_code == 0
+    assert all((base / n).read_bytes() == (tmp_path / "again" / n).read_bytes() for n in
+               ("config.json", "model.safetensors", "tokenizer.json"))
+    model, tok = load(str(base))
+    text = tok.apply_chat_template([{"role": "user", "content": "How many orders?"},
+                                    {"role": "assistant", "content": "",
+                                     "tool_calls": [{"function": {"name": "run_sql", "arguments": {"q": 1}}}]}],
+                                   tokenize=False)
+    assert text.startswith("<|user|>How many orders?<|end|><|assistant|>") and '"run_sql"' in text
+    assert isinstance(generate(model, tok, prompt="How many", max_tokens=3), str)
+    # with the base model's tokenizer there, collect counts real tokens
+    receipt = orjson.loads(invoke("train", "collect", "--workspace", str(ws), "--json").stdout)
+    assert receipt["token_counter"] == "base model tokenizer"
