@@ -648,6 +648,31 @@ def train_tiny_model(
                f"{cfg['hidden_size']}, vocabulary {cfg['vocab_size']}) to {dest}")
 
 
+@train_app.command("run")
+def train_run_cmd(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Train a LoRA adapter (QLoRA with adapter_type = "qlora": on a 4-bit copy of the base) on
+    the collected data with mlx-lm, seeded, stopping at train_steps or time_cap_s. Writes
+    <output_dir>/<adapter_id>/: adapters.safetensors, adapter_config.json, metrics.json (loss
+    per step), loss.png and receipt.json (tying the adapter to the data, config, seed and base
+    model), and logs the run to data/_kb/runs_distill_train.csv (task_name distill_train)."""
+    from refinery.training.train import TrainError, train_run
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    try:
+        receipt = train_run(ws, dcfg)
+    except TrainError as e:
+        _fail(f"error: {e}")
+    if as_json:
+        _print_json(receipt)
+        return
+    typer.echo(f"adapter {receipt['adapter_id']}: {receipt['steps']} steps (stopped by {receipt['stopped_by']}) in "
+               f"{receipt['seconds']:.1f}s, train loss {receipt['final_train_loss']}, validation loss "
+               f"{receipt['final_val_loss']} → {dcfg.output_dir}/{receipt['adapter_id']}/")
+
+
 def main() -> None:
     try:
         app()

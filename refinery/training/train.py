@@ -1,0 +1,240 @@
+"""`refinery train run`: a LoRA (or QLoRA) adapter on the collected data, through mlx-lm's Python API.
+
+    <output_dir>/data/ (from `train collect`) ──▶ <output_dir>/<adapter_id>/
+        adapters.safetensors   the LoRA weights (mlx-lm layout)
+        adapter_config.json    what mlx-lm needs to load them (fine_tune_type, num_layers, lora_parameters)
+        metrics.json           train loss per step, validation loss every eval_steps, why it stopped
+        loss.png               the loss curves
+        receipt.json           the adapter tied to the data receipt, the config, the seed, the base model
+
+The adapter id is a hash of what determines the adapter (data, base model, training settings,
+seed, code version), so the same inputs give the same id — and, seeded, the same weights on
+the same backend. Training stops at `train_steps` or at `time_cap_s`, whichever comes first.
+The trainer and the model loader are parameters, so tests can swap them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+
+from refinery.canonical import file_sha256, sig_hash
+from refinery.jsonl import publish_dir, staging_dir
+from refinery.receipts import Digests, write_json
+from refinery.training.collect import RECEIPT as DATA_RECEIPT
+from refinery.training.config import DistillConfig
+from refinery.workspace import Workspace
+
+ADAPTER_FILE = "adapters.safetensors"
+#: Training runs are logged as a runs*.csv stream, so the next run-all takes them as evidence.
+RUNS_LOG = "runs_distill_train.csv"
+RUNS_COLUMNS = ("run_id", "task_id", "task_name", "started_at", "finished_at", "model", "prompt", "output",
+                "exit_status", "error", "tool_calls", "stop_reason")
+#: The settings that change the adapter (output_dir and the collect settings do not, directly).
+TRAINING_KEYS = ("adapter_type", "train_steps", "batch_size", "lr", "lora_rank", "lora_scale", "lora_dropout",
+                 "num_layers", "eval_steps", "seed", "max_seq_length")
+
+
+class TrainError(Exception):
+    """Missing or stale data, a missing base model: the message says what to run."""
+
+
+class _StopTraining(Exception):
+    pass
+
+
+def model_digest(path: Path) -> str:
+    """One hash over a model folder's files (names and contents)."""
+    if not path.is_dir():
+        raise TrainError(f"no base model at {path}: set base_model in distill_config.json to a local model "
+                         "folder, or build a tiny one with `refinery train tiny-model`")
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return sig_hash([[p.relative_to(path).as_posix(), file_sha256(p)] for p in files])
+
+
+def read_data_receipt(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
+    """The collect receipt, with the data files checked against it."""
+    path = ws.root / dcfg.output_dir / "data" / DATA_RECEIPT
+    if not path.is_file():
+        raise TrainError(f"no training data in {dcfg.output_dir}/data/: run `refinery train collect` first")
+    receipt = orjson.loads(path.read_bytes())
+    digests = Digests()
+    for f in receipt["outputs"]:
+        p = ws.root / f["path"]
+        if not p.is_file() or digests.of(p, f["path"])["sha256"] != f["sha256"]:
+            raise TrainError(f"{f['path']} changed since `train collect` wrote it: run `refinery train collect`")
+    return receipt
+
+
+def adapter_id(data_receipt: dict[str, Any], base_digest: str, dcfg: DistillConfig, code: str) -> str:
+    settings = {k: getattr(dcfg, k) for k in TRAINING_KEYS}
+    return "ad-" + sig_hash({"data": [f["sha256"] for f in data_receipt["outputs"]], "base": base_digest,
+                             "settings": settings, "code": code})[:12]
+
+
+def _quantized_base(ws: Workspace, dcfg: DistillConfig, base: Path) -> Path:
+    """QLoRA trains on a 4-bit base: quantize the base once, next to the adapters."""
+    config = orjson.loads((base / "config.json").read_bytes())
+    if "quantization" in config:
+        return base
+    qpath = ws.root / dcfg.output_dir / f"{base.name}-q4"
+    if not (qpath / "config.json").is_file():
+        from mlx_lm import convert
+
+        if qpath.exists():
+            shutil.rmtree(qpath)
+        hidden = config.get("hidden_size", 64)
+        with contextlib.redirect_stdout(sys.stderr):  # convert reports on stdout; keep it for results
+            convert(str(base), mlx_path=str(qpath), quantize=True, q_bits=4,
+                    q_group_size=32 if hidden % 64 else 64)
+    return qpath
+
+
+def default_loader(path: str):
+    from mlx_lm import load
+
+    return load(path)
+
+
+def default_trainer(**kwargs: Any) -> None:
+    from mlx_lm.tuner import trainer
+
+    trainer.train(**kwargs)
+
+
+def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any] = default_loader,
+              trainer: Callable[..., None] = default_trainer,
+              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train; write the adapter folder atomically; return its receipt. Raises TrainError."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner import datasets, utils
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs
+
+    from refinery.receipts import code_version
+    from refinery.config import load_config
+
+    from datetime import UTC, datetime
+
+    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    data = read_data_receipt(ws, dcfg)
+    base = (ws.root / dcfg.base_model).resolve()
+    base_digest = model_digest(base)
+    code = code_version(ws, load_config(ws.root))
+    aid = adapter_id(data, base_digest, dcfg, code)
+    out = ws.root / dcfg.output_dir / aid
+    train_base = _quantized_base(ws, dcfg, base) if dcfg.adapter_type == "qlora" else base
+
+    mx.random.seed(dcfg.seed)  # the LoRA init
+    np.random.seed(dcfg.seed)  # the batch order
+    model, tokenizer = loader(str(train_base))
+    model.freeze()
+    layers = min(dcfg.num_layers, len(model.layers))
+    lora = {"rank": dcfg.lora_rank, "scale": dcfg.lora_scale, "dropout": dcfg.lora_dropout}
+    utils.linear_to_lora_layers(model, layers, lora)
+    args = SimpleNamespace(data=str(ws.root / dcfg.output_dir / "data"), train=True, test=False, hf_dataset=None,
+                           mask_prompt=False, prompt_feature="prompt", completion_feature="completion",
+                           text_feature="text", chat_feature="messages")
+    with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints its progress; keep stdout for results
+        train_set, valid_set, _ = datasets.load_dataset(args, tokenizer)
+    if len(train_set) < dcfg.batch_size:
+        raise TrainError(f"{len(train_set)} training rows, fewer than batch_size = {dcfg.batch_size}")
+
+    t0 = time.monotonic()
+    train_losses: list[list[float]] = []
+    val_losses: list[list[float]] = []
+    stopped = {"by": "train_steps"}
+
+    class Record(TrainingCallback):
+        def on_train_loss_report(self, info: dict[str, Any]) -> None:
+            train_losses.append([info["iteration"], round(float(info["train_loss"]), 6)])
+            if on_step:
+                on_step(info["iteration"], float(info["train_loss"]))
+            if time.monotonic() - t0 > dcfg.time_cap_s and info["iteration"] < dcfg.train_steps:
+                stopped["by"] = "time_cap_s"
+                raise _StopTraining
+
+        def on_val_loss_report(self, info: dict[str, Any]) -> None:
+            val_losses.append([info["iteration"], round(float(info["val_loss"]), 6)])
+
+    staging = staging_dir(out)
+    try:
+        targs = TrainingArgs(batch_size=dcfg.batch_size, iters=dcfg.train_steps, steps_per_report=1,
+                             steps_per_eval=dcfg.eval_steps, steps_per_save=dcfg.train_steps + 1,
+                             val_batches=-1, max_seq_length=dcfg.max_seq_length,
+                             adapter_file=str(staging / ADAPTER_FILE))
+        valid = datasets.CacheDataset(valid_set) if len(valid_set) >= dcfg.batch_size else None
+        with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(_StopTraining):
+            trainer(model=model, optimizer=optim.Adam(learning_rate=dcfg.lr),
+                    train_dataset=datasets.CacheDataset(train_set), val_dataset=valid, args=targs,
+                    training_callback=Record())
+        seconds = round(time.monotonic() - t0, 3)
+        mx.save_safetensors(str(staging / ADAPTER_FILE), dict(sorted(tree_flatten(model.trainable_parameters()))))
+        (staging / "adapter_config.json").write_bytes(orjson.dumps({
+            "fine_tune_type": "lora", "num_layers": layers, "lora_parameters": lora,
+            "base_model": dcfg.base_model, "adapter_type": dcfg.adapter_type, "seed": dcfg.seed,
+        }, option=orjson.OPT_INDENT_2) + b"\n")
+        metrics = {"adapter_id": aid, "steps": train_losses[-1][0] if train_losses else 0,
+                   "train_steps": dcfg.train_steps, "stopped_by": stopped["by"], "train_loss": train_losses,
+                   "val_loss": val_losses, "train_rows": len(train_set), "valid_rows": len(valid_set)}
+        write_json(staging / "metrics.json", metrics)
+        from refinery.training.plots import loss_curve
+
+        loss_curve(staging / "loss.png", train_losses, val_losses, f"{aid} — {dcfg.adapter_type}")
+        receipt = {
+            "schema_version": 1, "stage": "train-run", "adapter_id": aid, "code_version": code,
+            "data_receipt_sha256": file_sha256(ws.root / dcfg.output_dir / "data" / DATA_RECEIPT),
+            "data": data["outputs"], "base_model": {"path": dcfg.base_model, "digest": base_digest,
+                                                     "trained_on": str(train_base.relative_to(ws.root))
+                                                     if train_base.is_relative_to(ws.root) else str(train_base)},
+            "config": dcfg.model_dump(mode="json"), "seed": dcfg.seed,
+            "adapter_sha256": file_sha256(staging / ADAPTER_FILE), "steps": metrics["steps"],
+            "stopped_by": stopped["by"], "seconds": seconds,
+            "final_train_loss": train_losses[-1][1] if train_losses else None,
+            "final_val_loss": val_losses[-1][1] if val_losses else None,
+        }
+        write_json(staging / "receipt.json", receipt)
+        publish_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log_run(ws, receipt, started_at, dcfg)
+    return receipt
+
+
+def log_run(ws: Workspace, receipt: dict[str, Any], started_at: str, dcfg: DistillConfig) -> None:
+    """Append the run to data/_kb/runs_distill_train.csv (task_name = distill_train), rewriting the
+    file through a temp file so a kill never leaves a torn row."""
+    import csv
+    import io
+    from datetime import UTC, datetime
+
+    from refinery.jsonl import atomic_write
+
+    path = ws.kb / RUNS_LOG
+    old = path.read_bytes() if path.exists() else b""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if not old:
+        w.writerow(RUNS_COLUMNS)
+    w.writerow([f"{receipt['adapter_id']}-{started_at}", "distill_train", "distill_train", started_at,
+                datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), dcfg.base_model,
+                f"Train a {dcfg.adapter_type} adapter on {receipt['data'][0]['rows']} rows for "
+                f"{dcfg.train_steps} steps (seed {dcfg.seed}).",
+                f"Adapter {receipt['adapter_id']}: {receipt['steps']} steps, stopped by {receipt['stopped_by']}, "
+                f"final train loss {receipt['final_train_loss']}, validation loss {receipt['final_val_loss']}.",
+                0, "", 0, "end_turn"])
+    with atomic_write(path) as f:
+        f.write(old + buf.getvalue().encode())
+
