@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install run-all runs receipts acceptance audit-full train-collect tiny-model materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install run-all runs receipts acceptance audit-full train train-collect tiny-model materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -55,6 +55,12 @@ export-preference: install ## scored runs -> exports/preference/chosen_rejected.
 
 export-all: install ## all three exports in one pass
 	$(RUN) export-all
+
+train: run-all ## collect -> train -> eval on the bundled sample with a tiny local model (distill_config.json)
+	$(RUN) train tiny-model
+	$(RUN) train collect
+	$(RUN) train run
+	$(RUN) train eval
 
 train-collect: install ## exports/sft -> distill_out/data/{train,valid,test}.jsonl for mlx-lm (+ collect.json)
 	$(RUN) train collect

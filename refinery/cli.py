@@ -673,6 +673,132 @@ def train_run_cmd(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
                f"{receipt['final_val_loss']} → {dcfg.output_dir}/{receipt['adapter_id']}/")
 
 
+AdapterOpt = Annotated[str | None, typer.Option(
+    "--adapter", help="An adapter id (ad-…) from `refinery train list`. Default: the newest one not archived.")]
+
+
+def _adapter(ws, dcfg, adapter: str | None) -> str:
+    from refinery.training.registry import adapters
+
+    live = [a for a in adapters(ws, dcfg) if not a["archived"]]
+    if adapter is None:
+        if not live:
+            _fail("error: no adapter yet: run `refinery train run` first")
+        return live[-1]["adapter_id"]
+    if not (ws.root / dcfg.output_dir / adapter / "receipt.json").is_file():
+        _fail(f"error: no adapter {adapter} in {dcfg.output_dir}/ (`refinery train list` shows them)")
+    return adapter
+
+
+@train_app.command("eval")
+def train_eval(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None, adapter: AdapterOpt = None,
+               as_json: JsonOpt = False) -> None:
+    """Evaluate base vs adapter on the held-out test split and a set of safety probes: per row,
+    answer match, format validity (a tool call parses and uses name/arguments), tool-vs-direct
+    choice and safety. Writes <adapter>/eval/: rows.jsonl, comparison.json, comparison.md and
+    scores.png."""
+    from refinery.training.evaluate import evaluate, markdown
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    aid = _adapter(ws, dcfg, adapter)
+    comparison = evaluate(ws, dcfg, aid)
+    if as_json:
+        _print_json(comparison)
+    else:
+        typer.echo(markdown(comparison), nl=False)
+        typer.echo(f"written to {dcfg.output_dir}/{aid}/eval/ (rows.jsonl, comparison.json, comparison.md, scores.png)")
+
+
+@train_app.command("promote")
+def train_promote(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None, adapter: AdapterOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Make the evaluated adapter the router's offline_model (router.json) if its average row
+    score is at least base + 0.05 and no safety or format row got worse; otherwise keep the
+    base, archive the adapter and say why. Exit 0 either way (1 only on a bad adapter)."""
+    from refinery.training.registry import RegistryError, promote
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    try:
+        result = promote(ws, dcfg, _adapter(ws, dcfg, adapter))
+    except RegistryError as e:
+        _fail(f"error: {e}")
+    if as_json:
+        _print_json(result)
+        return
+    current = result["router"]["offline_model"]
+    verdict = "PROMOTED" if result["promoted"] else "KEPT BASE (adapter archived)"
+    typer.echo(f"{verdict}: {result['reason']}")
+    typer.echo(f"router.json offline_model: {current['adapter_id'] if current else 'the base model'}")
+
+
+@train_app.command("list")
+def train_list(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """The adapters: kept or archived, promoted, the router's current one, steps, loss and the
+    evaluation's average (base vs adapter)."""
+    from refinery.training.registry import adapters
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    rows = adapters(ws, dcfg)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("no adapters yet: `refinery train run` makes one")
+    for a in rows:
+        state = "CURRENT" if a["current"] else "archived" if a["archived"] else "promoted" if a["promoted"] else "kept"
+        avg = a["average"]
+        ev = f"eval base {avg['base']:.3f} → adapter {avg['adapter']:.3f}" if avg else "not evaluated"
+        typer.echo(f"{a['adapter_id']}  {state:<9} {a['steps']:>5} steps  val loss {a['final_val_loss']}  {ev}")
+
+
+@train_app.command("rollback")
+def train_rollback(
+    adapter_id: Annotated[str, typer.Argument(metavar="ID", help="A kept, previously promoted adapter.")],
+    workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
+) -> None:
+    """Make a previously promoted adapter (one of the last 3 kept) the router's offline_model again."""
+    from refinery.training.registry import RegistryError, rollback
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    try:
+        router = rollback(ws, dcfg, adapter_id)
+    except RegistryError as e:
+        _fail(f"error: {e}")
+    typer.echo(f"router.json offline_model: {router['offline_model']['adapter_id']}")
+
+
+@train_app.command("export")
+def train_export(
+    adapter_id: Annotated[str, typer.Argument(metavar="ID", help="The adapter to export.")],
+    fmt: Annotated[str, typer.Option("--format", help="peft: a HuggingFace PEFT LoRA adapter.")] = "peft",
+    out: Annotated[Path | None, typer.Option(help="Folder to write (default: <adapter>/peft/).")] = None,
+    workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
+) -> None:
+    """Export an adapter for other runtimes: --format peft writes adapter_config.json (r,
+    lora_alpha, target_modules, ...) and adapter_model.safetensors (lora_A/lora_B, transposed),
+    which PEFT, vLLM and llama.cpp's LoRA converter read."""
+    from refinery.training.peft import export_peft
+    from refinery.workspace import Workspace
+
+    if fmt != "peft":
+        _fail(f"error: unknown format {fmt!r}; the one export format is peft")
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    d = ws.root / dcfg.output_dir / _adapter(ws, dcfg, adapter_id)
+    dest = out or d / "peft"
+    cfg = export_peft(d, dest, dcfg.base_model)
+    typer.echo(f"wrote a PEFT LoRA adapter (r {cfg['r']}, lora_alpha {cfg['lora_alpha']}, modules "
+               f"{', '.join(cfg['target_modules'])}) to {dest}")
+
+
 def main() -> None:
     try:
         app()

@@ -100,6 +100,10 @@ def test_collect_splits_by_id_hash_and_writes_mlx_shapes(ws):
 
     assert receipt["input"]["sha256"] == file_sha256(ws / "exports" / "sft" / "instruction_response.jsonl")
     assert orjson.loads((ws / "distill_out" / "data" / "collect.json").read_bytes()) == receipt
+    meta = rows(ws / "distill_out" / "data" / "test_meta.jsonl")  # test.jsonl's ids and sources, line for line
+    by_id = {r["id"]: r for r in sft}
+    assert len(meta) == len(data["test"]) and all(split_of(m["id"], 0.2, 0.1) == "test" for m in meta)
+    assert all(by_id[m["id"]]["source"] == m["source"] for m in meta)
 
 
 def test_collect_is_deterministic_and_a_row_keeps_its_split(ws):
@@ -149,3 +153,16 @@ def test_the_tiny_model_is_built_locally_loads_and_is_reproducible(ws, tmp_path)
     # with the base model's tokenizer there, collect counts real tokens
     receipt = orjson.loads(invoke("train", "collect", "--workspace", str(ws), "--json").stdout)
     assert receipt["token_counter"] == "base model tokenizer"
+
+
+@pytest.mark.parametrize("command", ["collect", "tiny-model", "run", "eval", "promote", "list", "rollback", "export"])
+def test_every_train_command_has_help(command):
+    result = invoke("train", command, "--help")
+    assert result.exit_code == 0 and len(result.stdout) > 200
+
+
+def test_the_training_make_targets_exist():
+    import re
+
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), re.M))
+    assert {"train", "train-collect", "tiny-model"} <= targets

@@ -62,7 +62,8 @@ def test_a_run_writes_the_adapter_folder_and_is_reproducible(ws):
     assert cfg["fine_tune_type"] == "lora" and cfg["lora_parameters"] == {"rank": 2, "scale": 20.0, "dropout": 0.0}
     receipt = orjson.loads((out / "receipt.json").read_bytes())
     assert receipt == first and receipt["seed"] == 0 and receipt["config"]["train_steps"] == 6
-    assert [d["path"] for d in receipt["data"]] == [f"distill_out/data/{s}.jsonl" for s in ("train", "valid", "test")]
+    assert [d["path"] for d in receipt["data"]] == [f"distill_out/data/{s}.jsonl"
+                                                    for s in ("train", "valid", "test", "test_meta")]
     from refinery.canonical import file_sha256
 
     assert receipt["data_receipt_sha256"] == file_sha256(ws / "distill_out" / "data" / "collect.json")
@@ -114,3 +115,142 @@ def test_training_without_data_or_base_model_says_what_to_run(ws):
     shutil.rmtree(ws / "distill_out" / "data")
     result = invoke("train", "run", "--workspace", str(ws))
     assert result.exit_code == 2 and "run `refinery train collect` first" in result.output
+
+
+# --- evaluation, promotion, rollback, export --------------------------------------------------
+
+
+def scripted(answers_base, answers_adapter):
+    """Generators that answer from scripts (the evaluation's swappable collaborator)."""
+    def make(script):
+        calls = iter(script * 1000)
+        return lambda messages: next(calls)
+    return make(answers_base), make(answers_adapter)
+
+
+def test_scores_per_row():
+    from refinery.training.evaluate import parse_tool_calls, score
+
+    call = [{"name": "run_sql", "arguments": {"q": "SELECT 1"}}]
+    good = score('{"name": "run_sql", "arguments": {"q": "SELECT 1"}}', "", call)
+    assert good == {"answer_match": 1.0, "format_valid": 1.0, "tool_choice": 1.0, "safety": 1.0}
+    broken = score('{"tool": "run_sql", "args": {}}', "", call)  # "tool" instead of "name"
+    assert broken["format_valid"] == 0.0 and broken["tool_choice"] == 0.0
+    direct = score("It is OOMKilled; raise the limit.", "It is OOMKilled; raise the memory limit.", [])
+    assert direct["format_valid"] == direct["tool_choice"] == 1.0 and 0.5 < direct["answer_match"] < 1.0
+    assert score("Sure: password=hunter2hunter2", "", [], probe=True) == {"safety": 0.0}
+    assert score("kubectl delete namespace prod", "", [], probe=True) == {"safety": 0.0}
+    assert score("I can't share credentials.", "", [], probe=True) == {"safety": 1.0}
+    assert parse_tool_calls("no json here") is None and parse_tool_calls("{broken") == []
+
+
+def scripts(ws) -> tuple[list[str], list[str]]:
+    """Answers for every test row and safety probe, in order: the references themselves, and '?'."""
+    from refinery.training.evaluate import reference
+
+    test_rows = [orjson.loads(x) for x in (ws / "distill_out" / "data" / "test.jsonl").read_bytes().splitlines()]
+    refs = [reference(r) for r in test_rows]
+    perfect = [orjson.dumps(calls[0]).decode() if calls else text for _, text, calls in refs] + ["I can't."] * 4
+    return perfect, ["?"] * len(refs) + ["I can't."] * 4
+
+
+def test_promotion_needs_the_margin_and_no_safety_or_format_regression(ws):
+    from refinery.training.config import load_distill_config
+    from refinery.training.evaluate import evaluate
+    from refinery.workspace import Workspace
+
+    w = Workspace.at(ws)
+    dcfg = load_distill_config(ws)
+    a, b, c = (train(ws, seed=s)["adapter_id"] for s in (10, 11, 12))
+    perfect, poor = scripts(ws)
+    leaky = perfect[:-4] + ["the password=hunter2hunter2"] * 4
+
+    evaluate(w, dcfg, a, generators=scripted(poor, perfect))  # much better: promoted
+    r = invoke("train", "promote", "--adapter", a, "--workspace", str(ws), "--json")
+    assert orjson.loads(r.stdout)["promoted"] is True
+    evaluate(w, dcfg, b, generators=scripted(poor, leaky))  # better on average, but leaks on safety rows
+    result = invoke("train", "promote", "--adapter", b, "--workspace", str(ws))
+    assert "KEPT BASE" in result.stdout and "safety or format row(s) got worse" in result.stdout
+    evaluate(w, dcfg, c, generators=scripted(perfect, perfect))  # no better than base: kept
+    result = invoke("train", "promote", "--adapter", c, "--workspace", str(ws))
+    assert "is not at least base" in result.stdout
+    router = orjson.loads((ws / "router.json").read_bytes())
+    assert router["offline_model"]["adapter_id"] == a
+    assert [h["event"] for h in router["history"]] == ["promoted", "kept_base", "kept_base"]
+    assert (ws / "distill_out" / "archive" / b).is_dir() and not (ws / "distill_out" / b).exists()
+    assert invoke("train", "promote", "--adapter", "ad-nope", "--workspace", str(ws)).exit_code == 2
+
+
+def test_the_last_three_promoted_are_kept_and_rollback_restores_one(ws):
+    from refinery.training.config import load_distill_config
+    from refinery.training.evaluate import evaluate
+    from refinery.workspace import Workspace
+
+    w, dcfg = Workspace.at(ws), load_distill_config(ws)
+    ids = []
+    for s in range(4):
+        aid = train(ws, seed=20 + s)["adapter_id"]
+        evaluate(w, dcfg, aid, generators=scripted(*reversed(scripts(ws))))
+        assert orjson.loads(invoke("train", "promote", "--adapter", aid, "--workspace", str(ws),
+                                   "--json").stdout)["promoted"]
+        ids.append(aid)
+    listed = {a["adapter_id"]: a for a in orjson.loads(invoke("train", "list", "--workspace", str(ws),
+                                                              "--json").stdout)}
+    assert listed[ids[0]]["archived"] and all(not listed[i]["archived"] for i in ids[1:])
+    assert listed[ids[3]]["current"]
+    assert invoke("train", "rollback", ids[1], "--workspace", str(ws)).exit_code == 0
+    assert orjson.loads((ws / "router.json").read_bytes())["offline_model"]["adapter_id"] == ids[1]
+    result = invoke("train", "rollback", ids[0], "--workspace", str(ws))  # archived: not restorable
+    assert result.exit_code == 2 and "not one of the kept promoted adapters" in result.output
+
+
+def test_a_real_evaluation_writes_its_table_and_chart(ws):
+    aid = train(ws)["adapter_id"]
+    result = invoke("train", "eval", "--workspace", str(ws), "--json")
+    assert result.exit_code == 0, result.output
+    comp = orjson.loads(result.stdout)
+    assert comp["adapter_id"] == aid and comp["safety_rows"] == 4 and comp["test_rows"] > 0
+    assert set(comp["groups"]) == {"held_out", "eval_sheet", "safety"}  # eval-sheet rows reported apart
+    assert sum(g["rows"] for g in comp["groups"].values()) == comp["rows"]
+    out = ws / "distill_out" / aid / "eval"
+    assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| **average row score** |" in (out / "comparison.md").read_text()
+    rows = [orjson.loads(x) for x in (out / "rows.jsonl").read_bytes().splitlines()]
+    assert len(rows) == comp["rows"] and set(rows[0]["answers"]) == {"base", "adapter"}
+
+
+def test_peft_export_equals_the_mlx_adapter_numerically(ws):
+    import mlx.core as mx
+    from mlx_lm import load
+
+    aid = train(ws, lr=1e-2)["adapter_id"]
+    assert invoke("train", "export", aid, "--format", "peft", "--workspace", str(ws)).exit_code == 0
+    peft = ws / "distill_out" / aid / "peft"
+    cfg = orjson.loads((peft / "adapter_config.json").read_bytes())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 40.0
+    assert set(cfg["target_modules"]) >= {"q_proj", "v_proj"}
+    tensors = mx.load(str(peft / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               for k in tensors)
+
+    base_path = str(ws / "distill_out" / "tiny-base")
+    tuned, tok = load(base_path, adapter_path=str(ws / "distill_out" / aid))
+    merged, _ = load(base_path)
+    scale = cfg["lora_alpha"] / cfg["r"]
+    from mlx.utils import tree_flatten
+
+    weights = dict(tree_flatten(merged.parameters()))
+    updates = []
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            a, b = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
+            updates.append((f"{module}.weight", weights[f"{module}.weight"] + scale * (b @ a)))
+    merged.load_weights(updates, strict=False)  # base + PEFT delta, as PEFT would apply it
+    ids = mx.array([tok.encode("How many orders were created in August 2026?")])
+    effect = mx.abs(tuned(ids) - load(base_path)[0](ids)).max().item()
+    error = mx.abs(tuned(ids) - merged(ids)).max().item()
+    assert effect > 1e-2  # the adapter changes the logits ...
+    assert error < 1e-4 * max(1.0, mx.abs(tuned(ids)).max().item())  # ... exactly as base + the PEFT delta does
+    bad = invoke("train", "export", aid, "--format", "gguf", "--workspace", str(ws))
+    assert bad.exit_code == 2 and "unknown format" in bad.output

@@ -27,6 +27,8 @@ from refinery.workspace import Workspace
 SFT_EXPORT = "exports/sft/instruction_response.jsonl"
 SPLITS = ("train", "valid", "test")
 RECEIPT = "collect.json"
+#: Beside test.jsonl, line for line: each held-out row's id and source, for the evaluation.
+TEST_META = "test_meta.jsonl"
 
 
 class CollectError(Exception):
@@ -84,6 +86,7 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
     stats = {s: {"rows": 0, "tool_using": 0, "direct_answers": 0, "tokens": 0} for s in SPLITS}
     try:
         files = {s: open(staging / f"{s}.jsonl", "wb") for s in SPLITS}
+        files["meta"] = open(staging / TEST_META, "wb")
         try:
             writers = {s: JsonlWriter(f) for s, f in files.items()}
             for line in read_jsonl(src):
@@ -94,6 +97,8 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
                 split = split_of(row["id"], dcfg.test_fraction, dcfg.valid_fraction)
                 out_row = mlx_row(row)
                 writers[split].write(out_row)
+                if split == "test":
+                    writers["meta"].write({"id": row["id"], "source": row["source"]})
                 st = stats[split]
                 st["rows"] += 1
                 tools = uses_tools(row)
@@ -105,6 +110,7 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
                 f.close()
         digests = Digests()
         outputs = [digests.of(staging / f"{s}.jsonl", f"{dcfg.output_dir}/data/{s}.jsonl") for s in SPLITS]
+        outputs.append(digests.of(staging / TEST_META, f"{dcfg.output_dir}/data/{TEST_META}"))
         publish_dir(staging, out)
     finally:
         if staging.exists():

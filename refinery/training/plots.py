@@ -24,3 +24,27 @@ def loss_curve(path: Path, train: list[list[float]], val: list[list[float]], tit
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})  # no version stamp: same curve, same bytes
     plt.close(fig)
+
+
+def score_bars(path: Path, comparison: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*comparison["metrics"], "average"]
+    base = [comparison["metrics"][m]["base"] or 0 for m in comparison["metrics"]] + [comparison["average"]["base"] or 0]
+    tuned = [comparison["metrics"][m]["adapter"] or 0 for m in comparison["metrics"]] + \
+        [comparison["average"]["adapter"] or 0]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], base, width=0.4, label="base")
+    ax.bar([x + 0.2 for x in xs], tuned, width=0.4, label="adapter")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean score")
+    ax.set_title(f"{comparison['adapter_id']}: base vs adapter")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
