@@ -65,13 +65,16 @@ def _print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _progress():
-    """A progress bar on stderr, shown only on a terminal (CI logs stay clean)."""
+def _progress(counting: bool = False):
+    """A progress bar on stderr, shown only on a terminal (CI logs stay clean); it counts bytes, or
+    items with `counting`."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
 
     console = Console(stderr=True)
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+    amount = MofNCompleteColumn() if counting else DownloadColumn()
+    return Progress(TextColumn("{task.description}"), BarColumn(), amount, TimeElapsedColumn(),
                     console=console, disable=not console.is_terminal, transient=True)
 
 
@@ -579,8 +582,9 @@ def schemas(
 
 
 train_app = typer.Typer(
-    help="The training stage (MLX LoRA): collect the SFT export into mlx-lm data, build a tiny local "
-         "base model for trying it out. (Training, evaluation, promotion and rollback follow.)",
+    help="The training stage (MLX LoRA): collect the SFT export into mlx-lm data, train an adapter, "
+         "evaluate it against the base, promote it (or keep the base), list, roll back and export adapters; "
+         "tiny-model builds a small local base model for trying it all without downloading anything.",
     no_args_is_help=True)
 app.add_typer(train_app, name="train")
 DistillConfigOpt = Annotated[Path | None, typer.Option(
@@ -697,13 +701,19 @@ def train_eval(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = N
     answer match, format validity (a tool call parses and uses name/arguments), tool-vs-direct
     choice and safety. Writes <adapter>/eval/: rows.jsonl, comparison.json, comparison.md and
     scores.png."""
-    from refinery.training.evaluate import evaluate, markdown
+    from refinery.training.evaluate import EvalError, eval_items, evaluate, markdown
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
     aid = _adapter(ws, dcfg, adapter)
-    comparison = evaluate(ws, dcfg, aid)
+    try:
+        total = 2 * len(eval_items(ws, dcfg))
+        with _progress(counting=True) as progress:
+            task = progress.add_task("eval (base, then adapter)", total=total)
+            comparison = evaluate(ws, dcfg, aid, on_answer=lambda: progress.advance(task))
+    except EvalError as e:
+        _fail(f"error: {e}")
     if as_json:
         _print_json(comparison)
     else:

@@ -57,6 +57,7 @@ def test_a_run_writes_the_adapter_folder_and_is_reproducible(ws):
     assert metrics["steps"] == 6 and metrics["stopped_by"] == "train_steps"
     assert [s for s, _ in metrics["train_loss"]] == list(range(1, 7))
     assert [s for s, _ in metrics["val_loss"]][0] == 0 and len(metrics["val_loss"]) >= 2
+    assert metrics["val_loss"][-1][1] < metrics["val_loss"][0][1]  # it learned: validation loss fell
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cfg = orjson.loads((out / "adapter_config.json").read_bytes())
     assert cfg["fine_tune_type"] == "lora" and cfg["lora_parameters"] == {"rank": 2, "scale": 20.0, "dropout": 0.0}
@@ -106,6 +107,14 @@ def test_each_run_is_logged_as_evidence_for_the_next_run(ws):
     assert rows[0]["run_id"].startswith(a["adapter_id"]) and rows[1]["run_id"].startswith(b["adapter_id"])
     doc = orjson.loads(invoke("run-all", "--workspace", str(ws), "--json").stdout)
     assert doc["receipts"]["materialize"]["by_source"]["runs_distill_train"]["evidence"] == 2
+
+
+def test_eval_without_held_out_data_says_what_to_run(ws):
+    aid = train(ws)["adapter_id"]
+    shutil.rmtree(ws / "distill_out" / "data")
+    result = invoke("train", "eval", "--adapter", aid, "--workspace", str(ws))
+    assert result.exit_code == 2 and "run `refinery train collect` first" in result.output
+    assert not (ws / "distill_out" / aid / "eval").exists()
 
 
 def test_training_without_data_or_base_model_says_what_to_run(ws):

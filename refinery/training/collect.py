@@ -111,22 +111,22 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
         digests = Digests()
         outputs = [digests.of(staging / f"{s}.jsonl", f"{dcfg.output_dir}/data/{s}.jsonl") for s in SPLITS]
         outputs.append(digests.of(staging / TEST_META, f"{dcfg.output_dir}/data/{TEST_META}"))
+        splits = {s: {"rows": st["rows"], "tool_using": st["tool_using"], "direct_answers": st["direct_answers"],
+                      "mean_tokens": round(st["tokens"] / st["rows"], 1) if st["rows"] else 0.0}
+                  for s, st in stats.items()}
+        receipt = {
+            "schema_version": 1, "stage": "train-collect",
+            "input": {"path": SFT_EXPORT, "sha256": file_sha256(src), "rows": rows},
+            "split_rule": {"by": "sha256(id)", "test_fraction": dcfg.test_fraction,
+                           "valid_fraction": dcfg.valid_fraction, "min_rows": dcfg.min_rows},
+            "token_counter": counter_name, "splits": splits,
+            "total": {"rows": rows, "tool_using": sum(s["tool_using"] for s in splits.values()),
+                      "direct_answers": sum(s["direct_answers"] for s in splits.values())},
+            "outputs": outputs,
+        }
+        write_json(staging / RECEIPT, receipt)  # published with the data it describes, never apart
         publish_dir(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    splits = {s: {"rows": st["rows"], "tool_using": st["tool_using"], "direct_answers": st["direct_answers"],
-                  "mean_tokens": round(st["tokens"] / st["rows"], 1) if st["rows"] else 0.0}
-              for s, st in stats.items()}
-    receipt = {
-        "schema_version": 1, "stage": "train-collect",
-        "input": {"path": SFT_EXPORT, "sha256": file_sha256(src), "rows": rows},
-        "split_rule": {"by": "sha256(id)", "test_fraction": dcfg.test_fraction,
-                       "valid_fraction": dcfg.valid_fraction, "min_rows": dcfg.min_rows},
-        "token_counter": counter_name, "splits": splits,
-        "total": {"rows": rows, "tool_using": sum(s["tool_using"] for s in splits.values()),
-                  "direct_answers": sum(s["direct_answers"] for s in splits.values())},
-        "outputs": outputs,
-    }
-    write_json(out / RECEIPT, receipt)
     return receipt

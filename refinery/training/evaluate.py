@@ -20,15 +20,18 @@ A row's score is the mean of the metrics that apply to it.
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from refinery.jsonl import publish_dir, recover_dir, staging_dir, write_jsonl_atomic
 from refinery.normalize import normalize_text
 from refinery.receipts import write_json
 from refinery.training.config import DistillConfig
+from refinery.training.plots import score_bars
 from refinery.workspace import Workspace
 
 METRICS = ("answer_match", "format_valid", "tool_choice", "safety")
@@ -109,6 +112,10 @@ def row_score(scores: dict[str, float]) -> float:
     return round(sum(scores.values()) / len(scores), 4)
 
 
+class EvalError(Exception):
+    """Nothing to evaluate on; the message says what to run."""
+
+
 Generate = Callable[[list[dict[str, Any]]], str]
 
 
@@ -145,39 +152,61 @@ def default_generators(ws: Workspace, dcfg: DistillConfig, adapter_dir: Path,
 
 
 def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
-             generators: tuple[Generate, Generate] | None = None) -> dict[str, Any]:
+             generators: tuple[Generate, Generate] | None = None,
+             on_answer: Callable[[], None] | None = None) -> dict[str, Any]:
     """Score base and adapter on every test row and safety probe; write the eval folder; return
-    the comparison."""
+    the comparison. `on_answer` is called after each generated answer (2 per row)."""
     adapter_dir = ws.root / dcfg.output_dir / adapter
-    test = ws.root / dcfg.output_dir / "data" / "test.jsonl"
     base_gen, tuned_gen = generators or default_generators(ws, dcfg, adapter_dir)
+    items = eval_items(ws, dcfg)
+    prompts = [reference(row)[0] if not probe else row["messages"] for _, row, probe, _ in items]
+    answers: dict[str, list[str]] = {}
+    # One model at a time over every prompt: the adapter is loaded once, not once per row.
+    for name, gen in (("base", base_gen), ("adapter", tuned_gen)):
+        answers[name] = []
+        for prompt in prompts:
+            answers[name].append(gen(prompt))
+            if on_answer:
+                on_answer()
     rows = []
-    meta_path = test.with_name("test_meta.jsonl")
-    meta = [orjson.loads(x) for x in meta_path.read_bytes().splitlines()] if meta_path.is_file() else []
-    items = [(i, orjson.loads(raw), False) for i, raw in enumerate(test.read_bytes().splitlines())]
-    items += [(f"probe-{i}", {"messages": [{"role": "user", "content": p}]}, True)
-              for i, p in enumerate(SAFETY_PROBES)]
-    for key, row, probe in items:
-        prompt, ref_text, ref_calls = reference(row) if not probe else (row["messages"], "", [])
-        answers = {"base": base_gen(prompt), "adapter": tuned_gen(prompt)}
-        scores = {k: score(a, ref_text, ref_calls, probe=probe) for k, a in answers.items()}
-        source = "safety_probe" if probe else (meta[key]["source"] if key < len(meta) else None)
+    for i, (key, row, probe, source) in enumerate(items):
+        _, ref_text, ref_calls = reference(row) if not probe else (None, "", [])
+        mine = {k: answers[k][i] for k in ("base", "adapter")}
+        scores = {k: score(a, ref_text, ref_calls, probe=probe) for k, a in mine.items()}
         rows.append({"row": key, "kind": "safety" if probe else ("tools" if ref_calls else "direct"),
                      "source": source, "group": group_of(source),
-                     "answers": answers, "scores": scores,
+                     "answers": mine, "scores": scores,
                      "row_score": {k: row_score(s) for k, s in scores.items()}})
     comparison = summarize(adapter, rows)
+    # The eval folder appears whole or not at all: promote reads comparison.json from it.
     out = adapter_dir / "eval"
-    out.mkdir(exist_ok=True)
-    from refinery.jsonl import write_jsonl_atomic
-
-    write_jsonl_atomic(out / "rows.jsonl", rows)
-    write_json(out / "comparison.json", comparison)
-    (out / "comparison.md").write_text(markdown(comparison))
-    from refinery.training.plots import score_bars
-
-    score_bars(out / "scores.png", comparison)
+    recover_dir(out)
+    staging = staging_dir(out)
+    try:
+        write_jsonl_atomic(staging / "rows.jsonl", rows)
+        write_json(staging / "comparison.json", comparison)
+        (staging / "comparison.md").write_text(markdown(comparison))
+        score_bars(staging / "scores.png", comparison)
+        publish_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return comparison
+
+
+def eval_items(ws: Workspace, dcfg: DistillConfig) -> list[tuple[int | str, dict[str, Any], bool, str | None]]:
+    """(row key, mlx-lm row, is a safety probe, source) for every held-out row, then every probe."""
+    test = ws.root / dcfg.output_dir / "data" / "test.jsonl"
+    if not test.is_file():
+        raise EvalError(f"no held-out split at {dcfg.output_dir}/data/test.jsonl: run `refinery train collect` first")
+    meta_path = test.with_name("test_meta.jsonl")
+    meta = [orjson.loads(x) for x in meta_path.read_bytes().splitlines()] if meta_path.is_file() else []
+    items: list[tuple[int | str, dict[str, Any], bool, str | None]] = [
+        (i, orjson.loads(raw), False, meta[i]["source"] if i < len(meta) else None)
+        for i, raw in enumerate(test.read_bytes().splitlines())]
+    items += [(f"probe-{i}", {"messages": [{"role": "user", "content": p}]}, True, "safety_probe")
+              for i, p in enumerate(SAFETY_PROBES)]
+    return items
 
 
 def group_of(source: str | None) -> str:

@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -122,10 +123,8 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.trainer import TrainingArgs
 
-    from refinery.receipts import code_version
     from refinery.config import load_config
-
-    from datetime import UTC, datetime
+    from refinery.receipts import code_version
 
     started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     data = read_data_receipt(ws, dcfg)
@@ -218,7 +217,6 @@ def log_run(ws: Workspace, receipt: dict[str, Any], started_at: str, dcfg: Disti
     file through a temp file so a kill never leaves a torn row."""
     import csv
     import io
-    from datetime import UTC, datetime
 
     from refinery.jsonl import atomic_write
 
