@@ -1,0 +1,41 @@
+"""Greedy chat generation with mlx-lm, shared by `train eval` and `replay`. mlx is imported here
+only when a model is loaded, never at import time."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str | None = None
+    """"stop" (end of sequence), "length" (hit max_tokens), or None when unknown"""
+    tokens: int = 0
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The model's chat template applied to `messages`, ready for the assistant's turn; a plain
+    role-labelled transcript for a tokenizer without a template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    turns = [f"{m['role']}: {m.get('content') or ''}" for m in messages]
+    return "\n\n".join([*turns, "assistant:"])
+
+
+def generate_chat(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_tokens: int) -> Generation:
+    """Greedy (temperature 0) generation: the same model and messages give the same answer."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    text, last = [], None
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for results
+        for last in stream_generate(model, tokenizer, chat_prompt(tokenizer, messages), max_tokens=max_tokens,
+                                    sampler=make_sampler(temp=0.0)):
+            text.append(last.text)
+    if last is None:
+        return Generation("", "length" if max_tokens <= 0 else None, 0)
+    return Generation("".join(text), last.finish_reason, last.generation_tokens)
