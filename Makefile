@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install run-all runs receipts acceptance audit-full train train-collect tiny-model materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -61,6 +61,13 @@ train: run-all ## collect -> train -> eval on the bundled sample with a tiny loc
 	$(RUN) train collect
 	$(RUN) train run
 	$(RUN) train eval
+
+replay: install ## answer a task with the local model and retrieved playbooks: make replay TASK="..." [ARGS=--no-retrieval]
+	@if [ -z "$(TASK)" ]; then echo 'usage: make replay TASK="the task" [ARGS="--no-retrieval --allow-escalation --json"]' >&2; exit 2; fi
+	$(RUN) replay --task "$(TASK)" $(ARGS)
+
+replay-eval: install ## held-out tasks with and without retrieval: answer match, grounding, format, latency (LIMIT=N)
+	$(RUN) replay-eval $(if $(LIMIT),--limit $(LIMIT))
 
 train-collect: install ## exports/sft -> distill_out/data/{train,valid,test}.jsonl for mlx-lm (+ collect.json)
 	$(RUN) train collect

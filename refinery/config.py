@@ -147,11 +147,45 @@ class DriftConfig(Section):
         return self
 
 
+class EscalationConfig(Section):
+    """An OpenAI-compatible chat-completions endpoint that takes the tasks the local model fails."""
+
+    base_url: str = Field(description="e.g. https://api.openai.com/v1 (POST <base_url>/chat/completions)")
+    model: str = Field(min_length=1, description="the model name the endpoint expects")
+    api_key_env: str | None = Field(
+        default=None, description="name of the environment variable holding the API key (the key itself "
+                                  "is never stored); leave out for an endpoint without authentication")
+    timeout_s: float = Field(default=30.0, gt=0, description="give up on the endpoint after this many seconds")
+    max_tokens: int = Field(default=512, gt=0)
+
+    @model_validator(mode="after")
+    def _http(self) -> EscalationConfig:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return self
+
+
+class ReplayConfig(Section):
+    """`refinery replay`: retrieval over the RAG export, the local model, and escalation."""
+
+    top_k: int = Field(default=3, ge=1, description="playbooks retrieved per task")
+    max_playbook_chars: int = Field(default=1200, gt=0,
+                                    description="each quoted playbook is cut to this many characters")
+    max_tokens: int = Field(default=256, gt=0, description="tokens the local model may generate")
+    max_answer_chars: int = Field(default=4000, gt=0,
+                                  description="a longer local answer fails its check (over the length cap)")
+    index_dir: str = Field(default="distill_out/rag-index",
+                           description="where the BM25 index of the RAG export is kept, relative to the workspace")
+    escalation: EscalationConfig | None = Field(
+        default=None, description="[replay.escalation]: needed by --allow-escalation")
+
+
 class Config(Section):
     materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     mappings: dict[str, Mapping] = Field(default_factory=dict)
 
     def config_hash(self) -> str:

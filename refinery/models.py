@@ -267,6 +267,45 @@ class BaselineRow(Strict):
     row_hash: Sha256 = Field(description="sha256 of this row's canonical JSON without row_hash")
 
 
+class RetrievedPlaybook(Strict):
+    id: str = Field(description="the RAG export row given to the model")
+    score: float = Field(description="its BM25 score for the task")
+
+
+class Escalation(Strict):
+    endpoint: str = Field(description="base_url of the OpenAI-compatible endpoint")
+    model: str
+    ok: bool
+    error: str | None = Field(description="why the endpoint gave no usable answer (HTTP status, timeout, ...)")
+    latency_ms: float | None
+
+
+class ReplayTrace(Strict):
+    """One `refinery replay`, appended to data/_kb/replays.jsonl (a source stream: the `replays`
+    transform makes it evidence for the next run)."""
+
+    schema_version: Literal[1] = 1
+    replay_id: str
+    ts: str = Field(description="when the replay started, UTC ISO 8601")
+    task: str
+    mode: Literal["retrieval", "no_retrieval"]
+    rag_export_sha256: Sha256 | None = Field(description="the RAG export retrieved from; null without retrieval")
+    retrieved: list[RetrievedPlaybook]
+    model: str = Field(description="the base model folder the local answer came from")
+    adapter_id: str | None = Field(description="the promoted adapter on top of it; null for the base alone")
+    local_answer: str
+    local_check: Literal["empty", "malformed_tool_call", "refusal", "over_length_cap"] | None = Field(
+        description="why the local answer failed its check; null when it passed")
+    local_finish_reason: str | None
+    local_latency_ms: float
+    escalated: bool = Field(description="the answer served is the endpoint's")
+    escalation: Escalation | None = Field(description="null when escalation was not tried")
+    answer: str = Field(description="the answer served")
+    tool_calls: list[dict[str, Any]] = Field(description='the tool calls in the answer, as {"name", "arguments"}')
+    check: Literal["empty", "malformed_tool_call", "refusal", "over_length_cap"] | None
+    latency_ms: float = Field(description="local generation plus escalation")
+
+
 #: Every record type with a JSON Schema file in schemas/, by file stem.
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "provenance": Provenance,
@@ -280,4 +319,5 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "run_summary": RunSummary,
     "drift_report": DriftReport,
     "baseline_row": BaselineRow,
+    "replay_trace": ReplayTrace,
 }

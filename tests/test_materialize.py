@@ -12,14 +12,14 @@ from refinery.models import EvidenceRecord, QuarantineRecord
 
 # Every fixture stream at once: the end-to-end case with known counts.
 EXPECTED_REASONS = {
-    "bad_timestamp": 4, "blank_line": 1, "csv_malformed": 1, "duplicate_row": 3, "invalid_json": 1,
-    "invalid_utf8": 1, "missing_field": 6, "not_an_object": 1, "wrong_type": 11,
+    "bad_timestamp": 5, "blank_line": 1, "csv_malformed": 1, "duplicate_row": 3, "invalid_json": 1,
+    "invalid_utf8": 1, "missing_field": 7, "not_an_object": 1, "wrong_type": 12,
 }
 
 
 def load_all_fixtures(ws):
     for d in sorted(FIXTURES.iterdir()):
-        if d.is_dir() and d.name not in ("acceptance", "mapping", "exports"):
+        if d.is_dir() and d.name not in ("acceptance", "mapping", "exports", "retrieval"):
             for p in d.iterdir():
                 if p.name != "expected.jsonl":
                     shutil.copy(p, ws.kb / p.name)
@@ -28,13 +28,13 @@ def load_all_fixtures(ws):
 def test_end_to_end_exact_counts(ws, cfg):
     load_all_fixtures(ws)
     result = materialize.run(ws, cfg, validate=True)
-    assert (result.rows_in, result.evidence, result.quarantined) == (52, 23, 29)
+    assert (result.rows_in, result.evidence, result.quarantined) == (61, 29, 32)
     assert result.by_reason == EXPECTED_REASONS
     per_file = {f.source: (f.rows_in, f.evidence, f.quarantined) for f in result.files}
     assert per_file == {
         "agent_transcripts": (10, 4, 6), "auditor_verdicts": (5, 3, 2), "eval": (7, 4, 3),
         "gateway_receipts": (8, 3, 5), "human_feedback": (6, 2, 4), "openai_chat_log": (5, 3, 2),
-        "runs": (11, 4, 7),
+        "replays": (9, 6, 3), "runs": (11, 4, 7),
     }
     for f in result.files:
         assert f.rows_in == f.evidence + f.quarantined
@@ -176,7 +176,7 @@ def test_an_unreadable_file_is_reported_and_the_run_goes_on(ws, cfg, monkeypatch
     monkeypatch.setattr(materialize, "file_sha256", deny)
     result = materialize.run(ws, cfg)
     assert result.file_errors == ["data/_kb/eval.csv: cannot read: Permission denied"]
-    assert result.evidence == 19  # everything else went through (23 less eval's 4)
+    assert result.evidence == 25  # everything else went through (29 less eval's 4)
     q = [r for r in quarantine_rows(ws) if r["reason"] == "unreadable_file"]
     assert len(q) == 1 and q[0]["provenance"]["line_offset"] is None
 

@@ -27,7 +27,7 @@ from refinery.workspace import Workspace
 SFT_EXPORT = "exports/sft/instruction_response.jsonl"
 SPLITS = ("train", "valid", "test")
 RECEIPT = "collect.json"
-#: Beside test.jsonl, line for line: each held-out row's id and source, for the evaluation.
+#: Beside test.jsonl, line for line: each held-out row's id, source and provenance, for the evaluations.
 TEST_META = "test_meta.jsonl"
 
 
@@ -98,7 +98,7 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
                 out_row = mlx_row(row)
                 writers[split].write(out_row)
                 if split == "test":
-                    writers["meta"].write({"id": row["id"], "source": row["source"]})
+                    writers["meta"].write({"id": row["id"], "source": row["source"], "provenance": row["provenance"]})
                 st = stats[split]
                 st["rows"] += 1
                 tools = uses_tools(row)

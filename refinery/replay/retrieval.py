@@ -1,0 +1,198 @@
+"""BM25 retrieval over the RAG export (`exports/rag/playbooks.jsonl`), with bm25s.
+
+    <index_dir>/manifest.json   the export it indexes (path, sha256, rows), tokenizer, BM25 settings
+    <index_dir>/offsets.npy     byte offset of each playbook's line in the export
+    <index_dir>/*.index.*       bm25s's own files
+
+The index is built once per RAG export and reused while the export's sha256 is unchanged (a new
+export, a different tokenizer or a damaged index folder rebuilds it). It is published like every
+other output: built in a staging folder and renamed into place, so a killed build leaves none.
+
+Ranking is deterministic: BM25 score, highest first, and on equal scores the playbook that comes
+first in the export (the export's order is itself deterministic). Playbooks that share no term
+with the task score 0 and are never returned, so a task may get fewer than k.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import unicodedata
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from refinery.canonical import file_sha256
+from refinery.jsonl import publish_dir, recover_dir, staging_dir
+from refinery.receipts import write_json
+from refinery.workspace import Workspace
+
+RAG_EXPORT = "exports/rag/playbooks.jsonl"
+MANIFEST = "manifest.json"
+OFFSETS = "offsets.npy"
+#: Changes whenever tokenization or the indexed text changes: an index built otherwise is rebuilt.
+TOKENIZER = "nfkc-lower-alnum-stopwords-en/v1"
+K1, B = 1.5, 0.75
+_WORD = re.compile(r"[0-9a-z]+")
+
+
+class RetrievalError(Exception):
+    """No RAG export to retrieve from; the message says what to run."""
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-cased alphanumeric words (NFKC), English stop words left out: 'INV-4471' → inv, 4471."""
+    stop = _stopwords()
+    return [w for w in _WORD.findall(unicodedata.normalize("NFKC", text).lower()) if w not in stop]
+
+
+@functools.cache
+def _stopwords() -> frozenset[str]:
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return frozenset(STOPWORDS_EN)
+
+
+def indexed_text(row: dict[str, Any]) -> str:
+    """What a playbook is found by: its task name, the task, the answer and the tools it called."""
+    calls = " ".join(c.get("name") or "" for c in row.get("tool_calls") or [])
+    return " ".join(filter(None, [(row.get("task_name") or "").replace("_", " "), row["prompt"],
+                                  row.get("response") or "", calls]))
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    line: int
+    """0-based line of the playbook in the export"""
+    score: float
+    row: dict[str, Any]
+
+
+class RagIndex:
+    """A loaded BM25 index over one version of the RAG export."""
+
+    def __init__(self, export: Path, folder: Path, manifest: dict[str, Any], bm25: Any, offsets: Any, built: bool):
+        self.export, self.folder, self.manifest = export, folder, manifest
+        self._bm25, self._offsets = bm25, offsets
+        self.built = built
+        """True when this call built the index, False when it reused the one on disk"""
+
+    @property
+    def export_sha256(self) -> str:
+        return self.manifest["export"]["sha256"]
+
+    @property
+    def rows(self) -> int:
+        return self.manifest["export"]["rows"]
+
+    @classmethod
+    def open(cls, ws: Workspace, index_dir: str) -> RagIndex:
+        """The index of the current RAG export: the one on disk when it was built from an export
+        with the same sha256, else a new one (built and published now)."""
+        export = ws.root / RAG_EXPORT
+        if not export.is_file():
+            raise RetrievalError(f"no RAG export at {RAG_EXPORT}: run `refinery run-all` first "
+                                 "(or replay with --no-retrieval)")
+        folder = ws.root / index_dir
+        recover_dir(folder)
+        sha = file_sha256(export)
+        loaded = cls._load(export, folder, sha)
+        return loaded if loaded is not None else cls._build(export, folder, sha, index_dir)
+
+    @classmethod
+    def _load(cls, export: Path, folder: Path, sha: str) -> RagIndex | None:
+        import bm25s
+        import numpy as np
+
+        try:
+            manifest = orjson.loads((folder / MANIFEST).read_bytes())
+            if (manifest.get("export", {}).get("sha256") != sha or manifest.get("tokenizer") != TOKENIZER
+                    or manifest.get("bm25") != {"k1": K1, "b": B}):
+                return None
+            offsets = np.load(folder / OFFSETS)
+            bm25 = bm25s.BM25.load(str(folder), mmap=False) if manifest["export"]["rows"] else None
+        except (OSError, ValueError, KeyError, orjson.JSONDecodeError):
+            return None  # missing or damaged: rebuild
+        if len(offsets) != manifest["export"]["rows"]:
+            return None
+        return cls(export, folder, manifest, bm25, offsets, built=False)
+
+    @classmethod
+    def _build(cls, export: Path, folder: Path, sha: str, index_dir: str) -> RagIndex:
+        import bm25s
+        import numpy as np
+
+        corpus, offsets = [], []
+        for line in _export_lines(export):
+            offsets.append(line.offset_bytes)
+            corpus.append(tokens(indexed_text(line.obj)))
+        bm25 = None
+        staging = staging_dir(folder)
+        try:
+            if corpus:
+                bm25 = bm25s.BM25(k1=K1, b=B)
+                bm25.index(corpus, show_progress=False)
+                bm25.save(str(staging))
+            offsets_arr = np.asarray(offsets, dtype=np.int64)
+            np.save(staging / OFFSETS, offsets_arr)
+            manifest = {"schema_version": 1, "export": {"path": RAG_EXPORT, "sha256": sha, "rows": len(offsets)},
+                        "tokenizer": TOKENIZER, "bm25": {"k1": K1, "b": B}, "index_dir": index_dir}
+            write_json(staging / MANIFEST, manifest)
+            publish_dir(staging, folder)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return cls(export, folder, manifest, bm25, offsets_arr, built=True)
+
+    def search(self, query: str, k: int, *, exclude: Collection[int] = ()) -> list[Hit]:
+        """The top `k` playbooks for `query` (never one of the `exclude` lines), best first."""
+        import numpy as np
+
+        if self._bm25 is None:
+            return []
+        ids = self._bm25.get_tokens_ids(tokens(query))
+        if not ids:
+            return []
+        scores = np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float64)
+        if exclude:
+            scores[np.fromiter(exclude, dtype=np.int64)] = 0.0
+        # lexsort: the last key is the primary one — score descending, then line ascending
+        order = np.lexsort((np.arange(len(scores)), -scores))
+        lines = [int(i) for i in order[:k] if scores[i] > 0]
+        return [Hit(row["id"], i, round(float(scores[i]), 4), row) for i, row in zip(lines, self.rows_at(lines))]
+
+    def rows_at(self, lines: list[int]) -> list[dict[str, Any]]:
+        """The export's rows at these 0-based lines (read by byte offset)."""
+        out = []
+        with open(self.export, "rb") as f:
+            for i in lines:
+                f.seek(int(self._offsets[i]))
+                out.append(orjson.loads(f.readline()))
+        return out
+
+
+@dataclass(frozen=True)
+class _Line:
+    offset_bytes: int
+    obj: dict[str, Any]
+
+
+def _export_lines(export: Path) -> Iterator[_Line]:
+    """Every playbook with the byte offset of its line; a line that does not parse is an error
+    (the export is refinery's own output: it was damaged)."""
+    pos = 0
+    with open(export, "rb") as f:
+        for n, raw in enumerate(f):
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise RetrievalError(f"{RAG_EXPORT}:{n}: not valid JSON — the export was damaged; "
+                                     "run `refinery run-all --force`") from None
+            yield _Line(pos, obj)
+            pos += len(raw)
+
