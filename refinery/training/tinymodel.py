@@ -39,13 +39,15 @@ def build_tiny_model(out: Path, texts: Iterable[str], *, seed: int = 0, vocab_si
     tok.train_from_iterator(texts, trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        # a turn ends with <|end|> (see CHAT_TEMPLATE): as the end-of-sequence token, generation stops there
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|end|>",
         "unk_token": "<unk>", "pad_token": "</s>", "chat_template": CHAT_TEMPLATE, "model_max_length": 4096,
     }, indent=2) + "\n")
     config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
               "intermediate_size": 2 * hidden, "num_attention_heads": heads, "num_key_value_heads": heads,
               "rms_norm_eps": 1e-5, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 4096,
-              "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
+              "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 1,
+              "eos_token_id": SPECIAL_TOKENS.index("<|end|>")}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
