@@ -26,6 +26,16 @@ def test_every_command_has_help(command):
     assert "Usage" in result.output and len(result.output) > 200
 
 
+TRAIN_COMMANDS = sorted(c.name for c in app.registered_groups[0].typer_instance.registered_commands)
+
+
+@pytest.mark.parametrize("command", TRAIN_COMMANDS)
+def test_every_train_command_has_help(command):
+    result = invoke("train", command, "--help")
+    assert result.exit_code == 0
+    assert "Usage" in result.output and len(result.output) > 200
+
+
 def test_every_command_has_a_make_target():
     targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), re.M))
     assert set(COMMANDS) <= targets, f"commands without a Make target: {set(COMMANDS) - targets}"
