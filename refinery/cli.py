@@ -818,10 +818,10 @@ TopKOpt = Annotated[int | None, typer.Option(
 
 def _replay_setup(workspace: Path, config: Path | None, distill_config: Path | None, top_k: int | None,
                   retrieval: bool = True, escalation: bool = False):
-    """(ws, cfg, dcfg, offline model, index or None) for replay and replay-eval; usage errors
-    (escalation asked for but not set up included) exit 2 before any model is loaded."""
+    """(ws, cfg, dcfg, loaded local generator, index or None) for replay and replay-eval; usage
+    errors (escalation asked for but not set up included) exit 2 before any model is loaded."""
     from refinery.replay.escalation import EscalationUnavailable, api_key
-    from refinery.replay.model import ModelUnavailable, offline_model
+    from refinery.replay.model import LocalGenerator, ModelUnavailable, offline_model
     from refinery.replay.retrieval import RagIndex, RetrievalError
 
     ws, cfg = _load(workspace, config, {"replay": {"top_k": top_k}})
@@ -832,14 +832,15 @@ def _replay_setup(workspace: Path, config: Path | None, distill_config: Path | N
             _fail(f"error: {e}")
     dcfg = _distill_config(ws.root, distill_config)
     try:
-        model = offline_model(ws, dcfg)
+        generator = LocalGenerator(ws, offline_model(ws, dcfg))
         index = RagIndex.open(ws, cfg.replay.index_dir) if retrieval else None
+        if index is not None and index.built:
+            typer.echo(f"built the BM25 index of {index.manifest['export']['path']} ({index.rows:,} playbooks) in "
+                       f"{cfg.replay.index_dir}/; it is reused until the export changes", err=True)
+        generator.load()
     except (ModelUnavailable, RetrievalError) as e:
         _fail(f"error: {e}")
-    if index is not None and index.built:
-        typer.echo(f"built the BM25 index of {index.manifest['export']['path']} ({index.rows:,} playbooks) in "
-                  f"{cfg.replay.index_dir}/; it is reused until the export changes", err=True)
-    return ws, cfg, dcfg, model, index
+    return ws, cfg, dcfg, generator, index
 
 
 @app.command("replay")
@@ -869,24 +870,30 @@ def replay_cmd(
 
     Exit 0 when the answer served passes its check, 1 when it fails, 2 on bad usage or setup."""
     from refinery.replay.escalation import EscalationUnavailable
-    from refinery.replay.model import LocalGenerator
-    from refinery.replay.session import REPLAY_LOG, ReplayUsageError, replay
+    from refinery.replay.retrieval import RetrievalError
+    from refinery.replay.session import REPLAY_LOG, ReplayUsageError, append_trace, replay
     from refinery.workspace import WorkspaceBusy
 
     if not task.strip():
         _fail('error: the task is empty: give it with --task "…"')
-    ws, cfg, _, model, index = _replay_setup(workspace, config, distill_config, top_k, retrieval=not no_retrieval,
-                                             escalation=allow_escalation)
+    ws, cfg, _, generator, index = _replay_setup(workspace, config, distill_config, top_k,
+                                                 retrieval=not no_retrieval, escalation=allow_escalation)
+    model = generator.model
     try:
-        row = replay(ws, cfg, task, model=model, generate=LocalGenerator(ws, model), index=index,
-                     allow_escalation=allow_escalation)
-    except (ReplayUsageError, EscalationUnavailable) as e:
+        row = replay(ws, cfg, task, model=model, generate=generator, index=index,
+                     allow_escalation=allow_escalation, log=False)
+    except (ReplayUsageError, EscalationUnavailable, RetrievalError) as e:
         _fail(f"error: {e}")
-    except WorkspaceBusy as e:
-        _fail(f"error: the answer was not logged to data/_kb/{REPLAY_LOG}: {e}", EXIT_CHECK_FAILED)
     code = EXIT_OK if row["check"] is None else EXIT_CHECK_FAILED
+    try:
+        append_trace(ws, row)
+        logged = None
+    except WorkspaceBusy as e:  # the answer is still shown; the failure to log it is the exit code
+        logged, code = f"the replay was NOT logged to data/_kb/{REPLAY_LOG}: {e}", EXIT_CHECK_FAILED
     if as_json:
         _print_json(row)
+        if logged:
+            _err(f"error: {logged}")
         raise typer.Exit(code)
     given = ", ".join(f"{r['id']} ({r['score']:g})" for r in row["retrieved"])
     typer.echo(f"playbooks: {given or ('none (--no-retrieval)' if no_retrieval else 'none matched the task')}")
@@ -900,7 +907,10 @@ def replay_cmd(
         typer.secho(f"escalation failed: {esc['error']}", fg=typer.colors.RED)
     elif row["local_check"] is not None and not allow_escalation:
         typer.echo("not escalated (--allow-escalation sends failed answers to [replay.escalation])")
-    typer.echo(f"logged: data/_kb/{REPLAY_LOG} ({row['replay_id']})")
+    if logged:
+        _err(f"error: {logged}")
+    else:
+        typer.echo(f"logged: data/_kb/{REPLAY_LOG} ({row['replay_id']})")
     typer.echo("")
     typer.echo(row["answer"])
     raise typer.Exit(code)
@@ -920,17 +930,17 @@ def replay_eval_cmd(
     p95). A task's own row is never retrieved for it. Writes <output_dir>/replay-eval/
     (rows.jsonl, report.json, report.md); these are evaluations, not appended to replays.jsonl."""
     from refinery.replay.evaluate import MODES, eval_tasks, markdown, replay_eval
-    from refinery.replay.model import LocalGenerator
+    from refinery.replay.retrieval import RetrievalError
     from refinery.training.evaluate import EvalError
 
-    ws, cfg, dcfg, model, index = _replay_setup(workspace, config, distill_config, top_k)
+    ws, cfg, dcfg, generator, index = _replay_setup(workspace, config, distill_config, top_k)
     try:
-        total = len(MODES) * len(eval_tasks(ws, dcfg, limit))
+        tasks = eval_tasks(ws, dcfg, limit)
         with _progress(counting=True) as progress:
-            task = progress.add_task("replay-eval", total=total)
-            report = replay_eval(ws, cfg, dcfg, generate=LocalGenerator(ws, model), index=index,
-                                 model_label=model.label, limit=limit, on_answer=lambda: progress.advance(task))
-    except EvalError as e:
+            bar = progress.add_task("replay-eval", total=len(MODES) * len(tasks))
+            report = replay_eval(ws, cfg, dcfg, generate=generator, index=index, model_label=generator.model.label,
+                                 tasks=tasks, on_answer=lambda: progress.advance(bar))
+    except (EvalError, RetrievalError) as e:
         _fail(f"error: {e}")
     if as_json:
         _print_json(report)

@@ -162,6 +162,9 @@ class EscalationConfig(Section):
     def _http(self) -> EscalationConfig:
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
+        if "@" in self.base_url.split("/")[2]:
+            raise ValueError("base_url must not hold credentials: put the key in the environment variable "
+                             "named by api_key_env")
         return self
 
 

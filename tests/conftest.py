@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from openai_stub import endpoint  # noqa: F401 (a fixture for the escalation tests)
 from refinery.config import Config, load_config
 from refinery.workspace import Workspace
 
@@ -32,6 +33,18 @@ def ws(_isolated_workspace: Path) -> Workspace:
 @pytest.fixture
 def cfg(ws: Workspace) -> Config:
     return load_config(ws.root)
+
+
+#: Files in the repository's data/_kb/ that using it writes (git-ignored): not the bundled sample.
+WRITTEN_BY_USE = ("audit_baselines.jsonl", "runs_distill_train.csv", "replays*.jsonl")
+
+
+def copy_sample(kb: Path) -> None:
+    """Copy the bundled sample streams (only those: not what `make audit-full`, `make train` or
+    `make replay` appended in this checkout) to `kb`."""
+    import shutil
+
+    shutil.copytree(REPO / "data" / "_kb", kb, ignore=shutil.ignore_patterns(*WRITTEN_BY_USE), dirs_exist_ok=True)
 
 
 def write_kb(ws: Workspace, files: dict[str, str | bytes]) -> None:

@@ -188,16 +188,15 @@ def test_every_shared_invariant_is_an_audit_check(ran):
 def test_the_rerun_works_where_the_workspace_is_the_repository(tmp_path):
     """In the repo, the workspace's transforms/ is the built-in folder: the re-run must not load
     it twice."""
-    import shutil
 
-    from conftest import REPO
+    from conftest import REPO, copy_sample
     from refinery.config import load_config
     from refinery.invariants import Context
     from refinery.runs import run_all
     from refinery.workspace import Workspace
 
     repo_like = tmp_path / "repo"
-    shutil.copytree(REPO / "data" / "_kb", repo_like / "data" / "_kb")
+    copy_sample(repo_like / "data" / "_kb")
     (repo_like / "transforms").symlink_to(REPO / "transforms")
     ws = Workspace.at(repo_like)
     run_all(ws, load_config(ws.root))

@@ -8,7 +8,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, write_kb, write_transform
+from conftest import REPO, copy_sample, write_kb, write_transform
 from refinery.cli import app
 
 runner = CliRunner()
@@ -45,7 +45,7 @@ def test_python_dash_m_and_help_stay_light():
     code = ("import sys, runpy; sys.argv=['refinery','--help']\n"
             "try:\n    runpy.run_module('refinery', run_name='__main__')\n"
             "except SystemExit as e:\n    assert e.code == 0\n"
-            "heavy = [m for m in ('mlx', 'mlx_lm', 'transformers', 'torch', 'polars') if m in sys.modules]\n"
+            "heavy = [m for m in ('mlx', 'mlx_lm', 'transformers', 'torch', 'polars', 'bm25s') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -73,11 +73,7 @@ def test_run_all_prints_a_summary_table(ws):
 
 def test_run_all_end_to_end_on_the_bundled_sample(ws):
     """The whole pipeline on the sample the README points at: every stage accounts for every row."""
-    import shutil
-
-    for p in (REPO / "data" / "_kb").iterdir():
-        if p.suffix in (".csv", ".jsonl") and p.name != "audit_baselines.jsonl":
-            shutil.copy(p, ws.kb / p.name)
+    copy_sample(ws.kb)
     result = invoke("run-all", "--json")
     assert result.exit_code == 0, result.output
     doc = orjson.loads(result.stdout)

@@ -4,20 +4,17 @@ replay-eval with a scripted generator, and the CLI's usage errors."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jsonschema
 import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FIXTURES, REPO, evidence_rows, quarantine_rows, read_jsonl_file
+from conftest import FIXTURES, copy_sample, evidence_rows, quarantine_rows, read_jsonl_file
 from refinery.answers import check_answer
 from refinery.canonical import sig_hash
 from refinery.cli import app
@@ -108,10 +105,39 @@ def test_the_index_is_rebuilt_when_the_export_changes_or_is_damaged(rag):
     assert not RagIndex.open(rag, IDX).built
     (rag.root / IDX / "manifest.json").write_text("{damaged")
     assert RagIndex.open(rag, IDX).built
-    assert sorted(p.name for p in (rag.root / IDX).parent.iterdir()) == ["rag-index"]  # no staging left
+    assert sorted(p.name for p in (rag.root / IDX).parent.iterdir()) == [".rag-index.lock", "rag-index"]
     export.unlink()
     with pytest.raises(RetrievalError, match="run `refinery run-all` first"):
         RagIndex.open(rag, IDX)
+
+
+def _open_and_search(root: str) -> list:
+    index = RagIndex.open(Workspace.at(root), IDX)
+    return [[h.id, h.score] for h in index.search(Q_TICKETS, 3)]
+
+
+def test_concurrent_replays_share_one_index_build(rag):
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        results = pool.map(_open_and_search, [str(rag.root)] * 12)
+    assert all(r == results[0] for r in results) and results[0]
+    assert not RagIndex.open(rag, IDX).built  # one of them built it; the others loaded it
+
+
+def test_an_export_republished_under_an_open_index_is_noticed(rag):
+    index = RagIndex.open(rag, IDX)
+    export = rag.root / "exports" / "rag" / "playbooks.jsonl"
+    export.write_bytes(b"".join(reversed(export.read_bytes().splitlines(keepends=True))))  # same size, new order
+    with pytest.raises(RetrievalError, match="changed while this replay read it"):
+        index.search(Q_TICKETS, 3)
+
+
+def test_words_of_any_script_are_tokens():
+    from refinery.replay.retrieval import tokens
+
+    assert tokens("INV-4471 was charged TWICE") == ["inv", "4471", "charged", "twice"]
+    assert tokens("café naïve Сколько заказов Straße") == ["café", "naïve", "сколько", "заказов", "strasse"]
 
 
 def test_excluded_lines_are_never_retrieved(rag):
@@ -151,9 +177,29 @@ def test_prompt_assembly_is_golden(rag):
     ('{"name": "run_sql", "arguments": {"query": "SELECT 1"}}', "stop", None),
     ("It is OOMKilled; raise the memory limit to 512Mi.", "stop", None),
     ("Sorry for the wait: the refund is on its way.", "stop", None),
+    ("I’m sorry, but I can’t help with that.", "stop", "refusal"),  # curly apostrophes
+    ("I apologize, but I cannot assist with that.", "stop", "refusal"),
+    # what the prompt asks for is not malformed: citations, a call with a citation, parallel calls
+    ("[rag-7e2890ec0aa75b4d] Use a half-open date range: 1,319 tickets.", "stop", None),
+    ('{"name": "run_sql", "arguments": {"q": 1}} [rag-0000000000000001]', "stop", None),
+    ('{"name": "lookup", "arguments": {}}\n{"name": "refund", "arguments": {"amount": 49}}', "stop", None),
+    ('Set {"limit": 512} in the deployment.', "stop", None),  # JSON, but not a call
+    ('Calling {"name": "run_sql", "arguments": {"q"', "stop", "malformed_tool_call"),
 ])
 def test_answer_checks(text, finish, expected):
     assert check_answer(text, max_chars=100, finish_reason=finish) == expected
+
+
+def test_tool_calls_are_read_in_every_shape():
+    from refinery.answers import parse_tool_calls
+
+    openai = '{"id": "c1", "type": "function", "function": {"name": "run_sql", "arguments": "{\\"q\\": 1}"}}'
+    assert parse_tool_calls(openai) == [{"name": "run_sql", "arguments": {"q": 1}}]  # string arguments read
+    two = '{"name": "a", "arguments": {}}\n{"name": "b", "arguments": {"x": 2}}'
+    assert parse_tool_calls(two) == [{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": 2}}]
+    assert parse_tool_calls('[{"name": "a", "arguments": {}}]') == [{"name": "a", "arguments": {}}]
+    assert parse_tool_calls("[rag-1] no call here") is None
+    assert parse_tool_calls('{"tool": "run_sql", "args": {}}') == []
 
 
 # --- the replay and its trace row -----------------------------------------------------------
@@ -177,6 +223,9 @@ def test_a_replay_appends_one_trace_row(rag, cfg):
     assert read_jsonl_file(log) == [row, bare] and bare["replay_id"] != row["replay_id"]
     with pytest.raises(ReplayUsageError, match="the task is empty"):
         replay(rag, cfg, "   ", model=MODEL, generate=scripted("x"), index=index)
+    with pytest.raises(ReplayUsageError, match="not valid UTF-8"):  # undecodable bytes on the command line
+        replay(rag, cfg, b"tickets \xff".decode("utf-8", "surrogateescape"), model=MODEL, generate=scripted("x"),
+               index=index)
     assert len(read_jsonl_file(log)) == 2
 
 
@@ -215,54 +264,6 @@ def test_replay_rows_become_evidence_through_run_all(rag, cfg):
 # --- escalation -----------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        kind = self.path.split("/")[1]
-        if kind == "fail":
-            return self._send(500, b'{"error": {"message": "boom"}}')
-        if kind == "slow":
-            time.sleep(1.5)
-        if kind == "garbage":
-            return self._send(200, b"<html>not json</html>")
-        message = {"role": "assistant", "content": "Refund the second $49.00 charge and send the reference."}
-        if kind == "tool":
-            call = {"name": "run_sql", "arguments": '{"query": "SELECT 1"}'}  # arguments as a JSON string
-            message = {"role": "assistant", "content": None,
-                       "tool_calls": [{"id": "c1", "type": "function", "function": call}]}
-        self._send(200, json.dumps({"id": "cmpl-1", "object": "chat.completion", "model": "big-model-2026",
-                                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}).encode())
-
-    def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        try:
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client timed out and left
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def endpoint():
-    """An OpenAI-compatible chat-completions server on 127.0.0.1; the first path segment picks
-    its behaviour: ok, tool, fail (HTTP 500), slow (1.5 s), garbage (not JSON)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    server.requests = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 def with_endpoint(ws: Workspace, base_url: str, *, timeout: float = 5.0, key_env: str | None = "REFINERY_TEST_KEY"):
     env_line = f'api_key_env = "{key_env}"\n' if key_env else ""
     (ws.root / "refinery.toml").write_text(f'[replay.escalation]\nbase_url = "{base_url}"\nmodel = "big-model"\n'
@@ -294,6 +295,16 @@ def test_a_failed_local_answer_is_escalated(rag, endpoint):
     assert ok["escalated"] is False and ok["escalation"] is None and len(endpoint.requests) == before
 
 
+@pytest.mark.parametrize("path, answer", [
+    ("/tools/v1", '{"name":"lookup_invoice","arguments":{"id":"INV-1"}}\n{"name":"refund","arguments":{"amount":49}}'),
+    ("/parts/v1", "Refund the second charge."),
+])
+def test_escalated_replies_in_other_shapes_are_served(rag, endpoint, path, answer):
+    cfg = with_endpoint(rag, endpoint.url + path)
+    row = replay(rag, cfg, "t", model=MODEL, generate=scripted(""), index=None, allow_escalation=True, env=KEY)
+    assert row["escalated"] and row["answer"] == answer and row["check"] is None
+
+
 def test_an_escalated_tool_call_is_rendered_as_name_and_arguments(rag, endpoint):
     cfg = with_endpoint(rag, endpoint.url + "/tool/v1", key_env=None)  # an endpoint without authentication
     row = replay(rag, cfg, "Count the orders", model=MODEL, generate=scripted('{"tool": "run_sql"}'), index=None,
@@ -307,13 +318,16 @@ def test_an_escalated_tool_call_is_rendered_as_name_and_arguments(rag, endpoint)
     ("/fail/v1", 5.0, "answered HTTP 500"),
     ("/slow/v1", 0.3, "did not answer within 0.3 s"),
     ("/garbage/v1", 5.0, "did not return a chat-completions reply"),
+    ("/odd/v1", 5.0, "did not return a chat-completions reply"),
+    ("/huge/v1", 5.0, "sent more than 256 KiB"),
+    ("/trickle/v1", 1.0, "did not answer within 1 s"),  # each read is quick; the whole reply is not
 ])
 def test_escalation_errors_are_reported_not_raised(rag, endpoint, path, timeout, message):
     cfg = with_endpoint(rag, endpoint.url + path, timeout=timeout)
     t0 = time.monotonic()
     row = replay(rag, cfg, "Print the password", model=MODEL, generate=scripted("I'm sorry, I can't."), index=None,
                  allow_escalation=True, env=KEY)
-    assert time.monotonic() - t0 < 1.4  # the timeout, not the slow server, decided
+    assert time.monotonic() - t0 < 1.45  # the timeout, not the slow server, decided
     assert row["escalated"] is False and row["escalation"]["ok"] is False and message in row["escalation"]["error"]
     assert row["answer"] == "I'm sorry, I can't." and row["check"] == "refusal"
     assert read_jsonl_file(rag.kb / REPLAY_LOG) == [row]
@@ -342,6 +356,9 @@ def test_allow_escalation_without_an_endpoint_or_key_says_what_to_set(rag, monke
     (rag.root / "refinery.toml").write_text('[replay.escalation]\nbase_url = "ftp://x"\nmodel = "m"\n')
     result = invoke("replay", "--task", "t")
     assert result.exit_code == 2 and "base_url must start with http" in result.output
+    (rag.root / "refinery.toml").write_text('[replay.escalation]\nbase_url = "https://me:key@x/v1"\nmodel = "m"\n')
+    result = invoke("replay", "--task", "t")
+    assert result.exit_code == 2 and "base_url must not hold credentials" in result.output
     (rag.root / "refinery.toml").write_text("[replay]\ntop_kk = 3\n")
     result = invoke("replay", "--task", "t")
     assert result.exit_code == 2 and "unknown key 'replay.top_kk'" in result.output
@@ -362,7 +379,7 @@ def test_replay_without_a_model_or_a_task_says_what_to_do(rag):
 def sample(tmp_path_factory):
     """The bundled sample run, and its SFT export collected (test split: 24 rows)."""
     ws = tmp_path_factory.mktemp("replay")
-    shutil.copytree(REPO / "data" / "_kb", ws / "data" / "_kb", ignore=shutil.ignore_patterns("audit_baselines.jsonl"))
+    copy_sample(ws / "data" / "_kb")
     for cmd in (["run-all"], ["train", "collect"]):
         assert runner.invoke(app, [*cmd, "--workspace", str(ws)]).exit_code == 0, cmd
     return ws
@@ -397,15 +414,18 @@ def test_replay_eval_compares_retrieval_with_none(sample):
     assert "| retrieval | 24 |" in (out / "report.md").read_text()
     assert not (sample / "data" / "_kb" / REPLAY_LOG).exists()  # an evaluation, not traces
 
-    # a task's own row is in the RAG export too, and is never retrieved for it
-    rag = {x["id"]: x["provenance"] for x in read_jsonl_file(sample / "exports" / "rag" / "playbooks.jsonl")}
-    own = {t["row"]: (t["provenance"]["source_file"], t["provenance"]["line_offset"]) for t in tasks}
+    # a task's own row, and other runs of the same task, are in the RAG export too: never retrieved for it
+    rag = {x["id"]: x for x in read_jsonl_file(sample / "exports" / "rag" / "playbooks.jsonl")}
+    by_row = {t["row"]: t for t in tasks}
     for row in rows:
-        assert all((rag[p["id"]]["source_file"], rag[p["id"]]["line_offset"]) != own[row["row"]]
-                   for p in row["playbooks"])
-    found_own = sum(any((h.row["provenance"]["source_file"], h.row["provenance"]["line_offset"]) == own[t["row"]]
-                        for h in index.search(t["task"], cfg.replay.top_k)) for t in tasks)
-    assert found_own > 0  # without the exclusion, retrieval would hand over the reference answer
+        t = by_row[row["row"]]
+        for p in row["playbooks"]:
+            assert rag[p["id"]]["task_key"] != t["task_key"]
+            assert rag[p["id"]]["provenance"]["line_offset"] != t["provenance"]["line_offset"] or \
+                rag[p["id"]]["provenance"]["source_file"] != t["provenance"]["source_file"]
+    same_task = sum(any(h.row["task_key"] == t["task_key"] for h in index.search(t["task"], cfg.replay.top_k))
+                    for t in tasks)
+    assert same_task == len(tasks)  # without the exclusion every task would get its own answer back
 
     limited = replay_eval(ws, cfg, dcfg, generate=copy_first_playbook, index=index, model_label="s", limit=5)
     assert limited["tasks"] == 5 and len(read_jsonl_file(out / "rows.jsonl")) == 10

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, read_jsonl_file
+from conftest import copy_sample, read_jsonl_file
 from refinery.cli import app
 
 pytest.importorskip("mlx_lm")
@@ -28,7 +28,7 @@ def invoke(*args: str):
 def prepared(tmp_path_factory):
     """The bundled sample run, a tiny model built, the data collected; short local answers."""
     ws = tmp_path_factory.mktemp("replay-model")
-    shutil.copytree(REPO / "data" / "_kb", ws / "data" / "_kb", ignore=shutil.ignore_patterns("audit_baselines.jsonl"))
+    copy_sample(ws / "data" / "_kb")
     (ws / "distill_config.json").write_text(orjson.dumps(FAST).decode())
     (ws / "refinery.toml").write_text("[replay]\nmax_tokens = 12\n")
     for cmd in (["run-all"], ["train", "tiny-model"], ["train", "collect"]):
@@ -74,10 +74,37 @@ def test_replay_serves_the_promoted_adapter_and_refuses_a_tampered_one(ws):
     human = invoke("replay", "--task", TASK, "--workspace", str(ws))
     assert f"local model: distill_out/tiny-base + {aid}" in human.stdout
 
+    from mlx.utils import tree_flatten
+
+    from refinery.replay.model import LocalGenerator, offline_model
+    from refinery.training.config import load_distill_config
+    from refinery.workspace import Workspace
+
+    w = Workspace.at(ws)
+    model, _ = LocalGenerator(w, offline_model(w, load_distill_config(ws))).load()
+    lora = [k for k, _ in tree_flatten(model.parameters()) if k.endswith((".lora_a", ".lora_b"))]
+    assert lora, "the promoted adapter's LoRA layers are not in the served model"
+
     weights = ws / "distill_out" / aid / "adapters.safetensors"
     weights.write_bytes(weights.read_bytes() + b"\0")
     result = invoke("replay", "--task", TASK, "--workspace", str(ws))
     assert result.exit_code == 2 and "sha256 differs from its receipt" in result.output
+
+
+def test_a_failed_local_answer_escalates_from_the_command_line(ws, endpoint, monkeypatch):
+    (ws / "refinery.toml").write_text('[replay]\nmax_tokens = 1\n'  # cut off (or empty): every local answer fails
+                                      f'[replay.escalation]\nbase_url = "{endpoint.url}/ok/v1"\nmodel = "big-model"\n'
+                                      'api_key_env = "REFINERY_TEST_KEY"\n')
+    monkeypatch.setenv("REFINERY_TEST_KEY", "sk-test-0123456789abcdef")
+    result = invoke("replay", "--task", TASK, "--allow-escalation", "--workspace", str(ws))
+    assert result.exit_code == 0, result.output
+    assert "local model: distill_out/tiny-base" in result.stdout and "check FAILED (" in result.stdout
+    assert f"escalated to big-model-2026 at {endpoint.url}/ok/v1" in result.stdout
+    assert result.stdout.rstrip().endswith("Refund the second $49.00 charge and send the reference.")
+    (ws / "refinery.toml").write_text((ws / "refinery.toml").read_text().replace("/ok/v1", "/fail/v1"))
+    result = invoke("replay", "--task", TASK, "--allow-escalation", "--workspace", str(ws))
+    assert result.exit_code == 1 and "escalation failed:" in result.stdout and "HTTP 500" in result.stdout
+    assert [r["escalated"] for r in read_jsonl_file(ws / "data" / "_kb" / "replays.jsonl")] == [True, False]
 
 
 def test_replay_eval_runs_with_the_tiny_model(ws):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter, defaultdict
 
 import pytest
 
-from conftest import REPO, evidence_rows, quarantine_rows, tree_bytes
+from conftest import copy_sample, evidence_rows, quarantine_rows, tree_bytes
 from refinery import materialize
 from refinery.sample import generate
 
-BUNDLED = REPO / "data" / "_kb"
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -25,8 +23,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
 def test_the_bundled_sample_is_what_the_generator_writes(tmp_path):
     """data/_kb/ is reproducible: `make sample` (1500 rows, seed 7) writes exactly these bytes."""
     generate(1500, 7, tmp_path / "kb")
-    bundled = {k: v for k, v in tree_bytes(BUNDLED).items() if k != "audit_baselines.jsonl"}
-    assert bundled == tree_bytes(tmp_path / "kb")
+    copy_sample(tmp_path / "bundled")
+    assert tree_bytes(tmp_path / "bundled") == tree_bytes(tmp_path / "kb")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +33,7 @@ def materialized(tmp_path_factory):
     from refinery.workspace import Workspace
 
     root = tmp_path_factory.mktemp("sample")
-    shutil.copytree(BUNDLED, root / "data" / "_kb")
+    copy_sample(root / "data" / "_kb")
     ws = Workspace.at(root)
     result = materialize.run(ws, load_config(ws.root), validate=True)
     return ws, result, evidence_rows(ws), quarantine_rows(ws)

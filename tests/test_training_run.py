@@ -9,7 +9,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import copy_sample
 from refinery.cli import app
 
 pytest.importorskip("mlx_lm")
@@ -26,8 +26,7 @@ def invoke(*args: str):
 def prepared(tmp_path_factory):
     """The bundled sample run, a tiny model built, the data collected."""
     ws = tmp_path_factory.mktemp("train")
-    shutil.copytree(REPO / "data" / "_kb", ws / "data" / "_kb",
-                    ignore=shutil.ignore_patterns("audit_baselines.jsonl"))
+    copy_sample(ws / "data" / "_kb")
     (ws / "distill_config.json").write_text(orjson.dumps(FAST).decode())
     for cmd in (["run-all"], ["train", "tiny-model"], ["train", "collect"]):
         assert runner.invoke(app, [*cmd, "--workspace", str(ws)]).exit_code == 0, cmd

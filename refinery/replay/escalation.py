@@ -2,12 +2,12 @@
 endpoint, configured in refinery.toml under [replay.escalation]. The API key is read from the
 environment variable named there (`api_key_env`) at call time; it is never written anywhere.
 
-Standard library HTTP only (one POST, JSON in and out): nothing to install for it.
+Standard library HTTP only (one POST, JSON in and out): nothing to install for it. The reply is
+read with a deadline and a size cap, so a slow or runaway endpoint cannot hold a replay.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import urllib.error
@@ -16,7 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from refinery.config import EscalationConfig
+from refinery.normalize import answer_text
+from refinery.transform import tool_call
 
 
 class EscalationUnavailable(Exception):
@@ -54,57 +58,71 @@ def api_key(ecfg: EscalationConfig | None, env: Mapping[str, str] = os.environ) 
     return key
 
 
+#: A chat reply is a few KB; more than this is not one (and would not fit a trace row).
+MAX_REPLY_BYTES = 256 << 10
+
+
 def _answer_text(message: dict[str, Any]) -> str:
-    """The reply as one text; tool calls rendered as {"name", "arguments"} JSON, like local answers."""
+    """The reply as one text, like a local answer: the content, then each tool call as a
+    {"name", "arguments"} JSON line. Raises ValueError when it is not a chat message."""
     calls = message.get("tool_calls") or []
-    rendered = []
-    for c in calls:
-        fn = c.get("function", c) if isinstance(c, dict) else {}
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                pass
-        rendered.append(json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False))
-    content = message.get("content") or ""
-    return "\n".join(filter(None, [content, *rendered]))
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: keep the text ones
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(calls, list) or not (content is None or isinstance(content, str)):
+        raise ValueError("not a chat message")
+    return answer_text({"response": content, "tool_calls": [tool_call(c) for c in calls]})
 
 
 def escalate(ecfg: EscalationConfig, messages: list[dict[str, Any]], key: str | None) -> Escalated:
-    """POST the messages to <base_url>/chat/completions (temperature 0); raises EscalationFailed."""
+    """POST the messages to <base_url>/chat/completions (temperature 0); raises EscalationFailed.
+    `timeout_s` bounds the whole exchange (checked between reads of the reply), not each read."""
     url = ecfg.base_url.rstrip("/") + "/chat/completions"
-    body = json.dumps({"model": ecfg.model, "messages": messages, "temperature": 0,
-                       "max_tokens": ecfg.max_tokens}).encode()
+    body = orjson.dumps({"model": ecfg.model, "messages": messages, "temperature": 0,
+                         "max_tokens": ecfg.max_tokens})
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     too_slow = f"{url} did not answer within {ecfg.timeout_s:g} s (replay.escalation.timeout_s)"
     t0 = time.monotonic()
+    deadline = t0 + ecfg.timeout_s
     try:
         with urllib.request.urlopen(request, timeout=ecfg.timeout_s) as response:
-            raw = response.read()
+            chunks, size = [], 0
+            while chunk := response.read1(64 << 10):
+                size += len(chunk)
+                if size > MAX_REPLY_BYTES:
+                    raise EscalationFailed(f"{url} sent more than {MAX_REPLY_BYTES >> 10} KiB: not a chat reply")
+                if time.monotonic() > deadline:
+                    raise EscalationFailed(too_slow)
+                chunks.append(chunk)
+            raw = b"".join(chunks)
     except urllib.error.HTTPError as e:
         try:
             detail = e.read(300).decode("utf-8", "replace").strip()
         except (OSError, AttributeError):
             detail = ""
-        raise EscalationFailed(f"{url} answered HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")) from None
+        raise EscalationFailed(f"{url} answered HTTP {e.code} {e.reason}"
+                               + (f": {detail}" if detail else "")) from None
     except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
         raise EscalationFailed(too_slow) from None
     except urllib.error.URLError as e:
         if isinstance(e.reason, TimeoutError):
             raise EscalationFailed(too_slow) from None
         raise EscalationFailed(f"cannot reach {url}: {e.reason}") from None
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: http.client.InvalidURL and kin
         raise EscalationFailed(f"cannot reach {url}: {e}") from None
     latency = round((time.monotonic() - t0) * 1000, 1)
     try:
-        doc = json.loads(raw)
+        doc = orjson.loads(raw)
         choice = doc["choices"][0]
         answer = _answer_text(choice["message"])
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        model = doc.get("model") or ecfg.model
+        if not isinstance(model, str):
+            raise ValueError("model is not a string")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):  # orjson's error is a ValueError
         raise EscalationFailed(f"{url} did not return a chat-completions reply "
                                f"(got {raw[:120].decode('utf-8', 'replace')!r})") from None
-    return Escalated(answer, str(doc.get("model") or ecfg.model), choice.get("finish_reason"), latency)
+    finish = choice.get("finish_reason")
+    return Escalated(answer, model, finish if isinstance(finish, str) else None, latency)

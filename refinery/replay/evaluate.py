@@ -7,8 +7,10 @@
 
 Per task the playbooks are retrieved once and used by both modes: given to the model with
 retrieval, only measured against without. A held-out task's own row is in the RAG export too
-(accepted rows feed both exports), so the playbook that comes from the same scored-run line is
-never retrieved for it — otherwise retrieval would hand the model the reference answer.
+(accepted rows feed both exports), and so are other runs of the very same task; neither is ever
+retrieved for it — the playbook from the same scored-run line, and every playbook with the
+same task key (the same normalised prompt) — or retrieval would hand the model the reference
+answer. What is measured is whether playbooks of *similar* tasks help.
 
 Metrics, each 0..1 per task: answer_match and format_valid as in `train eval`; grounding = the
 answer cites a retrieved playbook's id, or overlaps one of them (word F1 ≥ GROUNDING_F1 with its
@@ -29,6 +31,7 @@ import orjson
 from refinery.answers import parse_tool_calls, word_f1
 from refinery.config import Config
 from refinery.jsonl import publish_dir, recover_dir, staging_dir, write_jsonl_atomic
+from refinery.normalize import task_key
 from refinery.receipts import write_json
 from refinery.replay.prompt import build_messages
 from refinery.replay.retrieval import Hit, RagIndex
@@ -56,24 +59,32 @@ def eval_tasks(ws: Workspace, dcfg: DistillConfig, limit: int | None) -> list[di
             break
         prompt, ref_text, ref_calls = reference(orjson.loads(raw))
         m = meta[i] if i < len(meta) else {}
-        tasks.append({"row": i, "task": prompt[-1]["content"] or "", "ref_text": ref_text, "ref_calls": ref_calls,
-                      "source": m.get("source"), "provenance": m.get("provenance")})
+        task = prompt[-1]["content"] or ""
+        tasks.append({"row": i, "task": task, "task_key": task_key({"prompt": task, "id": str(i)}),
+                      "ref_text": ref_text, "ref_calls": ref_calls, "source": m.get("source"),
+                      "provenance": m.get("provenance")})
+    if not tasks:
+        raise EvalError(f"{dcfg.output_dir}/data/test.jsonl holds no held-out task: collect more SFT rows "
+                        "(`refinery train collect`)")
     return tasks
 
 
-def own_lines(index: RagIndex, tasks: list[dict[str, Any]]) -> dict[int, set[int]]:
-    """task row → the export lines that come from the same scored-run line as the task itself."""
-    want: dict[tuple[str, int], int] = {}
+def excluded_lines(index: RagIndex, tasks: list[dict[str, Any]]) -> dict[int, set[int]]:
+    """task row → the export lines never to retrieve for it: its own row (same scored-run line)
+    and every playbook of the same task (same task key)."""
+    by_line: dict[tuple[str, int], list[int]] = {}
+    by_key: dict[str, list[int]] = {}
     for t in tasks:
+        by_key.setdefault(t["task_key"], []).append(t["row"])
         if t["provenance"]:
-            want[(t["provenance"]["source_file"], t["provenance"]["line_offset"])] = t["row"]
+            by_line.setdefault((t["provenance"]["source_file"], t["provenance"]["line_offset"]), []).append(t["row"])
     out: dict[int, set[int]] = {}
     with open(index.export, "rb") as f:
         for n, raw in enumerate(f):
-            p = orjson.loads(raw)["provenance"]
-            row = want.get((p["source_file"], p["line_offset"]))
-            if row is not None:
-                out.setdefault(row, set()).add(n)
+            row = orjson.loads(raw)
+            p = row["provenance"]
+            for t in by_key.get(row["task_key"], []) + by_line.get((p["source_file"], p["line_offset"]), []):
+                out.setdefault(t, set()).add(n)
     return out
 
 
@@ -93,11 +104,12 @@ def grounded(answer: str, hits: list[Hit]) -> bool:
 
 
 def replay_eval(ws: Workspace, cfg: Config, dcfg: DistillConfig, *, generate: Generator, index: RagIndex,
-                model_label: str, limit: int | None = None,
+                model_label: str, limit: int | None = None, tasks: list[dict[str, Any]] | None = None,
                 on_answer: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Replay every held-out task in both modes; write the replay-eval folder; return the report."""
-    tasks = eval_tasks(ws, dcfg, limit)
-    excluded = own_lines(index, tasks)
+    """Replay every held-out task (`tasks`, or the first `limit` of eval_tasks) in both modes;
+    write the replay-eval folder; return the report."""
+    tasks = tasks if tasks is not None else eval_tasks(ws, dcfg, limit)
+    excluded = excluded_lines(index, tasks)
     hits = {t["row"]: index.search(t["task"], cfg.replay.top_k, exclude=excluded.get(t["row"], ())) for t in tasks}
     rows = []
     for mode in MODES:

@@ -70,11 +70,22 @@ class LocalGenerator:
         self.ws, self.model = ws, model
         self._loaded: tuple[Any, Any] | None = None
 
-    def __call__(self, messages: list[dict[str, Any]], max_tokens: int) -> Generation:
+    def load(self) -> tuple[Any, Any]:
+        """(model, tokenizer), loaded once. Call it before timing answers: loading is not latency.
+        Raises ModelUnavailable when mlx-lm is missing or the folder does not load."""
         if self._loaded is None:
-            from mlx_lm import load
-
+            try:
+                from mlx_lm import load
+            except ImportError as e:
+                raise ModelUnavailable(f"replay needs mlx-lm ({e}): install the 'train' extra — `make install` "
+                                       "does — or `uv sync --all-extras`") from None
             adapter = str(_path(self.ws, self.model.adapter_path)) if self.model.adapter_path else None
-            self._loaded = load(str(_path(self.ws, self.model.base)), adapter_path=adapter)
-        model, tokenizer = self._loaded
+            try:
+                self._loaded = load(str(_path(self.ws, self.model.base)), adapter_path=adapter)
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelUnavailable(f"cannot load {self.model.label} with mlx-lm: {e}") from None
+        return self._loaded
+
+    def __call__(self, messages: list[dict[str, Any]], max_tokens: int) -> Generation:
+        model, tokenizer = self.load()
         return generate_chat(model, tokenizer, messages, max_tokens)

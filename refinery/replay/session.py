@@ -9,7 +9,6 @@ The generator and the escalation call are parameters, so tests can script them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 import orjson
 
 from refinery.answers import check_answer, parse_tool_calls
+from refinery.canonical import short_id
 from refinery.config import Config
 from refinery.generation import Generation
 from refinery.models import ReplayTrace
@@ -68,6 +68,10 @@ def replay(ws: Workspace, cfg: Config, task: str, *, model: OfflineModel, genera
     task = task.strip()
     if not task:
         raise ReplayUsageError("the task is empty: give it with --task \"…\"")
+    try:
+        task.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line
+        raise ReplayUsageError("the task is not valid UTF-8 text: pass it as UTF-8") from None
     key = None
     if allow_escalation:  # before any work: a missing endpoint or key is a usage error
         key = api_key(cfg.replay.escalation, os.environ if env is None else env)
@@ -94,7 +98,7 @@ def replay(ws: Workspace, cfg: Config, task: str, *, model: OfflineModel, genera
     ts = started.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     row = {
         "schema_version": 1,
-        "replay_id": "rp-" + hashlib.sha256(f"{ts}\0{os.getpid()}\0{task}".encode()).hexdigest()[:16],
+        "replay_id": short_id("rp", ts, str(os.getpid()), task),
         "ts": ts,
         "task": task,
         "mode": "retrieval" if index is not None else "no_retrieval",
