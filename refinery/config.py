@@ -195,7 +195,8 @@ class Config(Section):
         return sig_hash(self.model_dump(mode="json"))
 
 
-def _format_errors(origin: str, err: ValidationError) -> str:
+def format_errors(origin: str, err: ValidationError) -> str:
+    """One line per problem, naming the file and the key (an unknown key says so)."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -231,4 +232,4 @@ def load_config(workspace: Path, path: Path | None = None,
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(origin, e)) from None
+        raise ConfigError(format_errors(origin, e)) from None

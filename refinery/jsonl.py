@@ -265,6 +265,21 @@ def finish_publishes(data_dir: Path) -> list[str]:
     return done
 
 
+@contextlib.contextmanager
+def publishing(target: Path) -> Iterator[Path]:
+    """A fresh staging folder that replaces directory `target` as a whole when the block ends
+    without an error, and is dropped when it raises (a killed process leaves it to the next
+    `recover_dir`): readers see the old tree or the new one, never half of one."""
+    recover_dir(target)
+    staging = staging_dir(target)
+    try:
+        yield staging
+        publish_dir(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def staging_dir(target: Path) -> Path:
     """A fresh staging directory beside `target`, for `publish_dir`."""
     d = target.with_name(f".{target.name}.staging-{os.getpid()}")

@@ -47,6 +47,22 @@ def copy_sample(kb: Path) -> None:
     shutil.copytree(REPO / "data" / "_kb", kb, ignore=shutil.ignore_patterns(*WRITTEN_BY_USE), dirs_exist_ok=True)
 
 
+def sample_workspace(root: Path, *commands: str, files: dict[str, str] | None = None) -> Path:
+    """A workspace at `root` holding the bundled sample and `files` (name → text), in which each
+    of `commands` ("run-all", "train collect", ...) has run and succeeded."""
+    from typer.testing import CliRunner
+
+    from refinery.cli import app
+
+    copy_sample(root / "data" / "_kb")
+    for name, text in (files or {}).items():
+        (root / name).write_text(text)
+    for cmd in commands:
+        result = CliRunner().invoke(app, [*cmd.split(), "--workspace", str(root)])
+        assert result.exit_code == 0, (cmd, result.output)
+    return root
+
+
 def write_kb(ws: Workspace, files: dict[str, str | bytes]) -> None:
     """Write source files under data/_kb/ (str is written as UTF-8)."""
     for name, content in files.items():

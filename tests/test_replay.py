@@ -14,7 +14,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FIXTURES, copy_sample, evidence_rows, quarantine_rows, read_jsonl_file
+from conftest import FIXTURES, evidence_rows, quarantine_rows, read_jsonl_file, sample_workspace
 from refinery.answers import check_answer
 from refinery.canonical import sig_hash
 from refinery.cli import app
@@ -378,11 +378,7 @@ def test_replay_without_a_model_or_a_task_says_what_to_do(rag):
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     """The bundled sample run, and its SFT export collected (test split: 24 rows)."""
-    ws = tmp_path_factory.mktemp("replay")
-    copy_sample(ws / "data" / "_kb")
-    for cmd in (["run-all"], ["train", "collect"]):
-        assert runner.invoke(app, [*cmd, "--workspace", str(ws)]).exit_code == 0, cmd
-    return ws
+    return sample_workspace(tmp_path_factory.mktemp("replay"), "run-all", "train collect")
 
 
 def copy_first_playbook(messages, max_tokens):

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import copy_sample, read_jsonl_file
+from conftest import read_jsonl_file, sample_workspace
 from refinery.cli import app
 
 pytest.importorskip("mlx_lm")
@@ -27,13 +27,9 @@ def invoke(*args: str):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """The bundled sample run, a tiny model built, the data collected; short local answers."""
-    ws = tmp_path_factory.mktemp("replay-model")
-    copy_sample(ws / "data" / "_kb")
-    (ws / "distill_config.json").write_text(orjson.dumps(FAST).decode())
-    (ws / "refinery.toml").write_text("[replay]\nmax_tokens = 12\n")
-    for cmd in (["run-all"], ["train", "tiny-model"], ["train", "collect"]):
-        assert runner.invoke(app, [*cmd, "--workspace", str(ws)]).exit_code == 0, cmd
-    return ws
+    return sample_workspace(tmp_path_factory.mktemp("replay-model"), "run-all", "train tiny-model", "train collect",
+                            files={"distill_config.json": orjson.dumps(FAST).decode(),
+                                   "refinery.toml": "[replay]\nmax_tokens = 12\n"})
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, copy_sample
+from conftest import REPO, sample_workspace
 from refinery.cli import app
 from refinery.training.collect import SPLITS, split_of
 from refinery.training.config import DistillConfig, DistillConfigError, load_distill_config
@@ -23,10 +23,7 @@ def invoke(*args: str):
 @pytest.fixture(scope="module")
 def sample_exports(tmp_path_factory):
     """The bundled sample, run once: its SFT export (145 rows) is what the tests collect."""
-    ws = tmp_path_factory.mktemp("sample")
-    copy_sample(ws / "data" / "_kb")
-    assert runner.invoke(app, ["run-all", "--workspace", str(ws)]).exit_code == 0
-    return ws
+    return sample_workspace(tmp_path_factory.mktemp("sample"), "run-all")
 
 
 @pytest.fixture

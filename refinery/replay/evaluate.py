@@ -21,7 +21,6 @@ data/_kb/replays.jsonl.
 from __future__ import annotations
 
 import math
-import shutil
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +29,7 @@ import orjson
 
 from refinery.answers import parse_tool_calls, word_f1
 from refinery.config import Config
-from refinery.jsonl import publish_dir, recover_dir, staging_dir, write_jsonl_atomic
+from refinery.jsonl import publishing, write_jsonl_atomic
 from refinery.normalize import task_key
 from refinery.receipts import write_json
 from refinery.replay.prompt import build_messages
@@ -127,16 +126,10 @@ def replay_eval(ws: Workspace, cfg: Config, dcfg: DistillConfig, *, generate: Ge
                 on_answer()
     report = summarize(rows, tasks=len(tasks), model=model_label, index=index, top_k=cfg.replay.top_k)
     out = ws.root / dcfg.output_dir / OUT
-    recover_dir(out)
-    staging = staging_dir(out)
-    try:
+    with publishing(out) as staging:
         write_jsonl_atomic(staging / "rows.jsonl", rows)
         write_json(staging / "report.json", report)
         (staging / "report.md").write_text(markdown(report))
-        publish_dir(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

@@ -21,7 +21,6 @@ import fcntl
 import functools
 import os
 import re
-import shutil
 import unicodedata
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any
 import orjson
 
 from refinery.canonical import file_sha256
-from refinery.jsonl import publish_dir, recover_dir, staging_dir
+from refinery.jsonl import publishing, recover_dir
 from refinery.receipts import write_json
 from refinery.workspace import Workspace
 
@@ -153,8 +152,7 @@ class RagIndex:
             ids.append(line.obj["id"])
             corpus.append(tokens(indexed_text(line.obj)))
         bm25 = None
-        staging = staging_dir(folder)
-        try:
+        with publishing(folder) as staging:
             if corpus:
                 bm25 = bm25s.BM25(k1=K1, b=B)
                 bm25.index(corpus, show_progress=False)
@@ -165,10 +163,6 @@ class RagIndex:
             manifest = {"schema_version": 1, "export": {"path": RAG_EXPORT, "sha256": sha, "rows": len(offsets)},
                         "tokenizer": TOKENIZER, "bm25": {"k1": K1, "b": B}, "index_dir": index_dir}
             write_json(staging / MANIFEST, manifest)
-            publish_dir(staging, folder)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         return cls(export, folder, manifest, bm25, offsets_arr, ids, built=True)
 
     def search(self, query: str, k: int, *, exclude: Collection[int] = ()) -> list[Hit]:

@@ -13,13 +13,12 @@ calls as {"id", "type": "function", "function": {"name", "arguments"}}), the res
 from __future__ import annotations
 
 import hashlib
-import shutil
 from collections.abc import Callable
 from typing import Any
 
 from refinery.canonical import file_sha256
 from refinery.formats import to_mlx_chat, to_mlx_tools
-from refinery.jsonl import JsonlWriter, publish_dir, read_jsonl, recover_dir, staging_dir
+from refinery.jsonl import JsonlWriter, publishing, read_jsonl
 from refinery.receipts import Digests, write_json
 from refinery.training.config import DistillConfig
 from refinery.workspace import Workspace
@@ -81,10 +80,8 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
                            "accepted rows: run-all --include-partial), or lower min_rows.")
     counter_name, count = token_counter(dcfg, ws)
     out = ws.root / dcfg.output_dir / "data"
-    recover_dir(out)
-    staging = staging_dir(out)
     stats = {s: {"rows": 0, "tool_using": 0, "direct_answers": 0, "tokens": 0} for s in SPLITS}
-    try:
+    with publishing(out) as staging:
         files = {s: open(staging / f"{s}.jsonl", "wb") for s in SPLITS}
         files["meta"] = open(staging / TEST_META, "wb")
         try:
@@ -125,8 +122,4 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
             "outputs": outputs,
         }
         write_json(staging / RECEIPT, receipt)  # published with the data it describes, never apart
-        publish_dir(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return receipt

@@ -8,6 +8,8 @@ from typing import Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from refinery.config import format_errors
+
 CONFIG_FILE = "distill_config.json"
 
 
@@ -60,11 +62,4 @@ def load_distill_config(workspace: Path, path: Path | None = None) -> DistillCon
     try:
         return DistillConfig.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            if err["type"] == "extra_forbidden":
-                lines.append(f"{cfg_path}: unknown key '{key}' — remove it or check its spelling")
-            else:
-                lines.append(f"{cfg_path}: '{key}': {err['msg']}")
-        raise DistillConfigError("\n".join(lines)) from None
+        raise DistillConfigError(format_errors(str(cfg_path), e)) from None

@@ -20,7 +20,6 @@ A row's score is the mean of the metrics that apply to it.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import orjson
 
 from refinery.answers import parse_tool_calls, word_f1
-from refinery.jsonl import publish_dir, recover_dir, staging_dir, write_jsonl_atomic
+from refinery.jsonl import publishing, write_jsonl_atomic
 from refinery.normalize import normalize_text
 from refinery.receipts import write_json
 from refinery.training.config import DistillConfig
@@ -141,17 +140,11 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
     comparison = summarize(adapter, rows)
     # The eval folder appears whole or not at all: promote reads comparison.json from it.
     out = adapter_dir / "eval"
-    recover_dir(out)
-    staging = staging_dir(out)
-    try:
+    with publishing(out) as staging:
         write_jsonl_atomic(staging / "rows.jsonl", rows)
         write_json(staging / "comparison.json", comparison)
         (staging / "comparison.md").write_text(markdown(comparison))
         score_bars(staging / "scores.png", comparison)
-        publish_dir(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return comparison
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from refinery.canonical import file_sha256, sig_hash
-from refinery.jsonl import publish_dir, staging_dir
+from refinery.jsonl import publishing
 from refinery.receipts import Digests, write_json
 from refinery.training.collect import RECEIPT as DATA_RECEIPT
 from refinery.training.config import DistillConfig
@@ -167,8 +167,7 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
         def on_val_loss_report(self, info: dict[str, Any]) -> None:
             val_losses.append([info["iteration"], round(float(info["val_loss"]), 6)])
 
-    staging = staging_dir(out)
-    try:
+    with publishing(out) as staging:
         targs = TrainingArgs(batch_size=dcfg.batch_size, iters=dcfg.train_steps, steps_per_report=1,
                              steps_per_eval=dcfg.eval_steps, steps_per_save=dcfg.train_steps + 1,
                              val_batches=-1, max_seq_length=dcfg.max_seq_length,
@@ -204,10 +203,6 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
             "final_val_loss": val_losses[-1][1] if val_losses else None,
         }
         write_json(staging / "receipt.json", receipt)
-        publish_dir(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     log_run(ws, receipt, started_at, dcfg)
     return receipt
 
