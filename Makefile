@@ -106,9 +106,10 @@ schemas: install ## regenerate schemas/*.json from the pydantic models
 sample: install ## regenerate the bundled sample sources in data/_kb/
 	$(RUN) sample --rows 1500 --seed 7 --out data/_kb
 
-bench: install ## materialize and run-all throughput and peak memory at 10^5 rows (BENCH_ROWS=1000000 for 10^6)
+bench: install ## materialize and run-all at 10^5 rows (BENCH_ROWS=1000000 for 10^6); replay's BM25 index at 10^5 playbooks
 	$(PY) bench/bench_pipeline.py --command materialize --rows $${BENCH_ROWS:-100000}
 	$(PY) bench/bench_pipeline.py --command run-all --rows $${BENCH_ROWS:-100000}
+	$(PY) bench/bench_retrieval.py --playbooks $${BENCH_PLAYBOOKS:-100000}
 
 clean: ## remove generated outputs (not the sample data)
 	rm -rf data/evidence data/scored-runs exports reports distill_out bench/out
