@@ -4,7 +4,7 @@
                                                       (a failed check + --allow-escalation ──▶ endpoint)
     every replay ──▶ one row appended to data/_kb/replays.jsonl (a source stream: evidence next run)
 
-The generator and the escalation call are parameters, so tests can script them.
+The generator is a parameter, so tests can script it; escalation is tested against a local server.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from refinery.canonical import short_id
 from refinery.config import Config
 from refinery.generation import Generation
 from refinery.models import ReplayTrace
-from refinery.replay.escalation import Escalated, EscalationFailed, api_key, escalate
+from refinery.replay.escalation import EscalationFailed, api_key, escalate
 from refinery.replay.model import OfflineModel
 from refinery.replay.prompt import build_messages
 from refinery.replay.retrieval import Hit, RagIndex
@@ -35,7 +35,6 @@ REPLAY_LOG = "replays.jsonl"
 LOG_LOCK_WAIT_S = 120.0
 
 Generator = Callable[[list[dict[str, Any]], int], Generation]
-Escalator = Callable[[list[dict[str, Any]]], Escalated]
 
 
 class ReplayUsageError(Exception):
@@ -60,7 +59,7 @@ def answer_locally(generate: Generator, messages: list[dict[str, Any]], cfg: Con
 
 
 def replay(ws: Workspace, cfg: Config, task: str, *, model: OfflineModel, generate: Generator,
-           index: RagIndex | None, allow_escalation: bool = False, escalator: Escalator | None = None,
+           index: RagIndex | None, allow_escalation: bool = False,
            env: dict[str, str] | None = None, log: bool = True) -> dict[str, Any]:
     """Answer `task` (with the index's playbooks, or none when `index` is None) and return the
     trace row — appended to data/_kb/replays.jsonl when `log`. Escalation errors are recorded in
@@ -85,7 +84,7 @@ def replay(ws: Workspace, cfg: Config, task: str, *, model: OfflineModel, genera
         ecfg = cfg.replay.escalation
         assert ecfg is not None  # api_key() checked it
         try:
-            got = escalator(messages) if escalator else escalate(ecfg, messages, key)
+            got = escalate(ecfg, messages, key)
             escalation = {"endpoint": ecfg.base_url, "model": got.model, "ok": True, "error": None,
                           "latency_ms": got.latency_ms}
             final = got.answer
