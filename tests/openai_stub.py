@@ -6,6 +6,7 @@ path segment picks its behaviour:
     fail      HTTP 500                   slow      answers after 1.5 s
     trickle   sends a byte every 0.4 s   huge      a 1 MB answer
     garbage   not JSON                   odd       tool_calls is a string
+    surrogate a lone \ud800 escape in the content
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(1.5)
         if kind == "garbage":
             return self._send(200, b"<html>not json</html>")
+        if kind == "surrogate":  # a lone surrogate: JSON-legal text that is not valid Unicode
+            return self._send(200, b'{"choices": [{"message": {"role": "assistant", "content": "\\ud800"}}]}')
         if kind == "trickle":
             return self._trickle()
         message = {"role": "assistant", "content": "Refund the second $49.00 charge and send the reference."}

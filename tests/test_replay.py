@@ -319,6 +319,7 @@ def test_an_escalated_tool_call_is_rendered_as_name_and_arguments(rag, endpoint)
     ("/slow/v1", 0.3, "did not answer within 0.3 s"),
     ("/garbage/v1", 5.0, "did not return a chat-completions reply"),
     ("/odd/v1", 5.0, "did not return a chat-completions reply"),
+    ("/surrogate/v1", 5.0, "did not return a chat-completions reply"),
     ("/huge/v1", 5.0, "sent more than 256 KiB"),
     ("/trickle/v1", 1.0, "did not answer within 1 s"),  # each read is quick; the whole reply is not
 ])
