@@ -6,7 +6,7 @@ path segment picks its behaviour:
     fail      HTTP 500                   slow      answers after 1.5 s
     trickle   sends a byte every 0.4 s   huge      a 1 MB answer
     garbage   not JSON                   odd       tool_calls is a string
-    surrogate a lone \ud800 escape in the content
+    surrogate a lone surrogate escape (U+D800) in the content
 """
 
 from __future__ import annotations
