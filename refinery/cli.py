@@ -99,10 +99,20 @@ def _materialize_verdict(result) -> int:
     """Warnings and errors of a materialize run on stderr; its exit code."""
     for w in (w for f in result.files for w in f.warnings):
         _err(f"warning: {w}")
-    unknown = [f.source_file for f in result.files if f.transform is None and not f.file_error]
-    for u in unknown:
-        _err(f"warning: {u}: no transform claims this file, so its rows were quarantined as "
-             "unknown_source. Add a module in transforms/ or a [mappings.<name>] table in refinery.toml.")
+    for f in result.files:
+        if f.file_error:
+            continue
+        if f.container is None:
+            _err(f"warning: {f.source_file}: not a file refinery reads (JSONL/NDJSON, CSV, JSON, an inspect .eval "
+                 "archive, or gzip of those), so it was quarantined as unsupported_container. Convert it, or add "
+                 "it to materialize.ignore in refinery.toml.")
+        elif f.transform is None:
+            _err(f"warning: {f.source_file}: no importer claims this file ({f.claimed_because}), so its records "
+                 "were quarantined as unknown_source. Name one in refinery.toml ([sources.<name>] importer = ...), "
+                 "add a module in transforms/ or a [mappings.<name>] table.")
+        elif damaged := f.by_reason.get("damaged_container"):
+            _err(f"warning: {f.source_file}: the container is damaged ({damaged} record(s) quarantined as "
+                 "damaged_container); what was read before the damage was kept")
     for fe in result.file_errors:
         _err(f"error: {fe}")
     if result.transform_errors:
@@ -524,27 +534,42 @@ def convert(
 
 @app.command()
 def sources(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """List the source files under data/_kb/ and the transform that claims each."""
-    from refinery.discovery import Registry, TransformLoadError
-    from refinery.sources import list_sources
+    """List the files under data/_kb/: their container, the importer that reads each and why
+    (refinery.toml [sources], a [mappings] match, its file name, or its content), and the
+    importers there are. A file two importers recognise is shown with both: name one in
+    refinery.toml ([sources.<name>] importer = ...)."""
+    from refinery.discovery import TransformLoadError
+    from refinery.materialize import claims_for
 
     ws, cfg = _load(workspace, config)
     try:
-        registry = Registry.load(ws.root, cfg)
-        files, ignored = list_sources(ws, cfg.materialize.ignore)
-        rows = [{"file": s.ws_rel, "source": s.source, "format": s.format, "bytes": s.size,
-                 "transform": (t.spec.name if (t := registry.resolve(s.kb_rel)) else None)} for s in files]
+        registry, files, ignored, claims = claims_for(ws, cfg)
     except TransformLoadError as e:
         _fail(f"error: {e}")
+    rows = [{"file": s.ws_rel, "source": s.source, "container": s.container,
+             "compressed": s.compressed, "bytes": s.size, "transform": c.name, "why": c.why, "error": c.error,
+             "trust": c.source_cfg.trust if c.source_cfg else None,
+             "record_paths": [p.text for p in c.record_paths]} for s, c in zip(files, claims)]
     transforms = [{"name": t.spec.name, "patterns": list(t.spec.patterns), "format": t.spec.format,
-                   "kind": t.spec.kind, "origin": t.origin} for t in registry.all()]
+                   "kind": t.spec.kind, "detects": t.detect is not None, "joins": t.joins,
+                   "record_paths": list(t.spec.record_paths), "origin": t.origin,
+                   "description": t.spec.description} for t in registry.all()]
     if as_json:
         _print_json({"sources": rows, "ignored": ignored, "transforms": transforms})
         return
     for r in rows:
-        typer.echo(f"{r['file']:<45} {r['format']:<6} {r['bytes']:>10,} B  → {r['transform'] or '(unclaimed)'}")
+        container = (r["container"] or "?") + (".gz" if r["compressed"] else "")
+        target = r["transform"] or ("AMBIGUOUS" if r["error"] else "(unclaimed)")
+        trust = "  [curated]" if r["trust"] else ""
+        typer.echo(f"{r['file']:<45} {container:<8} {r['bytes']:>10,} B  → {target}{trust}")
+        typer.echo(f"{'':<47}{r['why']}")
     for i in ignored:
-        typer.echo(f"{'data/_kb/' + i:<45} (ignored: not a source stream)")
+        typer.echo(f"{'data/_kb/' + i:<45} (ignored: materialize.ignore)")
+    if any(r["error"] for r in rows):
+        for r in rows:
+            if r["error"]:
+                _err(f"error: {r['error']}")
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 @app.command()

@@ -32,6 +32,10 @@ class MaterializeConfig(Section):
     parallel_min_bytes: int = Field(
         default=8 << 20, ge=0,
         description="inputs smaller than this are processed in-process (workers cost start-up time)")
+    max_document_bytes: int = Field(
+        default=256 << 20, gt=0,
+        description="a whole JSON document (or archive member) larger than this is refused as "
+                    "document_too_large: such files are best converted to JSONL")
     quarantine_raw_max: int = Field(default=64 << 10, gt=0,
                                     description="how much of a refused row's text quarantine keeps")
     ignore: list[str] = Field(
@@ -85,6 +89,65 @@ class Mapping(Section):
     approved_values: list[str] = Field(
         default_factory=lambda: ["true", "yes", "y", "1", "approved", "pass"],
         description="values of the approved field that mean approved (case-insensitive)")
+
+
+class SourceConfig(Section):
+    """`[sources.<name>]`: settings for the files of one source — which importer reads them
+    (instead of content detection), whether they are curated, the time of records that carry none."""
+
+    match: str | None = Field(
+        default=None, description="glob of file paths relative to data/_kb (default: the files of stream <name>, "
+                                  "e.g. '<name>.jsonl', '<name>.json.gz')")
+    importer: str | None = Field(default=None, description="the importer (transform) to read them with, by name "
+                                                           "(`refinery sources` lists them); overrides detection")
+    trust: Literal["curated"] | None = Field(
+        default=None, description="'curated': a reviewed dataset (fine-tuning, preference data): its rows are "
+                                  "scored as approved by policy (rule curated_source)")
+    recorded_at: str | None = Field(
+        default=None, description="the time of records that carry none (ISO 8601 or epoch): datasets have no "
+                                  "timestamps, and refinery never uses 'now'")
+    record_paths: list[str] = Field(
+        default_factory=list, description="where records sit in a JSON document ('data.items[]'), instead of "
+                                          "the importer's own; for an archive, member globs")
+
+    @model_validator(mode="after")
+    def _valid(self) -> SourceConfig:
+        if self.recorded_at is not None:
+            from refinery.transform import RowError, parse_timestamp
+
+            try:
+                object.__setattr__(self, "recorded_at", parse_timestamp(self.recorded_at, "recorded_at"))
+            except RowError as e:
+                raise ValueError(e.detail) from None
+        from refinery.containers import RecordPath
+
+        for p in self.record_paths:
+            if "/" not in p and "*" not in p:
+                RecordPath.parse(p)
+        return self
+
+
+class SignalConfig(Section):
+    """`[signals.<score name>]`: how to read a named score the sources carry."""
+
+    higher_is_better: bool | None = Field(
+        default=None, description="false for scores where lower is better (toxicity, hallucination, ... are "
+                                  "known; say so for your own)")
+    scale: tuple[float, float] | None = Field(default=None, description="[min, max] of the raw value, e.g. [1, 5]")
+    by: Literal["human", "automated"] | None = Field(
+        default=None, description="who gives it: human scores become human_rating, automated ones eval_score")
+    use: bool = Field(default=True, description="false: keep it in the evidence, but do not score by it")
+
+    @model_validator(mode="after")
+    def _scale(self) -> SignalConfig:
+        if self.scale is not None and not self.scale[1] > self.scale[0]:
+            raise ValueError("scale must be [min, max] with max > min")
+        return self
+
+    def rule(self):
+        from refinery.transform import ScoreRule
+
+        return ScoreRule(self.higher_is_better, self.scale, self.by, self.use)
 
 
 class ScoreCaps(Section):
@@ -190,6 +253,11 @@ class Config(Section):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     mappings: dict[str, Mapping] = Field(default_factory=dict)
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+    signals: dict[str, SignalConfig] = Field(default_factory=dict)
+
+    def score_rules(self) -> dict[str, Any]:
+        return {name: s.rule() for name, s in self.signals.items()}
 
     def config_hash(self) -> str:
         return sig_hash(self.model_dump(mode="json"))

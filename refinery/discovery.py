@@ -1,10 +1,21 @@
-"""Finding the transform for each source file.
+"""Finding the importer (transform) for each source file, and saying why.
 
 Every `*.py` module in the transform folders (the built-in `transforms/`, the workspace's own
 `transforms/`, and any `materialize.transforms_dirs`) is imported and must define `SPEC` and
 `transform`; a module that fails to import or lacks them is an error that names it — never a
-silent skip. `[mappings.<name>]` tables in refinery.toml add declarative transforms, which win
-over modules for the files they match (the operator said so explicitly).
+silent skip. `[mappings.<name>]` tables in refinery.toml add declarative transforms.
+
+Which importer reads a file, first match wins:
+
+1. `[sources.<name>] importer = "..."` in refinery.toml, for the files it matches;
+2. a `[mappings.<name>]` whose `match` glob matches the file;
+3. a module whose `SPEC.patterns` match the file's name (`.gz` looked through);
+4. content detection: each module's `detect(probe)` looks at the file's first records (or the
+   whole document, or an archive's members) and says whether — and why — it is its format.
+   Two importers recognising the same file is an error naming both; the file is refused until
+   `[sources]` chooses.
+
+A file none of these claims has its records quarantined as unknown_source, by name.
 """
 
 from __future__ import annotations
@@ -19,7 +30,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from refinery.config import Config
+from refinery.config import Config, SourceConfig
+from refinery.containers import Limits, RecordPath, parse_paths, probe
 from refinery.mapping import mapping_spec, mapping_transform
 from refinery.transform import RowContext, TransformSpec
 
@@ -30,15 +42,59 @@ class TransformLoadError(Exception):
     """A transform module or mapping is broken; the message names it and says what to fix."""
 
 
+def _record_kind(fmt: str) -> str:
+    return "csv" if fmt == "csv" else "json"
+
+
+def name_matches(relpath: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """A glob on the path under data/_kb — also on the path without a trailing `.gz`."""
+    bare = relpath[:-3] if relpath.lower().endswith(".gz") else relpath
+    return any(fnmatchcase(relpath, p) or fnmatchcase(bare, p) for p in patterns)
+
+
 @dataclass(frozen=True)
 class Transform:
     spec: TransformSpec
     fn: Callable[[dict, RowContext], Any]
     origin: str
+    detect: Callable[[Any], str | None] | None = None
+    join_key: Callable[..., Any] | None = None
+    assemble: Callable[..., Any] | None = None
 
-    def claims(self, relpath: str) -> bool:
-        ext = relpath.rsplit(".", 1)[-1].lower()
-        return ext == self.spec.format and any(fnmatchcase(relpath, p) for p in self.spec.patterns)
+    @property
+    def joins(self) -> bool:
+        return self.join_key is not None and self.assemble is not None
+
+    def reads(self, fmt: str | None) -> bool:
+        """Whether it reads records of `fmt` ("csv" rows or "json" objects)."""
+        return fmt is not None and _record_kind(self.spec.format) == fmt
+
+    def claims(self, relpath: str, fmt: str | None = None) -> bool:
+        """A claim by name: its patterns match the file (and it reads the file's records)."""
+        if fmt is None:  # older callers pass only the name: tell the records from it
+            bare = relpath[:-3] if relpath.lower().endswith(".gz") else relpath
+            fmt = "csv" if bare.lower().endswith(".csv") else "json"
+        return self.reads(fmt) and name_matches(relpath, self.spec.patterns)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who reads a file, and why — or why nobody does."""
+
+    transform: Transform | None
+    why: str
+    error: str | None = None
+    """set when the claim is in conflict (two importers recognise the content)"""
+    source_name: str | None = None
+    """the [sources.<name>] table that matches the file, if any"""
+    source_cfg: SourceConfig | None = None
+    record_paths: tuple[RecordPath, ...] = ()
+    strict_paths: bool = False
+    """the record paths come from refinery.toml: a document they miss is an error"""
+
+    @property
+    def name(self) -> str | None:
+        return self.transform.spec.name if self.transform else None
 
 
 def transform_dirs(workspace: Path, cfg: Config) -> list[Path]:
@@ -88,31 +144,120 @@ def discover_modules(dirs: list[Path]) -> list[Transform]:
                     "transforms folder must (name it with a leading '_' if it is a helper)")
             if not callable(fn):
                 raise TransformLoadError(f"transform module {path} defines no transform(row, ctx) function")
-            if spec.format not in ("jsonl", "csv"):
-                raise TransformLoadError(f"transform module {path}: SPEC.format must be 'jsonl' or 'csv'")
+            if spec.format not in ("json", "jsonl", "csv"):
+                raise TransformLoadError(f"transform module {path}: SPEC.format must be 'json' (or 'jsonl') "
+                                         "or 'csv'")
             if spec.name in by_name:
                 raise TransformLoadError(
                     f"transform name {spec.name!r} is defined twice: {by_name[spec.name]} and {path}")
+            try:
+                parse_paths([p for p in spec.record_paths if "/" not in p and "*" not in p])
+            except ValueError as e:
+                raise TransformLoadError(f"transform module {path}: SPEC.record_paths: {e}") from None
+            join_key, assemble = getattr(module, "join_key", None), getattr(module, "assemble", None)
+            if (join_key is None) != (assemble is None):
+                raise TransformLoadError(f"transform module {path} defines only one of join_key and assemble: "
+                                         "a join needs both")
+            detect = getattr(module, "detect", None)
             by_name[spec.name] = str(path)
-            found.append(Transform(spec, fn, str(path)))
+            found.append(Transform(spec, fn, str(path), detect if callable(detect) else None, join_key, assemble))
     return found
+
+
+def _paths(paths: tuple[str, ...] | list[str], container: str | None) -> tuple[RecordPath, ...]:
+    if container == "zip":  # member globs
+        return tuple(RecordPath(p, ()) for p in paths)
+    return parse_paths([p for p in paths if "/" not in p and "*" not in p])
 
 
 class Registry:
     """The transforms of a workspace, and which one claims a given source file."""
 
-    def __init__(self, modules: list[Transform], mappings: list[Transform]):
+    def __init__(self, modules: list[Transform], mappings: list[Transform], cfg: Config | None = None):
         self.modules = modules
         self.mappings = mappings
+        self.cfg = cfg or Config()
+        self.by_name = {t.spec.name: t for t in [*mappings, *modules]}
+        for name, sc in sorted(self.cfg.sources.items()):
+            if sc.importer is not None and sc.importer not in self.by_name:
+                raise TransformLoadError(
+                    f"refinery.toml [sources.{name}] importer = {sc.importer!r}: no such importer; choose one of "
+                    + ", ".join(sorted(self.by_name)))
 
     @classmethod
     def load(cls, workspace: Path, cfg: Config) -> Registry:
         modules = discover_modules(transform_dirs(workspace, cfg))
-        mappings = [Transform(mapping_spec(name, m), mapping_transform(m), f"refinery.toml [mappings.{name}]")
+        mappings = [Transform(mapping_spec(name, m), mapping_transform(m, cfg.score_rules()),
+                              f"refinery.toml [mappings.{name}]")
                     for name, m in sorted(cfg.mappings.items())]
-        return cls(modules, mappings)
+        return cls(modules, mappings, cfg)
+
+    def source_config(self, relpath: str, stream: str) -> tuple[str, SourceConfig] | tuple[None, None]:
+        hits = [(n, sc) for n, sc in sorted(self.cfg.sources.items())
+                if (name_matches(relpath, [sc.match]) if sc.match else n == stream)]
+        if len(hits) > 1:
+            raise TransformLoadError(
+                f"data/_kb/{relpath} is matched by several [sources] tables in refinery.toml: "
+                + ", ".join(f"[sources.{n}]" for n, _ in hits) + ". Narrow their `match` so exactly one does.")
+        return hits[0] if hits else (None, None)
+
+    def claim(self, src: Any, limits: Limits | None = None) -> Claim:
+        """Who reads `src` (a refinery.sources.SourceFile), and why."""
+        relpath, fmt = src.kb_rel, src.format
+        sname, sc = self.source_config(relpath, src.source)
+        base = {"source_name": sname, "source_cfg": sc}
+
+        def done(t: Transform | None, why: str, error: str | None = None) -> Claim:
+            paths = (sc.record_paths if sc and sc.record_paths else t.spec.record_paths) if t else ()
+            return Claim(t, why, error, **base, record_paths=_paths(tuple(paths), src.container),
+                         strict_paths=bool(sc and sc.record_paths))
+
+        if src.container is None:
+            return done(None, "not a container refinery reads")
+        if sc is not None and sc.importer is not None:
+            t = self.by_name[sc.importer]
+            if not t.reads(fmt):
+                return done(None, f"[sources.{sname}] importer {t.spec.name!r} reads "
+                                  f"{_record_kind(t.spec.format)} records, not {fmt}",
+                            error=f"refinery.toml [sources.{sname}]: importer {t.spec.name!r} cannot read "
+                                  f"data/_kb/{relpath} ({fmt} records)")
+            return done(t, f"refinery.toml [sources.{sname}] importer = {sc.importer!r}")
+        for group, what in ((self.mappings, "its match"), (self.modules, "its file-name pattern")):
+            hits = [t for t in group if t.claims(relpath, fmt)]
+            if len(hits) > 1:
+                raise TransformLoadError(
+                    f"data/_kb/{relpath} is claimed by several transforms: "
+                    + ", ".join(f"{t.spec.name} ({t.origin})" for t in hits)
+                    + ". Narrow their patterns so exactly one matches.")
+            if hits:
+                t = hits[0]
+                pats = [p for p in t.spec.patterns if name_matches(relpath, [p])]
+                return done(t, f"file name matches {what} {pats[0]!r}")
+        detectors = [t for t in self.modules if t.detect is not None and t.reads(fmt)]
+        if not detectors:
+            return done(None, "no importer's file-name pattern matches, and none reads its records")
+        pr = probe(src.path, src.container, src.compressed, limits or Limits(
+            self.cfg.materialize.max_line_bytes, self.cfg.materialize.max_document_bytes))
+        found = []
+        for t in detectors:
+            try:
+                why = t.detect(pr)
+            except Exception as e:
+                raise TransformLoadError(f"importer {t.spec.name} ({t.origin}): detect() raised "
+                                         f"{type(e).__name__}: {e} on data/_kb/{relpath}. Fix the module.") from None
+            if why:
+                found.append((t, why))
+        if len(found) > 1:
+            names = " and ".join(f"{t.spec.name} ({why})" for t, why in found)
+            return done(None, f"recognised by {names}",
+                        error=f"data/_kb/{relpath} is recognised by {names}; say which one reads it in "
+                              f"refinery.toml: [sources.{src.source}] importer = \"{found[0][0].spec.name}\"")
+        if found:
+            return done(found[0][0], f"content: {found[0][1]}")
+        return done(None, "no importer recognises its content")
 
     def resolve(self, relpath: str) -> Transform | None:
+        """The transform whose name pattern claims `relpath` (no content detection)."""
         for group in (self.mappings, self.modules):
             hits = [t for t in group if t.claims(relpath)]
             if len(hits) > 1:

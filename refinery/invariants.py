@@ -88,14 +88,21 @@ class Context:
 
 
 class Lines:
-    """Lines of workspace files by (path, offset): each file is read forward, reopened only to
-    go back, so rows that reference their upstream in order cost one pass."""
+    """Records of workspace files by (path, offset[, record]): each file is read forward,
+    reopened only to go back, so rows that reference their upstream in order cost one pass.
+    Source records (data/_kb/) are read as materialize read them, documents and archives
+    included (refinery.sources.SourceRecords)."""
 
     def __init__(self, ws: Workspace, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
-        self.ws, self.max_line_bytes = ws, max_line_bytes
-        self._cursors: dict[str, tuple[int, LineCursor]] = {}
+        from refinery.sources import SourceRecords
 
-    def at(self, rel: str, offset: int) -> Line | None:
+        self.ws, self.max_line_bytes = ws, max_line_bytes
+        self._cursors: dict[str, tuple[int, Line | None, LineCursor]] = {}
+        self._sources = SourceRecords(ws.root, max_line_bytes)
+
+    def at(self, rel: str, offset: int, record: str | None = None) -> Line | None:
+        if rel.startswith("data/_kb/"):
+            return self._sources.at(rel, offset, record)
         last, line, cur = self._cursors.get(rel, (-1, None, None))
         if offset == last:
             return line
@@ -103,7 +110,7 @@ class Lines:
             path = self.ws.root / rel
             if not path.is_file():
                 return None
-            cur = LineCursor(self._read(path, rel))
+            cur = LineCursor(read_jsonl(path, self.max_line_bytes))
         line = cur.at(offset)
         self._cursors[rel] = (offset, line, cur)
         return line
@@ -115,16 +122,8 @@ class Lines:
               if isinstance(p.get("source_file"), str) and isinstance(p.get("line_offset"), int)]
         out: dict[Any, Line | None] = {k: None for k, _ in refs}
         for key, prov in sorted(ok, key=lambda kp: (kp[1]["source_file"], kp[1]["line_offset"])):
-            out[key] = self.at(prov["source_file"], prov["line_offset"])
+            out[key] = self.at(prov["source_file"], prov["line_offset"], prov.get("record"))
         return out
-
-    def _read(self, path: Path, rel: str) -> Iterator[Line]:
-        if path.suffix.lower() == ".csv" and rel.startswith("data/_kb/"):
-            from refinery.sources import SourceFile, read_rows
-
-            return read_rows(SourceFile(path, rel.removeprefix("data/_kb/"), rel, "csv", path.stat().st_size),
-                             self.max_line_bytes)
-        return read_jsonl(path, self.max_line_bytes)
 
 
 def line_sig(line: Line) -> str:
@@ -253,9 +252,10 @@ def accounting_materialize(ctx: Context) -> list[str]:
     if r is None:
         return ["no materialize receipt"]
     c, problems = r["counts"], []
-    if c["rows_in"] != c["rows_out"] + c["quarantined"]:
-        problems.append(f"materialize: {c['rows_in']} rows in != {c['rows_out']} evidence + {c['quarantined']} "
-                        "quarantined")
+    joined, split = c.get("joined", 0), c.get("split", 0)
+    if c["rows_in"] != c["rows_out"] - split + joined + c["quarantined"]:
+        problems.append(f"materialize: {c['rows_in']} records in != {c['rows_out']} evidence (of which {split} "
+                        f"extra parts) + {joined} joined + {c['quarantined']} quarantined")
     if (n := sum(i["rows"] for i in r["inputs"])) != c["rows_in"] and not c.get("unreadable_files"):
         problems.append(f"materialize: the source files hold {n} rows, the receipt counts {c['rows_in']} in")
     evidence = sum(_file_rows(ctx, f) for f in ctx.files("data/evidence"))
@@ -315,71 +315,111 @@ def accounting_exports(ctx: Context) -> list[str]:
 
 
 def nothing_lost(ctx: Context) -> list[str]:
-    """Every row of every source file is in the evidence or in materialize's quarantine,
-    exactly once (by its source file and line)."""
+    """Every record of every source file is in the evidence (once, or once per part), joined
+    into evidence, or in materialize's quarantine — exactly one of these (by its source file
+    and offset)."""
     m = ctx.receipts.get("materialize")
     if m is None:
         return ["no materialize receipt"]
     seen: dict[str, bytearray] = {}
+    parts: dict[tuple[str, int], set[str | None]] = {}
     digests = rc.Digests()
     for i in m["inputs"]:
         p = ctx.path(i["path"])
         lines = digests.of(p, i["path"])["rows"] if p.is_file() else 0
-        seen[i["path"]] = bytearray(lines + 1)
+        seen[i["path"]] = bytearray(max(lines, i["rows"]) + 1)
     whole_file: set[str] = set()
     problems = Problems()
+    PRIMARY, QUARANTINED, JOINED = 1, 2, 3
+    name = {PRIMARY: "evidence", QUARANTINED: "quarantine", JOINED: "joined into evidence"}
 
-    def mark(prov: dict[str, Any], where: str) -> None:
+    def mark(prov: dict[str, Any], where: str, how: int) -> None:
         src, off = prov["source_file"], prov["line_offset"]
         if src not in seen:
             problems.add(f"{where}: points at {src}, which is not an input of the run")
         elif off is None:
             whole_file.add(src)
         elif off >= len(seen[src]):
-            problems.add(f"{where}: {src} has no line {off}")
-        elif seen[src][off]:
-            problems.add(f"{where}: {src}:{off} is accounted for twice")
+            problems.add(f"{where}: {src} has no record {off}")
+        elif seen[src][off] == 0:
+            seen[src][off] = how
+            if how == PRIMARY:
+                parts[(src, off)] = {prov.get("part")}
+        elif how == JOINED and seen[src][off] == JOINED:
+            pass  # a record may be joined into several evidence records (a trace into its calls)
+        elif how == PRIMARY and seen[src][off] == PRIMARY and prov.get("part") not in parts[(src, off)] \
+                and None not in parts[(src, off)] and prov.get("part") is not None:
+            parts[(src, off)].add(prov.get("part"))
         else:
-            seen[src][off] = 1
+            problems.add(f"{where}: {src}:{off} is accounted for twice ({name[seen[src][off]]} and {name[how]})")
 
-    for rel in [*ctx.files("data/evidence"), "exports/quarantine/materialize.jsonl"]:
+    for rel in ctx.files("data/evidence"):
         for line in ctx.rows(rel):
             if line.obj is None:
                 problems.add(f"{rel}:{line.offset}: unreadable ({line.reason})")
-            else:
-                mark(line.obj["provenance"], f"{rel}:{line.offset}")
+                continue
+            prov = line.obj["provenance"]
+            mark(prov, f"{rel}:{line.offset}", PRIMARY)
+            for ref in prov.get("joined") or ():
+                mark(ref, f"{rel}:{line.offset} (joined)", JOINED)
+    rel = "exports/quarantine/materialize.jsonl"
+    for line in ctx.rows(rel):
+        if line.obj is None:
+            problems.add(f"{rel}:{line.offset}: unreadable ({line.reason})")
+        else:
+            mark(line.obj["provenance"], f"{rel}:{line.offset}", QUARANTINED)
     for i in m["inputs"]:
-        n = sum(seen[i["path"]])
+        n = sum(1 for b in seen[i["path"]] if b)
         if i["path"] not in whole_file and n != i["rows"]:
-            problems.add(f"{i['path']}: {i['rows']} rows read, {n} found in evidence or quarantine")
+            problems.add(f"{i['path']}: {i['rows']} records read, {n} found in evidence, joined or quarantine")
     return problems.done()
 
 
 def _check_provenance(ctx: Context, rel: str, lines: Lines, problems: Problems,
                       provs: Callable[[dict[str, Any]], list[dict[str, Any]]], expect_id: bool) -> int:
+    """Check the provenances of every row of `rel`. References are checked as they come while
+    they move forward through their file; one that goes back (a joined record, evidence that
+    a join wrote in key order) is kept and checked at the end, in file order — so each file
+    is read once, and only out-of-order references are held in memory."""
     n = 0
+    last: dict[str, int] = {}
+    later: list[tuple[str, int, str, dict[str, Any], dict[str, Any]]] = []
+
+    def check(prov: dict[str, Any], row: dict[str, Any], where: str) -> None:
+        up = lines.at(prov["source_file"], prov["line_offset"], prov.get("record"))
+        if up is None:
+            problems.add(f"{where}: no such record")
+        elif line_sig(up) != prov["sig_hash"]:
+            problems.add(f"{where}: sig_hash differs (the record changed after this row was written)")
+        elif expect_id and (up.obj or {}).get("id") != "ev-" + row["id"].split("-", 1)[1]:
+            problems.add(f"{where}: the line there is {(up.obj or {}).get('id')}, not this row's")
+
     for line in ctx.rows(rel):
         if line.obj is None:
             problems.add(f"{rel}:{line.offset}: unreadable ({line.reason})")
             continue
         for prov in provs(line.obj):
             n += 1
-            up = lines.at(prov["source_file"], prov["line_offset"])
-            where = f"{rel}:{line.offset} → {prov['source_file']}:{prov['line_offset']}"
-            if up is None:
-                problems.add(f"{where}: no such line")
-            elif line_sig(up) != prov["sig_hash"]:
-                problems.add(f"{where}: sig_hash differs (the line changed after this row was written)")
-            elif expect_id and (up.obj or {}).get("id") != "ev-" + line.obj["id"].split("-", 1)[1]:
-                problems.add(f"{where}: the line there is {(up.obj or {}).get('id')}, not this row's")
+            src, off = prov["source_file"], prov["line_offset"]
+            where = f"{rel}:{line.offset} → {src}:{off}" + (f" {prov['record']}" if prov.get("record") else "")
+            if off < last.get(src, -1):
+                later.append((src, off, where, prov, line.obj if expect_id else {}))
+                continue
+            last[src] = off
+            check(prov, line.obj, where)
+    later.sort(key=lambda t: (t[0], t[1]))
+    for _, _, where, prov, row in later:
+        check(prov, row, where)
     return n
 
 
 def evidence_provenance(ctx: Context) -> list[str]:
-    """Every evidence row's provenance names its source line, whose hash recomputes."""
+    """Every evidence row's provenance names its source record — and every record joined into
+    it —, whose hash recomputes."""
     problems, lines = Problems(), Lines(ctx.ws, ctx.max_line_bytes)
     for rel in ctx.files("data/evidence"):
-        _check_provenance(ctx, rel, lines, problems, lambda o: [o["provenance"]], expect_id=False)
+        _check_provenance(ctx, rel, lines, problems,
+                          lambda o: [o["provenance"], *(o["provenance"].get("joined") or ())], expect_id=False)
     return problems.done()
 
 
@@ -420,7 +460,7 @@ def _scored(ctx: Context, lines: Lines, prov: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(prov, dict) or not isinstance(prov.get("source_file"), str) \
             or not isinstance(prov.get("line_offset"), int):
         return {}
-    up = lines.at(prov["source_file"], prov["line_offset"])
+    up = lines.at(prov["source_file"], prov["line_offset"], prov.get("record"))
     return up.obj if up is not None and up.obj is not None else {}
 
 
@@ -581,7 +621,7 @@ def schemas_validate(ctx: Context) -> list[str]:
     from pydantic import ValidationError
 
     from refinery.models import SCHEMA_MODELS
-    from refinery.schemas import SCHEMA_DIR, stale_schemas
+    from refinery.schemas import load_schema, stale_schemas
 
     problems = Problems()
     for name in stale_schemas():
@@ -590,8 +630,7 @@ def schemas_validate(ctx: Context) -> list[str]:
 
     def schema_error(name: str, obj: Any) -> str | None:
         if name not in validators:
-            schema = orjson.loads((SCHEMA_DIR / f"{name}.v1.json").read_bytes())
-            validators[name] = jsonschema.Draft202012Validator(schema)
+            validators[name] = jsonschema.Draft202012Validator(load_schema(name))
         err = next(validators[name].iter_errors(obj), None)
         if err is None:
             return None

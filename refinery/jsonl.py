@@ -20,14 +20,18 @@ import orjson
 from refinery.reasons import Reason
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class Line(NamedTuple):
-    """One physical line of a JSONL file.
+    """One record of a source or output file: a physical JSONL line, a CSV record, or a record
+    inside a JSON document or archive (see refinery.containers).
 
     Exactly one of `obj` / `reason` is set. `raw` holds the line's bytes without the line
-    terminator (for a line over the size limit: only its first bytes); a CSV reader may leave
-    it None for a parsed row, to be rebuilt only if the row is refused.
+    terminator (for a line over the size limit: only its first bytes); a reader may leave it
+    None for a parsed record, to be rebuilt only if the record is refused. `record` pins a
+    record that is not a whole line (`$.samples[3]`, `samples/3_epoch_1.json`, ...); `parents`
+    are the objects enclosing it in its document, outermost first.
     """
 
     offset: int
@@ -35,6 +39,8 @@ class Line(NamedTuple):
     obj: dict[str, Any] | None
     reason: Reason | None
     detail: str | None
+    record: str | None = None
+    parents: tuple[Any, ...] = ()
 
 
 def _classify_unparseable(raw: bytes, err: Exception) -> tuple[Reason, str]:
@@ -47,43 +53,50 @@ def _classify_unparseable(raw: bytes, err: Exception) -> tuple[Reason, str]:
 
 def read_jsonl(path: str | os.PathLike, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Line]:
     """Yield every line of `path` with its offset and either its parsed object or a reason."""
+    with open(path, "rb") as f:
+        yield from iter_lines(f, max_line_bytes)
+
+
+def iter_lines(f: Any, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Line]:
+    """`read_jsonl` over an open binary stream (a file, a gzip stream, a zip member)."""
     loads = orjson.loads
     decode_error = orjson.JSONDecodeError
     limit = max_line_bytes + 2  # room for "\r\n"
-    with open(path, "rb") as f:
-        readline = f.readline
-        offset = -1
-        while True:
-            raw = readline(limit)
-            if not raw:
-                return
-            offset += 1
-            if len(raw) == limit and not raw.endswith(b"\n"):
-                # Over the limit: drain the rest of the line without holding it in memory.
-                total = len(raw)
-                while chunk := readline(1 << 20):
-                    total += len(chunk)
-                    if chunk.endswith(b"\n"):
-                        total -= 2 if chunk.endswith(b"\r\n") else 1
-                        break
-                yield Line(offset, raw[:256], None, Reason.LINE_TOO_LONG,
-                           f"line is {total} bytes, over the {max_line_bytes}-byte limit")
-                continue
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                yield Line(offset, raw, None, Reason.BLANK_LINE, "blank line")
-                continue
-            try:
-                obj = loads(raw)
-            except decode_error as err:
-                reason, detail = _classify_unparseable(raw, err)
-                yield Line(offset, raw, None, reason, detail)
-                continue
-            if type(obj) is not dict:
-                yield Line(offset, raw, None, Reason.NOT_AN_OBJECT,
-                           f"expected a JSON object, got a JSON {type(obj).__name__}")
-                continue
-            yield Line(offset, raw, obj, None, None)
+    readline = f.readline
+    offset = -1
+    while True:
+        raw = readline(limit)
+        if not raw:
+            return
+        offset += 1
+        if len(raw) == limit and not raw.endswith(b"\n"):
+            # Over the limit: drain the rest of the line without holding it in memory.
+            total = len(raw)
+            while chunk := readline(1 << 20):
+                total += len(chunk)
+                if chunk.endswith(b"\n"):
+                    total -= 2 if chunk.endswith(b"\r\n") else 1
+                    break
+            yield Line(offset, raw[:256], None, Reason.LINE_TOO_LONG,
+                       f"line is {total} bytes, over the {max_line_bytes}-byte limit")
+            continue
+        raw = raw.rstrip(b"\r\n")
+        if offset == 0 and raw.startswith(UTF8_BOM):  # Windows tools start files with one
+            raw = raw[len(UTF8_BOM):]
+        if not raw.strip():
+            yield Line(offset, raw, None, Reason.BLANK_LINE, "blank line")
+            continue
+        try:
+            obj = loads(raw)
+        except decode_error as err:
+            reason, detail = _classify_unparseable(raw, err)
+            yield Line(offset, raw, None, reason, detail)
+            continue
+        if type(obj) is not dict:
+            yield Line(offset, raw, None, Reason.NOT_AN_OBJECT,
+                       f"expected a JSON object, got a JSON {type(obj).__name__}")
+            continue
+        yield Line(offset, raw, obj, None, None)
 
 
 class LineCursor:

@@ -27,7 +27,7 @@ def mapping_spec(name: str, m: Mapping) -> TransformSpec:
                          description=f"declarative mapping [mappings.{name}] in refinery.toml")
 
 
-def mapping_transform(m: Mapping) -> Callable[[dict, RowContext], dict[str, Any]]:
+def mapping_transform(m: Mapping, rules: dict[str, Any] | None = None) -> Callable[[dict, RowContext], dict[str, Any]]:
     f = m.fields
     approved_values = {v.lower() for v in m.approved_values}
 
@@ -35,7 +35,7 @@ def mapping_transform(m: Mapping) -> Callable[[dict, RowContext], dict[str, Any]
         def opt(read, path):
             return read(row, path) if path else None
 
-        recorded_at = t.parse_timestamp(t.get(row, f.recorded_at), f.recorded_at)
+        recorded_at, when = t.dated(ctx, (f"record:{f.recorded_at}", t.get(row, f.recorded_at)))
         msgs = t.messages(row, f.messages) if f.messages else None
         prompt = t.text(row, f.prompt) if f.prompt else t.first_user_text(msgs)
         if prompt is None:
@@ -53,7 +53,7 @@ def mapping_transform(m: Mapping) -> Callable[[dict, RowContext], dict[str, Any]
         error = opt(t.text, f.error)
         calls = t.all_tool_calls(msgs)
         return t.new_evidence(
-            m.kind, recorded_at=recorded_at,
+            m.kind, recorded_at=recorded_at, recorded_at_from=when,
             task_id=opt(t.text, f.task_id) or opt(t.text, f.id), task_name=opt(t.text, f.task_name),
             prompt=prompt, messages=msgs, response=response, tool_calls=calls,
             model=opt(t.text, f.model), provider=opt(t.text, f.provider),

@@ -1,12 +1,27 @@
-"""Stage 1 — materialize: every source line becomes evidence or a quarantined refusal.
+"""Stage 1 — materialize: every source record becomes evidence, joins another's evidence, or is
+quarantined with a reason.
 
-    data/_kb/<stream>.jsonl|csv  ──▶  data/evidence/YYYY/MM/DD/<stream>.jsonl   (EvidenceRecord)
-                                 ──▶  exports/quarantine/materialize.jsonl       (QuarantineRecord)
+    data/_kb/<stream>.<jsonl|csv|json|eval|...>[.gz]
+        ──▶  data/evidence/YYYY/MM/DD/<stream>.jsonl   (EvidenceRecord)
+        ──▶  exports/quarantine/materialize.jsonl       (QuarantineRecord)
 
-Files are independent, so they are processed in parallel (one worker per core) and their
-outputs are written into a staging folder that replaces the old evidence tree only once
-everything succeeded. Output order is source order within each partition file; ids derive from
-the stream name and the row's sig_hash, so two runs on the same inputs give the same bytes.
+How it runs. The importer of each file is decided first (refinery.discovery: refinery.toml,
+file name, or content). Then, in worker processes, one file each:
+
+- a record is read from its container (refinery.containers) and, unless it is bad, a
+  duplicate or unclaimed, handed to its importer's `transform` — one evidence record (or
+  several, one per `part`) or a refusal;
+- a record of an importer that joins (`join_key`) is spilled instead, with its key, into one
+  of N hash buckets on disk.
+
+Then each bucket is read back — one at a time per worker, so memory holds one bucket, never a
+whole file — its records grouped by key and handed to the importer's `assemble`, which emits
+evidence with the records joined into it. Outputs are written into part files and put
+together in a fixed order (files in path order, then buckets in order), published by one
+rename of a staging folder: the same inputs give the same bytes, whatever the worker count.
+
+Accounting, per file: rows in = records that became evidence + records joined into another's
+evidence + records quarantined (a record split into several parts is one record in).
 """
 
 from __future__ import annotations
@@ -16,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,16 +42,21 @@ import orjson
 from refinery.canonical import file_sha256
 from refinery.config import Config, MaterializeConfig
 from refinery.dedup import SeenHashes
-from refinery.discovery import Registry, Transform
-from refinery.jsonl import JsonlWriter, concat_files, publish_dir, recover_dir, staging_dir
+from refinery.discovery import Claim, Registry, Transform
+from refinery.jsonl import JsonlWriter, concat_files, fsync_dir, publish_dir, recover_dir, staging_dir
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.sources import SourceFile, csv_raw, list_sources, read_rows
-from refinery.transform import Refusal, RowContext, RowError
+from refinery.transform import PART_KEY, Emit, GroupContext, Keyed, Member, Refusal, Refuse, RowContext, RowError
 from refinery.workspace import Workspace
 
 STAGE = "materialize"
+#: Spilled join records per bucket (bytes): bounds what one bucket's grouping holds in memory.
+BUCKET_BYTES = 8 << 20
+MAX_BUCKETS = 4096
+#: Whole-file refusals that are the operator's to fix before the run means anything (exit 2).
+FILE_ERROR_REASONS = (Reason.UNREADABLE_FILE, Reason.AMBIGUOUS_SOURCE)
 
 
 @dataclass
@@ -48,6 +68,10 @@ class FileResult:
     rows_in: int = 0
     evidence: int = 0
     quarantined: int = 0
+    joined: int = 0
+    """records merged into another record's evidence (a join)"""
+    split: int = 0
+    """evidence records beyond the first made from one record (e.g. the rejected side of a pair)"""
     by_reason: dict[str, int] = field(default_factory=dict)
     partitions: dict[str, int] = field(default_factory=dict)
     """evidence path (relative to the evidence root) → rows"""
@@ -55,6 +79,24 @@ class FileResult:
     first_transform_error: str | None = None
     file_error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    container: str | None = None
+    claimed_because: str | None = None
+    unreadable: bool = False
+    """the file could not be read: its one quarantine record is outside the counts"""
+
+    def add(self, other: dict[str, Any]) -> None:
+        """Fold in what a join bucket did with this file's records."""
+        self.evidence += other["evidence"]
+        self.quarantined += other["quarantined"]
+        self.joined += other["joined"]
+        self.split += other["split"]
+        self.by_reason = dict(sorted((Counter(self.by_reason) + Counter(other["by_reason"])).items()))
+        for rel, n in other["partitions"].items():
+            self.partitions[rel] = self.partitions.get(rel, 0) + n
+        self.partitions = dict(sorted(self.partitions.items()))
+        self.transform_errors += other["transform_errors"]
+        if self.first_transform_error is None:
+            self.first_transform_error = other["first_transform_error"]
 
 
 @dataclass
@@ -78,6 +120,14 @@ class MaterializeResult:
         return sum(f.quarantined for f in self.files)
 
     @property
+    def joined(self) -> int:
+        return sum(f.joined for f in self.files)
+
+    @property
+    def split(self) -> int:
+        return sum(f.split for f in self.files)
+
+    @property
     def by_reason(self) -> dict[str, int]:
         c: Counter[str] = Counter()
         for f in self.files:
@@ -94,13 +144,14 @@ class MaterializeResult:
 
     @property
     def exit_code(self) -> int:
-        """2 when a source file could not be read, 1 when a transform failed on a row, else 0."""
+        """2 when a source file could not be read or is claimed ambiguously, 1 when a transform
+        failed on a record, else 0."""
         return 2 if self.file_errors else 1 if self.transform_errors else 0
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "stage": STAGE, "rows_in": self.rows_in, "evidence": self.evidence,
-            "quarantined": self.quarantined, "by_reason": self.by_reason,
+            "stage": STAGE, "rows_in": self.rows_in, "evidence": self.evidence, "joined": self.joined,
+            "split": self.split, "quarantined": self.quarantined, "by_reason": self.by_reason,
             "transform_errors": self.transform_errors, "file_errors": self.file_errors,
             "ignored": self.ignored, "files": [asdict(f) for f in self.files],
             "outputs": self.outputs, "seconds": round(self.seconds, 3),
@@ -108,7 +159,7 @@ class MaterializeResult:
 
 
 class AccountingError(AssertionError):
-    """rows in ≠ evidence + quarantined for some file: a bug, never a data problem."""
+    """rows in ≠ evidence + joined + quarantined for some file: a bug, never a data problem."""
 
 
 def _validator() -> Callable[[dict[str, Any]], None]:
@@ -117,125 +168,374 @@ def _validator() -> Callable[[dict[str, Any]], None]:
     return EvidenceRecord.model_validate
 
 
-def process_file(src: SourceFile, transform: Transform | None, mcfg: MaterializeConfig,
-                 evidence_root: Path, quarantine_part: Path, validate: bool = False) -> FileResult:
-    """Materialize one source file into `evidence_root` (partitioned) and `quarantine_part`."""
-    res = FileResult(src.ws_rel, src.source, transform.spec.name if transform else None, None)
-    writers: dict[str, tuple[Any, JsonlWriter]] = {}
+def partition_rel(recorded_at: str, source: str) -> str:
+    return f"{recorded_at[:4]}/{recorded_at[5:7]}/{recorded_at[8:10]}/{source}.jsonl"
+
+
+class EvidenceSink:
+    """Writes one job's evidence into part files by partition, and its refusals."""
+
+    def __init__(self, root: Path, validate: bool):
+        self.root = root
+        self.writers: dict[str, tuple[Any, JsonlWriter]] = {}
+        self.check = _validator() if validate else None
+
+    def write(self, ev: dict[str, Any]) -> str:
+        rel = partition_rel(ev["recorded_at"], ev["source"])
+        w = self.writers.get(rel)
+        if w is None:
+            path = self.root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "wb", buffering=1 << 20)
+            w = self.writers[rel] = (fh, JsonlWriter(fh))
+        w[1].write(ev)
+        return rel
+
+    def close(self, sync: bool) -> dict[str, int]:
+        for fh, _ in self.writers.values():
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+            fh.close()
+        return {rel: w.rows for rel, (_, w) in sorted(self.writers.items())}
+
+    def discard(self) -> None:
+        for fh, _ in self.writers.values():
+            fh.close()
+        for rel in self.writers:
+            (self.root / rel).unlink(missing_ok=True)
+        self.writers.clear()
+
+
+def _envelope(out: dict[str, Any], source: str, digest: bytes, part: str | None, prov: dict[str, Any],
+              trust: str | None) -> dict[str, Any]:
+    """Fill the id, source, provenance and trust of an evidence dict made by an importer."""
+    id_basis = (source + "\x1f").encode() + digest + (b"\x1f" + part.encode() if part else b"")
+    out["id"] = "ev-" + hashlib.sha256(id_basis).hexdigest()[:16]
+    out["source"] = source
+    if trust is not None:
+        out["signals"]["trust"] = trust
+    out["provenance"] = prov
+    return out
+
+
+def _provenance(source_file: str, offset: int, record: str | None, part: str | None, sig: str,
+                recorded_at: str, joined: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    p: dict[str, Any] = {"source_file": source_file, "line_offset": offset}
+    if record is not None:
+        p["record"] = record
+    if part is not None:
+        p["part"] = part
+    p["sig_hash"] = sig
+    p["recorded_at"] = recorded_at
+    if joined:
+        p["joined"] = joined
+    return p
+
+
+def _parts(out: Any) -> list[tuple[str | None, dict[str, Any]]] | None:
+    """An importer's result as [(part, evidence)], or None for a Refusal."""
+    if type(out) is Refusal:
+        return None
+    items = out if isinstance(out, list) else [out]
+    parts = [(ev.pop(PART_KEY, None), ev) for ev in items]
+    names = [p for p, _ in parts]
+    if len(parts) > 1 and (None in names or len(set(names)) != len(names)):
+        raise TypeError("a transform returning several evidence records must give each a distinct part= name")
+    return parts
+
+
+# --- phase A: one file ----------------------------------------------------------------------
+
+
+@dataclass
+class FileJob:
+    index: int
+    src: SourceFile
+    transform: str | None
+    """the claiming importer's name (the worker looks it up in its own registry)"""
+    claim_why: str
+    claim_error: str | None
+    record_paths: tuple[Any, ...]
+    strict_paths: bool
+    trust: str | None
+    fallback: tuple[str, str] | None
+    evidence_dir: Path
+    quarantine_part: Path
+    spill_dir: Path
+    buckets: int
+    validate: bool
+
+
+def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeConfig,
+                 score_rules: dict[str, Any] | None = None) -> FileResult:
+    """Materialize one source file: evidence and refusals into the job's part files, join
+    records into the spill buckets."""
+    src = job.src
+    res = FileResult(src.ws_rel, src.source, transform.spec.name if transform else None, None,
+                     container=src.container, claimed_because=job.claim_why)
+    sink = EvidenceSink(job.evidence_dir, job.validate)
     by_reason: Counter[str] = Counter()
     raw_max = mcfg.quarantine_raw_max
-    sha256 = hashlib.sha256
-    dumps = orjson.dumps
-    sort_keys = orjson.OPT_SORT_KEYS
-    check = _validator() if validate else None
-    ctx = RowContext(source=src.source, source_file=src.ws_rel)
+    sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
+    fallback_time, fallback_origin = job.fallback or (None, None)
+    ctx = RowContext(source=src.source, source_file=src.ws_rel, fallback_time=fallback_time,
+                     fallback_origin=fallback_origin, score_rules=score_rules)
     fn = transform.fn if transform else None
+    join_key = transform.join_key if transform is not None and transform.joins else None
     # The one structure that grows with the input: 64 bits of each row's hash (16 bytes a
     # row), so that exact duplicates anywhere in the file are caught.
-    seen_add = SeenHashes(expected=src.size // 1024).add
+    seen_add = SeenHashes(expected=max(src.size, 1) // 1024).add
     from_bytes = int.from_bytes
     source = src.source
-    id_prefix = (source + "\x1f").encode()
+    is_csv = src.container == "csv"
+    spills: dict[int, Any] = {}
+    trust = job.trust
+
+    def refuse(offset, raw, row, reason, detail, sig, record=None, recorded_at=None):
+        if raw is None and row is not None:  # rebuild the row's text only now that it is refused
+            raw = csv_raw(list(row.values())) if is_csv else dumps(row)
+        by_reason[reason.value] += 1
+        q = quarantine_record(STAGE, source, src.ws_rel, offset, reason, detail, sig, raw=raw, raw_max=raw_max,
+                              recorded_at=recorded_at, record=record)
+        qw.write(q)
+
+    def whole_file(reason: Reason, detail: str) -> None:
+        res.rows_in += 1
+        by_reason[reason.value] += 1
+        qw.write(quarantine_record(STAGE, source, src.ws_rel, None, reason, detail, None))
+
+    def transform_error(offset, msg) -> None:
+        res.transform_errors += 1
+        if res.first_transform_error is None:
+            res.first_transform_error = f"{src.ws_rel}:{offset}: {msg}"
+
     try:
         res.input_sha256 = file_sha256(src.path)
-        with open(quarantine_part, "wb", buffering=1 << 20) as qf:
+        with open(job.quarantine_part, "wb", buffering=1 << 20) as qf:
             qw = JsonlWriter(qf)
-
-            def refuse(offset, raw, reason, detail, sig, recorded_at=None):
-                if raw is None:  # a parsed CSV row: rebuild its line only now that it is refused
-                    raw = csv_raw(list(row.values()))
-                by_reason[reason.value] += 1
-                qw.write(quarantine_record(STAGE, source, src.ws_rel, offset, reason, detail, sig, raw=raw,
-                                           raw_max=raw_max, recorded_at=recorded_at))
-
-            for line in read_rows(src, mcfg.max_line_bytes):
-                res.rows_in += 1
-                offset, raw, row = line.offset, line.raw, line.obj
-                if row is None:
-                    refuse(offset, raw, line.reason, line.detail, sha256(raw).hexdigest())
-                    continue
-                digest = sha256(dumps(row, option=sort_keys)).digest()
-                sig = digest.hex()
-                if fn is None:
-                    refuse(offset, raw, Reason.UNKNOWN_SOURCE,
-                           f"no transform or mapping claims data/_kb/{src.kb_rel}", sig)
-                    continue
-                key = from_bytes(digest[:8], "little")
-                if not seen_add(key):
-                    refuse(offset, raw, Reason.DUPLICATE_ROW,
-                           "exact duplicate of an earlier row in this file (same sig_hash)", sig)
-                    continue
-                ctx.line_offset = offset
-                try:
-                    out = fn(row, ctx)
-                except RowError as e:
-                    refuse(offset, raw, e.reason, e.detail, sig)
-                    continue
-                except Exception as e:  # a bug in the transform: count it, keep the row, go on
-                    res.transform_errors += 1
-                    msg = f"transform {transform.spec.name} raised {type(e).__name__}: {e}"
-                    if res.first_transform_error is None:
-                        res.first_transform_error = f"{src.ws_rel}:{offset}: {msg}"
-                    refuse(offset, raw, Reason.TRANSFORM_ERROR, msg, sig)
-                    continue
-                if type(out) is Refusal:
-                    refuse(offset, raw, out.reason, out.detail, sig)
-                    continue
-                recorded_at = out["recorded_at"]
-                out["id"] = "ev-" + sha256(id_prefix + digest).hexdigest()[:16]
-                out["source"] = source
-                out["provenance"] = {"source_file": src.ws_rel, "line_offset": offset,
-                                     "sig_hash": sig, "recorded_at": recorded_at}
-                if check is not None:
-                    try:
-                        check(out)
-                    except Exception as e:
-                        res.transform_errors += 1
-                        msg = f"transform {transform.spec.name} produced an invalid record: {e}"
-                        if res.first_transform_error is None:
-                            res.first_transform_error = f"{src.ws_rel}:{offset}: {msg}"
-                        refuse(offset, raw, Reason.TRANSFORM_ERROR, msg.splitlines()[0], sig)
+            if src.container is None:
+                whole_file(Reason.UNSUPPORTED_CONTAINER,
+                           f"data/_kb/{src.kb_rel} is not a file refinery reads (JSONL/NDJSON, CSV, JSON, an "
+                           "inspect .eval archive, or gzip of those); convert it, or add it to materialize.ignore")
+            elif job.claim_error is not None:
+                whole_file(Reason.AMBIGUOUS_SOURCE, job.claim_error)
+                res.file_error = job.claim_error
+            elif src.container == "zip" and transform is None:
+                whole_file(Reason.UNKNOWN_SOURCE,
+                           f"an archive no importer claims ({job.claim_why}); refinery reads inspect_ai .eval "
+                           "logs (header.json, samples/*.json)")
+            else:
+                rows = read_rows(src, mcfg.max_line_bytes, job.record_paths, mcfg.max_document_bytes,
+                                 strict=job.strict_paths)
+                for line in rows:
+                    res.rows_in += 1
+                    offset, raw, row, record = line.offset, line.raw, line.obj, line.record
+                    if row is None:
+                        refuse(offset, raw, None, line.reason, line.detail, sha256(raw or b"").hexdigest(), record)
                         continue
-                day = recorded_at[:10]
-                w = writers.get(day)
-                if w is None:
-                    rel = f"{day[:4]}/{day[5:7]}/{day[8:10]}/{source}.jsonl"
-                    path = evidence_root / rel
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    fh = open(path, "wb", buffering=1 << 20)
-                    w = writers[day] = (fh, JsonlWriter(fh))
-                w[1].write(out)
-                res.evidence += 1
-        for fh, _ in writers.values():
-            fh.flush()
-            os.fsync(fh.fileno())
+                    digest = sha256(dumps(row, option=sort_keys)).digest()
+                    sig = digest.hex()
+                    if fn is None:
+                        refuse(offset, raw, row, Reason.UNKNOWN_SOURCE,
+                               f"no importer claims data/_kb/{src.kb_rel}: {job.claim_why}", sig, record)
+                        continue
+                    if not seen_add(from_bytes(digest[:8], "little")):
+                        refuse(offset, raw, row, Reason.DUPLICATE_ROW,
+                               "exact duplicate of an earlier record in this file (same sig_hash)", sig, record)
+                        continue
+                    ctx.line_offset, ctx.record, ctx.parents = offset, record, line.parents
+                    try:
+                        keyed = join_key(row, ctx) if join_key is not None else None
+                        if keyed is not None:
+                            if type(keyed) is not Keyed:
+                                raise TypeError(f"join_key returned {type(keyed).__name__}, not Keyed")
+                            b = int.from_bytes(hashlib.sha256(keyed.key.encode()).digest()[:4], "little") % job.buckets
+                            f = spills.get(b)
+                            if f is None:
+                                f = spills[b] = open(job.spill_dir / f"b{b:04d}-{job.index:06d}.jsonl", "wb",
+                                                     buffering=1 << 18)
+                            f.write(dumps([keyed.key, keyed.role, keyed.extra, job.index, offset, record, sig, row])
+                                    + b"\n")
+                            continue
+                        out = fn(row, ctx)
+                        parts = _parts(out)
+                    except RowError as e:
+                        refuse(offset, raw, row, e.reason, e.detail, sig, record)
+                        continue
+                    except Exception as e:  # a bug in the importer: count it, keep the row, go on
+                        msg = f"transform {transform.spec.name} raised {type(e).__name__}: {e}"
+                        transform_error(offset, msg)
+                        refuse(offset, raw, row, Reason.TRANSFORM_ERROR, msg, sig, record)
+                        continue
+                    if parts is None:
+                        refuse(offset, raw, row, out.reason, out.detail, sig, record)
+                        continue
+                    try:
+                        for part, ev in parts:
+                            prov = _provenance(src.ws_rel, offset, record, part, sig, ev["recorded_at"])
+                            _envelope(ev, source, digest, part, prov, trust)
+                            if sink.check is not None:
+                                sink.check(ev)
+                    except Exception as e:
+                        msg = f"transform {transform.spec.name} produced an invalid record: {e}"
+                        transform_error(offset, msg)
+                        refuse(offset, raw, row, Reason.TRANSFORM_ERROR, msg.splitlines()[0], sig, record)
+                        continue
+                    for _, ev in parts:
+                        sink.write(ev)
+                    res.evidence += len(parts)
+                    res.split += len(parts) - 1
+        res.partitions = sink.close(sync=True)
     except OSError as e:
         # Unreadable (or vanished) mid-way: publish nothing of this file, say so once.
-        for fh, _ in writers.values():
-            fh.close()
-        for day in writers:
-            (evidence_root / f"{day[:4]}/{day[5:7]}/{day[8:10]}/{src.source}.jsonl").unlink(missing_ok=True)
-        res.rows_in = res.evidence = 0
+        sink.discard()
+        res.rows_in = res.evidence = res.split = 0
         by_reason.clear()
         res.file_error = f"cannot read: {e.strerror or e}"
-        with open(quarantine_part, "wb") as qf:
+        res.unreadable = True
+        with open(job.quarantine_part, "wb") as qf:
             JsonlWriter(qf).write(quarantine_record(STAGE, source, src.ws_rel, None, Reason.UNREADABLE_FILE,
                                                     res.file_error, None))
+        for f in spills.values():
+            f.close()
+        for b in spills:
+            (job.spill_dir / f"b{b:04d}-{job.index:06d}.jsonl").unlink(missing_ok=True)
         res.by_reason = {}
         return res
     finally:
-        for fh, _ in writers.values():
+        for fh, _ in sink.writers.values():
             fh.close()
+        for f in spills.values():
+            f.close()
     res.quarantined = sum(by_reason.values())
     res.by_reason = dict(sorted(by_reason.items()))
-    res.partitions = {f"{d[:4]}/{d[5:7]}/{d[8:10]}/{src.source}.jsonl": w.rows
-                      for d, (_, w) in sorted(writers.items())}
     if res.rows_in == 0:
-        res.warnings.append(f"{src.ws_rel} is empty")
-    if res.rows_in != res.evidence + res.quarantined:
-        raise AccountingError(f"{src.ws_rel}: {res.rows_in} rows in, {res.evidence} evidence + "
-                              f"{res.quarantined} quarantined")
+        res.warnings.append(f"{src.ws_rel} is empty" if src.size == 0 else f"{src.ws_rel} holds no records")
     return res
+
+
+# --- phase B: one join bucket ---------------------------------------------------------------
+
+
+@dataclass
+class BucketJob:
+    index: int
+    transform: str
+    bucket: int
+    spill_parts: list[Path]
+    """the bucket's spill files, in file order"""
+    sources: list[SourceFile]
+    trust: dict[int, str]
+    fallbacks: dict[int, tuple[str, str]]
+    evidence_dir: Path
+    quarantine_part: Path
+    raw_max: int
+    validate: bool
+
+
+def _members(parts: list[Path]) -> dict[str, list[Member]]:
+    groups: dict[str, list[Member]] = defaultdict(list)
+    loads = orjson.loads
+    for part in parts:
+        with open(part, "rb") as f:
+            for line in f:
+                key, role, extra, file_i, offset, record, sig, row = loads(line)
+                groups[key].append(Member(role, row, extra, file_i, offset, record, sig))
+    return groups
+
+
+def _empty_counts() -> dict[str, Any]:
+    return {"evidence": 0, "quarantined": 0, "joined": 0, "split": 0, "by_reason": Counter(), "partitions": Counter(),
+            "transform_errors": 0, "first_transform_error": None}
+
+
+def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, Any] | None = None
+                   ) -> dict[int, dict[str, Any]]:
+    """Group a bucket's records by key and assemble each group; returns counts by file index."""
+    counts: dict[int, dict[str, Any]] = defaultdict(_empty_counts)
+    sink = EvidenceSink(job.evidence_dir, job.validate)
+    gctx = GroupContext(job.sources, job.fallbacks, score_rules)
+    dumps = orjson.dumps
+
+    def refuse(m: Member, reason: Reason, detail: str) -> None:
+        src = job.sources[m.file]
+        c = counts[m.file]
+        c["quarantined"] += 1
+        c["by_reason"][reason.value] += 1
+        qw.write(quarantine_record(STAGE, src.source, src.ws_rel, m.offset, reason, detail, m.sig,
+                                   raw=dumps(m.row), raw_max=job.raw_max, record=m.record))
+
+    def ref(m: Member) -> dict[str, Any]:
+        r: dict[str, Any] = {"source_file": job.sources[m.file].ws_rel, "line_offset": m.offset}
+        if m.record is not None:
+            r["record"] = m.record
+        r["sig_hash"] = m.sig
+        return r
+
+    with open(job.quarantine_part, "wb", buffering=1 << 18) as qf:
+        qw = JsonlWriter(qf)
+        groups = _members(job.spill_parts)
+        for key in sorted(groups):
+            members = groups.pop(key)
+            try:
+                produced = list(transform.assemble(members, gctx))
+                emits = [p for p in produced if type(p) is Emit]
+                refusals = [p for p in produced if type(p) is Refuse]
+                if len(emits) + len(refusals) != len(produced):
+                    raise TypeError("assemble must return Emit and Refuse items only")
+                built = []
+                for e in emits:
+                    src = job.sources[e.primary.file]
+                    ev = e.evidence
+                    part = e.part if e.part is not None else ev.pop(PART_KEY, None)
+                    ev.pop(PART_KEY, None)
+                    joined = [ref(m) for m in e.joined if m is not e.primary]
+                    prov = _provenance(src.ws_rel, e.primary.offset, e.primary.record, part, e.primary.sig,
+                                       ev["recorded_at"], joined)
+                    _envelope(ev, src.source, bytes.fromhex(e.primary.sig), part, prov, job.trust.get(e.primary.file))
+                    if sink.check is not None:
+                        sink.check(ev)
+                    built.append((e, ev))
+            except Exception as exc:  # a bug in the importer: every member of the group is refused
+                msg = f"transform {transform.spec.name} raised {type(exc).__name__} assembling {key!r}: {exc}"
+                for m in members:
+                    c = counts[m.file]
+                    c["transform_errors"] += 1
+                    if c["first_transform_error"] is None:
+                        c["first_transform_error"] = f"{job.sources[m.file].ws_rel}:{m.offset}: {msg}"
+                    refuse(m, Reason.TRANSFORM_ERROR, msg.splitlines()[0])
+                continue
+            primaries: dict[int, int] = {}
+            joined_ids: set[int] = set()
+            for e, ev in built:
+                rel = sink.write(ev)
+                c = counts[e.primary.file]
+                c["partitions"][rel] += 1
+                c["evidence"] += 1
+                pid = id(e.primary)
+                primaries[pid] = primaries.get(pid, 0) + 1
+                joined_ids.update(id(m) for m in e.joined if m is not e.primary)
+            for pid, n in primaries.items():
+                file_i = next(m.file for m in members if id(m) == pid)
+                counts[file_i]["split"] += n - 1
+            refused = {id(r.member) for r in refusals}
+            for r in refusals:
+                if id(r.member) not in primaries:
+                    refuse(r.member, r.reason, r.detail)
+            for m in members:
+                i = id(m)
+                if i in primaries or i in refused:
+                    continue
+                if i in joined_ids:
+                    counts[m.file]["joined"] += 1
+                else:
+                    refuse(m, Reason.UNMATCHED_JOIN,
+                           f"a {m.role} record with nothing to join it to (key {key!r}): its partner is in no "
+                           "source file")
+    sink.close(sync=True)
+    return {i: {**c, "by_reason": dict(c["by_reason"]), "partitions": dict(c["partitions"])}
+            for i, c in sorted(counts.items())}
 
 
 # --- worker processes ---------------------------------------------------------------------
@@ -246,46 +546,124 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(ws_root: str, cfg: Config) -> None:
     _WORKER["registry"] = Registry.load(Path(ws_root), cfg)
     _WORKER["cfg"] = cfg
+    _WORKER["rules"] = cfg.score_rules()
 
 
-def _work(src: SourceFile, evidence_root: Path, quarantine_part: Path, validate: bool) -> FileResult:
-    registry: Registry = _WORKER["registry"]
-    return process_file(src, registry.resolve(src.kb_rel), _WORKER["cfg"].materialize,
-                        evidence_root, quarantine_part, validate)
+def _transform(name: str | None) -> Transform | None:
+    return None if name is None else _WORKER["registry"].by_name[name]
+
+
+def _work_file(job: FileJob) -> FileResult:
+    return process_file(job, _transform(job.transform), _WORKER["cfg"].materialize, _WORKER["rules"])
+
+
+def _work_bucket(job: BucketJob) -> dict[int, dict[str, Any]]:
+    return process_bucket(job, _transform(job.transform), _WORKER["rules"])
+
+
+def _buckets(sources: list[SourceFile], claims: list[Claim]) -> int:
+    spill = sum(s.size * (8 if s.compressed else 1) for s, c in zip(sources, claims)
+                if c.transform is not None and c.transform.joins)
+    return max(1, min(MAX_BUCKETS, -(-spill // BUCKET_BYTES)))
+
+
+def claims_for(ws: Workspace, cfg: Config, registry: Registry | None = None
+               ) -> tuple[Registry, list[SourceFile], list[str], list[Claim]]:
+    """The registry, the source files, the ignored files, and who claims each source file."""
+    registry = registry or Registry.load(ws.root, cfg)
+    sources, ignored = list_sources(ws, cfg.materialize.ignore)
+    return registry, sources, ignored, [registry.claim(s) for s in sources]
+
+
+def _assemble_outputs(ws: Workspace, staging: Path, contributions: dict[str, list[Path]]) -> list[dict[str, Any]]:
+    """Put each evidence partition together from its part files (in job order) into `staging`."""
+    outputs = []
+    for rel in sorted(contributions):
+        parts = contributions[rel]
+        dest = staging / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if len(parts) == 1:
+            os.replace(parts[0], dest)
+            outputs.append({"path": f"{ws.rel(ws.evidence)}/{rel}", "sha256": file_sha256(dest), "rows": None})
+        else:
+            rows, sha = concat_files(parts, dest)
+            outputs.append({"path": f"{ws.rel(ws.evidence)}/{rel}", "sha256": sha, "rows": rows})
+    for d in {(staging / rel).parent for rel in contributions}:
+        fsync_dir(d)
+    return outputs
 
 
 def run(ws: Workspace, cfg: Config, *, validate: bool = False,
         on_file_done: Callable[[FileResult, int], None] | None = None) -> MaterializeResult:
-    """Materialize every source stream of `ws`. Raises TransformLoadError for a broken transform."""
+    """Materialize every source file of `ws`. Raises TransformLoadError for a broken transform
+    or an impossible configuration (a file claimed twice by name, an unknown importer)."""
     t0 = time.perf_counter()
     # Fail fast, before touching any output, on a broken module or a file claimed twice.
-    registry = Registry.load(ws.root, cfg)
-    sources, ignored = list_sources(ws, cfg.materialize.ignore)
-    for s in sources:
-        registry.resolve(s.kb_rel)
+    registry, sources, ignored, claims = claims_for(ws, cfg)
 
     with ws.lock():  # one writer per workspace
         recover_dir(ws.evidence)
         staging = staging_dir(ws.evidence)
         parts = Path(tempfile.mkdtemp(prefix=".materialize-", dir=ws.root / "data"))
         try:
-            part_of = [parts / f"{i:06d}.jsonl" for i in range(len(sources))]
             mcfg = cfg.materialize
-            results = map_files(
-                _work, [(s, staging, part, validate) for s, part in zip(sources, part_of)],
-                [s.size for s in sources], workers=mcfg.workers, parallel_min_bytes=mcfg.parallel_min_bytes,
-                initializer=_init_worker, initargs=(str(ws.root), cfg), on_done=on_file_done)
-            files = results
+            buckets = _buckets(sources, claims)
+            spill_root = parts / "spill"
+            jobs = []
+            for i, (s, c) in enumerate(zip(sources, claims)):
+                sc = c.source_cfg
+                fallback = (sc.recorded_at, f"fallback:[sources.{c.source_name}] recorded_at") \
+                    if sc is not None and sc.recorded_at else None
+                spill_dir = spill_root / (c.name or "_")
+                spill_dir.mkdir(parents=True, exist_ok=True)
+                jobs.append(FileJob(i, s, c.name, c.why, c.error, c.record_paths, c.strict_paths,
+                                    sc.trust if sc else None, fallback, parts / f"ev-a{i:06d}",
+                                    parts / f"q-a{i:06d}.jsonl", spill_dir, buckets, validate))
+            files: list[FileResult] = map_files(
+                _work_file, [(j,) for j in jobs], [s.size for s in sources], workers=mcfg.workers,
+                parallel_min_bytes=mcfg.parallel_min_bytes, initializer=_init_worker, initargs=(str(ws.root), cfg),
+                on_done=on_file_done)
 
-            outputs = []
+            bucket_jobs = []
+            for name in sorted({c.name for c in claims if c.transform is not None and c.transform.joins}):
+                spill_dir = spill_root / name
+                for b in range(buckets):
+                    found = sorted(spill_dir.glob(f"b{b:04d}-*.jsonl"))
+                    if not found:
+                        continue
+                    k = len(bucket_jobs)
+                    bucket_jobs.append(BucketJob(
+                        k, name, b, found, sources,
+                        {j.index: j.trust for j in jobs if j.trust}, {j.index: j.fallback for j in jobs if j.fallback},
+                        parts / f"ev-b{k:06d}", parts / f"q-b{k:06d}.jsonl", mcfg.quarantine_raw_max, validate))
+            if bucket_jobs:
+                done = map_files(_work_bucket, [(j,) for j in bucket_jobs],
+                                 [sum(p.stat().st_size for p in j.spill_parts) for j in bucket_jobs],
+                                 workers=mcfg.workers, parallel_min_bytes=mcfg.parallel_min_bytes,
+                                 initializer=_init_worker, initargs=(str(ws.root), cfg))
+                for counts in done:
+                    for file_i, c in counts.items():
+                        files[file_i].add(c)
             for r in files:
-                for rel in r.partitions:
-                    p = staging / rel
-                    outputs.append({"path": f"{ws.rel(ws.evidence)}/{rel}", "sha256": file_sha256(p),
-                                    "rows": r.partitions[rel]})
-            outputs.sort(key=lambda o: o["path"])
+                r.quarantined = sum(r.by_reason.values())
+                if r.rows_in != r.evidence - r.split + r.joined + r.quarantined:
+                    raise AccountingError(f"{r.source_file}: {r.rows_in} records in, {r.evidence - r.split} became "
+                                          f"evidence, {r.joined} joined, {r.quarantined} quarantined")
+
+            contributions: dict[str, list[Path]] = defaultdict(list)
+            for d in [j.evidence_dir for j in jobs] + [j.evidence_dir for j in bucket_jobs]:
+                if d.is_dir():
+                    for p in sorted(d.rglob("*.jsonl")):
+                        contributions[p.relative_to(d).as_posix()].append(p)
+            outputs = _assemble_outputs(ws, staging, contributions)
+            rows_of = Counter()
+            for r in files:
+                rows_of.update(r.partitions)
+            for o in outputs:
+                o["rows"] = rows_of[o["path"].removeprefix(f"{ws.rel(ws.evidence)}/")]
             qpath = ws.quarantine / f"{STAGE}.jsonl"
-            qrows, qsha = concat_files(part_of, qpath)
+            qrows, qsha = concat_files([j.quarantine_part for j in jobs] + [j.quarantine_part for j in bucket_jobs],
+                                       qpath)
             publish_dir(staging, ws.evidence)
             outputs.append({"path": ws.rel(qpath), "sha256": qsha, "rows": qrows})
         finally:
@@ -293,3 +671,4 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         return MaterializeResult(files, ignored, outputs, time.perf_counter() - t0)
+

@@ -26,16 +26,39 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RecordRef(Strict):
+    """Another source record merged into an evidence record (a join)."""
+
+    source_file: str
+    line_offset: int = Field(ge=0)
+    record: str | None = None
+    sig_hash: Sha256
+
+
 class Provenance(Strict):
-    """Where a row came from: one line of one file, and the hash that pins its content."""
+    """Where a row came from: one record of one file, and the hash that pins its content.
+
+    `record`, `part` and `joined` are written only when they apply (absent reads as null / [])."""
 
     source_file: str = Field(description="path relative to the workspace root")
     line_offset: int | None = Field(
-        ge=0, description="0-based line in source_file; null only for a whole-file refusal")
+        ge=0, description="0-based line in source_file — for a record inside a JSON document or archive, "
+                          "its 0-based index in reading order (`record` pins it); null only for a whole-file "
+                          "refusal")
+    record: str | None = Field(
+        default=None, description="where the record sits when it is not a whole line: '$.samples[3]' in a "
+                                  "document, 'line 4 $.resourceSpans[0]...' in a JSONL line, "
+                                  "'samples/3_epoch_1.json' in an archive")
+    part: str | None = Field(
+        default=None, description="which answer of a record that made several evidence records "
+                                  "(e.g. 'chosen' / 'rejected' of a preference row)")
     sig_hash: Sha256 | None = Field(
-        description="sha256 of the canonical JSON of the row (of the raw bytes when the line "
+        description="sha256 of the canonical JSON of the record (of the raw bytes when the line "
                     "does not parse); null only for a whole-file refusal")
     recorded_at: Timestamp | None = Field(description="when the row was recorded, if known")
+    joined: list[RecordRef] = Field(
+        default_factory=list, description="other source records merged into this one (a Batch request, a "
+                                          "trace and its scores, a run's update, ...)")
 
 
 # --- evidence -----------------------------------------------------------------------------
@@ -62,6 +85,18 @@ class Message(Strict):
     tool_call_id: str | None = None
 
 
+class NamedScore(Strict):
+    """One quality signal as the source named it, with how it was read."""
+
+    name: str
+    value: float | str | bool | None = Field(description="as the source gave it")
+    scale: list[float] | None = Field(description="[min, max] the value was read on; null: 0..1, a grade or a bool")
+    higher_is_better: bool = Field(description="false for scores such as toxicity")
+    normalized: float | None = Field(description="0..1, 1 = best; null when the value could not be read")
+    by: Literal["human", "automated"] | None = Field(description="who gave it, when the source says")
+    used: bool = Field(description="counted into eval_score / human_rating ([signals.<name>] use = false: not)")
+
+
 class Signals(Strict):
     """Outcome signals a scorer can use. Null means "the source said nothing"."""
 
@@ -76,12 +111,17 @@ class Signals(Strict):
     tool_call_count: int | None = None
     stop_reason: str | None = None
     safety_flags: list[str] = Field(default_factory=list)
+    scores: list[NamedScore] = Field(default_factory=list, description="every named score the source carried")
+    preference: Literal["chosen", "rejected"] | None = Field(
+        default=None, description="a preference dataset's verdict on this answer against its pair")
+    trust: Literal["curated"] | None = Field(
+        default=None, description="the source is declared curated in refinery.toml ([sources.<name>] trust)")
 
 
 class EvidenceRecord(Strict):
-    """One usable source row, in one shape whatever stream it came from."""
+    """One usable source record, in one shape whatever stream it came from."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     id: str = Field(description="ev-<16 hex>: stable for the same source stream and row content")
     source: str = Field(description="the source stream: the file's path under data/_kb without extension")
     kind: str = Field(description="what the row is: run, eval, transcript, gateway_call, ...")
@@ -98,6 +138,9 @@ class EvidenceRecord(Strict):
     completion_tokens: int | None = None
     signals: Signals
     recorded_at: Timestamp
+    recorded_at_from: str = Field(
+        description="where recorded_at came from: 'record' or 'record:<field>', 'document:<field>', "
+                    "'parent:<field>', 'partner:<field>', or the configured fallback")
     provenance: Provenance
 
 

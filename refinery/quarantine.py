@@ -10,7 +10,7 @@ from refinery.reasons import Reason
 
 def quarantine_record(stage: str, source: str, source_file: str, line_offset: int | None, reason: Reason,
                       detail: str, sig: str | None, *, raw: bytes | str | None = None, raw_max: int = 65536,
-                      recorded_at: str | None = None) -> dict[str, Any]:
+                      recorded_at: str | None = None, record: str | None = None) -> dict[str, Any]:
     """A QuarantineRecord dict (field order as in refinery.models.QuarantineRecord).
 
     `source_file`/`line_offset` locate the refused row in the stage's *input* (a source line for
@@ -18,6 +18,11 @@ def quarantine_record(stage: str, source: str, source_file: str, line_offset: in
     """
     text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
     truncated = text is not None and len(text) > raw_max
+    prov: dict[str, Any] = {"source_file": source_file, "line_offset": line_offset}
+    if record is not None:
+        prov["record"] = record
+    prov["sig_hash"] = sig
+    prov["recorded_at"] = recorded_at
     return {
         "schema_version": 1,
         "id": short_id("q", stage, source_file, str(line_offset)),
@@ -27,6 +32,5 @@ def quarantine_record(stage: str, source: str, source_file: str, line_offset: in
         "detail": detail,
         "raw": text[:raw_max] if truncated else text,
         "raw_truncated": truncated,
-        "provenance": {"source_file": source_file, "line_offset": line_offset, "sig_hash": sig,
-                       "recorded_at": recorded_at},
+        "provenance": prov,
     }

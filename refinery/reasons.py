@@ -24,6 +24,18 @@ class Reason(StrEnum):
     """The line is longer than `materialize.max_line_bytes`."""
     CSV_MALFORMED = "csv_malformed"
     """A CSV record whose column count does not match the header."""
+    UNSUPPORTED_CONTAINER = "unsupported_container"
+    """The file is not a container refinery reads (JSONL/NDJSON, CSV, JSON, an inspect .eval
+    archive, or gzip of those): the whole file is refused by name."""
+    DAMAGED_CONTAINER = "damaged_container"
+    """A gzip stream that ends early or is corrupt, or an archive that cannot be opened; what was
+    read before the damage is kept."""
+    DOCUMENT_TOO_LARGE = "document_too_large"
+    """A whole JSON document (or archive member) over `materialize.max_document_bytes`."""
+    RECORD_PATH_MISSING = "record_path_missing"
+    """The record path configured for a document matches nothing in it."""
+    AMBIGUOUS_SOURCE = "ambiguous_source"
+    """Two importers recognise the file's content; `[sources]` in refinery.toml must choose."""
     # --- transforming a row into evidence ------------------------------------------
     MISSING_FIELD = "missing_field"
     """A field the transform needs is absent or empty."""
@@ -39,6 +51,11 @@ class Reason(StrEnum):
     """The source file could not be opened or read (permissions, I/O error)."""
     TRANSFORM_ERROR = "transform_error"
     """The transform crashed on the row: a bug in the transform, reported and counted."""
+    UNMATCHED_JOIN = "unmatched_join"
+    """A record that belongs with another (a Batch request and its response, a score and its
+    trace, ...) whose partner is in no source file, and that cannot stand on its own."""
+    FILTERED_OUT = "filtered_out"
+    """A declarative mapping's row filter leaves the record out (e.g. only GENERATION rows)."""
     # --- scoring ---------------------------------------------------------------------
     INVALID_EVIDENCE = "invalid_evidence"
     """An evidence line that does not parse or lacks a field the scorer needs (edited by hand?)."""
@@ -66,6 +83,11 @@ REASON_HELP: dict[Reason, str] = {
     Reason.BLANK_LINE: "remove blank lines from the file",
     Reason.LINE_TOO_LONG: "raise materialize.max_line_bytes in refinery.toml if the row is legitimate",
     Reason.CSV_MALFORMED: "the record has a different number of columns than the header",
+    Reason.UNSUPPORTED_CONTAINER: "convert the file to JSONL/CSV/JSON, or list it in materialize.ignore",
+    Reason.DAMAGED_CONTAINER: "re-export or re-download the file; the records before the damage were kept",
+    Reason.DOCUMENT_TOO_LARGE: "convert the document to JSONL, or raise materialize.max_document_bytes",
+    Reason.RECORD_PATH_MISSING: "check record_path in the file's [sources.<name>] table",
+    Reason.AMBIGUOUS_SOURCE: "name the importer in refinery.toml: [sources.<name>] match = ..., importer = ...",
     Reason.MISSING_FIELD: "add the field, or map it in refinery.toml",
     Reason.WRONG_TYPE: "the field has the wrong JSON type",
     Reason.BAD_TIMESTAMP: "timestamps must be ISO 8601 or epoch seconds/milliseconds",
@@ -73,6 +95,8 @@ REASON_HELP: dict[Reason, str] = {
     Reason.UNKNOWN_SOURCE: "add a transform module in transforms/ or a [mappings.<name>] table in refinery.toml",
     Reason.UNREADABLE_FILE: "check the file's permissions",
     Reason.TRANSFORM_ERROR: "a bug in the transform module named in the detail; fix it and re-run",
+    Reason.UNMATCHED_JOIN: "add the file holding its partner to data/_kb/ (e.g. the Batch input next to the output)",
+    Reason.FILTERED_OUT: "expected: the mapping's filter keeps only the rows it names",
     Reason.INVALID_EVIDENCE: "evidence is written by materialize only; re-run `refinery materialize`",
     Reason.CATEGORY_EXCLUDED: "expected: the export only takes the categories it is configured for",
     Reason.MISSING_TEXT: "the source row has no prompt or no answer; check the transform's mapping",

@@ -63,6 +63,9 @@ def stage_config_hash(stage: str, cfg: Config, include_partial: bool | None = No
         m = cfg.materialize.model_dump(mode="json", exclude={"workers", "parallel_min_bytes", "transforms_dirs"})
         doc: dict[str, Any] = {"materialize": m, "mappings": {k: v.model_dump(mode="json")
                                                                for k, v in cfg.mappings.items()}}
+        if cfg.sources or cfg.signals:  # absent when unused, so older receipts stay comparable
+            doc["sources"] = {k: v.model_dump(mode="json") for k, v in cfg.sources.items()}
+            doc["signals"] = {k: v.model_dump(mode="json") for k, v in cfg.signals.items()}
     elif stage == "score":
         doc = {"score": cfg.score.model_dump(mode="json"),
                "quarantine_raw_max": cfg.materialize.quarantine_raw_max}
@@ -126,12 +129,15 @@ def materialize_counts(result: Any) -> dict[str, Any]:
     for f in result.files:
         c = by_source.setdefault(f.source, Counter())
         c.update({"rows_in": f.rows_in, "evidence": f.evidence, "quarantined": f.quarantined})
+        if f.joined or f.split:
+            c.update({"joined": f.joined, "split": f.split})
     return {
         "inputs": [{"path": f.source_file, "sha256": f.input_sha256, "rows": f.rows_in}
                    for f in result.files if f.input_sha256],
         "counts": {"files": len(result.files), "rows_in": result.rows_in, "rows_out": result.evidence,
-                   "quarantined": result.quarantined, "transform_errors": result.transform_errors,
-                   "unreadable_files": len(result.file_errors)},
+                   "quarantined": result.quarantined, "joined": result.joined, "split": result.split,
+                   "transform_errors": result.transform_errors,
+                   "unreadable_files": sum(1 for f in result.files if f.unreadable)},
         "by_reason": result.by_reason,
         "by_source": {s: dict(c) for s, c in sorted(by_source.items())},
     }

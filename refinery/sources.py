@@ -1,23 +1,27 @@
-"""Source streams: listing the files under data/_kb and reading their rows.
+"""Source streams: listing the files under data/_kb and reading their records.
 
-Both readers yield `refinery.jsonl.Line`s — every row, good or bad, with its 0-based line
-offset — so the materializer accounts for each one.
+Every file under data/_kb/ is a source — but hidden files, the audit's ledger and what
+`materialize.ignore` names — whatever its name: its container (refinery.containers) is told
+from its name and its first bytes, and a file refinery cannot read is refused by name, never
+skipped. Readers yield `refinery.jsonl.Line`s — every record, good or bad, with its offset —
+so the materializer accounts for each one.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
-from refinery.jsonl import Line, read_jsonl
+from refinery.containers import Limits, RecordPath, read_records, sniff, split_locator, stream_name, walk_locator
+from refinery.jsonl import UTF8_BOM, Line, LineCursor
 from refinery.reasons import Reason
 from refinery.workspace import Workspace
-
-FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 
 
 @dataclass(frozen=True)
@@ -27,13 +31,18 @@ class SourceFile:
     """path relative to data/_kb, e.g. "runs.csv" — what transform patterns match"""
     ws_rel: str
     """path relative to the workspace, e.g. "data/_kb/runs.csv" — what provenance records"""
-    format: str
+    container: str | None
+    """lines, csv, json or zip (refinery.containers); None: not a container refinery reads"""
     size: int
+    compressed: bool = False
+    source: str = ""
+    """the stream's name: its path under data/_kb without the container extensions, `/` as `.`
+    (the whole file name when two files would share a name)"""
 
     @property
-    def source(self) -> str:
-        """The stream's name: its path under data/_kb without the extension."""
-        return self.kb_rel.rsplit(".", 1)[0].replace("/", ".")
+    def format(self) -> str | None:
+        """What an importer's records look like: csv rows, or json objects (lines, documents, archives)."""
+        return None if self.container is None else "csv" if self.container == "csv" else "json"
 
 
 #: data/_kb/ also holds the audit's baseline ledger (refinery.audit).
@@ -42,19 +51,33 @@ ALWAYS_IGNORED = "audit_baselines.jsonl"
 
 def list_sources(ws: Workspace, ignore: list[str]) -> tuple[list[SourceFile], list[str]]:
     """(source files, in sorted order; ignored files) under data/_kb."""
-    sources, ignored = [], []
+    found, ignored = [], []
     if not ws.kb.is_dir():
-        return sources, ignored
+        return found, ignored
     for path in sorted(p for p in ws.kb.rglob("*") if p.is_file()):
         kb_rel = path.relative_to(ws.kb).as_posix()
         if any(part.startswith(".") for part in kb_rel.split("/")):
             continue
-        fmt = FORMATS.get(path.suffix.lower())
         # the audit's ledger lives here but is never a stream, whatever materialize.ignore says
-        if fmt is None or kb_rel == ALWAYS_IGNORED or any(fnmatchcase(kb_rel, g) for g in ignore):
+        if kb_rel == ALWAYS_IGNORED or any(fnmatchcase(kb_rel, g) for g in ignore):
             ignored.append(kb_rel)
             continue
-        sources.append(SourceFile(path, kb_rel, ws.rel(path), fmt, path.stat().st_size))
+        try:
+            container, compressed = sniff(path)
+        except OSError:
+            container, compressed = None, False  # unreadable: materialize says so by name
+        found.append((path, kb_rel, container, compressed))
+    names = Counter(stream_name(kb_rel) for _, kb_rel, _, _ in found)
+    sources = []
+    for path, kb_rel, container, compressed in found:
+        name = stream_name(kb_rel)
+        if names[name] > 1:  # runs.csv and runs.jsonl: keep them apart
+            name = kb_rel.replace("/", ".")
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0
+        sources.append(SourceFile(path, kb_rel, ws.rel(path), container, size, compressed, name))
     return sources, ignored
 
 
@@ -66,62 +89,156 @@ def csv_raw(fields: list[str]) -> bytes:
 
 
 def read_csv(path: Path, max_line_bytes: int) -> Iterator[Line]:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        yield from read_csv_stream(f, max_line_bytes)
+
+
+def read_csv_stream(f: io.TextIOBase, max_line_bytes: int) -> Iterator[Line]:
     """Yield every CSV record after the header as a dict row (header → value).
 
     `offset` is the physical line the record starts on (the header is line 0).
     """
     csv.field_size_limit(max_line_bytes)
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(f)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        yield Line(0, b"", None, Reason.CSV_MALFORMED, f"unreadable header: {e}")
+        return
+    if header and header[0].startswith(UTF8_BOM.decode("utf-8", "surrogateescape")):
+        header[0] = header[0][3:]  # a BOM read as three escaped bytes
+    elif header and header[0].startswith("\ufeff"):
+        header[0] = header[0][1:]
+    header_problem = None
+    if len(set(header)) != len(header) or any(not h for h in header):
+        header_problem = f"the header has empty or repeated column names: {header}"
+    try:
+        "".join(header).encode("utf-8")
+    except UnicodeEncodeError:
+        header_problem = "the header is not valid UTF-8"
+    ncols = len(header)
+    start = reader.line_num
+    while True:
         try:
-            header = next(reader)
+            fields = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            yield Line(0, b"", None, Reason.CSV_MALFORMED, f"unreadable header: {e}")
-            return
-        header_problem = None
-        if len(set(header)) != len(header) or any(not h for h in header):
-            header_problem = f"the header has empty or repeated column names: {header}"
+            reason = Reason.LINE_TOO_LONG if "field larger" in str(e) else Reason.CSV_MALFORMED
+            yield Line(start, b"", None, reason, f"{e}")
+            start = reader.line_num
+            continue
+        offset, start = start, reader.line_num
+        if not fields:
+            yield Line(offset, b"", None, Reason.BLANK_LINE, "blank line")
+            continue
+        if header_problem:
+            raw = csv_raw(fields)
+            yield Line(offset, raw, None, Reason.CSV_MALFORMED, header_problem)
+            continue
         try:
-            "".join(header).encode("utf-8")
-        except UnicodeEncodeError:
-            header_problem = "the header is not valid UTF-8"
-        ncols = len(header)
-        start = reader.line_num
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                reason = Reason.LINE_TOO_LONG if "field larger" in str(e) else Reason.CSV_MALFORMED
-                yield Line(start, b"", None, reason, f"{e}")
-                start = reader.line_num
-                continue
-            offset, start = start, reader.line_num
-            if not fields:
-                yield Line(offset, b"", None, Reason.BLANK_LINE, "blank line")
-                continue
-            if header_problem:
-                raw = csv_raw(fields)
-                yield Line(offset, raw, None, Reason.CSV_MALFORMED, header_problem)
-                continue
-            try:
-                "\x1f".join(fields).encode("utf-8")
-            except UnicodeEncodeError as e:
-                yield Line(offset, csv_raw(fields), None, Reason.INVALID_UTF8,
-                           f"invalid UTF-8 near column {e.start + 1}")
-                continue
-            if len(fields) != ncols:
-                yield Line(offset, csv_raw(fields), None, Reason.CSV_MALFORMED,
-                           f"{len(fields)} columns, but the header has {ncols}")
-                continue
-            # raw is rebuilt from the row only if the row is refused later (see `row_raw`)
-            yield Line(offset, None, dict(zip(header, fields)), None, None)
+            "\x1f".join(fields).encode("utf-8")
+        except UnicodeEncodeError as e:
+            yield Line(offset, csv_raw(fields), None, Reason.INVALID_UTF8,
+                       f"invalid UTF-8 near column {e.start + 1}")
+            continue
+        if len(fields) != ncols:
+            yield Line(offset, csv_raw(fields), None, Reason.CSV_MALFORMED,
+                       f"{len(fields)} columns, but the header has {ncols}")
+            continue
+        # raw is rebuilt from the row only if the row is refused later (see `row_raw`)
+        yield Line(offset, None, dict(zip(header, fields)), None, None)
 
 
-def read_rows(src: SourceFile, max_line_bytes: int) -> Iterator[Line]:
-    if src.format == "csv":
-        return read_csv(src.path, max_line_bytes)
-    return read_jsonl(src.path, max_line_bytes)
+def read_rows(src: SourceFile, max_line_bytes: int, record_paths: tuple[RecordPath, ...] = (),
+              max_document_bytes: int = Limits.max_document_bytes, strict: bool = False) -> Iterator[Line]:
+    """Every record of `src` (see refinery.containers.read_records)."""
+    return read_records(src.path, src.container, src.compressed, record_paths,
+                        Limits(max_line_bytes, max_document_bytes), strict)
+
+
+class SourceRecords:
+    """Records of source files by (file, offset, record locator), for re-checking provenance:
+    line records are read forward (reopened only to go back), documents are parsed once and
+    kept while their records are asked for."""
+
+    def __init__(self, root: Path, max_line_bytes: int = 1 << 20,
+                 max_document_bytes: int = Limits.max_document_bytes):
+        self.root, self.limits = root, Limits(max_line_bytes, max_document_bytes)
+        self._cursors: dict[str, tuple[int, Line | None, LineCursor]] = {}
+        self._doc: tuple[str, Any, Line | None] | None = None
+        self._sniffed: dict[str, tuple[str | None, bool]] = {}
+
+    def _kind(self, rel: str) -> tuple[str | None, bool]:
+        if rel not in self._sniffed:
+            self._sniffed[rel] = sniff(self.root / rel)
+        return self._sniffed[rel]
+
+    def line(self, rel: str, offset: int) -> Line | None:
+        """The line record at `offset` of a line or CSV file (as materialize read it)."""
+        last, line, cur = self._cursors.get(rel, (-1, None, None))
+        if offset == last:
+            return line
+        if cur is None or offset < last:
+            path = self.root / rel
+            if not path.is_file():
+                return None
+            container, compressed = self._kind(rel)
+            if container not in ("lines", "csv"):
+                return None
+            cur = LineCursor(read_records(path, container, compressed, (), self.limits))
+        line = cur.at(offset)
+        self._cursors[rel] = (offset, line, cur)
+        return line
+
+    def at(self, rel: str, offset: int, record: str | None) -> Line | None:
+        """The record a provenance names, or None when it is not there any more."""
+        if record is None:
+            return self.line(rel, offset)
+        path = self.root / rel
+        if not path.is_file():
+            return None
+        try:
+            kind, line_no, where = split_locator(record)
+            if kind == "line":
+                line = self.line(rel, line_no)
+                if line is None or line.obj is None:
+                    return None
+                return _found(offset, walk_locator(line.obj, where), record)
+            doc, bad = self._document(rel, where if kind == "member" else None)
+            if bad is not None:
+                whole = (kind == "doc" and where == "$") or kind == "member"
+                return bad._replace(offset=offset) if whole else None
+            return _found(offset, walk_locator(doc, where) if kind == "doc" else doc, record)
+        except (LookupError, ValueError, OSError):
+            return None
+
+    def _document(self, rel: str, member: str | None) -> tuple[Any, Line | None]:
+        key = f"{rel}\x00{member or ''}"
+        if self._doc is None or self._doc[0] != key:
+            from refinery.containers import _parse_document, _read_member, _slurp, open_binary
+
+            path = self.root / rel
+            if member is not None:
+                import zipfile
+
+                with zipfile.ZipFile(path) as zf:
+                    doc, bad = _read_member(zf, member, self.limits.max_document_bytes)
+            else:
+                _, compressed = self._kind(rel)
+                with open_binary(path, compressed) as f:
+                    data = _slurp(f, self.limits.max_document_bytes)
+                doc, bad = (None, None) if data is None else _parse_document(data, "the file")
+            self._doc = (key, doc, bad)
+        return self._doc[1], self._doc[2]
+
+
+def _found(offset: int, obj: Any, record: str) -> Line:
+    if type(obj) is not dict:
+        import orjson
+
+        return Line(offset, orjson.dumps(obj), None, Reason.NOT_AN_OBJECT, "not an object", record)
+    return Line(offset, None, obj, None, None, record)
+

@@ -1,11 +1,13 @@
 """`refinery trace <id>`: walk a row back to its source line, re-checking every hash.
 
-    export row ──provenance──▶ scored-run line ──provenance──▶ evidence line ──provenance──▶ source line
+    export row ──provenance──▶ scored-run line ──provenance──▶ evidence line ──provenance──▶ source record
 
 At each hop the line named by the provenance is read again and its sig_hash recomputed (the
-canonical JSON of the parsed row; the raw bytes for a line that never parsed). The first hop
-whose hash differs — or whose line is gone — is the one reported as broken. A preference
-pair has two chains, one per answer.
+canonical JSON of the parsed row; the raw bytes for a line that never parsed). A source record
+inside a JSON document or archive is found by its `record` locator (`$.samples[3]`, ...); the
+records joined into the evidence (a Batch request, a trace's scores, ...) are checked too, as
+hops of their own. The first hop whose hash differs — or whose line is gone — is the one
+reported as broken. A preference pair has two chains, one per answer.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 import orjson
 
 from refinery.canonical import sig_hash
-from refinery.jsonl import DEFAULT_MAX_LINE_BYTES, Line, LineCursor, read_jsonl
-from refinery.sources import FORMATS, SourceFile, read_rows
+from refinery.jsonl import Line, LineCursor, read_jsonl
+from refinery.sources import SourceRecords
 from refinery.workspace import Workspace
 
 
@@ -37,6 +39,10 @@ class Hop:
     ok: bool = False
     problem: str | None = None
     preview: str | None = None
+    record: str | None = None
+    """where the record sits in its document or archive (source records only)"""
+    joined: bool = False
+    """a record joined into the evidence, not the evidence's own"""
 
 
 @dataclass
@@ -97,46 +103,55 @@ def find_row(ws: Workspace, row_id: str) -> tuple[Path, int, dict[str, Any]]:
     raise NotFound(f"no row with id {row_id!r} in exports/, data/scored-runs/ or data/evidence/")
 
 
-def _read_line(ws: Workspace, rel: str, offset: int) -> Line | None:
+def _read_line(ws: Workspace, rel: str, offset: int, record: str | None = None) -> Line | None:
     path = ws.root / rel
     if not path.is_file():
         return None
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt == "csv" and rel.startswith("data/_kb/"):
-        src = SourceFile(path, rel.removeprefix("data/_kb/"), rel, "csv", path.stat().st_size)
-        lines = read_rows(src, DEFAULT_MAX_LINE_BYTES)
+    if rel.startswith("data/_kb/"):
+        return SourceRecords(ws.root).at(rel, offset, record)
+    return LineCursor(read_jsonl(path)).at(offset)
+
+
+def _check(ws: Workspace, hop: Hop) -> Line | None:
+    """Read the record `hop` names and compare its hash; None when it is not there."""
+    line = _read_line(ws, hop.file, hop.line, hop.record)
+    if line is None:
+        where = f"record {hop.record}" if hop.record else f"line {hop.line}"
+        hop.problem = f"{hop.file} has no {where}" if (ws.root / hop.file).exists() else f"{hop.file} does not exist"
+        return None
+    if line.obj is not None:
+        hop.actual_sig = sig_hash(line.obj)
+        hop.id = line.obj.get("id") if isinstance(line.obj.get("id"), str) else None
+        hop.preview = orjson.dumps(line.obj).decode()[:160]
     else:
-        lines = read_jsonl(path)
-    return LineCursor(lines).at(offset)
+        hop.actual_sig = hashlib.sha256(line.raw or b"").hexdigest()
+        hop.preview = (line.raw or b"").decode("utf-8", "backslashreplace")[:160]
+    hop.ok = hop.actual_sig == hop.expected_sig
+    if not hop.ok:
+        hop.problem = "sig_hash differs: the record was changed after the row downstream was written"
+    return line
 
 
 def follow(ws: Workspace, prov: dict[str, Any], label: str, start: Hop) -> Chain:
-    """Follow `prov` hop by hop until a source line (a file under data/_kb/) or a broken hop."""
+    """Follow `prov` hop by hop until a source record (a file under data/_kb/) or a broken hop."""
     chain = Chain(label, [start])
     for _ in range(4):  # export → scored run → evidence → source: never more
         rel, offset, expected = prov["source_file"], prov["line_offset"], prov["sig_hash"]
-        hop = Hop(rel, offset, None, expected)
+        hop = Hop(rel, offset, None, expected, record=prov.get("record"))
         chain.hops.append(hop)
         if offset is None:
             hop.problem = "whole-file record: no line to check"
             hop.ok = expected is None
             return chain
-        line = _read_line(ws, rel, offset)
-        if line is None:
-            hop.problem = f"{rel} has no line {offset}" if (ws.root / rel).exists() else f"{rel} does not exist"
-            return chain
-        if line.obj is not None:
-            hop.actual_sig = sig_hash(line.obj)
-            hop.id = line.obj.get("id") if isinstance(line.obj.get("id"), str) else None
-            hop.preview = orjson.dumps(line.obj).decode()[:160]
-        else:
-            hop.actual_sig = hashlib.sha256(line.raw or b"").hexdigest()
-            hop.preview = (line.raw or b"").decode("utf-8", "backslashreplace")[:160]
-        hop.ok = hop.actual_sig == expected
-        if not hop.ok:
-            hop.problem = "sig_hash differs: the line was changed after the row downstream was written"
+        line = _check(ws, hop)
+        if line is None or not hop.ok:
             return chain
         if rel.startswith("data/_kb/") or line.obj is None or "provenance" not in line.obj:
+            for ref in prov.get("joined") or ():
+                extra = Hop(ref["source_file"], ref["line_offset"], None, ref["sig_hash"], record=ref.get("record"),
+                            joined=True)
+                chain.hops.append(extra)
+                _check(ws, extra)
             return chain
         prov = line.obj["provenance"]
     return chain

@@ -1,19 +1,37 @@
-"""The transform contract, and the helpers transform modules use.
+"""The importer (transform) contract, and the helpers importer modules use.
 
-A transform module in `transforms/` defines
+An importer module in `transforms/` defines
 
-    SPEC = TransformSpec(name=..., patterns=(...), format="jsonl" | "csv", kind=...)
+    SPEC = TransformSpec(name=..., patterns=(...), format="json" | "csv", kind=...)
 
-    def transform(row: dict, ctx: RowContext) -> dict | Refusal: ...
+    def transform(row: dict, ctx: RowContext) -> dict | list[dict] | Refusal: ...
 
-and returns an evidence dict built with `new_evidence(...)`, or refuses the row — by
-returning a `Refusal` or raising `RowError` (the field helpers below raise it for missing
-fields and wrong types). The materializer adds `id`, `source` and `provenance`.
+and returns an evidence dict built with `new_evidence(...)` (a list of them when one row holds
+several answers, e.g. a preference pair: each built with a distinct `part`), or refuses the
+row — by returning a `Refusal` or raising `RowError` (the field helpers below raise it for
+missing fields and wrong types). The materializer adds `id`, `source` and `provenance`.
+
+Optionally, the module also defines
+
+    def detect(probe: refinery.containers.Probe) -> str | None
+
+which recognises the format from a file's content (its first records, or the document) and
+says why — so files are claimed as operators' tools name them — and, for formats whose
+signals live in other records or files,
+
+    def join_key(row, ctx) -> Keyed | None            # which group a record belongs to
+    def assemble(group: list[Member], ctx) -> list[Emit | Refuse]
+
+The materializer spills keyed records to disk in hash buckets and hands each group (all
+records with the same key, from every file the importer claims, in reading order) to
+`assemble`, which emits evidence with its primary record and the records joined into it. A
+member that ends up in no Emit and no Refuse is quarantined as unmatched_join.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -27,10 +45,17 @@ from refinery.reasons import Reason
 class TransformSpec:
     name: str
     patterns: tuple[str, ...]
-    """fnmatch globs on the file's path relative to data/_kb (e.g. "runs*.csv")."""
-    format: Literal["jsonl", "csv"]
+    """fnmatch globs on the file's path relative to data/_kb (e.g. "runs*.csv"); a name claim
+    (`.gz` is looked through). Empty for an importer that claims by content only."""
+    format: Literal["json", "jsonl", "csv"]
+    """the records it reads: json objects (from JSONL, JSON documents, archives, gzip of them;
+    "jsonl" is the older name) or csv rows"""
     kind: str
     description: str = ""
+    record_paths: tuple[str, ...] = ()
+    """where records sit inside a JSON document (`samples[]`, `results.results[]`,
+    `resourceSpans[].scopeSpans[].spans[]`), or, in an archive, which members are records
+    (`samples/*.json`). A document none of them matches is a record itself."""
 
 
 class Refusal(NamedTuple):
@@ -54,6 +79,87 @@ class RowContext:
     source: str
     source_file: str
     line_offset: int = 0
+    record: str | None = None
+    """where the record sits in its document or archive (None for a whole line or CSV row)"""
+    parents: tuple[Any, ...] = ()
+    """the objects enclosing the record in its document, outermost first (an archive's header.json)"""
+    fallback_time: str | None = None
+    """`recorded_at` of the file's [sources.<name>] table: the time of rows that carry none"""
+    fallback_origin: str | None = None
+    score_rules: dict[str, Any] | None = None
+    """refinery.toml [signals.<name>]: how to read named scores (direction, scale, author)"""
+
+    def score(self, name: str, value: Any, **kw: Any) -> dict[str, Any]:
+        """`named_score` with the workspace's [signals] rules."""
+        return named_score(name, value, rules=self.score_rules, **kw)
+
+    @property
+    def document(self) -> Any:
+        """The whole document the record sits in (None for a line or CSV row)."""
+        return self.parents[0] if self.parents else None
+
+
+class Keyed(NamedTuple):
+    """A record's join group: `key` (e.g. "trace:abc"), its `role` in the group, and `extra`:
+    anything from its document the assembly needs (the document is not spilled with it)."""
+
+    key: str
+    role: str
+    extra: Any = None
+
+
+class Member(NamedTuple):
+    """One record of a join group, as `assemble` sees it."""
+
+    role: str
+    row: dict[str, Any]
+    extra: Any
+    file: int
+    """index of its source file in the run"""
+    offset: int
+    record: str | None
+    sig: str
+
+
+class Emit(NamedTuple):
+    """Evidence made by `assemble`: from `primary`, with the records in `joined` merged into it."""
+
+    evidence: dict[str, Any]
+    primary: Member
+    joined: tuple[Member, ...] = ()
+    part: str | None = None
+
+
+class Refuse(NamedTuple):
+    member: Member
+    reason: Reason
+    detail: str
+
+
+@dataclass
+class GroupContext:
+    """What `assemble` may know: each member's file and that file's fallback time."""
+
+    sources: list[Any]
+    """the run's source files, by index (refinery.sources.SourceFile)"""
+    fallbacks: dict[int, tuple[str, str]]
+    """file index → (recorded_at, origin) from its [sources.<name>] table"""
+    score_rules: dict[str, Any] | None = None
+
+    def score(self, name: str, value: Any, **kw: Any) -> dict[str, Any]:
+        return named_score(name, value, rules=self.score_rules, **kw)
+
+    def source_file(self, m: Member) -> str:
+        return self.sources[m.file].ws_rel
+
+    def row_context(self, m: Member) -> RowContext:
+        src = self.sources[m.file]
+        fb = self.fallbacks.get(m.file)
+        return RowContext(src.source, src.ws_rel, m.offset, m.record, (),
+                          fb[0] if fb else None, fb[1] if fb else None, self.score_rules)
+
+
+Detector = Callable[[Any], "str | None"]
 
 
 # --- reading fields -----------------------------------------------------------------------
@@ -243,14 +349,32 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> str:
         raise RowError(Reason.BAD_TIMESTAMP, f"field '{field}': epoch {value!r} out of range") from None
 
 
+def dated(ctx: RowContext, *options: tuple[str, Any]) -> tuple[str, str]:
+    """(recorded_at, where it came from) from the first of `options` — (label, value) pairs
+    such as ("record:created", row.get("created")) or ("document:createdAt", ...) — that has a
+    value; a value that is there but not a time refuses the row. With none, the source's
+    configured fallback (`recorded_at` in its [sources.<name>] table); never "now"."""
+    for label, value in options:
+        if value is None or value == "":
+            continue
+        return parse_timestamp(value, label.split(":", 1)[-1]), label
+    if ctx.fallback_time is not None:
+        return ctx.fallback_time, ctx.fallback_origin or "fallback"
+    tried = ", ".join(label for label, _ in options) or "a time field"
+    raise RowError(Reason.BAD_TIMESTAMP,
+                   f"no time in the record ({tried}): set recorded_at in a [sources.<name>] table of "
+                   "refinery.toml for a source whose records carry none")
+
+
 # --- tool calls and messages --------------------------------------------------------------
 
 
 def tool_call(raw: Any) -> dict[str, Any]:
     """Normalise one tool call to {id, name, arguments, problem}, keeping what was wrong.
 
-    Accepts `{"name", "arguments"}` (object or JSON string) and the OpenAI shape
-    `{"id", "type": "function", "function": {"name", "arguments"}}`.
+    Accepts `{"name", "arguments"}` (object or JSON string), the OpenAI shape `{"id", "type":
+    "function", "function": {"name", "arguments": "<JSON>"}}`, Anthropic's `{"type": "tool_use",
+    "id", "name", "input"}` and inspect_ai's `{"id", "function": "<name>", "arguments"}`.
     """
     if not isinstance(raw, dict):
         return {"id": None, "name": None, "arguments": raw, "problem": "not_an_object"}
@@ -259,12 +383,14 @@ def tool_call(raw: Any) -> dict[str, Any]:
     body = raw["function"] if isinstance(raw.get("function"), dict) else raw
     problem = None
     name = body.get("name")
+    if (not isinstance(name, str) or not name) and isinstance(raw.get("function"), str) and raw["function"]:
+        name = raw["function"]
     if not isinstance(name, str) or not name:
         if isinstance(body.get("tool"), str):
             name, problem = body["tool"], "tool_key_instead_of_name"
         else:
             name, problem = None, "missing_name"
-    args = body.get("arguments", body.get("args"))
+    args = body["arguments"] if "arguments" in body else body.get("args", body.get("input"))
     if isinstance(args, str):
         try:
             args = orjson.loads(args)
@@ -276,39 +402,77 @@ def tool_call(raw: Any) -> dict[str, Any]:
 
 
 _ROLES = {"system", "user", "assistant", "tool"}
+#: Other names for the four roles in the formats operators have.
+ROLE_ALIASES = {"developer": "system", "human": "user", "ai": "assistant", "model": "assistant",
+                "bot": "assistant", "gpt": "assistant", "function": "tool", "ipython": "tool"}
+_TEXT_PARTS = {"text", "input_text", "output_text"}
 
 
-def messages(row: dict, field: str = "messages") -> list[dict[str, Any]] | None:
-    """Normalise a chat transcript: roles checked, tool calls normalised, extra keys dropped."""
-    value = get(row, field)
+def content_text(content: Any) -> str | None:
+    """Text of a message's content: a string, or the text parts of a list of content parts."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and (p.get("type") in _TEXT_PARTS or (
+            "type" not in p and isinstance(p.get("text"), str))) and isinstance(p.get("text"), str)]
+        texts += [p for p in content if isinstance(p, str)]
+        return "".join(texts)
+    if isinstance(content, dict) and isinstance(content.get("text"), str):
+        return content["text"]
+    raise TypeError
+
+
+def messages(row: dict, field: str = "messages", value: Any = _MISSING) -> list[dict[str, Any]] | None:
+    """Normalise a chat transcript: roles checked (aliases such as developer or human mapped),
+    content parts joined, tool calls normalised in every vendor's shape, Anthropic tool_result
+    blocks turned into tool messages, extra keys dropped."""
+    if value is _MISSING:
+        value = get(row, field)
     if value is None:
         return None
     if type(value) is not list:
         raise wrong_type(field, "a list of messages", value)
-    out = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise wrong_type(f"{field}[{i}]", "a message object", m)
         role = m.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in _ROLES:
-            raise RowError(Reason.WRONG_TYPE, f"field '{field}[{i}].role': unknown role {role!r}")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        elif content is not None and not isinstance(content, str):
-            raise wrong_type(f"{field}[{i}].content", "a string", content)
+            raise RowError(Reason.WRONG_TYPE, f"field '{field}[{i}].role': unknown role {m.get('role')!r}")
+        raw_content = m.get("content")
         calls = m.get("tool_calls")
         if calls is not None and not isinstance(calls, list):
             raise wrong_type(f"{field}[{i}].tool_calls", "a list", calls)
+        calls = list(calls or [])
+        results: list[dict[str, Any]] = []
+        if isinstance(raw_content, list):
+            calls += [p for p in raw_content if isinstance(p, dict) and p.get("type") == "tool_use"]
+            results = [p for p in raw_content if isinstance(p, dict) and p.get("type") == "tool_result"]
+        try:
+            content = content_text(raw_content)
+        except TypeError:
+            raise wrong_type(f"{field}[{i}].content", "a string", raw_content) from None
         name = m.get("name")
+        if not isinstance(name, str) and role == "tool" and isinstance(m.get("function"), str):
+            name = m["function"]  # inspect_ai names the tool of a tool message "function"
         call_id = m.get("tool_call_id")
-        out.append({
-            "role": role,
-            "content": content,
-            "name": name if isinstance(name, str) else None,
-            "tool_calls": [tool_call(c) for c in calls] if calls else None,
-            "tool_call_id": call_id if isinstance(call_id, str) else None,
-        })
+        if not (results and not content and not calls):  # a message of tool results only becomes them
+            out.append({
+                "role": role,
+                "content": content,
+                "name": name if isinstance(name, str) else None,
+                "tool_calls": [tool_call(c) for c in calls] if calls else None,
+                "tool_call_id": call_id if isinstance(call_id, str) else None,
+            })
+        for r in results:
+            try:
+                text_ = content_text(r.get("content"))
+            except TypeError:
+                text_ = orjson.dumps(r.get("content")).decode()
+            use_id = r.get("tool_use_id")
+            out.append({"role": "tool", "content": text_, "name": None, "tool_calls": None,
+                        "tool_call_id": use_id if isinstance(use_id, str) else None})
     return out
 
 
@@ -330,6 +494,118 @@ def all_tool_calls(msgs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     return [c for m in msgs or () if m["tool_calls"] for c in m["tool_calls"]]
 
 
+class Turn(NamedTuple):
+    """The answered turn of a conversation."""
+
+    prompt: str | None
+    """the conversation up to and including the last user message: that message's text when it
+    is the only one, else the whole exchange rendered with role labels"""
+    response: str | None
+    """the last assistant text after the last user message"""
+    tool_calls: list[dict[str, Any]]
+    """the tool calls made after the last user message (the answer's), not earlier turns'"""
+
+
+_LABEL = {"user": "User", "assistant": "Assistant", "tool": "Tool", "system": "System"}
+
+
+def answered_turn(msgs: list[dict[str, Any]] | None) -> Turn:
+    """Split a conversation at its last user message: the prompt is everything up to it, the
+    answer everything after — never the first user turn paired with a later answer."""
+    msgs = msgs or []
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+    before, after = msgs[:last_user + 1], msgs[last_user + 1:]
+    said = [m for m in before if m["role"] != "system"]
+    if not said:
+        prompt = None
+    elif len(said) == 1:
+        prompt = said[0]["content"] or None
+    else:
+        from refinery.normalize import render_tool_calls
+
+        parts = []
+        for m in said:
+            text_ = m["content"] or ""
+            if m["tool_calls"]:
+                text_ = "\n".join(filter(None, [text_, render_tool_calls(m["tool_calls"])]))
+            label = _LABEL[m["role"]] + (f" ({m['name']})" if m["role"] == "tool" and m["name"] else "")
+            parts.append(f"{label}: {text_}")
+        prompt = "\n\n".join(parts)
+    return Turn(prompt, last_assistant_text(after), all_tool_calls(after))
+
+
+# --- quality signals ------------------------------------------------------------------------
+
+#: Score names where a lower value is the better one, unless [signals.<name>] says otherwise.
+LOWER_IS_BETTER = frozenset({
+    "toxicity", "toxic", "hallucination", "hallucinations", "bias", "harm", "harmfulness", "harmful",
+    "jailbreak", "pii", "pii_leak", "error", "errors", "error_rate", "latency", "cost", "perplexity",
+    "contradiction", "insensitivity", "misogyny", "criminality", "maliciousness", "profanity",
+})
+#: Categorical grades, as 0..1 (inspect_ai's C/I/P/N, pass/fail, thumbs, ...).
+GRADES = {"c": 1.0, "correct": 1.0, "pass": 1.0, "passed": 1.0, "good": 1.0, "yes": 1.0, "true": 1.0,
+          "thumbs_up": 1.0, "up": 1.0, "positive": 1.0, "accept": 1.0, "accepted": 1.0, "approved": 1.0,
+          "p": 0.5, "partial": 0.5, "partially_correct": 0.5, "neutral": 0.5,
+          "i": 0.0, "incorrect": 0.0, "fail": 0.0, "failed": 0.0, "bad": 0.0, "no": 0.0, "false": 0.0,
+          "thumbs_down": 0.0, "down": 0.0, "negative": 0.0, "reject": 0.0, "rejected": 0.0, "n": 0.0,
+          "wrong": 0.0}
+
+
+@dataclass(frozen=True)
+class ScoreRule:
+    """How to read a named score: its direction and scale (refinery.toml [signals.<name>])."""
+
+    higher_is_better: bool | None = None
+    scale: tuple[float, float] | None = None
+    by: Literal["human", "automated"] | None = None
+    use: bool = True
+
+
+def named_score(name: str, value: Any, *, by: str | None = None, scale: tuple[float, float] | None = None,
+                higher_is_better: bool | None = None, rules: dict[str, ScoreRule] | None = None) -> dict[str, Any]:
+    """A quality signal with its name, raw value, scale and direction, normalised to 0..1
+    (1 = best). Booleans and grades (C/I, pass/fail, ...) map to 1/0; a number is read on its
+    scale (given, configured, or 0..1 when it fits; otherwise it is kept but not normalised)."""
+    rule = (rules or {}).get(name) or (rules or {}).get(name.lower()) or ScoreRule()
+    if rule.higher_is_better is not None:
+        higher_is_better = rule.higher_is_better
+    if higher_is_better is None:
+        higher_is_better = name.lower().replace("-", "_").replace(" ", "_") not in LOWER_IS_BETTER
+    scale = rule.scale or scale
+    by = rule.by or by
+    norm: float | None = None
+    if isinstance(value, bool):
+        norm = float(value)
+    elif isinstance(value, (int, float)) and value == value and value not in (float("inf"), float("-inf")):
+        lo, hi = scale if scale else (0.0, 1.0)
+        if hi > lo and lo <= value <= hi:
+            norm = (float(value) - lo) / (hi - lo)
+    elif isinstance(value, str):
+        norm = GRADES.get(value.strip().lower())
+        if norm is None:
+            try:
+                return named_score(name, float(value), by=by, scale=scale, higher_is_better=higher_is_better,
+                                   rules=rules) | {"value": value}
+            except ValueError:
+                pass
+    else:
+        value = None if not isinstance(value, (int, float)) else value
+    if norm is not None and not higher_is_better:
+        norm = 1.0 - norm
+    return {"name": name, "value": value, "scale": list(scale) if scale else None,
+            "higher_is_better": higher_is_better, "normalized": None if norm is None else round(norm, 6),
+            "by": by if by in ("human", "automated") else None, "used": rule.use}
+
+
+def combine_scores(scores: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """(eval_score, human_rating): the mean normalised automated scores and human scores (a score
+    whose author is unknown counts as automated; one configured `use = false` is not counted)."""
+    auto = [s["normalized"] for s in scores if s["normalized"] is not None and s["by"] != "human" and s["used"]]
+    human = [s["normalized"] for s in scores if s["normalized"] is not None and s["by"] == "human" and s["used"]]
+    mean = (lambda xs: round(sum(xs) / len(xs), 6) if xs else None)
+    return mean(auto), mean(human)
+
+
 # --- building the record ------------------------------------------------------------------
 
 
@@ -338,29 +614,43 @@ def new_signals(
     approver: str | None = None, human_rating: float | None = None, verdict: str | None = None,
     error: str | None = None, exit_status: int | None = None, tool_call_count: int | None = None,
     stop_reason: str | None = None, safety_flags: list[str] | None = None,
+    scores: list[dict[str, Any]] | None = None, preference: str | None = None,
 ) -> dict[str, Any]:
+    """Signals in the model's field order. `trust` is the materializer's to set (from the
+    source's [sources.<name>] table), never a row's."""
     return {
         "eval_score": eval_score, "expected": expected, "approved": approved, "approver": approver,
         "human_rating": human_rating, "verdict": verdict, "error": error, "exit_status": exit_status,
         "tool_call_count": tool_call_count, "stop_reason": stop_reason,
-        "safety_flags": safety_flags or [],
+        "safety_flags": safety_flags or [], "scores": scores or [], "preference": preference, "trust": None,
     }
 
 
 def new_evidence(
-    kind: str, *, recorded_at: str, task_id: str | None = None, task_name: str | None = None,
-    prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
+    kind: str, *, recorded_at: str, recorded_at_from: str = "record", task_id: str | None = None,
+    task_name: str | None = None, prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
     response: str | None = None, tool_calls: list[dict[str, Any]] | None = None,
     model: str | None = None, provider: str | None = None, latency_ms: float | None = None,
     prompt_tokens: int | None = None, completion_tokens: int | None = None,
-    signals: dict[str, Any] | None = None,
+    signals: dict[str, Any] | None = None, part: str | None = None,
 ) -> dict[str, Any]:
-    """An evidence dict in EvidenceRecord's field order; the materializer fills the envelope."""
-    return {
-        "schema_version": 1, "id": None, "source": None, "kind": kind,
+    """An evidence dict in EvidenceRecord's field order; the materializer fills the envelope.
+
+    `recorded_at_from` says where the time came from ("record:<field>", "document:<field>",
+    "parent:<field>", "partner:<field>", or the configured fallback); `part` names this answer
+    when one record makes several evidence records (e.g. "chosen" / "rejected")."""
+    ev = {
+        "schema_version": 2, "id": None, "source": None, "kind": kind,
         "task_id": task_id, "task_name": task_name, "prompt": prompt, "messages": messages,
         "response": response, "tool_calls": tool_calls or [], "model": model,
         "provider": provider, "latency_ms": latency_ms, "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens, "signals": signals or new_signals(),
-        "recorded_at": recorded_at, "provenance": None,
+        "recorded_at": recorded_at, "recorded_at_from": recorded_at_from, "provenance": None,
     }
+    if part is not None:
+        ev[PART_KEY] = part
+    return ev
+
+
+#: Where `new_evidence` keeps the part name until the materializer moves it into the provenance.
+PART_KEY = "_part"

@@ -134,7 +134,7 @@ def test_unknown_source_warns_with_the_fix(ws):
     write_kb(ws, {"mystery.jsonl": '{"a": 1}\n'})
     result = invoke("materialize")
     assert result.exit_code == 0
-    assert "data/_kb/mystery.jsonl: no transform claims this file" in result.stderr
+    assert "data/_kb/mystery.jsonl: no importer claims this file" in result.stderr
     assert "[mappings.<name>]" in result.stderr
 
 

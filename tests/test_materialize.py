@@ -17,12 +17,16 @@ EXPECTED_REASONS = {
 }
 
 
+#: The golden fixtures of refinery's own stream families (the public formats have their own tests).
+OWN_FAMILIES = ("agent_transcripts", "auditor_verdicts", "eval_sheet", "gateway_receipts", "human_feedback",
+                "openai_chat", "replays", "runs")
+
+
 def load_all_fixtures(ws):
-    for d in sorted(FIXTURES.iterdir()):
-        if d.is_dir() and d.name not in ("acceptance", "mapping", "exports", "retrieval"):
-            for p in d.iterdir():
-                if p.name != "expected.jsonl":
-                    shutil.copy(p, ws.kb / p.name)
+    for name in OWN_FAMILIES:
+        for p in (FIXTURES / name).iterdir():
+            if p.name != "expected.jsonl":
+                shutil.copy(p, ws.kb / p.name)
 
 
 def test_end_to_end_exact_counts(ws, cfg):
@@ -199,10 +203,22 @@ def test_a_transform_bug_is_counted_not_fatal(ws, cfg):
     assert {q["reason"] for q in quarantine_rows(ws)} == {"transform_error"}
 
 
-def test_ignored_files_are_not_sources(ws, cfg):
+def test_ignored_files_are_not_sources(ws):
     write_kb(ws, {"audit_baselines.jsonl": '{"seq": 0}\n', "notes.md": "# notes\n", ".hidden.jsonl": "x\n"})
-    result = materialize.run(ws, cfg)
+    (ws.root / "refinery.toml").write_text('[materialize]\nignore = ["notes.md"]\n')
+    result = materialize.run(ws, load_config(ws.root))
     assert result.files == [] and result.ignored == ["audit_baselines.jsonl", "notes.md"]
+
+
+def test_a_file_refinery_cannot_read_is_refused_by_name_never_skipped(ws, cfg):
+    write_kb(ws, {"notes.md": "# notes\n", "weights.bin": b"\x00\x01\x02"})
+    result = materialize.run(ws, cfg)
+    assert [(f.source_file, f.container, f.rows_in, f.quarantined) for f in result.files] == [
+        ("data/_kb/notes.md", None, 1, 1), ("data/_kb/weights.bin", None, 1, 1)]
+    q = quarantine_rows(ws)
+    assert [(r["reason"], r["provenance"]["source_file"], r["provenance"]["line_offset"]) for r in q] == [
+        ("unsupported_container", "data/_kb/notes.md", None), ("unsupported_container", "data/_kb/weights.bin", None)]
+    assert result.exit_code == 0  # a warning, not an error: nothing in them was meant for refinery
 
 
 def _peak_materialize_memory(ws, rows: int) -> tuple[int, int]:

@@ -34,7 +34,7 @@ def transform(row, ctx):
     if error is None and status not in (None, "completed", "ok", "success"):
         error = f"status {status}"
     return new_evidence(
-        SPEC.kind, recorded_at=recorded_at,
+        SPEC.kind, recorded_at=recorded_at, recorded_at_from="record:started_at",
         task_id=text(row, "task_id") or text(row, "trace_id"), task_name=text(row, "task_name"),
         prompt=prompt, messages=msgs, response=last_assistant_text(msgs), tool_calls=calls,
         model=text(row, "model"), provider=text(row, "provider"), latency_ms=number(row, "latency_ms"),

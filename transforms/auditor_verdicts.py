@@ -21,6 +21,7 @@ def transform(row, ctx):
         raise wrong_type("verdict", "one of pass, fail, flag", verdict)
     return new_evidence(
         SPEC.kind, recorded_at=parse_timestamp(row.get("audited_at"), "audited_at"),
+        recorded_at_from="record:audited_at",
         task_id=text(row, "subject.task_id") or text(row, "audit_id"), task_name=text(row, "subject.task_name"),
         prompt=text(row, "subject.prompt", required=True), response=text_or_empty(row, "subject.response"),
         model=text(row, "subject.model"),

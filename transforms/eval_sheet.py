@@ -18,6 +18,7 @@ def transform(row, ctx):
     approver = text(row, "approver")
     return new_evidence(
         SPEC.kind, recorded_at=parse_timestamp(row.get("evaluated_at"), "evaluated_at"),
+        recorded_at_from="record:evaluated_at",
         task_id=text(row, "task_id") or text(row, "eval_id"), task_name=text(row, "task_name"),
         prompt=text(row, "prompt", required=True), response=text_or_empty(row, "output"),
         signals=new_signals(eval_score=score, expected=text(row, "expected"),

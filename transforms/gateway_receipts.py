@@ -17,6 +17,7 @@ def transform(row, ctx):
     status = integer(row, "status_code")
     return new_evidence(
         SPEC.kind, recorded_at=parse_timestamp(row.get("ts"), "ts"),
+        recorded_at_from="record:ts",
         task_id=text(row, "request_id"), prompt=text(row, "prompt", required=True),
         response=text_or_empty(row, "completion"), model=text(row, "model"), provider=text(row, "provider"),
         latency_ms=number(row, "latency_ms"), prompt_tokens=integer(row, "usage.prompt_tokens"),

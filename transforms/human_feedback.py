@@ -28,6 +28,7 @@ def transform(row, ctx):
     human = (rating - 1) / 4 if rating is not None else (None if thumbs is None else float(thumbs == "up"))
     return new_evidence(
         SPEC.kind, recorded_at=parse_timestamp(row.get("created_at"), "created_at"),
+        recorded_at_from="record:created_at",
         task_id=text(row, "task_id") or text(row, "feedback_id"), task_name=text(row, "task_name"),
         prompt=text(row, "prompt", required=True), response=response,
         signals=new_signals(human_rating=human, approved=None if thumbs is None else thumbs == "up",

@@ -37,7 +37,8 @@ def transform(row, ctx):
     if prompt is None:
         raise missing("request.messages[role=user].content")
     return new_evidence(
-        SPEC.kind, recorded_at=recorded_at, task_id=text(row, "response.id"),
+        SPEC.kind, recorded_at=recorded_at, recorded_at_from="record:response.created",
+        task_id=text(row, "response.id"),
         prompt=prompt, messages=[*msgs, answer], response=answer["content"],
         tool_calls=answer["tool_calls"] or [],
         model=text(row, "response.model") or text(row, "request.model"), provider="openai",

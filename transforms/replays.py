@@ -34,7 +34,8 @@ def transform(row, ctx):
     error = (f"escalation failed: {escalation_error}" if escalation_error
              else f"answer failed its check: {check}" if check and check != "refusal" else None)
     return new_evidence(
-        SPEC.kind, recorded_at=recorded_at, task_id=text(row, "replay_id"), task_name="replay",
+        SPEC.kind, recorded_at=recorded_at, recorded_at_from="record:ts", task_id=text(row, "replay_id"),
+        task_name="replay",
         prompt=text(row, "task", required=True), response=text_or_empty(row, "answer"),
         tool_calls=[tool_call(c) for c in calls],
         model=text(row, "escalation.model") if escalated else _local_model(row),

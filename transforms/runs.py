@@ -32,7 +32,7 @@ def transform(row, ctx):
     recorded_at = parse_timestamp(row.get("started_at"), "started_at")
     reviewer = text(row, "reviewed_by")
     return new_evidence(
-        SPEC.kind, recorded_at=recorded_at,
+        SPEC.kind, recorded_at=recorded_at, recorded_at_from="record:started_at",
         task_id=text(row, "task_id") or text(row, "run_id"), task_name=text(row, "task_name"),
         prompt=text(row, "prompt", required=True), response=text_or_empty(row, "output"),
         model=text(row, "model"), latency_ms=_latency_ms(recorded_at, text(row, "finished_at")),

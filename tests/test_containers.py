@@ -1,0 +1,211 @@
+"""Containers: JSONL/NDJSON, CSV, JSON documents and arrays, .eval archives, gzip of them —
+every record read with an offset and (inside documents) a locator, bad input refused with a
+reason, nothing skipped."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zipfile
+
+import orjson
+import pytest
+
+from conftest import evidence_rows, quarantine_rows, write_kb
+from refinery import materialize
+from refinery.canonical import sig_hash
+from refinery.config import load_config
+from refinery.containers import Limits, RecordPath, read_records, sniff, stream_name, walk_locator
+from refinery.reasons import Reason
+from refinery.sources import SourceRecords, list_sources
+from refinery.trace import trace
+
+ROW = {"ts": 1762000000, "prompt": "p", "completion": "c"}
+
+
+def records(path, paths=(), **kw):
+    container, compressed = sniff(path)
+    return list(read_records(path, container, compressed, tuple(RecordPath.parse(p) for p in paths), **kw))
+
+
+def test_stream_names_drop_container_extensions():
+    assert stream_name("runs.csv") == "runs"
+    assert stream_name("batch/output.jsonl.gz") == "batch.output"
+    assert stream_name("2025-05-12_browser.json") == "2025-05-12_browser"
+    assert stream_name("logs") == "logs"
+
+
+@pytest.mark.parametrize("name,data,container,compressed", [
+    ("a.jsonl", b'{"a":1}\n', "lines", False),
+    ("a.ndjson", b'{"a":1}\n', "lines", False),
+    ("a.json", b'{"a": [1, 2]}', "json", False),
+    ("a.json", b'[{"a": 1}]', "json", False),
+    ("a.json", b'{"a":1}\n{"a":2}\n', "lines", False),  # JSONL under a .json name
+    ("a.json.gz", gzip.compress(b'{"a": 1}'), "json", True),
+    ("a.jsonl.gz", gzip.compress(b'{"a":1}\n'), "lines", True),
+    ("a.csv.gz", gzip.compress(b"x,y\n1,2\n"), "csv", True),
+    ("export", b'  [{"a": 1}]', "json", False),  # no extension: told by its first byte
+    ("notes.md", b"# notes\n", None, False),
+])
+def test_sniff_tells_the_container_by_name_and_bytes(tmp_path, name, data, container, compressed):
+    p = tmp_path / name
+    p.write_bytes(data)
+    assert sniff(p) == (container, compressed)
+
+
+def test_gzip_jsonl_reads_like_jsonl_and_a_cut_stream_keeps_what_came_before(tmp_path):
+    body = b"".join(orjson.dumps({**ROW, "i": i}) + b"\n" for i in range(50))
+    p = tmp_path / "s.jsonl.gz"
+    p.write_bytes(gzip.compress(body))
+    got = records(p)
+    assert [r.offset for r in got] == list(range(50)) and all(r.obj for r in got)
+    p.write_bytes(gzip.compress(body)[:-30])  # the end of the stream is lost
+    got = records(p)
+    assert got[-1].reason == Reason.DAMAGED_CONTAINER and "breaks off" in got[-1].detail
+    assert all(r.obj is not None for r in got[:-1]) and len(got) >= 2
+
+
+def test_a_document_with_a_record_path_pins_each_record(tmp_path):
+    doc = {"evalId": "e1", "results": {"results": [{"id": "r0"}, {"id": "r1"}, 7]}}
+    p = tmp_path / "export.json"
+    p.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    got = records(p, ["results.results[]"])
+    assert [(r.offset, r.record) for r in got] == [(0, "$.results.results[0]"), (1, "$.results.results[1]"),
+                                                   (2, "$.results.results[2]")]
+    assert got[2].reason == Reason.NOT_AN_OBJECT
+    assert got[0].parents[0]["evalId"] == "e1"  # the document is there for the importer
+    assert walk_locator(doc, got[1].record) == {"id": "r1"}
+
+
+def test_nested_record_paths_and_documents_one_per_line(tmp_path):
+    span = lambda i: {"spanId": f"s{i}", "name": "chat"}  # noqa: E731
+    doc = {"resourceSpans": [{"scopeSpans": [{"spans": [span(0), span(1)]}, {"spans": [span(2)]}]}]}
+    p = tmp_path / "otel.jsonl"
+    p.write_bytes(orjson.dumps(doc) + b"\n" + orjson.dumps(doc) + b"\n")
+    got = records(p, ["resourceSpans[].scopeSpans[].spans[]"])
+    assert [r.offset for r in got] == list(range(6))
+    assert got[2].record == "line 0 $.resourceSpans[0].scopeSpans[1].spans[0]"
+    assert got[3].record == "line 1 $.resourceSpans[0].scopeSpans[0].spans[0]"
+
+
+def test_a_top_level_array_and_a_single_object_document(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_bytes(b'\xef\xbb\xbf[{"a": 1}, {"a": 2}]')  # with a BOM, as Windows tools write it
+    assert [(r.record, r.obj) for r in records(p)] == [("$[0]", {"a": 1}), ("$[1]", {"a": 2})]
+    p.write_bytes(b'{"a": 1}')
+    assert [(r.record, r.obj) for r in records(p)] == [("$", {"a": 1})]
+
+
+def test_a_truncated_document_is_one_refusal_with_the_parser_message(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_bytes(b'{"results": [{"a": 1}, {"a": ')
+    (r,) = records(p)
+    assert r.reason == Reason.INVALID_JSON and "cut short" in r.detail and r.record == "$"
+
+
+def test_a_document_over_the_limit_is_refused_not_loaded(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_bytes(b'[' + b'{"a": 1},' * 100 + b'{"a": 1}]')
+    (r,) = records(p, limits=Limits(max_document_bytes=100))
+    assert r.reason == Reason.DOCUMENT_TOO_LARGE and "max_document_bytes" in r.detail
+
+
+def test_configured_record_paths_that_match_nothing_are_an_error(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_bytes(b'{"rows": []}')
+    (r,) = list(read_records(p, "json", False, (RecordPath.parse("data[]"),), strict=True))
+    assert r.reason == Reason.RECORD_PATH_MISSING and "'data[]'" in r.detail
+
+
+def _eval_zip(samples: dict[str, dict], header: dict | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        if header is not None:
+            zf.writestr("header.json", orjson.dumps(header))
+        for name, s in samples.items():
+            zf.writestr(name, orjson.dumps(s))
+        zf.writestr("summaries.json", b"[]")
+    return buf.getvalue()
+
+
+def test_an_archive_gives_its_member_records_with_the_header(tmp_path):
+    p = tmp_path / "log.eval"
+    p.write_bytes(_eval_zip({"samples/1_epoch_1.json": {"id": 1}, "samples/2_epoch_1.json": {"id": 2}},
+                            {"eval": {"model": "m"}}))
+    got = list(read_records(p, "zip", False, (RecordPath("samples/*.json", ()),)))
+    assert [(r.offset, r.record, r.obj) for r in got] == [(0, "samples/1_epoch_1.json", {"id": 1}),
+                                                         (1, "samples/2_epoch_1.json", {"id": 2})]
+    assert got[0].parents == ({"eval": {"model": "m"}},)
+
+
+def test_a_zip_that_is_not_a_zip(tmp_path):
+    p = tmp_path / "log.eval"
+    p.write_bytes(b"PK\x03\x04 not really")
+    (r,) = list(read_records(p, "zip", False))
+    assert r.reason == Reason.DAMAGED_CONTAINER
+
+
+def test_source_records_resolve_every_locator(tmp_path):
+    (tmp_path / "data" / "_kb").mkdir(parents=True)
+    doc = {"samples": [{"id": "a"}, {"id": "b"}]}
+    (tmp_path / "data/_kb/d.json.gz").write_bytes(gzip.compress(orjson.dumps(doc)))
+    (tmp_path / "data/_kb/l.jsonl").write_bytes(orjson.dumps(doc) + b"\n")
+    (tmp_path / "data/_kb/z.eval").write_bytes(_eval_zip({"samples/1.json": {"id": "z"}}))
+    sr = SourceRecords(tmp_path)
+    assert sr.at("data/_kb/d.json.gz", 1, "$.samples[1]").obj == {"id": "b"}
+    assert sr.at("data/_kb/l.jsonl", 0, "line 0 $.samples[0]").obj == {"id": "a"}
+    assert sr.at("data/_kb/z.eval", 0, "samples/1.json").obj == {"id": "z"}
+    assert sr.at("data/_kb/d.json.gz", 0, "$.samples[9]") is None
+    assert sr.at("data/_kb/l.jsonl", 0, None).obj == doc
+
+
+DOC_TRANSFORM = '''
+from refinery.transform import TransformSpec, dated, new_evidence, text, text_or_empty
+SPEC = TransformSpec(name="docs", patterns=("docs*",), format="json", kind="doc", record_paths=("items[]",))
+
+def transform(row, ctx):
+    when, src = dated(ctx, ("record:ts", row.get("ts")), ("document:created", (ctx.document or {}).get("created")))
+    return new_evidence("doc", recorded_at=when, recorded_at_from=src, prompt=text(row, "prompt", required=True),
+                        response=text_or_empty(row, "completion"))
+'''
+
+
+def test_document_records_become_evidence_that_trace_walks_back(ws, cfg):
+    (ws.root / "transforms").mkdir()
+    (ws.root / "transforms" / "docs.py").write_text(DOC_TRANSFORM)
+    doc = {"created": "2026-11-03T10:00:00Z",
+           "items": [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "completion": "a2", "ts": 1762000000},
+                     {"completion": "no prompt"}]}
+    write_kb(ws, {"docs_export.json.gz": gzip.compress(orjson.dumps(doc))})
+    result = materialize.run(ws, cfg, validate=True)
+    assert (result.rows_in, result.evidence, result.quarantined) == (3, 2, 1)
+    ev = sorted(evidence_rows(ws), key=lambda r: r["provenance"]["line_offset"])
+    assert [(e["provenance"]["record"], e["recorded_at_from"]) for e in ev] == [
+        ("$.items[0]", "document:created"), ("$.items[1]", "record:ts")]
+    assert ev[0]["provenance"]["sig_hash"] == sig_hash(doc["items"][0])
+    (q,) = quarantine_rows(ws)
+    assert (q["reason"], q["provenance"]["record"], q["provenance"]["line_offset"]) == (
+        "missing_field", "$.items[2]", 2)
+    t = trace(ws, ev[1]["id"])
+    assert t.ok and t.chains[0].hops[-1].record == "$.items[1]"
+
+
+def test_unclaimed_documents_and_archives_are_counted_by_name(ws, cfg):
+    write_kb(ws, {"mystery.json": b'[{"a": 1}, {"a": 2}]', "other.zip": _eval_zip({"x.json": {"a": 1}})})
+    result = materialize.run(ws, cfg)
+    per_file = {f.source_file: (f.rows_in, f.quarantined, dict(f.by_reason)) for f in result.files}
+    assert per_file == {"data/_kb/mystery.json": (2, 2, {"unknown_source": 2}),
+                        "data/_kb/other.zip": (1, 1, {"unknown_source": 1})}
+
+
+def test_two_files_of_one_stream_name_stay_apart(ws):
+    write_kb(ws, {"runs.csv": "a\n1\n", "runs.jsonl": '{"a": 1}\n'})
+    names = [s.source for s in list_sources(ws, [])[0]]
+    assert names == ["runs.csv", "runs.jsonl"]
+
+
+def test_max_document_bytes_is_a_setting(ws):
+    (ws.root / "refinery.toml").write_text("[materialize]\nmax_document_bytes = 10\n")
+    write_kb(ws, {"big.json": b'[{"a": 1}, {"a": 2}]'})
+    result = materialize.run(ws, load_config(ws.root))
+    assert result.by_reason == {"document_too_large": 1}
