@@ -37,7 +37,7 @@ NOT_PLANTABLE = {Reason.UNREADABLE_FILE, Reason.INVALID_EVIDENCE}
 MATERIALIZE_REASONS = [
     Reason.INVALID_UTF8, Reason.INVALID_JSON, Reason.NOT_AN_OBJECT, Reason.BLANK_LINE, Reason.LINE_TOO_LONG,
     Reason.CSV_MALFORMED, Reason.MISSING_FIELD, Reason.WRONG_TYPE, Reason.BAD_TIMESTAMP, Reason.DUPLICATE_ROW,
-    Reason.UNKNOWN_SOURCE, Reason.UNREADABLE_FILE, Reason.TRANSFORM_ERROR]
+    Reason.UNKNOWN_SOURCE, Reason.UNREADABLE_FILE, Reason.TRANSFORM_ERROR, Reason.UNMATCHED_JOIN]
 EXPORT_REASONS = [Reason.CATEGORY_EXCLUDED, Reason.MISSING_TEXT, Reason.SECRET_DETECTED, Reason.PII_DETECTED,
                   Reason.DUPLICATE_ANSWER, Reason.NO_PAIR, Reason.PAIR_LIMIT]
 
@@ -120,7 +120,7 @@ def covers_every_family(ctx: GateContext) -> list[str]:
 
     registry = Registry.load(ctx.ws.root, ctx.cfg)
     files, _ = list_sources(ctx.ws, ctx.cfg.materialize.ignore)
-    claimed = {t.spec.name for s in files if (t := registry.resolve(s.kb_rel)) is not None}
+    claimed = {c.name for s in files if (c := registry.claim(s)).transform is not None}
     return [f"no fixture file for the {t.spec.name} transform ({t.origin})"
             for t in registry.all() if t.spec.name not in claimed]
 

@@ -110,7 +110,11 @@ def _materialize_verdict(result) -> int:
             _err(f"warning: {f.source_file}: no importer claims this file ({f.claimed_because}), so its records "
                  "were quarantined as unknown_source. Name one in refinery.toml ([sources.<name>] importer = ...), "
                  "add a module in transforms/ or a [mappings.<name>] table.")
-        elif damaged := f.by_reason.get("damaged_container"):
+        if f.undated:
+            _err(f"warning: {f.source_file}: {f.undated} record(s) carry no time (nor their document or partner): "
+                 f"dated 1970-01-01 and marked recorded_at_from = undated. Date them with recorded_at in a "
+                 f"[sources.{f.source}] table of refinery.toml.")
+        if damaged := f.by_reason.get("damaged_container"):
             _err(f"warning: {f.source_file}: the container is damaged ({damaged} record(s) quarantined as "
                  "damaged_container); what was read before the damage was kept")
     for fe in result.file_errors:

@@ -439,6 +439,12 @@ class Probe:
     columns: list[str] = field(default_factory=list)
     """a CSV file's header"""
 
+    def mostly(self, pred) -> bool:
+        """Whether most probed records (at least 60 %, and one) satisfy `pred`: a file with a few
+        broken or foreign records is still recognised, and those records are refused one by one."""
+        hits = sum(1 for r in self.records if _safe(pred, r))
+        return hits >= 1 and hits * 5 >= len(self.records) * 3
+
     def keys(self) -> set[str]:
         """Keys present in every probed record (empty when there are none)."""
         if not self.records:
@@ -447,6 +453,13 @@ class Probe:
         for r in self.records[1:]:
             out &= set(r)
         return out
+
+
+def _safe(pred, r) -> bool:
+    try:
+        return bool(pred(r))
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return False
 
 
 def probe(path: Path, container: str, compressed: bool, limits: Limits = Limits()) -> Probe:

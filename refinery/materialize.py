@@ -48,7 +48,9 @@ from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.sources import SourceFile, csv_raw, list_sources, read_rows
-from refinery.transform import PART_KEY, Emit, GroupContext, Keyed, Member, Refusal, Refuse, RowContext, RowError
+from refinery.transform import (
+    PART_KEY, UNDATED, Emit, GroupContext, Keyed, Member, Refusal, Refuse, RowContext, RowError,
+)
 from refinery.workspace import Workspace
 
 STAGE = "materialize"
@@ -72,6 +74,8 @@ class FileResult:
     """records merged into another record's evidence (a join)"""
     split: int = 0
     """evidence records beyond the first made from one record (e.g. the rejected side of a pair)"""
+    undated: int = 0
+    """evidence records with no time of their own, of their document or partner, or configured"""
     by_reason: dict[str, int] = field(default_factory=dict)
     partitions: dict[str, int] = field(default_factory=dict)
     """evidence path (relative to the evidence root) → rows"""
@@ -90,6 +94,7 @@ class FileResult:
         self.quarantined += other["quarantined"]
         self.joined += other["joined"]
         self.split += other["split"]
+        self.undated += other["undated"]
         self.by_reason = dict(sorted((Counter(self.by_reason) + Counter(other["by_reason"])).items()))
         for rel, n in other["partitions"].items():
             self.partitions[rel] = self.partitions.get(rel, 0) + n
@@ -384,6 +389,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                         continue
                     for _, ev in parts:
                         sink.write(ev)
+                        res.undated += ev["recorded_at_from"] == UNDATED
                     res.evidence += len(parts)
                     res.split += len(parts) - 1
         res.partitions = sink.close(sync=True)
@@ -446,7 +452,8 @@ def _members(parts: list[Path]) -> dict[str, list[Member]]:
 
 
 def _empty_counts() -> dict[str, Any]:
-    return {"evidence": 0, "quarantined": 0, "joined": 0, "split": 0, "by_reason": Counter(), "partitions": Counter(),
+    return {"evidence": 0, "quarantined": 0, "joined": 0, "split": 0, "undated": 0, "by_reason": Counter(),
+            "partitions": Counter(),
             "transform_errors": 0, "first_transform_error": None}
 
 
@@ -513,6 +520,7 @@ def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, 
                 c = counts[e.primary.file]
                 c["partitions"][rel] += 1
                 c["evidence"] += 1
+                c["undated"] += ev["recorded_at_from"] == UNDATED
                 pid = id(e.primary)
                 primaries[pid] = primaries.get(pid, 0) + 1
                 joined_ids.update(id(m) for m in e.joined if m is not e.primary)

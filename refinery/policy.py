@@ -11,6 +11,11 @@ are applied in a fixed precedence:
 4. otherwise an audit flag or the absence of any signal sends it to a human;
 5. otherwise it is accepted — unless a *cap* rule holds it at partially_accepted.
 
+A source declared curated in refinery.toml (`[sources.<name>] trust = "curated"`: a reviewed
+fine-tuning or preference dataset) counts as approved, with full quality unless a score of its
+own says otherwise (rule `curated_source`); the worse answer of a preference pair is rejected
+(`dispreferred`), so pairs reach the preference export.
+
 POLICY_VERSION changes whenever a rule changes meaning; the policy hash covers the version,
 the rules and the thresholds in `[score]`, so any change shows up in receipts as drift.
 """
@@ -22,9 +27,10 @@ from typing import Any
 from refinery.canonical import sig_hash
 from refinery.config import ScoreConfig
 
-POLICY_VERSION = "2026.11.1"
+POLICY_VERSION = "2026.11.2"
 
 REJECT_HARD, REVIEW_CONFLICT, REJECT_SOFT, REVIEW, CAP = "reject-hard", "review-conflict", "reject", "review", "cap"
+APPROVE = "approve"  # a rule that supplies an approval; it decides no category by itself
 
 #: rule id → (effect, what it means). The order is the order rules are reported in.
 RULES: dict[str, tuple[str, str]] = {
@@ -42,14 +48,17 @@ RULES: dict[str, tuple[str, str]] = {
     "human_rejection": (REJECT_SOFT, "a reviewer rejected it: thumbs down, or a rating at or below "
                                      "human_reject_max"),
     "low_eval_score": (REJECT_SOFT, "eval score below partial_min_score"),
+    "dispreferred": (REJECT_SOFT, "a preference dataset marks this answer as the worse one of its pair"),
     "audit_flag": (REVIEW, "an auditor flagged it for a human"),
     "no_signal": (REVIEW, "no outcome signal at all: no score, rating, approval or verdict"),
     "missing_stop": (CAP, "no stop reason where the source records one: it may be cut off"),
     "below_accept_score": (CAP, "quality score between partial_min_score and accept_min_score"),
     "no_approval": (CAP, "no approval (approver, thumbs up or audit pass) while require_approval is set"),
     "no_score": (CAP, "approved, but there is no eval score or rating to check the quality"),
+    "curated_source": (APPROVE, 'the source is declared curated ([sources.<name>] trust = "curated"): approved, '
+                                "with full quality unless a score of its own says otherwise"),
 }
-_TRUNCATED = {"length", "max_tokens", "max_turns", "max_output_tokens"}
+_TRUNCATED = {"length", "max_tokens", "max_turns", "max_output_tokens", "model_length", "max_tokens_reached"}
 
 
 def policy_hash(cfg: ScoreConfig) -> str:
@@ -75,15 +84,18 @@ def score_record(ev: dict[str, Any], cfg: ScoreConfig) -> tuple[str, float, list
     if n_calls > cfg.max_tool_calls:
         fired.append("runaway_tool_loop")
     stop = s["stop_reason"]
-    if stop in _TRUNCATED:
+    if isinstance(stop, str) and stop.lower() in _TRUNCATED:
         fired.append("truncated")
     if s["safety_flags"]:
         fired.append("safety_flag")
 
     score, rating, approved, verdict = s["eval_score"], s["human_rating"], s["approved"], s["verdict"]
+    curated = s.get("trust") == "curated"
     quality = score if score is not None else rating
+    if quality is None and curated:
+        quality = 1.0
     human_no = approved is False or (rating is not None and rating <= cfg.human_reject_max)
-    approval = approved is True or verdict == "pass"
+    approval = approved is True or verdict == "pass" or curated
     if ((approved is True and quality is not None and quality < cfg.accept_min_score)
             or (approved is False and score is not None and score >= cfg.accept_min_score)
             or (verdict == "pass" and human_no) or (verdict == "fail" and approved is True)):
@@ -94,6 +106,8 @@ def score_record(ev: dict[str, Any], cfg: ScoreConfig) -> tuple[str, float, list
         fired.append("human_rejection")
     if score is not None and score < cfg.partial_min_score:
         fired.append("low_eval_score")
+    if s.get("preference") == "rejected":
+        fired.append("dispreferred")
     if verdict == "flag":
         fired.append("audit_flag")
     if quality is None and approved is None and verdict is None and not fired:
@@ -106,6 +120,8 @@ def score_record(ev: dict[str, Any], cfg: ScoreConfig) -> tuple[str, float, list
         fired.append("no_approval")
     if quality is None and approval:
         fired.append("no_score")
+    if curated:
+        fired.append("curated_source")
 
     effects = {RULES[r][0] for r in fired}
     if REJECT_HARD in effects:

@@ -349,21 +349,26 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> str:
         raise RowError(Reason.BAD_TIMESTAMP, f"field '{field}': epoch {value!r} out of range") from None
 
 
+#: The time of a record that carries none, has no document, parent or partner time, and whose
+#: source has no configured fallback: a fixed date, never "now", marked "undated" in the evidence.
+UNDATED_AT = "1970-01-01T00:00:00Z"
+UNDATED = "undated"
+
+
 def dated(ctx: RowContext, *options: tuple[str, Any]) -> tuple[str, str]:
     """(recorded_at, where it came from) from the first of `options` — (label, value) pairs
     such as ("record:created", row.get("created")) or ("document:createdAt", ...) — that has a
-    value; a value that is there but not a time refuses the row. With none, the source's
-    configured fallback (`recorded_at` in its [sources.<name>] table); never "now"."""
+    value; a value that is there but not a time refuses the row. With none: the source's
+    configured fallback (`recorded_at` in its [sources.<name>] table), else UNDATED_AT marked
+    "undated" (run-all says how many and how to date them) — never "now", which would make two
+    runs on the same bytes differ."""
     for label, value in options:
         if value is None or value == "":
             continue
         return parse_timestamp(value, label.split(":", 1)[-1]), label
     if ctx.fallback_time is not None:
         return ctx.fallback_time, ctx.fallback_origin or "fallback"
-    tried = ", ".join(label for label, _ in options) or "a time field"
-    raise RowError(Reason.BAD_TIMESTAMP,
-                   f"no time in the record ({tried}): set recorded_at in a [sources.<name>] table of "
-                   "refinery.toml for a source whose records carry none")
+    return UNDATED_AT, UNDATED
 
 
 # --- tool calls and messages --------------------------------------------------------------
@@ -413,9 +418,14 @@ def content_text(content: Any) -> str | None:
     if content is None or isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = [p.get("text") for p in content if isinstance(p, dict) and (p.get("type") in _TEXT_PARTS or (
-            "type" not in p and isinstance(p.get("text"), str))) and isinstance(p.get("text"), str)]
-        texts += [p for p in content if isinstance(p, str)]
+        texts = []
+        for p in content:
+            if isinstance(p, str):
+                texts.append(p)
+            elif isinstance(p, dict) and p.get("type", "text") in _TEXT_PARTS:
+                value = p.get("text", p.get("value"))  # LLaMA-Factory's parts say "value"
+                if isinstance(value, str):
+                    texts.append(value)
         return "".join(texts)
     if isinstance(content, dict) and isinstance(content.get("text"), str):
         return content["text"]

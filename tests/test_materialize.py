@@ -12,8 +12,8 @@ from refinery.models import EvidenceRecord, QuarantineRecord
 
 # Every fixture stream at once: the end-to-end case with known counts.
 EXPECTED_REASONS = {
-    "bad_timestamp": 5, "blank_line": 1, "csv_malformed": 1, "duplicate_row": 3, "invalid_json": 1,
-    "invalid_utf8": 1, "missing_field": 7, "not_an_object": 1, "wrong_type": 12,
+    "bad_timestamp": 4, "blank_line": 1, "csv_malformed": 1, "duplicate_row": 3, "invalid_json": 1,
+    "invalid_utf8": 1, "missing_field": 8, "not_an_object": 1, "wrong_type": 12,
 }
 
 

@@ -19,7 +19,8 @@ def evidence(**changes) -> dict:
         "prompt": "How many orders in August?", "messages": None, "response": "1,312 rows.", "tool_calls": [],
         "signals": {"eval_score": 0.9, "expected": None, "approved": True, "approver": "maria.k",
                     "human_rating": None, "verdict": None, "error": None, "exit_status": None,
-                    "tool_call_count": None, "stop_reason": None, "safety_flags": []},
+                    "tool_call_count": None, "stop_reason": None, "safety_flags": [], "scores": [],
+                    "preference": None, "trust": None},
         "recorded_at": "2026-11-01T00:00:00Z",
     }
     for key, value in changes.items():
@@ -67,7 +68,24 @@ CASES = [
     ({"approved": None, "approver": None}, "partially_accepted", "no_approval"),
     ({"eval_score": None}, "partially_accepted", "no_score"),
     ({"eval_score": None, "approved": None, "verdict": "pass"}, "partially_accepted", "no_score"),
+    ({"preference": "rejected"}, "rejected", "dispreferred"),
+    ({"trust": "curated", "eval_score": None, "approved": None, "approver": None}, "accepted", "curated_source"),
 ]
+
+
+def test_a_curated_pair_becomes_chosen_and_rejected():
+    chosen = evidence(trust="curated", eval_score=None, approved=None, approver=None, preference="chosen")
+    rejected = evidence(trust="curated", eval_score=None, approved=None, approver=None, preference="rejected")
+    (c_cat, c_score, c_rules), (r_cat, r_score, r_rules) = score_record(chosen, CFG), score_record(rejected, CFG)
+    assert (c_cat, r_cat) == ("accepted", "rejected") and c_score > r_score
+    assert c_rules == ["curated_source"] and r_rules == ["dispreferred", "curated_source"]
+
+
+def test_a_curated_source_still_answers_to_its_own_signals():
+    assert score_record(evidence(trust="curated", eval_score=0.2, approved=None), CFG)[0] == "rejected"
+    assert score_record(evidence(trust="curated", stop_reason="length"), CFG)[0] == "rejected"
+    uncurated = evidence(eval_score=None, approved=None, approver=None, preference="chosen")
+    assert score_record(uncurated, CFG)[0] == "needs_human_review"  # a preference alone is no approval
 
 
 @pytest.mark.parametrize(("changes", "category", "rule"), CASES, ids=[f"{c[2]}-{i}" for i, c in enumerate(CASES)])
