@@ -363,16 +363,45 @@ def archive_members(zf: zipfile.ZipFile) -> list[str]:
     return [i.filename for i in zf.infolist() if not i.is_dir()]
 
 
+ZIP_ZSTANDARD = 93  # inspect_ai's .eval members; Python's zipfile reads it only from 3.14
+
+
+def _read_zstd_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A Zstandard-compressed member, read from its local header (zipfile cannot before 3.14)."""
+    import struct
+
+    import zstandard
+
+    fp = zf.fp
+    fp.seek(info.header_offset)
+    header = fp.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    fp.seek(info.header_offset + 30 + name_len + extra_len)
+    data = zstandard.ZstdDecompressor().decompress(fp.read(info.compress_size), max_output_size=info.file_size)
+    if zlib.crc32(data) != info.CRC:
+        raise zipfile.BadZipFile(f"CRC mismatch in {info.filename}")
+    return data
+
+
 def _read_member(zf: zipfile.ZipFile, name: str, cap: int) -> tuple[Any, Line | None]:
     info = zf.getinfo(name)
     if info.file_size > cap:
         return None, _too_large(f"archive member {name}", cap)._replace(record=name)
     try:
-        data = zf.read(name)
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as e:
+        if info.compress_type == ZIP_ZSTANDARD and not _zip_reads_zstd():
+            data = _read_zstd_member(zf, info)
+        else:
+            data = zf.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as e:
         return None, _damage(0, f"archive member {name} cannot be read", e)._replace(record=name)
     doc, bad = _parse_document(data, f"archive member {name}")
     return doc, (bad._replace(record=name) if bad is not None else None)
+
+
+def _zip_reads_zstd() -> bool:
+    return getattr(zipfile, "ZIP_ZSTANDARD", None) == ZIP_ZSTANDARD
 
 
 def member_globs(record_paths: tuple[RecordPath, ...] | tuple[str, ...]) -> list[str]:

@@ -209,3 +209,16 @@ def test_max_document_bytes_is_a_setting(ws):
     write_kb(ws, {"big.json": b'[{"a": 1}, {"a": 2}]'})
     result = materialize.run(ws, load_config(ws.root))
     assert result.by_reason == {"document_too_large": 1}
+
+
+def test_zstandard_archive_members_as_inspect_writes_them():
+    """inspect_ai 0.3.285 compresses .eval members with Zstandard (zip method 93), which Python's
+    zipfile reads only from 3.14: the archive reads the same as its DEFLATE twin."""
+    from conftest import FIXTURES
+
+    got = {}
+    for kind in ("zstd", "deflate"):
+        path = FIXTURES / "real" / "inspect_ai" / f"log_read_sample.{kind}.eval"
+        got[kind] = [(r.record, r.obj["id"], r.parents[0]["eval"]["task"])
+                     for r in read_records(path, "zip", False, (RecordPath("samples/*.json", ()),))]
+    assert got["zstd"] == got["deflate"] and len(got["zstd"]) == 1
