@@ -114,6 +114,10 @@ def _materialize_verdict(result) -> int:
             _err(f"warning: {f.source_file}: {f.undated} record(s) carry no time (nor their document or partner): "
                  f"dated 1970-01-01 and marked recorded_at_from = undated. Date them with recorded_at in a "
                  f"[sources.{f.source}] table of refinery.toml.")
+        if f.dropped_fields:
+            fields = ", ".join(f"{k} ({n})" for k, n in f.dropped_fields.items())
+            _err(f"warning: {f.source_file}: optional fields of the wrong type were left out (the rows were kept): "
+                 f"{fields}. Check their paths or conversions in the file's [mappings] table.")
         if damaged := f.by_reason.get("damaged_container"):
             _err(f"warning: {f.source_file}: the container is damaged ({damaged} record(s) quarantined as "
                  "damaged_container); what was read before the damage was kept")

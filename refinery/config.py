@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from refinery.canonical import sig_hash
 
@@ -46,28 +46,86 @@ class MaterializeConfig(Section):
         description="extra folders of transform modules, relative to the workspace")
 
 
-class FieldMap(Section):
-    """Where each evidence field lives in a row: a column name or a dotted JSON path."""
+Conversion = Literal["json", "seconds_to_ms", "ns_to_ms", "us_to_ms", "otel_value", "string", "number", "first",
+                     "lower"]
 
-    recorded_at: str
-    prompt: str | None = None
-    messages: str | None = None
-    response: str | None = None
-    id: str | None = None
-    task_id: str | None = None
-    task_name: str | None = None
-    score: str | None = None
-    expected: str | None = None
-    approved: str | None = None
-    approver: str | None = None
-    rating: str | None = None
-    model: str | None = None
-    provider: str | None = None
-    latency_ms: str | None = None
-    prompt_tokens: str | None = None
-    completion_tokens: str | None = None
-    error: str | None = None
-    stop_reason: str | None = None
+
+class FieldExpr(Section):
+    """A field computed from the row: a path with conversions, several paths joined, or the time
+    between two timestamps (in milliseconds)."""
+
+    path: str | list[str] | None = Field(default=None, description="a path, or paths of which the first present wins")
+    join: list[str] | None = Field(default=None, description="paths whose text values are joined with `sep`")
+    sep: str = "\n\n"
+    start: str | None = Field(default=None, description="with `end`: the milliseconds from start to end")
+    end: str | None = None
+    convert: Annotated[list[Conversion], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
+        default_factory=list, description="applied in order: json (parse embedded JSON text), seconds_to_ms, "
+                                          "ns_to_ms, us_to_ms, otel_value (unwrap an OTLP value), string, number, "
+                                          "first (of a list), lower")
+
+    @model_validator(mode="after")
+    def _one(self) -> FieldExpr:
+        kinds = [self.path is not None, self.join is not None, self.start is not None or self.end is not None]
+        if sum(kinds) != 1:
+            raise ValueError("give exactly one of `path`, `join`, or `start` + `end`")
+        if kinds[2] and not (self.start and self.end):
+            raise ValueError("`start` and `end` go together (the field is end − start in milliseconds)")
+        for p in self.paths():
+            _check_path(p)
+        return self
+
+    def paths(self) -> list[str]:
+        if self.path is not None:
+            return [self.path] if isinstance(self.path, str) else list(self.path)
+        return list(self.join or []) + [p for p in (self.start, self.end) if p]
+
+    def conversions(self) -> list[str]:
+        return list(self.convert)
+
+
+def _as_expr(value: Any) -> Any:
+    return {"path": value} if isinstance(value, (str, list)) else value
+
+
+#: A field: "a.b", ["a", "b"] (the first present) or a {path | join | start + end, convert} table.
+FieldSpec = Annotated[FieldExpr, BeforeValidator(_as_expr)]
+
+
+def _check_path(path: str) -> None:
+    from refinery.mapping import parse_path
+
+    parse_path(path)
+
+
+class FieldMap(Section):
+    """Where each evidence field lives in a row: a column name, a dotted JSON path (with
+    lookups by key inside lists: `attributes[key=gen_ai.request.model].value`), a list of paths
+    (the first present wins), or a table {path | join | start + end, convert}."""
+
+    recorded_at: FieldSpec | None = Field(default=None, description="the row's time; rows without one are refused "
+                                                                    "unless [sources.<name>] recorded_at is set")
+    prompt: FieldSpec | None = None
+    system: FieldSpec | None = Field(default=None, description="a system prompt, put before the messages")
+    messages: FieldSpec | None = Field(default=None, description="the conversation sent (a list of messages)")
+    response: FieldSpec | None = None
+    response_messages: FieldSpec | None = Field(default=None, description="the answer as messages (a list, or one)")
+    tool_calls: FieldSpec | None = Field(default=None, description="the answer's tool calls (a list)")
+    id: FieldSpec | None = None
+    task_id: FieldSpec | None = None
+    task_name: FieldSpec | None = None
+    score: FieldSpec | None = None
+    expected: FieldSpec | None = None
+    approved: FieldSpec | None = None
+    approver: FieldSpec | None = None
+    rating: FieldSpec | None = None
+    model: FieldSpec | None = None
+    provider: FieldSpec | None = None
+    latency_ms: FieldSpec | None = None
+    prompt_tokens: FieldSpec | None = None
+    completion_tokens: FieldSpec | None = None
+    error: FieldSpec | None = None
+    stop_reason: FieldSpec | None = None
 
     @model_validator(mode="after")
     def _needs_text(self) -> FieldMap:
@@ -76,19 +134,53 @@ class FieldMap(Section):
         return self
 
 
+class ScoreField(Section):
+    """`[mappings.<name>.scores.<score name>]`: a named quality score in the row."""
+
+    field: FieldSpec = Field(description="where the score is")
+    scale: tuple[float, float] | None = Field(default=None, description="[min, max] of the raw value (default 0..1)")
+    higher_is_better: bool | None = Field(default=None, description="false for toxicity-like scores")
+    by: Literal["human", "automated"] | None = Field(default=None, description="who gives it")
+
+
 class Mapping(Section):
     """A declarative transform for a stream that has no transform module."""
 
     match: str = Field(description="glob of file paths relative to data/_kb, e.g. 'support_bot*.jsonl'")
     kind: str = "mapped"
-    format: Literal["jsonl", "csv"] | None = Field(
-        default=None, description="default: from the file extension")
+    format: Literal["json", "jsonl", "csv"] | None = Field(
+        default=None, description="the records: csv rows or json objects (default: from the file extension)")
+    record_paths: list[str] = Field(
+        default_factory=list, description="where records sit in a JSON document, e.g. ['data.items[]']")
+    filter: dict[str, str | int | float | bool | list[str | int | float | bool]] = Field(
+        default_factory=dict, description="keep only rows whose path has this value (or one of these values), "
+                                          "e.g. {type = 'GENERATION'}; the others are quarantined as filtered_out")
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=dict, description="rename message roles, e.g. {human = 'user', bot = 'assistant'}")
+    message_keys: dict[Literal["role", "content"], str] = Field(
+        default_factory=dict, description="the keys messages use for role and content, e.g. {role = 'from', "
+                                          "content = 'value'}")
     fields: FieldMap
+    scores: dict[str, ScoreField] = Field(default_factory=dict, description="named quality scores")
     score_scale: float = Field(default=1.0, gt=0, description="divide the score by this to get 0..1")
     rating_scale: float = Field(default=1.0, gt=0, description="divide the rating by this to get 0..1")
     approved_values: list[str] = Field(
         default_factory=lambda: ["true", "yes", "y", "1", "approved", "pass"],
         description="values of the approved field that mean approved (case-insensitive)")
+
+    @model_validator(mode="after")
+    def _paths(self) -> Mapping:
+        from refinery.containers import RecordPath
+
+        for p in self.record_paths:
+            if "/" not in p and "*" not in p:
+                RecordPath.parse(p)
+        for p in self.filter:
+            try:
+                _check_path(p)
+            except ValueError as e:
+                raise ValueError(f"filter: {e}") from None
+        return self
 
 
 class SourceConfig(Section):
@@ -271,7 +363,8 @@ def format_errors(origin: str, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key '{key}' — remove it or check its spelling")
         else:
-            lines.append(f"{origin}: '{key}': {e['msg']}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{origin}: '{key}': {msg}")
     return "\n".join(lines)
 
 

@@ -76,6 +76,8 @@ class FileResult:
     """evidence records beyond the first made from one record (e.g. the rejected side of a pair)"""
     undated: int = 0
     """evidence records with no time of their own, of their document or partner, or configured"""
+    dropped_fields: dict[str, int] = field(default_factory=dict)
+    """optional fields a mapping dropped for a wrong type (the rows were kept), by field"""
     by_reason: dict[str, int] = field(default_factory=dict)
     partitions: dict[str, int] = field(default_factory=dict)
     """evidence path (relative to the evidence root) → rows"""
@@ -284,8 +286,9 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
     raw_max = mcfg.quarantine_raw_max
     sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
     fallback_time, fallback_origin = job.fallback or (None, None)
+    dropped: Counter[str] = Counter()
     ctx = RowContext(source=src.source, source_file=src.ws_rel, fallback_time=fallback_time,
-                     fallback_origin=fallback_origin, score_rules=score_rules)
+                     fallback_origin=fallback_origin, score_rules=score_rules, dropped=dropped)
     fn = transform.fn if transform else None
     join_key = transform.join_key if transform is not None and transform.joins else None
     # The one structure that grows with the input: 64 bits of each row's hash (16 bytes a
@@ -416,6 +419,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
             f.close()
     res.quarantined = sum(by_reason.values())
     res.by_reason = dict(sorted(by_reason.items()))
+    res.dropped_fields = dict(sorted(dropped.items()))
     if res.rows_in == 0:
         res.warnings.append(f"{src.ws_rel} is empty" if src.size == 0 else f"{src.ws_rel} holds no records")
     return res

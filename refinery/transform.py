@@ -88,6 +88,8 @@ class RowContext:
     fallback_origin: str | None = None
     score_rules: dict[str, Any] | None = None
     """refinery.toml [signals.<name>]: how to read named scores (direction, scale, author)"""
+    dropped: Any = None
+    """a Counter of optional fields dropped for a wrong type (the row kept), when the caller counts them"""
 
     def score(self, name: str, value: Any, **kw: Any) -> dict[str, Any]:
         """`named_score` with the workspace's [signals] rules."""
@@ -355,19 +357,24 @@ UNDATED_AT = "1970-01-01T00:00:00Z"
 UNDATED = "undated"
 
 
-def dated(ctx: RowContext, *options: tuple[str, Any]) -> tuple[str, str]:
+def dated(ctx: RowContext, *options: tuple[str, Any], required: bool = False) -> tuple[str, str]:
     """(recorded_at, where it came from) from the first of `options` — (label, value) pairs
     such as ("record:created", row.get("created")) or ("document:createdAt", ...) — that has a
     value; a value that is there but not a time refuses the row. With none: the source's
     configured fallback (`recorded_at` in its [sources.<name>] table), else UNDATED_AT marked
     "undated" (run-all says how many and how to date them) — never "now", which would make two
-    runs on the same bytes differ."""
+    runs on the same bytes differ. With `required` (the stream promises a time on every row),
+    a row without one and without a configured fallback is refused as bad_timestamp."""
     for label, value in options:
         if value is None or value == "":
             continue
         return parse_timestamp(value, label.split(":", 1)[-1]), label
     if ctx.fallback_time is not None:
         return ctx.fallback_time, ctx.fallback_origin or "fallback"
+    if required:
+        tried = ", ".join(f"'{label.split(':', 1)[-1]}'" for label, _ in options) or "its time field"
+        raise RowError(Reason.BAD_TIMESTAMP, f"field {tried} is missing, so the row cannot be dated (or set "
+                                             "recorded_at in its [sources.<name>] table of refinery.toml)")
     return UNDATED_AT, UNDATED
 
 
@@ -426,7 +433,7 @@ def content_text(content: Any) -> str | None:
                 value = p.get("text", p.get("value"))  # LLaMA-Factory's parts say "value"
                 if isinstance(value, str):
                     texts.append(value)
-        return "".join(texts)
+        return "".join(texts) if texts or not content else None  # only tool/image parts: no text
     if isinstance(content, dict) and isinstance(content.get("text"), str):
         return content["text"]
     raise TypeError

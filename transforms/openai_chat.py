@@ -29,9 +29,10 @@ def _is_call(rec):
     ex = cf.exchange(rec)
     answered = cf.is_openai_completion(ex.response) or cf.is_openai_response(ex.response)
     asked = ex.request is not None and ("messages" in ex.request or "input" in ex.request)
-    return (answered and (asked or ex.request is None)) or (asked and ex.status is not None and ex.status >= 400
-                                                             and "model" in (ex.request or {})
-                                                             and "messages" in (ex.request or {}))
+    # a failed call: OpenAI's error body is {"error": {...}}; Anthropic's says "type": "error"
+    failed = (isinstance(ex.response, dict) and isinstance(ex.response.get("error"), dict)
+              and ex.response.get("type") != "error")
+    return (answered and (asked or ex.request is None)) or (asked and failed and "model" in ex.request)
 
 
 def detect(probe):

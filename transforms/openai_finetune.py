@@ -20,7 +20,8 @@ from refinery.transform import (
 SPEC = TransformSpec(name="openai_finetune", patterns=(), format="json", kind="sft_example",
                      description="OpenAI fine-tuning chat examples and DPO pairs")
 
-CHAT_KEYS = {"messages", "tools", "parallel_tool_calls", "functions", "metadata"}
+#: LLaMA-Factory's "openai"-style datasets add media lists beside the messages.
+CHAT_KEYS = {"messages", "tools", "parallel_tool_calls", "functions", "metadata", "images", "videos", "audios"}
 DPO_KEYS = {"input", "preferred_output", "non_preferred_output"}
 
 
