@@ -228,7 +228,8 @@ class SignalConfig(Section):
     scale: tuple[float, float] | None = Field(default=None, description="[min, max] of the raw value, e.g. [1, 5]")
     by: Literal["human", "automated"] | None = Field(
         default=None, description="who gives it: human scores become human_rating, automated ones eval_score")
-    use: bool = Field(default=True, description="false: keep it in the evidence, but do not score by it")
+    use: bool | None = Field(default=None, description="false: keep it in the evidence, but do not score by it; "
+                                                       "true: score by it even where the importer would not")
 
     @model_validator(mode="after")
     def _scale(self) -> SignalConfig:

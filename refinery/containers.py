@@ -47,8 +47,10 @@ LINE_EXTS = (".jsonl", ".ndjson", ".jsonlines")
 CONTAINER_OF_EXT = {**dict.fromkeys(LINE_EXTS, "lines"), ".csv": "csv", ".json": "json", ".eval": "zip",
                     ".zip": "zip"}
 GZIP_MAGIC, ZIP_MAGIC = b"\x1f\x8b", b"PK\x03\x04"
-#: An archive's member that describes the whole archive (inspect_ai's eval spec), given to each record.
+#: An archive's member that describes the whole archive (inspect_ai's eval spec), given to each record;
+#: an archive still being written (or whose run crashed) has only the journal's start record.
 ARCHIVE_HEADER = "header.json"
+ARCHIVE_HEADERS = (ARCHIVE_HEADER, "_journal/start.json")
 PROBE_RECORDS = 8
 
 
@@ -146,9 +148,13 @@ class RecordPath:
         return cls(text, tuple(steps))
 
     def matches(self, unit: Any) -> bool:
+        """Whether the path's first step is in `unit`: an object, or a list holding an object (a
+        list of ids or an empty list is not where records are)."""
         key, many = self.steps[0]
         value = unit if key is None else (unit.get(key) if isinstance(unit, dict) else None)
-        return isinstance(value, list) if many else isinstance(value, dict)
+        if many:
+            return isinstance(value, list) and any(isinstance(v, dict) for v in value)
+        return isinstance(value, dict)
 
     def expand(self, unit: Any, where: str = "$") -> Iterator[tuple[str, Any, tuple[Any, ...]]]:
         """(locator, record, parents) for every record the path reaches in `unit`."""
@@ -257,18 +263,18 @@ def _read_lines(path: Path, compressed: bool, record_paths: tuple[RecordPath, ..
                 return
             obj = line.obj
             if obj is not None and record_paths:
-                hits = [p for p in record_paths if p.matches(obj)]
-                if hits:
-                    for p in hits:
-                        for loc, rec, parents in p.expand(obj):
-                            yield _record(n, rec, f"line {line.offset} {loc}", parents)
-                            n += 1
+                found = [(loc, rec, ps) for p in record_paths if p.matches(obj) for loc, rec, ps in p.expand(obj)]
+                if found:
+                    for loc, rec, parents in found:
+                        yield _record(n, rec, f"line {line.offset} {loc}", parents)
+                        n += 1
                     continue
                 if strict:
                     yield _no_path(n, record_paths, f"line {line.offset} $", line.raw)
                     n += 1
                     continue
-            yield line._replace(offset=n) if line.offset != n else line
+            # once a line has held several records, a line's offset is no longer its line: say which
+            yield line if line.offset == n else line._replace(offset=n, record=f"line {line.offset}")
             n += 1
 
 
@@ -323,14 +329,14 @@ def _parse_document(data: bytes, where: str) -> tuple[Any, Line | None]:
 def _expand_document(doc: Any, record_paths: tuple[RecordPath, ...], start: int, prefix: str,
                      parents: tuple[Any, ...] = (), strict: bool = False) -> Iterator[Line]:
     n = start
-    hits = [p for p in record_paths if p.matches(doc)]
-    if strict and not hits:
+    # a document whose record paths reach no record is a record itself: it is never lost
+    found = [(loc, rec, ps) for p in record_paths if p.matches(doc) for loc, rec, ps in p.expand(doc)]
+    if strict and not found:
         yield _no_path(n, record_paths, prefix + "$", orjson.dumps(doc))
-    elif hits:
-        for p in hits:
-            for loc, rec, ps in p.expand(doc):
-                yield _record(n, rec, prefix + loc, (*parents, *ps))
-                n += 1
+    elif found:
+        for loc, rec, ps in found:
+            yield _record(n, rec, prefix + loc, (*parents, *ps))
+            n += 1
     elif isinstance(doc, list):
         for i, rec in enumerate(doc):
             yield _record(n, rec, f"{prefix}$[{i}]", (*parents, doc))
@@ -418,8 +424,9 @@ def _read_archive(path: Path, record_paths: tuple[RecordPath, ...], limits: Limi
         names = archive_members(zf)
         globs = member_globs(record_paths) or ["*.json"]
         header: Any = {}
-        if ARCHIVE_HEADER in names:
-            header, bad = _read_member(zf, ARCHIVE_HEADER, limits.max_document_bytes)
+        first = next((h for h in ARCHIVE_HEADERS if h in names), None)
+        if first is not None:
+            header, bad = _read_member(zf, first, limits.max_document_bytes)
             if bad is not None:
                 yield bad
                 return
@@ -497,8 +504,9 @@ def probe(path: Path, container: str, compressed: bool, limits: Limits = Limits(
         if container == "zip":
             with zipfile.ZipFile(path) as zf:
                 pr.members = archive_members(zf)
-                if ARCHIVE_HEADER in pr.members:
-                    pr.header, _ = _read_member(zf, ARCHIVE_HEADER, limits.max_document_bytes)
+                first = next((h for h in ARCHIVE_HEADERS if h in pr.members), None)
+                if first is not None:
+                    pr.header, _ = _read_member(zf, first, limits.max_document_bytes)
             return pr
         if container == "json":
             with open_binary(path, compressed) as f:

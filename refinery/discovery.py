@@ -118,14 +118,15 @@ def _load_module(path: Path):
     if spec is None or spec.loader is None:
         raise TransformLoadError(f"{path}: cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # registered first, as `import` does: dataclasses look themselves up there
     try:
         spec.loader.exec_module(module)
     except Exception as e:
+        del sys.modules[name]
         where = traceback.extract_tb(e.__traceback__)[-1]
         raise TransformLoadError(
             f"transform module {path} failed to import: {type(e).__name__}: {e} "
             f"(at {where.filename}:{where.lineno}). Fix or remove the module.") from None
-    sys.modules[name] = module
     return module
 
 

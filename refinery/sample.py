@@ -358,25 +358,42 @@ def _openai_row(d: Draw, defect: str | None) -> dict[str, Any]:
 class Family:
     file: str
     weight: float
-    build: Callable[[Draw, str | None], dict[str, Any]]
+    build: Callable[[Draw, str | None], dict[str, Any]] | None
     defects: tuple[str, ...]
+    write: Callable[[int, int, Path], dict[str, int]] | None = None
+    """for a public format (refinery.sample_formats): writes its own files, returns lines per file"""
 
 
 # Which defects each family can carry; row encoding defects are applied to the line itself.
 LINE_DEFECTS = ("broken_json", "invalid_utf8", "duplicate")
+def _public(writer: str) -> Callable[[int, int, Path], dict[str, int]]:
+    """A writer of refinery.sample_formats (imported when used: it imports this module)."""
+    def write(rows: int, seed: int, out: Path) -> dict[str, int]:
+        from refinery import sample_formats
+
+        return getattr(sample_formats, writer)(rows, seed, out)
+    return write
+
+
 FAMILIES: tuple[Family, ...] = (
-    Family("runs.csv", 0.18, _run_row,
+    Family("runs.csv", 0.13, _run_row,
            ("secret", "missing", "wrong_type", "runaway", "no_stop", "invalid_utf8", "duplicate", "broken_json")),
-    Family("eval.csv", 0.16, _eval_row,
+    Family("eval.csv", 0.12, _eval_row,
            ("secret", "missing", "wrong_type", "invalid_utf8", "duplicate", "broken_json")),
-    Family("agent_transcripts.jsonl", 0.2, _transcript_row,
+    Family("agent_transcripts.jsonl", 0.15, _transcript_row,
            ("secret", "tool_key", "runaway", "missing", "wrong_type", "no_stop", *LINE_DEFECTS)),
-    Family("gateway_receipts.jsonl", 0.18, _gateway_row,
+    Family("gateway_receipts.jsonl", 0.13, _gateway_row,
            ("secret", "missing", "wrong_type", "no_stop", *LINE_DEFECTS)),
-    Family("auditor_verdicts.jsonl", 0.1, _audit_row, ("secret", "missing", "wrong_type", *LINE_DEFECTS)),
-    Family("human_feedback.jsonl", 0.1, _feedback_row, ("secret", "missing", "wrong_type", *LINE_DEFECTS)),
-    Family("openai_chat_log.jsonl", 0.08, _openai_row,
+    Family("auditor_verdicts.jsonl", 0.08, _audit_row, ("secret", "missing", "wrong_type", *LINE_DEFECTS)),
+    Family("human_feedback.jsonl", 0.08, _feedback_row, ("secret", "missing", "wrong_type", *LINE_DEFECTS)),
+    Family("openai_chat_log.jsonl", 0.06, _openai_row,
            ("secret", "missing", "wrong_type", "no_stop", *LINE_DEFECTS)),
+    # the public formats operators' tools write (refinery.sample_formats)
+    Family("batch", 0.07, None, (), _public("write_batch")),
+    Family("promptfoo", 0.06, None, (), _public("write_promptfoo")),
+    Family("inspect", 0.05, None, (), _public("write_inspect")),
+    Family("langfuse", 0.04, None, (), _public("write_langfuse")),
+    Family("otel", 0.03, None, (), _public("write_otel")),
 )
 DEFECT_EVERY = 9  # one row in nine carries a defect, cycling through the family's kinds
 
@@ -405,26 +422,35 @@ def _corrupt(line: bytes, defect: str) -> bytes:
     return line
 
 
+def draws(name: str, defects: tuple[str, ...], rows: int, seed: int) -> Iterator[tuple[Draw | None, str | None]]:
+    """The draws of one stream, one at a time: (draw, defect), or (None, "duplicate") where the
+    previous row repeats. The same name, rows and seed give the same draws."""
+    rng = random.Random(f"{seed}:{name}")
+    step = SPAN / max(rows, 1)
+    for i in range(rows):
+        defect = defects[(i // DEFECT_EVERY) % len(defects)] if i % DEFECT_EVERY == 4 else None
+        if defect == "duplicate" and i:
+            yield None, defect
+            continue
+        provider, model = MODELS[rng.randrange(len(MODELS))]
+        yield Draw(i, TASKS[rng.randrange(len(TASKS))], OUTCOMES[rng.randrange(len(OUTCOMES))],
+                   BASE_TIME + step * i + timedelta(seconds=rng.randrange(60)), provider, model, rng), defect
+
+
 def generate_family(fam: Family, rows: int, seed: int, out: Path) -> int:
     """Write one stream of `rows` lines; return the number of lines written."""
-    rng = random.Random(f"{seed}:{fam.file}")
     is_csv = fam.file.endswith(".csv")
-    step = SPAN / max(rows, 1)
     path = out / fam.file
     tmp = path.with_name(f".{path.name}.tmp")
     written = 0
     prev: bytes | None = None
     with open(tmp, "wb") as f:
         header_done = False
-        for i in range(rows):
-            defect = fam.defects[(i // DEFECT_EVERY) % len(fam.defects)] if i % DEFECT_EVERY == 4 else None
-            if defect == "duplicate" and prev is not None:
+        for d, defect in draws(fam.file, fam.defects, rows, seed):
+            if d is None:
                 f.write(prev)
                 written += 1
                 continue
-            provider, model = MODELS[rng.randrange(len(MODELS))]
-            d = Draw(i, TASKS[rng.randrange(len(TASKS))], OUTCOMES[rng.randrange(len(OUTCOMES))],
-                     BASE_TIME + step * i + timedelta(seconds=rng.randrange(60)), provider, model, rng)
             row = fam.build(d, defect)
             if is_csv:
                 if not header_done:
@@ -450,7 +476,9 @@ def generate(rows: int, seed: int, out: Path,
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for fam, n in zip(FAMILIES, _rows_per_family(rows)):
-        written[fam.file] = generate_family(fam, n, seed, out)
+        files = fam.write(n, seed, out) if fam.write else {fam.file: generate_family(fam, n, seed, out)}
+        written.update(files)
         if on_family:
-            on_family(fam.file, written[fam.file])
+            for name, lines in files.items():
+                on_family(name, lines)
     return written

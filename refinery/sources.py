@@ -204,7 +204,11 @@ class SourceRecords:
             kind, line_no, where = split_locator(record)
             if kind == "line":
                 line = self.line(rel, line_no)
-                if line is None or line.obj is None:
+                if line is None:
+                    return None
+                if not where:  # the whole line (it held no document records)
+                    return line._replace(offset=offset, record=record)
+                if line.obj is None:
                     return None
                 return _found(offset, walk_locator(line.obj, where), record)
             doc, bad = self._document(rel, where if kind == "member" else None)

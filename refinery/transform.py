@@ -575,21 +575,29 @@ class ScoreRule:
     higher_is_better: bool | None = None
     scale: tuple[float, float] | None = None
     by: Literal["human", "automated"] | None = None
-    use: bool = True
+    use: bool | None = None
 
 
 def named_score(name: str, value: Any, *, by: str | None = None, scale: tuple[float, float] | None = None,
-                higher_is_better: bool | None = None, rules: dict[str, ScoreRule] | None = None) -> dict[str, Any]:
+                higher_is_better: bool | None = None, use: bool | None = None, default_by: str | None = None,
+                rules: dict[str, ScoreRule] | None = None) -> dict[str, Any]:
     """A quality signal with its name, raw value, scale and direction, normalised to 0..1
     (1 = best). Booleans and grades (C/I, pass/fail, ...) map to 1/0; a number is read on its
-    scale (given, configured, or 0..1 when it fits; otherwise it is kept but not normalised)."""
+    scale (given, configured, or 0..1 when it fits; otherwise it is kept but not normalised).
+
+    What the importer states about the score (its scale, direction, author — facts of the
+    format, e.g. a promptfoo assertion's score is always 1 = passed) wins over refinery.toml
+    [signals.<name>], which fills in what the format leaves open (`default_by`: the author to
+    assume when neither the format nor the config says); whether a score is used is the
+    operator's call when the table says so (`use`)."""
     rule = (rules or {}).get(name) or (rules or {}).get(name.lower()) or ScoreRule()
-    if rule.higher_is_better is not None:
+    if higher_is_better is None:
         higher_is_better = rule.higher_is_better
     if higher_is_better is None:
         higher_is_better = name.lower().replace("-", "_").replace(" ", "_") not in LOWER_IS_BETTER
-    scale = rule.scale or scale
-    by = rule.by or by
+    scale = scale or rule.scale
+    by = by or rule.by or default_by
+    used = rule.use if rule.use is not None else (use if use is not None else True)
     norm: float | None = None
     if isinstance(value, bool):
         norm = float(value)
@@ -602,7 +610,7 @@ def named_score(name: str, value: Any, *, by: str | None = None, scale: tuple[fl
         if norm is None:
             try:
                 return named_score(name, float(value), by=by, scale=scale, higher_is_better=higher_is_better,
-                                   rules=rules) | {"value": value}
+                                   use=use, default_by=default_by, rules=rules) | {"value": value}
             except ValueError:
                 pass
     else:
@@ -611,7 +619,7 @@ def named_score(name: str, value: Any, *, by: str | None = None, scale: tuple[fl
         norm = 1.0 - norm
     return {"name": name, "value": value, "scale": list(scale) if scale else None,
             "higher_is_better": higher_is_better, "normalized": None if norm is None else round(norm, 6),
-            "by": by if by in ("human", "automated") else None, "used": rule.use}
+            "by": by if by in ("human", "automated") else None, "used": used}
 
 
 def combine_scores(scores: list[dict[str, Any]]) -> tuple[float | None, float | None]:

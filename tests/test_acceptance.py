@@ -95,6 +95,7 @@ def test_coverage_fails_when_the_fixture_loses_a_family_a_rule_or_a_defect(fixtu
     p.write_bytes(b"".join(p.read_bytes().splitlines(keepends=True)[1:]))
     (fixture_copy / "kb" / "human_feedback.jsonl").unlink()  # the only human_feedback stream
     (fixture_copy / "kb" / "batch_output.jsonl").unlink()  # its second response is truncated too
+    (fixture_copy / "kb" / "langsmith_runs.jsonl").unlink()  # and so is one of these runs
     checks = {c.key: c for c in run_gate(fixture_copy)}
     assert checks["covers_every_defect"].problems == ["no fixture row is quarantined as unknown_source"]
     assert "no fixture row fires the scorer rule truncated" in checks["covers_every_rule"].problems

@@ -222,3 +222,28 @@ def test_zstandard_archive_members_as_inspect_writes_them():
         got[kind] = [(r.record, r.obj["id"], r.parents[0]["eval"]["task"])
                      for r in read_records(path, "zip", False, (RecordPath("samples/*.json", ()),))]
     assert got["zstd"] == got["deflate"] and len(got["zstd"]) == 1
+
+
+def test_a_line_after_a_document_line_says_which_line_it_is(tmp_path):
+    """Once a JSONL line has held several records, offsets count records: a plain or broken line
+    after it carries its real line in `record`, so trace and the audit can find it."""
+    p = tmp_path / "mixed.jsonl"
+    p.write_bytes(orjson.dumps({"items": [{"a": 1}, {"a": 2}]}) + b"\n" + b'{"a": 3}\n' + b'{"cut\n')
+    got = records(p, ["items[]"])
+    assert [(r.offset, r.record) for r in got] == [(0, "line 0 $.items[0]"), (1, "line 0 $.items[1]"),
+                                                   (2, "line 1"), (3, "line 2")]
+    assert got[3].reason == Reason.INVALID_JSON
+    (tmp_path / "data" / "_kb").mkdir(parents=True)
+    (tmp_path / "data" / "_kb" / "mixed.jsonl").write_bytes(p.read_bytes())
+    sr = SourceRecords(tmp_path)
+    assert sr.at("data/_kb/mixed.jsonl", 2, "line 1").obj == {"a": 3}
+    assert sr.at("data/_kb/mixed.jsonl", 3, "line 2").raw == b'{"cut'
+
+
+def test_a_list_of_ids_or_an_empty_list_is_not_where_records_are(tmp_path):
+    p = tmp_path / "traces.jsonl"
+    p.write_bytes(orjson.dumps({"id": "t1", "observations": ["o1", "o2"]}) + b"\n"
+                  + orjson.dumps({"id": "t2", "observations": []}) + b"\n"
+                  + orjson.dumps({"id": "t3", "observations": [{"id": "o3"}]}) + b"\n")
+    got = records(p, ["observations[]"])
+    assert [(r.record, r.obj["id"]) for r in got] == [(None, "t1"), (None, "t2"), ("line 2 $.observations[0]", "o3")]

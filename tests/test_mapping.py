@@ -21,7 +21,8 @@ filter = {"attributes[key=gen_ai.operation.name].value.stringValue" = "chat"}
 recorded_at = "startTimeUnixNano"
 messages = {path = "attributes[key=gen_ai.input.messages].value.stringValue", convert = "json"}
 response_messages = {path = "attributes[key=gen_ai.output.messages].value.stringValue", convert = "json"}
-model = ["attributes[key=gen_ai.response.model].value.stringValue", "attributes[key=gen_ai.request.model].value.stringValue"]
+model = ["attributes[key=gen_ai.response.model].value.stringValue",
+         "attributes[key=gen_ai.request.model].value.stringValue"]
 prompt_tokens = {path = "attributes[key=gen_ai.usage.input_tokens].value", convert = "otel_value"}
 completion_tokens = {path = "attributes[key=gen_ai.usage.output_tokens].value", convert = "otel_value"}
 latency_ms = {start = "startTimeUnixNano", end = "endTimeUnixNano"}
@@ -44,7 +45,8 @@ def span(span_id, op, *, msgs=None, out=None, tox=None, start=176243040000000000
         attrs.append(attr("gen_ai.input.messages", orjson.dumps(msgs).decode()))
     if out is not None:
         attrs.append(attr("gen_ai.output.messages", orjson.dumps(out).decode()))
-    attrs += [attr("gen_ai.usage.input_tokens", 12), {"key": "gen_ai.usage.output_tokens", "value": {"intValue": tokens}},
+    attrs += [attr("gen_ai.usage.input_tokens", 12),
+              {"key": "gen_ai.usage.output_tokens", "value": {"intValue": tokens}},
               {"key": "gen_ai.response.finish_reasons", "value": {"arrayValue": {"values": [{"stringValue": "stop"}]}}}]
     if tox is not None:
         attrs.append({"key": "eval.toxicity", "value": {"doubleValue": tox}})
@@ -69,8 +71,8 @@ def test_an_otel_export_onboarded_from_the_config_alone(ws):
                  out=[{"role": "assistant", "content": "Refund the second capture."}], tox=0.1),
             span("s2", "execute_tool"),
             span("s3", "chat", msgs="not a list", out=[{"role": "assistant", "content": "x"}]),
-            span("s4", "chat", msgs=[{"role": "user", "content": "Hi"}], out=[{"role": "assistant", "content": "Hello"}],
-                 tokens="many"),
+            span("s4", "chat", msgs=[{"role": "user", "content": "Hi"}],
+                 out=[{"role": "assistant", "content": "Hello"}], tokens="many"),
         ]}]}]}
     write_kb(ws, {"spans_2026-11-06.json": orjson.dumps(doc)})
     result = materialize.run(ws, load_config(ws.root), validate=True)

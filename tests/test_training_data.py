@@ -22,7 +22,7 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def sample_exports(tmp_path_factory):
-    """The bundled sample, run once: its SFT export (145 rows) is what the tests collect."""
+    """The bundled sample, run once: its SFT export (152 rows) is what the tests collect."""
     return sample_workspace(tmp_path_factory.mktemp("sample"), "run-all")
 
 
@@ -76,7 +76,7 @@ def test_collect_splits_by_id_hash_and_writes_mlx_shapes(ws):
     receipt = orjson.loads(result.stdout)
     sft = rows(ws / "exports" / "sft" / "instruction_response.jsonl")
     data = {s: rows(ws / "distill_out" / "data" / f"{s}.jsonl") for s in SPLITS}
-    assert sum(len(v) for v in data.values()) == len(sft) == receipt["input"]["rows"] == 145
+    assert sum(len(v) for v in data.values()) == len(sft) == receipt["input"]["rows"] == 152
     for row in sft:  # every row lands in the split its id says, in the shape its content says
         split = split_of(row["id"], 0.2, 0.1)
         assert receipt["splits"][split]["rows"] == len(data[split])
@@ -117,7 +117,7 @@ def test_collect_refuses_too_few_rows_and_a_missing_export(ws, tmp_path):
     (ws / "distill_config.json").write_text('{"min_rows": 1000}')
     result = invoke("train", "collect", "--workspace", str(ws))
     assert result.exit_code == 2
-    assert "has 145 rows, fewer than min_rows = 1000" in result.output
+    assert "has 152 rows, fewer than min_rows = 1000" in result.output
     assert not (ws / "distill_out" / "data").exists()
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -58,8 +58,10 @@ def transform(row, ctx):
             raise missing("response")
         answers = cf.openai_answers(ex.response)
     created = answers[0].created if answers else None
+    # a chat.completion always carries `created`: one without it is damaged (unless the source is dated)
     recorded_at, when = dated(ctx, ("record:response.created", created), ("record:timestamp", row.get("timestamp")),
-                              ("record:created_at", row.get("created_at")))
+                              ("record:created_at", row.get("created_at")),
+                              required=bool(answers) and cf.is_openai_completion(ex.response))
     model = (answers[0].model if answers else None) or text(row, "request.model") or \
         (ex.request.get("model") if ex.request and isinstance(ex.request.get("model"), str) else None)
     latency = number(row, "latency_ms")
