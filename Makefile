@@ -87,7 +87,7 @@ sources: install ## list the source streams in data/_kb/ and the transform that 
 	$(RUN) sources
 
 test: install ## the whole test suite, then the acceptance gate; pytest's "no tests" (exit 5) fails
-	@$(PY) -m pytest -q; rc=$$?; \
+	@$(PY) -m pytest -q -n auto; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 	$(RUN) acceptance
 
