@@ -97,6 +97,8 @@ def _do_materialize(ws, cfg, validate: bool):
 
 def _materialize_verdict(result) -> int:
     """Warnings and errors of a materialize run on stderr; its exit code."""
+    from refinery.config import table_name
+
     for w in (w for f in result.files for w in f.warnings):
         _err(f"warning: {w}")
     for f in result.files:
@@ -113,7 +115,7 @@ def _materialize_verdict(result) -> int:
         if f.undated:
             _err(f"warning: {f.source_file}: {f.undated} record(s) carry no time (nor their document or partner): "
                  f"dated 1970-01-01 and marked recorded_at_from = undated. Date them with recorded_at in a "
-                 f"[sources.{f.source}] table of refinery.toml.")
+                 f"{table_name('sources', f.source)} table of refinery.toml.")
         if f.dropped_fields:
             fields = ", ".join(f"{k} ({n})" for k, n in f.dropped_fields.items())
             _err(f"warning: {f.source_file}: optional fields of the wrong type were left out (the rows were kept): "

@@ -10,7 +10,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
 
 from refinery.canonical import sig_hash
 
@@ -202,21 +204,28 @@ class SourceConfig(Section):
         default_factory=list, description="where records sit in a JSON document ('data.items[]'), instead of "
                                           "the importer's own; for an archive, member globs")
 
-    @model_validator(mode="after")
-    def _valid(self) -> SourceConfig:
-        if self.recorded_at is not None:
-            from refinery.transform import RowError, parse_timestamp
+    @field_validator("recorded_at")
+    @classmethod
+    def _time(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from refinery.transform import RowError, parse_timestamp
 
-            try:
-                object.__setattr__(self, "recorded_at", parse_timestamp(self.recorded_at, "recorded_at"))
-            except RowError as e:
-                raise ValueError(e.detail) from None
+        try:
+            return parse_timestamp(value, "recorded_at")
+        except RowError as e:
+            raise ValueError(e.detail.removeprefix("field 'recorded_at': ") + " (use ISO 8601, e.g. 2026-11-03 "
+                             "or 2026-11-03T09:00:00Z)") from None
+
+    @field_validator("record_paths")
+    @classmethod
+    def _paths(cls, value: list[str]) -> list[str]:
         from refinery.containers import RecordPath
 
-        for p in self.record_paths:
+        for p in value:
             if "/" not in p and "*" not in p:
                 RecordPath.parse(p)
-        return self
+        return value
 
 
 class SignalConfig(Section):
@@ -354,6 +363,13 @@ class Config(Section):
 
     def config_hash(self) -> str:
         return sig_hash(self.model_dump(mode="json"))
+
+
+def table_name(section: str, name: str) -> str:
+    """How to write the table `[section.name]` in TOML: a name with dots or spaces is quoted."""
+    import re
+
+    return f"[{section}.{name}]" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'[{section}."{name}"]'
 
 
 def format_errors(origin: str, err: ValidationError) -> str:

@@ -30,7 +30,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from refinery.config import Config, SourceConfig
+from refinery.config import Config, SourceConfig, table_name
 from refinery.containers import Limits, RecordPath, parse_paths, probe
 from refinery.mapping import mapping_spec, mapping_transform
 from refinery.transform import RowContext, TransformSpec
@@ -252,7 +252,8 @@ class Registry:
             names = " and ".join(f"{t.spec.name} ({why})" for t, why in found)
             return done(None, f"recognised by {names}",
                         error=f"data/_kb/{relpath} is recognised by {names}; say which one reads it in "
-                              f"refinery.toml: [sources.{src.source}] importer = \"{found[0][0].spec.name}\"")
+                              f"refinery.toml: {table_name('sources', src.source)} importer = "
+                              f"\"{found[0][0].spec.name}\"")
         if found:
             return done(found[0][0], f"content: {found[0][1]}")
         return done(None, "no importer recognises its content")
