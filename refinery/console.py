@@ -88,12 +88,13 @@ def export_table(result: Any, console: Console | None = None) -> None:
 
 def _stage_table(title: str, receipts: dict[str, dict[str, Any]], *, hashes: bool = False) -> Table:
     extra = ["files in→out", "reused", "receipt_hash"] if hashes else ["seconds", "reused"]
-    t = _table(title, "stage", "rows in", "rows out", "quarantined", *extra)
+    t = _table(title, "stage", "rows in", "rows out", "joined", "quarantined", *extra)
     t.columns[0].no_wrap = t.columns[-1].no_wrap = True
     for stage, r in receipts.items():
         c = r["counts"]
         out = f"{c['written']:,} pairs" if stage == "export-preference" else f"{c.get('written', c['rows_out']):,}"
-        row = [stage, f"{c['rows_in']:,}", out, f"{c['quarantined']:,}"]
+        joined = f"{c['joined']:,}" if c.get("joined") else "·"  # records merged into another's evidence
+        row = [stage, f"{c['rows_in']:,}", out, joined, f"{c['quarantined']:,}"]
         if hashes:
             row += [f"{len(r['inputs'])}→{len(r['outputs'])}", "yes" if r["reused_from"] else "·",
                     r["receipt_hash"][:10]]
