@@ -223,17 +223,10 @@ class Registry:
                             error=f"refinery.toml [sources.{sname}]: importer {t.spec.name!r} cannot read "
                                   f"data/_kb/{relpath} ({fmt} records)")
             return done(t, f"refinery.toml [sources.{sname}] importer = {sc.importer!r}")
-        for group, what in ((self.mappings, "its match"), (self.modules, "its file-name pattern")):
-            hits = [t for t in group if t.claims(relpath, fmt)]
-            if len(hits) > 1:
-                raise TransformLoadError(
-                    f"data/_kb/{relpath} is claimed by several transforms: "
-                    + ", ".join(f"{t.spec.name} ({t.origin})" for t in hits)
-                    + ". Narrow their patterns so exactly one matches.")
-            if hits:
-                t = hits[0]
-                pats = [p for p in t.spec.patterns if name_matches(relpath, [p])]
-                return done(t, f"file name matches {what} {pats[0]!r}")
+        if (by_name := self._by_name(relpath, fmt)) is not None:
+            t, what = by_name
+            pats = [p for p in t.spec.patterns if name_matches(relpath, [p])]
+            return done(t, f"file name matches {what} {pats[0]!r}")
         detectors = [t for t in self.modules if t.detect is not None and t.reads(fmt)]
         if not detectors:
             return done(None, "no importer's file-name pattern matches, and none reads its records")
@@ -258,18 +251,24 @@ class Registry:
             return done(found[0][0], f"content: {found[0][1]}")
         return done(None, "no importer recognises its content")
 
-    def resolve(self, relpath: str) -> Transform | None:
-        """The transform whose name pattern claims `relpath` (no content detection)."""
-        for group in (self.mappings, self.modules):
-            hits = [t for t in group if t.claims(relpath)]
+    def _by_name(self, relpath: str, fmt: str | None) -> tuple[Transform, str] | None:
+        """(the mapping or module whose name pattern claims `relpath`, which kind), or None.
+        Two of one kind claiming it is a configuration error: raises TransformLoadError."""
+        for group, what in ((self.mappings, "its match"), (self.modules, "its file-name pattern")):
+            hits = [t for t in group if t.claims(relpath, fmt)]
             if len(hits) > 1:
                 raise TransformLoadError(
                     f"data/_kb/{relpath} is claimed by several transforms: "
                     + ", ".join(f"{t.spec.name} ({t.origin})" for t in hits)
                     + ". Narrow their patterns so exactly one matches.")
             if hits:
-                return hits[0]
+                return hits[0], what
         return None
+
+    def resolve(self, relpath: str) -> Transform | None:
+        """The transform whose name pattern claims `relpath` (no content detection)."""
+        found = self._by_name(relpath, None)
+        return found[0] if found else None
 
     def all(self) -> list[Transform]:
         return [*self.mappings, *self.modules]

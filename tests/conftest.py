@@ -103,3 +103,36 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 os.environ.setdefault("NO_COLOR", "1")
+
+
+# --- helpers of the importer tests ---------------------------------------------------------
+
+NOT_INPUTS = ("expected.jsonl", "refinery.toml", "ORIGIN.md", "README.md")
+
+
+def fixture_inputs(folder: Path) -> list[Path]:
+    """The data files of a fixture folder (not its expected output, config or notes)."""
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.name not in NOT_INPUTS
+            and not p.name.endswith(".txt")]
+
+
+def probe_file(path: Path):
+    """What content detection sees of `path` (refinery.containers.Probe)."""
+    from refinery.containers import probe, sniff
+
+    container, compressed = sniff(path)
+    return probe(path, container, compressed)
+
+
+def materialize_files(ws: Workspace, cfg: Config, *paths: Path) -> dict:
+    """Copy `paths` into data/_kb/, materialize (validating every record), and return the
+    per-file results by name; a transform error fails the test."""
+    import shutil
+
+    from refinery import materialize
+
+    for p in paths:
+        shutil.copy(p, ws.kb / p.name)
+    result = materialize.run(ws, cfg, validate=True)
+    assert result.transform_errors == 0, [f.first_transform_error for f in result.files]
+    return {f.source_file.removeprefix("data/_kb/"): f for f in result.files}

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import zipfile
 
 import pytest
 
-from conftest import FIXTURES, evidence_rows, quarantine_rows, read_jsonl_file, write_kb
-from refinery import materialize, score
-from refinery.containers import probe, sniff
+from conftest import (
+    FIXTURES, evidence_rows, fixture_inputs, materialize_files, probe_file, quarantine_rows, read_jsonl_file, write_kb,
+)
+from refinery import score
 from refinery.discovery import BUILTIN_DIR
 from refinery.materialize import claims_for
 from refinery.trace import trace
@@ -33,22 +33,11 @@ GOLDEN = FIXTURES / "inspect_ai"
 INPUT_TASK = "2024-11-05T13-31-45-05-00_input-task_8zXjbRzCWrL9GXiXo2vus9.json"
 
 
-def _probe(path):
-    container, compressed = sniff(path)
-    return probe(path, container, compressed)
-
-
-def _inputs(folder):
-    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (
-        "expected.jsonl", "refinery.toml", "ORIGIN.md", "README.md") and not p.name.endswith(".txt")]
+_probe, _inputs = probe_file, fixture_inputs
 
 
 def _run(ws, cfg, *names, folder=REAL):
-    for name in names:
-        shutil.copy(folder / name, ws.kb / name)
-    result = materialize.run(ws, cfg, validate=True)
-    assert result.transform_errors == 0, [f.first_transform_error for f in result.files]
-    return {f.source_file.removeprefix("data/_kb/"): f for f in result.files}
+    return materialize_files(ws, cfg, *(folder / n for n in names))
 
 
 def _only(ws):

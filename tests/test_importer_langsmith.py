@@ -18,9 +18,10 @@ import shutil
 
 import pytest
 
-from conftest import FIXTURES, evidence_rows, quarantine_rows, read_jsonl_file, write_kb
-from refinery import materialize, score
-from refinery.containers import probe, sniff
+from conftest import (
+    FIXTURES, evidence_rows, fixture_inputs, materialize_files, probe_file, quarantine_rows, read_jsonl_file, write_kb,
+)
+from refinery import score
 from refinery.materialize import claims_for
 from refinery.models import EvidenceRecord
 from refinery.trace import trace
@@ -45,22 +46,11 @@ T2, T3, T4 = ("7c4e9d20-8a31-4f5b-b6c2-1e9a7f3d0b44", "a1b2c3d4-0e1f-4a5b-8c7d-9
 T6, T7 = "4b5c6d7e-8f90-4a1b-9c2d-3e4f5a6b7c8d", "8e9f0a1b-2c3d-4e5f-a6b7-c8d9e0f1a2b3"
 
 
-def _probe(path):
-    container, compressed = sniff(path)
-    return probe(path, container, compressed)
-
-
-def _inputs(folder):
-    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (
-        "expected.jsonl", "refinery.toml", "ORIGIN.md", "README.md") and not p.name.endswith(".txt")]
+_probe, _inputs = probe_file, fixture_inputs
 
 
 def _run(ws, cfg, *paths):
-    for p in paths:
-        shutil.copy(p, ws.kb / p.name)
-    result = materialize.run(ws, cfg, validate=True)
-    assert result.transform_errors == 0, [f.first_transform_error for f in result.files]
-    return {f.source_file.removeprefix("data/_kb/"): f for f in result.files}
+    return materialize_files(ws, cfg, *paths)
 
 
 def _counts(files):

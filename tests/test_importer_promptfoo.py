@@ -16,9 +16,10 @@ import shutil
 
 import pytest
 
-from conftest import FIXTURES, evidence_rows, quarantine_rows, read_jsonl_file, write_kb
-from refinery import materialize, score
-from refinery.containers import probe, sniff
+from conftest import (
+    FIXTURES, evidence_rows, fixture_inputs, materialize_files, probe_file, quarantine_rows, read_jsonl_file, write_kb,
+)
+from refinery import score
 from refinery.materialize import claims_for
 from refinery.models import EvidenceRecord
 from refinery.trace import trace
@@ -30,22 +31,11 @@ GOLDEN_INPUTS = ("promptfoo_eval.json", "promptfoo_v2_results.json", "promptfoo_
                  "promptfoo_results.jsonl")
 
 
-def _probe(path):
-    container, compressed = sniff(path)
-    return probe(path, container, compressed)
-
-
-def _inputs(folder):
-    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (
-        "expected.jsonl", "refinery.toml", "ORIGIN.md", "README.md") and not p.name.endswith(".txt")]
+_probe, _inputs = probe_file, fixture_inputs
 
 
 def _run(ws, cfg, *paths):
-    for p in paths:
-        shutil.copy(p, ws.kb / p.name)
-    result = materialize.run(ws, cfg, validate=True)
-    assert result.transform_errors == 0, [f.first_transform_error for f in result.files]
-    return {f.source_file.removeprefix("data/_kb/"): f for f in result.files}
+    return materialize_files(ws, cfg, *paths)
 
 
 def _by_record(ws):
