@@ -87,12 +87,26 @@ def _do_materialize(ws, cfg, validate: bool):
     if not ws.kb.is_dir():
         _fail(f"error: no source folder {ws.kb} — put JSONL/CSV streams there, or run `refinery sample`")
     sources, _ = list_sources(ws, cfg.materialize.ignore)
+    _config_warnings(ws, cfg)
     with _progress() as progress:
         task = progress.add_task("materialize", total=sum(s.size for s in sources))
         try:
             return run(ws, cfg, validate=validate, on_file_done=lambda r, size: progress.advance(task, size))
         except (TransformLoadError, WorkspaceBusy) as e:
             _fail(f"error: {e}")
+
+
+def _config_warnings(ws, cfg) -> None:
+    """refinery.toml tables that match no file: said before a run, so a misspelt name is seen."""
+    from refinery.discovery import Registry, TransformLoadError
+    from refinery.sources import list_sources
+
+    try:
+        registry = Registry.load(ws.root, cfg)
+    except TransformLoadError:
+        return  # the run itself reports it
+    for w in registry.unused_tables(list_sources(ws, cfg.materialize.ignore)[0]):
+        _err(f"warning: {w}")
 
 
 def _materialize_verdict(result) -> int:
@@ -109,9 +123,17 @@ def _materialize_verdict(result) -> int:
                  "archive, or gzip of those), so it was quarantined as unsupported_container. Convert it, or add "
                  "it to materialize.ignore in refinery.toml.")
         elif f.transform is None:
-            _err(f"warning: {f.source_file}: no importer claims this file ({f.claimed_because}), so its records "
-                 "were quarantined as unknown_source. Name one in refinery.toml ([sources.<name>] importer = ...), "
-                 "add a module in transforms/ or a [mappings.<name>] table.")
+            reasons = ", ".join(f"{k} ({n})" for k, n in f.by_reason.items())
+            if set(f.by_reason) <= {"unknown_source"}:
+                _err(f"warning: {f.source_file}: no importer claims this file ({f.claimed_because}), so its records "
+                     "were quarantined as unknown_source. Name one in refinery.toml ([sources.<name>] importer = "
+                     "...), add a module in transforms/ or a [mappings.<name>] table.")
+            else:
+                _err(f"warning: {f.source_file}: {f.claimed_because}; quarantined: {reasons}")
+        elif f.rows_in and not f.evidence and not f.joined:
+            top = ", ".join(f"{k} ({n})" for k, n in sorted(f.by_reason.items(), key=lambda kv: -kv[1])[:3])
+            _err(f"warning: {f.source_file}: none of its {f.rows_in:,} records became evidence ({top}); is "
+                 f"{f.transform} the right importer? `refinery sources` says why it reads this file")
         if f.undated:
             _err(f"warning: {f.source_file}: {f.undated} record(s) carry no time (nor their document or partner): "
                  f"dated 1970-01-01 and marked recorded_at_from = undated. Date them with recorded_at in a "
@@ -120,7 +142,7 @@ def _materialize_verdict(result) -> int:
             fields = ", ".join(f"{k} ({n})" for k, n in f.dropped_fields.items())
             _err(f"warning: {f.source_file}: optional fields of the wrong type were left out (the rows were kept): "
                  f"{fields}. Check their paths or conversions in the file's [mappings] table.")
-        if damaged := f.by_reason.get("damaged_container"):
+        if f.transform is not None and (damaged := f.by_reason.get("damaged_container")):
             _err(f"warning: {f.source_file}: the container is damaged ({damaged} record(s) quarantined as "
                  "damaged_container); what was read before the damage was kept")
     for fe in result.file_errors:
@@ -298,6 +320,7 @@ def run_all(
     ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
     if not ws.kb.is_dir():
         _fail(f"error: no source folder {ws.kb} — put JSONL/CSV streams there, or run `refinery sample`")
+    _config_warnings(ws, cfg)
     try:
         outcome = do_run_all(ws, cfg, include_partial=include_partial, force=force, progress=_stage_progress,
                              log=lambda msg: typer.echo(msg, err=True))
@@ -497,7 +520,9 @@ def trace(
             if len(t.chains) > 1:
                 typer.echo(f"[{c.label}]")
             for i, h in enumerate(c.hops):
-                where = f"{h.file}:{h.line}" if h.line is not None else h.file
+                where = (f"{h.file} {h.record}" if h.record else f"{h.file}:{h.line}") if h.line is not None \
+                    else h.file
+                where += "  (joined)" if h.joined else ""
                 mark = "ok " if h.ok else "BAD"
                 what = "found" if i == 0 else f"sig_hash {h.expected_sig[:12] if h.expected_sig else None}…"
                 typer.echo(f"  {mark} {i}. {where}  {h.id or ''}  {what}")
@@ -505,13 +530,14 @@ def trace(
                     typer.echo(f"        {h.problem}")
                     if h.expected_sig and h.actual_sig:
                         typer.echo(f"        expected {h.expected_sig}\n        found    {h.actual_sig}")
-            last = c.hops[-1]
+            last = next((h for h in reversed(c.hops) if not h.joined), c.hops[-1])
             if c.ok and last.preview:
-                typer.echo(f"  source line: {last.preview}")
+                typer.echo(f"  source record: {last.preview}")
     if not t.ok:
         for c in t.chains:
             if (b := c.broken) is not None:
-                _err(f"trace {row_id}: broken at {b.file}:{b.line} ({b.problem})")
+                at = f"{b.file} {b.record}" if b.record else f"{b.file}:{b.line}"
+                _err(f"trace {row_id}: broken at {at} ({b.problem})")
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -552,10 +578,14 @@ def sources(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, as_js
     from refinery.materialize import claims_for
 
     ws, cfg = _load(workspace, config)
+    if not ws.kb.is_dir():
+        _fail(f"error: no source folder {ws.kb} — put your trace files there, or run `refinery sample`")
     try:
         registry, files, ignored, claims = claims_for(ws, cfg)
     except TransformLoadError as e:
         _fail(f"error: {e}")
+    for w in registry.unused_tables(files):
+        _err(f"warning: {w}")
     rows = [{"file": s.ws_rel, "source": s.source, "container": s.container,
              "compressed": s.compressed, "bytes": s.size, "transform": c.name, "why": c.why, "error": c.error,
              "trust": c.source_cfg.trust if c.source_cfg else None,
@@ -578,7 +608,7 @@ def sources(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, as_js
     if any(r["error"] for r in rows):
         for r in rows:
             if r["error"]:
-                _err(f"error: {r['error']}")
+                _err(f"error: {r['file']}: {r['error']}")
         raise typer.Exit(EXIT_BAD_INPUT)
 
 

@@ -197,9 +197,9 @@ class SourceConfig(Section):
     trust: Literal["curated"] | None = Field(
         default=None, description="'curated': a reviewed dataset (fine-tuning, preference data): its rows are "
                                   "scored as approved by policy (rule curated_source)")
-    recorded_at: str | None = Field(
-        default=None, description="the time of records that carry none (ISO 8601 or epoch): datasets have no "
-                                  "timestamps, and refinery never uses 'now'")
+    recorded_at: Annotated[str | None, BeforeValidator(lambda v: v.isoformat() if hasattr(v, "isoformat") else v)] \
+        = Field(default=None, description="the time of records that carry none (ISO 8601, a TOML date, or epoch): "
+                                          "datasets have no timestamps, and refinery never uses 'now'")
     record_paths: list[str] = Field(
         default_factory=list, description="where records sit in a JSON document ('data.items[]'), instead of "
                                           "the importer's own; for an archive, member globs")

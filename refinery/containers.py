@@ -73,13 +73,14 @@ def stream_name(kb_rel: str) -> str:
     return name.replace("/", ".")
 
 
-def _peek(path: Path, compressed: bool, n: int = 1 << 16) -> bytes:
+def _peek(path: Path, compressed: bool, n: int = 1 << 16, line_max: int = 1 << 20) -> bytes:
+    """The first `n` bytes — and at least the whole first line, up to `line_max`."""
     try:
-        if compressed:
-            with gzip.open(path, "rb") as f:
-                return f.read(n)
-        with open(path, "rb") as f:
-            return f.read(n)
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            head = f.read(n)
+            if b"\n" not in head and len(head) == n:
+                head += f.readline(line_max) + f.read(256)  # and a glimpse of the line after it
+            return head
     except (EOFError, zlib.error, gzip.BadGzipFile):
         return b""
 
@@ -378,6 +379,8 @@ def _read_zstd_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
 
     import zstandard
 
+    if info.flag_bits & 0x1:
+        raise RuntimeError(f"{info.filename} is encrypted")
     fp = zf.fp
     fp.seek(info.header_offset)
     header = fp.read(30)
@@ -385,7 +388,12 @@ def _read_zstd_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
         raise zipfile.BadZipFile(f"bad local header for {info.filename}")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     fp.seek(info.header_offset + 30 + name_len + extra_len)
-    data = zstandard.ZstdDecompressor().decompress(fp.read(info.compress_size), max_output_size=info.file_size)
+    compressed = fp.read(info.compress_size)
+    # read at most the size the archive declares: a frame that claims more is a bomb, not a log
+    with zstandard.ZstdDecompressor().stream_reader(compressed) as reader:
+        data = reader.read(info.file_size + 1)
+    if len(data) > info.file_size:
+        raise zipfile.BadZipFile(f"{info.filename} decompresses to more than the {info.file_size} bytes declared")
     if zlib.crc32(data) != info.CRC:
         raise zipfile.BadZipFile(f"CRC mismatch in {info.filename}")
     return data
@@ -400,10 +408,20 @@ def _read_member(zf: zipfile.ZipFile, name: str, cap: int) -> tuple[Any, Line | 
             data = _read_zstd_member(zf, info)
         else:
             data = zf.read(name)
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, RuntimeError,
+            OSError, _zstd_error()) as e:  # RuntimeError: an encrypted member; ZstdError: damaged data
         return None, _damage(0, f"archive member {name} cannot be read", e)._replace(record=name)
     doc, bad = _parse_document(data, f"archive member {name}")
     return doc, (bad._replace(record=name) if bad is not None else None)
+
+
+def _zstd_error() -> type[Exception]:
+    try:
+        import zstandard
+
+        return zstandard.ZstdError
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        return ValueError
 
 
 def _zip_reads_zstd() -> bool:
@@ -536,6 +554,6 @@ def probe(path: Path, container: str, compressed: bool, limits: Limits = Limits(
                 if len(pr.records) >= PROBE_RECORDS or line.offset >= 64:
                     break
             return pr
-    except (OSError, EOFError, zlib.error, zipfile.BadZipFile, csv.Error):
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile, csv.Error, RuntimeError, ValueError):
         return pr
     return pr

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery.config import Config, SourceConfig, table_name
-from refinery.containers import Limits, RecordPath, parse_paths, probe
+from refinery.containers import Limits, RecordPath, parse_paths, probe, stream_name
 from refinery.mapping import mapping_spec, mapping_transform
 from refinery.transform import RowContext, TransformSpec
 
@@ -194,8 +194,9 @@ class Registry:
         return cls(modules, mappings, cfg)
 
     def source_config(self, relpath: str, stream: str) -> tuple[str, SourceConfig] | tuple[None, None]:
+        streams = {stream, stream_name(relpath)}  # runs.csv beside runs.jsonl: both are stream runs
         hits = [(n, sc) for n, sc in sorted(self.cfg.sources.items())
-                if (name_matches(relpath, [sc.match]) if sc.match else n == stream)]
+                if (name_matches(relpath, [sc.match]) if sc.match else n in streams)]
         if len(hits) > 1:
             raise TransformLoadError(
                 f"data/_kb/{relpath} is matched by several [sources] tables in refinery.toml: "
@@ -232,24 +233,29 @@ class Registry:
             return done(None, "no importer's file-name pattern matches, and none reads its records")
         pr = probe(src.path, src.container, src.compressed, limits or Limits(
             self.cfg.materialize.max_line_bytes, self.cfg.materialize.max_document_bytes))
-        found = []
+        unread = {"json": "its document could not be read (cut short? over max_document_bytes?)",
+                  "lines": "no JSON record in its first lines", "zip": "an archive with no readable eval members",
+                  "csv": "no CSV record could be read"}[src.container]
+        if not (pr.records or pr.members or pr.document is not None):
+            return done(None, unread)
+        found, crashed = [], []
         for t in detectors:
             try:
                 why = t.detect(pr)
-            except Exception as e:
-                raise TransformLoadError(f"importer {t.spec.name} ({t.origin}): detect() raised "
-                                         f"{type(e).__name__}: {e} on data/_kb/{relpath}. Fix the module.") from None
+            except Exception as e:  # odd data in the file, or a bug: either way not a claim; say so
+                crashed.append(f"{t.spec.name}'s detect() raised {type(e).__name__}: {e}")
+                continue
             if why:
                 found.append((t, why))
         if len(found) > 1:
             names = " and ".join(f"{t.spec.name} ({why})" for t, why in found)
             return done(None, f"recognised by {names}",
-                        error=f"data/_kb/{relpath} is recognised by {names}; say which one reads it in "
+                        error=f"recognised by {names}; say which one reads it in "
                               f"refinery.toml: {table_name('sources', src.source)} importer = "
                               f"\"{found[0][0].spec.name}\"")
         if found:
             return done(found[0][0], f"content: {found[0][1]}")
-        return done(None, "no importer recognises its content")
+        return done(None, "no importer recognises its content" + (f" ({'; '.join(crashed)})" if crashed else ""))
 
     def _by_name(self, relpath: str, fmt: str | None) -> tuple[Transform, str] | None:
         """(the mapping or module whose name pattern claims `relpath`, which kind), or None.
@@ -264,6 +270,24 @@ class Registry:
             if hits:
                 return hits[0], what
         return None
+
+    def unused_tables(self, sources: list[Any]) -> list[str]:
+        """Warnings for [sources] and [mappings] tables of refinery.toml that match no file: a
+        misspelt name quietly not applying (a curated dataset scored as uncurated) is worse
+        than a word about it."""
+        out = []
+        for name, sc in sorted(self.cfg.sources.items()):
+            if not any((name_matches(s.kb_rel, [sc.match]) if sc.match else name in (s.source, stream_name(s.kb_rel)))
+                       for s in sources):
+                what = f"match = {sc.match!r}" if sc.match else f"the stream {name!r}"
+                streams = ", ".join(sorted(s.source for s in sources)[:12])
+                out.append(f"refinery.toml {table_name('sources', name)} matches no file under data/_kb/ "
+                           f"({what}); the streams are: {streams}")
+        for t in self.mappings:
+            if not any(name_matches(s.kb_rel, t.spec.patterns) for s in sources):
+                out.append(f"refinery.toml [mappings.{t.spec.name.removeprefix('mapping:')}] matches no file under "
+                           f"data/_kb/ (match = {t.spec.patterns[0]!r})")
+        return out
 
     def resolve(self, relpath: str) -> Transform | None:
         """The transform whose name pattern claims `relpath` (no content detection)."""

@@ -101,9 +101,12 @@ def otel_value(v: Any) -> Any:
         if k in ("stringValue", "doubleValue", "boolValue", "bytesValue"):
             return x
         if k == "arrayValue":
-            return [otel_value(i) for i in (x or {}).get("values", [])]
+            values = x.get("values") if isinstance(x, dict) else None
+            return [otel_value(i) for i in values] if isinstance(values, list) else None
         if k == "kvlistValue":
-            return {kv.get("key"): otel_value(kv.get("value")) for kv in (x or {}).get("values", [])}
+            values = x.get("values") if isinstance(x, dict) else None
+            return {kv["key"]: otel_value(kv.get("value")) for kv in values
+                    if isinstance(kv, dict) and isinstance(kv.get("key"), str)} if isinstance(values, list) else None
     if isinstance(v, dict) and "value" in v and "key" in v:  # an attribute {key, value}
         return otel_value(v["value"])
     return v
@@ -217,7 +220,7 @@ def mapping_transform(m: Mapping, rules: dict[str, Any] | None = None) -> Callab
             try:
                 value = _resolve(row, spec, field)
                 return read({field: value}, field) if read is not None else value
-            except (RowError, ValueError, TypeError):
+            except (RowError, ValueError, TypeError, AttributeError):
                 if ctx.dropped is not None:
                     ctx.dropped[field] += 1
                 return None

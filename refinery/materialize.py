@@ -330,9 +330,15 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                 whole_file(Reason.AMBIGUOUS_SOURCE, job.claim_error)
                 res.file_error = job.claim_error
             elif src.container == "zip" and transform is None:
-                whole_file(Reason.UNKNOWN_SOURCE,
-                           f"an archive no importer claims ({job.claim_why}); refinery reads inspect_ai .eval "
-                           "logs (header.json, samples/*.json)")
+                import zipfile
+
+                try:
+                    zipfile.ZipFile(src.path).close()
+                    whole_file(Reason.UNKNOWN_SOURCE,
+                               f"an archive no importer claims ({job.claim_why}); refinery reads inspect_ai .eval "
+                               "logs (header.json, samples/*.json)")
+                except (zipfile.BadZipFile, EOFError) as e:
+                    whole_file(Reason.DAMAGED_CONTAINER, f"not a readable zip archive (cut short?): {e}")
             else:
                 rows = read_rows(src, mcfg.max_line_bytes, job.record_paths, mcfg.max_document_bytes,
                                  strict=job.strict_paths)
@@ -490,24 +496,7 @@ def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, 
         for key in sorted(groups):
             members = groups.pop(key)
             try:
-                produced = list(transform.assemble(members, gctx))
-                emits = [p for p in produced if type(p) is Emit]
-                refusals = [p for p in produced if type(p) is Refuse]
-                if len(emits) + len(refusals) != len(produced):
-                    raise TypeError("assemble must return Emit and Refuse items only")
-                built = []
-                for e in emits:
-                    src = job.sources[e.primary.file]
-                    ev = e.evidence
-                    part = e.part if e.part is not None else ev.pop(PART_KEY, None)
-                    ev.pop(PART_KEY, None)
-                    joined = [ref(m) for m in e.joined if m is not e.primary]
-                    prov = _provenance(src.ws_rel, e.primary.offset, e.primary.record, part, e.primary.sig,
-                                       ev["recorded_at"], joined)
-                    _envelope(ev, src.source, bytes.fromhex(e.primary.sig), part, prov, job.trust.get(e.primary.file))
-                    if sink.check is not None:
-                        sink.check(ev)
-                    built.append((e, ev))
+                built, primaries, joined, refusals = _settle(transform, members, gctx, job, ref)
             except Exception as exc:  # a bug in the importer: every member of the group is refused
                 msg = f"transform {transform.spec.name} raised {type(exc).__name__} assembling {key!r}: {exc}"
                 for m in members:
@@ -517,30 +506,22 @@ def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, 
                         c["first_transform_error"] = f"{job.sources[m.file].ws_rel}:{m.offset}: {msg}"
                     refuse(m, Reason.TRANSFORM_ERROR, msg.splitlines()[0])
                 continue
-            primaries: dict[int, int] = {}
-            joined_ids: set[int] = set()
             for e, ev in built:
                 rel = sink.write(ev)
                 c = counts[e.primary.file]
                 c["partitions"][rel] += 1
                 c["evidence"] += 1
                 c["undated"] += ev["recorded_at_from"] == UNDATED
-                pid = id(e.primary)
-                primaries[pid] = primaries.get(pid, 0) + 1
-                joined_ids.update(id(m) for m in e.joined if m is not e.primary)
-            for pid, n in primaries.items():
-                file_i = next(m.file for m in members if id(m) == pid)
-                counts[file_i]["split"] += n - 1
-            refused = {id(r.member) for r in refusals}
-            for r in refusals:
-                if id(r.member) not in primaries:
-                    refuse(r.member, r.reason, r.detail)
+            for pos, n in primaries.items():
+                counts[pos[0]]["split"] += n - 1
             for m in members:
-                i = id(m)
-                if i in primaries or i in refused:
+                pos = (m.file, m.offset)
+                if pos in primaries:
                     continue
-                if i in joined_ids:
+                if pos in joined:
                     counts[m.file]["joined"] += 1
+                elif pos in refusals:
+                    refuse(m, *refusals[pos])
                 else:
                     refuse(m, Reason.UNMATCHED_JOIN,
                            f"a {m.role} record with nothing to join it to (key {key!r}): its partner is in no "
@@ -548,6 +529,48 @@ def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, 
     sink.close(sync=True)
     return {i: {**c, "by_reason": dict(c["by_reason"]), "partitions": dict(c["partitions"])}
             for i, c in sorted(counts.items())}
+
+
+def _settle(transform: Transform, members: list[Member], gctx: GroupContext, job: BucketJob, ref) -> tuple[
+        list[tuple[Emit, dict[str, Any]]], dict[tuple[int, int], int], set[tuple[int, int]],
+        dict[tuple[int, int], tuple[Reason, str]]]:
+    """Assemble one group and decide each member's fate: (evidence built, primaries with their
+    evidence count, joined members, refused members with reason). Members are told apart by
+    their place (file, offset), so an importer's copies of them still count. An answer that
+    breaks the contract — an Emit of a record not in the group, two evidence records of one
+    record without distinct parts — raises, and the caller refuses the whole group."""
+    at = {(m.file, m.offset): m for m in members}
+    produced = list(transform.assemble(members, gctx))
+    if any(type(p) not in (Emit, Refuse) for p in produced):
+        raise TypeError("assemble must return Emit and Refuse items only")
+    built, parts = [], defaultdict(list)
+    for e in (p for p in produced if type(p) is Emit):
+        primary = at.get((e.primary.file, e.primary.offset))
+        if primary is None or any((m.file, m.offset) not in at for m in e.joined):
+            raise ValueError("an Emit names a record that is not in its group")
+        ev = e.evidence
+        part = e.part if e.part is not None else ev.pop(PART_KEY, None)
+        ev.pop(PART_KEY, None)
+        parts[(primary.file, primary.offset)].append(part)
+        src = job.sources[primary.file]
+        joined = [ref(m) for m in e.joined if (m.file, m.offset) != (primary.file, primary.offset)]
+        prov = _provenance(src.ws_rel, primary.offset, primary.record, part, primary.sig, ev["recorded_at"], joined)
+        _envelope(ev, src.source, bytes.fromhex(primary.sig), part, prov, job.trust.get(primary.file))
+        if job.validate:
+            _validator()(ev)
+        built.append((e._replace(primary=primary), ev))
+    for pos, names in parts.items():
+        if len(names) > 1 and (None in names or len(set(names)) != len(names)):
+            raise ValueError(f"record {job.sources[pos[0]].ws_rel}:{pos[1]} made {len(names)} evidence records "
+                             f"without distinct part names ({names})")
+    primaries = {pos: len(names) for pos, names in parts.items()}
+    joined = {(m.file, m.offset) for e, _ in built for m in e.joined} - primaries.keys()
+    refusals: dict[tuple[int, int], tuple[Reason, str]] = {}
+    for r in (p for p in produced if type(p) is Refuse):  # the first refusal of a member stands
+        pos = (r.member.file, r.member.offset)
+        if pos in at and pos not in primaries and pos not in joined:
+            refusals.setdefault(pos, (r.reason, r.detail))
+    return built, primaries, joined, refusals
 
 
 # --- worker processes ---------------------------------------------------------------------

@@ -54,7 +54,9 @@ def list_sources(ws: Workspace, ignore: list[str]) -> tuple[list[SourceFile], li
     found, ignored = [], []
     if not ws.kb.is_dir():
         return found, ignored
-    for path in sorted(p for p in ws.kb.rglob("*") if p.is_file()):
+    for path in sorted(p for p in ws.kb.rglob("*") if p.is_file() or p.is_symlink()):
+        if path.is_dir():
+            continue
         kb_rel = path.relative_to(ws.kb).as_posix()
         if any(part.startswith(".") for part in kb_rel.split("/")):
             continue
@@ -77,7 +79,8 @@ def list_sources(ws: Workspace, ignore: list[str]) -> tuple[list[SourceFile], li
             size = path.stat().st_size
         except OSError:
             size = 0
-        sources.append(SourceFile(path, kb_rel, ws.rel(path), container, size, compressed, name))
+        # the path under data/_kb, as the operator put it (not where a link points)
+        sources.append(SourceFile(path, kb_rel, f"{ws.rel(ws.kb)}/{kb_rel}", container, size, compressed, name))
     return sources, ignored
 
 
@@ -168,7 +171,7 @@ class SourceRecords:
                  max_document_bytes: int = Limits.max_document_bytes):
         self.root, self.limits = root, Limits(max_line_bytes, max_document_bytes)
         self._cursors: dict[str, tuple[int, Line | None, LineCursor]] = {}
-        self._doc: tuple[str, Any, Line | None] | None = None
+        self._docs: dict[str, tuple[Any, Line | None]] = {}  # most recently used last
         self._sniffed: dict[str, tuple[str | None, bool]] = {}
 
     def _kind(self, rel: str) -> tuple[str | None, bool]:
@@ -219,9 +222,14 @@ class SourceRecords:
         except (LookupError, ValueError, OSError):
             return None
 
+    #: documents kept parsed at once (a join's evidence refers to two or three files in turn)
+    KEEP_DOCUMENTS = 4
+
     def _document(self, rel: str, member: str | None) -> tuple[Any, Line | None]:
         key = f"{rel}\x00{member or ''}"
-        if self._doc is None or self._doc[0] != key:
+        if key in self._docs:
+            self._docs[key] = self._docs.pop(key)
+        else:
             from refinery.containers import _parse_document, _read_member, _slurp, open_binary
 
             path = self.root / rel
@@ -235,8 +243,10 @@ class SourceRecords:
                 with open_binary(path, compressed) as f:
                     data = _slurp(f, self.limits.max_document_bytes)
                 doc, bad = (None, None) if data is None else _parse_document(data, "the file")
-            self._doc = (key, doc, bad)
-        return self._doc[1], self._doc[2]
+            self._docs[key] = (doc, bad)
+            while len(self._docs) > self.KEEP_DOCUMENTS:
+                del self._docs[next(iter(self._docs))]
+        return self._docs[key]
 
 
 def _found(offset: int, obj: Any, record: str) -> Line:

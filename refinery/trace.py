@@ -108,8 +108,19 @@ def _read_line(ws: Workspace, rel: str, offset: int, record: str | None = None) 
     if not path.is_file():
         return None
     if rel.startswith("data/_kb/"):
-        return SourceRecords(ws.root).at(rel, offset, record)
+        return _sources(ws).at(rel, offset, record)
     return LineCursor(read_jsonl(path)).at(offset)
+
+
+def _sources(ws: Workspace) -> SourceRecords:
+    """The workspace's source records, read with its configured limits."""
+    from refinery.config import ConfigError, load_config
+
+    try:
+        m = load_config(ws.root).materialize
+        return SourceRecords(ws.root, m.max_line_bytes, m.max_document_bytes)
+    except ConfigError:
+        return SourceRecords(ws.root)
 
 
 def _check(ws: Workspace, hop: Hop) -> Line | None:

@@ -325,7 +325,7 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> str:
                 return s
             except ValueError:
                 raise RowError(Reason.BAD_TIMESTAMP, f"field '{field}': {s!r} is not a valid time") from None
-        if s.replace(".", "", 1).isdigit():
+        if s.isascii() and s.replace(".", "", 1).isdigit():
             epoch = float(s)
         else:
             try:
@@ -454,7 +454,7 @@ def messages(row: dict, field: str = "messages", value: Any = _MISSING) -> list[
         if not isinstance(m, dict):
             raise wrong_type(f"{field}[{i}]", "a message object", m)
         role = m.get("role")
-        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None
         if role not in _ROLES:
             raise RowError(Reason.WRONG_TYPE, f"field '{field}[{i}].role': unknown role {m.get('role')!r}")
         raw_content = m.get("content")
@@ -463,6 +463,8 @@ def messages(row: dict, field: str = "messages", value: Any = _MISSING) -> list[
             raise wrong_type(f"{field}[{i}].tool_calls", "a list", calls)
         calls = list(calls or [])
         results: list[dict[str, Any]] = []
+        if raw_content is None and isinstance(m.get("parts"), list):  # OpenTelemetry GenAI's message shape
+            raw_content, calls, results = _otel_parts(m["parts"], calls)
         if isinstance(raw_content, list):
             calls += [p for p in raw_content if isinstance(p, dict) and p.get("type") == "tool_use"]
             results = [p for p in raw_content if isinstance(p, dict) and p.get("type") == "tool_result"]
@@ -491,6 +493,25 @@ def messages(row: dict, field: str = "messages", value: Any = _MISSING) -> list[
             out.append({"role": "tool", "content": text_, "name": None, "tool_calls": None,
                         "tool_call_id": use_id if isinstance(use_id, str) else None})
     return out
+
+
+def _otel_parts(parts: list[Any], calls: list[Any]) -> tuple[list[Any] | None, list[Any], list[dict[str, Any]]]:
+    """OpenTelemetry GenAI message parts (`{type: text, content}`, `{type: tool_call, id, name,
+    arguments}`, `{type: tool_call_response, id, response}`) as content parts, calls, results."""
+    content, results = [], []
+    for p in parts:
+        if not isinstance(p, dict):
+            continue
+        kind = p.get("type")
+        if kind == "text" and isinstance(p.get("content"), str):
+            content.append({"type": "text", "text": p["content"]})
+        elif kind == "tool_call":
+            calls = [*calls, {"id": p.get("id"), "name": p.get("name"), "arguments": p.get("arguments")}]
+        elif kind == "tool_call_response":
+            response = p.get("response", p.get("result"))
+            results.append({"type": "tool_result", "tool_use_id": p.get("id"),
+                            "content": response if isinstance(response, str) else orjson.dumps(response).decode()})
+    return content or None, calls, results
 
 
 def first_user_text(msgs: list[dict[str, Any]] | None) -> str | None:

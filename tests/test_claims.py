@@ -133,3 +133,34 @@ def test_time_from_the_record_the_document_the_parent_the_fallback_or_undated(ws
     assert {f.source: f.undated for f in result.files} == {"dated_ft": 0, "ft": 1, "lf": 0, "pf": 0}
     out = runner.invoke(app, ["materialize", "--workspace", str(ws.root)])
     assert "ft.jsonl: 1 record(s) carry no time" in out.stderr and "[sources.ft]" in out.stderr
+
+
+def test_a_detector_that_crashes_on_odd_data_does_not_stop_the_run(ws):
+    """One record of a surprising shape in a file must not cost every other file: the detector's
+    error is a 'not recognised', said in the claim's reason."""
+    (ws.root / "transforms").mkdir()
+    (ws.root / "transforms" / "fragile.py").write_text(RIVAL.replace('"team_chats"', '"fragile"').replace(
+        'return "rows have messages" if', 'return "x" if probe.records[0]["messages"][99] and'))
+    write_kb(ws, {"chats.jsonl": CHAT, "runs.csv": "run_id\n1\n"})
+    name, why, error = claims(ws)["chats.jsonl"]
+    assert name == "openai_finetune" and error is None
+    write_kb(ws, {"other.jsonl": '{"x": 1}\n'})
+    assert "fragile's detect() raised KeyError" in claims(ws)["other.jsonl"][1]
+
+
+def test_a_sources_table_applies_to_its_stream_when_two_files_share_the_name(ws):
+    hh = ('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello, how can I help?", '
+          '"rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Go away."}\n')
+    write_kb(ws, {"hh.jsonl": hh, "hh.json": "[" + hh.strip() + "]"})
+    (ws.root / "refinery.toml").write_text('[sources.hh]\ntrust = "curated"\nrecorded_at = 2024-01-01\n')
+    materialize.run(ws, load_config(ws.root))
+    rows = evidence_rows(ws)
+    assert len(rows) == 4 and all(r["signals"]["trust"] == "curated" for r in rows)
+    assert {r["recorded_at_from"] for r in rows} == {"fallback:[sources.hh] recorded_at"}
+
+
+def test_a_table_that_matches_no_file_is_said(ws):
+    write_kb(ws, {"hh.jsonl": CHAT})
+    (ws.root / "refinery.toml").write_text('[sources.hhh]\ntrust = "curated"\n')
+    out = runner.invoke(app, ["run-all", "--workspace", str(ws.root)])
+    assert "[sources.hhh] matches no file under data/_kb/" in out.stderr and "the streams are: hh" in out.stderr

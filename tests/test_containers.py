@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import zipfile
+from pathlib import Path
 
 import orjson
 import pytest
@@ -247,3 +248,79 @@ def test_a_list_of_ids_or_an_empty_list_is_not_where_records_are(tmp_path):
                   + orjson.dumps({"id": "t3", "observations": [{"id": "o3"}]}) + b"\n")
     got = records(p, ["observations[]"])
     assert [(r.record, r.obj["id"]) for r in got] == [(None, "t1"), (None, "t2"), ("line 2 $.observations[0]", "o3")]
+
+
+def _zstd_eval(tmp_path, change) -> Path:
+    """The real Zstandard .eval with one change applied to its bytes."""
+    from conftest import FIXTURES
+
+    data = bytearray((FIXTURES / "real" / "inspect_ai" / "log_read_sample.zstd.eval").read_bytes())
+    change(data)
+    p = tmp_path / "log.eval"
+    p.write_bytes(bytes(data))
+    return p
+
+
+def test_a_damaged_or_encrypted_member_is_damage_not_a_traceback(tmp_path):
+    import struct
+
+    def corrupt(data: bytearray) -> None:
+        start = data.index(b"samples/1_epoch_1.json") + len(b"samples/1_epoch_1.json")
+        for k in range(start + 40, start + 80):
+            data[k] ^= 0xFF
+
+    def encrypt(data: bytearray) -> None:  # the "encrypted" flag bit of every local and central header
+        for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            i = 0
+            while (i := data.find(sig, i)) != -1:
+                flags = struct.unpack_from("<H", data, i + flag_at)[0]
+                struct.pack_into("<H", data, i + flag_at, flags | 1)
+                i += 4
+
+    for change in (corrupt, encrypt):
+        got = list(read_records(_zstd_eval(tmp_path, change), "zip", False, (RecordPath("samples/*.json", ()),)))
+        assert got and all(r.reason in (Reason.DAMAGED_CONTAINER, Reason.INVALID_JSON) for r in got), change
+
+
+def test_a_zstandard_bomb_is_refused_not_inflated(tmp_path):
+    """A member whose frame decompresses to far more than the archive declares is damage."""
+    import zipfile
+
+    import zstandard
+
+    from refinery.containers import ZIP_ZSTANDARD, _read_member
+
+    p = tmp_path / "bomb.eval"
+    payload = zstandard.ZstdCompressor().compress(b'{"a": "' + b"x" * (8 << 20) + b'"}')
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("samples/1.json", b"{}")
+    raw = bytearray(p.read_bytes())
+    # swap in the bomb: method 93, the real compressed size, a declared size of 2 bytes
+    name = b"samples/1.json"
+    local = raw.index(b"PK\x03\x04")
+    central = raw.index(b"PK\x01\x02")
+    body_at = local + 30 + len(name)
+    new = raw[:body_at] + payload + raw[body_at + 2:]
+    shift = len(payload) - 2
+    import struct
+
+    struct.pack_into("<H", new, local + 8, ZIP_ZSTANDARD)
+    struct.pack_into("<I", new, local + 18, len(payload))
+    c = central + shift
+    struct.pack_into("<H", new, c + 10, ZIP_ZSTANDARD)
+    struct.pack_into("<I", new, c + 20, len(payload))
+    end = new.index(b"PK\x05\x06")
+    struct.pack_into("<I", new, end + 16, c)
+    import zlib
+
+    struct.pack_into("<I", new, local + 14, zlib.crc32(b"{}"))
+    p.write_bytes(bytes(new))
+    with zipfile.ZipFile(p) as zf:
+        doc, bad = _read_member(zf, "samples/1.json", 1 << 30)
+    assert doc is None and bad.reason == Reason.DAMAGED_CONTAINER and "more than the 2 bytes" in bad.detail
+
+
+def test_jsonl_under_a_json_name_with_a_long_first_line(tmp_path):
+    p = tmp_path / "chats.json"
+    p.write_bytes(orjson.dumps({"text": "x" * 100_000}) + b"\n" + orjson.dumps({"text": "y"}) + b"\n")
+    assert sniff(p) == ("lines", False)

@@ -323,3 +323,21 @@ def test_a_damaged_receipt_is_a_failed_check_not_a_traceback(gws):
     rc.receipt_path(run_dir(gws), "score").write_text("{bad")
     checks = {c.key: c for c in inv.run_checks(inv.Context(gws, load_config(gws.root)), inv.INVARIANTS)}
     assert "not valid JSON" in checks["latest_run_complete"].problems[0]
+
+
+def test_nothing_lost_holds_for_gzip_csv_with_multiline_fields(tmp_path):
+    """CSV offsets count the decompressed text's lines, which a .csv.gz's bytes do not tell."""
+    import gzip
+
+    from refinery.config import load_config
+    from refinery.invariants import Context, nothing_lost
+    from refinery.runs import run_all
+
+    ws = Workspace.at(tmp_path)
+    (tmp_path / "data" / "_kb").mkdir(parents=True)
+    prompt = '"line one\nline two\nline three\nline four"'
+    rows = "".join(f"e{i},t{i},n,{prompt},x,y,0.9,li,2026-11-0{1 + i % 5}T00:00:00Z\n" for i in range(10))
+    head = "eval_id,task_id,task_name,prompt,expected,output,score,approver,evaluated_at\n"
+    (tmp_path / "data" / "_kb" / "eval.csv.gz").write_bytes(gzip.compress((head + rows).encode(), mtime=0))
+    run_all(ws, load_config(ws.root))
+    assert nothing_lost(Context(ws, load_config(ws.root))) == []

@@ -138,3 +138,23 @@ def test_mapping_errors_name_the_key(ws, toml, key):
     with pytest.raises(ConfigError) as e:
         load_config(ws.root)
     assert f"'{key}" in str(e.value)
+
+
+def test_the_readme_example_reads_real_opentelemetry_spans(ws):
+    """The README's version-2 mapping, on the OpenTelemetry instrumentation's own export
+    (tests/fixtures/real/otel_genai/): messages in the GenAI `parts` shape, tool calls and all."""
+    import re
+    import shutil
+
+    from conftest import FIXTURES, REPO
+
+    readme = (REPO / "README.md").read_text()
+    (ws.root / "refinery.toml").write_text(re.search(r"```toml\n(\[mappings\.spans\].*?)```", readme, re.S).group(1))
+    shutil.copy(FIXTURES / "real" / "otel_genai" / "openai_v2_cassette_replay.otlp.jsonl", ws.kb / "spans_genai.json")
+    result = materialize.run(ws, load_config(ws.root), validate=True)
+    assert (result.rows_in, result.evidence, result.by_reason) == (4, 3, {"filtered_out": 1})
+    calls = sorted((e for e in evidence_rows(ws) if e["tool_calls"]), key=lambda e: e["latency_ms"])
+    assert [c["name"] for c in calls[0]["tool_calls"]] == ["get_current_weather"] * 2
+    assert calls[0]["prompt"] == "What's the weather in Seattle and San Francisco today?"
+    assert calls[0]["response"].startswith("Today, the weather in Seattle is 50 degrees")
+    assert calls[1]["response"] is None and calls[1]["signals"]["stop_reason"] == "tool_calls"

@@ -6,12 +6,13 @@
      "status": "completed" | "error" | "max_turns", "error", "stop_reason",
      "outcome": {"score": 0..1, "reviewed_by": "who signed it off" | null}}   (optional)
 
-The prompt is the first user message, the response the last assistant text; every tool call
-is kept, malformed ones (a "tool" key instead of "name") marked as such.
+The prompt is the conversation up to the last user message (the user's words alone when they
+asked once), the response the last assistant text after it; the tool calls made after it are
+the answer's, malformed ones (a "tool" key instead of "name") marked as such.
 """
 
 from refinery.transform import (
-    TransformSpec, all_tool_calls, first_user_text, last_assistant_text, messages, missing,
+    TransformSpec, answered_turn, messages, missing,
     new_evidence, new_signals, number, parse_timestamp, text, unit_score,
 )
 
@@ -24,10 +25,11 @@ def transform(row, ctx):
     msgs = messages(row, "messages")
     if not msgs:
         raise missing("messages")
-    prompt = first_user_text(msgs)
+    turn = answered_turn(msgs)
+    prompt = turn.prompt
     if prompt is None:
         raise missing("messages[role=user].content")
-    calls = all_tool_calls(msgs)
+    calls = turn.tool_calls
     reviewer = text(row, "outcome.reviewed_by")
     status = text(row, "status")
     error = text(row, "error")
@@ -36,7 +38,7 @@ def transform(row, ctx):
     return new_evidence(
         SPEC.kind, recorded_at=recorded_at, recorded_at_from="record:started_at",
         task_id=text(row, "task_id") or text(row, "trace_id"), task_name=text(row, "task_name"),
-        prompt=prompt, messages=msgs, response=last_assistant_text(msgs), tool_calls=calls,
+        prompt=prompt, messages=msgs, response=turn.response, tool_calls=calls,
         model=text(row, "model"), provider=text(row, "provider"), latency_ms=number(row, "latency_ms"),
         signals=new_signals(error=error, tool_call_count=len(calls), stop_reason=text(row, "stop_reason"),
                             eval_score=unit_score(row, "outcome.score"), approved=True if reviewer else None,

@@ -100,8 +100,8 @@ PROVIDER_KEYS = ("gen_ai.system", "gen_ai.provider.name", "llm.system", "llm.pro
 
 
 def _is_observation(r: Any) -> bool:
-    return (isinstance(r, dict) and isinstance(r.get("traceId"), str) and r.get("type") in OBSERVATION_TYPES
-            and "startTime" in r)
+    return (isinstance(r, dict) and isinstance(r.get("traceId"), str) and isinstance(r.get("type"), str)
+            and r["type"] in OBSERVATION_TYPES and "startTime" in r)
 
 
 def _is_score(r: Any) -> bool:
@@ -314,7 +314,9 @@ def assemble(group, ctx):
             joined += host_joins
         joined += [d for m in [b.obs.member, *joined] if m is not None for d in tr.duplicates.get(id(m), ())]
         ev = _evidence(b.pieces, scores, others if is_last else [], ctx)
-        part = None if b.obs.member is not None else f"observation {b.obs.row.get('id')}"
+        obs_id = b.obs.row.get("id")  # embedded observations may lack an id: their place names them then
+        part = None if b.obs.member is not None else (
+            f"observation {obs_id}" if isinstance(obs_id, str) and obs_id else f"observation #{b.obs.index}")
         out.append(Emit(ev, b.obs.host, tuple(m for m in joined if m is not b.obs.host), part))
     if last is None:
         out += _without_generation(tr, others, to_host, gens, refused, ctx)

@@ -76,8 +76,9 @@ def _model(m):
     if m.role == "input":
         model = m.row["body"].get("model")
     else:
-        model = ((m.row.get("response") or {}).get("body") or {}).get("model") if isinstance(
-            (m.row.get("response") or {}).get("body"), dict) else None
+        response = m.row.get("response")
+        body = response.get("body") if isinstance(response, dict) else None
+        model = body.get("model") if isinstance(body, dict) else None
     return model if isinstance(model, str) else ""
 
 
