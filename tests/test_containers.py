@@ -42,12 +42,12 @@ def test_stream_names_drop_container_extensions():
     ("a.json", b'{"a": [1, 2]}', "json", False),
     ("a.json", b'[{"a": 1}]', "json", False),
     ("a.json", b'{"a":1}\n{"a":2}\n', "lines", False),  # JSONL under a .json name
-    ("a.json.gz", gzip.compress(b'{"a": 1}'), "json", True),
-    ("a.jsonl.gz", gzip.compress(b'{"a":1}\n'), "lines", True),
-    ("a.csv.gz", gzip.compress(b"x,y\n1,2\n"), "csv", True),
+    ("a.json.gz", gzip.compress(mtime=0, data=b'{"a": 1}'), "json", True),
+    ("a.jsonl.gz", gzip.compress(mtime=0, data=b'{"a":1}\n'), "lines", True),
+    ("a.csv.gz", gzip.compress(mtime=0, data=b"x,y\n1,2\n"), "csv", True),
     ("export", b'  [{"a": 1}]', "json", False),  # no extension: told by its first byte
     ("notes.md", b"# notes\n", None, False),
-])
+], ids=lambda v: v if isinstance(v, str) else None)
 def test_sniff_tells_the_container_by_name_and_bytes(tmp_path, name, data, container, compressed):
     p = tmp_path / name
     p.write_bytes(data)
@@ -57,10 +57,10 @@ def test_sniff_tells_the_container_by_name_and_bytes(tmp_path, name, data, conta
 def test_gzip_jsonl_reads_like_jsonl_and_a_cut_stream_keeps_what_came_before(tmp_path):
     body = b"".join(orjson.dumps({**ROW, "i": i}) + b"\n" for i in range(50))
     p = tmp_path / "s.jsonl.gz"
-    p.write_bytes(gzip.compress(body))
+    p.write_bytes(gzip.compress(mtime=0, data=body))
     got = records(p)
     assert [r.offset for r in got] == list(range(50)) and all(r.obj for r in got)
-    p.write_bytes(gzip.compress(body)[:-30])  # the end of the stream is lost
+    p.write_bytes(gzip.compress(mtime=0, data=body)[:-30])  # the end of the stream is lost
     got = records(p)
     assert got[-1].reason == Reason.DAMAGED_CONTAINER and "breaks off" in got[-1].detail
     assert all(r.obj is not None for r in got[:-1]) and len(got) >= 2
@@ -149,7 +149,7 @@ def test_a_zip_that_is_not_a_zip(tmp_path):
 def test_source_records_resolve_every_locator(tmp_path):
     (tmp_path / "data" / "_kb").mkdir(parents=True)
     doc = {"samples": [{"id": "a"}, {"id": "b"}]}
-    (tmp_path / "data/_kb/d.json.gz").write_bytes(gzip.compress(orjson.dumps(doc)))
+    (tmp_path / "data/_kb/d.json.gz").write_bytes(gzip.compress(orjson.dumps(doc), mtime=0))
     (tmp_path / "data/_kb/l.jsonl").write_bytes(orjson.dumps(doc) + b"\n")
     (tmp_path / "data/_kb/z.eval").write_bytes(_eval_zip({"samples/1.json": {"id": "z"}}))
     sr = SourceRecords(tmp_path)
@@ -177,7 +177,7 @@ def test_document_records_become_evidence_that_trace_walks_back(ws, cfg):
     doc = {"created": "2026-11-03T10:00:00Z",
            "items": [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "completion": "a2", "ts": 1762000000},
                      {"completion": "no prompt"}]}
-    write_kb(ws, {"docs_export.json.gz": gzip.compress(orjson.dumps(doc))})
+    write_kb(ws, {"docs_export.json.gz": gzip.compress(orjson.dumps(doc), mtime=0)})
     result = materialize.run(ws, cfg, validate=True)
     assert (result.rows_in, result.evidence, result.quarantined) == (3, 2, 1)
     ev = sorted(evidence_rows(ws), key=lambda r: r["provenance"]["line_offset"])
