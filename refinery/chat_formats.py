@@ -79,27 +79,24 @@ def request_messages(req: dict[str, Any] | None, field: str = "request") -> list
     if isinstance(system, list):
         system = t.content_text(system)
     if isinstance(system, str) and system:
-        msgs.append(_msg("system", system))
+        msgs.append(t.message("system", system))
     if isinstance(req.get("messages"), list):
         msgs += t.messages(req, "messages", req["messages"]) or []
     elif "input" in req:
         inp = req["input"]
         if isinstance(inp, str):
-            msgs.append(_msg("user", inp))
+            msgs.append(t.message("user", inp))
         elif isinstance(inp, list):
             items = [i for i in inp if isinstance(i, dict) and i.get("type", "message") == "message"]
             msgs += t.messages({}, f"{field}.input", items) or []
         else:
             return None
     elif isinstance(req.get("prompt"), str):
-        msgs.append(_msg("user", req["prompt"]))
+        msgs.append(t.message("user", req["prompt"]))
     else:
         return msgs or None
     return msgs
 
-
-def _msg(role: str, content: str | None, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"role": role, "content": content, "name": None, "tool_calls": calls or None, "tool_call_id": None}
 
 
 class Answer(NamedTuple):
@@ -149,7 +146,7 @@ def openai_answers(body: dict[str, Any], field: str = "response") -> list[Answer
         status = body.get("status")
         stop = "stop" if status == "completed" else ("length" if (body.get("incomplete_details") or {}).get(
             "reason") == "max_output_tokens" else status)
-        return [Answer(_msg("assistant", "".join(texts) if texts else None, calls), stop, refusal, model, pt, ct,
+        return [Answer(t.message("assistant", "".join(texts) if texts else None, calls), stop, refusal, model, pt, ct,
                        created, rid)]
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices:

@@ -514,6 +514,13 @@ def _otel_parts(parts: list[Any], calls: list[Any]) -> tuple[list[Any] | None, l
     return content or None, calls, results
 
 
+def message(role: str, content: str | None, tool_calls: list[dict[str, Any]] | None = None,
+            tool_call_id: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """One normalised message (the shape `messages()` returns), for importers that build them."""
+    return {"role": role, "content": content, "name": name, "tool_calls": tool_calls or None,
+            "tool_call_id": tool_call_id}
+
+
 def first_user_text(msgs: list[dict[str, Any]] | None) -> str | None:
     for m in msgs or ():
         if m["role"] == "user" and m["content"]:

@@ -13,8 +13,8 @@ curated (`[sources.<name>] trust = "curated"`) and give it a `recorded_at`.
 """
 
 from refinery.transform import (
-    RowError, TransformSpec, answered_turn, boolean, dated, missing, new_evidence, new_signals, text, text_or_empty,
-    wrong_type,
+    RowError, TransformSpec, answered_turn, boolean, dated, message, missing, new_evidence, new_signals, text,
+    text_or_empty, wrong_type,
 )
 from refinery.reasons import Reason
 
@@ -36,30 +36,27 @@ def detect(probe):
     return None
 
 
-def _msg(role, content):
-    return {"role": role, "content": content, "name": None, "tool_calls": None, "tool_call_id": None}
-
 
 def _conversation(row):
     msgs = []
     system = text(row, "system")
     if system:
-        msgs.append(_msg("system", system))
+        msgs.append(message("system", system))
     history = row.get("history") or []
     if not isinstance(history, list):
         raise wrong_type("history", "a list of [question, answer] pairs", history)
     for i, turn in enumerate(history):
         if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(x, str) for x in turn)):
             raise wrong_type(f"history[{i}]", "a [question, answer] pair of strings", turn)
-        msgs += [_msg("user", turn[0]), _msg("assistant", turn[1])]
+        msgs += [message("user", turn[0]), message("assistant", turn[1])]
     instruction = text(row, "instruction", required=True)
     extra = text(row, "input")
-    msgs.append(_msg("user", f"{instruction}\n\n{extra}" if extra else instruction))
+    msgs.append(message("user", f"{instruction}\n\n{extra}" if extra else instruction))
     return msgs
 
 
 def _evidence(msgs, answer, when, recorded_at, **kw):
-    full = [*msgs, _msg("assistant", answer)]
+    full = [*msgs, message("assistant", answer)]
     turn = answered_turn(full)
     return new_evidence(kw.pop("kind", SPEC.kind), recorded_at=recorded_at, recorded_at_from=when,
                         prompt=turn.prompt, messages=full, response=answer, **kw)

@@ -14,7 +14,7 @@ import re
 
 from refinery.reasons import Reason
 from refinery.transform import (
-    RowError, TransformSpec, answered_turn, dated, new_evidence, new_signals, text_or_empty, wrong_type,
+    RowError, TransformSpec, answered_turn, dated, message, new_evidence, new_signals, text_or_empty, wrong_type,
 )
 
 SPEC = TransformSpec(name="hh_rlhf", patterns=(), format="json", kind="preference_example",
@@ -35,9 +35,6 @@ def detect(probe):
     return None
 
 
-def _msg(role, content):
-    return {"role": role, "content": content, "name": None, "tool_calls": None, "tool_call_id": None}
-
 
 def _dialogue(textv: str, field: str) -> list[dict]:
     textv = textv if textv.startswith("\n\n") else "\n\n" + textv.lstrip("\n")
@@ -46,7 +43,7 @@ def _dialogue(textv: str, field: str) -> list[dict]:
         raise wrong_type(field, "a dialogue of '\\n\\nHuman:' / '\\n\\nAssistant:' turns", textv[:40])
     msgs = []
     for who, said in zip(parts[1::2], parts[2::2]):
-        msgs.append(_msg("user" if who == "Human" else "assistant", said.strip()))
+        msgs.append(message("user" if who == "Human" else "assistant", said.strip()))
     if msgs[-1]["role"] != "assistant":
         raise wrong_type(field, "a dialogue that ends with the Assistant's answer", "...Human:")
     return msgs

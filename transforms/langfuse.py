@@ -437,7 +437,7 @@ def _render(value: Any) -> str:
 
 def _msg(role: str, content: str | None, calls: list[dict[str, Any]] | None = None,
          call_id: str | None = None, name: str | None = None) -> dict[str, Any]:
-    return {"role": role, "content": content, "name": name, "tool_calls": calls or None, "tool_call_id": call_id}
+    return t.message(role, content, calls, call_id, name)
 
 
 def conversation(value: Any, field: str) -> list[dict[str, Any]] | None:

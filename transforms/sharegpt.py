@@ -17,8 +17,8 @@ import orjson
 
 from refinery.reasons import Reason
 from refinery.transform import (
-    RowError, TransformSpec, answered_turn, boolean, dated, missing, new_evidence, new_signals, tool_call,
-    wrong_type,
+    RowError, TransformSpec, answered_turn, boolean, dated, message, missing, new_evidence, new_signals,
+    tool_call, wrong_type,
 )
 
 SPEC = TransformSpec(name="sharegpt", patterns=(), format="json", kind="sft_example",
@@ -41,9 +41,6 @@ def detect(probe):
     return None
 
 
-def _msg(role, content, calls=None, call_id=None):
-    return {"role": role, "content": content, "name": None, "tool_calls": calls, "tool_call_id": call_id}
-
 
 def _calls(value, where):
     try:
@@ -65,11 +62,11 @@ def _messages(turns, field):
         if role is None:
             raise RowError(Reason.WRONG_TYPE, f"field '{field}[{i}].from': unknown speaker {who!r}")
         if role == "call":
-            msgs.append(_msg("assistant", None, _calls(value, f"{field}[{i}].value")))
+            msgs.append(message("assistant", None, _calls(value, f"{field}[{i}].value")))
             continue
         if value is not None and not isinstance(value, str):
             raise wrong_type(f"{field}[{i}].value", "a string", value)
-        msgs.append(_msg(role, value))
+        msgs.append(message(role, value))
     return msgs
 
 
@@ -81,7 +78,7 @@ def transform(row, ctx):
     msgs = _messages(turns, "conversations")
     system = row.get("system")
     if isinstance(system, str) and system and not any(m["role"] == "system" for m in msgs):
-        msgs.insert(0, _msg("system", system))
+        msgs.insert(0, message("system", system))
     if "chosen" in row or "rejected" in row:
         out = []
         for part in ("chosen", "rejected"):

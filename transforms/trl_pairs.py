@@ -14,7 +14,8 @@ source curated and give it a `recorded_at` ([sources.<name>] in refinery.toml).
 
 from refinery.reasons import Reason
 from refinery.transform import (
-    RowError, TransformSpec, answered_turn, boolean, dated, messages, missing, new_evidence, new_signals, wrong_type,
+    RowError, TransformSpec, answered_turn, boolean, dated, message, messages, missing, new_evidence, new_signals,
+    wrong_type,
 )
 
 SPEC = TransformSpec(name="trl_pairs", patterns=(), format="json", kind="preference_example",
@@ -40,13 +41,10 @@ def detect(probe):
     return None
 
 
-def _msg(role, content):
-    return {"role": role, "content": content, "name": None, "tool_calls": None, "tool_call_id": None}
-
 
 def _side(value, field, role="assistant"):
     if isinstance(value, str):
-        return [_msg(role, value)]
+        return [message(role, value)]
     if isinstance(value, dict):
         value = [value]
     msgs = messages({}, field, value)
