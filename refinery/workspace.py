@@ -136,9 +136,18 @@ class Workspace:
 
     def holder(self) -> tuple[int, str] | None:
         """(pid, note) of the live process holding the write lock, or None. Reads the lock
-        file only: asking never gets in the way of a run that is about to start."""
+        file only: asking never gets in the way of a run that is about to start.
+
+        A process that holds the lock reads it through the descriptor it locked with: opening
+        and closing another descriptor of a file releases every POSIX lock the process has on it
+        (lockf's rule), which let a second run in while the first was still writing."""
         try:
-            pid_s, _, note = self.lock_path.read_text().partition(" ")
+            held = _LOCK_FD.get(self.root)
+            if held is not None:
+                text = os.pread(held, 4096, 0).decode(errors="replace")
+            else:
+                text = self.lock_path.read_text()
+            pid_s, _, note = text.partition(" ")
             pid = int(pid_s)
         except (OSError, ValueError):
             return None

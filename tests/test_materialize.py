@@ -243,3 +243,59 @@ def test_memory_does_not_grow_with_the_input(ws):
     assert size2 - size1 > 10_000_000
     growth = (peak2 - peak1) / (size2 - size1)
     assert growth < 0.1, f"peak grew by {growth:.0%} of the added input ({peak1} → {peak2} bytes)"
+
+
+def test_asking_who_holds_the_lock_never_releases_it(ws):
+    """`holder()` (called by `runs`, run-all and the audit while they hold the lock) must not
+    open another descriptor of the lock file: closing it would release the process's POSIX lock
+    and let a second run in (seen: two run-alls 0.7 s apart, the second deleting the first's
+    staging)."""
+    import subprocess
+    import sys
+
+    from refinery.runs import list_runs
+
+    probe = ("import sys; from refinery.workspace import Workspace, WorkspaceBusy\n"
+             f"try:\n    Workspace.at({str(ws.root)!r}).lock(wait_s=0).__enter__()\n"
+             "    print('got it')\nexcept WorkspaceBusy:\n    print('busy')")
+    with ws.lock():
+        ws.note_lock("run-x")
+        assert ws.holder()[1] == "run-x"
+        list_runs(ws)  # what run-all does before publishing
+        ws.holder()
+        got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+        assert got == "busy"
+    got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+    assert got == "got it"
+
+
+@pytest.mark.slow
+def test_a_second_run_all_waits_for_the_first(ws):
+    """Two `run-all`s moments apart: the second is refused while the first writes (it used to
+    get in, because the first released its own lock when it read who held it). The first is
+    paused once it is past its start, so the test does not depend on how fast the machine is."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from refinery.sample import generate
+
+    generate(2000, 3, ws.kb)
+    cmd = [sys.executable, "-m", "refinery", "run-all", "--workspace", str(ws.root)]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0  # a recorded run to read back
+    with open(ws.kb / "gateway_receipts.jsonl", "ab") as f:  # then a source changes
+        f.write(b'{"ts": 1762000000, "prompt": "new", "completion": "row"}\n')
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while (ws.holder() or (0, ""))[1] == "":  # until run-all has noted its run id
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)  # past its start: it has read the recorded runs (and, before the fix, let go)
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "another refinery run is writing" in second.stderr, second.stderr
+    finally:
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=180) == 0, first.stderr.read().decode()[-2000:]
