@@ -129,7 +129,10 @@ class Lines:
 
 def line_sig(line: Line) -> str:
     if line.obj is not None:
-        return sig_hash(line.obj)
+        try:
+            return sig_hash(line.obj)
+        except TypeError:  # nested too deep to write: refused by its raw bytes (materialize does the same)
+            pass
     return hashlib.sha256(line.raw or b"").hexdigest()
 
 

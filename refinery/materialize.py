@@ -319,6 +319,8 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
             res.first_transform_error = f"{src.ws_rel}:{offset}: {msg}"
 
     try:
+        if src.bad_name:
+            raise OSError(0, f"its name is not valid UTF-8 ({src.kb_rel}): rename it")
         res.input_sha256 = file_sha256(src.path)
         with open(job.quarantine_part, "wb", buffering=1 << 20) as qf:
             qw = JsonlWriter(qf)
@@ -348,7 +350,13 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                     if row is None:
                         refuse(offset, raw, None, line.reason, line.detail, sha256(raw or b"").hexdigest(), record)
                         continue
-                    digest = sha256(dumps(row, option=sort_keys)).digest()
+                    try:
+                        digest = sha256(dumps(row, option=sort_keys)).digest()
+                    except TypeError:  # orjson writes at most 254 levels of nesting
+                        refuse(offset, raw or b"", None, Reason.INVALID_JSON, "nested deeper than 254 levels: "
+                               "refinery cannot hash or write it; flatten the record", sha256(raw or b"").hexdigest(),
+                               record)
+                        continue
                     sig = digest.hex()
                     if fn is None:
                         refuse(offset, raw, row, Reason.UNKNOWN_SOURCE,

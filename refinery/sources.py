@@ -38,6 +38,8 @@ class SourceFile:
     source: str = ""
     """the stream's name: its path under data/_kb without the container extensions, `/` as `.`
     (the whole file name when two files would share a name)"""
+    bad_name: bool = False
+    """the file's name is not valid UTF-8: refinery cannot record where its rows came from"""
 
     @property
     def format(self) -> str | None:
@@ -72,6 +74,11 @@ def list_sources(ws: Workspace, ignore: list[str]) -> tuple[list[SourceFile], li
     names = Counter(stream_name(kb_rel) for _, kb_rel, _, _ in found)
     sources = []
     for path, kb_rel, container, compressed in found:
+        shown = kb_rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        if shown != kb_rel:  # not UTF-8: named as it can be shown, and refused (see materialize)
+            sources.append(SourceFile(path, shown, f"{ws.rel(ws.kb)}/{shown}", None, 0, False,
+                                      shown.replace("/", "."), bad_name=True))
+            continue
         name = stream_name(kb_rel)
         if names[name] > 1:  # runs.csv and runs.jsonl: keep them apart
             name = kb_rel.replace("/", ".")

@@ -130,8 +130,14 @@ def _check(ws: Workspace, hop: Hop) -> Line | None:
         where = f"record {hop.record}" if hop.record else f"line {hop.line}"
         hop.problem = f"{hop.file} has no {where}" if (ws.root / hop.file).exists() else f"{hop.file} does not exist"
         return None
+    actual = None
     if line.obj is not None:
-        hop.actual_sig = sig_hash(line.obj)
+        try:
+            actual = sig_hash(line.obj)
+        except TypeError:  # nested too deep to write: refused by its raw bytes, as materialize does
+            actual = None
+    if actual is not None:
+        hop.actual_sig = actual
         hop.id = line.obj.get("id") if isinstance(line.obj.get("id"), str) else None
         hop.preview = orjson.dumps(line.obj).decode()[:160]
     else:

@@ -324,3 +324,16 @@ def test_jsonl_under_a_json_name_with_a_long_first_line(tmp_path):
     p = tmp_path / "chats.json"
     p.write_bytes(orjson.dumps({"text": "x" * 100_000}) + b"\n" + orjson.dumps({"text": "y"}) + b"\n")
     assert sniff(p) == ("lines", False)
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_by_name_not_a_traceback(ws, cfg):
+    import os
+
+    bad = os.fsencode(str(ws.kb)) + b"/runs_\xff.csv"
+    with open(bad, "wb") as f:
+        f.write(b"run_id\n1\n")
+    write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "q", "completion": "a"}\n'})
+    result = materialize.run(ws, cfg)
+    assert result.evidence == 1 and result.exit_code == 2
+    assert result.file_errors == ["data/_kb/runs_\\xff.csv: cannot read: its name is not valid UTF-8 "
+                                  "(runs_\\xff.csv): rename it"]

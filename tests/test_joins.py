@@ -115,3 +115,22 @@ def test_digits_that_are_not_ascii_are_not_a_time():
 
     with pytest.raises(RowError, match="cannot parse"):
         parse_timestamp("²")
+
+
+def test_a_row_nested_too_deep_to_write_is_refused_not_a_crash(ws, cfg):
+    """orjson writes at most 254 levels: such a row is refused by its bytes, the run goes on,
+    and the audit's checks still hold."""
+    from refinery.invariants import Context, evidence_provenance, nothing_lost
+    from refinery.runs import run_all
+
+    deep = b'{"ts": 1762000000, "prompt": "p", "completion": "c", "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    row = b'{"ts": 1762000000, "prompt": "q", "completion": "a"}\n'
+    write_kb(ws, {"gateway_receipts.jsonl": deep + b"\n" + row,
+                  "gateway_receipts_bom.jsonl": b"\xef\xbb\xbf" + row.replace(b'"q"', b'"q2"')})
+    outcome = run_all(ws, cfg)
+    m = outcome.receipts["materialize"]["counts"]
+    assert (m["rows_in"], m["rows_out"], m["quarantined"]) == (3, 2, 1)  # the BOM's first row is kept too
+    (q,) = quarantine_rows(ws)
+    assert q["reason"] == "invalid_json" and "254 levels" in q["detail"]
+    ctx = Context(ws, cfg)
+    assert nothing_lost(ctx) == [] and evidence_provenance(ctx) == []
