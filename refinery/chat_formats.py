@@ -55,8 +55,6 @@ def exchange(rec: dict[str, Any]) -> Exchange:
 def error_text(body: Any, status: int | None) -> str | None:
     """Why a call failed, from an HTTP status or an error object; None when it did not."""
     err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(body, dict) and body.get("type") == "error" and isinstance(err, dict):
-        pass
     if err:
         if isinstance(err, dict):
             kind, msg = err.get("type") or err.get("code"), err.get("message")

@@ -346,24 +346,28 @@ def _expand_document(doc: Any, record_paths: tuple[RecordPath, ...], start: int,
         yield _record(n, doc, prefix + "$", parents)
 
 
-def _read_document(path: Path, compressed: bool, record_paths: tuple[RecordPath, ...], limits: Limits,
-                   strict: bool = False) -> Iterator[Line]:
+def read_document(path: Path, compressed: bool, cap: int) -> tuple[Any, Line | None]:
+    """A whole JSON document: (the parsed document, None), (None, the refusal of the whole file:
+    cut-off gzip, over `cap` bytes, not JSON), or (None, None) for an empty file."""
     try:
         with open_binary(path, compressed) as f:
-            data = _slurp(f, limits.max_document_bytes)
+            data = _slurp(f, cap)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        yield _damage(0, "the gzip stream breaks off", e)
-        return
+        return None, _damage(0, "the gzip stream breaks off", e)
     if data is None:
-        yield _too_large("the document", limits.max_document_bytes)
-        return
+        return None, _too_large("the document", cap)
     if not data.strip():
-        return  # an empty file: no records (materialize warns)
-    doc, bad = _parse_document(data, "the file")
+        return None, None
+    return _parse_document(data, "the file")
+
+
+def _read_document(path: Path, compressed: bool, record_paths: tuple[RecordPath, ...], limits: Limits,
+                   strict: bool = False) -> Iterator[Line]:
+    doc, bad = read_document(path, compressed, limits.max_document_bytes)
     if bad is not None:
         yield bad
-        return
-    yield from _expand_document(doc, record_paths, 0, "", strict=strict)
+    elif doc is not None:  # an empty file has no records (materialize warns)
+        yield from _expand_document(doc, record_paths, 0, "", strict=strict)
 
 
 def archive_members(zf: zipfile.ZipFile) -> list[str]:
@@ -399,7 +403,8 @@ def _read_zstd_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, cap: int) -> tuple[Any, Line | None]:
+def read_member(zf: zipfile.ZipFile, name: str, cap: int) -> tuple[Any, Line | None]:
+    """An archive member's JSON document: (document, None) or (None, its refusal)."""
     info = zf.getinfo(name)
     if info.file_size > cap:
         return None, _too_large(f"archive member {name}", cap)._replace(record=name)
@@ -428,6 +433,13 @@ def _zip_reads_zstd() -> bool:
     return getattr(zipfile, "ZIP_ZSTANDARD", None) == ZIP_ZSTANDARD
 
 
+def _archive_header(zf: zipfile.ZipFile, names: list[str], cap: int) -> tuple[Any, Line | None]:
+    """The archive's header (see ARCHIVE_HEADERS): (document, None), (None, its refusal), or
+    (None, None) when it has none."""
+    first = next((h for h in ARCHIVE_HEADERS if h in names), None)
+    return read_member(zf, first, cap) if first is not None else (None, None)
+
+
 def member_globs(record_paths: tuple[RecordPath, ...] | tuple[str, ...]) -> list[str]:
     return [p.text if isinstance(p, RecordPath) else p for p in record_paths]
 
@@ -441,22 +453,19 @@ def _read_archive(path: Path, record_paths: tuple[RecordPath, ...], limits: Limi
     with zf:
         names = archive_members(zf)
         globs = member_globs(record_paths) or ["*.json"]
-        header: Any = {}
-        first = next((h for h in ARCHIVE_HEADERS if h in names), None)
-        if first is not None:
-            header, bad = _read_member(zf, first, limits.max_document_bytes)
-            if bad is not None:
-                yield bad
-                return
+        header, bad = _archive_header(zf, names, limits.max_document_bytes)
+        if bad is not None:
+            yield bad
+            return
         n = 0
         for name in names:
             if not any(fnmatchcase(name, g) for g in globs):
                 continue
-            doc, bad = _read_member(zf, name, limits.max_document_bytes)
+            doc, bad = read_member(zf, name, limits.max_document_bytes)
             if bad is not None:
                 yield bad._replace(offset=n)
             else:
-                yield _record(n, doc, name, (header,))
+                yield _record(n, doc, name, ({} if header is None else header,))
             n += 1
 
 
@@ -499,15 +508,6 @@ class Probe:
         hits = sum(1 for r in self.records if _safe(pred, r))
         return hits >= 1 and hits * 5 >= len(self.records) * 3
 
-    def keys(self) -> set[str]:
-        """Keys present in every probed record (empty when there are none)."""
-        if not self.records:
-            return set()
-        out = set(self.records[0])
-        for r in self.records[1:]:
-            out &= set(r)
-        return out
-
 
 def _safe(pred, r) -> bool:
     try:
@@ -522,17 +522,11 @@ def probe(path: Path, container: str, compressed: bool, limits: Limits = Limits(
         if container == "zip":
             with zipfile.ZipFile(path) as zf:
                 pr.members = archive_members(zf)
-                first = next((h for h in ARCHIVE_HEADERS if h in pr.members), None)
-                if first is not None:
-                    pr.header, _ = _read_member(zf, first, limits.max_document_bytes)
+                pr.header, _ = _archive_header(zf, pr.members, limits.max_document_bytes)
             return pr
         if container == "json":
-            with open_binary(path, compressed) as f:
-                data = _slurp(f, limits.max_document_bytes)
-            if data is None:
-                return pr
-            doc, bad = _parse_document(data, "the file")
-            if bad is None:
+            doc, bad = read_document(path, compressed, limits.max_document_bytes)
+            if doc is not None:
                 pr.document = doc
                 items = doc if isinstance(doc, list) else [doc]
                 pr.records = [r for r in items[:PROBE_RECORDS] if isinstance(r, dict)]

@@ -57,8 +57,6 @@ STAGE = "materialize"
 #: Spilled join records per bucket (bytes): bounds what one bucket's grouping holds in memory.
 BUCKET_BYTES = 8 << 20
 MAX_BUCKETS = 4096
-#: Whole-file refusals that are the operator's to fix before the run means anything (exit 2).
-FILE_ERROR_REASONS = (Reason.UNREADABLE_FILE, Reason.AMBIGUOUS_SOURCE)
 
 
 @dataclass
@@ -240,15 +238,20 @@ def _provenance(source_file: str, offset: int, record: str | None, part: str | N
     return p
 
 
+def _distinct_parts(names: list[str | None], what: str) -> None:
+    """Several evidence records of one source record need distinct part names (their ids and
+    provenance tell them apart by it)."""
+    if len(names) > 1 and (None in names or len(set(names)) != len(names)):
+        raise TypeError(f"{what} made {len(names)} evidence records without distinct part= names ({names})")
+
+
 def _parts(out: Any) -> list[tuple[str | None, dict[str, Any]]] | None:
     """An importer's result as [(part, evidence)], or None for a Refusal."""
     if type(out) is Refusal:
         return None
     items = out if isinstance(out, list) else [out]
     parts = [(ev.pop(PART_KEY, None), ev) for ev in items]
-    names = [p for p, _ in parts]
-    if len(parts) > 1 and (None in names or len(set(names)) != len(names)):
-        raise TypeError("a transform returning several evidence records must give each a distinct part= name")
+    _distinct_parts([p for p, _ in parts], "the transform")
     return parts
 
 
@@ -504,7 +507,7 @@ def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, 
         for key in sorted(groups):
             members = groups.pop(key)
             try:
-                built, primaries, joined, refusals = _settle(transform, members, gctx, job, ref)
+                built, primaries, joined, refusals = _settle(transform, members, gctx, job, ref, sink.check)
             except Exception as exc:  # a bug in the importer: every member of the group is refused
                 msg = f"transform {transform.spec.name} raised {type(exc).__name__} assembling {key!r}: {exc}"
                 for m in members:
@@ -539,7 +542,8 @@ def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, 
             for i, c in sorted(counts.items())}
 
 
-def _settle(transform: Transform, members: list[Member], gctx: GroupContext, job: BucketJob, ref) -> tuple[
+def _settle(transform: Transform, members: list[Member], gctx: GroupContext, job: BucketJob, ref,
+            check: Callable[[dict[str, Any]], None] | None) -> tuple[
         list[tuple[Emit, dict[str, Any]]], dict[tuple[int, int], int], set[tuple[int, int]],
         dict[tuple[int, int], tuple[Reason, str]]]:
     """Assemble one group and decide each member's fate: (evidence built, primaries with their
@@ -564,13 +568,11 @@ def _settle(transform: Transform, members: list[Member], gctx: GroupContext, job
         joined = [ref(m) for m in e.joined if (m.file, m.offset) != (primary.file, primary.offset)]
         prov = _provenance(src.ws_rel, primary.offset, primary.record, part, primary.sig, ev["recorded_at"], joined)
         _envelope(ev, src.source, bytes.fromhex(primary.sig), part, prov, job.trust.get(primary.file))
-        if job.validate:
-            _validator()(ev)
+        if check is not None:
+            check(ev)
         built.append((e._replace(primary=primary), ev))
     for pos, names in parts.items():
-        if len(names) > 1 and (None in names or len(set(names)) != len(names)):
-            raise ValueError(f"record {job.sources[pos[0]].ws_rel}:{pos[1]} made {len(names)} evidence records "
-                             f"without distinct part names ({names})")
+        _distinct_parts(names, f"record {job.sources[pos[0]].ws_rel}:{pos[1]}")
     primaries = {pos: len(names) for pos, names in parts.items()}
     joined = {(m.file, m.offset) for e, _ in built for m in e.joined} - primaries.keys()
     refusals: dict[tuple[int, int], tuple[Reason, str]] = {}
@@ -618,8 +620,10 @@ def claims_for(ws: Workspace, cfg: Config, registry: Registry | None = None
     return registry, sources, ignored, [registry.claim(s) for s in sources]
 
 
-def _assemble_outputs(ws: Workspace, staging: Path, contributions: dict[str, list[Path]]) -> list[dict[str, Any]]:
-    """Put each evidence partition together from its part files (in job order) into `staging`."""
+def _assemble_outputs(ws: Workspace, staging: Path, contributions: dict[str, list[Path]],
+                      rows: Counter[str]) -> list[dict[str, Any]]:
+    """Put each evidence partition together from its part files (in job order) into `staging`;
+    `rows` is the partitions' row counts, as the jobs wrote them."""
     outputs = []
     for rel in sorted(contributions):
         parts = contributions[rel]
@@ -627,10 +631,10 @@ def _assemble_outputs(ws: Workspace, staging: Path, contributions: dict[str, lis
         dest.parent.mkdir(parents=True, exist_ok=True)
         if len(parts) == 1:
             os.replace(parts[0], dest)
-            outputs.append({"path": f"{ws.rel(ws.evidence)}/{rel}", "sha256": file_sha256(dest), "rows": None})
+            sha = file_sha256(dest)
         else:
-            rows, sha = concat_files(parts, dest)
-            outputs.append({"path": f"{ws.rel(ws.evidence)}/{rel}", "sha256": sha, "rows": rows})
+            _, sha = concat_files(parts, dest)
+        outputs.append({"path": f"{ws.rel(ws.evidence)}/{rel}", "sha256": sha, "rows": rows[rel]})
     for d in {(staging / rel).parent for rel in contributions}:
         fsync_dir(d)
     return outputs
@@ -668,6 +672,8 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                 on_done=on_file_done)
 
             bucket_jobs = []
+            trust = {j.index: j.trust for j in jobs if j.trust}
+            fallbacks = {j.index: j.fallback for j in jobs if j.fallback}
             for name in sorted({c.name for c in claims if c.transform is not None and c.transform.joins}):
                 spill_dir = spill_root / name
                 for b in range(buckets):
@@ -676,9 +682,8 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                         continue
                     k = len(bucket_jobs)
                     bucket_jobs.append(BucketJob(
-                        k, name, b, found, sources,
-                        {j.index: j.trust for j in jobs if j.trust}, {j.index: j.fallback for j in jobs if j.fallback},
-                        parts / f"ev-b{k:06d}", parts / f"q-b{k:06d}.jsonl", mcfg.quarantine_raw_max, validate))
+                        k, name, b, found, sources, trust, fallbacks, parts / f"ev-b{k:06d}",
+                        parts / f"q-b{k:06d}.jsonl", mcfg.quarantine_raw_max, validate))
             if bucket_jobs:
                 done = map_files(_work_bucket, [(j,) for j in bucket_jobs],
                                  [sum(p.stat().st_size for p in j.spill_parts) for j in bucket_jobs],
@@ -698,12 +703,10 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                 if d.is_dir():
                     for p in sorted(d.rglob("*.jsonl")):
                         contributions[p.relative_to(d).as_posix()].append(p)
-            outputs = _assemble_outputs(ws, staging, contributions)
-            rows_of = Counter()
+            rows_of: Counter[str] = Counter()
             for r in files:
                 rows_of.update(r.partitions)
-            for o in outputs:
-                o["rows"] = rows_of[o["path"].removeprefix(f"{ws.rel(ws.evidence)}/")]
+            outputs = _assemble_outputs(ws, staging, contributions, rows_of)
             qpath = ws.quarantine / f"{STAGE}.jsonl"
             qrows, qsha = concat_files([j.quarantine_part for j in jobs] + [j.quarantine_part for j in bucket_jobs],
                                        qpath)

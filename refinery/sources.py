@@ -98,11 +98,6 @@ def csv_raw(fields: list[str]) -> bytes:
     return buf.getvalue().encode("utf-8", "surrogateescape")
 
 
-def read_csv(path: Path, max_line_bytes: int) -> Iterator[Line]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        yield from read_csv_stream(f, max_line_bytes)
-
-
 def read_csv_stream(f: io.TextIOBase, max_line_bytes: int) -> Iterator[Line]:
     """Yield every CSV record after the header as a dict row (header → value).
 
@@ -237,19 +232,16 @@ class SourceRecords:
         if key in self._docs:
             self._docs[key] = self._docs.pop(key)
         else:
-            from refinery.containers import _parse_document, _read_member, _slurp, open_binary
+            import zipfile
+
+            from refinery.containers import read_document, read_member
 
             path = self.root / rel
             if member is not None:
-                import zipfile
-
                 with zipfile.ZipFile(path) as zf:
-                    doc, bad = _read_member(zf, member, self.limits.max_document_bytes)
+                    doc, bad = read_member(zf, member, self.limits.max_document_bytes)
             else:
-                _, compressed = self._kind(rel)
-                with open_binary(path, compressed) as f:
-                    data = _slurp(f, self.limits.max_document_bytes)
-                doc, bad = (None, None) if data is None else _parse_document(data, "the file")
+                doc, bad = read_document(path, self._kind(rel)[1], self.limits.max_document_bytes)
             self._docs[key] = (doc, bad)
             while len(self._docs) > self.KEEP_DOCUMENTS:
                 del self._docs[next(iter(self._docs))]

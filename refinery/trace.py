@@ -103,12 +103,13 @@ def find_row(ws: Workspace, row_id: str) -> tuple[Path, int, dict[str, Any]]:
     raise NotFound(f"no row with id {row_id!r} in exports/, data/scored-runs/ or data/evidence/")
 
 
-def _read_line(ws: Workspace, rel: str, offset: int, record: str | None = None) -> Line | None:
+def _read_line(ws: Workspace, sources: SourceRecords, rel: str, offset: int,
+               record: str | None = None) -> Line | None:
     path = ws.root / rel
     if not path.is_file():
         return None
     if rel.startswith("data/_kb/"):
-        return _sources(ws).at(rel, offset, record)
+        return sources.at(rel, offset, record)
     return LineCursor(read_jsonl(path)).at(offset)
 
 
@@ -123,9 +124,9 @@ def _sources(ws: Workspace) -> SourceRecords:
         return SourceRecords(ws.root)
 
 
-def _check(ws: Workspace, hop: Hop) -> Line | None:
+def _check(ws: Workspace, sources: SourceRecords, hop: Hop) -> Line | None:
     """Read the record `hop` names and compare its hash; None when it is not there."""
-    line = _read_line(ws, hop.file, hop.line, hop.record)
+    line = _read_line(ws, sources, hop.file, hop.line, hop.record)
     if line is None:
         where = f"record {hop.record}" if hop.record else f"line {hop.line}"
         hop.problem = f"{hop.file} has no {where}" if (ws.root / hop.file).exists() else f"{hop.file} does not exist"
@@ -149,8 +150,10 @@ def _check(ws: Workspace, hop: Hop) -> Line | None:
     return line
 
 
-def follow(ws: Workspace, prov: dict[str, Any], label: str, start: Hop) -> Chain:
+def follow(ws: Workspace, prov: dict[str, Any], label: str, start: Hop,
+           sources: SourceRecords | None = None) -> Chain:
     """Follow `prov` hop by hop until a source record (a file under data/_kb/) or a broken hop."""
+    sources = sources or _sources(ws)
     chain = Chain(label, [start])
     for _ in range(4):  # export → scored run → evidence → source: never more
         rel, offset, expected = prov["source_file"], prov["line_offset"], prov["sig_hash"]
@@ -160,7 +163,7 @@ def follow(ws: Workspace, prov: dict[str, Any], label: str, start: Hop) -> Chain
             hop.problem = "whole-file record: no line to check"
             hop.ok = expected is None
             return chain
-        line = _check(ws, hop)
+        line = _check(ws, sources, hop)
         if line is None or not hop.ok:
             return chain
         if rel.startswith("data/_kb/") or line.obj is None or "provenance" not in line.obj:
@@ -168,7 +171,7 @@ def follow(ws: Workspace, prov: dict[str, Any], label: str, start: Hop) -> Chain
                 extra = Hop(ref["source_file"], ref["line_offset"], None, ref["sig_hash"], record=ref.get("record"),
                             joined=True)
                 chain.hops.append(extra)
-                _check(ws, extra)
+                _check(ws, sources, extra)
             return chain
         prov = line.obj["provenance"]
     return chain
@@ -179,9 +182,10 @@ def trace(ws: Workspace, row_id: str) -> Trace:
     rel = ws.rel(path)
     start = Hop(rel, offset, row_id, None, None, True, None, orjson.dumps(row).decode()[:160])
     chains = []
+    sources = _sources(ws)  # one reader (and one parse of each document) for every chain
     if "rejected_provenance" in row:
-        chains.append(follow(ws, row["provenance"], "chosen", start))
-        chains.append(follow(ws, row["rejected_provenance"], "rejected", start))
+        chains.append(follow(ws, row["provenance"], "chosen", start, sources))
+        chains.append(follow(ws, row["rejected_provenance"], "rejected", start, sources))
     else:
-        chains.append(follow(ws, row["provenance"], "row", start))
+        chains.append(follow(ws, row["provenance"], "row", start, sources))
     return Trace(row_id, rel, offset, chains)

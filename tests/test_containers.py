@@ -288,7 +288,7 @@ def test_a_zstandard_bomb_is_refused_not_inflated(tmp_path):
 
     import zstandard
 
-    from refinery.containers import ZIP_ZSTANDARD, _read_member
+    from refinery.containers import ZIP_ZSTANDARD, read_member
 
     p = tmp_path / "bomb.eval"
     payload = zstandard.ZstdCompressor().compress(b'{"a": "' + b"x" * (8 << 20) + b'"}')
@@ -316,7 +316,7 @@ def test_a_zstandard_bomb_is_refused_not_inflated(tmp_path):
     struct.pack_into("<I", new, local + 14, zlib.crc32(b"{}"))
     p.write_bytes(bytes(new))
     with zipfile.ZipFile(p) as zf:
-        doc, bad = _read_member(zf, "samples/1.json", 1 << 30)
+        doc, bad = read_member(zf, "samples/1.json", 1 << 30)
     assert doc is None and bad.reason == Reason.DAMAGED_CONTAINER and "more than the 2 bytes" in bad.detail
 
 
