@@ -136,3 +136,25 @@ def materialize_files(ws: Workspace, cfg: Config, *paths: Path) -> dict:
     result = materialize.run(ws, cfg, validate=True)
     assert result.transform_errors == 0, [f.first_transform_error for f in result.files]
     return {f.source_file.removeprefix("data/_kb/"): f for f in result.files}
+
+
+def foreign_inputs(*own: str) -> list[Path]:
+    """Every data file under tests/fixtures/ (golden inputs, real files, the acceptance
+    fixture's sources, subfolders included) but those with one of `own` among their path's
+    parts: what an importer's detect() must not claim."""
+    notes = (".md", ".txt", ".py", ".toml")
+    return [p for p in sorted(FIXTURES.rglob("*")) if p.is_file() and not p.name.startswith("expected")
+            and p.suffix not in notes and not set(own) & set(p.relative_to(FIXTURES).parts)]
+
+
+def copy_fixture(ws: Workspace, folder: Path) -> Config:
+    """A golden fixture into the workspace (its refinery.toml to the root, its inputs to
+    data/_kb/); returns the workspace's config."""
+    import shutil
+
+    for p in folder.iterdir():
+        if p.name == "refinery.toml":
+            shutil.copy(p, ws.root / p.name)
+        elif p.name != "expected.jsonl":
+            shutil.copy(p, ws.kb / p.name)
+    return load_config(ws.root)

@@ -16,7 +16,8 @@ import zipfile
 import pytest
 
 from conftest import (
-    FIXTURES, evidence_rows, fixture_inputs, materialize_files, probe_file, quarantine_rows, read_jsonl_file, write_kb,
+    FIXTURES, evidence_rows, fixture_inputs, foreign_inputs, materialize_files, probe_file, quarantine_rows,
+    read_jsonl_file, write_kb,
 )
 from refinery import score
 from refinery.discovery import BUILTIN_DIR
@@ -60,11 +61,7 @@ def test_detects_every_real_log(name):
 
 
 def test_claims_nothing_else():
-    others = [p for d in sorted(FIXTURES.iterdir()) if d.is_dir() and d.name not in ("inspect_ai", "real")
-              for p in _inputs(d)]
-    others += [p for d in sorted((FIXTURES / "real").iterdir()) if d.is_dir() and d.name != "inspect_ai"
-               for p in _inputs(d)]
-    others += [p for p in sorted((FIXTURES / "acceptance" / "kb").iterdir()) if p.is_file()]
+    others = foreign_inputs("inspect_ai", "inspect")
     assert len(others) > 40
     claimed = [p.name for p in others if inspect_ai.detect(_probe(p))]
     assert claimed == []

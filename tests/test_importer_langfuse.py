@@ -10,7 +10,7 @@ import shutil
 import orjson
 import pytest
 
-from conftest import FIXTURES, REPO, evidence_rows, quarantine_rows, write_kb
+from conftest import FIXTURES, REPO, copy_fixture, evidence_rows, foreign_inputs, quarantine_rows, write_kb
 from refinery import materialize, score
 from refinery.config import Config, load_config
 from refinery.containers import probe, sniff, split_locator, walk_locator
@@ -99,18 +99,8 @@ def test_detects_langfuse_files(path):
     assert _detect(path)
 
 
-def _foreign_files():
-    for d in sorted(FIXTURES.iterdir()):
-        if not d.is_dir() or d.name in ("langfuse", "exports"):
-            continue
-        for p in sorted(d.rglob("*")):
-            if p.is_file() and p.name not in ("expected.jsonl", "refinery.toml") and "langfuse" not in p.parts \
-                    and p.suffix not in (".md", ".py", ".txt", ".yaml", ".toml"):
-                yield p
-
-
 def test_claims_no_other_format():
-    claimed = [str(p.relative_to(FIXTURES)) for p in _foreign_files() if _detect(p)]
+    claimed = [str(p.relative_to(FIXTURES)) for p in foreign_inputs("langfuse") if _detect(p)]
     assert claimed == []
 
 
@@ -204,12 +194,7 @@ def test_real_evidence_traces_back_and_scores(real, ws, cfg):
 
 
 def test_golden_fixture_counts_and_categories(ws):
-    for p in GOLDEN.iterdir():
-        if p.name == "refinery.toml":
-            shutil.copy(p, ws.root / p.name)
-        elif p.name != "expected.jsonl":
-            shutil.copy(p, ws.kb / p.name)
-    cfg = load_config(ws.root)
+    cfg = copy_fixture(ws, GOLDEN)
     result, files = _run(ws, cfg)
     counts = {n: (f.rows_in, f.evidence, f.joined, f.quarantined, f.by_reason) for n, f in files.items()}
     assert counts == {

@@ -19,7 +19,8 @@ import shutil
 import pytest
 
 from conftest import (
-    FIXTURES, evidence_rows, fixture_inputs, materialize_files, probe_file, quarantine_rows, read_jsonl_file, write_kb,
+    FIXTURES, evidence_rows, fixture_inputs, foreign_inputs, materialize_files, probe_file, quarantine_rows,
+    read_jsonl_file, write_kb,
 )
 from refinery import score
 from refinery.materialize import claims_for
@@ -95,12 +96,7 @@ def test_detects_the_real_files_and_every_golden_shape():
 
 
 def test_claims_nothing_else():
-    others = [p for d in sorted(FIXTURES.iterdir()) if d.is_dir() and d.name not in ("langsmith", "real")
-              for p in _inputs(d)]
-    others += [p for d in sorted((FIXTURES / "real").iterdir()) if d.is_dir() and d.name != "langsmith"
-               for p in _inputs(d)]
-    others += [p for p in sorted((FIXTURES / "acceptance" / "kb").iterdir())
-               if p.is_file() and p.name != "langsmith_runs.jsonl"]  # the acceptance fixture's LangSmith file
+    others = foreign_inputs("langsmith", "langsmith_runs.jsonl")
     assert len(others) > 40
     assert [p.name for p in others if langsmith.detect(_probe(p))] == []
 

@@ -12,9 +12,10 @@ from collections import Counter
 import orjson
 import pytest
 
-from conftest import FIXTURES, REPO, evidence_rows, quarantine_rows, read_jsonl_file, write_kb
+from conftest import (
+    FIXTURES, REPO, copy_fixture, evidence_rows, foreign_inputs, quarantine_rows, read_jsonl_file, write_kb,
+)
 from refinery import export, materialize, score
-from refinery.config import load_config
 from refinery.containers import probe, sniff, split_locator, walk_locator
 from refinery.trace import trace
 from refinery.transform import RowError
@@ -152,7 +153,7 @@ def test_detects_its_own_files():
 
 
 def test_claims_no_other_fixture():
-    others = [p for p in _inputs(FIXTURES) if not {"otel_genai", "otel"} & set(p.relative_to(FIXTURES).parts)]
+    others = foreign_inputs("otel_genai", "otel")
     assert len(others) > 40
     claimed = [p for p in others if _detect(p)]
     assert claimed == []
@@ -277,12 +278,7 @@ def test_upper_case_span_joins_lower_case_evaluation(ws, cfg):
 
 @pytest.fixture
 def golden(ws):
-    for p in GOLDEN.iterdir():
-        if p.name == "refinery.toml":
-            shutil.copy(p, ws.root / p.name)
-        elif p.name != "expected.jsonl":
-            shutil.copy(p, ws.kb / p.name)
-    return load_config(ws.root)
+    return copy_fixture(ws, GOLDEN)
 
 
 def test_golden_counts(ws, golden):

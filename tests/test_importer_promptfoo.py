@@ -17,7 +17,8 @@ import shutil
 import pytest
 
 from conftest import (
-    FIXTURES, evidence_rows, fixture_inputs, materialize_files, probe_file, quarantine_rows, read_jsonl_file, write_kb,
+    FIXTURES, evidence_rows, fixture_inputs, foreign_inputs, materialize_files, probe_file, quarantine_rows,
+    read_jsonl_file, write_kb,
 )
 from refinery import score
 from refinery.materialize import claims_for
@@ -75,11 +76,7 @@ def test_detects_the_real_export_and_every_golden_shape():
 
 
 def test_claims_nothing_else():
-    others = [p for d in sorted(FIXTURES.iterdir()) if d.is_dir() and d.name not in ("promptfoo", "real")
-              for p in _inputs(d)]
-    others += [p for d in sorted((FIXTURES / "real").iterdir()) if d.is_dir() and d.name != "promptfoo"
-               for p in _inputs(d)]
-    others += [p for p in sorted((FIXTURES / "acceptance" / "kb").iterdir()) if p.is_file()]
+    others = foreign_inputs("promptfoo", "evals")
     assert len(others) > 40
     assert [p.name for p in others if promptfoo.detect(_probe(p))] == []
 

@@ -5,13 +5,11 @@ with REFINERY_UPDATE_GOLDEN=1 and review the diff."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
-from conftest import FIXTURES, evidence_rows, quarantine_rows
+from conftest import FIXTURES, copy_fixture, evidence_rows, quarantine_rows
 from refinery import materialize
-from refinery.config import load_config
 from refinery.jsonl import dumps_line
 
 NOT_TRANSFORMS = ("acceptance", "exports", "retrieval", "real")
@@ -19,13 +17,7 @@ GOLDEN = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir() and p.name not 
 
 
 def run_fixture(ws, name: str) -> bytes:
-    src = FIXTURES / name
-    for p in src.iterdir():
-        if p.name == "refinery.toml":
-            shutil.copy(p, ws.root / p.name)
-        elif p.name != "expected.jsonl":
-            shutil.copy(p, ws.kb / p.name)
-    result = materialize.run(ws, load_config(ws.root), validate=True)
+    result = materialize.run(ws, copy_fixture(ws, FIXTURES / name), validate=True)
     assert result.transform_errors == 0, [f.first_transform_error for f in result.files]
     ev = sorted(evidence_rows(ws), key=lambda r: (r["provenance"]["source_file"], r["provenance"]["line_offset"]))
     return b"".join(dumps_line(r) for r in [*ev, *quarantine_rows(ws)])
