@@ -255,6 +255,77 @@ def _parts(out: Any) -> list[tuple[str | None, dict[str, Any]]] | None:
     return parts
 
 
+# --- spilling join records to hash buckets -----------------------------------------------------
+
+#: Spill files: "b" files hold members by group key (phase B reads them); "a" files hold
+#: aliases and the members that name their group by one (resolved in between).
+GROUPS, ALIASES = "b", "a"
+ALIAS, VIA = "=", "?"
+
+
+def _bucket(key: str, buckets: int) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") % buckets
+
+
+class Spill:
+    """One job's lines into a spill folder's bucket files, `<kind><bucket>-<job>.jsonl`, opened
+    as needed: the job index in the name keeps every group's members in reading order."""
+
+    def __init__(self, folder: Path, job: int, buckets: int):
+        self.folder, self.job, self.buckets = folder, job, buckets
+        self.files: dict[tuple[str, int], Any] = {}
+
+    def write(self, kind: str, key: str, line: bytes) -> None:
+        at = (kind, _bucket(key, self.buckets))
+        f = self.files.get(at)
+        if f is None:
+            f = self.files[at] = open(self._path(*at), "wb", buffering=1 << 18)
+        f.write(line + b"\n")
+
+    def _path(self, kind: str, bucket: int) -> Path:
+        return self.folder / f"{kind}{bucket:04d}-{self.job:06d}.jsonl"
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def discard(self) -> None:
+        self.close()
+        for at in self.files:
+            self._path(*at).unlink(missing_ok=True)
+
+
+def spilled(folder: Path, kind: str, bucket: int) -> list[Path]:
+    """A bucket's spill files, in job order."""
+    return sorted(folder.glob(f"{kind}{bucket:04d}-*.jsonl"))
+
+
+def resolve_aliases(folder: Path, bucket: int, job: int, buckets: int) -> None:
+    """Put the members that name their group by an alias into the group it stands for (an
+    alias no record lists keeps them in a group of their own). Reads one alias bucket twice —
+    the aliases, then the members — so memory holds that bucket's aliases only."""
+    parts = spilled(folder, ALIASES, bucket)
+    targets: dict[str, str] = {}
+    for part in parts:
+        with open(part, "rb") as f:
+            for line in f:
+                v = orjson.loads(line)
+                if v[0] == ALIAS:
+                    targets.setdefault(v[1], v[2])  # the first record to list it, in reading order
+    out = Spill(folder, job, buckets)
+    try:
+        for part in parts:
+            with open(part, "rb") as f:
+                for line in f:
+                    v = orjson.loads(line)
+                    if v[0] == VIA:
+                        member = v[1:]
+                        member[0] = targets.get(member[0], member[0])
+                        out.write(GROUPS, member[0], orjson.dumps(member))
+    finally:
+        out.close()
+
+
 # --- phase A: one file ----------------------------------------------------------------------
 
 
@@ -300,7 +371,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
     from_bytes = int.from_bytes
     source = src.source
     is_csv = src.container == "csv"
-    spills: dict[int, Any] = {}
+    spill = Spill(job.spill_dir, job.index, job.buckets)
     trust = job.trust
 
     def refuse(offset, raw, row, reason, detail, sig, record=None, recorded_at=None):
@@ -375,13 +446,13 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                         if keyed is not None:
                             if type(keyed) is not Keyed:
                                 raise TypeError(f"join_key returned {type(keyed).__name__}, not Keyed")
-                            b = int.from_bytes(hashlib.sha256(keyed.key.encode()).digest()[:4], "little") % job.buckets
-                            f = spills.get(b)
-                            if f is None:
-                                f = spills[b] = open(job.spill_dir / f"b{b:04d}-{job.index:06d}.jsonl", "wb",
-                                                     buffering=1 << 18)
-                            f.write(dumps([keyed.key, keyed.role, keyed.extra, job.index, offset, record, sig, row])
-                                    + b"\n")
+                            member = [keyed.key, keyed.role, keyed.extra, job.index, offset, record, sig, row]
+                            if keyed.via:  # its group is known by an alias: resolved after every file is read
+                                spill.write(ALIASES, keyed.key, dumps([VIA, *member]))
+                            else:
+                                spill.write(GROUPS, keyed.key, dumps(member))
+                            for alias in keyed.aliases:
+                                spill.write(ALIASES, alias, dumps([ALIAS, alias, keyed.key]))
                             continue
                         out = fn(row, ctx)
                         parts = _parts(out)
@@ -423,17 +494,13 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
         with open(job.quarantine_part, "wb") as qf:
             JsonlWriter(qf).write(quarantine_record(STAGE, source, src.ws_rel, None, Reason.UNREADABLE_FILE,
                                                     res.file_error, None))
-        for f in spills.values():
-            f.close()
-        for b in spills:
-            (job.spill_dir / f"b{b:04d}-{job.index:06d}.jsonl").unlink(missing_ok=True)
+        spill.discard()
         res.by_reason = {}
         return res
     finally:
         for fh, _ in sink.writers.values():
             fh.close()
-        for f in spills.values():
-            f.close()
+        spill.close()
     res.quarantined = sum(by_reason.values())
     res.by_reason = dict(sorted(by_reason.items()))
     res.dropped_fields = dict(sorted(dropped.items()))
@@ -462,6 +529,7 @@ class BucketJob:
 
 
 def _members(parts: list[Path]) -> dict[str, list[Member]]:
+    """A bucket's members, grouped by key (members in spill-file order, then line order)."""
     groups: dict[str, list[Member]] = defaultdict(list)
     loads = orjson.loads
     for part in parts:
@@ -671,13 +739,19 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                 parallel_min_bytes=mcfg.parallel_min_bytes, initializer=_init_worker, initargs=(str(ws.root), cfg),
                 on_done=on_file_done)
 
+            joining = sorted({c.name for c in claims if c.transform is not None and c.transform.joins})
+            alias_jobs = [(spill_root / name, b, len(jobs) + b, buckets) for name in joining for b in range(buckets)
+                          if spilled(spill_root / name, ALIASES, b)]
+            map_files(resolve_aliases, alias_jobs,
+                      [sum(p.stat().st_size for p in spilled(d, ALIASES, b)) for d, b, _, _ in alias_jobs],
+                      workers=mcfg.workers, parallel_min_bytes=mcfg.parallel_min_bytes)
             bucket_jobs = []
             trust = {j.index: j.trust for j in jobs if j.trust}
             fallbacks = {j.index: j.fallback for j in jobs if j.fallback}
-            for name in sorted({c.name for c in claims if c.transform is not None and c.transform.joins}):
+            for name in joining:
                 spill_dir = spill_root / name
                 for b in range(buckets):
-                    found = sorted(spill_dir.glob(f"b{b:04d}-*.jsonl"))
+                    found = spilled(spill_dir, GROUPS, b)
                     if not found:
                         continue
                     k = len(bucket_jobs)

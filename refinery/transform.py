@@ -103,11 +103,19 @@ class RowContext:
 
 class Keyed(NamedTuple):
     """A record's join group: `key` (e.g. "trace:abc"), its `role` in the group, and `extra`:
-    anything from its document the assembly needs (the document is not spilled with it)."""
+    anything from its document the assembly needs (the document is not spilled with it).
+
+    A record that knows its group only through another record — LangSmith feedback names its
+    run, not the run's trace — gives that name as `key` with `via=True`; the record it names
+    lists the name in `aliases` (a run: `aliases=("run:<id>",)`). The materializer resolves
+    the alias on disk, bucket by bucket, and puts the record in the aliased group; an alias no
+    record lists leaves it in a group of its own (its partner is in no file)."""
 
     key: str
     role: str
     extra: Any = None
+    aliases: tuple[str, ...] = ()
+    via: bool = False
 
 
 class Member(NamedTuple):

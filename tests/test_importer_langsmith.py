@@ -173,8 +173,7 @@ def test_real_runs_without_their_feedback_and_feedback_without_runs(ws, cfg):
     files = _run(ws, cfg, SDK_FEEDBACK)
     assert _counts(files) == {SDK_FEEDBACK.name: (2, 0, 0, 2, {"unmatched_join": 2})}
     detail = quarantine_rows(ws)[0]["detail"]
-    assert f"no run of trace {WEATHER_TRACE} in any source file" in detail
-    assert "only feedback on a trace's root run can be joined" in detail
+    assert f"run {WEATHER_TRACE} is in no source file — add the file holding the runs" in detail
     shutil.copy(SDK_RUNS, ws.kb / SDK_RUNS.name)
     (ws.kb / SDK_FEEDBACK.name).unlink()
     files = _run(ws, cfg)
@@ -213,7 +212,8 @@ def test_golden_counts_and_categories(ws, cfg, golden):
         # root (post + patch), its tool run and the second llm's patch, T2's and T3's patches, T4's two steps
         "langsmith_runs_batch.jsonl": (17, 5, 8, 4, {"invalid_json": 1, "missing_field": 1, "unmatched_join": 1,
                                                      "wrong_type": 1}),
-        "langsmith_feedback.jsonl": (9, 0, 5, 4, {"missing_field": 1, "unmatched_join": 2, "wrong_type": 1}),
+        # the conciseness feedback names only its (child) run, L2: found through the run's id
+        "langsmith_feedback.jsonl": (9, 0, 6, 3, {"missing_field": 1, "unmatched_join": 1, "wrong_type": 1}),
         "langsmith_runs_export.json": (2, 3, 0, 0, {}),  # T7's two generations: one record, two parts
     }
     q = _details(ws)
@@ -223,7 +223,7 @@ def test_golden_counts_and_categories(ws, cfg, golden):
     assert q[("langsmith_runs_batch.jsonl", "line 6 $.post[0]")][1].startswith(
         "field 'inputs.messages': expected a list of messages, got str")
     assert q[("langsmith_runs_batch.jsonl", "line 6 $.post[1]")][1].startswith("not a LangSmith run")
-    assert q[("langsmith_feedback.jsonl", 2)][1].startswith(f"feedback 'conciseness' on run {L2}: no run of trace")
+    assert ("langsmith_feedback.jsonl", 2) not in q
     assert q[("langsmith_feedback.jsonl", 4)] == (
         "wrong_type", "field 'score' of feedback 'rating': expected a number or a boolean, got 'high'")
     assert q[("langsmith_feedback.jsonl", 8)][0] == "missing_field"  # run_id null: feedback on a session
@@ -232,7 +232,8 @@ def test_golden_counts_and_categories(ws, cfg, golden):
     got = {by_id[i]: (r["category"], r["rules_fired"]) for i, r in _scored(ws).items()}
     assert got == {
         (L1, None): ("needs_human_review", ["no_signal", "no_approval"]),  # a step: only an uncounted score
-        (L2, None): ("accepted", []),                                        # thumbs up + helpfulness 0.9
+        # thumbs up, but helpfulness 0.9 and conciseness 0.4 average below accept_min_score
+        (L2, None): ("needs_human_review", ["conflicting_signals", "below_accept_score"]),
         (T2, None): ("rejected", ["error", "empty_answer", "missing_stop", "no_approval"]),
         (T3, None): ("rejected", ["truncated", "no_approval"]),               # max_tokens
         (T4, None): ("partially_accepted", ["no_approval"]),                 # kind trace: no stop reason needed
@@ -266,7 +267,8 @@ def test_langchain_agent_trace(golden):
     assert _joined(last) == [("langsmith_runs_batch.jsonl", "line 0 $.patch[0]"),
                              ("langsmith_runs_batch.jsonl", "line 0 $.post[0]"),
                              ("langsmith_runs_batch.jsonl", "line 0 $.patch[1]"),
-                             ("langsmith_feedback.jsonl", 0), ("langsmith_feedback.jsonl", 1)]
+                             ("langsmith_feedback.jsonl", 0), ("langsmith_feedback.jsonl", 1),
+                             ("langsmith_feedback.jsonl", 2)]
     assert _joined(first) == [("langsmith_runs_batch.jsonl", "line 0 $.post[2]"), ("langsmith_feedback.jsonl", 3)]
     assert first["task_name"] == last["task_name"] == "support_agent"
 
@@ -275,9 +277,10 @@ def test_feedback_on_the_root_judges_the_last_answer(golden):
     _, ev = golden
     s = ev[(L2, None)]["signals"]
     assert (s["approved"], s["approver"]) == (True, "maria.k")  # a person's thumbs up (source app)
-    assert (s["human_rating"], s["eval_score"]) == (1.0, 0.9)
+    assert (s["human_rating"], s["eval_score"]) == (1.0, 0.65)
     assert _scores(ev[(L2, None)]) == {"user_thumbs": (1, 1.0, "human", True),
-                                       "helpfulness": (0.9, 0.9, "automated", True)}
+                                       "helpfulness": (0.9, 0.9, "automated", True),
+                                       "conciseness": (0.4, 0.4, "automated", True)}  # on L2 itself, by run id
 
 
 def test_feedback_on_a_step_is_kept_but_not_counted(golden):
@@ -445,13 +448,16 @@ def test_missing_root_and_missing_partner(ws, cfg):
     files = _run(ws, cfg)
     assert _counts(files) == {"feedback.jsonl": (1, 0, 0, 1, {"unmatched_join": 1}),
                               "runs.jsonl": (1, 0, 0, 1, {"unmatched_join": 1})}
-    assert all(f"its root run {TRACE} is in no source file" in q["detail"] for q in quarantine_rows(ws))
+    q = {r["provenance"]["source_file"]: r["detail"] for r in quarantine_rows(ws)}
+    assert f"its root run {TRACE} is in no source file" in q["data/_kb/runs.jsonl"]
+    assert f"run {TRACE} is in no source file" in q["data/_kb/feedback.jsonl"]
     # with an llm run the trace has an answer: only the feedback on the absent root is unmatched
     write_kb(ws, {"runs.jsonl": _jsonl(_llm(CHILD, TRACE, t=1))})
     files = _run(ws, cfg)
     assert _counts(files)["feedback.jsonl"] == (1, 0, 0, 1, {"unmatched_join": 1})
     assert quarantine_rows(ws)[0]["detail"] == (
-        f"feedback 'score' on run {TRACE}: no such run in trace {TRACE} in any source file")
+        f"feedback 'score' on run {TRACE}: run {TRACE} is in no source file — add the file holding the runs to "
+        "data/_kb/")
 
 
 @pytest.mark.parametrize("fb, approved, rating", [

@@ -134,3 +134,50 @@ def test_a_row_nested_too_deep_to_write_is_refused_not_a_crash(ws, cfg):
     assert q["reason"] == "invalid_json" and "254 levels" in q["detail"]
     ctx = Context(ws, cfg)
     assert nothing_lost(ctx) == [] and evidence_provenance(ctx) == []
+
+
+#: Answers that name their question's *topic* by the question's id: the question lists its id as
+#: an alias of its topic group, the answer asks to be put wherever that id is.
+TOPICS = '''
+from refinery.reasons import Reason
+from refinery.transform import Emit, Keyed, RowError, TransformSpec, new_evidence
+
+SPEC = TransformSpec(name="topics", patterns=("topic*.jsonl",), format="json", kind="qa")
+
+def transform(row, ctx):
+    raise RowError(Reason.MISSING_FIELD, "not a q or an a line")
+
+def join_key(row, ctx):
+    if "q" in row:
+        return Keyed(f"topic:{row['topic']}", "question", aliases=(f"q:{row['q']}",))
+    return Keyed(f"q:{row['a']}", "answer", via=True)
+
+def assemble(group, ctx):
+    qs = {m.row["q"]: m for m in group if m.role == "question"}
+    out = []
+    for a in (m for m in group if m.role == "answer"):
+        q = qs.get(a.row["a"])
+        if q is not None:
+            out.append(Emit(new_evidence("qa", recorded_at="2026-11-05T00:00:00Z", prompt=q.row["text"],
+                                         response=a.row["text"]), a, (q,)))
+    return out
+'''
+
+
+@pytest.mark.parametrize("buckets", [8 << 20, 64])
+def test_a_record_found_through_an_alias_joins_the_group_it_names(ws, monkeypatch, buckets):
+    """An answer that names only its question (not the question's group) lands in the group,
+    whichever file either is in and however many buckets there are; an alias no record lists
+    leaves its record unmatched."""
+    monkeypatch.setattr(materialize, "BUCKET_BYTES", buckets)
+    (ws.root / "transforms").mkdir()
+    (ws.root / "transforms" / "topics.py").write_text(TOPICS)
+    qs = b"".join(orjson.dumps({"q": i, "topic": i % 3, "text": f"question {i}"}) + b"\n" for i in range(30))
+    ans = b"".join(orjson.dumps({"a": i, "text": f"answer {i}"}) + b"\n" for i in [*range(30), 99])
+    write_kb(ws, {"topic_answers.jsonl": ans, "topic_questions.jsonl": qs})
+    result = materialize.run(ws, load_config(ws.root), validate=True)
+    assert (result.evidence, result.joined, result.by_reason) == (30, 30, {"unmatched_join": 1})
+    assert sorted((e["prompt"], e["response"]) for e in evidence_rows(ws)) == sorted(
+        (f"question {i}", f"answer {i}") for i in range(30))
+    (q,) = quarantine_rows(ws)
+    assert q["provenance"]["line_offset"] == 30 and "'q:99'" in q["detail"]

@@ -16,8 +16,9 @@ or a JSON array, or a `POST /runs/query` answer `{"runs": [...]}`), and feedback
 
 The join. Records are grouped by trace: a run by its `trace_id` (else the first segment of its
 `dotted_order`, else its own id — a root's trace id is its id); a feedback record by its
-`trace_id` when it has one, else by its `run_id`, which is the trace's id when the feedback is
-on a root run (the usual case: feedback on a trace). In a group, the records of one run id are
+`trace_id` when it has one, else through its `run_id`: every run is also known by its id, and
+the materializer puts the feedback in the group of the trace that run belongs to, whichever
+file the run is in. In a group, the records of one run id are
 merged — creates before updates, later fields win, but an absent or empty field never erases a
 present one — and:
 
@@ -50,17 +51,15 @@ present one — and:
   record carries (author unknown). Feedback on another run (a tool, a retriever) is kept as a
   named score that is not counted (`used: false`): it judges a step, not the answer.
 
-Quarantined as unmatched_join: feedback whose run is in no source file (or is a child run and
-the feedback carries no trace_id: only feedback on a root run can be found then), an update
+Quarantined as unmatched_join: feedback whose run is in no source file, an update
 (`patch`) whose create is in no file, and the runs of a trace with no llm run whose root run is
 in no file. Times: the run's `start_time` (else `end_time`, else its `dotted_order`).
 
 Limits: a LangChain batch call with several prompts is read for its first prompt only; nested
 `child_runs` (a run read with its children) are not unfolded — export the runs flat; feedback
-`comment` has no place in the evidence, nor has a `value` that is an object; feedback on a child
-run without trace_id cannot be placed; a child step's error (a tool that raised) is not the
-call's error; evaluation-result exports (`{run, example, evaluation_results}`) are not read;
-multipart/zstd batch bodies must be decoded to JSON first.
+`comment` has no place in the evidence, nor has a `value` that is an object; a child step's
+error (a tool that raised) is not the call's error; evaluation-result exports (`{run, example,
+evaluation_results}`) are not read; multipart/zstd batch bodies must be decoded to JSON first.
 """
 
 from __future__ import annotations
@@ -156,12 +155,14 @@ def _trace_of(row: dict) -> str:
 
 def join_key(row, ctx):
     if _is_feedback(row):
-        trace = row.get("trace_id") if isinstance(row.get("trace_id"), str) and row["trace_id"] else row["run_id"]
-        return Keyed(f"trace:{trace}", "feedback")
+        if isinstance(row.get("trace_id"), str) and row["trace_id"]:
+            return Keyed(f"trace:{row['trace_id']}", "feedback")
+        return Keyed(f"run:{row['run_id']}", "feedback", via=True)  # its run says which trace
     if isinstance(row.get("id"), str) and row["id"] and "run_id" not in row and any(
             k in row for k in ("run_type", "trace_id", "dotted_order")):
         # An update is told by where it sits: a batch body's patch[] list.
-        return Keyed(f"trace:{_trace_of(row)}", "patch" if ".patch[" in (ctx.record or "") else "run")
+        return Keyed(f"trace:{_trace_of(row)}", "patch" if ".patch[" in (ctx.record or "") else "run",
+                     aliases=(f"run:{row['id']}",))
     return None
 
 
@@ -278,9 +279,8 @@ def _no_run_detail(m: t.Member, had_runs: bool) -> str:
     run_id, key = m.row["run_id"], m.row["key"]
     if had_runs:
         return f"feedback {key!r} on run {run_id}: the run's only records are updates whose create is in no file"
-    return (f"feedback {key!r} on run {run_id}: no run of trace {run_id} in any source file — the runs file is "
-            "missing, or the run is a child run (feedback carries no trace_id, so only feedback on a trace's root "
-            "run can be joined)")
+    return (f"feedback {key!r} on run {run_id}: run {run_id} is in no source file — add the file holding the "
+            "runs to data/_kb/")
 
 
 def _owners(ordered: list[_Run], heads: list[_Run], root: _Run | None) -> dict[str, str]:
