@@ -86,11 +86,24 @@ def read_jsonl_file(path: Path) -> list[dict]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
+def _rows_under(folder: Path) -> list[dict]:
+    return [r for p in sorted(folder.rglob("*.jsonl")) for r in read_jsonl_file(p)]
+
+
 def evidence_rows(ws: Workspace) -> list[dict]:
-    rows = []
-    for p in sorted(ws.evidence.rglob("*.jsonl")):
-        rows.extend(read_jsonl_file(p))
-    return rows
+    return _rows_under(ws.evidence)
+
+
+def scored_rows(ws: Workspace) -> list[dict]:
+    return _rows_under(ws.scored_runs)
+
+
+def scored_categories(ws: Workspace, cfg: Config) -> dict[str, tuple[str, list[str]]]:
+    """Score the workspace; evidence id → (category, rules fired)."""
+    from refinery import score
+
+    score.run(ws, cfg)
+    return {r["id"]: (r["category"], r["rules_fired"]) for r in scored_rows(ws)}
 
 
 def quarantine_rows(ws: Workspace, stage: str = "materialize") -> list[dict]:
@@ -122,6 +135,21 @@ def probe_file(path: Path):
 
     container, compressed = sniff(path)
     return probe(path, container, compressed)
+
+
+def source_record(ws: Workspace, ev: dict):
+    """The source record an evidence row's provenance names (as trace and the audit read it)."""
+    from refinery.sources import SourceRecords
+
+    prov = ev["provenance"]
+    return SourceRecords(ws.root).at(prov["source_file"], prov["line_offset"], prov.get("record")).obj
+
+
+def builtin_importer(name: str):
+    """The module of the built-in importer transforms/<name>.py, loaded as refinery loads it."""
+    from refinery.discovery import BUILTIN_DIR, _load_module
+
+    return _load_module(BUILTIN_DIR / f"{name}.py")
 
 
 def materialize_files(ws: Workspace, cfg: Config, *paths: Path) -> dict:

@@ -9,24 +9,20 @@ id, a missing attachment, a log without samples, a cut archive member).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import zipfile
 
 import pytest
 
 from conftest import (
-    FIXTURES, evidence_rows, fixture_inputs, foreign_inputs, materialize_files, probe_file, quarantine_rows,
-    read_jsonl_file, write_kb,
+    FIXTURES, builtin_importer, evidence_rows, fixture_inputs, foreign_inputs, materialize_files, probe_file,
+    quarantine_rows, scored_rows, write_kb,
 )
 from refinery import score
-from refinery.discovery import BUILTIN_DIR
 from refinery.materialize import claims_for
 from refinery.trace import trace
 
-_spec = importlib.util.spec_from_file_location("inspect_ai_importer", BUILTIN_DIR / "inspect_ai.py")
-inspect_ai = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(inspect_ai)
+inspect_ai = builtin_importer("inspect_ai")
 
 REAL = FIXTURES / "real" / "inspect_ai"
 REAL_LOGS = sorted(p.name for p in REAL.iterdir() if p.suffix in (".json", ".eval"))
@@ -48,7 +44,7 @@ def _only(ws):
 
 def _categories(ws):
     return {r["task_id"]: (r["category"], r["rules_fired"])
-            for p in sorted(ws.scored_runs.rglob("*.jsonl")) for r in read_jsonl_file(p)}
+            for r in scored_rows(ws)}
 
 
 # --- detection --------------------------------------------------------------------------------
@@ -158,7 +154,7 @@ def test_json_and_both_eval_archives_give_the_same_evidence(ws, cfg):
 def test_scoring_the_real_logs(ws, cfg):
     _run(ws, cfg, *REAL_LOGS)
     score.run(ws, cfg)
-    runs = [r for p in sorted(ws.scored_runs.rglob("*.jsonl")) for r in read_jsonl_file(p)]
+    runs = scored_rows(ws)
     by_source = {r["source"]: (r["category"], r["rules_fired"]) for r in runs}
     assert by_source == {
         "log_formats": ("rejected", ["audit_fail", "low_eval_score", "no_approval"]),
@@ -230,7 +226,7 @@ def test_golden_fixture_counts_and_categories(ws, cfg):
         "capitals": (2, 1, 0, 1, {"invalid_json": 1}),              # a cut archive member
     }
     score.run(ws, cfg)
-    runs = [r for p in sorted(ws.scored_runs.rglob("*.jsonl")) for r in read_jsonl_file(p)]
+    runs = scored_rows(ws)
     assert sorted((r["task_id"], r["category"], r["rules_fired"]) for r in runs) == [
         ("1", "accepted", []),                                               # capitals: exact = true
         ("7", "rejected", ["error"]),                                        # answered right, but the eval errored

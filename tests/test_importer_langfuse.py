@@ -10,10 +10,12 @@ import shutil
 import orjson
 import pytest
 
-from conftest import FIXTURES, REPO, copy_fixture, evidence_rows, foreign_inputs, quarantine_rows, write_kb
-from refinery import materialize, score
+from conftest import (
+    FIXTURES, REPO, copy_fixture, evidence_rows, foreign_inputs, probe_file, quarantine_rows,
+    scored_categories, source_record, write_kb,
+)
+from refinery import materialize
 from refinery.config import Config, load_config
-from refinery.containers import probe, sniff, split_locator, walk_locator
 from refinery.discovery import Registry
 from refinery.trace import trace
 
@@ -58,24 +60,8 @@ def _by_obs(ws):
     out = {}
     for ev in evidence_rows(ws):
         part = ev["provenance"].get("part")
-        out[part.removeprefix("observation ") if part else _source_record(ws, ev)["id"]] = ev
+        out[part.removeprefix("observation ") if part else source_record(ws, ev)["id"]] = ev
     return out
-
-
-def _source_record(ws, ev):
-    prov = ev["provenance"]
-    data = (ws.root / prov["source_file"]).read_bytes()
-    if prov.get("record") is None:
-        return orjson.loads(data.splitlines()[prov["line_offset"]])
-    kind, line, path = split_locator(prov["record"])
-    return walk_locator(orjson.loads(data if kind == "doc" else data.splitlines()[line]), path)
-
-
-def _scored(ws, cfg):
-    """evidence id → (category, rules fired)"""
-    score.run(ws, cfg)
-    rows = [orjson.loads(line) for p in sorted(ws.scored_runs.rglob("*.jsonl")) for line in p.read_bytes().splitlines()]
-    return {r["id"]: (r["category"], r["rules_fired"]) for r in rows}
 
 
 # --- detection ---------------------------------------------------------------------------------
@@ -87,10 +73,7 @@ def _langfuse():
 
 
 def _detect(path):
-    container, compressed = sniff(path)
-    if container is None:
-        return None
-    return _langfuse().detect(probe(path, container, compressed))
+    return _langfuse().detect(probe_file(path))
 
 
 @pytest.mark.parametrize("path", sorted([*REAL.glob("*.json"), *(p for p in GOLDEN.iterdir() if p.suffix in (
@@ -183,7 +166,7 @@ def test_openai_agents_generations_tools_and_trace_scores(real, ws):
 def test_real_evidence_traces_back_and_scores(real, ws, cfg):
     for ev in evidence_rows(ws):
         assert trace(ws, ev["id"]).ok
-    got = _scored(ws, cfg)
+    got = scored_categories(ws, cfg)
     by = _by_obs(ws)
     assert got[by["90d94774e8e3724d"]["id"]] == ("partially_accepted", ["below_accept_score", "no_approval"])
     assert got[by["98870087af69bf06"]["id"]] == ("needs_human_review", ["no_signal", "no_approval"])
@@ -206,7 +189,7 @@ def test_golden_fixture_counts_and_categories(ws):
     q = {(r["provenance"]["source_file"].removeprefix("data/_kb/"), r["provenance"]["line_offset"]): r["reason"]
          for r in quarantine_rows(ws)}
     assert q[("observations.jsonl", 10)] == "unmatched_join"  # a SPAN of a trace in no file
-    cats = _scored(ws, cfg)
+    cats = scored_categories(ws, cfg)
     by = _by_obs(ws)
     assert {k: cats[ev["id"]][0] for k, ev in by.items()} == {
         "c3d4e5f60718293a": "accepted",            # human BOOLEAN approval + EVAL 0.9

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import (
     FIXTURES, evidence_rows, fixture_inputs, foreign_inputs, materialize_files, probe_file, quarantine_rows,
-    read_jsonl_file, write_kb,
+    scored_rows, write_kb,
 )
 from refinery import score
 from refinery.materialize import claims_for
@@ -64,7 +64,7 @@ def _by_task(ws):
 
 
 def _scored(ws):
-    return {r["id"]: r for p in sorted(ws.scored_runs.rglob("*.jsonl")) for r in read_jsonl_file(p)}
+    return {r["id"]: r for r in scored_rows(ws)}
 
 
 def _scores(ev):

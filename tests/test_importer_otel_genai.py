@@ -4,19 +4,17 @@ name, every other record of the trace joined into its last inference span."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from collections import Counter
 
 import orjson
 import pytest
 
 from conftest import (
-    FIXTURES, REPO, copy_fixture, evidence_rows, foreign_inputs, quarantine_rows, read_jsonl_file, write_kb,
+    FIXTURES, builtin_importer, copy_fixture, evidence_rows, foreign_inputs, probe_file,
+    quarantine_rows, read_jsonl_file, scored_categories, source_record, write_kb,
 )
-from refinery import export, materialize, score
-from refinery.containers import probe, sniff, split_locator, walk_locator
+from refinery import export, materialize
 from refinery.trace import trace
 from refinery.transform import RowError
 
@@ -29,13 +27,7 @@ NS = 1_795_000_000_000_000_000
 
 
 def _module():
-    name = "otel_genai_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "transforms" / "otel_genai.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return builtin_importer("otel_genai")
 
 
 # --- building OTLP/JSON --------------------------------------------------------------------
@@ -113,28 +105,16 @@ def _by_span(ws):
     """Evidence by the span id (and part) it was made from."""
     out = {}
     for ev in evidence_rows(ws):
-        prov = ev["provenance"]
-        data = (ws.root / prov["source_file"]).read_bytes()
-        kind, line, path = split_locator(prov["record"])
-        rec = walk_locator(orjson.loads(data if kind == "doc" else data.splitlines()[line]), path)
-        out[(rec.get("spanId") or rec.get("eventName")) + (f"/{prov['part']}" if prov.get("part") else "")] = ev
+        rec, part = source_record(ws, ev), ev["provenance"].get("part")
+        out[(rec.get("spanId") or rec.get("eventName")) + (f"/{part}" if part else "")] = ev
     return out
-
-
-def _scored(ws, cfg):
-    score.run(ws, cfg)
-    rows = [orjson.loads(line) for p in sorted(ws.scored_runs.rglob("*.jsonl")) for line in p.read_bytes().splitlines()]
-    return {r["id"]: (r["category"], r["rules_fired"]) for r in rows}
 
 
 # --- detection -----------------------------------------------------------------------------
 
 
 def _detect(path):
-    container, compressed = sniff(path)
-    if container is None:
-        return None
-    return _module().detect(probe(path, container, compressed))
+    return _module().detect(probe_file(path))
 
 
 def _inputs(folder):
@@ -235,7 +215,7 @@ def test_real_openai_v2_cassette_replay(ws, cfg):
 
     for e in ev.values():
         assert trace(ws, e["id"]).ok
-    scored = _scored(ws, cfg)
+    scored = scored_categories(ws, cfg)
     assert scored[failed["id"]][0] == "rejected" and "error" in scored[failed["id"]][1]
     # no evaluation events: nothing says the answers are good
     assert scored[second["id"]] == ("needs_human_review", ["no_signal", "no_approval"])
@@ -338,7 +318,7 @@ def test_golden_signals_and_categories(ws, golden):
     assert recipe["response"].startswith("Lower the egg")  # the reasoning part is not the answer
     assert recipe["task_id"] == "0af7651916cd43dd8448eb211c80319c:b7ad6b7169203331"
 
-    scored = _scored(ws, golden)
+    scored = scored_categories(ws, golden)
     cats = Counter(c for c, _ in scored.values())
     assert cats == {"accepted": 3, "rejected": 4, "needs_human_review": 3}
     assert scored[ev["b2c3d4e5f6071829"]["id"]] == ("accepted", [])
@@ -372,7 +352,7 @@ def test_content_capture_off_is_evidence_the_exports_refuse(ws, cfg):
     _run(ws, cfg)
     [ev] = evidence_rows(ws)
     assert (ev["prompt"], ev["response"], ev["completion_tokens"]) == (None, None, 3)
-    assert _scored(ws, cfg)[ev["id"]][0] == "rejected"
+    assert scored_categories(ws, cfg)[ev["id"]][0] == "rejected"
     export.run(ws, cfg)
     reasons = Counter(r["reason"] for r in read_jsonl_file(ws.quarantine / "export-preference.jsonl"))
     assert reasons == {"missing_text": 1}
