@@ -69,11 +69,8 @@ class Transform:
         """Whether it reads records of `fmt` ("csv" rows or "json" objects)."""
         return fmt is not None and _record_kind(self.spec.format) == fmt
 
-    def claims(self, relpath: str, fmt: str | None = None) -> bool:
-        """A claim by name: its patterns match the file (and it reads the file's records)."""
-        if fmt is None:  # older callers pass only the name: tell the records from it
-            bare = relpath[:-3] if relpath.lower().endswith(".gz") else relpath
-            fmt = "csv" if bare.lower().endswith(".csv") else "json"
+    def claims(self, relpath: str, fmt: str | None) -> bool:
+        """A claim by name: its patterns match the file, and it reads the file's records."""
         return self.reads(fmt) and name_matches(relpath, self.spec.patterns)
 
 
@@ -290,11 +287,6 @@ class Registry:
                 out.append(f"refinery.toml [mappings.{t.spec.name.removeprefix('mapping:')}] matches no file under "
                            f"data/_kb/ (match = {t.spec.patterns[0]!r})")
         return out
-
-    def resolve(self, relpath: str) -> Transform | None:
-        """The transform whose name pattern claims `relpath` (no content detection)."""
-        found = self._by_name(relpath, None)
-        return found[0] if found else None
 
     def all(self) -> list[Transform]:
         return [*self.mappings, *self.modules]

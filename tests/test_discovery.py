@@ -6,6 +6,7 @@ from conftest import evidence_rows, quarantine_rows, write_kb
 from refinery import materialize
 from refinery.config import load_config
 from refinery.discovery import Registry, TransformLoadError
+from refinery.sources import list_sources
 
 MODULE = '''
 from refinery.transform import TransformSpec, new_evidence, parse_timestamp, text
@@ -16,15 +17,22 @@ def transform(row, ctx):
 '''
 
 
+def _reader(ws, reg, name, body):
+    """The transform that claims data/_kb/`name` holding `body` (None: no one)."""
+    write_kb(ws, {name: body})
+    [src] = [s for s in list_sources(ws, [])[0] if s.kb_rel == name]
+    return reg.claim(src).transform
+
+
 def test_builtin_transforms_claim_the_sample_streams(ws, cfg):
     reg = Registry.load(ws.root, cfg)
-    claims = {f: reg.resolve(f).spec.name for f in
+    claims = {f: _reader(ws, reg, f, "a,b\n1,2\n" if f.endswith(".csv") else '{"a": 1}\n').spec.name for f in
               ["runs.csv", "eval.csv", "agent_transcripts.jsonl", "gateway_receipts.jsonl",
                "auditor_verdicts.jsonl", "human_feedback.jsonl", "openai_chat_log.jsonl"]}
     assert claims == {"runs.csv": "runs", "eval.csv": "eval_sheet", "agent_transcripts.jsonl": "agent_transcripts",
                       "gateway_receipts.jsonl": "gateway_receipts", "auditor_verdicts.jsonl": "auditor_verdicts",
                       "human_feedback.jsonl": "human_feedback", "openai_chat_log.jsonl": "openai_chat"}
-    assert reg.resolve("runs.jsonl") is None  # the format must match too
+    assert _reader(ws, reg, "runs.jsonl", '{"a": 1}\n') is None  # the format must match too
 
 
 def test_a_module_dropped_into_the_workspace_is_picked_up(ws, cfg):
@@ -64,7 +72,7 @@ def test_two_modules_claiming_one_file_is_an_error(ws, cfg):
                                                      .replace('format="jsonl"', 'format="csv"'))
     reg = Registry.load(ws.root, cfg)
     with pytest.raises(TransformLoadError, match="claimed by several transforms"):
-        reg.resolve("runs.csv")
+        _reader(ws, reg, "runs.csv", "a,b\n1,2\n")
 
 
 def test_mapping_wins_over_a_module(ws):
@@ -72,7 +80,7 @@ def test_mapping_wins_over_a_module(ws):
         '[mappings.myruns]\nmatch = "runs*.csv"\nkind = "custom"\n'
         '[mappings.myruns.fields]\nrecorded_at = "started_at"\nprompt = "prompt"\nresponse = "output"\n')
     reg = Registry.load(ws.root, load_config(ws.root))
-    assert reg.resolve("runs.csv").spec.name == "mapping:myruns"
+    assert _reader(ws, reg, "runs.csv", "a,b\n1,2\n").spec.name == "mapping:myruns"
 
 
 def test_an_unclaimed_file_is_quarantined_line_by_line(ws, cfg):
