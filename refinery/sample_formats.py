@@ -32,6 +32,22 @@ def _answer(d: Draw, defect: str | None) -> str:
     return d.task.good + " " + SECRETS[d.i % len(SECRETS)] if defect == "secret" else d.answer
 
 
+def _groups(name: str, defects: tuple[str, ...], rows: int, seed: int,
+            size: int) -> Iterator[list[tuple[Draw, str | None]]]:
+    """The draws of a stream whose files hold `size` records each (the last fewer), in groups of
+    `size`; a repeated row is dropped (a document or archive holds no duplicate line)."""
+    group: list[tuple[Draw, str | None]] = []
+    for d, defect in draws(name, defects, rows, seed):
+        if d is None:
+            continue
+        group.append((d, defect))
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def _write_lines(path: Path, lines: Iterator[bytes]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -167,14 +183,11 @@ def _promptfoo_result(d: Draw, defect: str | None, idx: int) -> dict[str, Any]:
 
 def write_promptfoo(rows: int, seed: int, out: Path) -> dict[str, int]:
     written: dict[str, int] = {}
-    batch: list[dict[str, Any]] = []
-    first_ts = None
-
-    def flush() -> None:
-        n = len(written)
-        name = f"evals/promptfoo-eval-{n + 1:04d}.json"
-        created = first_ts.strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        doc = {"evalId": f"eval-{seed:x}-{n + 1:04d}",
+    for n, group in enumerate(_groups("promptfoo", PROMPTFOO_DEFECTS, rows, seed, PROMPTFOO_PER_FILE), 1):
+        batch = [_promptfoo_result(d, defect, i) for i, (d, defect) in enumerate(group)]
+        name = f"evals/promptfoo-eval-{n:04d}.json"
+        created = group[0][0].ts.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        doc = {"evalId": f"eval-{seed:x}-{n:04d}",
                "results": {"version": 3, "timestamp": created, "prompts": [{"raw": "{{question}}",
                                                                             "label": "{{question}}"}],
                            "results": batch,
@@ -184,22 +197,8 @@ def write_promptfoo(rows: int, seed: int, out: Path) -> dict[str, int]:
                "shareableUrl": None,
                "metadata": {"promptfooVersion": "0.118.10", "evaluationCreatedAt": created,
                             "exportedAt": created}}
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(DUMPS(doc, option=orjson.OPT_INDENT_2) + b"\n")
+        _write_lines(out / name, iter([DUMPS(doc, option=orjson.OPT_INDENT_2) + b"\n"]))
         written[name] = len(batch)
-
-    for d, defect in draws("promptfoo", PROMPTFOO_DEFECTS, rows, seed):
-        if d is None:
-            continue
-        if not batch:
-            first_ts = d.ts
-        batch.append(_promptfoo_result(d, defect, len(batch)))
-        if len(batch) == PROMPTFOO_PER_FILE:
-            flush()
-            batch = []
-    if batch:
-        flush()
     return written
 
 
@@ -243,13 +242,11 @@ def _inspect_sample(d: Draw, defect: str | None, n: int) -> dict[str, Any]:
 
 def write_inspect(rows: int, seed: int, out: Path) -> dict[str, int]:
     written: dict[str, int] = {}
-    samples: list[dict[str, Any]] = []
-    first: Draw | None = None
-
-    def flush() -> None:
-        n = len(written) + 1
-        created = first.ts.strftime("%Y-%m-%dT%H:%M:%S+00:00")
-        name = f"inspect/{first.ts.strftime('%Y-%m-%dT%H-%M-%S')}_ops-agent_{n:04d}.eval"
+    for n, group in enumerate(_groups("inspect", INSPECT_DEFECTS, rows, seed, INSPECT_PER_FILE), 1):
+        samples = [_inspect_sample(d, defect, i) for i, (d, defect) in enumerate(group)]
+        first = group[0][0].ts
+        created = first.strftime("%Y-%m-%dT%H:%M:%S+00:00")
+        name = f"inspect/{first.strftime('%Y-%m-%dT%H-%M-%S')}_ops-agent_{n:04d}.eval"
         header = {"version": 2, "status": "success",
                   "eval": {"run_id": f"run{seed:x}{n:04d}", "task": "ops_agent", "task_version": 0,
                            "created": created, "model": "openai/gpt-4o-mini", "dataset": {"name": "ops_tasks"}},
@@ -264,27 +261,14 @@ def write_inspect(rows: int, seed: int, out: Path) -> dict[str, int]:
                 zf.writestr(zipfile.ZipInfo(member, ZIP_DATE), DUMPS(obj), compress_type=zipfile.ZIP_DEFLATED)
 
             put("_journal/start.json", {"version": 2, "eval": header["eval"], "plan": header["plan"]})
-            for s in samples:
-                put(f"samples/{s['id']}_epoch_{s['epoch']}.json", s)
+            for smp in samples:
+                put(f"samples/{smp['id']}_epoch_{smp['epoch']}.json", smp)
             put("reductions.json", [])
-            put("summaries.json", [{"id": s["id"], "epoch": s["epoch"]} for s in samples])
+            put("summaries.json", [{"id": smp["id"], "epoch": smp["epoch"]} for smp in samples])
             put("header.json", header)
         tmp.replace(path)
         written[name] = len(samples)
-
-    for d, defect in draws("inspect", INSPECT_DEFECTS, rows, seed):
-        if d is None:
-            continue
-        if not samples:
-            first = d
-        samples.append(_inspect_sample(d, defect, len(samples)))
-        if len(samples) == INSPECT_PER_FILE:
-            flush()
-            samples = []
-    if samples:
-        flush()
     return written
-
 
 
 # --- Langfuse --------------------------------------------------------------------------------
