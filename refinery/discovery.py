@@ -211,8 +211,8 @@ class Registry:
             return Claim(t, why, error, **base, record_paths=_paths(tuple(paths), src.container),
                          strict_paths=bool(sc and sc.record_paths))
 
-        if getattr(src, "bad_name", False):
-            return done(None, "its name is not valid UTF-8: rename it")
+        if getattr(src, "refused", None):
+            return done(None, src.refused)
         if src.container is None:
             return done(None, "not a container refinery reads")
         if sc is not None and sc.importer is not None:

@@ -393,8 +393,8 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
             res.first_transform_error = f"{src.ws_rel}:{offset}: {msg}"
 
     try:
-        if src.bad_name:
-            raise OSError(0, f"its name is not valid UTF-8 ({src.kb_rel}): rename it")
+        if src.refused:
+            raise OSError(0, src.refused)
         res.input_sha256 = file_sha256(src.path)
         with open(job.quarantine_part, "wb", buffering=1 << 20) as qf:
             qw = JsonlWriter(qf)

@@ -10,6 +10,7 @@ so the materializer accounts for each one.
 from __future__ import annotations
 
 import csv
+import os
 import io
 from collections import Counter
 from collections.abc import Iterator
@@ -38,8 +39,9 @@ class SourceFile:
     source: str = ""
     """the stream's name: its path under data/_kb without the container extensions, `/` as `.`
     (the whole file name when two files would share a name)"""
-    bad_name: bool = False
-    """the file's name is not valid UTF-8: refinery cannot record where its rows came from"""
+    refused: str | None = None
+    """why it cannot be read at all, said by name: a name that is not valid UTF-8 (refinery
+    could not record where its rows came from), a folder link that loops back"""
 
     @property
     def format(self) -> str | None:
@@ -51,33 +53,63 @@ class SourceFile:
 ALWAYS_IGNORED = "audit_baselines.jsonl"
 
 
+def _walk(kb: Path) -> Iterator[tuple[Path, str | None]]:
+    """(path, why it is refused or None) of every file under data/_kb, in sorted order. Links
+    are followed — to files and to folders (an operator links in the folder their tool logs
+    to) — and a file is named by its path under data/_kb, not by where the link points. A
+    folder link that leads back to a folder already being walked (a loop) is refused by name
+    instead of walked forever."""
+    def walk(folder: Path, above: frozenset[str]) -> Iterator[tuple[Path, str | None]]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            yield folder, f"cannot list the folder: {e.strerror or e}"
+            return
+        for entry in entries:
+            if entry.name.startswith("."):  # hidden: editors' and tools' own files
+                continue
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                yield path, None
+                continue
+            real = os.path.realpath(path)
+            if real in above:
+                yield path, f"a folder link that loops back to {real}: remove the link"
+                continue
+            yield from walk(path, above | {real})
+
+    yield from walk(kb, frozenset({os.path.realpath(kb)}))
+
+
 def list_sources(ws: Workspace, ignore: list[str]) -> tuple[list[SourceFile], list[str]]:
     """(source files, in sorted order; ignored files) under data/_kb."""
     found, ignored = [], []
     if not ws.kb.is_dir():
         return found, ignored
-    for path in sorted(p for p in ws.kb.rglob("*") if p.is_file() or p.is_symlink()):
-        if path.is_dir():
-            continue
+    for path, refused in _walk(ws.kb):
         kb_rel = path.relative_to(ws.kb).as_posix()
-        if any(part.startswith(".") for part in kb_rel.split("/")):
-            continue
         # the audit's ledger lives here but is never a stream, whatever materialize.ignore says
         if kb_rel == ALWAYS_IGNORED or any(fnmatchcase(kb_rel, g) for g in ignore):
             ignored.append(kb_rel)
             continue
         try:
-            container, compressed = sniff(path)
+            container, compressed = (None, False) if refused else sniff(path)
         except OSError:
             container, compressed = None, False  # unreadable: materialize says so by name
-        found.append((path, kb_rel, container, compressed))
-    names = Counter(stream_name(kb_rel) for _, kb_rel, _, _ in found)
+        found.append((path, kb_rel, container, compressed, refused))
+    names = Counter(stream_name(f[1]) for f in found)
     sources = []
-    for path, kb_rel, container, compressed in found:
+    for path, kb_rel, container, compressed, refused in found:
         shown = kb_rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        if shown != kb_rel:  # not UTF-8: named as it can be shown, and refused (see materialize)
+        if shown != kb_rel:
+            refused = f"its name is not valid UTF-8 ({shown}): rename it"
+        if refused:  # named as it can be shown, and refused (see materialize)
             sources.append(SourceFile(path, shown, f"{ws.rel(ws.kb)}/{shown}", None, 0, False,
-                                      shown.replace("/", "."), bad_name=True))
+                                      shown.replace("/", "."), refused=refused))
             continue
         name = stream_name(kb_rel)
         if names[name] > 1:  # runs.csv and runs.jsonl: keep them apart
@@ -98,19 +130,64 @@ def csv_raw(fields: list[str]) -> bytes:
     return buf.getvalue().encode("utf-8", "surrogateescape")
 
 
+class _RecordTooLong(Exception):
+    """raised through csv.reader by _CappedLines: the record outgrew the cap"""
+
+
+class _CappedLines:
+    """The physical lines of a CSV text stream, each read with a bounded `readline`, for
+    csv.reader: a record longer than `cap` characters (one long line, or many lines inside
+    quotes) is never held whole — the rest of it is read in chunks and dropped (the record
+    ends at a line end outside quotes: an even count of '"' so far, as "" escapes a quote),
+    and _RecordTooLong goes up through the reader, which starts the next record afresh."""
+
+    def __init__(self, f: io.TextIOBase, cap: int):
+        self.f, self.cap = f, cap
+        self.line_num = 0  # physical lines read so far
+        self.used = 0  # characters of the record being read
+        self.odd = 0  # whether the record so far has an odd count of quotes (is inside quotes)
+
+    def next_record(self) -> None:
+        self.used = self.odd = 0
+
+    def __iter__(self) -> _CappedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.f.readline(self.cap + 3)  # the cap, "\r\n", and one more to tell it was passed
+        if not line:
+            raise StopIteration
+        self.used += len(line)
+        self.odd ^= line.count('"') & 1
+        if line[-1] in "\r\n":
+            self.line_num += 1
+        if self.used <= self.cap + 2:
+            return line
+        while line and (line[-1] not in "\r\n" or self.odd):
+            line = self.f.readline(1 << 16)
+            self.odd ^= line.count('"') & 1
+            if line and line[-1] in "\r\n":
+                self.line_num += 1
+        raise _RecordTooLong(self.used)
+
+
 def read_csv_stream(f: io.TextIOBase, max_line_bytes: int) -> Iterator[Line]:
     """Yield every CSV record after the header as a dict row (header → value).
 
-    `offset` is the physical line the record starts on (the header is line 0).
+    `offset` is the physical line the record starts on (the header is line 0). A record over
+    `max_line_bytes` is refused as line_too_long without being read whole (memory stays flat
+    on a 2 GB line).
     """
-    csv.field_size_limit(max_line_bytes)
-    reader = csv.reader(f)
+    # above the record cap, so that a long quoted field is caught (and drained) as a long record
+    csv.field_size_limit(max_line_bytes + 3)
+    lines = _CappedLines(f, max_line_bytes)
+    reader = csv.reader(lines)
     try:
         header = next(reader)
     except StopIteration:
         return
-    except csv.Error as e:
-        yield Line(0, b"", None, Reason.CSV_MALFORMED, f"unreadable header: {e}")
+    except (csv.Error, _RecordTooLong) as e:
+        yield Line(0, b"", None, Reason.CSV_MALFORMED, f"unreadable header: {_too_long(e, max_line_bytes)}")
         return
     if header and header[0].startswith(UTF8_BOM.decode("utf-8", "surrogateescape")):
         header[0] = header[0][3:]  # a BOM read as three escaped bytes
@@ -124,18 +201,20 @@ def read_csv_stream(f: io.TextIOBase, max_line_bytes: int) -> Iterator[Line]:
     except UnicodeEncodeError:
         header_problem = "the header is not valid UTF-8"
     ncols = len(header)
-    start = reader.line_num
+    start = lines.line_num
     while True:
+        lines.next_record()
         try:
             fields = next(reader)
         except StopIteration:
             return
-        except csv.Error as e:
-            reason = Reason.LINE_TOO_LONG if "field larger" in str(e) else Reason.CSV_MALFORMED
-            yield Line(start, b"", None, reason, f"{e}")
-            start = reader.line_num
+        except (csv.Error, _RecordTooLong) as e:
+            too_long = isinstance(e, _RecordTooLong) or "field larger" in str(e)
+            yield Line(start, b"", None, Reason.LINE_TOO_LONG if too_long else Reason.CSV_MALFORMED,
+                       _too_long(e, max_line_bytes))
+            start = lines.line_num
             continue
-        offset, start = start, reader.line_num
+        offset, start = start, lines.line_num
         if not fields:
             yield Line(offset, b"", None, Reason.BLANK_LINE, "blank line")
             continue
@@ -155,6 +234,12 @@ def read_csv_stream(f: io.TextIOBase, max_line_bytes: int) -> Iterator[Line]:
             continue
         # raw is rebuilt from the row only if the row is refused later (see `row_raw`)
         yield Line(offset, None, dict(zip(header, fields)), None, None)
+
+
+def _too_long(e: Exception, cap: int) -> str:
+    if isinstance(e, _RecordTooLong):
+        return f"record is longer than the {cap}-byte limit (read no further than that)"
+    return str(e)
 
 
 def read_rows(src: SourceFile, max_line_bytes: int, record_paths: tuple[RecordPath, ...] = (),

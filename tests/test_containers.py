@@ -337,3 +337,71 @@ def test_a_file_name_that_is_not_utf8_is_refused_by_name_not_a_traceback(ws, cfg
     assert result.evidence == 1 and result.exit_code == 2
     assert result.file_errors == ["data/_kb/runs_\\xff.csv: cannot read: its name is not valid UTF-8 "
                                   "(runs_\\xff.csv): rename it"]
+
+
+def test_an_over_long_csv_record_is_refused_without_being_read_whole(tmp_path):
+    """A 2 GB CSV line once took 4.2 GB of memory: csv.reader asked for whole lines. Lines are
+    now read at most the cap at a time (checked on the stream), the record is refused as
+    line_too_long, and the records after it — one line or many inside quotes — still come."""
+    from refinery.sources import read_csv_stream
+
+    cap = 1000
+    long_line = ",".join(["x"] * 250_000)  # 500 kB of one-character fields: no field is over the cap
+    quoted = '"' + "\n".join(["y" * 90] * 20) + '",z'  # one record over 20 lines, 1.8 kB
+    text = f"a,b\n1,2\n{long_line}\n3,4\n{quoted}\n5,6\n"
+
+    class Watched(io.StringIO):
+        most = 0
+
+        def readline(self, size=-1):
+            got = super().readline(size)
+            Watched.most = max(Watched.most, len(got))
+            return got
+
+    got = list(read_csv_stream(Watched(text, newline=""), cap))
+    assert [(ln.offset, ln.reason, ln.obj) for ln in got] == [
+        (1, None, {"a": "1", "b": "2"}),
+        (2, Reason.LINE_TOO_LONG, None),
+        (3, None, {"a": "3", "b": "4"}),
+        (4, Reason.LINE_TOO_LONG, None),  # all of its 20 lines, up to the closing quote
+        (24, None, {"a": "5", "b": "6"}),
+    ]
+    assert Watched.most <= 1 << 16  # the cap, then 64 kB chunks to drop the rest
+    assert "1000-byte limit" in got[1].detail
+
+
+def test_a_long_csv_line_in_a_source_is_quarantined_and_counted(ws):
+    (ws.root / "refinery.toml").write_text("[materialize]\nmax_line_bytes = 1000\n")
+    write_kb(ws, {"wide.csv": "prompt,completion\n" + "p," + "c" * 3000 + "\n" + "q,r\n"})
+    materialize.run(ws, load_config(ws.root))
+    refused = [q for q in quarantine_rows(ws) if q["reason"] == Reason.LINE_TOO_LONG.value]
+    assert [q["provenance"]["line_offset"] for q in refused] == [1]
+
+
+def test_links_to_files_and_folders_outside_are_read_under_their_kb_path(ws, cfg, tmp_path):
+    """An operator links in a file or the folder their tool logs to: both are read (a linked
+    folder was once skipped without a word), rows are pinned to the path under data/_kb that
+    the operator chose, and `refinery trace` walks back through the link."""
+    outside = tmp_path / "elsewhere"
+    (outside / "logs").mkdir(parents=True)
+    row = '{"ts": 1762000000, "prompt": "q", "completion": "a"}\n'
+    (outside / "one.jsonl").write_text(row)
+    (outside / "logs" / "gateway_receipts.jsonl").write_text(row.replace('"q"', '"q2"'))
+    ws.kb.mkdir(parents=True, exist_ok=True)
+    (ws.kb / "gateway_receipts.jsonl").symlink_to(outside / "one.jsonl")
+    (ws.kb / "tool").symlink_to(outside / "logs", target_is_directory=True)
+    result = materialize.run(ws, cfg)
+    assert result.evidence == 2 and result.exit_code == 0
+    rows = evidence_rows(ws)
+    assert sorted(r["provenance"]["source_file"] for r in rows) == [
+        "data/_kb/gateway_receipts.jsonl", "data/_kb/tool/gateway_receipts.jsonl"]
+    assert all(trace(ws, r["id"]).ok for r in rows)
+
+
+def test_a_folder_link_that_loops_is_refused_by_name(ws, cfg):
+    write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "q", "completion": "a"}\n'})
+    (ws.kb / "again").symlink_to(ws.kb, target_is_directory=True)
+    result = materialize.run(ws, cfg)
+    assert result.evidence == 1 and result.exit_code == 2
+    assert result.file_errors == [f"data/_kb/again: cannot read: a folder link that loops back to "
+                                  f"{ws.kb.resolve()}: remove the link"]
