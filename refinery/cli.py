@@ -13,10 +13,26 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
+
+class _Commands(TyperGroup):
+    """The command group: errors any command can meet are turned into a message and an exit
+    code here, once, rather than in every command."""
+
+    def invoke(self, ctx):
+        from refinery.workspace import UnsafePath
+
+        try:
+            return super().invoke(ctx)
+        except UnsafePath as e:  # from any command taking the workspace lock (it replays journals)
+            _fail(f"error: {e}")
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="refinery",
     help="Distil an LLM system's execution traces into evidence, scored runs and training data.\n\n"
          "Exit codes: 0 ok, 1 a check failed, 2 bad usage or input.",
@@ -747,13 +763,17 @@ AdapterOpt = Annotated[str | None, typer.Option(
 
 
 def _adapter(ws, dcfg, adapter: str | None) -> str:
-    from refinery.training.registry import adapters
+    from refinery.training.registry import RegistryError, adapter_dir, adapters
 
     live = [a for a in adapters(ws, dcfg) if not a["archived"]]
     if adapter is None:
         if not live:
             _fail("error: no adapter yet: run `refinery train run` first")
         return live[-1]["adapter_id"]
+    try:
+        adapter_dir(ws, dcfg, adapter)
+    except RegistryError as e:
+        _fail(f"error: {e}")
     if not (ws.root / dcfg.output_dir / adapter / "receipt.json").is_file():
         _fail(f"error: no adapter {adapter} in {dcfg.output_dir}/ (`refinery train list` shows them)")
     return adapter

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator,
+    BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+    model_validator,
 )
 
 from refinery.canonical import sig_hash
@@ -342,10 +343,23 @@ class ReplayConfig(Section):
     max_tokens: int = Field(default=256, gt=0, description="tokens the local model may generate")
     max_answer_chars: int = Field(default=4000, gt=0,
                                   description="a longer local answer fails its check (over the length cap)")
+    allow_outside_workspace: bool = Field(
+        default=False, description="let index_dir lie outside the workspace (an absolute path, or one with ..)")
     index_dir: str = Field(default="distill_out/rag-index",
                            description="where the BM25 index of the RAG export is kept, relative to the workspace")
     escalation: EscalationConfig | None = Field(
         default=None, description="[replay.escalation]: needed by --allow-escalation")
+
+    @field_validator("index_dir")
+    @classmethod
+    def _index_inside(cls, v: str, info: ValidationInfo) -> str:
+        from refinery.workspace import inside
+
+        if not info.data.get("allow_outside_workspace") and not inside(v):
+            raise ValueError(f"{v!r} is outside the workspace, and refinery writes and replaces that folder; "
+                             "use a path inside the workspace, or set allow_outside_workspace = true in "
+                             "[replay] if you mean it")
+        return v
 
 
 class Config(Section):

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -257,17 +257,22 @@ def _apply_moves(root: Path, moves: list[tuple[str, str]]) -> None:
             fsync_dir(d.parent)
 
 
-def finish_publishes(data_dir: Path) -> list[str]:
+def finish_publishes(data_dir: Path, check: Callable[[Path, list[tuple[str, str]] | None], None]) -> list[str]:
     """Complete journaled publishes that a killed run left; drop unpublished run stagings and
-    the stages' temporary folders. Call it only while holding the workspace lock. Returns
-    the names of the folders it dealt with."""
+    the stages' temporary folders. Call it only while holding the workspace lock. `check`
+    sees every journal's moves (None: unreadable) before any is applied, and raises to refuse
+    them. Returns the names of the folders it dealt with."""
     done = []
     if not data_dir.is_dir():
         return done
     for staging in sorted(data_dir.glob(RUN_STAGING_PREFIX + "*")):
         journal = staging / PUBLISH_JOURNAL
-        if journal.is_file():
-            moves = [tuple(m) for m in orjson.loads(journal.read_bytes())["moves"]]
+        if journal.is_file() or staging.is_symlink():
+            try:
+                moves = [(str(a), str(b)) for a, b in orjson.loads(journal.read_bytes())["moves"]]
+            except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                moves = None
+            check(staging, moves)
             _apply_moves(data_dir.parent, moves)
         shutil.rmtree(staging, ignore_errors=True)
         done.append(staging.name)

@@ -213,7 +213,11 @@ def check_hashes(receipts: dict[str, dict[str, Any]]) -> list[str]:
 
 def verify_files(ws: Workspace, files: list[dict[str, Any]], digests: Digests) -> str | None:
     """None when every file is on disk with the recorded sha256; else what differs first."""
+    from refinery.workspace import inside
+
     for f in files:
+        if not inside(f["path"]):
+            return f"{f['path']!r} is not a path inside the workspace"
         p = ws.out / f["path"]
         if not p.is_file():
             return f"{f['path']} was deleted"

@@ -34,11 +34,8 @@ from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.jsonl import PUBLISH_JOURNAL, RUN_STAGING_PREFIX, publish_together
 from refinery.receipts import EXPORT_STAGES, Digests
-from refinery.workspace import Workspace
+from refinery.workspace import PUBLISHED, Workspace, is_output_path
 
-#: The trees a run publishes: everything its stages write.
-PUBLISHED = ("data/evidence", "data/scored-runs", "exports/rag", "exports/sft", "exports/preference",
-             "exports/quarantine")
 SUMMARY, DRIFT = "summary.json", "drift.json"
 
 Progress = Callable[[str, int | None], contextlib.AbstractContextManager[Callable[[Any, int], None]]]
@@ -190,6 +187,9 @@ class _Run:
             return f"run {prev_id} has no {stage} receipt"
         if receipts.receipt_hash(r) != r["receipt_hash"]:
             return f"its receipt in run {prev_id} was edited"
+        if bad := [o["path"] for o in r["outputs"] if not is_output_path(o["path"])]:
+            # reuse links these files into the new run: never from or to anywhere else
+            return f"its receipt in run {prev_id} names an output outside the published folders ({bad[0]!r})"
         if r["code_version"] != self.code:
             return f"code changed ({r['code_version']} → {self.code})"
         if r["config_hash"] != config_hash:

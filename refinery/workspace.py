@@ -23,8 +23,35 @@ _HELD: dict[Path, int] = {}
 _LOCK_FD: dict[Path, int] = {}
 
 
+#: The output trees a run publishes together (everything its stages write), relative to the root.
+PUBLISHED = ("data/evidence", "data/scored-runs", "exports/rag", "exports/sft", "exports/preference",
+             "exports/quarantine")
+
+
 class WorkspaceBusy(Exception):
     """Another refinery process is writing to the same workspace."""
+
+
+class UnsafePath(Exception):
+    """Something refinery read (a journal, a receipt, a setting, an id) names a path outside
+    the workspace, or outside the part of it that may be written: refused, nothing was moved."""
+
+
+def inside(rel: str) -> bool:
+    """Whether `rel` is a relative path that stays inside the folder it is relative to (no
+    absolute path, no `..` that climbs out, not empty) — decided by its text alone."""
+    if not rel or "\0" in rel or os.path.isabs(rel):
+        return False
+    norm = os.path.normpath(rel)
+    return norm != ".." and not norm.startswith("../") and norm != "."
+
+
+def is_output_path(rel: str) -> bool:
+    """Whether `rel` names a file inside one of the published output trees."""
+    if not inside(rel):
+        return False
+    norm = os.path.normpath(rel)
+    return any(norm.startswith(tree + "/") for tree in PUBLISHED)
 
 
 @dataclass(frozen=True)
@@ -164,7 +191,29 @@ class Workspace:
         it journaled, drop its staging and its stages' temporary folders."""
         from refinery.jsonl import finish_publishes
 
-        return finish_publishes(self.root / "data")
+        return finish_publishes(self.root / "data", self.check_journal)
+
+    def check_journal(self, staging: Path, moves: list[tuple[str, str]] | None) -> None:
+        """Raise UnsafePath unless `moves` are exactly what run-all journals for `staging`
+        (data/.run-<id>): its trees onto the published ones, its summary into
+        reports/distillation/<id>/. A journal is replayed with renames and deletions, so one
+        that asks for anything else was not written by refinery and is not obeyed."""
+        run_id = staging.name.removeprefix(".run-")
+        rel = f"data/{staging.name}"
+        allowed = {(f"{rel}/{tree}", tree) for tree in PUBLISHED}
+        allowed.add((f"{rel}/summary.json", f"{self.rel(self.reports)}/{run_id}/summary.json"))
+        if staging.is_symlink():
+            problem = "its folder is a link"
+        elif moves is None:
+            problem = "it is not the JSON refinery writes"
+        else:
+            odd = [m for m in moves if tuple(m) not in allowed]
+            problem = f"it asks to move {odd[0][0]!r} to {odd[0][1]!r}" if odd else None
+        if problem:
+            raise UnsafePath(
+                f"{rel}/PUBLISH.json: {problem} — not a publish refinery journals (only its own "
+                f"folders onto {', '.join(PUBLISHED)} and its summary), so nothing was moved or deleted. "
+                f"Look at {rel}/, then delete it.")
 
     def try_recover(self) -> None:
         """`recover` if the lock is free right now; otherwise leave it to its holder."""

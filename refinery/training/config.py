@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from refinery.config import format_errors
 
@@ -34,6 +34,8 @@ class DistillConfig(BaseModel):
     seed: int = 0
     max_seq_length: int = Field(default=2048, gt=0)
     time_cap_s: float = Field(default=3600.0, gt=0, description="stop training after this many seconds")
+    allow_outside_workspace: bool = Field(
+        default=False, description="let output_dir lie outside the workspace (an absolute path, or one with ..)")
     output_dir: str = Field(default="distill_out", description="adapters, data and reports go here")
     min_rows: int = Field(default=50, ge=1, description="collect refuses with fewer SFT rows than this")
     test_fraction: float = Field(default=0.2, gt=0, lt=1, description="held-out test share, by id hash")
@@ -44,6 +46,17 @@ class DistillConfig(BaseModel):
         if self.test_fraction + self.valid_fraction >= 1:
             raise ValueError("test_fraction + valid_fraction must leave rows to train on")
         return self
+
+    @field_validator("output_dir")
+    @classmethod
+    def _inside(cls, v: str, info: ValidationInfo) -> str:
+        from refinery.workspace import inside
+
+        if not info.data.get("allow_outside_workspace") and not inside(v):
+            raise ValueError(f"{v!r} is outside the workspace, and refinery writes, archives and deletes "
+                             'adapters there; use a path inside the workspace, or set "allow_outside_workspace": '
+                             "true if you mean it")
+        return v
 
 
 def load_distill_config(workspace: Path, path: Path | None = None) -> DistillConfig:

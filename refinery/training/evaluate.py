@@ -116,7 +116,13 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
              on_answer: Callable[[], None] | None = None) -> dict[str, Any]:
     """Score base and adapter on every test row and safety probe; write the eval folder; return
     the comparison. `on_answer` is called after each generated answer (2 per row)."""
-    adapter_dir = ws.root / dcfg.output_dir / adapter
+    from refinery.training.registry import RegistryError
+    from refinery.training.registry import adapter_dir as folder
+
+    try:
+        adapter_dir = folder(ws, dcfg, adapter)
+    except RegistryError as e:
+        raise EvalError(str(e)) from None
     base_gen, tuned_gen = generators or default_generators(ws, dcfg, adapter_dir)
     items = eval_items(ws, dcfg)
     prompts = [reference(row)[0] if not probe else row["messages"] for _, row, probe, _ in items]

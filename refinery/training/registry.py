@@ -11,8 +11,10 @@ the offline_model again.
 
 from __future__ import annotations
 
+import re
 import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,6 +30,20 @@ KEEP = 3
 
 class RegistryError(Exception):
     """An unknown, unevaluated or archived adapter; the message says what to do."""
+
+
+#: What an adapter id may look like: a folder name, never a path (`ad-` + 12 hex digits when
+#: refinery made it). An id comes from the command line and router.json, and names a folder
+#: that eval writes into and promote moves: `../x` must not reach outside output_dir.
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def adapter_dir(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> Path:
+    """The folder of `adapter_id` under output_dir; RegistryError if the id is not a folder name."""
+    if not ADAPTER_ID.fullmatch(adapter_id) or ".." in adapter_id:
+        raise RegistryError(f"{adapter_id!r} is not an adapter id (a folder name such as ad-0123456789ab, "
+                            "as `refinery train list` shows them)")
+    return ws.root / dcfg.output_dir / adapter_id
 
 
 def _now() -> str:
@@ -77,7 +93,7 @@ def decide(comparison: dict[str, Any]) -> tuple[bool, str]:
 
 def promote(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> dict[str, Any]:
     """Promote or archive `adapter_id` by its evaluation; return {promoted, reason, router}."""
-    d = ws.root / dcfg.output_dir / adapter_id
+    d = adapter_dir(ws, dcfg, adapter_id)
     comp = d / "eval" / "comparison.json"
     if not (d / "receipt.json").is_file():
         raise RegistryError(f"no adapter {adapter_id} in {dcfg.output_dir}/ (`refinery train list` shows them)")
@@ -99,7 +115,7 @@ def promote(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> dict[str, An
 
 
 def _archive(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> None:
-    src = ws.root / dcfg.output_dir / adapter_id
+    src = adapter_dir(ws, dcfg, adapter_id)
     dest = ws.root / dcfg.output_dir / "archive" / adapter_id
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
@@ -124,6 +140,7 @@ def _prune(ws: Workspace, dcfg: DistillConfig, router: dict[str, Any]) -> None:
 
 def rollback(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> dict[str, Any]:
     """Make a kept, previously promoted adapter the offline_model again."""
+    adapter_dir(ws, dcfg, adapter_id)
     router = read_router(ws)
     kept = {a["adapter_id"]: a for a in adapters(ws, dcfg) if not a["archived"] and a["promoted"]}
     if adapter_id not in kept:

@@ -1,0 +1,143 @@
+"""Nothing refinery reads may make it write, rename or delete outside the workspace: a planted
+publish journal, a receipt naming `../` outputs, output folders set outside in the config, or
+adapter ids that are paths are refused by name (exit 2), and nothing outside is touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_kb
+from refinery import receipts
+from refinery.canonical import file_sha256
+from refinery.cli import app
+from refinery.config import ConfigError, load_config
+from refinery.training.config import DistillConfigError, load_distill_config
+from refinery.workspace import inside, is_output_path
+
+runner = CliRunner()
+ROW = '{"ts": 1762000000, "prompt": "q%d", "completion": "a%d"}\n'
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("rel,ok", [
+    ("exports/rag/playbooks.jsonl", True), ("data/evidence/2026/01/01/x.jsonl", True),
+    ("exports/rag/../../../x", False), ("../x", False), ("/etc/passwd", False), ("", False),
+    ("exports/ragged/x", False), ("data/_kb/runs.csv", False),
+])
+def test_what_counts_as_an_output_path(rel, ok):
+    assert is_output_path(rel) is ok
+    assert inside("distill_out") and not inside("../distill_out") and not inside("/tmp/x")
+
+
+def test_a_planted_publish_journal_is_refused_and_moves_nothing(ws, tmp_path):
+    """`refinery runs` (and every command taking the lock) completes a killed run's publish
+    from its journal; a journal that asks for anything but run-all's own moves once renamed and
+    deleted whatever it named."""
+    victim = tmp_path / "outside"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    planted = ws.root / "data" / ".run-planted"
+    (planted / "exports").mkdir(parents=True)
+    (planted / "PUBLISH.json").write_bytes(orjson.dumps({"moves": [
+        ["data/.run-planted/exports", "../outside"],  # would replace the folder outside
+        ["../outside/precious.txt", "exports/rag/stolen.txt"],  # would move a file in from outside
+    ]}))
+    ws.lock_path.touch()  # a workspace refinery has written to
+    before = files_under(tmp_path)
+    for command in (["runs"], ["run-all"]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        assert "data/.run-planted/PUBLISH.json: it asks to move 'data/.run-planted/exports' to '../outside'" \
+            in result.stderr
+        assert "nothing was moved or deleted" in result.stderr and "Traceback" not in result.output
+    assert files_under(tmp_path) == before  # the journal, the folder outside: all as they were
+
+
+def test_a_journal_that_is_not_json_or_a_linked_staging_folder_is_refused(ws, tmp_path):
+    planted = ws.root / "data" / ".run-x"
+    planted.mkdir(parents=True)
+    ws.lock_path.touch()
+    (planted / "PUBLISH.json").write_text("{")
+    result = invoke("runs")
+    assert result.exit_code == 2 and "it is not the JSON refinery writes" in result.stderr
+    (planted / "PUBLISH.json").unlink()
+    planted.rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    (ws.root / "data" / ".run-y").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    result = invoke("runs")
+    assert result.exit_code == 2 and "its folder is a link" in result.stderr
+    assert (tmp_path / "elsewhere").is_dir()
+
+
+def test_a_receipt_naming_an_output_outside_is_not_reused(ws, tmp_path):
+    """Reuse hard-links a previous run's outputs into the new run by the paths its receipts
+    name; a receipt (its hash recomputed to match) naming `../../../x` once linked a file from
+    outside the workspace to outside the workspace."""
+    write_kb(ws, {"gateway_receipts.jsonl": "".join(ROW % (i, i) for i in range(3))})
+    first = orjson.loads(invoke("run-all", "--json").stdout)
+    path = ws.reports / first["run_id"] / "receipts" / "materialize.json"
+    r = orjson.loads(path.read_bytes())
+    escape = "../../../escaped.txt"
+    outside = (ws.root / escape).resolve()  # the file it would be read from (the workspace root + ../..)
+    outside.write_text("not refinery's")
+    r["outputs"].append({"path": escape, "sha256": file_sha256(outside), "rows": 1})
+    r["receipt_hash"] = receipts.receipt_hash(r)
+    receipts.write_json(path, r)
+    before = files_under(tmp_path)
+    result = invoke("run-all", "--json")
+    assert result.exit_code == 0, result.output
+    assert f"materialize: recomputing — its receipt in run {first['run_id']} names an output outside the " \
+           f"published folders ('{escape}')" in result.stderr
+    doc = orjson.loads(result.stdout)
+    assert doc["receipts"]["materialize"]["reused_from"] is None
+    after = files_under(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("ws/")} == \
+           {k: v for k, v in before.items() if not k.startswith("ws/")}
+
+
+def test_output_folders_outside_the_workspace_need_an_explicit_opt_in(ws):
+    (ws.root / "distill_config.json").write_text('{"output_dir": "../elsewhere"}')
+    with pytest.raises(DistillConfigError, match="'output_dir': '../elsewhere' is outside the workspace"):
+        load_distill_config(ws.root)
+    result = invoke("train", "collect")
+    assert result.exit_code == 2 and "allow_outside_workspace" in result.stderr
+    (ws.root / "distill_config.json").write_text('{"output_dir": "/tmp/x", "allow_outside_workspace": true}')
+    assert load_distill_config(ws.root).output_dir == "/tmp/x"
+
+    (ws.root / "refinery.toml").write_text('[replay]\nindex_dir = "/var/tmp/index"\n')
+    with pytest.raises(ConfigError, match="'replay.index_dir': '/var/tmp/index' is outside the workspace"):
+        load_config(ws.root)
+    (ws.root / "refinery.toml").write_text('[replay]\nindex_dir = "/var/tmp/index"\nallow_outside_workspace = true\n')
+    assert load_config(ws.root).replay.index_dir == "/var/tmp/index"
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "export", "../victim"], ["train", "eval", "--adapter", "../victim"],
+    ["train", "promote", "--adapter", "../victim"], ["train", "rollback", "../victim"],
+])
+def test_an_adapter_id_that_is_a_path_is_refused(ws, command):
+    """An adapter id names a folder under output_dir that eval writes into and promote moves
+    to archive/: `../victim` once reached a folder outside it (here laid out as an adapter,
+    evaluated and worse than base, so promote would have moved it)."""
+    victim = ws.root / "victim"
+    (victim / "eval").mkdir(parents=True)
+    (victim / "receipt.json").write_text('{"steps": 1, "final_val_loss": 1.0, "base_model": {"path": "b"}}')
+    (victim / "eval" / "comparison.json").write_bytes(orjson.dumps(
+        {"average": {"base": 0.5, "adapter": 0.1}, "safety_or_format_regressions": []}))
+    (ws.root / "distill_out").mkdir()
+    before = files_under(ws.root)
+    result = invoke(*command)
+    assert result.exit_code == 2, result.output
+    assert "'../victim' is not an adapter id" in result.stderr
+    assert files_under(ws.root) == before
