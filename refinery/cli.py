@@ -7,6 +7,7 @@ imports the training stack.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C (128 + SIGINT)
 
 
 class _Commands(TyperGroup):
@@ -29,6 +31,33 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except UnsafePath as e:  # from any command taking the workspace lock (it replays journals)
             _fail(f"error: {e}")
+        except KeyboardInterrupt as e:
+            _err(f"interrupted. {_what_was_kept(e)}")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as e:
+            if e.errno not in _OPERATIONAL:
+                raise
+            what, fix = _OPERATIONAL[e.errno]
+            where = f" ({e.filename})" if e.filename else ""
+            _fail(f"error: {what}{where}: {fix}. {_what_was_kept(e)}")
+
+
+#: OS errors that are the machine's state, not a bug: (what happened, what to do).
+_OPERATIONAL = {
+    errno.ENOSPC: ("no space left on the device", "free some space, or move the workspace to a bigger disk, "
+                                                  "and run the command again"),
+    errno.EDQUOT: ("over the disk quota", "free some space and run the command again"),
+    errno.EROFS: ("the file system is read-only", "run refinery on a writable copy of the workspace"),
+    errno.EACCES: ("permission denied", "check who owns that path and its permissions (ls -l)"),
+}
+
+
+def _what_was_kept(e: BaseException) -> str:
+    """What a stopped command left behind: its own notes (run-all says which run and what
+    it published), else what holds for every command."""
+    return " ".join(getattr(e, "__notes__", ())) or (
+        "Nothing was left half-written: every output is written to a temporary file and renamed into place "
+        "only when complete.")
 
 
 app = typer.Typer(
@@ -1034,9 +1063,37 @@ def replay_eval_cmd(
     typer.echo(f"written to {dcfg.output_dir}/replay-eval/ (rows.jsonl, report.json, report.md)")
 
 
+class _ReaderMayLeave:
+    """sys.stdout or sys.stderr, except that once the reader of the pipe has gone (`refinery
+    run-all | head`) the rest of the output is dropped instead of raising BrokenPipeError in
+    whatever was printing: the work goes on — a run is not failed for it — and the command's
+    exit code stands."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # what is still buffered goes there too
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main() -> None:
-    try:
-        app()
-    except BrokenPipeError:  # `refinery ... | head` is fine
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_OK)
+    sys.stdout, sys.stderr = _ReaderMayLeave(sys.stdout), _ReaderMayLeave(sys.stderr)
+    app()

@@ -147,7 +147,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise

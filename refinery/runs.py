@@ -364,9 +364,18 @@ def run_all(ws: Workspace, cfg: Config, *, include_partial: bool | None = None, 
             if (run.staging / PUBLISH_JOURNAL).exists():
                 # Stopped while publishing: the next holder of the lock completes the publish
                 # (and with it this run's summary), so leave the staging and journal alone.
+                e.add_note(f"Run {run.run_id} stopped while publishing; its publish is journaled and the next "
+                           "refinery command completes it (`refinery runs` will do).")
                 raise
-            run.fail(e)
+            recorded = True
+            try:
+                run.fail(e)
+            except OSError:  # the disk may be what failed: the summary then still says incomplete
+                recorded = False
             shutil.rmtree(run.staging, ignore_errors=True)
+            e.add_note(f"Run {run.run_id} is recorded as {'failed' if recorded else 'incomplete'} and published "
+                       "nothing: the outputs of the previous run are as they were, and no temporary files "
+                       "were left.")
             raise
 
 

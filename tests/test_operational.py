@@ -1,0 +1,151 @@
+"""Operational errors are not bugs: a full disk, Ctrl-C or a reader that goes away (`| head`)
+give a message that says what happened, what to do and what was kept, a meaningful exit code,
+no traceback and no stray temporary files."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_kb
+from refinery import jsonl, receipts
+from refinery.cli import app
+
+runner = CliRunner()
+ROWS = "".join(f'{{"ts": 1762000000, "prompt": "q{i}", "completion": "a{i}"}}\n' for i in range(20))
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporary files and folders a stopped command could leave: atomic-write temps, run and
+    stage stagings."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if ".tmp-" in p.name or p.name.startswith(".run-") or ".staging-" in p.name)
+
+
+def published(ws) -> dict[str, bytes]:
+    return {p.relative_to(ws.root).as_posix(): p.read_bytes()
+            for tree in ("data/evidence", "data/scored-runs", "exports") for p in sorted((ws.root / tree).rglob("*"))
+            if p.is_file()}
+
+
+def runs_listed() -> list[dict]:
+    return orjson.loads(invoke("runs", "--json").stdout)
+
+
+@pytest.fixture
+def ran(ws):
+    write_kb(ws, {"gateway_receipts.jsonl": ROWS})
+    assert invoke("run-all").exit_code == 0
+    (ws.kb / "gateway_receipts.jsonl").write_text(ROWS.replace("a1", "b1"))  # the next run recomputes
+    return ws
+
+
+def full_disk_after(n: int):
+    """A JsonlWriter.write that fails as a full disk does, after `n` rows."""
+    real, count = jsonl.JsonlWriter.write, [0]
+
+    def write(self, row):
+        count[0] += 1
+        if count[0] > n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, row)
+    return write
+
+
+def test_a_full_disk_in_run_all_is_a_message_not_a_traceback(ran, monkeypatch):
+    before, real = published(ran), jsonl.JsonlWriter.write
+    monkeypatch.setattr(jsonl.JsonlWriter, "write", full_disk_after(5))
+    result = invoke("run-all")
+    assert result.exit_code == 2
+    assert "error: no space left on the device: free some space" in result.stderr
+    assert "is recorded as failed and published nothing: the outputs of the previous run are as they were" \
+        in result.stderr
+    assert published(ran) == before and leftovers(ran.root) == []
+    monkeypatch.setattr(jsonl.JsonlWriter, "write", real)
+    assert [r["status"] for r in runs_listed()] == ["complete", "failed"]
+
+
+def test_a_disk_too_full_to_record_the_failure_still_leaves_nothing_behind(ran, monkeypatch):
+    """The receipt write fails, and so does the summary that would record the failure."""
+    before = published(ran)
+
+    def full(path, doc):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(receipts, "write_json", full)
+    result = invoke("run-all")
+    assert result.exit_code == 2 and "no space left on the device (" in result.stderr
+    assert "is recorded as incomplete and published nothing" in result.stderr
+    assert published(ran) == before and leftovers(ran.root) == []
+
+
+def test_a_full_disk_in_audit_full_is_a_message(ws, monkeypatch):
+    write_kb(ws, {"gateway_receipts.jsonl": ROWS})
+    assert invoke("run-all").exit_code == 0
+    real = jsonl.atomic_write
+
+    def full(path, *a, **kw):  # the report and the ledger are written through atomic_write
+        if "audit" in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *a, **kw)
+    monkeypatch.setattr(jsonl, "atomic_write", full)
+    result = invoke("audit-full")
+    assert result.exit_code == 2 and "no space left on the device" in result.stderr, result.output
+    assert "Traceback" not in result.output and leftovers(ws.root) == []
+
+
+def test_an_atomic_write_that_fails_even_to_close_leaves_no_temp_file(tmp_path):
+    """On a full disk the failed write's close flushes and fails again: the temp file (here a
+    link to /dev/full, which refuses every write with ENOSPC) must still be removed."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    import os
+
+    target = tmp_path / "out.jsonl"
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.symlink_to("/dev/full")
+    with pytest.raises(OSError) as e, jsonl.atomic_write(target) as f:
+        f.write(b"x" * 10)
+    assert e.value.errno == errno.ENOSPC
+    assert not tmp.is_symlink() and not target.exists()
+
+
+def test_ctrl_c_says_what_was_kept(ran, monkeypatch):
+    from refinery import score
+
+    before = published(ran)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(score, "run", interrupted)
+    result = invoke("run-all")
+    assert result.exit_code == 130
+    assert "\ninterrupted. Run " in result.stderr and "published nothing" in result.stderr
+    assert published(ran) == before and leftovers(ran.root) == []
+    assert runs_listed()[-1]["status"] == "failed" and runs_listed()[-1]["exit_code"] == 130
+
+
+@pytest.mark.parametrize("stderr_too", [False, True], ids=["stdout", "stdout-and-stderr"])
+def test_a_reader_that_goes_away_does_not_fail_the_run(ran, stderr_too):
+    """`refinery run-all | head` (and `2>&1 | head`): the pipe is closed before refinery writes
+    a byte. The run completes and is recorded as complete, and the exit code is the run's —
+    not 1 (rich's broken-pipe exit) and not a failed run."""
+    r, w = __import__("os").pipe()
+    __import__("os").close(r)  # the reader is gone before anything is written
+    proc = subprocess.run([sys.executable, "-m", "refinery", "run-all", "--workspace", str(ran.root)],
+                          stdout=w, stderr=w if stderr_too else subprocess.PIPE)
+    __import__("os").close(w)
+    assert proc.returncode == 0, proc.stderr
+    if not stderr_too:
+        assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr
+    listed = runs_listed()
+    assert [r["status"] for r in listed] == ["complete", "complete"]
