@@ -38,7 +38,7 @@ from refinery import sensitive
 from refinery.config import Config, ExportConfig
 from refinery.dedup import SeenHashes
 from refinery.canonical import file_sha256
-from refinery.jsonl import JsonlWriter, LineCursor, concat_files, fsync_dir, read_jsonl
+from refinery.jsonl import JsonlWriter, LineCursor, concat_files, fsync, fsync_dir, read_jsonl
 from refinery.normalize import answer_text, normalize_text, render_tool_calls
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
@@ -519,9 +519,9 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
                         for row in rows:
                             comp.add(row)
                         f.flush()
-                        os.fsync(f.fileno())
+                        fsync(f.fileno())
                     qf.flush()
-                    os.fsync(qf.fileno())
+                    fsync(qf.fileno())
                 if st.rows_in != st.rows_out + st.quarantined:
                     raise AssertionError(f"{e}: {st.rows_in} in, {st.rows_out} out + {st.quarantined} quarantined")
                 if e == "sft":  # defence 3: re-read what was written, against the scored runs

@@ -120,7 +120,20 @@ def dumps_line(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
 
+#: Every output is fsynced before it is renamed into place, so that a power cut cannot leave a
+#: renamed but empty file. A killed process does not need it (the page cache outlives the
+#: process), so a throwaway workspace — the test suite — may turn it off with REFINERY_FSYNC=0.
+DURABLE = os.environ.get("REFINERY_FSYNC", "1") != "0"
+
+
+def fsync(fd: int) -> None:
+    if DURABLE:
+        os.fsync(fd)
+
+
 def fsync_dir(path: Path) -> None:
+    if not DURABLE:
+        return
     with contextlib.suppress(OSError):  # not every platform/file system allows it
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -142,7 +155,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     try:
         yield f
         f.flush()
-        os.fsync(f.fileno())
+        fsync(f.fileno())
         f.close()
         os.replace(tmp, path)
         fsync_dir(path.parent)

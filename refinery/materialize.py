@@ -43,7 +43,7 @@ from refinery.canonical import file_sha256
 from refinery.config import Config, MaterializeConfig
 from refinery.dedup import SeenHashes
 from refinery.discovery import Claim, Registry, Transform
-from refinery.jsonl import JsonlWriter, concat_files, fsync_dir, publish_dir, recover_dir, staging_dir
+from refinery.jsonl import JsonlWriter, concat_files, fsync, fsync_dir, publish_dir, recover_dir, staging_dir
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
@@ -200,7 +200,7 @@ class EvidenceSink:
         for fh, _ in self.writers.values():
             if sync:
                 fh.flush()
-                os.fsync(fh.fileno())
+                fsync(fh.fileno())
             fh.close()
         return {rel: w.rows for rel, (_, w) in sorted(self.writers.items())}
 

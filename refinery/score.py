@@ -13,7 +13,6 @@ refuse to combine evidence with stale scores.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 import time
@@ -27,7 +26,7 @@ import orjson
 
 from refinery.canonical import file_sha256
 from refinery.config import Config, ScoreConfig
-from refinery.jsonl import JsonlWriter, concat_files, publish_dir, read_jsonl, recover_dir, staging_dir
+from refinery.jsonl import JsonlWriter, concat_files, fsync, publish_dir, read_jsonl, recover_dir, staging_dir
 from refinery.normalize import task_key
 from refinery.parallel import map_files
 from refinery.policy import POLICY_VERSION, policy_hash, score_record
@@ -146,7 +145,7 @@ def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quara
             cats[row["category"]] += 1
             rules.update(row["rules_fired"])
         f.flush()
-        os.fsync(f.fileno())
+        fsync(f.fileno())
     res.scored, res.sha256 = w.rows, w.sha256
     res.quarantined = sum(reasons.values())
     res.by_category = dict(sorted(cats.items()))

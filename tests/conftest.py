@@ -4,9 +4,14 @@ touch the repository's data/, exports/ or reports/."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+# Test workspaces are thrown away: no fsync before each rename (it is most of a small run's
+# time on some file systems). Kill-safety does not rest on it — see refinery.jsonl.DURABLE.
+os.environ.setdefault("REFINERY_FSYNC", "0")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 from openai_stub import endpoint  # noqa: F401 (a fixture for the escalation tests)
 from refinery.config import Config, load_config

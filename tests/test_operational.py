@@ -149,3 +149,14 @@ def test_a_reader_that_goes_away_does_not_fail_the_run(ran, stderr_too):
         assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr
     listed = runs_listed()
     assert [r["status"] for r in listed] == ["complete", "complete"]
+
+
+def test_outputs_are_fsynced_unless_a_throwaway_workspace_says_not_to():
+    """The suite runs with REFINERY_FSYNC=0 (conftest); refinery itself fsyncs by default."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "REFINERY_FSYNC"}
+    probe = "from refinery import jsonl; print(jsonl.DURABLE)"
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout == "True\n"
+    env["REFINERY_FSYNC"] = "0"
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout == "False\n"

@@ -22,6 +22,7 @@ from refinery.answers import check_answer, parse_tool_calls
 from refinery.canonical import short_id
 from refinery.config import Config
 from refinery.generation import Generation
+from refinery.jsonl import fsync
 from refinery.models import ReplayTrace
 from refinery.replay.escalation import EscalationFailed, api_key, escalate
 from refinery.replay.model import OfflineModel
@@ -142,6 +143,6 @@ def append_trace(ws: Workspace, row: dict[str, Any]) -> None:
             view = memoryview(line)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            fsync(fd)
         finally:
             os.close(fd)
