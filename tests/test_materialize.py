@@ -296,6 +296,13 @@ def test_a_second_run_all_waits_for_the_first(ws):
         first.send_signal(signal.SIGSTOP)
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2 and "another refinery run is writing" in second.stderr, second.stderr
+        forced = subprocess.run(cmd + ["--force"], capture_output=True, text=True, timeout=120)
+        assert forced.returncode == 2 and "another refinery run is writing" in forced.stderr, forced.stderr
+        audit = subprocess.run([*cmd[:3], "audit-full", *cmd[4:]], capture_output=True, text=True, timeout=120)
+        assert audit.returncode == 2 and "another refinery run is writing" in audit.stderr, audit.stderr
+        listed = subprocess.run([*cmd[:3], "runs", *cmd[4:]], capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0 and "running" in listed.stdout  # and it did not clean up under the run
+        assert list((ws.root / "data").glob(".run-*"))
     finally:
         first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=180) == 0, first.stderr.read().decode()[-2000:]
