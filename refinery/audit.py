@@ -7,7 +7,11 @@ and track drift in an append-only baseline ledger.
 The checks are the on-disk invariants (refinery.invariants: receipts against the files' real
 sha256, provenance of every row, accounting, no leaks, schemas, ...) plus a determinism re-run:
 the sources, config and transforms are copied into a temporary workspace, run-all runs there,
-and its receipt hashes must equal the newest run's. Exit 0 only when every required check holds.
+and its receipt hashes must equal the audited run's. Exit 0 only when every required check holds.
+
+The audited run is the one whose outputs are published (reports/distillation/published.json
+names it; refinery.runs.published_run): the report and the output say which and why, and a
+pointer to a run folder that is gone fails the audit rather than letting it judge an older run.
 
 The ledger is append-only: each row carries the hash of the one before it (`prev_hash`) and its
 own (`row_hash`), so an edited, deleted or reordered row breaks the chain, and the audit
@@ -52,6 +56,10 @@ class AuditResult:
     drift: list[dict[str, Any]]
     baseline: dict[str, Any] | None
     """the last ledger row drift was measured against (None: the first audit)"""
+    run_id: str | None = None
+    """the run audited"""
+    why: str = ""
+    """why that run"""
     appended: dict[str, Any] | None = None
     report: str = ""
     notes: list[str] = field(default_factory=list)
@@ -61,7 +69,8 @@ class AuditResult:
         return all(c.ok for c in self.checks if c.required)
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks], "metrics": self.metrics,
+        return {"ok": self.ok, "run_id": self.run_id, "why": self.why,
+                "checks": [c.to_json() for c in self.checks], "metrics": self.metrics,
                 "drift": self.drift, "baseline_seq": self.baseline["seq"] if self.baseline else None,
                 "appended": self.appended, "report": self.report, "notes": self.notes}
 
@@ -277,21 +286,28 @@ def run_audit(ws: Workspace, cfg: Config, *, rerun: bool = True, config_path: Pa
 def _audit(ws: Workspace, cfg: Config, rerun: bool, config_path: Path | None,
            ledger: list[dict[str, Any]]) -> AuditResult:
     ctx = Context(ws, cfg, config_path)
-    checks = inv.run_checks(ctx, inv.INVARIANTS)
-    extra = AUDIT_ONLY if rerun else []
-    checks += inv.run_checks(ctx, extra, first_number=len(checks) + 1)
-    if not rerun:
-        checks.append(Check(len(checks) + 1, "determinism_rerun", AUDIT_ONLY[0][1], True,
-                            ["skipped (--no-rerun)"], required=False))
-    metrics = tracked_metrics(ctx)
     baseline = ledger[-1] if ledger else None
-    result = AuditResult(checks, metrics, drift_rows(metrics, baseline), baseline)
+    run_id = ctx.summary["run_id"] if ctx.summary else None
+    if ctx.summary is None:  # no run to audit: every other check (and the drift) would only say so again
+        checks = inv.run_checks(ctx, inv.INVARIANTS[:1])
+        checks += [Check(n, key, title, False, ["not checked: there is no run to audit (check 1 says why)"])
+                   for n, (key, title, _) in enumerate([*inv.INVARIANTS[1:], *AUDIT_ONLY], 2)]
+        result = AuditResult(checks, {}, [], baseline, None, ctx.why, notes=["drift not measured: no run to audit"])
+    else:
+        checks = inv.run_checks(ctx, inv.INVARIANTS)
+        extra = AUDIT_ONLY if rerun else []
+        checks += inv.run_checks(ctx, extra, first_number=len(checks) + 1)
+        if not rerun:
+            checks.append(Check(len(checks) + 1, "determinism_rerun", AUDIT_ONLY[0][1], True,
+                                ["skipped (--no-rerun)"], required=False))
+        metrics = tracked_metrics(ctx)
+        result = AuditResult(checks, metrics, drift_rows(metrics, baseline), baseline, run_id, ctx.why)
     if not result.ok:
         result.notes.append("baseline not updated: a required check failed")
     elif not rerun:
         result.notes.append("baseline not updated: the determinism re-run was skipped (--no-rerun)")
     else:
-        result.appended = append_ledger(ws, ledger, ctx.summary["run_id"] if ctx.summary else None, metrics)
+        result.appended = append_ledger(ws, ledger, run_id, metrics)
     report = ws.reports / REPORT
     _write_report(report, result, ctx, ws)
     result.report = ws.rel(report)
@@ -301,12 +317,12 @@ def _audit(ws: Workspace, cfg: Config, rerun: bool, config_path: Path | None,
 def _write_report(path: Path, res: AuditResult, ctx: Context, ws: Workspace) -> None:
     from refinery.jsonl import atomic_write
 
-    run = ctx.summary["run_id"] if ctx.summary else "(none)"
+    run = f"`{res.run_id}`" if res.run_id else "none"
     base = f"row {res.baseline['seq']} of {ws.rel(ledger_path(ws))}" if res.baseline else "none yet (first audit)"
     failed = [c for c in res.checks if not c.ok]
     lines = [
         "# refinery audit-full", "",
-        f"- run audited: `{run}`",
+        f"- run audited: {run} — {_md(res.why)}",
         f"- result: **{'PASS' if res.ok else 'FAIL'}** — {len(res.checks) - len(failed)} of {len(res.checks)} "
         "checks hold",
         f"- baseline: {base}",

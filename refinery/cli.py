@@ -353,10 +353,11 @@ RunIdOpt = Annotated[str | None, typer.Option(
 @app.command()
 def receipts(workspace: WorkspaceOpt = Path("."), run_id: RunIdOpt = None, as_json: JsonOpt = False) -> None:
     """Show a run's stage receipts (inputs, outputs, counts, hashes), its summary and its
-    drift against the previous complete run. Re-checks each receipt's hash and the chain
-    between stages: exit 1 if either does not hold, 2 if there is no such run."""
+    drift against the previous complete run. Re-checks the hashes of each receipt, the summary
+    and the drift report, and the chain between stages: exit 1 if one does not hold, 2 if there
+    is no such run."""
     from refinery.receipts import ReportUnreadable, check_chain, check_hashes
-    from refinery.runs import RunNotFound, load_run, resolve_run
+    from refinery.runs import RunNotFound, check_reports, load_run, resolve_run
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
@@ -366,6 +367,7 @@ def receipts(workspace: WorkspaceOpt = Path("."), run_id: RunIdOpt = None, as_js
     except (RunNotFound, ReportUnreadable) as e:
         _fail(f"error: {e}")
     problems = check_hashes(stage_receipts) + check_chain(stage_receipts)
+    problems += check_reports(ws, summary, stage_receipts, drift)
     if as_json:
         _print_json({"summary": summary, "receipts": stage_receipts, "drift": drift,
                      "checks": {"ok": not problems, "problems": problems}})
@@ -452,10 +454,12 @@ def audit_full(
                                    "(the slow part; --no-rerun skips it and says so).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Re-verify the workspace on disk: receipts against every file's real sha256, the receipt
-    chain, provenance of every row, accounting, no leaks, schemas, a determinism re-run in a
-    temporary workspace; then drift of the tracked metrics against the last row of
-    data/_kb/audit_baselines.jsonl (> 20 % is flagged warn). Writes
+    """Re-verify the workspace on disk: receipts, summary and drift report against their
+    hashes and every file's real sha256, the receipt chain, provenance of every row,
+    accounting, no leaks, schemas, a determinism re-run in a temporary workspace; then drift of
+    the tracked metrics against the last row of data/_kb/audit_baselines.jsonl (> 20 % is
+    flagged warn). The run audited is the one whose outputs are published
+    (reports/distillation/published.json names it); it says which and why. Writes
     reports/distillation/audit-full-report.md and, when every required check holds, appends a
     row to the ledger. Refuses to run if the ledger's rows were changed. Exit 0 only when every
     required check holds, else 1."""
@@ -473,11 +477,12 @@ def audit_full(
     if as_json:
         _print_json(res.to_json())
     else:
+        typer.echo(f"auditing run {res.run_id}: {res.why}" if res.run_id else f"auditing no run: {res.why}")
         _print_checks(res.checks)
         flagged = [d for d in res.drift if d["flag"] == "warn"]
         if res.baseline is None:
             typer.echo("drift: first audit, no baseline to compare with")
-        else:
+        elif res.drift:
             typer.echo(f"drift against baseline row {res.baseline['seq']}: {len(flagged)} of {len(res.drift)} "
                        "metrics moved more than 20 %")
             for d in flagged:

@@ -266,7 +266,11 @@ class StageRef(Strict):
 
 
 class RunSummary(Strict):
-    schema_version: Literal[1] = 1
+    """One run-all: its status, its stages' receipt hashes and its totals. `summary_hash` covers
+    everything but the timings (`started_at`, `finished_at`), and `drift_hash` binds the run's
+    drift.json to it, so an edited summary or drift report is caught (`audit-full`, `receipts`)."""
+
+    schema_version: Literal[2] = 2
     run_id: str
     status: Literal["complete", "incomplete", "failed"] = Field(
         description="complete: every stage ran and the outputs were published; incomplete: running, or "
@@ -279,8 +283,11 @@ class RunSummary(Strict):
     stages: list[StageRef]
     totals: dict[str, int]
     overall_hash: Sha256 | None = Field(description="sha256 over the stages' receipt hashes; null unless complete")
+    drift_hash: Sha256 | None = Field(description="the drift_hash of this run's drift.json; null unless complete")
     started_at: Timestamp
     finished_at: Timestamp | None = None
+    summary_hash: Sha256 = Field(description="sha256 of the canonical summary without started_at, finished_at "
+                                             "and summary_hash")
 
 
 class DriftMetric(Strict):
@@ -292,12 +299,13 @@ class DriftMetric(Strict):
 
 
 class DriftReport(Strict):
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     run_id: str
     previous_run_id: str | None
     severity: Literal["ok", "warn", "alert"]
     metrics: list[DriftMetric]
     note: str | None = None
+    drift_hash: Sha256 = Field(description="sha256 of the canonical report without drift_hash")
 
 
 class BaselineRow(Strict):
@@ -308,6 +316,15 @@ class BaselineRow(Strict):
     metrics: dict[str, float]
     prev_hash: Sha256 | None = Field(description="row_hash of the previous row; null for the first")
     row_hash: Sha256 = Field(description="sha256 of this row's canonical JSON without row_hash")
+
+
+class PublishedRun(Strict):
+    """reports/distillation/published.json: the run whose outputs are in data/evidence,
+    data/scored-runs and exports/ — moved into place by the same publish as those outputs."""
+
+    schema_version: Literal[1] = 1
+    run_id: str
+    summary_hash: Sha256 = Field(description="that run's summary_hash")
 
 
 class RetrievedPlaybook(Strict):
@@ -362,5 +379,6 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "run_summary": RunSummary,
     "drift_report": DriftReport,
     "baseline_row": BaselineRow,
+    "published_run": PublishedRun,
     "replay_trace": ReplayTrace,
 }

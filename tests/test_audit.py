@@ -287,3 +287,90 @@ def test_a_convert_output_is_scanned_and_planted_files_are_named(ran):
     assert failed["no_secrets_in_exports"][0].startswith("exports/formats/mlx-chat.jsonl:")
     assert len(failed["no_unrecorded_outputs"]) == 1
     assert failed["no_unrecorded_outputs"][0].startswith("exports/planted.jsonl is not in any receipt of run ")
+
+
+# --- the run audited, its summary and its drift report ---------------------------------------
+
+
+def newest_dir(ws):
+    return sorted(p for p in ws.reports.iterdir() if p.is_dir())[-1]
+
+
+def edit_json(path, change) -> None:
+    doc = orjson.loads(path.read_bytes())
+    change(doc)
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+
+
+def test_the_audit_says_which_run_it_audits_and_why(ran):
+    run_id = newest_dir(ran).name
+    result = invoke("audit-full", "--no-rerun")
+    assert result.stdout.splitlines()[0] == (f"auditing run {run_id}: its outputs are the published ones "
+                                             "(reports/distillation/published.json names it)")
+    assert f"- run audited: `{run_id}` — its outputs are the published ones" in (ran.reports / audit.REPORT).read_text()
+    code, doc = audit_json("--no-rerun")
+    assert doc["run_id"] == run_id and doc["why"].startswith("its outputs are the published ones")
+
+
+@pytest.mark.parametrize(("file", "change", "problem"), [
+    ("summary.json", lambda d: d.update(status="failed"), "summary.json says run {run} is failed, yet "
+                                                         "reports/distillation/published.json names it"),
+    ("summary.json", lambda d: d["totals"].update(scored=d["totals"]["scored"] + 1), "summary.json: totals.scored is"),
+    ("summary.json", lambda d: d.update(config_hash="0" * 64), "summary.json: summary_hash"),
+    ("summary.json", lambda d: d.update(exit_code=3), "summary.json: summary_hash"),
+    ("drift.json", lambda d: d.update(severity="alert"), "drift.json: drift_hash"),
+    ("drift.json", lambda d: d["metrics"][0].update(value=1.0), "drift.json: drift_hash"),
+])
+def test_an_edited_summary_or_drift_report_fails_the_audit_naming_it(ran, file, change, problem):
+    assert invoke("run-all").exit_code == 0  # a second run (all reused): an older complete run to fall back on
+    run = newest_dir(ran).name
+    edit_json(newest_dir(ran) / file, change)
+    code, doc = audit_json("--no-rerun")
+    assert code == 1 and doc["run_id"] == run  # still the published run, not the older one
+    failed = [p for c in doc["checks"] if not c["ok"] for p in c["problems"]]
+    assert any(f"reports/distillation/{run}/{problem.format(run=run)}" in p for p in failed), failed
+    assert "baseline not updated: a required check failed" in doc["notes"]
+
+
+def test_timings_stay_outside_the_summary_hash(ran):
+    edit_json(newest_dir(ran) / "summary.json", lambda d: d.update(started_at="2000-01-01T00:00:00Z",
+                                                                   finished_at="2000-01-01T00:00:01Z"))
+    assert audit_json("--no-rerun")[0] == 0
+
+
+def test_a_rehashed_summary_must_still_agree_with_the_receipts_and_be_the_one_published(ran):
+    from refinery.runs import summary_hash
+
+    path = newest_dir(ran) / "summary.json"
+    edit_json(path, lambda d: (d["totals"].update(scored=1), d.update(summary_hash=summary_hash(d))))
+    code, doc = audit_json("--no-rerun")
+    failed = {c["key"]: c["problems"] for c in doc["checks"] if not c["ok"]}
+    assert code == 1 and set(failed) == {"latest_run_complete", "receipt_hashes"}
+    assert "is not the summary that was published" in failed["latest_run_complete"][0]
+    assert failed["receipt_hashes"][0].endswith("summary.json: totals.scored is 1, the receipts say "
+                                                f"{orjson.loads(path.read_bytes())['totals']['evidence']}")
+
+
+@pytest.mark.parametrize("also", [None, "published.json"])
+def test_deleting_the_published_run_does_not_make_the_audit_judge_an_older_one(ran, also):
+    import shutil
+
+    older = newest_dir(ran).name
+    assert invoke("run-all").exit_code == 0  # all reused: the older run's receipts match the files too
+    newest = newest_dir(ran).name
+    shutil.rmtree(ran.reports / newest)
+    if also:
+        (ran.reports / also).unlink()
+    result = invoke("audit-full", "--no-rerun")
+    assert result.exit_code == 1
+    if also is None:
+        assert result.stdout.startswith("auditing no run: reports/distillation/published.json names run "
+                                        f"{newest}, whose folder is gone")
+        assert (f"reports/distillation/published.json names run {newest} as the one whose outputs are published, "
+                f"but reports/distillation/{newest}/ is missing") in result.stdout
+        assert " FAIL  determinism_rerun" in result.stdout and "not checked: there is no run to audit" in result.stdout
+    else:
+        assert result.stdout.startswith(f"auditing run {older}: the newest complete run, for want of "
+                                        "reports/distillation/published.json")
+        assert "reports/distillation/published.json is missing: nothing says which run's outputs are on disk" \
+            in result.stdout
