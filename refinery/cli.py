@@ -452,6 +452,11 @@ def audit_full(
     rerun: Annotated[bool, typer.Option(
         "--rerun/--no-rerun", help="Re-run the pipeline in a temporary workspace to check determinism "
                                    "(the slow part; --no-rerun skips it and says so).")] = True,
+    reanchor: Annotated[bool, typer.Option(
+        "--reanchor", help="The ledger's head (reports/distillation/audit-ledger-head.json) is missing or "
+                           "damaged and you know why: accept data/_kb/audit_baselines.jsonl as it stands. "
+                           "Takes effect only if the audit passes; the row it appends records the "
+                           "re-anchoring.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-verify the workspace on disk: receipts, summary and drift report against their
@@ -461,19 +466,19 @@ def audit_full(
     flagged warn). The run audited is the one whose outputs are published
     (reports/distillation/published.json names it); it says which and why. Writes
     reports/distillation/audit-full-report.md and, when every required check holds, appends a
-    row to the ledger. Refuses to run if the ledger's rows were changed. Exit 0 only when every
-    required check holds, else 1."""
-    from refinery.audit import LedgerTampered, run_audit
+    row to the ledger. Refuses to run if the ledger's rows were changed or its head is missing
+    (exit 1; --reanchor accepts a ledger without a head). Exit 0 only when every required
+    check holds, 1 when one fails, 2 on a damaged head or a needless --reanchor."""
+    from refinery.audit import AuditInputError, LedgerTampered, run_audit
     from refinery.workspace import WorkspaceBusy
 
     ws, cfg = _load(workspace, config)
     try:
-        res = run_audit(ws, cfg, rerun=rerun, config_path=config)
+        res = run_audit(ws, cfg, rerun=rerun, config_path=config, reanchor=reanchor)
     except LedgerTampered as e:
-        _fail(f"AUDIT REFUSED: {e}. The ledger is append-only: restore it from your backup or version "
-              "control and run again.", EXIT_CHECK_FAILED)
-    except WorkspaceBusy as e:
-        _fail(f"error: {e}")
+        _fail(f"AUDIT REFUSED: {e}.", EXIT_CHECK_FAILED)
+    except (AuditInputError, WorkspaceBusy) as e:
+        _fail(f"error: {e}.")
     if as_json:
         _print_json(res.to_json())
     else:

@@ -309,13 +309,29 @@ class DriftReport(Strict):
 
 
 class BaselineRow(Strict):
-    schema_version: Literal[1] = 1
+    """One passing audit in data/_kb/audit_baselines.jsonl. Rows are hashed as written, so rows
+    of schema version 1 (without `reanchored`) keep their hashes."""
+
+    schema_version: Literal[1, 2] = 2
     seq: int = Field(ge=0)
     recorded_at: Timestamp
     run_id: str | None = None
     metrics: dict[str, float]
+    reanchored: str | None = Field(
+        default=None, description="set on the row of an `audit-full --reanchor`: why the ledger had to be "
+                                  "re-anchored (its head was missing or damaged) — the rows before it were "
+                                  "accepted as they stood")
     prev_hash: Sha256 | None = Field(description="row_hash of the previous row; null for the first")
     row_hash: Sha256 = Field(description="sha256 of this row's canonical JSON without row_hash")
+
+
+class LedgerHead(Strict):
+    """reports/distillation/audit-ledger-head.json: the ledger's last row as the last audit left
+    it, kept outside the ledger so rows cut off its end are caught."""
+
+    schema_version: Literal[1] = 1
+    seq: int = Field(ge=0)
+    row_hash: Sha256
 
 
 class PublishedRun(Strict):
@@ -379,6 +395,7 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "run_summary": RunSummary,
     "drift_report": DriftReport,
     "baseline_row": BaselineRow,
+    "ledger_head": LedgerHead,
     "published_run": PublishedRun,
     "replay_trace": ReplayTrace,
 }

@@ -289,6 +289,91 @@ def test_a_convert_output_is_scanned_and_planted_files_are_named(ran):
     assert failed["no_unrecorded_outputs"][0].startswith("exports/planted.jsonl is not in any receipt of run ")
 
 
+# --- a missing or damaged head: re-anchoring is a step of its own ---------------------------
+
+
+def temp_files(ws) -> list[str]:
+    return [ws.rel(p) for p in ws.root.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_missing_head_is_refused_until_the_ledger_is_reanchored(ran):
+    three_rows(ran)
+    path = ran.kb / audit.LEDGER
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:2]))  # the last row cut off ...
+    (ran.reports / audit.HEAD).unlink()  # ... and the head that would tell
+    result = invoke("audit-full", "--no-rerun")
+    assert result.exit_code == 1
+    assert ("AUDIT REFUSED: reports/distillation/audit-ledger-head.json is missing, but "
+            "data/_kb/audit_baselines.jsonl holds 2 rows") in result.output
+    assert "run `refinery audit-full --reanchor`" in result.output
+    assert "**REFUSED**" in (ran.reports / audit.REPORT).read_text()
+    assert invoke("audit-full", "--no-rerun", "--reanchor").exit_code == 2  # only a full audit can record it
+
+    code, doc = audit_json("--reanchor")
+    assert code == 0 and doc["appended"]["seq"] == 2
+    assert doc["appended"]["reanchored"] == ("reports/distillation/audit-ledger-head.json was missing; the ledger "
+                                             "was accepted as it stood at row 1")
+    assert any(n.startswith("re-anchored: ") for n in doc["notes"])
+    assert ledger(ran)[-1] == doc["appended"] and ledger(ran)[-1]["schema_version"] == 2
+    assert audit_json("--no-rerun")[0] == 0  # anchored again: the head is back
+    result = invoke("audit-full", "--reanchor")
+    assert result.exit_code == 2 and "nothing to re-anchor" in result.output
+
+
+@pytest.mark.parametrize(("head", "detail"), [
+    (b"{", "Invalid JSON"),
+    (b"[]", "Input should be an object"),
+    (b'{"row_hash": "' + b"a" * 64 + b'"}', "seq: Field required"),
+    (b'{"seq": "1", "row_hash": 5}', "seq: Input should be a valid integer"),
+    (b'{"seq": -1, "row_hash": "' + b"a" * 64 + b'"}', "seq: Input should be greater than or equal to 0"),
+])
+def test_a_damaged_head_is_named_with_its_fix_exit_2(ran, head, detail):
+    three_rows(ran)
+    (ran.reports / audit.HEAD).write_bytes(head)
+    before = (ran.kb / audit.LEDGER).read_bytes()
+    result = invoke("audit-full", "--no-rerun")  # no traceback: invoke does not catch exceptions
+    assert result.exit_code == 2
+    assert result.output.startswith("error: reports/distillation/audit-ledger-head.json is damaged (")
+    assert detail in result.output and "run `refinery audit-full --reanchor`" in result.output
+    assert (ran.kb / audit.LEDGER).read_bytes() == before and temp_files(ran) == []
+    assert "**REFUSED**" in (ran.reports / audit.REPORT).read_text()
+
+
+def test_reanchoring_replaces_a_damaged_head(ran):
+    three_rows(ran)
+    (ran.reports / audit.HEAD).write_bytes(b"[]")
+    code, doc = audit_json("--reanchor")
+    assert code == 0 and doc["appended"]["reanchored"].startswith(
+        "reports/distillation/audit-ledger-head.json was damaged; the ledger was accepted as it stood at row 2")
+    assert orjson.loads((ran.reports / audit.HEAD).read_bytes()) == {
+        "schema_version": 1, "seq": 3, "row_hash": doc["appended"]["row_hash"]}
+
+
+def test_reanchoring_a_sound_or_new_ledger_is_a_usage_error(ran):
+    result = invoke("audit-full", "--reanchor")  # no ledger and no head: the first audit anchors it
+    assert result.exit_code == 2 and "nothing to re-anchor: data/_kb/audit_baselines.jsonl has no rows" in result.output
+    three_rows(ran)
+    (ran.reports / audit.HEAD).write_bytes(b"{}")
+    (ran.kb / audit.LEDGER).write_bytes((ran.kb / audit.LEDGER).read_bytes()[:-20])  # and a torn chain
+    result = invoke("audit-full", "--reanchor")  # re-anchoring accepts a ledger, never a broken one
+    assert result.exit_code == 1
+    assert "AUDIT REFUSED: data/_kb/audit_baselines.jsonl:3: not a baseline row" in result.output
+
+
+def test_rows_written_before_reanchored_existed_still_verify(ran):
+    row = {"schema_version": 1, "seq": 0, "recorded_at": "2026-11-01T00:00:00Z", "run_id": "r", "metrics": {"m": 1.0},
+           "prev_hash": None}
+    row["row_hash"] = audit.row_hash(row)
+    (ran.kb / audit.LEDGER).write_bytes(orjson.dumps(row) + b"\n")
+    audit.append_ledger(ran, [], "r", {"m": 1.0})  # writes the head of a one-row ledger ...
+    (ran.kb / audit.LEDGER).write_bytes(orjson.dumps(row) + b"\n")
+    (ran.reports / audit.HEAD).write_bytes(orjson.dumps({"seq": 0, "row_hash": row["row_hash"]}))  # ... as v1 did
+    rows = audit.read_ledger(ran)
+    assert rows == [row]
+    audit.append_ledger(ran, rows, "r2", {"m": 2.0})
+    assert [r["seq"] for r in audit.read_ledger(ran)] == [0, 1]
+
+
 # --- the run audited, its summary and its drift report ---------------------------------------
 
 
