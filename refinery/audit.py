@@ -7,12 +7,19 @@ and track drift in an append-only baseline ledger.
 The checks are the on-disk invariants (refinery.invariants: receipts against the files' real
 sha256, provenance of every row, accounting, no leaks, schemas, ...) plus a determinism re-run:
 the sources, config and transforms are copied into a temporary workspace, run-all runs there,
-and its receipt hashes must equal the newest run's. Exit 0 only when every required check holds.
+and its receipt hashes must equal the audited run's. Exit 0 only when every required check holds.
+
+The audited run is the one whose outputs are published (reports/distillation/published.json
+names it; refinery.runs.published_run): the report and the output say which and why, and a
+pointer to a run folder that is gone fails the audit rather than letting it judge an older run.
 
 The ledger is append-only: each row carries the hash of the one before it (`prev_hash`) and its
 own (`row_hash`), so an edited, deleted or reordered row breaks the chain, and the audit
-refuses to run until the ledger is restored. Drift is the move of each tracked metric against
-the ledger's last row; a move of more than `DRIFT_WARN_PCT` % is flagged `warn`.
+refuses to run until the ledger is restored. The last row's seq and hash are also kept outside
+the ledger (the head), so rows cut off its end are caught; a ledger whose head is missing or
+damaged is accepted as it stands only by `audit-full --reanchor`, and the row that audit
+appends says so. Drift is the move of each tracked metric against the ledger's last row; a
+move of more than `DRIFT_WARN_PCT` % is flagged `warn`.
 """
 
 from __future__ import annotations
@@ -42,7 +49,13 @@ DRIFT_WARN_PCT = 20.0
 
 
 class LedgerTampered(Exception):
-    """The baseline ledger's existing rows were changed: the audit refuses to run."""
+    """The baseline ledger's existing rows were changed, or its end cannot be vouched for (no
+    head): the audit refuses to run (exit 1). The message carries the fix."""
+
+
+class AuditInputError(Exception):
+    """The audit cannot run as asked: its ledger head is damaged, or --reanchor was given where
+    there is nothing to re-anchor (exit 2). The message carries the fix."""
 
 
 @dataclass
@@ -52,6 +65,10 @@ class AuditResult:
     drift: list[dict[str, Any]]
     baseline: dict[str, Any] | None
     """the last ledger row drift was measured against (None: the first audit)"""
+    run_id: str | None = None
+    """the run audited"""
+    why: str = ""
+    """why that run"""
     appended: dict[str, Any] | None = None
     report: str = ""
     notes: list[str] = field(default_factory=list)
@@ -61,7 +78,8 @@ class AuditResult:
         return all(c.ok for c in self.checks if c.required)
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks], "metrics": self.metrics,
+        return {"ok": self.ok, "run_id": self.run_id, "why": self.why,
+                "checks": [c.to_json() for c in self.checks], "metrics": self.metrics,
                 "drift": self.drift, "baseline_seq": self.baseline["seq"] if self.baseline else None,
                 "appended": self.appended, "report": self.report, "notes": self.notes}
 
@@ -81,20 +99,84 @@ def head_path(ws: Workspace) -> Path:
     return ws.reports / HEAD
 
 
-def read_ledger(ws: Workspace) -> list[dict[str, Any]]:
+REANCHOR = "refinery audit-full --reanchor"
+RESTORE = "The ledger is append-only: restore it from your backup or version control and run again"
+
+
+def read_ledger(ws: Workspace, *, reanchor: bool = False) -> list[dict[str, Any]]:
     """The ledger's rows, each checked against the chain and the last against the recorded
-    head. Raises LedgerTampered naming the line."""
+    head. Raises LedgerTampered naming the line, or AuditInputError for a damaged head.
+    `reanchor` accepts the ledger as it stands when its head is missing or damaged (and only
+    then: see `reanchor_reason`)."""
     rows = _read_chain(ws)
-    head = head_path(ws)
-    if head.is_file():
-        want = orjson.loads(head.read_bytes())
-        last = rows[-1] if rows else None
-        if last is None or (last["seq"], last["row_hash"]) != (want["seq"], want["row_hash"]):
-            have = f"ends at row {last['seq']} ({last['row_hash'][:12]}…)" if last else "is empty or missing"
-            raise LedgerTampered(f"{ws.rel(ledger_path(ws))}: the last audit left row {want['seq']} "
-                                 f"({want['row_hash'][:12]}…) at its end, but it {have}: rows were removed or "
-                                 f"rewritten (head recorded in {ws.rel(head)})")
+    ledger, head = ws.rel(ledger_path(ws)), ws.rel(head_path(ws))
+    try:
+        want = read_head(ws)
+    except AuditInputError:
+        if reanchor:
+            return rows
+        raise
+    last = rows[-1] if rows else None
+    if want is None:
+        if last is not None and not reanchor:
+            raise LedgerTampered(
+                f"{head} is missing, but {ledger} holds {len(rows)} row{'s' if len(rows) > 1 else ''}: nothing "
+                f"vouches that row {last['seq']} is where the last audit left the ledger's end (rows cut off the "
+                f"end look just like this). Restore {head} from your backup; or, if you know why it is gone "
+                f"(reports/ was cleaned), run `{REANCHOR}` to accept the ledger as it stands — the row that audit "
+                "appends records the re-anchoring")
+        return rows
+    if last is None or (last["seq"], last["row_hash"]) != (want["seq"], want["row_hash"]):
+        have = f"ends at row {last['seq']} ({last['row_hash'][:12]}…)" if last else "is empty or missing"
+        raise LedgerTampered(
+            f"{ledger}: the last audit left row {want['seq']} ({want['row_hash'][:12]}…) at its end, but it "
+            f"{have}: rows were removed or rewritten (head recorded in {head}). {RESTORE} (if those rows are "
+            f"lost for good, delete {head} and run `{REANCHOR}`; the re-anchoring is recorded in the ledger)")
     return rows
+
+
+def read_head(ws: Workspace) -> dict[str, Any] | None:
+    """The recorded head ({seq, row_hash}), or None when there is none. Raises AuditInputError
+    naming the file and what is wrong with it when it is not a head."""
+    from pydantic import ValidationError
+
+    from refinery.models import LedgerHead
+
+    path = head_path(ws)
+    if not path.exists():
+        return None
+    try:
+        return LedgerHead.model_validate_json(path.read_bytes(), strict=True).model_dump(mode="json")
+    except (ValidationError, OSError) as e:
+        if isinstance(e, ValidationError):
+            detail = "; ".join(f"{'.'.join(map(str, err['loc'])) + ': ' if err['loc'] else ''}{err['msg']}"
+                               for err in e.errors()[:2])
+        else:
+            detail = e.strerror or str(e)
+        raise AuditInputError(
+            f"{ws.rel(path)} is damaged ({detail}): it should hold the ledger's last row as "
+            f'{{"seq": N, "row_hash": "<sha256>"}}. Restore it from your backup, or run `{REANCHOR}` to accept '
+            f"{ws.rel(ledger_path(ws))} as it stands and write a new head — the row that audit appends records "
+            "the re-anchoring") from None
+
+
+def reanchor_reason(ws: Workspace, rows: list[dict[str, Any]]) -> str:
+    """Why --reanchor is needed here (it goes into the row the audit appends). AuditInputError
+    when it is not: a head that is there and sound leaves nothing to re-anchor, and a ledger
+    without rows and without a head is simply new (its first audit anchors it)."""
+    head = ws.rel(head_path(ws))
+    try:
+        sound = read_head(ws) is not None
+    except AuditInputError:
+        return f"{head} was damaged; the ledger was accepted as it stood " + (
+            f"at row {rows[-1]['seq']}" if rows else "(empty)")
+    if sound:
+        raise AuditInputError(f"nothing to re-anchor: {head} matches the ledger's last row; run `refinery "
+                              "audit-full` without --reanchor")
+    if not rows:
+        raise AuditInputError(f"nothing to re-anchor: {ws.rel(ledger_path(ws))} has no rows yet (the first audit "
+                              "anchors it); run `refinery audit-full` without --reanchor")
+    return f"{head} was missing; the ledger was accepted as it stood at row {rows[-1]['seq']}"
 
 
 def _read_chain(ws: Workspace) -> list[dict[str, Any]]:
@@ -107,31 +189,33 @@ def _read_chain(ws: Workspace) -> list[dict[str, Any]]:
     for n, raw in enumerate(path.read_bytes().splitlines()):
         where = f"{rel}:{n + 1}"
         try:
-            row = BaselineRow.model_validate_json(raw).model_dump(mode="json")
+            BaselineRow.model_validate_json(raw)
+            row = orjson.loads(raw)  # hashed as written: a schema 1 row has no `reanchored`
         except ValueError as e:
-            raise LedgerTampered(f"{where}: not a baseline row ({str(e).splitlines()[0]})") from None
+            raise LedgerTampered(f"{where}: not a baseline row ({str(e).splitlines()[0]}). {RESTORE}") from None
         if row["seq"] != n:
-            raise LedgerTampered(f"{where}: seq {row['seq']}, expected {n} (a row was removed or moved)")
+            raise LedgerTampered(f"{where}: seq {row['seq']}, expected {n} (a row was removed or moved). {RESTORE}")
         if row["prev_hash"] != prev:
             raise LedgerTampered(f"{where}: prev_hash does not match the row before it (a row before it was "
-                                 "edited, removed or moved)")
+                                 f"edited, removed or moved). {RESTORE}")
         if row_hash(row) != row["row_hash"]:
-            raise LedgerTampered(f"{where}: row_hash does not match the row's content (the row was edited)")
+            raise LedgerTampered(f"{where}: row_hash does not match the row's content (the row was edited). "
+                                 f"{RESTORE}")
         rows.append(row)
         prev = row["row_hash"]
     return rows
 
 
 def append_ledger(ws: Workspace, rows: list[dict[str, Any]], run_id: str | None,
-                  metrics: dict[str, float]) -> dict[str, Any]:
-    """Append one row; the file is rewritten whole through a temp file, so a kill leaves the old
-    ledger or the new one, never a torn last line."""
+                  metrics: dict[str, float], reanchored: str | None = None) -> dict[str, Any]:
+    """Append one row (and record it as the head); the file is rewritten whole through a temp
+    file, so a kill leaves the old ledger or the new one, never a torn last line."""
     from refinery.jsonl import atomic_write, dumps_line
-    from refinery.models import BaselineRow
+    from refinery.models import BaselineRow, LedgerHead
 
-    row = {"schema_version": 1, "seq": len(rows), "recorded_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "run_id": run_id, "metrics": metrics, "prev_hash": rows[-1]["row_hash"] if rows else None,
-           "row_hash": "0" * 64}
+    row = {"seq": len(rows), "recorded_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "run_id": run_id, "metrics": metrics, "reanchored": reanchored,
+           "prev_hash": rows[-1]["row_hash"] if rows else None, "row_hash": "0" * 64}
     row = BaselineRow.model_validate(row).model_dump(mode="json")  # hash what is written (metrics as floats)
     row["row_hash"] = row_hash(row)
     path = ledger_path(ws)
@@ -139,8 +223,9 @@ def append_ledger(ws: Workspace, rows: list[dict[str, Any]], run_id: str | None,
     with atomic_write(path) as f:
         f.write(old)
         f.write(dumps_line(row))
+    head = LedgerHead.model_validate({"seq": row["seq"], "row_hash": row["row_hash"]}).model_dump(mode="json")
     with atomic_write(head_path(ws)) as f:
-        f.write(orjson.dumps({"seq": row["seq"], "row_hash": row["row_hash"]}) + b"\n")
+        f.write(orjson.dumps(head) + b"\n")
     return row
 
 
@@ -259,39 +344,59 @@ AUDIT_ONLY = [("determinism_rerun", "a re-run in a temporary workspace gives the
 # --- the audit -----------------------------------------------------------------------------
 
 
-def run_audit(ws: Workspace, cfg: Config, *, rerun: bool = True, config_path: Path | None = None) -> AuditResult:
+def run_audit(ws: Workspace, cfg: Config, *, rerun: bool = True, config_path: Path | None = None,
+              reanchor: bool = False) -> AuditResult:
     """Verify the workspace; write the report; append a baseline row if every required check
-    holds. Raises LedgerTampered (before checking anything) when the ledger was changed."""
+    holds. Raises (before checking anything) LedgerTampered when the ledger was changed or its
+    head is missing, AuditInputError when the head is damaged or `reanchor` has nothing to do.
+    `reanchor`: accept a ledger whose head is missing or damaged as it stands; the row this
+    audit appends (if it passes) records that."""
     from refinery.jsonl import atomic_write
 
+    if reanchor and not rerun:
+        raise AuditInputError("--reanchor needs the determinism re-run: only a full, passing audit appends the "
+                              "row that records the re-anchoring; drop --no-rerun")
     with ws.lock():  # no run may change the workspace while it is being verified
         try:
-            ledger = read_ledger(ws)
-        except LedgerTampered as e:
+            ledger = read_ledger(ws, reanchor=reanchor)
+        except (LedgerTampered, AuditInputError) as e:
             with atomic_write(ws.reports / REPORT) as f:  # never leave an older PASS report standing
                 f.write(f"# refinery audit-full\n\n- result: **REFUSED** — {_md(str(e))}\n".encode())
             raise
-        return _audit(ws, cfg, rerun, config_path, ledger)
+        reason = reanchor_reason(ws, ledger) if reanchor else None  # a usage error: the report stays as it is
+        return _audit(ws, cfg, rerun, config_path, ledger, reason)
 
 
 def _audit(ws: Workspace, cfg: Config, rerun: bool, config_path: Path | None,
-           ledger: list[dict[str, Any]]) -> AuditResult:
+           ledger: list[dict[str, Any]], reanchored: str | None = None) -> AuditResult:
     ctx = Context(ws, cfg, config_path)
-    checks = inv.run_checks(ctx, inv.INVARIANTS)
-    extra = AUDIT_ONLY if rerun else []
-    checks += inv.run_checks(ctx, extra, first_number=len(checks) + 1)
-    if not rerun:
-        checks.append(Check(len(checks) + 1, "determinism_rerun", AUDIT_ONLY[0][1], True,
-                            ["skipped (--no-rerun)"], required=False))
-    metrics = tracked_metrics(ctx)
     baseline = ledger[-1] if ledger else None
-    result = AuditResult(checks, metrics, drift_rows(metrics, baseline), baseline)
+    run_id = ctx.summary["run_id"] if ctx.summary else None
+    if ctx.summary is None:  # no run to audit: every other check (and the drift) would only say so again
+        checks = inv.run_checks(ctx, inv.INVARIANTS[:1])
+        checks += [Check(n, key, title, False, ["not checked: there is no run to audit (check 1 says why)"])
+                   for n, (key, title, _) in enumerate([*inv.INVARIANTS[1:], *AUDIT_ONLY], 2)]
+        result = AuditResult(checks, {}, [], baseline, None, ctx.why, notes=["drift not measured: no run to audit"])
+    else:
+        checks = inv.run_checks(ctx, inv.INVARIANTS)
+        extra = AUDIT_ONLY if rerun else []
+        checks += inv.run_checks(ctx, extra, first_number=len(checks) + 1)
+        if not rerun:
+            checks.append(Check(len(checks) + 1, "determinism_rerun", AUDIT_ONLY[0][1], True,
+                                ["skipped (--no-rerun)"], required=False))
+        metrics = tracked_metrics(ctx)
+        result = AuditResult(checks, metrics, drift_rows(metrics, baseline), baseline, run_id, ctx.why)
     if not result.ok:
         result.notes.append("baseline not updated: a required check failed")
+        if reanchored:
+            result.notes.append("not re-anchored: only a passing audit appends the row that records it; fix what "
+                                f"failed and run `{REANCHOR}` again")
     elif not rerun:
         result.notes.append("baseline not updated: the determinism re-run was skipped (--no-rerun)")
     else:
-        result.appended = append_ledger(ws, ledger, ctx.summary["run_id"] if ctx.summary else None, metrics)
+        result.appended = append_ledger(ws, ledger, run_id, metrics, reanchored)
+        if reanchored:
+            result.notes.append(f"re-anchored: {reanchored} (recorded in row {result.appended['seq']})")
     report = ws.reports / REPORT
     _write_report(report, result, ctx, ws)
     result.report = ws.rel(report)
@@ -301,12 +406,12 @@ def _audit(ws: Workspace, cfg: Config, rerun: bool, config_path: Path | None,
 def _write_report(path: Path, res: AuditResult, ctx: Context, ws: Workspace) -> None:
     from refinery.jsonl import atomic_write
 
-    run = ctx.summary["run_id"] if ctx.summary else "(none)"
+    run = f"`{res.run_id}`" if res.run_id else "none"
     base = f"row {res.baseline['seq']} of {ws.rel(ledger_path(ws))}" if res.baseline else "none yet (first audit)"
     failed = [c for c in res.checks if not c.ok]
     lines = [
         "# refinery audit-full", "",
-        f"- run audited: `{run}`",
+        f"- run audited: {run} — {_md(res.why)}",
         f"- result: **{'PASS' if res.ok else 'FAIL'}** — {len(res.checks) - len(failed)} of {len(res.checks)} "
         "checks hold",
         f"- baseline: {base}",

@@ -398,10 +398,11 @@ RunIdOpt = Annotated[str | None, typer.Option(
 @app.command()
 def receipts(workspace: WorkspaceOpt = Path("."), run_id: RunIdOpt = None, as_json: JsonOpt = False) -> None:
     """Show a run's stage receipts (inputs, outputs, counts, hashes), its summary and its
-    drift against the previous complete run. Re-checks each receipt's hash and the chain
-    between stages: exit 1 if either does not hold, 2 if there is no such run."""
+    drift against the previous complete run. Re-checks the hashes of each receipt, the summary
+    and the drift report, and the chain between stages: exit 1 if one does not hold, 2 if there
+    is no such run."""
     from refinery.receipts import ReportUnreadable, check_chain, check_hashes
-    from refinery.runs import RunNotFound, load_run, resolve_run
+    from refinery.runs import RunNotFound, check_reports, load_run, resolve_run
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
@@ -411,6 +412,7 @@ def receipts(workspace: WorkspaceOpt = Path("."), run_id: RunIdOpt = None, as_js
     except (RunNotFound, ReportUnreadable) as e:
         _fail(f"error: {e}")
     problems = check_hashes(stage_receipts) + check_chain(stage_receipts)
+    problems += check_reports(ws, summary, stage_receipts, drift)
     if as_json:
         _print_json({"summary": summary, "receipts": stage_receipts, "drift": drift,
                      "checks": {"ok": not problems, "problems": problems}})
@@ -495,34 +497,42 @@ def audit_full(
     rerun: Annotated[bool, typer.Option(
         "--rerun/--no-rerun", help="Re-run the pipeline in a temporary workspace to check determinism "
                                    "(the slow part; --no-rerun skips it and says so).")] = True,
+    reanchor: Annotated[bool, typer.Option(
+        "--reanchor", help="The ledger's head (reports/distillation/audit-ledger-head.json) is missing or "
+                           "damaged and you know why: accept data/_kb/audit_baselines.jsonl as it stands. "
+                           "Takes effect only if the audit passes; the row it appends records the "
+                           "re-anchoring.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Re-verify the workspace on disk: receipts against every file's real sha256, the receipt
-    chain, provenance of every row, accounting, no leaks, schemas, a determinism re-run in a
-    temporary workspace; then drift of the tracked metrics against the last row of
-    data/_kb/audit_baselines.jsonl (> 20 % is flagged warn). Writes
+    """Re-verify the workspace on disk: receipts, summary and drift report against their
+    hashes and every file's real sha256, the receipt chain, provenance of every row,
+    accounting, no leaks, schemas, a determinism re-run in a temporary workspace; then drift of
+    the tracked metrics against the last row of data/_kb/audit_baselines.jsonl (> 20 % is
+    flagged warn). The run audited is the one whose outputs are published
+    (reports/distillation/published.json names it); it says which and why. Writes
     reports/distillation/audit-full-report.md and, when every required check holds, appends a
-    row to the ledger. Refuses to run if the ledger's rows were changed. Exit 0 only when every
-    required check holds, else 1."""
-    from refinery.audit import LedgerTampered, run_audit
+    row to the ledger. Refuses to run if the ledger's rows were changed or its head is missing
+    (exit 1; --reanchor accepts a ledger without a head). Exit 0 only when every required
+    check holds, 1 when one fails, 2 on a damaged head or a needless --reanchor."""
+    from refinery.audit import AuditInputError, LedgerTampered, run_audit
     from refinery.workspace import WorkspaceBusy
 
     ws, cfg = _load(workspace, config)
     try:
-        res = run_audit(ws, cfg, rerun=rerun, config_path=config)
+        res = run_audit(ws, cfg, rerun=rerun, config_path=config, reanchor=reanchor)
     except LedgerTampered as e:
-        _fail(f"AUDIT REFUSED: {e}. The ledger is append-only: restore it from your backup or version "
-              "control and run again.", EXIT_CHECK_FAILED)
-    except WorkspaceBusy as e:
-        _fail(f"error: {e}")
+        _fail(f"AUDIT REFUSED: {e}.", EXIT_CHECK_FAILED)
+    except (AuditInputError, WorkspaceBusy) as e:
+        _fail(f"error: {e}.")
     if as_json:
         _print_json(res.to_json())
     else:
+        typer.echo(f"auditing run {res.run_id}: {res.why}" if res.run_id else f"auditing no run: {res.why}")
         _print_checks(res.checks)
         flagged = [d for d in res.drift if d["flag"] == "warn"]
         if res.baseline is None:
             typer.echo("drift: first audit, no baseline to compare with")
-        else:
+        elif res.drift:
             typer.echo(f"drift against baseline row {res.baseline['seq']}: {len(flagged)} of {len(res.drift)} "
                        "metrics moved more than 20 %")
             for d in flagged:

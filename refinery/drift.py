@@ -5,13 +5,15 @@
 Each metric gets its value, the previous value, the change in % and a severity: `alert` at
 a change of at least `drift.alert_pct`, `warn` at `drift.warn_pct`, else `ok` (refinery.toml
 [drift]). A metric that was 0 and is not any more has no % change and is an alert; a metric
-the previous run did not have counts as 0 there.
+the previous run did not have counts as 0 there. `drift_hash` covers the whole report but
+itself, and the run's summary records it, so an edited drift.json is caught.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from refinery.canonical import sig_hash
 from refinery.config import DriftConfig
 
 SEVERITY_ORDER = {"ok": 0, "warn": 1, "alert": 2}
@@ -71,5 +73,12 @@ def compare(run_id: str, current: dict[str, float], previous_run_id: str | None,
                      "severity": severity(change, value, prev, cfg)})
     worst = max((r["severity"] for r in rows), key=SEVERITY_ORDER.__getitem__, default="ok")
     note = None if previous is not None else "first run: no prior complete run to compare with"
-    doc = {"run_id": run_id, "previous_run_id": previous_run_id, "severity": worst, "metrics": rows, "note": note}
-    return DriftReport.model_validate(doc).model_dump(mode="json")
+    doc = {"run_id": run_id, "previous_run_id": previous_run_id, "severity": worst, "metrics": rows, "note": note,
+           "drift_hash": "0" * 64}
+    doc = DriftReport.model_validate(doc).model_dump(mode="json")
+    doc["drift_hash"] = drift_hash(doc)
+    return doc
+
+
+def drift_hash(report: dict[str, Any]) -> str:
+    return sig_hash({k: v for k, v in report.items() if k != "drift_hash"})

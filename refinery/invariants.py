@@ -1,8 +1,8 @@
 """The invariants that make a workspace's outputs training-safe, checked on what is on disk.
 
-Each invariant is a numbered, named function of a `Context` (the workspace, its config and its
-newest run's receipts) that returns the problems it found — an empty list when it holds. The
-acceptance gate checks all of them on its fixture (plus fixture-specific ones, see
+Each invariant is a numbered, named function of a `Context` (the workspace, its config and the
+receipts of the run whose outputs are published) that returns the problems it found — an empty
+list when it holds. The acceptance gate checks all of them on its fixture (plus fixture-specific ones, see
 refinery.acceptance); `audit-full` checks them on the real workspace (see refinery.audit).
 A check that crashes is reported as failed with the error; it never stops the others.
 
@@ -52,23 +52,30 @@ class Check:
 
 
 class Context:
-    """What the checks read: the workspace, its config and its newest complete run — the one
-    whose outputs are published (a later run that was killed or failed published nothing)."""
+    """What the checks read: the workspace, its config and the run whose outputs are published —
+    the one reports/distillation/published.json names (a later run that was killed or failed
+    published nothing). `why` says how that run was chosen; `run_problem`, what makes the choice
+    unsafe (refinery.runs.published_run)."""
 
     def __init__(self, ws: Workspace, cfg: Config, config_path: Path | None = None):
-        from refinery.runs import list_runs
+        from refinery.runs import DRIFT, list_runs, published_run
 
         self.ws, self.cfg, self.config_path = ws, cfg, config_path
         # outputs can hold a row as long as the longest source line materialize accepts, and more
         self.max_line_bytes = max(DEFAULT_MAX_LINE_BYTES, 4 * cfg.materialize.max_line_bytes)
         runs = list_runs(ws)
         self.newest: dict[str, Any] | None = runs[-1] if runs else None
-        self.summary: dict[str, Any] | None = next((r for r in reversed(runs) if r["status"] == "complete"), None)
+        audited = published_run(ws, runs)
+        self.summary: dict[str, Any] | None = audited.summary
+        self.why, self.run_problem = audited.why, audited.problem
         self.receipts: dict[str, dict[str, Any]] = {}
+        self.drift: dict[str, Any] | None = None
         self.unreadable: str | None = None
-        if self.summary:
+        if self.summary and self.summary["status"] != "unreadable":
+            run_dir = ws.reports / self.summary["run_id"]
             try:
-                self.receipts = rc.read_receipts(ws.reports / self.summary["run_id"])
+                self.receipts = rc.read_receipts(run_dir)
+                self.drift = rc.read_json(run_dir / DRIFT) if (run_dir / DRIFT).exists() else None
             except rc.ReportUnreadable as e:
                 self.unreadable = str(e)
 
@@ -155,14 +162,16 @@ class Problems(list):
 
 
 def latest_run_complete(ctx: Context) -> list[str]:
+    problems = [ctx.run_problem] if ctx.run_problem else []
     if ctx.summary is None:
+        if problems:
+            return problems
         if ctx.newest is None:
             return ["no run recorded: run `refinery run-all` first"]
         return [f"no complete run: the newest, {ctx.newest['run_id']}, is {ctx.newest['status']}"]
     if ctx.unreadable:
-        return [ctx.unreadable]
+        return [*problems, ctx.unreadable]
     s = ctx.summary
-    problems = []
     missing = [st for st in rc.STAGES if st not in ctx.receipts]
     if missing:
         problems.append(f"run {s['run_id']} has no receipt for {', '.join(missing)}")
@@ -170,11 +179,14 @@ def latest_run_complete(ctx: Context) -> list[str]:
 
 
 def receipt_hashes(ctx: Context) -> list[str]:
+    """Every receipt, the summary and the drift report hash to what they record, and the summary
+    and drift report say what the receipts do (an edit to status, totals or config_hash breaks
+    summary_hash; any edit to drift.json breaks drift_hash)."""
+    from refinery.runs import check_reports
+
     problems = rc.check_hashes(ctx.receipts)
-    if ctx.summary and ctx.summary.get("overall_hash") and ctx.receipts:
-        stages = [{"stage": s, "receipt_hash": r["receipt_hash"]} for s, r in ctx.receipts.items()]
-        if sig_hash(stages) != ctx.summary["overall_hash"]:
-            problems.append("summary.json: overall_hash does not match the receipts' hashes")
+    if ctx.summary and ctx.summary["status"] != "unreadable" and not ctx.unreadable:
+        problems += check_reports(ctx.ws, ctx.summary, ctx.receipts, ctx.drift)
     return problems
 
 
@@ -676,9 +688,10 @@ def schemas_validate(ctx: Context) -> list[str]:
 
 #: The on-disk invariants, in the order they are numbered and reported.
 INVARIANTS: list[tuple[str, str, Callable[[Context], list[str]]]] = [
-    ("latest_run_complete", "a complete run (the newest one is audited) with a receipt for every stage",
-     latest_run_complete),
-    ("receipt_hashes", "every receipt_hash and the overall hash recompute", receipt_hashes),
+    ("latest_run_complete", "the published run (reports/distillation/published.json) is complete, with a "
+     "receipt for every stage", latest_run_complete),
+    ("receipt_hashes", "every receipt_hash, the summary's and the drift report's hashes and the overall hash "
+     "recompute", receipt_hashes),
     ("receipt_chain", "each stage read exactly what the stage before it wrote", receipt_chain),
     ("receipts_match_files", "every recorded output is on disk with its sha256 and rows", receipts_match_files),
     ("sources_match_receipt", "the sources on disk are the ones the run read (sha256)", sources_match_receipt),

@@ -266,7 +266,11 @@ class StageRef(Strict):
 
 
 class RunSummary(Strict):
-    schema_version: Literal[1] = 1
+    """One run-all: its status, its stages' receipt hashes and its totals. `summary_hash` covers
+    everything but the timings (`started_at`, `finished_at`), and `drift_hash` binds the run's
+    drift.json to it, so an edited summary or drift report is caught (`audit-full`, `receipts`)."""
+
+    schema_version: Literal[2] = 2
     run_id: str
     status: Literal["complete", "incomplete", "failed"] = Field(
         description="complete: every stage ran and the outputs were published; incomplete: running, or "
@@ -279,8 +283,11 @@ class RunSummary(Strict):
     stages: list[StageRef]
     totals: dict[str, int]
     overall_hash: Sha256 | None = Field(description="sha256 over the stages' receipt hashes; null unless complete")
+    drift_hash: Sha256 | None = Field(description="the drift_hash of this run's drift.json; null unless complete")
     started_at: Timestamp
     finished_at: Timestamp | None = None
+    summary_hash: Sha256 = Field(description="sha256 of the canonical summary without started_at, finished_at "
+                                             "and summary_hash")
 
 
 class DriftMetric(Strict):
@@ -292,22 +299,48 @@ class DriftMetric(Strict):
 
 
 class DriftReport(Strict):
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     run_id: str
     previous_run_id: str | None
     severity: Literal["ok", "warn", "alert"]
     metrics: list[DriftMetric]
     note: str | None = None
+    drift_hash: Sha256 = Field(description="sha256 of the canonical report without drift_hash")
 
 
 class BaselineRow(Strict):
-    schema_version: Literal[1] = 1
+    """One passing audit in data/_kb/audit_baselines.jsonl. Rows are hashed as written, so rows
+    of schema version 1 (without `reanchored`) keep their hashes."""
+
+    schema_version: Literal[1, 2] = 2
     seq: int = Field(ge=0)
     recorded_at: Timestamp
     run_id: str | None = None
     metrics: dict[str, float]
+    reanchored: str | None = Field(
+        default=None, description="set on the row of an `audit-full --reanchor`: why the ledger had to be "
+                                  "re-anchored (its head was missing or damaged) — the rows before it were "
+                                  "accepted as they stood")
     prev_hash: Sha256 | None = Field(description="row_hash of the previous row; null for the first")
     row_hash: Sha256 = Field(description="sha256 of this row's canonical JSON without row_hash")
+
+
+class LedgerHead(Strict):
+    """reports/distillation/audit-ledger-head.json: the ledger's last row as the last audit left
+    it, kept outside the ledger so rows cut off its end are caught."""
+
+    schema_version: Literal[1] = 1
+    seq: int = Field(ge=0)
+    row_hash: Sha256
+
+
+class PublishedRun(Strict):
+    """reports/distillation/published.json: the run whose outputs are in data/evidence,
+    data/scored-runs and exports/ — moved into place by the same publish as those outputs."""
+
+    schema_version: Literal[1] = 1
+    run_id: str
+    summary_hash: Sha256 = Field(description="that run's summary_hash")
 
 
 class RetrievedPlaybook(Strict):
@@ -362,5 +395,7 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "run_summary": RunSummary,
     "drift_report": DriftReport,
     "baseline_row": BaselineRow,
+    "ledger_head": LedgerHead,
+    "published_run": PublishedRun,
     "replay_trace": ReplayTrace,
 }

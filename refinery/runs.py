@@ -3,11 +3,17 @@
     reports/distillation/<run_id>/summary.json            RunSummary (written first as incomplete)
     reports/distillation/<run_id>/receipts/<stage>.json   StageReceipt, as each stage finishes
     reports/distillation/<run_id>/drift.json              DriftReport against the last complete run
+    reports/distillation/published.json                   PublishedRun: the run whose outputs are on disk
 
 A run builds all of its outputs in a staging folder (`data/.run-<id>/`) and publishes them
 together at the end, through a journal that the next holder of the workspace lock completes
 if the process died part-way. So a run that is killed or fails leaves the previous complete
 run's outputs as they were, and shows as incomplete (killed) or failed in `refinery runs`.
+The same publish moves `published.json` into place, naming the run and its summary_hash: the
+audit judges that run, and can tell when its folder is gone instead of judging an older one.
+
+The summary's `summary_hash` covers it all but its timings, and it records its drift report's
+`drift_hash`: an edited summary or drift report is caught like an edited receipt (`check_reports`).
 
 Incremental: a stage whose inputs (by sha256), settings, code version and policy are those of
 its receipt in the last successful run — and whose outputs are still on disk with the hashes
@@ -34,9 +40,11 @@ from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.jsonl import PUBLISH_JOURNAL, RUN_STAGING_PREFIX, publish_together
 from refinery.receipts import EXPORT_STAGES, Digests
-from refinery.workspace import PUBLISHED, Workspace, is_output_path
+from refinery.workspace import PUBLISHED, PUBLISHED_RUN, SUMMARY, Workspace, is_output_path
 
-SUMMARY, DRIFT = "summary.json", "drift.json"
+DRIFT = "drift.json"
+#: Fields a summary's hash leaves out: its timings (and the hash itself).
+SUMMARY_UNHASHED = ("started_at", "finished_at", "summary_hash")
 
 Progress = Callable[[str, int | None], contextlib.AbstractContextManager[Callable[[Any, int], None]]]
 
@@ -90,9 +98,13 @@ def list_runs(ws: Workspace) -> list[dict[str, Any]]:
         if not path.exists():
             continue
         try:
-            runs.append(orjson.loads(path.read_bytes()))
+            doc = orjson.loads(path.read_bytes())
         except (orjson.JSONDecodeError, OSError):
-            runs.append({"run_id": d.name, "status": "unreadable"})
+            doc = None
+        # a summary that is not an object naming this folder's run and a status cannot be listed as one
+        if not isinstance(doc, dict) or doc.get("run_id") != d.name or not isinstance(doc.get("status"), str):
+            doc = {"run_id": d.name, "status": "unreadable"}
+        runs.append(doc)
     holder = ws.holder()
     for r in runs:
         if r["status"] == "incomplete" and holder is not None and holder[1] == r["run_id"]:
@@ -119,8 +131,125 @@ def load_run(ws: Workspace, run_id: str) -> tuple[dict[str, Any], dict[str, dict
     ReportUnreadable naming a file that is not valid JSON."""
     d = ws.reports / run_id
     drift_path = d / DRIFT
-    return (receipts.read_json(d / SUMMARY), receipts.read_receipts(d),
-            receipts.read_json(drift_path) if drift_path.exists() else None)
+    summary = receipts.read_json(d / SUMMARY)
+    if not isinstance(summary, dict) or summary.get("run_id") != run_id:
+        raise receipts.ReportUnreadable(f"{d / SUMMARY}: not the summary of run {run_id}; this report was damaged")
+    return summary, receipts.read_receipts(d), receipts.read_json(drift_path) if drift_path.exists() else None
+
+
+def summary_hash(summary: dict[str, Any]) -> str:
+    return sig_hash({k: v for k, v in summary.items() if k not in SUMMARY_UNHASHED})
+
+
+def published_path(ws: Workspace) -> Path:
+    return ws.reports / PUBLISHED_RUN
+
+
+def read_published(ws: Workspace) -> dict[str, Any] | None:
+    """published.json (None when there is none). Raises ReportUnreadable when it is damaged."""
+    from pydantic import ValidationError
+
+    from refinery.models import PublishedRun
+
+    path = published_path(ws)
+    if not path.exists():
+        return None
+    try:
+        return PublishedRun.model_validate_json(path.read_bytes(), strict=True).model_dump(mode="json")
+    except (ValidationError, OSError) as e:
+        detail = e.errors()[0]["msg"] if isinstance(e, ValidationError) else e.strerror
+        raise receipts.ReportUnreadable(f"{ws.rel(path)}: not a published-run record ({detail})") from None
+
+
+@dataclass
+class Audited:
+    """The run whose outputs are on disk (as far as the workspace can tell), and why it is that one."""
+
+    summary: dict[str, Any] | None
+    why: str
+    problem: str | None = None
+    """what makes the choice unsafe: the checks of `summary` would not be about the outputs on disk"""
+
+
+def published_run(ws: Workspace, runs: list[dict[str, Any]]) -> Audited:
+    """The run published.json names (the one whose outputs the last publish put in place) —
+    never, silently, an older one: a missing or damaged pointer, a pointer to a run that is
+    gone, not complete, or whose summary is not the one published, is a `problem`."""
+    rel = ws.rel(published_path(ws))
+    complete = next((r for r in reversed(runs) if r["status"] == "complete"), None)
+    fallback = f"the newest complete run, for want of {rel}"
+    try:
+        pointer = read_published(ws)
+    except receipts.ReportUnreadable as e:
+        return Audited(complete, fallback, f"{e}: nothing says which run's outputs are on disk; "
+                                           "run `refinery run-all` to publish a run")
+    if pointer is None:
+        if not runs:
+            return Audited(None, "no run recorded")
+        return Audited(complete, fallback, f"{rel} is missing: nothing says which run's outputs are on disk "
+                                           "(it was deleted, or the runs predate it); run `refinery run-all` "
+                                           "to publish a run")
+    rid = pointer["run_id"]
+    summary = next((r for r in runs if r["run_id"] == rid), None)
+    run_dir = f"{ws.rel(ws.reports)}/{rid}"
+    if summary is None:
+        return Audited(None, f"{rel} names run {rid}, whose folder is gone",
+                       f"{rel} names run {rid} as the one whose outputs are published, but {run_dir}/ is missing "
+                       "(deleted?): no receipts describe the outputs on disk, and an older run's would not. "
+                       "Restore the folder, or run `refinery run-all` to publish a new run")
+    why = f"its outputs are the published ones ({rel} names it)"
+    newer = [r for r in runs if r["run_id"] > rid]
+    if newer:
+        why += "; the newer " + ", ".join(f"{r['run_id']} ({r['status']})" for r in newer) + " published nothing"
+    problem = None
+    if summary["status"] == "unreadable":
+        problem = f"{run_dir}/{SUMMARY} is damaged: not a run summary any more"
+    elif summary["status"] != "complete":
+        problem = f"{run_dir}/{SUMMARY} says run {rid} is {summary['status']}, yet {rel} names it as published"
+    elif summary.get("summary_hash") != pointer["summary_hash"]:
+        problem = (f"{run_dir}/{SUMMARY} is not the summary that was published: summary_hash "
+                   f"{str(summary.get('summary_hash'))[:12]}…, {rel} recorded {pointer['summary_hash'][:12]}…")
+    elif any(r["status"] == "complete" for r in newer):
+        problem = f"run {newer[-1]['run_id']} is complete and newer, yet {rel} names {rid}"
+    return Audited(summary, why, problem)
+
+
+def check_reports(ws: Workspace, summary: dict[str, Any], stage_receipts: dict[str, dict[str, Any]],
+                  drift_report: dict[str, Any] | None) -> list[str]:
+    """Problems with a run's summary and drift report: edited after the run (their hashes do
+    not recompute, or the summary does not record the drift report's), or saying other than the
+    run's receipts do (totals, stages, the drift report's current values)."""
+    d = f"{ws.rel(ws.reports)}/{summary['run_id']}"
+    problems = []
+    if (want := summary_hash(summary)) != summary.get("summary_hash"):
+        problems.append(f"{d}/{SUMMARY}: summary_hash {str(summary.get('summary_hash'))[:12]}… does not match its "
+                        f"content ({want[:12]}…): it was edited after the run")
+    if summary.get("status") != "complete":
+        return problems
+    refs = [(s, r["receipt_hash"]) for s, r in stage_receipts.items()]
+    if [(s.get("stage"), s.get("receipt_hash")) for s in summary.get("stages", [])] != refs:
+        problems.append(f"{d}/{SUMMARY}: its stages and receipt hashes are not those of the receipts")
+    if sig_hash([{"stage": s, "receipt_hash": h} for s, h in refs]) != summary.get("overall_hash"):
+        problems.append(f"{d}/{SUMMARY}: overall_hash does not match the receipts' hashes")
+    got, want_totals = summary.get("totals") or {}, totals(stage_receipts)
+    problems += [f"{d}/{SUMMARY}: totals.{k} is {got.get(k, '(absent)')}, the receipts say "
+                 f"{want_totals.get(k, '(absent)')}"
+                 for k in sorted(got.keys() | want_totals.keys()) if got.get(k) != want_totals.get(k)]
+    if not isinstance(drift_report, dict):
+        problems.append(f"{d}/{DRIFT} is missing" if drift_report is None else f"{d}/{DRIFT}: not a drift report")
+        return problems
+    if (want := drift.drift_hash(drift_report)) != drift_report.get("drift_hash"):
+        problems.append(f"{d}/{DRIFT}: drift_hash {str(drift_report.get('drift_hash'))[:12]}… does not match its "
+                        f"content ({want[:12]}…): it was edited after the run")
+    elif drift_report["drift_hash"] != summary.get("drift_hash"):
+        problems.append(f"{d}/{DRIFT}: drift_hash {drift_report['drift_hash'][:12]}… is not the one {SUMMARY} "
+                        f"records ({str(summary.get('drift_hash'))[:12]}…)")
+    if drift_report.get("run_id") != summary["run_id"]:
+        problems.append(f"{d}/{DRIFT}: it is the drift report of run {drift_report.get('run_id')}")
+    now = drift.metrics(stage_receipts)
+    problems += [f"{d}/{DRIFT}: {m.get('name')} is {m.get('value')}, the receipts give {now[m.get('name')]}"
+                 for m in drift_report.get("metrics", []) if m.get("name") in now and m.get("value") != now[m["name"]]]
+    return problems
 
 
 def _latest(ws: Workspace, *, clean: bool) -> tuple[str, dict[str, dict[str, Any]]] | None:
@@ -159,10 +288,10 @@ class _Run:
         self.t0 = time.perf_counter()
         self.previous = None if force else _latest(ws, clean=True)
         self.summary: dict[str, Any] = {
-            "schema_version": 1, "run_id": self.run_id, "status": "incomplete", "exit_code": None, "error": None,
+            "schema_version": 2, "run_id": self.run_id, "status": "incomplete", "exit_code": None, "error": None,
             "code_version": self.code, "config_hash": cfg.config_hash(), "include_partial": include_partial,
             "stages": [], "totals": {},
-            "overall_hash": None, "started_at": _now(), "finished_at": None}
+            "overall_hash": None, "drift_hash": None, "started_at": _now(), "finished_at": None}
 
     # the reuse decision -------------------------------------------------------------------
 
@@ -290,11 +419,14 @@ class _Run:
 
     # the whole run --------------------------------------------------------------------------
 
-    def write_summary(self, path: Path | None = None) -> None:
+    def write_summary(self, path: Path | None = None) -> dict[str, Any]:
         from refinery.models import RunSummary
 
-        doc = RunSummary.model_validate(self.summary).model_dump(mode="json")
+        doc = RunSummary.model_validate({**self.summary, "summary_hash": "0" * 64}).model_dump(mode="json")
+        doc["summary_hash"] = summary_hash(doc)
         receipts.write_json(path or self.dir / SUMMARY, doc)
+        self.summary = doc
+        return doc
 
     def execute(self) -> RunOutcome:
         self.write_summary()
@@ -316,11 +448,16 @@ class _Run:
         self.summary.update({
             "status": "complete", "exit_code": exit_code, "stages": stages, "totals": totals(self.receipts),
             "overall_hash": sig_hash([{"stage": s["stage"], "receipt_hash": s["receipt_hash"]} for s in stages]),
-            "finished_at": _now()})
-        # The summary saying "complete" is the last thing the publish moves into place.
-        self.write_summary(self.staging / SUMMARY)
+            "drift_hash": report["drift_hash"], "finished_at": _now()})
+        from refinery.models import PublishedRun
+
+        done = self.write_summary(self.staging / SUMMARY)
+        receipts.write_json(self.staging / PUBLISHED_RUN, PublishedRun.model_validate(
+            {"run_id": self.run_id, "summary_hash": done["summary_hash"]}).model_dump(mode="json"))
         staging = self.ws.rel(self.staging)
         moves = [(f"{staging}/{tree}", tree) for tree in PUBLISHED]
+        moves.append((f"{staging}/{PUBLISHED_RUN}", self.ws.rel(published_path(self.ws))))
+        # The summary saying "complete" is the last thing the publish moves into place.
         moves.append((f"{staging}/{SUMMARY}", self.ws.rel(self.dir / SUMMARY)))
         publish_together(self.ws.root, self.staging, moves)
         return RunOutcome(self.run_id, self.summary, self.receipts, report, m, self.why,

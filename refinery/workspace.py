@@ -26,6 +26,9 @@ _LOCK_FD: dict[Path, int] = {}
 #: The output trees a run publishes together (everything its stages write), relative to the root.
 PUBLISHED = ("data/evidence", "data/scored-runs", "exports/rag", "exports/sft", "exports/preference",
              "exports/quarantine")
+#: A run's summary (in reports/distillation/<run_id>/), and the pointer to the published run
+#: (in reports/distillation/): the files a run's publish moves besides its trees.
+SUMMARY, PUBLISHED_RUN = "summary.json", "published.json"
 
 
 class WorkspaceBusy(Exception):
@@ -200,8 +203,10 @@ class Workspace:
         that asks for anything else was not written by refinery and is not obeyed."""
         run_id = staging.name.removeprefix(".run-")
         rel = f"data/{staging.name}"
+        reports = self.rel(self.reports)
         allowed = {(f"{rel}/{tree}", tree) for tree in PUBLISHED}
-        allowed.add((f"{rel}/summary.json", f"{self.rel(self.reports)}/{run_id}/summary.json"))
+        allowed.add((f"{rel}/{PUBLISHED_RUN}", f"{reports}/{PUBLISHED_RUN}"))
+        allowed.add((f"{rel}/{SUMMARY}", f"{reports}/{run_id}/{SUMMARY}"))
         if staging.is_symlink():
             problem = "its folder is a link"
         elif moves is None:
@@ -212,8 +217,8 @@ class Workspace:
         if problem:
             raise UnsafePath(
                 f"{rel}/PUBLISH.json: {problem} — not a publish refinery journals (only its own "
-                f"folders onto {', '.join(PUBLISHED)} and its summary), so nothing was moved or deleted. "
-                f"Look at {rel}/, then delete it.")
+                f"folders onto {', '.join(PUBLISHED)}, its summary and the pointer to it), so nothing was "
+                f"moved or deleted. Look at {rel}/, then delete it.")
 
     def try_recover(self) -> None:
         """`recover` if the lock is free right now; otherwise leave it to its holder."""

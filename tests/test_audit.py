@@ -287,3 +287,175 @@ def test_a_convert_output_is_scanned_and_planted_files_are_named(ran):
     assert failed["no_secrets_in_exports"][0].startswith("exports/formats/mlx-chat.jsonl:")
     assert len(failed["no_unrecorded_outputs"]) == 1
     assert failed["no_unrecorded_outputs"][0].startswith("exports/planted.jsonl is not in any receipt of run ")
+
+
+# --- a missing or damaged head: re-anchoring is a step of its own ---------------------------
+
+
+def temp_files(ws) -> list[str]:
+    return [ws.rel(p) for p in ws.root.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_missing_head_is_refused_until_the_ledger_is_reanchored(ran):
+    three_rows(ran)
+    path = ran.kb / audit.LEDGER
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:2]))  # the last row cut off ...
+    (ran.reports / audit.HEAD).unlink()  # ... and the head that would tell
+    result = invoke("audit-full", "--no-rerun")
+    assert result.exit_code == 1
+    assert ("AUDIT REFUSED: reports/distillation/audit-ledger-head.json is missing, but "
+            "data/_kb/audit_baselines.jsonl holds 2 rows") in result.output
+    assert "run `refinery audit-full --reanchor`" in result.output
+    assert "**REFUSED**" in (ran.reports / audit.REPORT).read_text()
+    assert invoke("audit-full", "--no-rerun", "--reanchor").exit_code == 2  # only a full audit can record it
+
+    code, doc = audit_json("--reanchor")
+    assert code == 0 and doc["appended"]["seq"] == 2
+    assert doc["appended"]["reanchored"] == ("reports/distillation/audit-ledger-head.json was missing; the ledger "
+                                             "was accepted as it stood at row 1")
+    assert any(n.startswith("re-anchored: ") for n in doc["notes"])
+    assert ledger(ran)[-1] == doc["appended"] and ledger(ran)[-1]["schema_version"] == 2
+    assert audit_json("--no-rerun")[0] == 0  # anchored again: the head is back
+    result = invoke("audit-full", "--reanchor")
+    assert result.exit_code == 2 and "nothing to re-anchor" in result.output
+
+
+@pytest.mark.parametrize(("head", "detail"), [
+    (b"{", "Invalid JSON"),
+    (b"[]", "Input should be an object"),
+    (b'{"row_hash": "' + b"a" * 64 + b'"}', "seq: Field required"),
+    (b'{"seq": "1", "row_hash": 5}', "seq: Input should be a valid integer"),
+    (b'{"seq": -1, "row_hash": "' + b"a" * 64 + b'"}', "seq: Input should be greater than or equal to 0"),
+])
+def test_a_damaged_head_is_named_with_its_fix_exit_2(ran, head, detail):
+    three_rows(ran)
+    (ran.reports / audit.HEAD).write_bytes(head)
+    before = (ran.kb / audit.LEDGER).read_bytes()
+    result = invoke("audit-full", "--no-rerun")  # no traceback: invoke does not catch exceptions
+    assert result.exit_code == 2
+    assert result.output.startswith("error: reports/distillation/audit-ledger-head.json is damaged (")
+    assert detail in result.output and "run `refinery audit-full --reanchor`" in result.output
+    assert (ran.kb / audit.LEDGER).read_bytes() == before and temp_files(ran) == []
+    assert "**REFUSED**" in (ran.reports / audit.REPORT).read_text()
+
+
+def test_reanchoring_replaces_a_damaged_head(ran):
+    three_rows(ran)
+    (ran.reports / audit.HEAD).write_bytes(b"[]")
+    code, doc = audit_json("--reanchor")
+    assert code == 0 and doc["appended"]["reanchored"].startswith(
+        "reports/distillation/audit-ledger-head.json was damaged; the ledger was accepted as it stood at row 2")
+    assert orjson.loads((ran.reports / audit.HEAD).read_bytes()) == {
+        "schema_version": 1, "seq": 3, "row_hash": doc["appended"]["row_hash"]}
+
+
+def test_reanchoring_a_sound_or_new_ledger_is_a_usage_error(ran):
+    result = invoke("audit-full", "--reanchor")  # no ledger and no head: the first audit anchors it
+    assert result.exit_code == 2 and "nothing to re-anchor: data/_kb/audit_baselines.jsonl has no rows" in result.output
+    three_rows(ran)
+    (ran.reports / audit.HEAD).write_bytes(b"{}")
+    (ran.kb / audit.LEDGER).write_bytes((ran.kb / audit.LEDGER).read_bytes()[:-20])  # and a torn chain
+    result = invoke("audit-full", "--reanchor")  # re-anchoring accepts a ledger, never a broken one
+    assert result.exit_code == 1
+    assert "AUDIT REFUSED: data/_kb/audit_baselines.jsonl:3: not a baseline row" in result.output
+
+
+def test_rows_written_before_reanchored_existed_still_verify(ran):
+    row = {"schema_version": 1, "seq": 0, "recorded_at": "2026-11-01T00:00:00Z", "run_id": "r", "metrics": {"m": 1.0},
+           "prev_hash": None}
+    row["row_hash"] = audit.row_hash(row)
+    (ran.kb / audit.LEDGER).write_bytes(orjson.dumps(row) + b"\n")
+    audit.append_ledger(ran, [], "r", {"m": 1.0})  # writes the head of a one-row ledger ...
+    (ran.kb / audit.LEDGER).write_bytes(orjson.dumps(row) + b"\n")
+    (ran.reports / audit.HEAD).write_bytes(orjson.dumps({"seq": 0, "row_hash": row["row_hash"]}))  # ... as v1 did
+    rows = audit.read_ledger(ran)
+    assert rows == [row]
+    audit.append_ledger(ran, rows, "r2", {"m": 2.0})
+    assert [r["seq"] for r in audit.read_ledger(ran)] == [0, 1]
+
+
+# --- the run audited, its summary and its drift report ---------------------------------------
+
+
+def newest_dir(ws):
+    return sorted(p for p in ws.reports.iterdir() if p.is_dir())[-1]
+
+
+def edit_json(path, change) -> None:
+    doc = orjson.loads(path.read_bytes())
+    change(doc)
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+
+
+def test_the_audit_says_which_run_it_audits_and_why(ran):
+    run_id = newest_dir(ran).name
+    result = invoke("audit-full", "--no-rerun")
+    assert result.stdout.splitlines()[0] == (f"auditing run {run_id}: its outputs are the published ones "
+                                             "(reports/distillation/published.json names it)")
+    assert f"- run audited: `{run_id}` — its outputs are the published ones" in (ran.reports / audit.REPORT).read_text()
+    code, doc = audit_json("--no-rerun")
+    assert doc["run_id"] == run_id and doc["why"].startswith("its outputs are the published ones")
+
+
+@pytest.mark.parametrize(("file", "change", "problem"), [
+    ("summary.json", lambda d: d.update(status="failed"), "summary.json says run {run} is failed, yet "
+                                                         "reports/distillation/published.json names it"),
+    ("summary.json", lambda d: d["totals"].update(scored=d["totals"]["scored"] + 1), "summary.json: totals.scored is"),
+    ("summary.json", lambda d: d.update(config_hash="0" * 64), "summary.json: summary_hash"),
+    ("summary.json", lambda d: d.update(exit_code=3), "summary.json: summary_hash"),
+    ("drift.json", lambda d: d.update(severity="alert"), "drift.json: drift_hash"),
+    ("drift.json", lambda d: d["metrics"][0].update(value=1.0), "drift.json: drift_hash"),
+])
+def test_an_edited_summary_or_drift_report_fails_the_audit_naming_it(ran, file, change, problem):
+    assert invoke("run-all").exit_code == 0  # a second run (all reused): an older complete run to fall back on
+    run = newest_dir(ran).name
+    edit_json(newest_dir(ran) / file, change)
+    code, doc = audit_json("--no-rerun")
+    assert code == 1 and doc["run_id"] == run  # still the published run, not the older one
+    failed = [p for c in doc["checks"] if not c["ok"] for p in c["problems"]]
+    assert any(f"reports/distillation/{run}/{problem.format(run=run)}" in p for p in failed), failed
+    assert "baseline not updated: a required check failed" in doc["notes"]
+
+
+def test_timings_stay_outside_the_summary_hash(ran):
+    edit_json(newest_dir(ran) / "summary.json", lambda d: d.update(started_at="2000-01-01T00:00:00Z",
+                                                                   finished_at="2000-01-01T00:00:01Z"))
+    assert audit_json("--no-rerun")[0] == 0
+
+
+def test_a_rehashed_summary_must_still_agree_with_the_receipts_and_be_the_one_published(ran):
+    from refinery.runs import summary_hash
+
+    path = newest_dir(ran) / "summary.json"
+    edit_json(path, lambda d: (d["totals"].update(scored=1), d.update(summary_hash=summary_hash(d))))
+    code, doc = audit_json("--no-rerun")
+    failed = {c["key"]: c["problems"] for c in doc["checks"] if not c["ok"]}
+    assert code == 1 and set(failed) == {"latest_run_complete", "receipt_hashes"}
+    assert "is not the summary that was published" in failed["latest_run_complete"][0]
+    assert failed["receipt_hashes"][0].endswith("summary.json: totals.scored is 1, the receipts say "
+                                                f"{orjson.loads(path.read_bytes())['totals']['evidence']}")
+
+
+@pytest.mark.parametrize("also", [None, "published.json"])
+def test_deleting_the_published_run_does_not_make_the_audit_judge_an_older_one(ran, also):
+    import shutil
+
+    older = newest_dir(ran).name
+    assert invoke("run-all").exit_code == 0  # all reused: the older run's receipts match the files too
+    newest = newest_dir(ran).name
+    shutil.rmtree(ran.reports / newest)
+    if also:
+        (ran.reports / also).unlink()
+    result = invoke("audit-full", "--no-rerun")
+    assert result.exit_code == 1
+    if also is None:
+        assert result.stdout.startswith("auditing no run: reports/distillation/published.json names run "
+                                        f"{newest}, whose folder is gone")
+        assert (f"reports/distillation/published.json names run {newest} as the one whose outputs are published, "
+                f"but reports/distillation/{newest}/ is missing") in result.stdout
+        assert " FAIL  determinism_rerun" in result.stdout and "not checked: there is no run to audit" in result.stdout
+    else:
+        assert result.stdout.startswith(f"auditing run {older}: the newest complete run, for want of "
+                                        "reports/distillation/published.json")
+        assert "reports/distillation/published.json is missing: nothing says which run's outputs are on disk" \
+            in result.stdout

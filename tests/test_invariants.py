@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from refinery import drift, runs
 from refinery import invariants as inv
 from refinery import receipts as rc
 from refinery.acceptance import FIXTURE, run_gate
@@ -71,12 +72,24 @@ def edit_receipt(ws: Workspace, stage: str, change: Callable[[dict], None], reha
 
 
 def reseal_summary(ws: Workspace) -> None:
+    """Make the summary, the drift report and published.json agree with the receipts again."""
     d = run_dir(ws)
     s = orjson.loads((d / "summary.json").read_bytes())
     recs = rc.read_receipts(d)
     s["stages"] = [{"stage": k, "receipt_hash": r["receipt_hash"], "reused": False} for k, r in recs.items()]
     s["overall_hash"] = sig_hash([{"stage": k, "receipt_hash": r["receipt_hash"]} for k, r in recs.items()])
+    s["totals"] = runs.totals(recs)
+    report = orjson.loads((d / "drift.json").read_bytes())
+    now = drift.metrics(recs)
+    for m in report["metrics"]:
+        m["value"] = float(now.get(m["name"], m["value"]))
+    report["drift_hash"] = drift.drift_hash(report)
+    (d / "drift.json").write_bytes(orjson.dumps(report))
+    s["drift_hash"] = report["drift_hash"]
+    s["summary_hash"] = runs.summary_hash(s)
     (d / "summary.json").write_bytes(orjson.dumps(s))
+    runs.published_path(ws).write_bytes(orjson.dumps({"schema_version": 1, "run_id": s["run_id"],
+                                                      "summary_hash": s["summary_hash"]}))
 
 
 def reseal(ws: Workspace) -> None:

@@ -20,7 +20,7 @@ from refinery import drift, receipts, runs
 from refinery.cli import app
 from refinery.config import DriftConfig, load_config
 from refinery.sample import generate
-from refinery.schemas import SCHEMA_DIR
+from refinery.schemas import load_schema
 
 runner = CliRunner()
 STAGES = list(receipts.STAGES)
@@ -58,7 +58,7 @@ def sample(ws):
 
 
 def schema(name: str) -> dict:
-    return orjson.loads((SCHEMA_DIR / f"{name}.v1.json").read_bytes())
+    return load_schema(name)
 
 
 # --- what a run writes --------------------------------------------------------------------
@@ -520,3 +520,26 @@ def test_a_damaged_report_is_named_not_a_traceback(sample):
     assert result.exit_code == 2 and "summary.json: not valid JSON" in result.output
     again = run_all()  # a damaged run is neither reused from nor compared with
     assert reused(again) == [] and again["drift"]["previous_run_id"] is None
+
+
+@pytest.mark.parametrize(("file", "field"), [("summary.json", "totals"), ("drift.json", "severity")])
+def test_receipts_catches_an_edited_summary_or_drift_report(sample, file, field):
+    doc = run_all()
+    path = sample.reports / doc["run_id"] / file
+    report = orjson.loads(path.read_bytes())
+    report[field] = {"scored": 1} if field == "totals" else "alert"
+    path.write_bytes(orjson.dumps(report))
+    result = invoke("receipts", "--json")
+    assert result.exit_code == 1
+    problems = orjson.loads(result.stdout)["checks"]["problems"]
+    assert problems[0].startswith(f"reports/distillation/{doc['run_id']}/{file}: {file.split('.')[0]}_hash ")
+    assert problems[0].endswith("it was edited after the run")
+
+
+def test_a_run_publishes_a_pointer_to_itself_with_its_summary_hash(sample):
+    doc = run_all()
+    pointer = orjson.loads(runs.published_path(sample).read_bytes())
+    assert pointer == {"schema_version": 1, "run_id": doc["run_id"], "summary_hash": doc["summary"]["summary_hash"]}
+    assert doc["summary"]["summary_hash"] == runs.summary_hash(doc["summary"])
+    assert doc["summary"]["drift_hash"] == doc["drift"]["drift_hash"] == drift.drift_hash(doc["drift"])
+    jsonschema.validate(pointer, schema("published_run"))
