@@ -52,6 +52,17 @@ def test_python_dash_m_and_help_stay_light():
     assert "materialize" in proc.stdout
 
 
+def test_python_dash_m_without_the_dependencies_says_how_to_get_them():
+    """`python3 -m refinery` from a fresh clone (a Python without typer, pydantic, ...): a short
+    message naming `make install` and .venv/bin/refinery, exit 2 — not a traceback."""
+    proc = subprocess.run([sys.executable, "-S", "-m", "refinery", "run-all"], capture_output=True, text=True,
+                          cwd=REPO)  # -S: no site-packages, as with a bare system Python
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "typer is not installed" in proc.stderr
+    assert "make install" in proc.stderr and ".venv/bin/refinery" in proc.stderr
+
+
 def test_materialize_json_and_exit_code_ok(ws):
     write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "a", "completion": "b"}\nnot json\n'})
     result = invoke("materialize", "--json")
