@@ -126,6 +126,19 @@ def test_bad_config_exits_2_naming_the_key(ws):
     assert "Traceback" not in result.output
 
 
+def test_a_bad_flag_value_is_blamed_on_the_flag_not_on_a_refinery_toml(ws):
+    result = invoke("run-all", "--workers", "-3")  # there is no refinery.toml at all
+    assert result.exit_code == 2
+    assert "error: --workers: Input should be greater than or equal to 0 (got -3)" in result.stderr
+    assert "refinery.toml" not in result.stderr
+    result = invoke("materialize", "--max-line-bytes", "0")
+    assert result.exit_code == 2 and "--max-line-bytes:" in result.stderr and "refinery.toml" not in result.stderr
+    (ws.root / "refinery.toml").write_text("[materialize]\nworkers = -1\n")
+    result = invoke("materialize")  # the value came from the file: the file is named
+    assert result.exit_code == 2 and "refinery.toml: 'materialize.workers'" in result.stderr
+    assert invoke("materialize", "--workers", "1").exit_code == 0  # the flag wins over the file
+
+
 def test_broken_transform_module_exits_2_naming_it(ws):
     (ws.root / "transforms").mkdir()
     (ws.root / "transforms" / "bad.py").write_text("raise RuntimeError('boom')\n")
