@@ -747,15 +747,22 @@ AdapterOpt = Annotated[str | None, typer.Option(
 
 
 def _adapter(ws, dcfg, adapter: str | None) -> str:
-    from refinery.training.registry import adapters
+    """A kept (not archived) adapter: the one named, or the newest."""
+    from refinery.training.registry import RegistryError, adapter_dir, adapters
 
     live = [a for a in adapters(ws, dcfg) if not a["archived"]]
     if adapter is None:
         if not live:
             _fail("error: no adapter yet: run `refinery train run` first")
         return live[-1]["adapter_id"]
-    if not (ws.root / dcfg.output_dir / adapter / "receipt.json").is_file():
-        _fail(f"error: no adapter {adapter} in {dcfg.output_dir}/ (`refinery train list` shows them)")
+    try:
+        d = adapter_dir(ws, dcfg, adapter)
+    except RegistryError as e:
+        _fail(f"error: {e}")
+    if d.parent.name == "archive":
+        _fail(f"error: {adapter} is archived ({ws.rel(d)}): promote kept the base over it, or newer promotions "
+              "pushed it out. Only `refinery train export` reads archived adapters; train a new one to evaluate "
+              "or promote")
     return adapter
 
 
@@ -857,19 +864,31 @@ def train_export(
     out: Annotated[Path | None, typer.Option(help="Folder to write (default: <adapter>/peft/).")] = None,
     workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
 ) -> None:
-    """Export an adapter for other runtimes: --format peft writes adapter_config.json (r,
-    lora_alpha, target_modules, ...) and adapter_model.safetensors (lora_A/lora_B, transposed),
-    which PEFT, vLLM and llama.cpp's LoRA converter read."""
+    """Export an adapter for other runtimes — any adapter `train list` shows, archived ones
+    included: --format peft writes adapter_config.json (r, lora_alpha, target_modules, ...;
+    base_model_name_or_path is the base the adapter was trained on) and
+    adapter_model.safetensors (lora_A/lora_B, transposed), which PEFT, vLLM and llama.cpp's
+    LoRA converter read."""
+    import orjson
+
     from refinery.training.peft import export_peft
+    from refinery.training.registry import RegistryError, adapter_dir
     from refinery.workspace import Workspace
 
     if fmt != "peft":
         _fail(f"error: unknown format {fmt!r}; the one export format is peft")
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
-    d = ws.root / dcfg.output_dir / _adapter(ws, dcfg, adapter_id)
+    try:
+        d = adapter_dir(ws, dcfg, adapter_id)  # kept or archived: any adapter `train list` shows
+    except RegistryError as e:
+        _fail(f"error: {e}")
     dest = out or d / "peft"
-    cfg = export_peft(d, dest, dcfg.base_model)
+    base = orjson.loads((d / "receipt.json").read_bytes())["base_model"]["path"]  # the base it was trained on
+    try:
+        cfg = export_peft(d, dest, base)
+    except ValueError as e:
+        _fail(f"error: {e}")
     typer.echo(f"wrote a PEFT LoRA adapter (r {cfg['r']}, lora_alpha {cfg['lora_alpha']}, modules "
                f"{', '.join(cfg['target_modules'])}) to {dest}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -61,6 +62,17 @@ def adapters(ws: Workspace, dcfg: DistillConfig) -> list[dict[str, Any]]:
                         "final_val_loss": receipt["final_val_loss"],
                         "average": ev["average"] if ev else None})
     return sorted(out, key=lambda a: a["created"])
+
+
+def adapter_dir(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> Path:
+    """The folder of any adapter `adapters` lists: kept in <output_dir>/ or archived in
+    <output_dir>/archive/ (promote archives one that did not beat the base)."""
+    root = ws.root / dcfg.output_dir
+    for d in (root / adapter_id, root / "archive" / adapter_id):
+        if (d / "receipt.json").is_file():
+            return d
+    raise RegistryError(f"no adapter {adapter_id} in {dcfg.output_dir}/ or {dcfg.output_dir}/archive/ "
+                        "(`refinery train list` shows them)")
 
 
 def decide(comparison: dict[str, Any]) -> tuple[bool, str]:
