@@ -351,28 +351,43 @@ RunIdOpt = Annotated[str | None, typer.Option(
 
 
 @app.command()
-def receipts(workspace: WorkspaceOpt = Path("."), run_id: RunIdOpt = None, as_json: JsonOpt = False) -> None:
+def receipts(
+    workspace: WorkspaceOpt = Path("."),
+    run_id: RunIdOpt = None,
+    files: Annotated[bool, typer.Option(
+        "--files/--no-files", help="Re-hash every output file the run recorded and compare it with its receipt "
+                                   "(for the run whose outputs are on disk; --no-files skips it and says so).")] = True,
+    as_json: JsonOpt = False,
+) -> None:
     """Show a run's stage receipts (inputs, outputs, counts, hashes), its summary and its
-    drift against the previous complete run. Re-checks each receipt's hash and the chain
-    between stages: exit 1 if either does not hold, 2 if there is no such run."""
+    drift against the previous complete run. Re-checks each receipt's hash, the chain between
+    stages and — for the run whose outputs are on disk — every output file's sha256 and rows
+    against its receipt: exit 1 if any does not hold, 2 if there is no such run. (audit-full
+    checks much more: provenance, accounting, leaks, a determinism re-run.)"""
     from refinery.receipts import ReportUnreadable, check_chain, check_hashes
-    from refinery.runs import RunNotFound, load_run, resolve_run
+    from refinery.runs import RunNotFound, check_run_files, load_run, resolve_run
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     ws.try_recover()
     try:
-        summary, stage_receipts, drift = load_run(ws, resolve_run(ws, run_id))
+        rid = resolve_run(ws, run_id)
+        summary, stage_receipts, drift = load_run(ws, rid)
     except (RunNotFound, ReportUnreadable) as e:
         _fail(f"error: {e}")
     problems = check_hashes(stage_receipts) + check_chain(stage_receipts)
+    if files:
+        file_problems, files_note = check_run_files(ws, rid, stage_receipts)
+        problems += file_problems
+    else:
+        files_note = "files: not checked (--no-files): the outputs on disk were not compared with the receipts"
     if as_json:
         _print_json({"summary": summary, "receipts": stage_receipts, "drift": drift,
-                     "checks": {"ok": not problems, "problems": problems}})
+                     "checks": {"ok": not problems, "problems": problems, "files": files_note}})
     else:
         from refinery import console
 
-        console.receipts_view(summary, stage_receipts, drift, problems)
+        console.receipts_view(summary, stage_receipts, drift, problems, files_note)
     if problems:
         raise typer.Exit(EXIT_CHECK_FAILED)
 

@@ -141,7 +141,7 @@ def run_all_summary(outcome: Any, console: Console | None = None) -> None:
 
 
 def receipts_view(summary: dict[str, Any], receipts: dict[str, dict[str, Any]], drift: dict[str, Any] | None,
-                  problems: list[str], console: Console | None = None) -> None:
+                  problems: list[str], files_note: str, console: Console | None = None) -> None:
     console = console or Console()
     status = summary["status"] + (f", exit {summary['exit_code']}" if summary.get("exit_code") is not None else "")
     console.print(f"run {summary['run_id']} — {status} — code {summary['code_version']} — "
@@ -159,6 +159,7 @@ def receipts_view(summary: dict[str, Any], receipts: dict[str, dict[str, Any]], 
     else:
         console.print("checks: every receipt_hash matches its receipt; each stage read exactly what the "
                       "stage before it wrote")
+    console.print(files_note)
     console.print(_drift_line(drift))
     if drift and drift["previous_run_id"] is not None:
         order = {"alert": 0, "warn": 1, "ok": 2}

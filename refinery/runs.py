@@ -117,6 +117,28 @@ def resolve_run(ws: Workspace, run_id: str | None) -> str:
     return hits[0]
 
 
+def published_run(ws: Workspace) -> str | None:
+    """The run whose outputs are on disk: the newest complete one (a later run that failed or
+    was killed published nothing)."""
+    return next((r["run_id"] for r in reversed(list_runs(ws)) if r["status"] == "complete"), None)
+
+
+def check_run_files(ws: Workspace, run_id: str, stage_receipts: dict[str, dict[str, Any]]) -> tuple[list[str], str]:
+    """Re-hash the outputs a run's receipts record, when they are the outputs on disk: (the
+    problems, a sentence saying what was checked — or why nothing was)."""
+    published = published_run(ws)
+    if run_id != published:
+        on_disk = f"run {published}'s" if published else "no run's (no run is complete)"
+        return [], f"files: not checked: the outputs on disk are {on_disk}, not this run's"
+    problems = receipts.check_files(ws, stage_receipts)
+    n = sum(len(r["outputs"]) for r in stage_receipts.values())
+    if problems:
+        return problems, (f"files: {len(problems)} of the {n} outputs on disk differ from what the receipts "
+                          "record (edited, deleted, or rewritten by a single-stage command such as "
+                          "`refinery export-sft`); `refinery run-all` records a run of what is there")
+    return [], f"files: all {n} outputs on disk have the sha256 and rows their receipts record"
+
+
 def load_run(ws: Workspace, run_id: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any] | None]:
     """(summary, receipts by stage, drift report or None) of a recorded run. Raises
     ReportUnreadable naming a file that is not valid JSON."""
