@@ -26,9 +26,43 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from refinery import __version__
+
+        typer.echo(f"refinery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    workspace: Annotated[Path | None, typer.Option(
+        "--workspace", "-w", file_okay=False, show_default=False,
+        help="Workspace root for the command that follows (the same as giving --workspace after it).")] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print refinery's version and exit.")] = False,
+) -> None:
+    if workspace is not None and ctx.invoked_subcommand is not None:
+        cmd = ctx.command.get_command(ctx, ctx.invoked_subcommand)
+        if cmd is not None and not hasattr(cmd, "commands") and "workspace" not in {p.name for p in cmd.params}:
+            raise typer.BadParameter(f"`refinery {ctx.invoked_subcommand}` works without a workspace; drop it",
+                                     param_hint="--workspace")
+
+
+def _inherit_workspace(ctx: typer.Context, param: typer.CallbackParam, value: Path) -> Path:
+    """`refinery --workspace DIR run-all` works like `refinery run-all --workspace DIR`. Precedence:
+    the flag after the command, the flag before it, REFINERY_WORKSPACE, the current folder."""
+    source = ctx.get_parameter_source(param.name)
+    if source is not None and source.name == "COMMANDLINE":  # typer may carry its own copy of click's enum
+        return value
+    before = ctx.find_root().params.get("workspace")
+    return before if before is not None else value
+
+
 WorkspaceOpt = Annotated[Path, typer.Option(
-    "--workspace", "-w", envvar="REFINERY_WORKSPACE", file_okay=False,
-    help="Workspace root: holds data/_kb/, refinery.toml and the outputs.")]
+    "--workspace", "-w", envvar="REFINERY_WORKSPACE", file_okay=False, callback=_inherit_workspace,
+    help="Workspace root: holds data/_kb/, refinery.toml and the outputs (may also come before the command).")]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Config file (default: <workspace>/refinery.toml, if present).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]

@@ -63,6 +63,29 @@ def test_python_dash_m_without_the_dependencies_says_how_to_get_them():
     assert "make install" in proc.stderr and ".venv/bin/refinery" in proc.stderr
 
 
+def test_workspace_before_the_command_and_version(ws, tmp_path):
+    import tomllib
+
+    import refinery
+
+    other = tmp_path / "other"
+    (other / "data" / "_kb").mkdir(parents=True)
+    (other / "data" / "_kb" / "gateway_receipts.jsonl").write_text(
+        '{"ts": 1762000000, "prompt": "a", "completion": "b"}\n')
+    result = invoke("--workspace", str(other), "run-all")  # REFINERY_WORKSPACE names ws: the flag wins
+    assert result.exit_code == 0, result.output
+    assert (other / "reports" / "distillation").is_dir() and not (ws.root / "reports").exists()
+    listed = orjson.loads(invoke("-w", str(other), "sources", "-w", str(ws.root), "--json").stdout)
+    assert listed["sources"] == []  # the flag after the command wins over the one before it
+    assert invoke("-w", str(other), "train", "list").exit_code == 0  # through a command group too
+    result = invoke("-w", str(other), "acceptance")
+    assert result.exit_code == 2 and "`refinery acceptance` works without a" in result.output
+    result = invoke("--version")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert result.exit_code == 0 and result.stdout == f"refinery {refinery.__version__}\n"
+    assert refinery.__version__ == pyproject["project"]["version"]
+
+
 def test_materialize_json_and_exit_code_ok(ws):
     write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "a", "completion": "b"}\nnot json\n'})
     result = invoke("materialize", "--json")
