@@ -22,6 +22,9 @@ app = typer.Typer(
          "Exit codes: 0 ok, 1 a check failed, 2 bad usage or input.",
     no_args_is_help=True,
     add_completion=False,
+    # Help as plain text, wrapped to the terminal: no rich markup, so `[replay.escalation]` in a
+    # help text is shown as written, and docstring line breaks are not kept mid-sentence.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -281,18 +284,13 @@ def policy(config: ConfigOpt = None, workspace: WorkspaceOpt = Path("."), as_jso
 
 IncludePartialOpt = Annotated[bool | None, typer.Option(
     "--include-partial/--accepted-only",
-    help="SFT also takes partially_accepted rows (never rejected or needs_human_review). "
-         "Default: export.include_partial in refinery.toml (false).")]
+    help="The SFT export also takes partially_accepted rows (never rejected or needs_human_review); the other "
+         "exports are not affected. Default: export.include_partial in refinery.toml (false).")]
 
 
 def _export_command(exports: tuple[str, ...]):
-    def command(
-        workspace: WorkspaceOpt = Path("."),
-        config: ConfigOpt = None,
-        include_partial: IncludePartialOpt = None,
-        workers: WorkersOpt = None,
-        as_json: JsonOpt = False,
-    ) -> None:
+    def export(workspace: Path, config: Path | None, include_partial: bool | None, workers: int | None,
+               as_json: bool) -> None:
         ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
         result = _do_export(ws, cfg, exports, include_partial)
         if as_json:
@@ -301,6 +299,16 @@ def _export_command(exports: tuple[str, ...]):
             from refinery import console
 
             console.export_table(result)
+
+    if "sft" in exports:
+        def command(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None,
+                    include_partial: IncludePartialOpt = None, workers: WorkersOpt = None,
+                    as_json: JsonOpt = False) -> None:
+            export(workspace, config, include_partial, workers, as_json)
+    else:  # --include-partial only changes SFT: not offered where it would do nothing
+        def command(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, workers: WorkersOpt = None,
+                    as_json: JsonOpt = False) -> None:
+            export(workspace, config, None, workers, as_json)
     return command
 
 
@@ -699,7 +707,7 @@ train_app = typer.Typer(
     help="The training stage (MLX LoRA): collect the SFT export into mlx-lm data, train an adapter, "
          "evaluate it against the base, promote it (or keep the base), list, roll back and export adapters; "
          "tiny-model builds a small local base model for trying it all without downloading anything.",
-    no_args_is_help=True)
+    no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(train_app, name="train")
 DistillConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Training config (default: <workspace>/distill_config.json, if present).")]

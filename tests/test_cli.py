@@ -36,6 +36,47 @@ def test_every_train_command_has_help(command):
     assert "Usage" in result.output and len(result.output) > 200
 
 
+def _help_commands() -> dict[str, object]:
+    import typer.main
+
+    root = typer.main.get_command(app)
+    found = {"": root}
+    for name, cmd in root.commands.items():
+        found[name] = cmd
+        for sub, subcmd in getattr(cmd, "commands", {}).items():
+            found[f"{name} {sub}"] = subcmd
+    return found
+
+
+HELP_COMMANDS = _help_commands()
+
+
+@pytest.mark.parametrize("command", sorted(HELP_COMMANDS))
+def test_help_text_is_shown_as_written(command):
+    """Help is plain text wrapped to the terminal: no paragraph broken where the docstring's
+    lines happen to end, and nothing in square brackets swallowed as markup."""
+    import inspect
+
+    cmd = HELP_COMMANDS[command]
+    result = runner.invoke(app, [*command.split(), "--help"], terminal_width=10_000, max_content_width=10_000)
+    assert result.exit_code == 0
+    lines = {line.strip() for line in result.output.splitlines()}
+    for paragraph in inspect.cleandoc(cmd.help or "").split("\n\n"):
+        assert " ".join(paragraph.split()) in lines, paragraph
+    for param in cmd.params:
+        if getattr(param, "help", None):
+            assert " ".join(param.help.split()) in result.output, param.help
+
+
+def test_brackets_in_help_and_include_partial_only_where_it_acts():
+    assert "[replay.escalation] of refinery.toml" in invoke("replay", "--help").output
+    for command in ("export-rag", "export-preference"):
+        assert "--include-partial" not in invoke(command, "--help").output, command
+    for command in ("export-sft", "export-all", "run-all"):
+        assert "The SFT export also takes partially_accepted rows" in " ".join(
+            invoke(command, "--help").output.split()), command
+
+
 def test_every_command_has_a_make_target():
     targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), re.M))
     assert set(COMMANDS) <= targets, f"commands without a Make target: {set(COMMANDS) - targets}"
