@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
 CATEGORIES = ("accepted", "partially_accepted", "rejected", "needs_human_review")
+#: ANSI escape sequences: CSI (colours, cursor moves) and OSC (titles, links).
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
+
+
+class _WithoutAnsi:
+    """A text stream that drops ANSI escape sequences on their way to `stream`."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(_ANSI.sub("", text))
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def plain_unless_terminal(stream: TextIO) -> TextIO:
+    """`stream` itself on a terminal; else a view of it without ANSI escape sequences — for
+    third-party output that forces colour (mlx-lm's training progress), so that a log file or a
+    pipe gets text, not raw codes."""
+    isatty = getattr(stream, "isatty", None)
+    return stream if isatty is not None and isatty() else _WithoutAnsi(stream)  # type: ignore[return-value]
 
 
 def _table(title: str, *columns: str) -> Table:

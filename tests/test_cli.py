@@ -127,6 +127,20 @@ def test_workspace_before_the_command_and_version(ws, tmp_path):
     assert refinery.__version__ == pyproject["project"]["version"]
 
 
+def test_no_escape_codes_when_output_is_not_a_terminal(ws):
+    """Tables, warnings and errors into a pipe are text (rich and click detect it); the training
+    progress, which mlx-lm colours by force, is checked in test_training_run."""
+    import os
+
+    write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "a", "completion": "b"}\n',
+                  "mystery.jsonl": '{"a": 1}\n'})  # a warning on stderr too
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")} | {
+        "TERM": "xterm-256color", "COLORTERM": "truecolor"}
+    for args in (["run-all"], ["receipts"], ["run-all", "--workers", "-1"], ["--help"]):
+        proc = subprocess.run([sys.executable, "-m", "refinery", *args], capture_output=True, env=env, cwd=ws.root)
+        assert b"\x1b" not in proc.stdout + proc.stderr, args
+
+
 def test_materialize_json_and_exit_code_ok(ws):
     write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "a", "completion": "b"}\nnot json\n'})
     result = invoke("materialize", "--json")

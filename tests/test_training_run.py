@@ -70,6 +70,16 @@ def test_a_run_writes_the_adapter_folder_and_is_reproducible(ws):
     assert other["adapter_id"] != first["adapter_id"] and other["adapter_sha256"] != first["adapter_sha256"]
 
 
+def test_training_progress_is_plain_text_when_stderr_is_not_a_terminal(ws):
+    """mlx-lm prints its training progress with colour forced; into a pipe or a log file that
+    was raw escape codes. It goes to stderr, as text."""
+    (ws / "distill_config.json").write_text(orjson.dumps({**FAST, "train_steps": 2}).decode())
+    result = invoke("train", "run", "--workspace", str(ws))
+    assert result.exit_code == 0, result.output
+    assert "iter" in result.stderr and "train_loss" in result.stderr  # mlx-lm's progress, on stderr
+    assert "\x1b" not in result.output and "\x1b" not in result.stderr
+
+
 def test_the_adapter_loads_into_mlx_lm_and_changes_the_output(ws):
     from mlx_lm import load
     import mlx.core as mx
