@@ -118,13 +118,9 @@ def _progress(counting: bool = False):
 def _do_materialize(ws, cfg, validate: bool):
     from refinery.discovery import TransformLoadError
     from refinery.materialize import run
-    from refinery.sources import list_sources
     from refinery.workspace import WorkspaceBusy
 
-    if not ws.kb.is_dir():
-        _fail(f"error: no source folder {ws.kb} — put JSONL/CSV streams there, or run `refinery sample`")
-    sources, _ = list_sources(ws, cfg.materialize.ignore)
-    _config_warnings(ws, cfg)
+    sources = _sources_to_read(ws, cfg)
     with _progress() as progress:
         task = progress.add_task("materialize", total=sum(s.size for s in sources))
         try:
@@ -133,17 +129,35 @@ def _do_materialize(ws, cfg, validate: bool):
             _fail(f"error: {e}")
 
 
-def _config_warnings(ws, cfg) -> None:
-    """refinery.toml tables that match no file: said before a run, so a misspelt name is seen."""
+def _no_source_folder(ws) -> None:
+    if not ws.kb.is_dir():
+        _fail(f"error: no source folder {ws.kb} — put your trace files there, or run `refinery sample`")
+
+
+def _nothing_to_read(ws, files, ignored) -> None:
+    if not files:
+        also = f" ({len(ignored)} file(s) there are ignored: materialize.ignore)" if ignored else ""
+        _err(f"warning: {ws.kb} holds no source files{also}, so there is nothing to read. Put your trace files "
+             "there (JSONL, CSV, JSON, inspect .eval, or gzip of those; any names, subfolders allowed), or "
+             f"write the sample there with `refinery sample --out {ws.kb}`")
+
+
+def _sources_to_read(ws, cfg):
+    """Before a run: the source files, with what is wrong said first — no data/_kb/ (exit 2),
+    nothing in it, refinery.toml tables that match no file (so a misspelt name is seen)."""
     from refinery.discovery import Registry, TransformLoadError
     from refinery.sources import list_sources
 
+    _no_source_folder(ws)
+    files, ignored = list_sources(ws, cfg.materialize.ignore)
+    _nothing_to_read(ws, files, ignored)
     try:
         registry = Registry.load(ws.root, cfg)
     except TransformLoadError:
-        return  # the run itself reports it
-    for w in registry.unused_tables(list_sources(ws, cfg.materialize.ignore)[0]):
+        return files  # the run itself reports it
+    for w in registry.unused_tables(files):
         _err(f"warning: {w}")
+    return files
 
 
 def _materialize_verdict(result) -> int:
@@ -360,9 +374,7 @@ def run_all(
     from refinery.workspace import WorkspaceBusy
 
     ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
-    if not ws.kb.is_dir():
-        _fail(f"error: no source folder {ws.kb} — put JSONL/CSV streams there, or run `refinery sample`")
-    _config_warnings(ws, cfg)
+    _sources_to_read(ws, cfg)
     try:
         outcome = do_run_all(ws, cfg, include_partial=include_partial, force=force, progress=_stage_progress,
                              log=lambda msg: typer.echo(msg, err=True))
@@ -635,12 +647,12 @@ def sources(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, as_js
     from refinery.materialize import claims_for
 
     ws, cfg = _load(workspace, config)
-    if not ws.kb.is_dir():
-        _fail(f"error: no source folder {ws.kb} — put your trace files there, or run `refinery sample`")
+    _no_source_folder(ws)
     try:
         registry, files, ignored, claims = claims_for(ws, cfg)
     except TransformLoadError as e:
         _fail(f"error: {e}")
+    _nothing_to_read(ws, files, ignored)
     for w in registry.unused_tables(files):
         _err(f"warning: {w}")
     rows = [{"file": s.ws_rel, "source": s.source, "container": s.container,

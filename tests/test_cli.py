@@ -241,6 +241,45 @@ def test_unknown_source_warns_with_the_fix(ws):
     assert "[mappings.<name>]" in result.stderr
 
 
+def test_an_empty_source_folder_is_said_with_where_to_put_files(ws):
+    for command in ("run-all", "materialize", "sources"):
+        result = invoke(command)
+        assert result.exit_code == 0, command
+        assert f"warning: {ws.kb} holds no source files, so there is nothing to read" in result.stderr, command
+        assert f"refinery sample --out {ws.kb}" in result.stderr, command
+
+
+def test_a_csv_without_a_column_its_importer_needs_is_named(ws):
+    write_kb(ws, {"runs.csv": "run_id,task_id,started,prompt,output\nr1,t1,2026-11-01T00:00:00Z,Q?,A\n"
+                              "r2,t1,2026-11-01T00:00:01Z,Q2?,A2\n"})
+    result = invoke("materialize")
+    assert result.exit_code == 0
+    assert ("warning: data/_kb/runs.csv: the header has no column 'started_at', which the runs importer needs "
+            "(rows quarantined for it: 2 as bad_timestamp). Its columns are: run_id, task_id, started, prompt, "
+            "output.") in result.stderr
+
+
+def test_a_mapping_path_that_matches_nothing_is_named(ws):
+    (ws.root / "refinery.toml").write_text(
+        '[mappings.bot]\nmatch = "bot*.jsonl"\nfilter = {"meta.kind" = "chat"}\n'
+        '[mappings.bot.fields]\nrecorded_at = "ts"\nprompt = "input.question"\nresponse = "output.txt"\n'
+        'score = "grade"\n')
+    rows = [{"ts": f"2026-11-01T00:00:0{i}Z", "input": {"question": f"Q{i}?"}, "output": {"text": "A"},
+             "grade": 0.9, "meta": {"kind": "chat"}} for i in range(3)]
+    write_kb(ws, {"bot.jsonl": "".join(orjson.dumps(r).decode() + "\n" for r in rows)})
+    result = invoke("materialize")
+    assert result.exit_code == 0
+    assert ("warning: data/_kb/bot.jsonl: [mappings.bot] fields.response = 'output.txt' matches nothing in any of "
+            "its 3 records: check the path") in result.stderr
+    assert "fields.prompt" not in result.stderr and "fields.score" not in result.stderr  # those paths are found
+    (ws.root / "refinery.toml").write_text(
+        (ws.root / "refinery.toml").read_text().replace('"meta.kind"', '"meta.kinds"').replace("output.txt",
+                                                                                             "output.text"))
+    result = invoke("materialize")
+    assert ("[mappings.bot] filter path 'meta.kinds' matches nothing in any of its 3 records, so every one was "
+            "quarantined as filtered_out") in result.stderr
+
+
 def test_missing_source_folder_exits_2(ws):
     import shutil
 
