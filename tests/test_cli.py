@@ -82,6 +82,50 @@ def test_every_command_has_a_make_target():
     assert set(COMMANDS) <= targets, f"commands without a Make target: {set(COMMANDS) - targets}"
 
 
+def test_make_clean_leaves_the_sample_folder_as_committed(tmp_path):
+    """`make clean` removes every generated path .gitignore lists — the outputs, and what using the
+    sample writes into data/_kb/ (replay log, training log, audit ledger) — and nothing else: after
+    it, `git status --ignored` shows only the tooling."""
+    import shutil
+
+    from refinery.audit import LEDGER
+    from refinery.replay.session import REPLAY_LOG
+    from refinery.training.registry import ROUTER
+    from refinery.training.train import RUNS_LOG
+
+    if shutil.which("git") is None or shutil.which("make") is None:
+        pytest.skip("needs git and make")
+    root = tmp_path / "clone"
+    root.mkdir()
+    for name in ("Makefile", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    (root / "data" / "_kb").mkdir(parents=True)
+    (root / "data" / "_kb" / "runs.csv").write_text("run_id\nr1\n")  # the committed sample
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "sample"], check=True)
+    ignore = (REPO / ".gitignore").read_text().split("\n# generated outputs", 1)[1].split("\n", 1)[1]  # not tooling
+    patterns = [p for p in ignore.splitlines() if p and not p.startswith("#")]
+    for name in (LEDGER, REPLAY_LOG, RUNS_LOG):
+        assert f"/data/_kb/{name}" in patterns, name
+    assert f"/{ROUTER}" in patterns
+    for p in patterns:  # one generated file or folder for each pattern
+        target = root / p.strip("/").replace("*", "-x")
+        if p.endswith("/"):
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "f").write_text("x")
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("x")
+    (root / ".venv").mkdir()
+    (root / ".venv" / "keep").write_text("x")
+    proc = subprocess.run(["make", "-s", "clean"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    status = subprocess.run([*git, "status", "--porcelain", "--ignored"], capture_output=True, text=True).stdout
+    assert status.splitlines() == ["!! .venv/"]
+
+
 def test_python_dash_m_and_help_stay_light():
     code = ("import sys, runpy; sys.argv=['refinery','--help']\n"
             "try:\n    runpy.run_module('refinery', run_name='__main__')\n"
