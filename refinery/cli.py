@@ -524,7 +524,9 @@ def audit_full(
     """Re-verify the workspace on disk: receipts against every file's real sha256, the receipt
     chain, provenance of every row, accounting, no leaks, schemas, a determinism re-run in a
     temporary workspace; then drift of the tracked metrics against the last row of
-    data/_kb/audit_baselines.jsonl (> 20 % is flagged warn). Writes
+    data/_kb/audit_baselines.jsonl, the last passing audit (a move over 20 % is flagged warn;
+    run-all's drift.json compares with the previous run instead, warning at drift.warn_pct, 10 %,
+    and alerting at drift.alert_pct, 25 %). Writes
     reports/distillation/audit-full-report.md and, when every required check holds, appends a
     row to the ledger. Refuses to run if the ledger's rows were changed. Exit 0 only when every
     required check holds, else 1."""
@@ -543,12 +545,16 @@ def audit_full(
         _print_json(res.to_json())
     else:
         _print_checks(res.checks)
+        from refinery.audit import DRIFT_WARN_PCT
+        from refinery.drift import thresholds_note
+
         flagged = [d for d in res.drift if d["flag"] == "warn"]
         if res.baseline is None:
             typer.echo("drift: first audit, no baseline to compare with")
         else:
-            typer.echo(f"drift against baseline row {res.baseline['seq']}: {len(flagged)} of {len(res.drift)} "
-                       "metrics moved more than 20 %")
+            typer.echo(f"drift against baseline row {res.baseline['seq']} (the last passing audit): {len(flagged)} "
+                       f"of {len(res.drift)} metrics moved more than {DRIFT_WARN_PCT:g} %")
+            typer.echo(f"  note: {thresholds_note(cfg.drift)}")
             for d in flagged:
                 change = "from 0" if d["change_pct"] is None else f"{d['change_pct']:+.1f} %"
                 typer.echo(f"  warn  {d['name']}: {d['baseline']:g} → {d['value']:g} ({change})")

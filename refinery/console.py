@@ -138,8 +138,12 @@ def _drift_line(drift: dict[str, Any] | None) -> str:
     if drift["previous_run_id"] is None:
         return f"drift: {drift['note']}"
     moved = Counter(m["severity"] for m in drift["metrics"])
+    judged = ""
+    if drift.get("warn_pct") is not None:  # reports written before the thresholds were recorded lack them
+        judged = (f"; a change of {drift['warn_pct']:g} % is a warning, {drift['alert_pct']:g} % an alert: "
+                  "drift.warn_pct / drift.alert_pct")
     return (f"drift against run {drift['previous_run_id']}: {drift['severity']} "
-            f"({moved['alert']} alert, {moved['warn']} warn, {moved['ok']} ok)")
+            f"({moved['alert']} alert, {moved['warn']} warn, {moved['ok']} ok{judged})")
 
 
 def run_all_summary(outcome: Any, console: Console | None = None) -> None:

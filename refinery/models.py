@@ -298,6 +298,8 @@ class DriftReport(Strict):
     severity: Literal["ok", "warn", "alert"]
     metrics: list[DriftMetric]
     note: str | None = None
+    warn_pct: float | None = Field(default=None, description="drift.warn_pct the severities were judged by")
+    alert_pct: float | None = Field(default=None, description="drift.alert_pct the severities were judged by")
 
 
 class BaselineRow(Strict):

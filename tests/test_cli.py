@@ -240,6 +240,27 @@ def test_stage_commands_in_order_and_out_of_order(ws):
     assert invoke("policy").exit_code == 0
 
 
+def test_run_drift_and_audit_drift_say_their_different_thresholds(ws):
+    """run-all's drift (against the previous run, 10 % / 25 %) and the audit's (against the last
+    passing audit, 20 %) differ on purpose; each output says which it is."""
+    write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "a", "completion": "b"}\n'})
+    assert invoke("run-all").exit_code == 0
+    assert invoke("audit-full").exit_code == 0  # the first baseline row
+    result = invoke("run-all", "--force")
+    flat = " ".join(result.stdout.split())
+    assert "a change of 10 % is a warning, 25 % an alert: drift.warn_pct / drift.alert_pct" in flat
+    run_id = orjson.loads(invoke("runs", "--json").stdout)[-1]["run_id"]
+    drift = orjson.loads((ws.reports / run_id / "drift.json").read_bytes())
+    assert (drift["warn_pct"], drift["alert_pct"]) == (10.0, 25.0)
+    assert "a change of 10 % is a warning" in " ".join(invoke("receipts").stdout.split())
+    result = invoke("audit-full")
+    assert result.exit_code == 0
+    assert "drift against baseline row 0 (the last passing audit): 0 of 15 metrics moved more than 20 %" \
+        in result.stdout
+    assert ("note: audit-full compares with the last passing audit and flags a move over 20 %; run-all's drift "
+            "compares each run with the previous one, warning at 10 % and alerting at 25 %") in result.stdout
+
+
 def test_bad_config_exits_2_naming_the_key(ws):
     (ws.root / "refinery.toml").write_text("[materialize]\nbogus = 1\n")
     result = invoke("materialize")
