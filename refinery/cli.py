@@ -279,19 +279,26 @@ def score(
 
 @app.command()
 def policy(config: ConfigOpt = None, workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
-    """Print the scoring policy: its version, hash, thresholds and every rule with its effect."""
-    from refinery.policy import POLICY_VERSION, RULES, policy_hash
+    """Print the scoring policy: its version, hash, thresholds (as refinery.toml writes them)
+    and every rule with its effect; --json for scripts."""
+    from refinery.config import toml_lines
+    from refinery.policy import EFFECTS, POLICY_VERSION, RULES, policy_hash
 
     _, cfg = _load(workspace, config)
     doc = {"policy_version": POLICY_VERSION, "policy_hash": policy_hash(cfg.score),
-           "thresholds": cfg.score.model_dump(mode="json"),
+           "thresholds": cfg.score.model_dump(mode="json"), "effects": EFFECTS,
            "rules": [{"id": k, "effect": eff, "meaning": meaning} for k, (eff, meaning) in RULES.items()]}
     if as_json:
         _print_json(doc)
         return
     typer.echo(f"policy {POLICY_VERSION}  hash {doc['policy_hash']}")
-    for k, v in doc["thresholds"].items():
-        typer.echo(f"  score.{k} = {v}")
+    typer.echo("thresholds ([score] in refinery.toml; part of the policy hash):")
+    for line in toml_lines("score", doc["thresholds"]):
+        typer.echo(f"  {line}")
+    typer.echo("effects, in precedence order (an earlier one wins):")
+    for effect, meaning in EFFECTS.items():
+        typer.echo(f"  {effect:<16} {meaning}")
+    typer.echo("rules:")
     for r in doc["rules"]:
         typer.echo(f"  {r['id']:<22} {r['effect']:<16} {r['meaning']}")
 

@@ -365,6 +365,29 @@ class Config(Section):
         return sig_hash(self.model_dump(mode="json"))
 
 
+def toml_lines(prefix: str, values: dict[str, Any]) -> list[str]:
+    """Settings as refinery.toml writes them, one `dotted.key = value` line each (nested
+    tables flattened): `true`, `0.7`, `"text"`, `["a", "b"]` — not Python's `True` or `['a']`."""
+    import json
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)
+        return str(v)
+
+    lines = []
+    for k, v in values.items():
+        if isinstance(v, dict):
+            lines += toml_lines(f"{prefix}.{k}", v)
+        else:
+            lines.append(f"{prefix}.{k} = {value(v)}")
+    return lines
+
+
 def table_name(section: str, name: str) -> str:
     """How to write the table `[section.name]` in TOML: a name with dots or spaces is quoted."""
     import re

@@ -261,6 +261,22 @@ def test_run_drift_and_audit_drift_say_their_different_thresholds(ws):
             "compares each run with the previous one, warning at 10 % and alerting at 25 %") in result.stdout
 
 
+def test_policy_prints_readable_values_not_python_reprs(ws):
+    import tomllib
+
+    result = invoke("policy")
+    assert result.exit_code == 0
+    for repr_only in ("True", "False", "['", "{'"):
+        assert repr_only not in result.stdout, repr_only
+    assert "score.require_approval = true" in result.stdout
+    assert 'score.stop_required_kinds = ["run", "transcript", "gateway_call", "chat_completion"]' in result.stdout
+    assert "score.caps.rejected = 0.3" in result.stdout
+    settings = [line.strip() for line in result.stdout.splitlines() if line.startswith("  score.")]
+    doc = orjson.loads(invoke("policy", "--json").stdout)
+    assert tomllib.loads("\n".join(settings))["score"] == doc["thresholds"]  # the lines are refinery.toml syntax
+    assert set(doc["effects"]) == {r["effect"] for r in doc["rules"]}  # every effect is explained
+
+
 def test_bad_config_exits_2_naming_the_key(ws):
     (ws.root / "refinery.toml").write_text("[materialize]\nbogus = 1\n")
     result = invoke("materialize")
