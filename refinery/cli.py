@@ -559,8 +559,8 @@ def audit_full(
         if res.baseline is None:
             typer.echo("drift: first audit, no baseline to compare with")
         else:
-            typer.echo(f"drift against baseline row {res.baseline['seq']} (the last passing audit): {len(flagged)} "
-                       f"of {len(res.drift)} metrics moved more than {DRIFT_WARN_PCT:g} %")
+            typer.echo(f"drift against baseline row {res.baseline['seq']}: {len(flagged)} of {len(res.drift)} "
+                       f"metrics moved more than {DRIFT_WARN_PCT:g} % since the last passing audit")
             typer.echo(f"  note: {thresholds_note(cfg.drift)}")
             for d in flagged:
                 change = "from 0" if d["change_pct"] is None else f"{d['change_pct']:+.1f} %"
