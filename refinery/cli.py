@@ -830,7 +830,7 @@ AdapterOpt = Annotated[str | None, typer.Option(
 
 def _adapter(ws, dcfg, adapter: str | None) -> str:
     """A kept (not archived) adapter: the one named, or the newest."""
-    from refinery.training.registry import RegistryError, adapter_dir, adapters
+    from refinery.training.registry import RegistryError, adapters, find_adapter
 
     live = [a for a in adapters(ws, dcfg) if not a["archived"]]
     if adapter is None:
@@ -838,7 +838,7 @@ def _adapter(ws, dcfg, adapter: str | None) -> str:
             _fail("error: no adapter yet: run `refinery train run` first")
         return live[-1]["adapter_id"]
     try:
-        d = adapter_dir(ws, dcfg, adapter)
+        d = find_adapter(ws, dcfg, adapter)
     except RegistryError as e:
         _fail(f"error: {e}")
     if d.parent.name == "archive":
@@ -954,7 +954,7 @@ def train_export(
     import orjson
 
     from refinery.training.peft import export_peft
-    from refinery.training.registry import RegistryError, adapter_dir
+    from refinery.training.registry import RegistryError, find_adapter
     from refinery.workspace import Workspace
 
     if fmt != "peft":
@@ -962,7 +962,7 @@ def train_export(
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
     try:
-        d = adapter_dir(ws, dcfg, adapter_id)  # kept or archived: any adapter `train list` shows
+        d = find_adapter(ws, dcfg, adapter_id)  # kept or archived: any adapter `train list` shows
     except RegistryError as e:
         _fail(f"error: {e}")
     dest = out or d / "peft"

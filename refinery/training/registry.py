@@ -64,7 +64,7 @@ def adapters(ws: Workspace, dcfg: DistillConfig) -> list[dict[str, Any]]:
     return sorted(out, key=lambda a: a["created"])
 
 
-def adapter_dir(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> Path:
+def find_adapter(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> Path:
     """The folder of any adapter `adapters` lists: kept in <output_dir>/ or archived in
     <output_dir>/archive/ (promote archives one that did not beat the base)."""
     root = ws.root / dcfg.output_dir
