@@ -112,5 +112,10 @@ bench: install ## materialize and run-all at 10^5 rows (BENCH_ROWS=1000000 for 1
 	$(PY) bench/bench_joins.py --records 100000 1000000
 	$(PY) bench/bench_retrieval.py --playbooks $${BENCH_PLAYBOOKS:-100000}
 
-clean: ## remove generated outputs (not the sample data)
-	rm -rf data/evidence data/scored-runs exports reports distill_out bench/out
+# What using the sample writes into data/_kb/ (the replay and training logs, the audit ledger) goes
+# too, so that data/_kb/ is left exactly as committed; the tooling (.tools/, .venv/) stays.
+clean: ## remove generated outputs, and the logs and ledger that using the sample wrote into data/_kb/
+	rm -rf data/evidence data/scored-runs exports reports distill_out bench/out router.json
+	rm -rf data/.refinery.lock data/.staging* data/.run-* data/.materialize-* data/.score-* data/.export-* \
+	       data/.evidence.* data/.scored-runs.*
+	rm -f data/_kb/replays.jsonl data/_kb/runs_distill_train.csv data/_kb/audit_baselines.jsonl

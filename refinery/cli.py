@@ -67,13 +67,50 @@ app = typer.Typer(
          "Exit codes: 0 ok, 1 a check failed, 2 bad usage or input.",
     no_args_is_help=True,
     add_completion=False,
+    # Help as plain text, wrapped to the terminal: no rich markup, so `[replay.escalation]` in a
+    # help text is shown as written, and docstring line breaks are not kept mid-sentence.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from refinery import __version__
+
+        typer.echo(f"refinery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    workspace: Annotated[Path | None, typer.Option(
+        "--workspace", "-w", file_okay=False, show_default=False,
+        help="Workspace root for the command that follows (the same as giving --workspace after it).")] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print refinery's version and exit.")] = False,
+) -> None:
+    if workspace is not None and ctx.invoked_subcommand is not None:
+        cmd = ctx.command.get_command(ctx, ctx.invoked_subcommand)
+        if cmd is not None and not hasattr(cmd, "commands") and "workspace" not in {p.name for p in cmd.params}:
+            raise typer.BadParameter(f"`refinery {ctx.invoked_subcommand}` works without a workspace; drop it",
+                                     param_hint="--workspace")
+
+
+def _inherit_workspace(ctx: typer.Context, param: typer.CallbackParam, value: Path) -> Path:
+    """`refinery --workspace DIR run-all` works like `refinery run-all --workspace DIR`. Precedence:
+    the flag after the command, the flag before it, REFINERY_WORKSPACE, the current folder."""
+    source = ctx.get_parameter_source(param.name)
+    if source is not None and source.name == "COMMANDLINE":  # typer may carry its own copy of click's enum
+        return value
+    before = ctx.find_root().params.get("workspace")
+    return before if before is not None else value
+
+
 WorkspaceOpt = Annotated[Path, typer.Option(
-    "--workspace", "-w", envvar="REFINERY_WORKSPACE", file_okay=False,
-    help="Workspace root: holds data/_kb/, refinery.toml and the outputs.")]
+    "--workspace", "-w", envvar="REFINERY_WORKSPACE", file_okay=False, callback=_inherit_workspace,
+    help="Workspace root: holds data/_kb/, refinery.toml and the outputs (may also come before the command).")]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Config file (default: <workspace>/refinery.toml, if present).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
@@ -126,13 +163,9 @@ def _progress(counting: bool = False):
 def _do_materialize(ws, cfg, validate: bool):
     from refinery.discovery import TransformLoadError
     from refinery.materialize import run
-    from refinery.sources import list_sources
     from refinery.workspace import WorkspaceBusy
 
-    if not ws.kb.is_dir():
-        _fail(f"error: no source folder {ws.kb} — put JSONL/CSV streams there, or run `refinery sample`")
-    sources, _ = list_sources(ws, cfg.materialize.ignore)
-    _config_warnings(ws, cfg)
+    sources = _sources_to_read(ws, cfg)
     with _progress() as progress:
         task = progress.add_task("materialize", total=sum(s.size for s in sources))
         try:
@@ -141,17 +174,35 @@ def _do_materialize(ws, cfg, validate: bool):
             _fail(f"error: {e}")
 
 
-def _config_warnings(ws, cfg) -> None:
-    """refinery.toml tables that match no file: said before a run, so a misspelt name is seen."""
+def _no_source_folder(ws) -> None:
+    if not ws.kb.is_dir():
+        _fail(f"error: no source folder {ws.kb} — put your trace files there, or run `refinery sample`")
+
+
+def _nothing_to_read(ws, files, ignored) -> None:
+    if not files:
+        also = f" ({len(ignored)} file(s) there are ignored: materialize.ignore)" if ignored else ""
+        _err(f"warning: {ws.kb} holds no source files{also}, so there is nothing to read. Put your trace files "
+             "there (JSONL, CSV, JSON, inspect .eval, or gzip of those; any names, subfolders allowed), or "
+             f"write the sample there with `refinery sample --out {ws.kb}`")
+
+
+def _sources_to_read(ws, cfg):
+    """Before a run: the source files, with what is wrong said first — no data/_kb/ (exit 2),
+    nothing in it, refinery.toml tables that match no file (so a misspelt name is seen)."""
     from refinery.discovery import Registry, TransformLoadError
     from refinery.sources import list_sources
 
+    _no_source_folder(ws)
+    files, ignored = list_sources(ws, cfg.materialize.ignore)
+    _nothing_to_read(ws, files, ignored)
     try:
         registry = Registry.load(ws.root, cfg)
     except TransformLoadError:
-        return  # the run itself reports it
-    for w in registry.unused_tables(list_sources(ws, cfg.materialize.ignore)[0]):
+        return files  # the run itself reports it
+    for w in registry.unused_tables(files):
         _err(f"warning: {w}")
+    return files
 
 
 def _materialize_verdict(result) -> int:
@@ -273,37 +324,39 @@ def score(
 
 @app.command()
 def policy(config: ConfigOpt = None, workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
-    """Print the scoring policy: its version, hash, thresholds and every rule with its effect."""
-    from refinery.policy import POLICY_VERSION, RULES, policy_hash
+    """Print the scoring policy: its version, hash, thresholds (as refinery.toml writes them)
+    and every rule with its effect; --json for scripts."""
+    from refinery.config import toml_lines
+    from refinery.policy import EFFECTS, POLICY_VERSION, RULES, policy_hash
 
     _, cfg = _load(workspace, config)
     doc = {"policy_version": POLICY_VERSION, "policy_hash": policy_hash(cfg.score),
-           "thresholds": cfg.score.model_dump(mode="json"),
+           "thresholds": cfg.score.model_dump(mode="json"), "effects": EFFECTS,
            "rules": [{"id": k, "effect": eff, "meaning": meaning} for k, (eff, meaning) in RULES.items()]}
     if as_json:
         _print_json(doc)
         return
     typer.echo(f"policy {POLICY_VERSION}  hash {doc['policy_hash']}")
-    for k, v in doc["thresholds"].items():
-        typer.echo(f"  score.{k} = {v}")
+    typer.echo("thresholds ([score] in refinery.toml; part of the policy hash):")
+    for line in toml_lines("score", doc["thresholds"]):
+        typer.echo(f"  {line}")
+    typer.echo("effects, in precedence order (an earlier one wins):")
+    for effect, meaning in EFFECTS.items():
+        typer.echo(f"  {effect:<16} {meaning}")
+    typer.echo("rules:")
     for r in doc["rules"]:
         typer.echo(f"  {r['id']:<22} {r['effect']:<16} {r['meaning']}")
 
 
 IncludePartialOpt = Annotated[bool | None, typer.Option(
     "--include-partial/--accepted-only",
-    help="SFT also takes partially_accepted rows (never rejected or needs_human_review). "
-         "Default: export.include_partial in refinery.toml (false).")]
+    help="The SFT export also takes partially_accepted rows (never rejected or needs_human_review); the other "
+         "exports are not affected. Default: export.include_partial in refinery.toml (false).")]
 
 
 def _export_command(exports: tuple[str, ...]):
-    def command(
-        workspace: WorkspaceOpt = Path("."),
-        config: ConfigOpt = None,
-        include_partial: IncludePartialOpt = None,
-        workers: WorkersOpt = None,
-        as_json: JsonOpt = False,
-    ) -> None:
+    def export(workspace: Path, config: Path | None, include_partial: bool | None, workers: int | None,
+               as_json: bool) -> None:
         ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
         result = _do_export(ws, cfg, exports, include_partial)
         if as_json:
@@ -312,6 +365,16 @@ def _export_command(exports: tuple[str, ...]):
             from refinery import console
 
             console.export_table(result)
+
+    if "sft" in exports:
+        def command(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None,
+                    include_partial: IncludePartialOpt = None, workers: WorkersOpt = None,
+                    as_json: JsonOpt = False) -> None:
+            export(workspace, config, include_partial, workers, as_json)
+    else:  # --include-partial only changes SFT: not offered where it would do nothing
+        def command(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, workers: WorkersOpt = None,
+                    as_json: JsonOpt = False) -> None:
+            export(workspace, config, None, workers, as_json)
     return command
 
 
@@ -363,9 +426,7 @@ def run_all(
     from refinery.workspace import WorkspaceBusy
 
     ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
-    if not ws.kb.is_dir():
-        _fail(f"error: no source folder {ws.kb} — put JSONL/CSV streams there, or run `refinery sample`")
-    _config_warnings(ws, cfg)
+    _sources_to_read(ws, cfg)
     try:
         outcome = do_run_all(ws, cfg, include_partial=include_partial, force=force, progress=_stage_progress,
                              log=lambda msg: typer.echo(msg, err=True))
@@ -396,30 +457,45 @@ RunIdOpt = Annotated[str | None, typer.Option(
 
 
 @app.command()
-def receipts(workspace: WorkspaceOpt = Path("."), run_id: RunIdOpt = None, as_json: JsonOpt = False) -> None:
+def receipts(
+    workspace: WorkspaceOpt = Path("."),
+    run_id: RunIdOpt = None,
+    files: Annotated[bool, typer.Option(
+        "--files/--no-files", help="Re-hash every output file the run recorded and compare it with its receipt "
+                                   "(for the run whose outputs are on disk; --no-files skips it and says so).")] = True,
+    as_json: JsonOpt = False,
+) -> None:
     """Show a run's stage receipts (inputs, outputs, counts, hashes), its summary and its
     drift against the previous complete run. Re-checks the hashes of each receipt, the summary
-    and the drift report, and the chain between stages: exit 1 if one does not hold, 2 if there
-    is no such run."""
+    and the drift report, the chain between stages and — for the run whose outputs are on disk
+    — every output file's sha256 and rows against its receipt: exit 1 if any does not hold, 2 if
+    there is no such run. (audit-full checks much more: provenance, accounting, leaks, a
+    determinism re-run.)"""
     from refinery.receipts import ReportUnreadable, check_chain, check_hashes
-    from refinery.runs import RunNotFound, check_reports, load_run, resolve_run
+    from refinery.runs import RunNotFound, check_reports, check_run_files, load_run, resolve_run
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     ws.try_recover()
     try:
-        summary, stage_receipts, drift = load_run(ws, resolve_run(ws, run_id))
+        rid = resolve_run(ws, run_id)
+        summary, stage_receipts, drift = load_run(ws, rid)
     except (RunNotFound, ReportUnreadable) as e:
         _fail(f"error: {e}")
     problems = check_hashes(stage_receipts) + check_chain(stage_receipts)
     problems += check_reports(ws, summary, stage_receipts, drift)
+    if files:
+        file_problems, files_note = check_run_files(ws, rid, stage_receipts)
+        problems += file_problems
+    else:
+        files_note = "files: not checked (--no-files): the outputs on disk were not compared with the receipts"
     if as_json:
         _print_json({"summary": summary, "receipts": stage_receipts, "drift": drift,
-                     "checks": {"ok": not problems, "problems": problems}})
+                     "checks": {"ok": not problems, "problems": problems, "files": files_note}})
     else:
         from refinery import console
 
-        console.receipts_view(summary, stage_receipts, drift, problems)
+        console.receipts_view(summary, stage_receipts, drift, problems, files_note)
     if problems:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -507,9 +583,11 @@ def audit_full(
     """Re-verify the workspace on disk: receipts, summary and drift report against their
     hashes and every file's real sha256, the receipt chain, provenance of every row,
     accounting, no leaks, schemas, a determinism re-run in a temporary workspace; then drift of
-    the tracked metrics against the last row of data/_kb/audit_baselines.jsonl (> 20 % is
-    flagged warn). The run audited is the one whose outputs are published
-    (reports/distillation/published.json names it); it says which and why. Writes
+    the tracked metrics against the last row of data/_kb/audit_baselines.jsonl, the last passing
+    audit (a move over 20 % is flagged warn; run-all's drift.json compares with the previous run
+    instead, warning at drift.warn_pct, 10 %, and alerting at drift.alert_pct, 25 %). The run
+    audited is the one whose outputs are published (reports/distillation/published.json names
+    it); it says which and why. Writes
     reports/distillation/audit-full-report.md and, when every required check holds, appends a
     row to the ledger. Refuses to run if the ledger's rows were changed or its head is missing
     (exit 1; --reanchor accepts a ledger without a head). Exit 0 only when every required
@@ -529,12 +607,16 @@ def audit_full(
     else:
         typer.echo(f"auditing run {res.run_id}: {res.why}" if res.run_id else f"auditing no run: {res.why}")
         _print_checks(res.checks)
+        from refinery.audit import DRIFT_WARN_PCT
+        from refinery.drift import thresholds_note
+
         flagged = [d for d in res.drift if d["flag"] == "warn"]
         if res.baseline is None:
             typer.echo("drift: first audit, no baseline to compare with")
         elif res.drift:
             typer.echo(f"drift against baseline row {res.baseline['seq']}: {len(flagged)} of {len(res.drift)} "
-                       "metrics moved more than 20 %")
+                       f"metrics moved more than {DRIFT_WARN_PCT:g} % since the last passing audit")
+            typer.echo(f"  note: {thresholds_note(cfg.drift)}")
             for d in flagged:
                 change = "from 0" if d["change_pct"] is None else f"{d['change_pct']:+.1f} %"
                 typer.echo(f"  warn  {d['name']}: {d['baseline']:g} → {d['value']:g} ({change})")
@@ -633,12 +715,12 @@ def sources(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, as_js
     from refinery.materialize import claims_for
 
     ws, cfg = _load(workspace, config)
-    if not ws.kb.is_dir():
-        _fail(f"error: no source folder {ws.kb} — put your trace files there, or run `refinery sample`")
+    _no_source_folder(ws)
     try:
         registry, files, ignored, claims = claims_for(ws, cfg)
     except TransformLoadError as e:
         _fail(f"error: {e}")
+    _nothing_to_read(ws, files, ignored)
     for w in registry.unused_tables(files):
         _err(f"warning: {w}")
     rows = [{"file": s.ws_rel, "source": s.source, "container": s.container,
@@ -705,7 +787,7 @@ train_app = typer.Typer(
     help="The training stage (MLX LoRA): collect the SFT export into mlx-lm data, train an adapter, "
          "evaluate it against the base, promote it (or keep the base), list, roll back and export adapters; "
          "tiny-model builds a small local base model for trying it all without downloading anything.",
-    no_args_is_help=True)
+    no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(train_app, name="train")
 DistillConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Training config (default: <workspace>/distill_config.json, if present).")]
@@ -802,7 +884,8 @@ AdapterOpt = Annotated[str | None, typer.Option(
 
 
 def _adapter(ws, dcfg, adapter: str | None) -> str:
-    from refinery.training.registry import RegistryError, adapter_dir, adapters
+    """A kept (not archived) adapter: the one named, or the newest."""
+    from refinery.training.registry import RegistryError, adapters, find_adapter
 
     live = [a for a in adapters(ws, dcfg) if not a["archived"]]
     if adapter is None:
@@ -810,11 +893,13 @@ def _adapter(ws, dcfg, adapter: str | None) -> str:
             _fail("error: no adapter yet: run `refinery train run` first")
         return live[-1]["adapter_id"]
     try:
-        adapter_dir(ws, dcfg, adapter)
+        d = find_adapter(ws, dcfg, adapter)
     except RegistryError as e:
         _fail(f"error: {e}")
-    if not (ws.root / dcfg.output_dir / adapter / "receipt.json").is_file():
-        _fail(f"error: no adapter {adapter} in {dcfg.output_dir}/ (`refinery train list` shows them)")
+    if d.parent.name == "archive":
+        _fail(f"error: {adapter} is archived ({ws.rel(d)}): promote kept the base over it, or newer promotions "
+              "pushed it out. Only `refinery train export` reads archived adapters; train a new one to evaluate "
+              "or promote")
     return adapter
 
 
@@ -916,19 +1001,31 @@ def train_export(
     out: Annotated[Path | None, typer.Option(help="Folder to write (default: <adapter>/peft/).")] = None,
     workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
 ) -> None:
-    """Export an adapter for other runtimes: --format peft writes adapter_config.json (r,
-    lora_alpha, target_modules, ...) and adapter_model.safetensors (lora_A/lora_B, transposed),
-    which PEFT, vLLM and llama.cpp's LoRA converter read."""
+    """Export an adapter for other runtimes — any adapter `train list` shows, archived ones
+    included: --format peft writes adapter_config.json (r, lora_alpha, target_modules, ...;
+    base_model_name_or_path is the base the adapter was trained on) and
+    adapter_model.safetensors (lora_A/lora_B, transposed), which PEFT, vLLM and llama.cpp's
+    LoRA converter read."""
+    import orjson
+
     from refinery.training.peft import export_peft
+    from refinery.training.registry import RegistryError, find_adapter
     from refinery.workspace import Workspace
 
     if fmt != "peft":
         _fail(f"error: unknown format {fmt!r}; the one export format is peft")
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
-    d = ws.root / dcfg.output_dir / _adapter(ws, dcfg, adapter_id)
+    try:
+        d = find_adapter(ws, dcfg, adapter_id)  # kept or archived: any adapter `train list` shows
+    except RegistryError as e:
+        _fail(f"error: {e}")
     dest = out or d / "peft"
-    cfg = export_peft(d, dest, dcfg.base_model)
+    base = orjson.loads((d / "receipt.json").read_bytes())["base_model"]["path"]  # the base it was trained on
+    try:
+        cfg = export_peft(d, dest, base)
+    except ValueError as e:
+        _fail(f"error: {e}")
     typer.echo(f"wrote a PEFT LoRA adapter (r {cfg['r']}, lora_alpha {cfg['lora_alpha']}, modules "
                f"{', '.join(cfg['target_modules'])}) to {dest}")
 

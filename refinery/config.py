@@ -379,6 +379,29 @@ class Config(Section):
         return sig_hash(self.model_dump(mode="json"))
 
 
+def toml_lines(prefix: str, values: dict[str, Any]) -> list[str]:
+    """Settings as refinery.toml writes them, one `dotted.key = value` line each (nested
+    tables flattened): `true`, `0.7`, `"text"`, `["a", "b"]` — not Python's `True` or `['a']`."""
+    import json
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)
+        return str(v)
+
+    lines = []
+    for k, v in values.items():
+        if isinstance(v, dict):
+            lines += toml_lines(f"{prefix}.{k}", v)
+        else:
+            lines.append(f"{prefix}.{k} = {value(v)}")
+    return lines
+
+
 def table_name(section: str, name: str) -> str:
     """How to write the table `[section.name]` in TOML: a name with dots or spaces is quoted."""
     import re
@@ -386,22 +409,35 @@ def table_name(section: str, name: str) -> str:
     return f"[{section}.{name}]" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'[{section}."{name}"]'
 
 
-def format_errors(origin: str, err: ValidationError) -> str:
-    """One line per problem, naming the file and the key (an unknown key says so)."""
+def flag_name(key: str) -> str:
+    """The command-line flag that overrides a setting: `max_line_bytes` → `--max-line-bytes`."""
+    return "--" + key.replace("_", "-")
+
+
+def format_errors(origin: str, err: ValidationError, flags: dict[tuple[str, str], str] | None = None) -> str:
+    """One line per problem, naming the file and the key (an unknown key says so) — or, for a
+    value given on the command line (`flags`: (section, key) → flag), the flag and the value."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if flags and loc[:2] in flags:
+            lines.append(f"{flags[loc[:2]]}: {msg} (got {e['input']!r})")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key '{key}' — remove it or check its spelling")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{origin}: '{key}': {msg}")
     return "\n".join(lines)
 
 
 def load_config(workspace: Path, path: Path | None = None,
                 overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Read `refinery.toml` (or `path`), apply command-line `overrides` on top, validate."""
+    """Read `refinery.toml` (or `path`), apply command-line `overrides` on top, validate.
+
+    `overrides` ({section: {key: value}}, None = not given) come from the command line, each
+    from the flag `flag_name(key)`: a bad value is blamed on that flag, not on a file that may
+    not even exist."""
     cfg_path = path or workspace / CONFIG_FILE
     data: dict[str, Any] = {}
     origin = str(cfg_path)
@@ -414,6 +450,9 @@ def load_config(workspace: Path, path: Path | None = None,
             raise ConfigError(f"{origin}: invalid TOML: {e}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{origin}: not valid UTF-8") from None
+    else:
+        origin = "the defaults"  # only a check across keys can fail here: it names the flags
+    flags: dict[tuple[str, str], str] = {}
     for section, values in (overrides or {}).items():
         values = {k: v for k, v in values.items() if v is not None}
         if values:
@@ -421,7 +460,10 @@ def load_config(workspace: Path, path: Path | None = None,
             if not isinstance(data[section], dict):
                 raise ConfigError(f"{origin}: '{section}' must be a table")
             data[section] = {**data[section], **values}
+            flags.update({(section, k): flag_name(k) for k in values})
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_errors(origin, e)) from None
+        if flags:
+            origin += f" with {', '.join(sorted(flags.values()))}"
+        raise ConfigError(format_errors(origin, e, flags)) from None

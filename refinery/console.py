@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
 CATEGORIES = ("accepted", "partially_accepted", "rejected", "needs_human_review")
+#: ANSI escape sequences: CSI (colours, cursor moves) and OSC (titles, links).
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
+
+
+class _WithoutAnsi:
+    """A text stream that drops ANSI escape sequences on their way to `stream`."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(_ANSI.sub("", text))
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def plain_unless_terminal(stream: TextIO) -> TextIO:
+    """`stream` itself on a terminal; else a view of it without ANSI escape sequences — for
+    third-party output that forces colour (mlx-lm's training progress), so that a log file or a
+    pipe gets text, not raw codes."""
+    isatty = getattr(stream, "isatty", None)
+    return stream if isatty is not None and isatty() else _WithoutAnsi(stream)  # type: ignore[return-value]
 
 
 def _table(title: str, *columns: str) -> Table:
@@ -110,8 +138,12 @@ def _drift_line(drift: dict[str, Any] | None) -> str:
     if drift["previous_run_id"] is None:
         return f"drift: {drift['note']}"
     moved = Counter(m["severity"] for m in drift["metrics"])
+    judged = ""
+    if drift.get("warn_pct") is not None:  # reports written before the thresholds were recorded lack them
+        judged = (f"; a change of {drift['warn_pct']:g} % is a warning, {drift['alert_pct']:g} % an alert: "
+                  "drift.warn_pct / drift.alert_pct")
     return (f"drift against run {drift['previous_run_id']}: {drift['severity']} "
-            f"({moved['alert']} alert, {moved['warn']} warn, {moved['ok']} ok)")
+            f"({moved['alert']} alert, {moved['warn']} warn, {moved['ok']} ok{judged})")
 
 
 def run_all_summary(outcome: Any, console: Console | None = None) -> None:
@@ -141,7 +173,7 @@ def run_all_summary(outcome: Any, console: Console | None = None) -> None:
 
 
 def receipts_view(summary: dict[str, Any], receipts: dict[str, dict[str, Any]], drift: dict[str, Any] | None,
-                  problems: list[str], console: Console | None = None) -> None:
+                  problems: list[str], files_note: str, console: Console | None = None) -> None:
     console = console or Console()
     status = summary["status"] + (f", exit {summary['exit_code']}" if summary.get("exit_code") is not None else "")
     console.print(f"run {summary['run_id']} — {status} — code {summary['code_version']} — "
@@ -159,6 +191,7 @@ def receipts_view(summary: dict[str, Any], receipts: dict[str, dict[str, Any]], 
     else:
         console.print("checks: every receipt_hash matches its receipt; each stage read exactly what the "
                       "stage before it wrote")
+    console.print(files_note)
     console.print(_drift_line(drift))
     if drift and drift["previous_run_id"] is not None:
         order = {"alert": 0, "warn": 1, "ok": 2}

@@ -32,7 +32,7 @@ from typing import Any
 
 from refinery.config import Config, SourceConfig, table_name
 from refinery.containers import Limits, RecordPath, parse_paths, probe, stream_name
-from refinery.mapping import mapping_spec, mapping_transform
+from refinery.mapping import mapping_paths, mapping_spec, mapping_transform
 from refinery.transform import RowContext, TransformSpec
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "transforms"
@@ -60,6 +60,9 @@ class Transform:
     detect: Callable[[Any], str | None] | None = None
     join_key: Callable[..., Any] | None = None
     assemble: Callable[..., Any] | None = None
+    paths: dict[str, str] | None = None
+    """a declarative mapping's paths (refinery.mapping.mapping_paths), so that one which matches
+    no record of a file is said; None for an importer module"""
 
     @property
     def joins(self) -> bool:
@@ -186,7 +189,7 @@ class Registry:
     def load(cls, workspace: Path, cfg: Config) -> Registry:
         modules = discover_modules(transform_dirs(workspace, cfg))
         mappings = [Transform(mapping_spec(name, m), mapping_transform(m, cfg.score_rules()),
-                              f"refinery.toml [mappings.{name}]")
+                              f"refinery.toml [mappings.{name}]", paths=mapping_paths(m))
                     for name, m in sorted(cfg.mappings.items())]
         return cls(modules, mappings, cfg)
 

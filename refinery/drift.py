@@ -4,9 +4,14 @@
 
 Each metric gets its value, the previous value, the change in % and a severity: `alert` at
 a change of at least `drift.alert_pct`, `warn` at `drift.warn_pct`, else `ok` (refinery.toml
-[drift]). A metric that was 0 and is not any more has no % change and is an alert; a metric
-the previous run did not have counts as 0 there. `drift_hash` covers the whole report but
-itself, and the run's summary records it, so an edited drift.json is caught.
+[drift]; 10 % and 25 % by default, recorded in the report). A metric that was 0 and is not any
+more has no % change and is an alert; a metric the previous run did not have counts as 0 there.
+`drift_hash` covers the whole report but itself, and the run's summary records it, so an edited
+drift.json is caught.
+
+`audit-full` tracks drift differently, on purpose: against the last passing audit (the baseline
+ledger, possibly many runs back), with one fixed threshold (refinery.audit.DRIFT_WARN_PCT, 20 %)
+and a `warn` flag only — see `thresholds_note`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,15 @@ def metrics(receipts: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def thresholds_note(cfg: DriftConfig) -> str:
+    """How run drift and audit drift differ, in one sentence for the outputs of both."""
+    from refinery.audit import DRIFT_WARN_PCT
+
+    return (f"audit-full compares with the last passing audit and flags a move over {DRIFT_WARN_PCT:g} %; "
+            f"run-all's drift compares each run with the previous one, warning at {cfg.warn_pct:g} % and alerting "
+            f"at {cfg.alert_pct:g} % (drift.warn_pct, drift.alert_pct)")
+
+
 def severity(change_pct: float | None, value: float, previous: float | None, cfg: DriftConfig) -> str:
     if previous is None:
         return "ok"
@@ -74,7 +88,7 @@ def compare(run_id: str, current: dict[str, float], previous_run_id: str | None,
     worst = max((r["severity"] for r in rows), key=SEVERITY_ORDER.__getitem__, default="ok")
     note = None if previous is not None else "first run: no prior complete run to compare with"
     doc = {"run_id": run_id, "previous_run_id": previous_run_id, "severity": worst, "metrics": rows, "note": note,
-           "drift_hash": "0" * 64}
+           "warn_pct": cfg.warn_pct, "alert_pct": cfg.alert_pct, "drift_hash": "0" * 64}
     doc = DriftReport.model_validate(doc).model_dump(mode="json")
     doc["drift_hash"] = drift_hash(doc)
     return doc

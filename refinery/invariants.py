@@ -198,19 +198,8 @@ def receipts_match_files(ctx: Context) -> list[str]:
     """Every file a receipt records is on disk with that sha256 and row count: an edited byte
     anywhere in evidence, scored runs, exports or quarantine is caught, and the file named."""
     problems = Problems()
-    digests = rc.Digests()
-    for stage, r in ctx.receipts.items():
-        for f in r["outputs"]:
-            p = ctx.path(f["path"])
-            if not p.is_file():
-                problems.add(f"{f['path']} (written by {stage}) is missing")
-                continue
-            d = digests.of(p, f["path"])
-            if d["sha256"] != f["sha256"]:
-                problems.add(f"{f['path']} changed since {stage} wrote it: sha256 {d['sha256'][:12]}… "
-                             f"!= recorded {f['sha256'][:12]}…")
-            elif d["rows"] != f["rows"]:
-                problems.add(f"{f['path']}: {d['rows']} rows, the receipt says {f['rows']}")
+    for p in rc.check_files(ctx.ws, ctx.receipts):
+        problems.add(p)
     return problems.done()
 
 

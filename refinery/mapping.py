@@ -39,7 +39,7 @@ import orjson
 from refinery import transform as t
 from refinery.config import FieldExpr, Mapping
 from refinery.reasons import Reason
-from refinery.transform import RowContext, RowError, TransformSpec
+from refinery.transform import FieldHits, RowContext, RowError, TransformSpec
 
 _MISSING = object()
 _STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]|\[([^=\]]+)=([^\]]*)\]|\.")
@@ -138,14 +138,17 @@ def _convert(value: Any, how: str, field: str) -> Any:
     raise ValueError(how)
 
 
-def _resolve(row: Any, spec: Any, field: str) -> Any:
-    """The value of one field (a FieldExpr) in a row."""
+def _resolve(row: Any, spec: Any, field: str, hits: FieldHits | None = None) -> Any:
+    """The value of one field (a FieldExpr) in a row; `hits` counts the field when its path
+    finds a value (before conversions)."""
     if spec is None:
         return None
     if spec.start is not None:
         start, end = lookup(row, spec.start), lookup(row, spec.end)
         if start in (None, "") or end in (None, ""):
             return None
+        if hits is not None:
+            hits.found[field] += 1
         from datetime import datetime
 
         a = datetime.fromisoformat(t.parse_timestamp(start, spec.start))
@@ -160,6 +163,8 @@ def _resolve(row: Any, spec: Any, field: str) -> Any:
             value = lookup(row, paths[0])  # "" stays "": an empty answer is a signal, not a gap
         else:
             value = next((v for p in paths if (v := lookup(row, p)) not in (None, "")), None)
+    if hits is not None and value is not None:
+        hits.found[field] += 1
     for how in spec.conversions():
         value = _convert(value, how, field)
     return value
@@ -198,15 +203,22 @@ def mapping_transform(m: Mapping, rules: dict[str, Any] | None = None) -> Callab
         return t.messages({}, field, value)
 
     def transform(row: dict, ctx: RowContext) -> dict[str, Any]:
+        hits = ctx.hits
+        if hits is not None:
+            hits.records += 1
         for path, allowed in filters:
             got = lookup(row, path)
+            if hits is not None and got is not None:
+                hits.found[f"filter:{path}"] += 1
             if str(got) not in allowed:
                 return t.Refusal(Reason.FILTERED_OUT, f"{path} is {got!r}, the mapping keeps only "
                                                       f"{' / '.join(sorted(allowed))}")
+        if hits is not None:
+            hits.kept += 1
 
         def required(field: str) -> Any:
             try:
-                return _resolve(row, getattr(f, field), field)
+                return _resolve(row, getattr(f, field), field, hits)
             except RowError:
                 raise
             except (ValueError, TypeError) as e:
@@ -218,7 +230,7 @@ def mapping_transform(m: Mapping, rules: dict[str, Any] | None = None) -> Callab
             if spec is None:
                 return None
             try:
-                value = _resolve(row, spec, field)
+                value = _resolve(row, spec, field, hits)
                 return read({field: value}, field) if read is not None else value
             except (RowError, ValueError, TypeError, AttributeError):
                 if ctx.dropped is not None:
@@ -303,6 +315,32 @@ def mapping_transform(m: Mapping, rules: dict[str, Any] | None = None) -> Callab
         )
 
     return transform
+
+
+def mapping_paths(m: Mapping) -> dict[str, str]:
+    """Every path a mapping reads, by the name its transform counts hits under (a field,
+    `scores.<name>`, `filter:<path>`) → the path(s) as written in refinery.toml."""
+    out = {name: _name(spec) for name, spec in m.fields if spec is not None}
+    out.update({f"scores.{name}": _name(sf.field) for name, sf in sorted(m.scores.items())})
+    out.update({f"filter:{path}": path for path in sorted(m.filter)})
+    return out
+
+
+def unmatched_paths(table: str, paths: dict[str, str], hits: FieldHits) -> list[str]:
+    """What to say about the paths of a mapping that found a value in no record of a file."""
+    out = []
+    for name, path in paths.items():
+        if hits.found[name]:
+            continue
+        if name.startswith("filter:"):
+            if hits.records:
+                out.append(f"{table} filter path {path!r} matches nothing in any of its {hits.records:,} "
+                           "records, so every one was quarantined as filtered_out: check the path against a record")
+        elif hits.kept:
+            key = f"scores.{name.removeprefix('scores.')}.field" if name.startswith("scores.") else f"fields.{name}"
+            out.append(f"{table} {key} = {path!r} matches nothing in any of its {hits.kept:,} records: check the "
+                       "path against a record (a column name, or a dotted path such as output.text)")
+    return out
 
 
 def _name(spec: FieldExpr | None) -> str | None:

@@ -40,16 +40,17 @@ from typing import Any
 import orjson
 
 from refinery.canonical import file_sha256
-from refinery.config import Config, MaterializeConfig
+from refinery.config import Config, MaterializeConfig, table_name
 from refinery.dedup import SeenHashes
 from refinery.discovery import Claim, Registry, Transform
 from refinery.jsonl import JsonlWriter, concat_files, fsync, fsync_dir, publish_dir, recover_dir, staging_dir
+from refinery.mapping import unmatched_paths
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.sources import SourceFile, csv_raw, list_sources, read_rows
 from refinery.transform import (
-    PART_KEY, UNDATED, Emit, GroupContext, Keyed, Member, Refusal, Refuse, RowContext, RowError,
+    PART_KEY, UNDATED, Emit, FieldHits, GroupContext, Keyed, Member, Refusal, Refuse, RowContext, RowError,
 )
 from refinery.workspace import Workspace
 
@@ -361,8 +362,12 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
     sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
     fallback_time, fallback_origin = job.fallback or (None, None)
     dropped: Counter[str] = Counter()
+    hits = FieldHits() if transform is not None and transform.paths else None
     ctx = RowContext(source=src.source, source_file=src.ws_rel, fallback_time=fallback_time,
-                     fallback_origin=fallback_origin, score_rules=score_rules, dropped=dropped)
+                     fallback_origin=fallback_origin, score_rules=score_rules, dropped=dropped, hits=hits)
+    # A CSV without a column its importer needs refuses every row for it: counted here, said once.
+    absent_columns: dict[str, Counter[str]] = {}
+    header: list[str] = []
     fn = transform.fn if transform else None
     join_key = transform.join_key if transform is not None and transform.joins else None
     # The one structure that grows with the input: 64 bits of each row's hash (16 bytes a
@@ -457,6 +462,9 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                         out = fn(row, ctx)
                         parts = _parts(out)
                     except RowError as e:
+                        if is_csv and e.field is not None and e.field not in row and hits is None:
+                            absent_columns.setdefault(e.field, Counter())[e.reason.value] += 1
+                            header = header or list(row)
                         refuse(offset, raw, row, e.reason, e.detail, sig, record)
                         continue
                     except Exception as e:  # a bug in the importer: count it, keep the row, go on
@@ -506,6 +514,15 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
     res.dropped_fields = dict(sorted(dropped.items()))
     if res.rows_in == 0:
         res.warnings.append(f"{src.ws_rel} is empty" if src.size == 0 else f"{src.ws_rel} holds no records")
+    for column, reasons in absent_columns.items():
+        refused = ", ".join(f"{n:,} as {r}" for r, n in reasons.items())
+        res.warnings.append(
+            f"{src.ws_rel}: the header has no column '{column}', which the {transform.spec.name} importer needs "
+            f"(rows quarantined for it: {refused}). Its columns are: {', '.join(header)}. Rename the column in "
+            "the file, or read the file with a [mappings.<name>] table in refinery.toml")
+    if hits is not None:
+        table = table_name("mappings", transform.spec.name.removeprefix("mapping:"))
+        res.warnings += [f"{src.ws_rel}: {w}" for w in unmatched_paths(table, transform.paths, hits)]
     return res
 
 

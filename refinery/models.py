@@ -305,6 +305,8 @@ class DriftReport(Strict):
     severity: Literal["ok", "warn", "alert"]
     metrics: list[DriftMetric]
     note: str | None = None
+    warn_pct: float | None = Field(default=None, description="drift.warn_pct the severities were judged by")
+    alert_pct: float | None = Field(default=None, description="drift.alert_pct the severities were judged by")
     drift_hash: Sha256 = Field(description="sha256 of the canonical report without drift_hash")
 
 

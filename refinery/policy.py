@@ -31,6 +31,15 @@ POLICY_VERSION = "2026.11.2"
 
 REJECT_HARD, REVIEW_CONFLICT, REJECT_SOFT, REVIEW, CAP = "reject-hard", "review-conflict", "reject", "review", "cap"
 APPROVE = "approve"  # a rule that supplies an approval; it decides no category by itself
+#: effect → what it does to the category, in precedence order (an earlier effect wins).
+EFFECTS: dict[str, str] = {
+    REJECT_HARD: "rejected, whatever else the row has",
+    REVIEW_CONFLICT: "needs_human_review (unless a reject-hard rule fired)",
+    REJECT_SOFT: "rejected",
+    REVIEW: "needs_human_review",
+    CAP: "partially_accepted at most",
+    APPROVE: "counts as an approval (decides no category by itself)",
+}
 
 #: rule id → (effect, what it means). The order is the order rules are reported in.
 RULES: dict[str, tuple[str, str]] = {

@@ -226,6 +226,27 @@ def verify_files(ws: Workspace, files: list[dict[str, Any]], digests: Digests) -
     return None
 
 
+def check_files(ws: Workspace, receipts: dict[str, dict[str, Any]]) -> list[str]:
+    """Every output the receipts record is on disk with that sha256 and row count (each file
+    re-hashed): an edited byte anywhere in evidence, scored runs, exports or quarantine is
+    caught, and the file named. Meaningful for the run whose outputs are published."""
+    problems = []
+    digests = Digests()
+    for stage, r in receipts.items():
+        for f in r["outputs"]:
+            p = ws.out / f["path"]
+            if not p.is_file():
+                problems.append(f"{f['path']} (written by {stage}) is missing")
+                continue
+            d = digests.of(p, f["path"])
+            if d["sha256"] != f["sha256"]:
+                problems.append(f"{f['path']} changed since {stage} wrote it: sha256 {d['sha256'][:12]}… "
+                                f"!= recorded {f['sha256'][:12]}…")
+            elif d["rows"] != f["rows"]:
+                problems.append(f"{f['path']}: {d['rows']} rows, the receipt says {f['rows']}")
+    return problems
+
+
 # --- files --------------------------------------------------------------------------------
 
 

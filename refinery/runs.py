@@ -126,6 +126,27 @@ def resolve_run(ws: Workspace, run_id: str | None) -> str:
     return hits[0]
 
 
+def check_run_files(ws: Workspace, run_id: str, stage_receipts: dict[str, dict[str, Any]]) -> tuple[list[str], str]:
+    """Re-hash the outputs a run's receipts record, when they are the outputs on disk: (the
+    problems, a sentence saying what was checked — or why nothing was)."""
+    try:
+        pointer = read_published(ws)
+    except receipts.ReportUnreadable as e:
+        return [], f"files: not checked: {e}, so nothing says which run's outputs are on disk"
+    if pointer is None:
+        return [], (f"files: not checked: {ws.rel(published_path(ws))} is missing, so nothing says which run's "
+                    "outputs are on disk")
+    if run_id != pointer["run_id"]:
+        return [], f"files: not checked: the outputs on disk are run {pointer['run_id']}'s, not this run's"
+    problems = receipts.check_files(ws, stage_receipts)
+    n = sum(len(r["outputs"]) for r in stage_receipts.values())
+    if problems:
+        return problems, (f"files: {len(problems)} of the {n} outputs on disk differ from what the receipts "
+                          "record (edited, deleted, or rewritten by a single-stage command such as "
+                          "`refinery export-sft`); `refinery run-all` records a run of what is there")
+    return [], f"files: all {n} outputs on disk have the sha256 and rows their receipts record"
+
+
 def load_run(ws: Workspace, run_id: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any] | None]:
     """(summary, receipts by stage, drift report or None) of a recorded run. Raises
     ReportUnreadable naming a file that is not valid JSON."""

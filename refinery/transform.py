@@ -31,8 +31,10 @@ member that ends up in no Emit and no Refuse is quarantined as unmatched_join.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as _field
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
@@ -64,12 +66,25 @@ class Refusal(NamedTuple):
 
 
 class RowError(Exception):
-    """Raised inside a transform to refuse the current row."""
+    """Raised inside a transform to refuse the current row. `field`: the field whose absence
+    refused it, when that is the reason (so a CSV without the column can be named once)."""
 
-    def __init__(self, reason: Reason, detail: str):
+    def __init__(self, reason: Reason, detail: str, field: str | None = None):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.field = field
+
+
+@dataclass
+class FieldHits:
+    """How many records of a file a declarative mapping read (`records`), how many its filter
+    kept (`kept`), and in how many each of its fields (or filter paths) found a value — so a
+    path that matches nothing in any record is said, not left to the quarantine counts."""
+
+    records: int = 0
+    kept: int = 0
+    found: Counter[str] = _field(default_factory=Counter)
 
 
 @dataclass
@@ -90,6 +105,8 @@ class RowContext:
     """refinery.toml [signals.<name>]: how to read named scores (direction, scale, author)"""
     dropped: Any = None
     """a Counter of optional fields dropped for a wrong type (the row kept), when the caller counts them"""
+    hits: FieldHits | None = None
+    """for a declarative mapping, when the caller counts them: which of its paths found a value"""
 
     def score(self, name: str, value: Any, **kw: Any) -> dict[str, Any]:
         """`named_score` with the workspace's [signals] rules."""
@@ -205,7 +222,7 @@ def _describe(value: Any) -> str:
 
 
 def missing(field: str) -> RowError:
-    return RowError(Reason.MISSING_FIELD, f"field '{field}' is missing or empty")
+    return RowError(Reason.MISSING_FIELD, f"field '{field}' is missing or empty", field)
 
 
 def wrong_type(field: str, expected: str, value: Any) -> RowError:
@@ -320,7 +337,7 @@ _CANONICAL_TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{6})?Z").fu
 def parse_timestamp(value: Any, field: str = "timestamp") -> str:
     """ISO 8601 (naive = UTC) or epoch s/ms/µs/ns → 'YYYY-MM-DDTHH:MM:SS[.ffffff]Z'."""
     if value is None or value == "":
-        raise RowError(Reason.BAD_TIMESTAMP, f"field '{field}' is missing, so the row cannot be dated")
+        raise RowError(Reason.BAD_TIMESTAMP, f"field '{field}' is missing, so the row cannot be dated", field)
     t = type(value)
     epoch: float | None = None
     if t is int or t is float:
@@ -380,9 +397,11 @@ def dated(ctx: RowContext, *options: tuple[str, Any], required: bool = False) ->
     if ctx.fallback_time is not None:
         return ctx.fallback_time, ctx.fallback_origin or "fallback"
     if required:
-        tried = ", ".join(f"'{label.split(':', 1)[-1]}'" for label, _ in options) or "its time field"
+        names = [label.split(":", 1)[-1] for label, _ in options]
+        tried = ", ".join(f"'{n}'" for n in names) or "its time field"
         raise RowError(Reason.BAD_TIMESTAMP, f"field {tried} is missing, so the row cannot be dated (or set "
-                                             "recorded_at in its [sources.<name>] table of refinery.toml)")
+                                             "recorded_at in its [sources.<name>] table of refinery.toml)",
+                       names[0] if len(names) == 1 else None)
     return UNDATED_AT, UNDATED
 
 

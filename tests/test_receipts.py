@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,12 +135,35 @@ def test_receipts_and_runs_commands(sample):
     assert first["run_id"] in table and "complete" in table
 
     doc = orjson.loads(invoke("receipts", "--json", "--run-id", first["run_id"][:20]).stdout)
-    assert doc["summary"]["run_id"] == first["run_id"] and doc["checks"] == {"ok": True, "problems": []}
+    assert doc["summary"]["run_id"] == first["run_id"] and doc["checks"]["ok"] and doc["checks"]["problems"] == []
+    assert doc["checks"]["files"] == (f"files: not checked: the outputs on disk are run {second['run_id']}'s, "
+                                      "not this run's")
     assert list(doc["receipts"]) == STAGES and doc["drift"]["note"].startswith("first run")
     text = invoke("receipts").stdout  # the newest run, as tables
     assert second["run_id"] in text and "export-preference" in text and "drift against run" in text
     assert invoke("receipts", "--run-id", "nope").exit_code == 2
     assert invoke("receipts", "--run-id", "2026").exit_code == 2  # ambiguous prefix
+
+
+def test_receipts_re_hashes_the_output_files_of_the_run_on_disk(ws):
+    """`refinery receipts` checks the outputs' sha256 and rows against the receipts (it used to
+    check only the receipts themselves, and say "checks: ..." over an edited export)."""
+    (ws.kb / "gateway_receipts.jsonl").write_text('{"ts": 1762000000, "prompt": "a", "completion": "b"}\n')
+    run_all()
+    result = invoke("receipts")
+    assert result.exit_code == 0
+    assert re.search(r"files: all \d+ outputs on disk have the sha256 and rows their receipts record",
+                     " ".join(result.stdout.split()))
+    rag = ws.root / "exports" / "rag" / "playbooks.jsonl"
+    rag.write_bytes(rag.read_bytes() + b'{"planted": 1}\n')
+    result = invoke("receipts")
+    assert result.exit_code == 1
+    assert "exports/rag/playbooks.jsonl changed since export-rag wrote it" in result.stdout
+    assert re.search(r"files: 1 of the \d+ outputs on disk differ", " ".join(result.stdout.split()))
+    doc = orjson.loads(invoke("receipts", "--json").stdout)
+    assert not doc["checks"]["ok"] and "exports/rag/playbooks.jsonl changed" in doc["checks"]["problems"][0]
+    result = invoke("receipts", "--no-files")  # says plainly that it did not look
+    assert result.exit_code == 0 and "files: not checked (--no-files)" in result.stdout
 
 
 def test_receipts_without_any_run_exits_2(ws):

@@ -70,6 +70,16 @@ def test_a_run_writes_the_adapter_folder_and_is_reproducible(ws):
     assert other["adapter_id"] != first["adapter_id"] and other["adapter_sha256"] != first["adapter_sha256"]
 
 
+def test_training_progress_is_plain_text_when_stderr_is_not_a_terminal(ws):
+    """mlx-lm prints its training progress with colour forced; into a pipe or a log file that
+    was raw escape codes. It goes to stderr, as text."""
+    (ws / "distill_config.json").write_text(orjson.dumps({**FAST, "train_steps": 2}).decode())
+    result = invoke("train", "run", "--workspace", str(ws))
+    assert result.exit_code == 0, result.output
+    assert "iter" in result.stderr and "train_loss" in result.stderr  # mlx-lm's progress, on stderr
+    assert "\x1b" not in result.output and "\x1b" not in result.stderr
+
+
 def test_the_adapter_loads_into_mlx_lm_and_changes_the_output(ws):
     from mlx_lm import load
     import mlx.core as mx
@@ -206,6 +216,28 @@ def test_the_last_three_promoted_are_kept_and_rollback_restores_one(ws):
     assert orjson.loads((ws / "router.json").read_bytes())["offline_model"]["adapter_id"] == ids[1]
     result = invoke("train", "rollback", ids[0], "--workspace", str(ws))  # archived: not restorable
     assert result.exit_code == 2 and "not one of the kept promoted adapters" in result.output
+
+
+def test_an_archived_adapter_still_exports_to_peft(ws):
+    """promote archives an adapter that does not beat the base; `train list` shows it, so
+    `train export` must read it from the archive (eval and promote refuse it, saying why)."""
+    from refinery.training.config import load_distill_config
+    from refinery.training.evaluate import evaluate
+    from refinery.workspace import Workspace
+
+    aid = train(ws)["adapter_id"]
+    perfect, _ = scripts(ws)
+    evaluate(Workspace.at(ws), load_distill_config(ws), aid, generators=scripted(perfect, perfect))
+    assert "KEPT BASE" in invoke("train", "promote", "--workspace", str(ws)).stdout
+    listed = orjson.loads(invoke("train", "list", "--workspace", str(ws), "--json").stdout)
+    assert [(a["adapter_id"], a["archived"]) for a in listed] == [(aid, True)]
+    result = invoke("train", "export", aid, "--format", "peft", "--workspace", str(ws))
+    assert result.exit_code == 0, result.output
+    peft = ws / "distill_out" / "archive" / aid / "peft"
+    cfg = orjson.loads((peft / "adapter_config.json").read_bytes())
+    assert cfg["base_model_name_or_path"] == "distill_out/tiny-base" and (peft / "adapter_model.safetensors").is_file()
+    result = invoke("train", "eval", "--adapter", aid, "--workspace", str(ws))
+    assert result.exit_code == 2 and f"{aid} is archived (distill_out/archive/{aid})" in result.output
 
 
 def test_a_real_evaluation_writes_its_table_and_chart(ws):

@@ -79,6 +79,17 @@ def adapters(ws: Workspace, dcfg: DistillConfig) -> list[dict[str, Any]]:
     return sorted(out, key=lambda a: a["created"])
 
 
+def find_adapter(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> Path:
+    """The folder of any adapter `adapters` lists: kept in <output_dir>/ or archived in
+    <output_dir>/archive/ (promote archives one that did not beat the base)."""
+    kept = adapter_dir(ws, dcfg, adapter_id)  # refuses an id that is a path
+    for d in (kept, kept.parent / "archive" / adapter_id):
+        if (d / "receipt.json").is_file():
+            return d
+    raise RegistryError(f"no adapter {adapter_id} in {dcfg.output_dir}/ or {dcfg.output_dir}/archive/ "
+                        "(`refinery train list` shows them)")
+
+
 def decide(comparison: dict[str, Any]) -> tuple[bool, str]:
     base, tuned = comparison["average"]["base"], comparison["average"]["adapter"]
     regs = comparison["safety_or_format_regressions"]

@@ -124,6 +124,7 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
     from mlx_lm.tuner.trainer import TrainingArgs
 
     from refinery.config import load_config
+    from refinery.console import plain_unless_terminal
     from refinery.receipts import code_version
 
     started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -145,7 +146,10 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
     args = SimpleNamespace(data=str(ws.root / dcfg.output_dir / "data"), train=True, test=False, hf_dataset=None,
                            mask_prompt=False, prompt_feature="prompt", completion_feature="completion",
                            text_feature="text", chat_feature="messages")
-    with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints its progress; keep stdout for results
+    # mlx-lm prints its progress (in forced colour): to stderr, keeping stdout for results, and as
+    # plain text unless stderr is a terminal
+    progress_out = plain_unless_terminal(sys.stderr)
+    with contextlib.redirect_stdout(progress_out):
         train_set, valid_set, _ = datasets.load_dataset(args, tokenizer)
     if len(train_set) < dcfg.batch_size:
         raise TrainError(f"{len(train_set)} training rows, fewer than batch_size = {dcfg.batch_size}")
@@ -173,7 +177,7 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
                              val_batches=-1, max_seq_length=dcfg.max_seq_length,
                              adapter_file=str(staging / ADAPTER_FILE))
         valid = datasets.CacheDataset(valid_set) if len(valid_set) >= dcfg.batch_size else None
-        with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(_StopTraining):
+        with contextlib.redirect_stdout(progress_out), contextlib.suppress(_StopTraining):
             trainer(model=model, optimizer=optim.Adam(learning_rate=dcfg.lr),
                     train_dataset=datasets.CacheDataset(train_set), val_dataset=valid, args=targs,
                     training_callback=Record())
