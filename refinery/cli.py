@@ -505,17 +505,14 @@ def runs(workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
     """List the recorded runs, oldest first: status (complete, incomplete = killed or still
     running, failed = stopped by an error, nothing published), exit code, stages reused,
     overall hash and drift severity."""
-    import orjson
-
-    from refinery.runs import DRIFT, list_runs
+    from refinery.runs import drift_severity, list_runs
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     ws.try_recover()  # a run killed while publishing: complete it, so what is listed is true
     rows = list_runs(ws)
     for r in rows:
-        p = ws.reports / r["run_id"] / DRIFT
-        r["drift_severity"] = orjson.loads(p.read_bytes())["severity"] if p.exists() else None
+        r["drift_severity"] = drift_severity(ws, r["run_id"])
     if as_json:
         _print_json(rows)
         return

@@ -158,6 +158,19 @@ def load_run(ws: Workspace, run_id: str) -> tuple[dict[str, Any], dict[str, dict
     return summary, receipts.read_receipts(d), receipts.read_json(drift_path) if drift_path.exists() else None
 
 
+def drift_severity(ws: Workspace, run_id: str) -> str | None:
+    """A run's drift severity for listings: None without a drift report, "damaged" when it does
+    not read as one (`refinery receipts` names what is wrong with it)."""
+    path = ws.reports / run_id / DRIFT
+    if not path.exists():
+        return None
+    try:
+        severity = receipts.read_json(path)["severity"]
+    except (receipts.ReportUnreadable, OSError, KeyError, TypeError):
+        return "damaged"
+    return severity if isinstance(severity, str) and severity in drift.SEVERITY_ORDER else "damaged"
+
+
 def summary_hash(summary: dict[str, Any]) -> str:
     return sig_hash({k: v for k, v in summary.items() if k not in SUMMARY_UNHASHED})
 

@@ -536,6 +536,15 @@ def test_runs_tells_a_running_run_from_a_killed_one(sample):
     assert orjson.loads(invoke("runs", "--json").stdout)[-1]["status"] == "incomplete"
 
 
+@pytest.mark.parametrize("damage", ["{bad", "[]", '{"severity": ["alert"]}'])
+def test_runs_lists_a_run_whose_drift_report_is_damaged(sample, damage):
+    doc = run_all()
+    (sample.reports / doc["run_id"] / "drift.json").write_text(damage)
+    result = invoke("runs", "--json")
+    assert result.exit_code == 0 and orjson.loads(result.stdout)[0]["drift_severity"] == "damaged"
+    assert "damaged" in invoke("runs").stdout
+
+
 def test_a_damaged_report_is_named_not_a_traceback(sample):
     doc = run_all()
     (sample.reports / doc["run_id"] / "summary.json").write_text("{bad")
