@@ -1194,10 +1194,18 @@ class _ReaderMayLeave:
         os.dup2(devnull, self._stream.fileno())  # what is still buffered goes there too
         os.close(devnull)
 
+    @property
+    def buffer(self):
+        """The binary stream underneath (`--json` writes bytes), with the same care."""
+        return _ReaderMayLeave(self._stream.buffer)
+
     def __getattr__(self, name):
         return getattr(self._stream, name)
 
 
 def main() -> None:
     sys.stdout, sys.stderr = _ReaderMayLeave(sys.stdout), _ReaderMayLeave(sys.stderr)
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # a write that went around the wrappers: the reader left, nothing failed
+        sys.exit(EXIT_OK)

@@ -230,12 +230,19 @@ def recover_dir(target: Path) -> None:
     parent = target.parent
     if not parent.exists():
         return
-    olds = sorted(parent.glob(f".{target.name}.old-*"))
+    olds, links = [], []
+    for p in sorted(parent.glob(f".{target.name}.old-*")):
+        (links if p.is_symlink() else olds).append(p)
+    for link in links:  # never put a link back: refinery only ever moves its own folders aside
+        link.unlink()
     if olds and not target.exists():
         os.replace(olds[0], target)
         olds = olds[1:]
     for leftover in [*olds, *parent.glob(f".{target.name}.staging-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.is_symlink():
+            leftover.unlink()
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 #: In a run's staging root: the moves still to make, so a publish killed half-way can be completed.
@@ -276,17 +283,22 @@ def finish_publishes(data_dir: Path, check: Callable[[Path, list[tuple[str, str]
     the stages' temporary folders. Call it only while holding the workspace lock. `check`
     sees every journal's moves (None: unreadable) before any is applied, and raises to refuse
     them. Returns the names of the folders it dealt with."""
-    done = []
+    done: list[str] = []
     if not data_dir.is_dir():
         return done
+    journaled = []
     for staging in sorted(data_dir.glob(RUN_STAGING_PREFIX + "*")):
         journal = staging / PUBLISH_JOURNAL
+        moves = None
         if journal.is_file() or staging.is_symlink():
             try:
                 moves = [(str(a), str(b)) for a, b in orjson.loads(journal.read_bytes())["moves"]]
             except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 moves = None
             check(staging, moves)
+        journaled.append((staging, moves))
+    for staging, moves in journaled:
+        if moves is not None:
             _apply_moves(data_dir.parent, moves)
         shutil.rmtree(staging, ignore_errors=True)
         done.append(staging.name)

@@ -195,6 +195,15 @@ def read_published(ws: Workspace) -> dict[str, Any] | None:
         raise receipts.ReportUnreadable(f"{ws.rel(path)}: not a published-run record ({detail})") from None
 
 
+def _names(ws: Workspace, run_id: str) -> bool:
+    """Whether published.json names `run_id` (its publish put the outputs in place)."""
+    try:
+        pointer = read_published(ws)
+    except receipts.ReportUnreadable:
+        return False
+    return pointer is not None and pointer["run_id"] == run_id
+
+
 @dataclass
 class Audited:
     """The run whose outputs are on disk (as far as the workspace can tell), and why it is that one."""
@@ -532,6 +541,11 @@ def run_all(ws: Workspace, cfg: Config, *, include_partial: bool | None = None, 
         try:
             return run.execute()
         except BaseException as e:
+            if _names(ws, run.run_id) and not (run.staging / PUBLISH_JOURNAL).exists():
+                # Stopped after the last move (while dropping the emptied staging): published.
+                shutil.rmtree(run.staging, ignore_errors=True)
+                e.add_note(f"Run {run.run_id} had already published its outputs; it is complete.")
+                raise
             if (run.staging / PUBLISH_JOURNAL).exists():
                 # Stopped while publishing: the next holder of the lock completes the publish
                 # (and with it this run's summary), so leave the staging and journal alone.

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery.containers import Limits, RecordPath, read_records, sniff, split_locator, stream_name, walk_locator
-from refinery.jsonl import UTF8_BOM, Line, LineCursor
+from refinery.jsonl import Line, LineCursor
 from refinery.reasons import Reason
 from refinery.workspace import Workspace
 
@@ -70,11 +70,16 @@ def _walk(kb: Path) -> Iterator[tuple[Path, str | None]]:
                 continue
             path = Path(entry.path)
             try:
-                is_dir = entry.is_dir()  # follows links
+                is_dir, is_file = entry.is_dir(), entry.is_file()  # both follow links
             except OSError:
-                is_dir = False
-            if not is_dir:
+                is_dir = is_file = False
+            if is_file:
                 yield path, None
+                continue
+            if not is_dir:  # opening a FIFO or a device would wait, or read, forever
+                yield path, ("a link to nothing (its target is missing)" if not os.path.exists(path)
+                             else "not a regular file (a FIFO, socket or device): remove it, or add it to "
+                                  "materialize.ignore")
                 continue
             real = os.path.realpath(path)
             if real in above:
@@ -189,10 +194,8 @@ def read_csv_stream(f: io.TextIOBase, max_line_bytes: int) -> Iterator[Line]:
     except (csv.Error, _RecordTooLong) as e:
         yield Line(0, b"", None, Reason.CSV_MALFORMED, f"unreadable header: {_too_long(e, max_line_bytes)}")
         return
-    if header and header[0].startswith(UTF8_BOM.decode("utf-8", "surrogateescape")):
-        header[0] = header[0][3:]  # a BOM read as three escaped bytes
-    elif header and header[0].startswith("\ufeff"):
-        header[0] = header[0][1:]
+    if header:
+        header[0] = header[0].removeprefix("\ufeff")  # a UTF-8 BOM (Excel writes one) is not a column name
     header_problem = None
     if len(set(header)) != len(header) or any(not h for h in header):
         header_problem = f"the header has empty or repeated column names: {header}"

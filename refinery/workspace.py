@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,21 @@ class WorkspaceBusy(Exception):
 class UnsafePath(Exception):
     """Something refinery read (a journal, a receipt, a setting, an id) names a path outside
     the workspace, or outside the part of it that may be written: refused, nothing was moved."""
+
+
+#: What run-all names a run: its start time to the millisecond and a random suffix (runs.new_run_id).
+RUN_ID = re.compile(r"\d{8}T\d{9}Z-[0-9a-f]{4}")
+
+
+def _first_link(path: Path) -> Path | None:
+    """`path` itself, or the first thing under it, that is a symbolic link (None: none is)."""
+    if path.is_symlink():
+        return path
+    for folder, dirs, files in os.walk(path):
+        for name in sorted(dirs + files):
+            if os.path.islink(os.path.join(folder, name)):
+                return Path(folder) / name
+    return None
 
 
 def inside(rel: str) -> bool:
@@ -199,21 +215,30 @@ class Workspace:
     def check_journal(self, staging: Path, moves: list[tuple[str, str]] | None) -> None:
         """Raise UnsafePath unless `moves` are exactly what run-all journals for `staging`
         (data/.run-<id>): its trees onto the published ones, its summary into
-        reports/distillation/<id>/. A journal is replayed with renames and deletions, so one
-        that asks for anything else was not written by refinery and is not obeyed."""
+        reports/distillation/<id>/, and the pointer to it — each a real folder or file of the
+        staging, with no link anywhere in it. A journal is replayed with renames and deletions,
+        so one that asks for anything else was not written by refinery and is not obeyed: a
+        linked tree moved into exports/ would have later writes land wherever it points."""
         run_id = staging.name.removeprefix(".run-")
         rel = f"data/{staging.name}"
         reports = self.rel(self.reports)
         allowed = {(f"{rel}/{tree}", tree) for tree in PUBLISHED}
         allowed.add((f"{rel}/{PUBLISHED_RUN}", f"{reports}/{PUBLISHED_RUN}"))
         allowed.add((f"{rel}/{SUMMARY}", f"{reports}/{run_id}/{SUMMARY}"))
+        problem = None
         if staging.is_symlink():
             problem = "its folder is a link"
+        elif not RUN_ID.fullmatch(run_id):
+            problem = f"{run_id!r} is not a run id"
         elif moves is None:
             problem = "it is not the JSON refinery writes"
+        elif odd := [m for m in moves if tuple(m) not in allowed]:
+            problem = f"it asks to move {odd[0][0]!r} to {odd[0][1]!r}"
         else:
-            odd = [m for m in moves if tuple(m) not in allowed]
-            problem = f"it asks to move {odd[0][0]!r} to {odd[0][1]!r}" if odd else None
+            for src, _ in moves:
+                if link := _first_link(self.root / src):
+                    problem = f"{link.relative_to(self.root).as_posix()} is a link (to {os.readlink(link)})"
+                    break
         if problem:
             raise UnsafePath(
                 f"{rel}/PUBLISH.json: {problem} — not a publish refinery journals (only its own "

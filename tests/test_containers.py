@@ -405,3 +405,23 @@ def test_a_folder_link_that_loops_is_refused_by_name(ws, cfg):
     assert result.evidence == 1 and result.exit_code == 2
     assert result.file_errors == [f"data/_kb/again: cannot read: a folder link that loops back to "
                                   f"{ws.kb.resolve()}: remove the link"]
+
+
+def test_a_fifo_or_a_dangling_link_is_refused_by_name_not_waited_on(ws, cfg):
+    """Opening a FIFO blocks until a writer comes: `sources` and run-all once hung on one."""
+    import os
+
+    write_kb(ws, {"gateway_receipts.jsonl": '{"ts": 1762000000, "prompt": "q", "completion": "a"}\n'})
+    os.mkfifo(ws.kb / "pipe.jsonl")
+    (ws.kb / "gone.jsonl").symlink_to(ws.root / "nowhere.jsonl")
+    result = materialize.run(ws, cfg)
+    assert result.evidence == 1 and result.exit_code == 2
+    assert result.file_errors == [
+        "data/_kb/gone.jsonl: cannot read: a link to nothing (its target is missing)",
+        "data/_kb/pipe.jsonl: cannot read: not a regular file (a FIFO, socket or device): remove it, or add it "
+        "to materialize.ignore"]
+
+
+def test_a_csv_that_starts_with_a_bom_reads_its_first_column(ws, cfg):
+    write_kb(ws, {"wide.csv": b"\xef\xbb\xbfprompt,completion\nq,a\n"})
+    assert [ln.obj for ln in records(ws.kb / "wide.csv")] == [{"prompt": "q", "completion": "a"}]

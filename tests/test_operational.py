@@ -134,19 +134,27 @@ def test_ctrl_c_says_what_was_kept(ran, monkeypatch):
     assert runs_listed()[-1]["status"] == "failed" and runs_listed()[-1]["exit_code"] == 130
 
 
-@pytest.mark.parametrize("stderr_too", [False, True], ids=["stdout", "stdout-and-stderr"])
-def test_a_reader_that_goes_away_does_not_fail_the_run(ran, stderr_too):
-    """`refinery run-all | head` (and `2>&1 | head`): the pipe is closed before refinery writes
-    a byte. The run completes and is recorded as complete, and the exit code is the run's —
-    not 1 (rich's broken-pipe exit) and not a failed run."""
-    r, w = __import__("os").pipe()
-    __import__("os").close(r)  # the reader is gone before anything is written
-    proc = subprocess.run([sys.executable, "-m", "refinery", "run-all", "--workspace", str(ran.root)],
-                          stdout=w, stderr=w if stderr_too else subprocess.PIPE)
-    __import__("os").close(w)
+@pytest.mark.parametrize("args,broken", [
+    ([], "stdout"), ([], "both"), (["--json"], "stdout"), ([], "stderr"),
+], ids=["stdout", "stdout-and-stderr", "json-stdout", "stderr-only"])
+def test_a_reader_that_goes_away_does_not_fail_the_run(ran, args, broken):
+    """`refinery run-all | head`, `2>&1 | head`, `--json | head` (its document is far over a pipe's
+    buffer, so the write itself fails) and a closed stderr: the pipe is closed before refinery
+    writes a byte. The run completes and is recorded as complete, and the exit code is the
+    run's — not 1 (rich's broken-pipe exit), not a traceback and not a failed run."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written
+    proc = subprocess.run([sys.executable, "-m", "refinery", "run-all", *args, "--workspace", str(ran.root)],
+                          stdout=w if broken in ("stdout", "both") else subprocess.PIPE,
+                          stderr=w if broken in ("stderr", "both") else subprocess.PIPE)
+    os.close(w)
     assert proc.returncode == 0, proc.stderr
-    if not stderr_too:
-        assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr
+    for seen in (proc.stdout, proc.stderr):
+        assert not seen or (b"Traceback" not in seen and b"BrokenPipe" not in seen), seen
+    if args:
+        assert len(proc.stdout or b"") == 0
     listed = runs_listed()
     assert [r["status"] for r in listed] == ["complete", "complete"]
 
@@ -160,3 +168,22 @@ def test_outputs_are_fsynced_unless_a_throwaway_workspace_says_not_to():
     assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout == "True\n"
     env["REFINERY_FSYNC"] = "0"
     assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout == "False\n"
+
+
+def test_ctrl_c_just_after_the_publish_keeps_the_run_complete(ran, monkeypatch):
+    """The outputs are in place and the summary says complete; an interrupt before run-all
+    returns must not rewrite that summary as failed (the audit would then refuse the run its
+    published.json names)."""
+    from refinery import runs
+
+    real = runs.publish_together
+
+    def then_interrupted(*a, **kw):
+        real(*a, **kw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs, "publish_together", then_interrupted)
+    result = invoke("run-all")
+    assert result.exit_code == 130 and "had already published its outputs; it is complete" in result.stderr
+    monkeypatch.setattr(runs, "publish_together", real)
+    assert [r["status"] for r in runs_listed()] == ["complete", "complete"]
+    assert invoke("receipts").exit_code == 0 and leftovers(ran.root) == []

@@ -20,6 +20,7 @@ from refinery.workspace import inside, is_output_path
 
 runner = CliRunner()
 ROW = '{"ts": 1762000000, "prompt": "q%d", "completion": "a%d"}\n'
+RUN = "20261130T000000000Z-abcd"  # a run id as run-all makes them
 
 
 def invoke(*args: str):
@@ -47,10 +48,10 @@ def test_a_planted_publish_journal_is_refused_and_moves_nothing(ws, tmp_path):
     victim = tmp_path / "outside"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
-    planted = ws.root / "data" / ".run-planted"
+    planted = ws.root / "data" / f".run-{RUN}"
     (planted / "exports").mkdir(parents=True)
     (planted / "PUBLISH.json").write_bytes(orjson.dumps({"moves": [
-        ["data/.run-planted/exports", "../outside"],  # would replace the folder outside
+        [f"data/.run-{RUN}/exports", "../outside"],  # would replace the folder outside
         ["../outside/precious.txt", "exports/rag/stolen.txt"],  # would move a file in from outside
     ]}))
     ws.lock_path.touch()  # a workspace refinery has written to
@@ -58,26 +59,67 @@ def test_a_planted_publish_journal_is_refused_and_moves_nothing(ws, tmp_path):
     for command in (["runs"], ["run-all"]):
         result = invoke(*command)
         assert result.exit_code == 2, result.output
-        assert "data/.run-planted/PUBLISH.json: it asks to move 'data/.run-planted/exports' to '../outside'" \
+        assert f"data/.run-{RUN}/PUBLISH.json: it asks to move 'data/.run-{RUN}/exports' to '../outside'" \
             in result.stderr
         assert "nothing was moved or deleted" in result.stderr and "Traceback" not in result.output
     assert files_under(tmp_path) == before  # the journal, the folder outside: all as they were
 
 
-def test_a_journal_that_is_not_json_or_a_linked_staging_folder_is_refused(ws, tmp_path):
-    planted = ws.root / "data" / ".run-x"
-    planted.mkdir(parents=True)
+def test_a_journal_that_is_not_json_or_not_a_run_or_a_linked_staging_folder_is_refused(ws, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep me")
+    ws.lock_path.parent.mkdir(parents=True, exist_ok=True)
     ws.lock_path.touch()
-    (planted / "PUBLISH.json").write_text("{")
-    result = invoke("runs")
-    assert result.exit_code == 2 and "it is not the JSON refinery writes" in result.stderr
-    (planted / "PUBLISH.json").unlink()
-    planted.rmdir()
-    (tmp_path / "elsewhere").mkdir()
-    (ws.root / "data" / ".run-y").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    for name, journal, said in [
+        (f".run-{RUN}", "{", "it is not the JSON refinery writes"),
+        (".run-..", '{"moves": []}', "'..' is not a run id"),
+    ]:
+        planted = ws.root / "data" / name
+        planted.mkdir(exist_ok=True)
+        (planted / "PUBLISH.json").write_text(journal)
+        result = invoke("runs")
+        assert result.exit_code == 2 and said in result.stderr, result.stderr
+        (planted / "PUBLISH.json").unlink()
+        planted.rmdir()
+    (ws.root / "data" / f".run-{RUN}").symlink_to(elsewhere, target_is_directory=True)
     result = invoke("runs")
     assert result.exit_code == 2 and "its folder is a link" in result.stderr
-    assert (tmp_path / "elsewhere").is_dir()
+    assert (elsewhere / "precious.txt").read_text() == "keep me"
+
+
+def test_a_journal_moving_a_linked_tree_into_place_is_refused(ws, tmp_path):
+    """The moves are exactly run-all's, but the staged exports/sft is a link to a folder
+    outside: published, it would have every later SFT write land there."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    staging = ws.root / "data" / f".run-{RUN}"
+    (staging / "exports").mkdir(parents=True)
+    (staging / "exports" / "sft").symlink_to(victim, target_is_directory=True)
+    (staging / "PUBLISH.json").write_bytes(orjson.dumps({"moves": [[f"data/.run-{RUN}/exports/sft", "exports/sft"]]}))
+    ws.lock_path.touch()
+    result = invoke("runs")
+    assert result.exit_code == 2
+    assert f"data/.run-{RUN}/exports/sft is a link (to {victim})" in result.stderr
+    assert not (ws.root / "exports" / "sft").exists() and (victim / "precious.txt").read_text() == "keep me"
+
+
+def test_a_tree_moved_aside_is_put_back_only_if_it_is_a_real_folder(ws, tmp_path):
+    """recover_dir puts back the tree a killed publish moved aside (.sft.old-<pid>) — never a
+    link planted under that name."""
+    from refinery.jsonl import recover_dir
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    exports = ws.root / "exports"
+    exports.mkdir()
+    (exports / ".sft.old-1").symlink_to(victim, target_is_directory=True)
+    recover_dir(exports / "sft")
+    assert not (exports / "sft").exists() and not (exports / ".sft.old-1").is_symlink() and victim.is_dir()
+    (exports / ".sft.old-2").mkdir()
+    recover_dir(exports / "sft")
+    assert (exports / "sft").is_dir() and not (exports / "sft").is_symlink()
 
 
 def test_a_receipt_naming_an_output_outside_is_not_reused(ws, tmp_path):
