@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import io
 from collections import Counter
 from collections.abc import Iterator
@@ -139,21 +140,70 @@ class _RecordTooLong(Exception):
     """raised through csv.reader by _CappedLines: the record outgrew the cap"""
 
 
+#: Inside an unquoted field, the only events that matter: a quoted field starting after a comma,
+#: or the end of the line (which ends the record).
+_UNQUOTED_EVENT = re.compile(r',"|[\r\n]')
+_START, _FIELD, _QUOTED, _QUOTE = range(4)
+
+
+class _QuoteState:
+    """Where the csv module (its default dialect, not strict) is inside a record, fed the record's
+    text piece by piece: a quote opens a quoted field only at the start of a field, `""` inside
+    one is a quote, and a quote inside an unquoted field is just a character. Jumps from event to
+    event with str.find / a regex, so draining a huge record stays fast."""
+
+    def __init__(self) -> None:
+        self.state = _START
+
+    def feed(self, text: str) -> bool:
+        """Whether the record ends within `text` (at a line end outside quotes)."""
+        i, n, st = 0, len(text), self.state
+        while i < n:
+            if st == _START or st == _QUOTE:
+                c = text[i]
+                if c in "\r\n":
+                    return True
+                if c == '"':
+                    st = _QUOTED  # a quoted field opens; or, after a quote inside one, "" is a quote
+                    i += 1
+                elif c == ",":
+                    st = _START
+                    i += 1
+                else:
+                    st = _FIELD  # (after a closing quote, the csv module reads on as a plain field)
+            elif st == _FIELD:
+                m = _UNQUOTED_EVENT.search(text, i)
+                if m is None:
+                    st = _START if text.endswith(",") else _FIELD
+                    break
+                if m.group() != ',"':
+                    return True
+                st, i = _QUOTED, m.end()
+            else:
+                j = text.find('"', i)
+                if j < 0:
+                    break
+                st, i = _QUOTE, j + 1
+        self.state = st
+        return False
+
+
 class _CappedLines:
     """The physical lines of a CSV text stream, each read with a bounded `readline`, for
     csv.reader: a record longer than `cap` characters (one long line, or many lines inside
-    quotes) is never held whole — the rest of it is read in chunks and dropped (the record
-    ends at a line end outside quotes: an even count of '"' so far, as "" escapes a quote),
-    and _RecordTooLong goes up through the reader, which starts the next record afresh."""
+    quotes) is never held whole — the rest of it is read in chunks and dropped, up to where
+    the csv module would end it (_QuoteState), and _RecordTooLong goes up through the reader,
+    which starts the next record afresh."""
 
     def __init__(self, f: io.TextIOBase, cap: int):
         self.f, self.cap = f, cap
         self.line_num = 0  # physical lines read so far
         self.used = 0  # characters of the record being read
-        self.odd = 0  # whether the record so far has an odd count of quotes (is inside quotes)
+        self.record: list[str] = []  # its lines so far (at most the cap)
 
     def next_record(self) -> None:
-        self.used = self.odd = 0
+        self.used = 0
+        self.record.clear()
 
     def __iter__(self) -> _CappedLines:
         return self
@@ -163,14 +213,16 @@ class _CappedLines:
         if not line:
             raise StopIteration
         self.used += len(line)
-        self.odd ^= line.count('"') & 1
         if line[-1] in "\r\n":
             self.line_num += 1
         if self.used <= self.cap + 2:
+            self.record.append(line)
             return line
-        while line and (line[-1] not in "\r\n" or self.odd):
+        state = _QuoteState()
+        for earlier in self.record:  # all inside quotes, or csv.reader would not have asked for more
+            state.feed(earlier)
+        while line and not state.feed(line):
             line = self.f.readline(1 << 16)
-            self.odd ^= line.count('"') & 1
             if line and line[-1] in "\r\n":
                 self.line_num += 1
         raise _RecordTooLong(self.used)

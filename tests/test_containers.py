@@ -11,6 +11,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import evidence_rows, quarantine_rows, write_kb
 from refinery import materialize
@@ -425,3 +427,38 @@ def test_a_fifo_or_a_dangling_link_is_refused_by_name_not_waited_on(ws, cfg):
 def test_a_csv_that_starts_with_a_bom_reads_its_first_column(ws, cfg):
     write_kb(ws, {"wide.csv": b"\xef\xbb\xbfprompt,completion\nq,a\n"})
     assert [ln.obj for ln in records(ws.kb / "wide.csv")] == [{"prompt": "q", "completion": "a"}]
+
+
+def test_an_over_long_record_with_a_quote_inside_a_plain_field_drops_only_itself():
+    """A quote inside an unquoted field is a plain character to the csv module; counting quotes
+    once took it for an open quoted field and dropped every record after it without a word."""
+    from refinery.sources import read_csv_stream
+
+    text = 'a,b\n1,he said "hi ' + "x" * 3000 + '\n2,two\n3,three\n4,"a ""quoted"" one"\n'
+    got = [(ln.offset, ln.reason, ln.obj) for ln in read_csv_stream(io.StringIO(text, newline=""), 1000)]
+    assert got == [(1, Reason.LINE_TOO_LONG, None), (2, None, {"a": "2", "b": "two"}),
+                   (3, None, {"a": "3", "b": "three"}), (4, None, {"a": "4", "b": 'a "quoted" one'})]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(["a", ",", '"', '""', "\n", "\r\n", "\r", " "]), max_size=30))
+def test_where_a_record_ends_agrees_with_the_csv_module(pieces):
+    """The drain of an over-long record stops where csv.reader would end it (short of the end
+    of the file, where csv.reader ends any record)."""
+    import csv
+
+    from refinery.sources import _QuoteState
+
+    lines = io.StringIO("".join(pieces) + "\n", newline="").readlines()
+    reader, ends = csv.reader(iter(lines)), []
+    try:
+        for _ in reader:
+            ends.append(reader.line_num)
+    except csv.Error:
+        return
+    mine, state = [], _QuoteState()
+    for n, line in enumerate(lines, 1):
+        if state.feed(line):
+            mine.append(n)
+            state = _QuoteState()
+    assert mine == ends or (mine == ends[:-1] and ends[-1] == len(lines))
