@@ -8,6 +8,7 @@ renamed into place, so a killed process never leaves a half-written output behin
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -119,6 +120,9 @@ def dumps_line(obj: Any) -> bytes:
     """One JSONL line: compact JSON in the dict's own (fixed) key order, plus a newline."""
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
+
+#: Errors of writing that no source is to blame for: a full disk, a quota, a read-only file system.
+WRITE_FAILED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 #: Every output is fsynced before it is renamed into place, so that a power cut cannot leave a
 #: renamed but empty file. A killed process does not need it (the page cache outlives the

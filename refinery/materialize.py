@@ -26,6 +26,7 @@ evidence + records quarantined (a record split into several parts is one record 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -43,7 +44,9 @@ from refinery.canonical import file_sha256
 from refinery.config import Config, MaterializeConfig, table_name
 from refinery.dedup import SeenHashes
 from refinery.discovery import Claim, Registry, Transform
-from refinery.jsonl import JsonlWriter, concat_files, fsync, fsync_dir, publish_dir, recover_dir, staging_dir
+from refinery.jsonl import (
+    WRITE_FAILED, JsonlWriter, concat_files, fsync, fsync_dir, publish_dir, recover_dir, staging_dir,
+)
 from refinery.mapping import unmatched_paths
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
@@ -493,6 +496,8 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                     res.split += len(parts) - 1
         res.partitions = sink.close(sync=True)
     except OSError as e:
+        if e.errno in WRITE_FAILED:
+            raise  # the disk, not this source: the run stops (and says so) rather than drop the file
         # Unreadable (or vanished) mid-way: publish nothing of this file, say so once.
         sink.discard()
         res.rows_in = res.evidence = res.split = 0
@@ -507,7 +512,8 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
         return res
     finally:
         for fh, _ in sink.writers.values():
-            fh.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                fh.close()
         spill.close()
     res.quarantined = sum(by_reason.values())
     res.by_reason = dict(sorted(by_reason.items()))

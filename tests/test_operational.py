@@ -187,3 +187,20 @@ def test_ctrl_c_just_after_the_publish_keeps_the_run_complete(ran, monkeypatch):
     monkeypatch.setattr(runs, "publish_together", real)
     assert [r["status"] for r in runs_listed()] == ["complete", "complete"]
     assert invoke("receipts").exit_code == 0 and leftovers(ran.root) == []
+
+
+def test_one_failed_write_in_materialize_stops_the_run_not_the_file(ran, monkeypatch):
+    """Only the first write fails: materialize once took it for an unreadable source,
+    quarantined the file as unreadable_file and published the run without its rows."""
+    before = published(ran)
+    real, failed = jsonl.JsonlWriter.write, []
+
+    def write(self, row):
+        if not failed:
+            failed.append(row)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, row)
+    monkeypatch.setattr(jsonl.JsonlWriter, "write", write)
+    result = invoke("run-all")
+    assert result.exit_code == 2 and "no space left on the device" in result.stderr
+    assert "unreadable" not in result.output and published(ran) == before
