@@ -126,6 +126,11 @@ def read_ledger(ws: Workspace, *, reanchor: bool = False) -> list[dict[str, Any]
                 f"(reports/ was cleaned), run `{REANCHOR}` to accept the ledger as it stands — the row that audit "
                 "appends records the re-anchoring")
         return rows
+    if len(rows) >= 2 and (rows[-2]["seq"], rows[-2]["row_hash"]) == (want["seq"], want["row_hash"]):
+        # The last audit appended its row (a checked link of the chain) and was stopped — killed,
+        # or the disk filled — before it moved the head on: finish that step, as a journal would.
+        _write_head(ws, last)
+        return rows
     if last is None or (last["seq"], last["row_hash"]) != (want["seq"], want["row_hash"]):
         have = f"ends at row {last['seq']} ({last['row_hash'][:12]}…)" if last else "is empty or missing"
         raise LedgerTampered(
@@ -211,7 +216,7 @@ def append_ledger(ws: Workspace, rows: list[dict[str, Any]], run_id: str | None,
     """Append one row (and record it as the head); the file is rewritten whole through a temp
     file, so a kill leaves the old ledger or the new one, never a torn last line."""
     from refinery.jsonl import atomic_write, dumps_line
-    from refinery.models import BaselineRow, LedgerHead
+    from refinery.models import BaselineRow
 
     row = {"seq": len(rows), "recorded_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "run_id": run_id, "metrics": metrics, "reanchored": reanchored,
@@ -223,10 +228,17 @@ def append_ledger(ws: Workspace, rows: list[dict[str, Any]], run_id: str | None,
     with atomic_write(path) as f:
         f.write(old)
         f.write(dumps_line(row))
+    _write_head(ws, row)
+    return row
+
+
+def _write_head(ws: Workspace, row: dict[str, Any]) -> None:
+    from refinery.jsonl import atomic_write
+    from refinery.models import LedgerHead
+
     head = LedgerHead.model_validate({"seq": row["seq"], "row_hash": row["row_hash"]}).model_dump(mode="json")
     with atomic_write(head_path(ws)) as f:
         f.write(orjson.dumps(head) + b"\n")
-    return row
 
 
 # --- metrics and drift ---------------------------------------------------------------------

@@ -204,3 +204,25 @@ def test_one_failed_write_in_materialize_stops_the_run_not_the_file(ran, monkeyp
     result = invoke("run-all")
     assert result.exit_code == 2 and "no space left on the device" in result.stderr
     assert "unreadable" not in result.output and published(ran) == before
+
+
+def test_an_audit_stopped_between_its_ledger_row_and_its_head_is_finished_not_called_tampering(ws, monkeypatch):
+    """append_ledger writes the row, then the head; a kill (or a full disk) between the two
+    left a head one row behind, which the next audit took for rows cut off the end."""
+    from refinery import audit
+
+    write_kb(ws, {"gateway_receipts.jsonl": ROWS})
+    assert invoke("run-all").exit_code == 0
+    assert invoke("audit-full").exit_code == 0
+
+    def stopped(ws, row):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(audit, "_write_head", stopped)
+    assert invoke("audit-full").exit_code == 130
+    monkeypatch.undo()
+    monkeypatch.chdir(ws.root)
+    head = orjson.loads(audit.head_path(ws).read_bytes())
+    assert head["seq"] == 0 and len(audit.ledger_path(ws).read_bytes().splitlines()) == 2  # one behind
+    result = invoke("audit-full", "--workspace", str(ws.root))
+    assert result.exit_code == 0, result.output
+    assert [r["seq"] for r in audit.read_ledger(ws)] == [0, 1, 2]
