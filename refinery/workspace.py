@@ -65,6 +65,17 @@ def inside(rel: str) -> bool:
     return norm != ".." and not norm.startswith("../") and norm != "."
 
 
+#: The workspace's folders that refinery itself lays out: a setting may not hand one of them (or
+#: the root) to a command that replaces or deletes what it points at.
+RESERVED = ("data", "exports", "reports", "transforms", ".git")
+
+
+def reserved(rel: str) -> bool:
+    """Whether `rel` (inside the workspace) is its root, or one of RESERVED or a folder in one."""
+    norm = os.path.normpath(rel)
+    return norm == "." or norm.split("/")[0] in RESERVED
+
+
 def is_output_path(rel: str) -> bool:
     """Whether `rel` names a file inside one of the published output trees."""
     if not inside(rel):

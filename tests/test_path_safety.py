@@ -183,3 +183,26 @@ def test_an_adapter_id_that_is_a_path_is_refused(ws, command):
     assert result.exit_code == 2, result.output
     assert "'../victim' is not an adapter id" in result.stderr
     assert files_under(ws.root) == before
+
+
+@pytest.mark.parametrize("folder", [".", "data", "data/_kb/index", "exports", "reports/x", "./transforms"])
+def test_output_folders_may_not_be_the_workspace_or_its_own_folders(ws, folder):
+    """The index rebuild replaces its folder whole, and train writes, archives and deletes under
+    output_dir: `index_dir = "data"` once replaced data/ — the sources and the ledger with it."""
+    (ws.root / "refinery.toml").write_text(f'[replay]\nindex_dir = "{folder}"\nallow_outside_workspace = true\n')
+    with pytest.raises(ConfigError, match="is the workspace itself or inside its own folders"):
+        load_config(ws.root)
+    (ws.root / "distill_config.json").write_text(orjson.dumps({"output_dir": folder}).decode())
+    with pytest.raises(DistillConfigError, match="is the workspace itself or inside its own folders"):
+        load_distill_config(ws.root)
+
+
+def test_the_index_never_replaces_a_folder_that_is_not_an_index(ws):
+    from refinery.replay.retrieval import RagIndex, RetrievalError
+
+    write_kb(ws, {"gateway_receipts.jsonl": "".join(ROW % (i, i) for i in range(3))})
+    assert invoke("run-all").exit_code == 0
+    (ws.root / "distill_out" / "ad-0123456789ab").mkdir(parents=True)  # an adapter
+    with pytest.raises(RetrievalError, match="holds files that are not a RAG index"):
+        RagIndex.open(ws, "distill_out")
+    assert (ws.root / "distill_out" / "ad-0123456789ab").is_dir()

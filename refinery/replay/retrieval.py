@@ -151,6 +151,10 @@ class RagIndex:
             offsets.append(line.offset_bytes)
             ids.append(line.obj["id"])
             corpus.append(tokens(indexed_text(line.obj)))
+        if folder.exists() and any(folder.iterdir()) and not (folder / MANIFEST).is_file():
+            # the rebuild replaces the folder whole: never one that holds anything but an index
+            raise RetrievalError(f"{index_dir}/ holds files that are not a RAG index (no {MANIFEST}), and building "
+                                 "the index would replace the folder: set [replay] index_dir to a folder of its own")
         bm25 = None
         with publishing(folder) as staging:
             if corpus:
