@@ -49,6 +49,9 @@ _OPERATIONAL = {
     errno.EDQUOT: ("over the disk quota", "free some space and run the command again"),
     errno.EROFS: ("the file system is read-only", "run refinery on a writable copy of the workspace"),
     errno.EACCES: ("permission denied", "check who owns that path and its permissions (ls -l)"),
+    errno.EPERM: ("operation not permitted", "check who owns that path and its permissions (ls -l)"),
+    errno.EXDEV: ("a rename across two file systems", "keep data/, exports/ and reports/ on the workspace's "
+                                                      "own file system (outputs are published by rename)"),
 }
 
 
@@ -56,8 +59,8 @@ def _what_was_kept(e: BaseException) -> str:
     """What a stopped command left behind: its own notes (run-all says which run and what
     it published), else what holds for every command."""
     return " ".join(getattr(e, "__notes__", ())) or (
-        "Nothing was left half-written: every output is written to a temporary file and renamed into place "
-        "only when complete.")
+        "The pipeline's outputs, receipts and reports are written to a temporary file and renamed into place "
+        "only when complete, so none of them was left half-written.")
 
 
 app = typer.Typer(

@@ -213,16 +213,12 @@ def check_hashes(receipts: dict[str, dict[str, Any]]) -> list[str]:
 
 def verify_files(ws: Workspace, files: list[dict[str, Any]], digests: Digests) -> str | None:
     """None when every file is on disk with the recorded sha256; else what differs first."""
-    from refinery.workspace import inside
-
     for f in files:
-        if not inside(f["path"]):
-            return f"{f['path']!r} is not a path inside the workspace"
-        p = ws.out / f["path"]
-        if not p.is_file():
+        problem = _file_problem(ws, f, digests)
+        if problem == "missing":
             return f"{f['path']} was deleted"
-        if digests.of(p, f["path"])["sha256"] != f["sha256"]:
-            return f"{f['path']} changed"
+        if problem:
+            return f"{f['path']} changed" if problem.startswith("sha256") else problem
     return None
 
 
@@ -234,17 +230,33 @@ def check_files(ws: Workspace, receipts: dict[str, dict[str, Any]]) -> list[str]
     digests = Digests()
     for stage, r in receipts.items():
         for f in r["outputs"]:
-            p = ws.out / f["path"]
-            if not p.is_file():
+            problem = _file_problem(ws, f, digests)
+            if problem == "missing":
                 problems.append(f"{f['path']} (written by {stage}) is missing")
-                continue
-            d = digests.of(p, f["path"])
-            if d["sha256"] != f["sha256"]:
-                problems.append(f"{f['path']} changed since {stage} wrote it: sha256 {d['sha256'][:12]}… "
-                                f"!= recorded {f['sha256'][:12]}…")
-            elif d["rows"] != f["rows"]:
-                problems.append(f"{f['path']}: {d['rows']} rows, the receipt says {f['rows']}")
+            elif problem and problem.startswith("sha256"):
+                problems.append(f"{f['path']} changed since {stage} wrote it: {problem}")
+            elif problem:
+                problems.append(problem)
     return problems
+
+
+def _file_problem(ws: Workspace, f: dict[str, Any], digests: Digests) -> str | None:
+    """What is wrong with one recorded output on disk: "missing", "sha256 …", a row count, or a
+    path outside the published trees (a rewritten receipt must not make refinery read, or reuse
+    link, anything else)."""
+    from refinery.workspace import is_output_path
+
+    if not is_output_path(f["path"]):
+        return f"{f['path']!r} is not a path in the published output folders"
+    p = ws.out / f["path"]
+    if not p.is_file():
+        return "missing"
+    d = digests.of(p, f["path"])
+    if d["sha256"] != f["sha256"]:
+        return f"sha256 {d['sha256'][:12]}… != recorded {f['sha256'][:12]}…"
+    if d["rows"] != f["rows"]:
+        return f"{f['path']}: {d['rows']} rows, the receipt says {f['rows']}"
+    return None
 
 
 # --- files --------------------------------------------------------------------------------

@@ -263,7 +263,9 @@ def check_reports(ws: Workspace, summary: dict[str, Any], stage_receipts: dict[s
     not recompute, or the summary does not record the drift report's), or saying other than the
     run's receipts do (totals, stages, the drift report's current values)."""
     d = f"{ws.rel(ws.reports)}/{summary['run_id']}"
-    problems = []
+    problems: list[str] = []
+    if summary.get("schema_version") == 1:
+        return problems  # written before summaries and drift reports were sealed: nothing to check them by
     if (want := summary_hash(summary)) != summary.get("summary_hash"):
         problems.append(f"{d}/{SUMMARY}: summary_hash {str(summary.get('summary_hash'))[:12]}… does not match its "
                         f"content ({want[:12]}…): it was edited after the run")
@@ -552,15 +554,14 @@ def run_all(ws: Workspace, cfg: Config, *, include_partial: bool | None = None, 
                 e.add_note(f"Run {run.run_id} stopped while publishing; its publish is journaled and the next "
                            "refinery command completes it (`refinery runs` will do).")
                 raise
-            recorded = True
             try:
                 run.fail(e)
-            except OSError:  # the disk may be what failed: the summary then still says incomplete
-                recorded = False
+                recorded = "is recorded as failed"
+            except OSError:  # the disk may be what failed: the summary then says incomplete, if it is there
+                recorded = "is recorded as incomplete" if (run.dir / SUMMARY).exists() else "left no summary"
             shutil.rmtree(run.staging, ignore_errors=True)
-            e.add_note(f"Run {run.run_id} is recorded as {'failed' if recorded else 'incomplete'} and published "
-                       "nothing: the outputs of the previous run are as they were, and no temporary files "
-                       "were left.")
+            e.add_note(f"Run {run.run_id} {recorded} and published nothing: the outputs of the previous run are "
+                       "as they were, and no temporary files were left.")
             raise
 
 

@@ -84,7 +84,7 @@ def test_a_disk_too_full_to_record_the_failure_still_leaves_nothing_behind(ran, 
     monkeypatch.setattr(receipts, "write_json", full)
     result = invoke("run-all")
     assert result.exit_code == 2 and "no space left on the device (" in result.stderr
-    assert "is recorded as incomplete and published nothing" in result.stderr
+    assert "left no summary and published nothing" in result.stderr  # not even the first summary fitted
     assert published(ran) == before and leftovers(ran.root) == []
 
 

@@ -576,3 +576,13 @@ def test_a_run_publishes_a_pointer_to_itself_with_its_summary_hash(sample):
     assert doc["summary"]["summary_hash"] == runs.summary_hash(doc["summary"])
     assert doc["summary"]["drift_hash"] == doc["drift"]["drift_hash"] == drift.drift_hash(doc["drift"])
     jsonschema.validate(pointer, schema("published_run"))
+
+
+def test_a_run_recorded_before_summaries_were_sealed_is_not_called_edited(sample):
+    """A workspace upgraded from a version whose summaries (schema 1) had no summary_hash."""
+    doc = run_all()
+    path = sample.reports / doc["run_id"] / "summary.json"
+    old = {k: v for k, v in orjson.loads(path.read_bytes()).items() if k not in ("summary_hash", "drift_hash")}
+    path.write_bytes(orjson.dumps({**old, "schema_version": 1}))
+    result = invoke("receipts", "--json")
+    assert result.exit_code == 0, result.output
