@@ -68,6 +68,39 @@ def sample_workspace(root: Path, *commands: str, files: dict[str, str] | None = 
     return root
 
 
+@pytest.fixture(scope="session")
+def _sample_run_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    """A workspace holding `generate(400, 7)` in which one `run-all --json` has run, built once
+    per test process; its `--json` document is kept as bytes (each test gets its own copy)."""
+    from typer.testing import CliRunner
+
+    from refinery.cli import app
+    from refinery.sample import generate
+
+    root = tmp_path_factory.mktemp("sample-run") / "ws"
+    generate(400, 7, root / "data" / "_kb")
+    result = CliRunner().invoke(app, ["run-all", "--json", "--workspace", str(root)])
+    assert result.exit_code == 0, result.output
+    return root, result.stdout_bytes
+
+
+@pytest.fixture
+def sample_run(_sample_run_template: tuple[Path, bytes], ws: Workspace) -> dict:
+    """The test's workspace as `generate(400, 7, ws.kb)` then `refinery run-all --json` leave it,
+    copied from a template built once per process (the run takes a second or more; the copy a
+    few milliseconds). Everything a run writes is relative to the workspace, so the copy is that
+    run, byte for byte: its receipts match the files and a second run-all reuses every stage.
+    Returns the run's `--json` document (the same keys `run-all --json` prints)."""
+    import shutil
+
+    import orjson
+
+    src, doc = _sample_run_template
+    # not the lock file: a copy starts unlocked, as a fresh workspace does
+    shutil.copytree(src, ws.root, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".refinery.lock"))
+    return orjson.loads(doc)
+
+
 def write_kb(ws: Workspace, files: dict[str, str | bytes]) -> None:
     """Write source files under data/_kb/ (str is written as UTF-8)."""
     for name, content in files.items():
