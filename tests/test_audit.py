@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 from refinery import audit
 from refinery.cli import app
 from refinery.invariants import INVARIANTS
-from refinery.sample import generate
 
 runner = CliRunner()
 
@@ -20,9 +19,9 @@ def invoke(*args: str):
 
 
 @pytest.fixture
-def ran(ws):
-    generate(400, 7, ws.kb)
-    assert invoke("run-all").exit_code == 0
+def ran(ws, sample_run):
+    """The workspace after `generate(400, 7)` and one `run-all` (conftest.py's sample_run: that
+    run, built once per test process and copied in)."""
     return ws
 
 
