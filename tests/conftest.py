@@ -101,6 +101,18 @@ def sample_run(_sample_run_template: tuple[Path, bytes], ws: Workspace) -> dict:
     return orjson.loads(doc)
 
 
+@pytest.fixture(scope="session")
+def gate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The acceptance gate run once per test process on its fixture, every invariant passing,
+    its two workspaces kept: run-a/ and run-b/. Shared: a test that changes them copies first."""
+    from refinery.acceptance import FIXTURE, run_gate
+
+    base = tmp_path_factory.mktemp("gate")
+    checks = run_gate(FIXTURE, keep=base)
+    assert all(c.ok for c in checks), [(c.key, c.problems) for c in checks if not c.ok]
+    return base
+
+
 def write_kb(ws: Workspace, files: dict[str, str | bytes]) -> None:
     """Write source files under data/_kb/ (str is written as UTF-8)."""
     for name, content in files.items():
