@@ -113,6 +113,18 @@ def gate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
+def passing_audit_baseline(ws: Workspace) -> dict:
+    """The ledger row a passing audit-full of the workspace as it stands appends (its run, its
+    metrics; the head recorded), written through the API without the checks and the re-run
+    that would come first: for tests about what a later audit says against a baseline. That a
+    passing audit appends it is test_an_audit_of_a_clean_workspace_passes_reports_and_appends's."""
+    from refinery import audit
+    from refinery.invariants import Context
+
+    ctx = Context(ws, load_config(ws.root))
+    return audit.append_ledger(ws, audit.read_ledger(ws), ctx.summary["run_id"], audit.tracked_metrics(ctx))
+
+
 def write_kb(ws: Workspace, files: dict[str, str | bytes]) -> None:
     """Write source files under data/_kb/ (str is written as UTF-8)."""
     for name, content in files.items():

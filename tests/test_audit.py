@@ -7,6 +7,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+from conftest import passing_audit_baseline
 from refinery import audit
 from refinery.cli import app
 from refinery.invariants import INVARIANTS
@@ -57,7 +58,7 @@ def test_an_audit_of_a_clean_workspace_passes_reports_and_appends(ran):
 
 
 def test_the_table_output_names_checks_and_drift(ran):
-    invoke("audit-full")
+    passing_audit_baseline(ran)
     result = invoke("audit-full")
     assert result.exit_code == 0
     assert "  1 PASS  latest_run_complete" in result.stdout
@@ -66,7 +67,7 @@ def test_the_table_output_names_checks_and_drift(ran):
 
 
 def test_a_tampered_workspace_fails_names_the_file_and_keeps_the_baseline(ran):
-    assert invoke("audit-full").exit_code == 0
+    passing_audit_baseline(ran)
     evidence = sorted(ran.evidence.rglob("*.jsonl"))[0]
     evidence.write_bytes(evidence.read_bytes().replace(b'","', b'", "', 1))  # one byte, same parsed row
     result = invoke("audit-full")
@@ -167,7 +168,7 @@ def test_drift_without_a_baseline_or_for_a_new_metric():
 
 
 def test_a_real_move_is_flagged_in_the_report(ran):
-    assert invoke("audit-full").exit_code == 0
+    passing_audit_baseline(ran)
     with open(ran.kb / "eval.csv", "ab") as f:  # many more eval rows: the mix and sizes move
         for i in range(200):
             f.write(b"ev-y%d,t-y,extra,How many orders are open (%d)?,12,12,0.9,li.chen,2026-11-02T10:00:00Z\n"
