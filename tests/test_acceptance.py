@@ -34,6 +34,7 @@ def fixture_copy(tmp_path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_the_gate_passes_on_its_fixture_and_prints_every_invariant():
     result = runner.invoke(app, ["acceptance"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -57,6 +58,7 @@ def test_the_fixture_is_what_it_claims():
     assert all(n > 0 for n in expected["score"]["by_category"].values())
 
 
+@pytest.mark.slow
 def test_determinism_fails_when_the_runs_differ(gate_dir, tmp_path):
     wss = [Workspace.at(shutil.copytree(gate_dir / n, tmp_path / n, symlinks=True)) for n in ("run-a", "run-b")]
     expected = orjson.loads((FIXTURE / "expected.json").read_bytes())
@@ -86,6 +88,7 @@ def test_pinned_counts_fail_when_they_differ(gate_dir, edit, key):
     assert all("expected" in p for p in next(c for c in checks if c.key == key).problems)
 
 
+@pytest.mark.slow
 def test_coverage_fails_when_the_fixture_loses_a_family_a_rule_or_a_defect(fixture_copy):
     (fixture_copy / "kb" / "notes_unclaimed.jsonl").unlink()  # the only unknown_source row
     p = fixture_copy / "kb" / "gateway_receipts_extra.jsonl"  # its first row is the only truncated one
@@ -101,6 +104,7 @@ def test_coverage_fails_when_the_fixture_loses_a_family_a_rule_or_a_defect(fixtu
     assert all(checks[k].ok for k, _, _ in INVARIANTS)  # the outputs themselves are still sound
 
 
+@pytest.mark.slow
 def test_a_broken_fixture_exits_1_and_a_missing_one_2(fixture_copy, tmp_path):
     doc = orjson.loads((fixture_copy / "expected.json").read_bytes())
     doc["score"]["by_category"]["rejected"] += 1
@@ -114,6 +118,7 @@ def test_a_broken_fixture_exits_1_and_a_missing_one_2(fixture_copy, tmp_path):
     assert result.exit_code == 2 and "--write-expected" in result.output
 
 
+@pytest.mark.slow
 def test_write_expected_pins_what_the_fixture_gives(fixture_copy, tmp_path):
     (fixture_copy / "expected.json").unlink()
     result = runner.invoke(app, ["acceptance", "--fixture", str(fixture_copy), "--write-expected",
@@ -134,6 +139,7 @@ def test_acceptance_and_audit_do_not_import_the_training_stack():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_determinism_catches_output_that_depends_on_the_hash_seed(fixture_copy):
     t = fixture_copy / "transforms" / "flaky_tool.py"
     t.write_text(t.read_text().replace('response=text(row, "a"))',

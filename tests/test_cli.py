@@ -171,6 +171,7 @@ def test_workspace_before_the_command_and_version(ws, tmp_path):
     assert refinery.__version__ == pyproject["project"]["version"]
 
 
+@pytest.mark.slow
 def test_no_escape_codes_when_output_is_not_a_terminal(ws):
     """Tables, warnings and errors into a pipe are text (rich and click detect it); the training
     progress, which mlx-lm colours by force, is checked in test_training_run."""

@@ -290,6 +290,7 @@ def test_an_unchanged_run_reuses_every_stage_and_says_so(ws, sample_run):
     assert hashes(forced) == hashes(first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("change", "recomputed"), [
     ("input", STAGES),
     ("score_config", STAGES[1:]),
@@ -423,6 +424,7 @@ def worker_pids(pid: int) -> list[int]:
         return []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="watches worker processes through /proc (Linux)")
 def test_a_run_killed_mid_way_leaves_the_previous_run_intact(ws, tmp_path):
     """A real SIGKILL in the middle of run-all (after materialize finished, before the end),
@@ -514,6 +516,7 @@ def hold_lock(ws, note: str) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow
 def test_runs_tells_a_running_run_from_a_killed_one(ws, sample_run):
     done = sample_run
     in_progress = "29991231T000000000Z-ffff"  # sorts after the real run

@@ -59,6 +59,7 @@ def test_replay_answers_with_the_tiny_local_model(ws):
     assert [r["mode"] for r in log] == ["retrieval", "retrieval", "no_retrieval"]
 
 
+@pytest.mark.slow
 def test_replay_serves_the_promoted_adapter_and_refuses_a_tampered_one(ws):
     trained = orjson.loads(invoke("train", "run", "--workspace", str(ws), "--json").stdout)
     aid = trained["adapter_id"]
