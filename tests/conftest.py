@@ -68,6 +68,63 @@ def sample_workspace(root: Path, *commands: str, files: dict[str, str] | None = 
     return root
 
 
+@pytest.fixture(scope="session")
+def _sample_run_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    """A workspace holding `generate(400, 7)` in which one `run-all --json` has run, built once
+    per test process; its `--json` document is kept as bytes (each test gets its own copy)."""
+    from typer.testing import CliRunner
+
+    from refinery.cli import app
+    from refinery.sample import generate
+
+    root = tmp_path_factory.mktemp("sample-run") / "ws"
+    generate(400, 7, root / "data" / "_kb")
+    result = CliRunner().invoke(app, ["run-all", "--json", "--workspace", str(root)])
+    assert result.exit_code == 0, result.output
+    return root, result.stdout_bytes
+
+
+@pytest.fixture
+def sample_run(_sample_run_template: tuple[Path, bytes], ws: Workspace) -> dict:
+    """The test's workspace as `generate(400, 7, ws.kb)` then `refinery run-all --json` leave it,
+    copied from a template built once per process (the run takes a second or more; the copy a
+    few milliseconds). Everything a run writes is relative to the workspace, so the copy is that
+    run, byte for byte: its receipts match the files and a second run-all reuses every stage.
+    Returns the run's `--json` document (the same keys `run-all --json` prints)."""
+    import shutil
+
+    import orjson
+
+    src, doc = _sample_run_template
+    # not the lock file: a copy starts unlocked, as a fresh workspace does
+    shutil.copytree(src, ws.root, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".refinery.lock"))
+    return orjson.loads(doc)
+
+
+@pytest.fixture(scope="session")
+def gate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The acceptance gate run once per test process on its fixture, every invariant passing,
+    its two workspaces kept: run-a/ and run-b/. Shared: a test that changes them copies first."""
+    from refinery.acceptance import FIXTURE, run_gate
+
+    base = tmp_path_factory.mktemp("gate")
+    checks = run_gate(FIXTURE, keep=base)
+    assert all(c.ok for c in checks), [(c.key, c.problems) for c in checks if not c.ok]
+    return base
+
+
+def passing_audit_baseline(ws: Workspace) -> dict:
+    """The ledger row a passing audit-full of the workspace as it stands appends (its run, its
+    metrics; the head recorded), written through the API without the checks and the re-run
+    that would come first: for tests about what a later audit says against a baseline. That a
+    passing audit appends it is test_an_audit_of_a_clean_workspace_passes_reports_and_appends's."""
+    from refinery import audit
+    from refinery.invariants import Context
+
+    ctx = Context(ws, load_config(ws.root))
+    return audit.append_ledger(ws, audit.read_ledger(ws), ctx.summary["run_id"], audit.tracked_metrics(ctx))
+
+
 def write_kb(ws: Workspace, files: dict[str, str | bytes]) -> None:
     """Write source files under data/_kb/ (str is written as UTF-8)."""
     for name, content in files.items():

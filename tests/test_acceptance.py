@@ -15,11 +15,9 @@ from typer.testing import CliRunner
 
 from conftest import REPO
 from refinery import acceptance
-from refinery.acceptance import FIXTURE, check_workspaces, prepare, run_gate
+from refinery.acceptance import FIXTURE, check_workspaces, run_gate
 from refinery.cli import app
-from refinery.config import load_config
 from refinery.invariants import INVARIANTS
-from refinery.runs import run_all
 from refinery.workspace import Workspace
 
 runner = CliRunner()
@@ -36,6 +34,7 @@ def fixture_copy(tmp_path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_the_gate_passes_on_its_fixture_and_prints_every_invariant():
     result = runner.invoke(app, ["acceptance"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -59,10 +58,9 @@ def test_the_fixture_is_what_it_claims():
     assert all(n > 0 for n in expected["score"]["by_category"].values())
 
 
-def test_determinism_fails_when_the_runs_differ(tmp_path):
-    wss = [prepare(FIXTURE, tmp_path / n) for n in ("a", "b")]
-    for w in wss:
-        run_all(w, load_config(w.root), force=True)
+@pytest.mark.slow
+def test_determinism_fails_when_the_runs_differ(gate_dir, tmp_path):
+    wss = [Workspace.at(shutil.copytree(gate_dir / n, tmp_path / n, symlinks=True)) for n in ("run-a", "run-b")]
     expected = orjson.loads((FIXTURE / "expected.json").read_bytes())
     assert failed(check_workspaces(wss[0], wss[1], expected)) == set()
     # the second run's export differs by one byte (as if a timestamp had crept in)
@@ -79,16 +77,18 @@ def test_determinism_fails_when_the_runs_differ(tmp_path):
     (lambda e: e["score"]["by_category"].update(accepted=0), "expected_categories"),
     (lambda e: e["exports"]["export-sft"]["counts"].update(written=1), "expected_exports"),
 ])
-def test_pinned_counts_fail_when_they_differ(fixture_copy, edit, key):
-    path = fixture_copy / "expected.json"
-    doc = orjson.loads(path.read_bytes())
+def test_pinned_counts_fail_when_they_differ(gate_dir, edit, key):
+    """The gate's checks on its two runs of the fixture (conftest.py's gate_dir), against pinned
+    counts that differ by one edit. (That the gate reads them from the fixture's expected.json
+    is test_a_broken_fixture_exits_1_and_a_missing_one_2's.)"""
+    doc = orjson.loads((FIXTURE / "expected.json").read_bytes())
     edit(doc)
-    path.write_bytes(orjson.dumps(doc))
-    checks = run_gate(fixture_copy)
+    checks = check_workspaces(Workspace.at(gate_dir / "run-a"), Workspace.at(gate_dir / "run-b"), doc)
     assert failed(checks) == {key}
     assert all("expected" in p for p in next(c for c in checks if c.key == key).problems)
 
 
+@pytest.mark.slow
 def test_coverage_fails_when_the_fixture_loses_a_family_a_rule_or_a_defect(fixture_copy):
     (fixture_copy / "kb" / "notes_unclaimed.jsonl").unlink()  # the only unknown_source row
     p = fixture_copy / "kb" / "gateway_receipts_extra.jsonl"  # its first row is the only truncated one
@@ -104,6 +104,7 @@ def test_coverage_fails_when_the_fixture_loses_a_family_a_rule_or_a_defect(fixtu
     assert all(checks[k].ok for k, _, _ in INVARIANTS)  # the outputs themselves are still sound
 
 
+@pytest.mark.slow
 def test_a_broken_fixture_exits_1_and_a_missing_one_2(fixture_copy, tmp_path):
     doc = orjson.loads((fixture_copy / "expected.json").read_bytes())
     doc["score"]["by_category"]["rejected"] += 1
@@ -117,6 +118,7 @@ def test_a_broken_fixture_exits_1_and_a_missing_one_2(fixture_copy, tmp_path):
     assert result.exit_code == 2 and "--write-expected" in result.output
 
 
+@pytest.mark.slow
 def test_write_expected_pins_what_the_fixture_gives(fixture_copy, tmp_path):
     (fixture_copy / "expected.json").unlink()
     result = runner.invoke(app, ["acceptance", "--fixture", str(fixture_copy), "--write-expected",
@@ -137,6 +139,7 @@ def test_acceptance_and_audit_do_not_import_the_training_stack():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_determinism_catches_output_that_depends_on_the_hash_seed(fixture_copy):
     t = fixture_copy / "transforms" / "flaky_tool.py"
     t.write_text(t.read_text().replace('response=text(row, "a"))',

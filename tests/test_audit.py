@@ -7,10 +7,10 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+from conftest import passing_audit_baseline
 from refinery import audit
 from refinery.cli import app
 from refinery.invariants import INVARIANTS
-from refinery.sample import generate
 
 runner = CliRunner()
 
@@ -20,9 +20,9 @@ def invoke(*args: str):
 
 
 @pytest.fixture
-def ran(ws):
-    generate(400, 7, ws.kb)
-    assert invoke("run-all").exit_code == 0
+def ran(ws, sample_run):
+    """The workspace after `generate(400, 7)` and one `run-all` (conftest.py's sample_run: that
+    run, built once per test process and copied in)."""
     return ws
 
 
@@ -35,6 +35,7 @@ def audit_json(*args: str) -> tuple[int, dict]:
     return result.exit_code, orjson.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_an_audit_of_a_clean_workspace_passes_reports_and_appends(ran):
     code, doc = audit_json()
     assert code == 0 and doc["ok"]
@@ -57,8 +58,9 @@ def test_an_audit_of_a_clean_workspace_passes_reports_and_appends(ran):
     assert row1["seq"] == 1 and row1["prev_hash"] == row0["row_hash"]
 
 
+@pytest.mark.slow
 def test_the_table_output_names_checks_and_drift(ran):
-    invoke("audit-full")
+    passing_audit_baseline(ran)
     result = invoke("audit-full")
     assert result.exit_code == 0
     assert "  1 PASS  latest_run_complete" in result.stdout
@@ -66,8 +68,9 @@ def test_the_table_output_names_checks_and_drift(ran):
     assert "audit-full: PASS — 25 of 25 checks hold; report: reports/distillation/audit-full-report.md" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_tampered_workspace_fails_names_the_file_and_keeps_the_baseline(ran):
-    assert invoke("audit-full").exit_code == 0
+    passing_audit_baseline(ran)
     evidence = sorted(ran.evidence.rglob("*.jsonl"))[0]
     evidence.write_bytes(evidence.read_bytes().replace(b'","', b'", "', 1))  # one byte, same parsed row
     result = invoke("audit-full")
@@ -79,6 +82,7 @@ def test_a_tampered_workspace_fails_names_the_file_and_keeps_the_baseline(ran):
     assert "**FAIL**" in (ran.reports / audit.REPORT).read_text()
 
 
+@pytest.mark.slow
 def test_determinism_rerun_fails_alone_when_the_outputs_no_longer_follow_from_the_inputs(ran):
     # the config changed since the run: the outputs on disk are sound, but a re-run gives others
     (ran.root / "refinery.toml").write_text("[score]\naccept_min_score = 0.95\n")
@@ -89,6 +93,7 @@ def test_determinism_rerun_fails_alone_when_the_outputs_no_longer_follow_from_th
     assert problems[0].startswith("score: the re-run gives receipt_hash")
 
 
+@pytest.mark.slow
 def test_no_rerun_skips_and_does_not_move_the_baseline(ran):
     code, doc = audit_json("--no-rerun")
     assert code == 0
@@ -167,14 +172,15 @@ def test_drift_without_a_baseline_or_for_a_new_metric():
     assert rows["new"]["flag"] == "new" and rows["gone"]["value"] == 0 and rows["gone"]["flag"] == "warn"
 
 
+@pytest.mark.slow
 def test_a_real_move_is_flagged_in_the_report(ran):
-    assert invoke("audit-full").exit_code == 0
+    passing_audit_baseline(ran)
     with open(ran.kb / "eval.csv", "ab") as f:  # many more eval rows: the mix and sizes move
         for i in range(200):
             f.write(b"ev-y%d,t-y,extra,How many orders are open (%d)?,12,12,0.9,li.chen,2026-11-02T10:00:00Z\n"
                     % (i, i))
     assert invoke("run-all").exit_code == 0
-    result = invoke("audit-full")
+    result = invoke("audit-full", "--no-rerun")  # the drift is measured the same without the re-run
     assert result.exit_code == 0  # drift is reported, it does not fail the audit
     assert "  warn  source_rows: 497 → 697 (+40.2 %)" in result.stdout
     assert "| source_rows | 497 | 697 | +40.2 | warn |" in (ran.reports / audit.REPORT).read_text()
@@ -185,6 +191,7 @@ def test_every_shared_invariant_is_an_audit_check(ran):
     assert [c["key"] for c in doc["checks"]][:len(INVARIANTS)] == [k for k, _, _ in INVARIANTS]
 
 
+@pytest.mark.slow
 def test_the_rerun_works_where_the_workspace_is_the_repository(tmp_path):
     """In the repo, the workspace's transforms/ is the built-in folder: the re-run must not load
     it twice."""
@@ -227,6 +234,7 @@ def test_cutting_or_rewriting_the_end_of_the_ledger_is_refused(ran, cut):
     assert "**REFUSED**" in (ran.reports / audit.REPORT).read_text()  # no older PASS report left standing
 
 
+@pytest.mark.slow
 def test_the_ledger_is_never_a_source_whatever_ignore_says(ran):
     three_rows(ran)
     (ran.root / "refinery.toml").write_text('[materialize]\nignore = ["*.bak"]\n')
@@ -238,6 +246,7 @@ def test_the_ledger_is_never_a_source_whatever_ignore_says(ran):
     assert code == 0, [c for c in doc["checks"] if not c["ok"]]
 
 
+@pytest.mark.slow
 def test_the_rerun_uses_the_config_given_and_the_transform_folders_wherever_they_are(ran, tmp_path):
     import shutil
 
@@ -272,6 +281,7 @@ def test_rows_longer_than_the_default_line_limit_are_audited_when_the_config_all
     assert code == 0, [c for c in doc["checks"] if not c["ok"]]
 
 
+@pytest.mark.slow
 def test_a_convert_output_is_scanned_and_planted_files_are_named(ran):
     assert invoke("convert", "--to", "mlx-chat").exit_code == 0
     code, doc = audit_json("--no-rerun")
@@ -296,6 +306,7 @@ def temp_files(ws) -> list[str]:
     return [ws.rel(p) for p in ws.root.rglob("*") if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_a_missing_head_is_refused_until_the_ledger_is_reanchored(ran):
     three_rows(ran)
     path = ran.kb / audit.LEDGER
@@ -339,6 +350,7 @@ def test_a_damaged_head_is_named_with_its_fix_exit_2(ran, head, detail):
     assert "**REFUSED**" in (ran.reports / audit.REPORT).read_text()
 
 
+@pytest.mark.slow
 def test_reanchoring_replaces_a_damaged_head(ran):
     three_rows(ran)
     (ran.reports / audit.HEAD).write_bytes(b"[]")
@@ -387,6 +399,7 @@ def edit_json(path, change) -> None:
     path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
 
 
+@pytest.mark.slow
 def test_the_audit_says_which_run_it_audits_and_why(ran):
     run_id = newest_dir(ran).name
     result = invoke("audit-full", "--no-rerun")

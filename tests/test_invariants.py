@@ -1,9 +1,10 @@
 """Every on-disk invariant (the audit's checks and the gate's) fails on a workspace tampered in
 exactly its way — and only that one fails.
 
-The workspaces come from one run of the acceptance gate on its fixture. A tamper that edits an
-output "re-seals" the receipts afterwards (new sha256s, receipt hashes, overall hash), as a
-careful forger would, so that the semantic check — not the hash check — is the one that sees it.
+The workspaces come from one run of the acceptance gate on its fixture (conftest.py's gate_dir).
+A tamper that edits an output "re-seals" the receipts afterwards (new sha256s, receipt hashes,
+overall hash), as a careful forger would, so that the semantic check — not the hash check — is
+the one that sees it.
 """
 
 from __future__ import annotations
@@ -18,21 +19,12 @@ import pytest
 from refinery import drift, runs
 from refinery import invariants as inv
 from refinery import receipts as rc
-from refinery.acceptance import FIXTURE, run_gate
 from refinery.canonical import sig_hash
 from refinery.config import load_config
 from refinery.runs import list_runs
 from refinery.workspace import Workspace
 
 KEYS = [k for k, _, _ in inv.INVARIANTS]
-
-
-@pytest.fixture(scope="module")
-def gate_dir(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("gate")
-    checks = run_gate(FIXTURE, keep=base)
-    assert all(c.ok for c in checks), [(c.key, c.problems) for c in checks if not c.ok]
-    return base
 
 
 @pytest.fixture

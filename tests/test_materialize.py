@@ -143,6 +143,7 @@ def test_a_crash_mid_run_leaves_the_previous_output_intact(ws, cfg, monkeypatch)
     assert leftovers == [".refinery.lock"]  # no staging folder, no half-written part
 
 
+@pytest.mark.slow
 def test_one_writer_per_workspace(ws, cfg):
     """Another process holding the lock stops a run at once; this process may re-enter its own
     lock (run-all holds it across the stages it calls)."""
@@ -236,6 +237,7 @@ def _peak_materialize_memory(ws, rows: int) -> tuple[int, int]:
     return size, peak
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_the_input(ws):
     """Streaming: doubling the input adds only the duplicate index (8-byte hash keys), never rows."""
     size1, peak1 = _peak_materialize_memory(ws, 10_000)

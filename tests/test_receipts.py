@@ -54,6 +54,8 @@ def digests(receipt: dict, side: str) -> dict[str, str]:
 
 @pytest.fixture
 def sample(ws):
+    """The generated sample in data/_kb/, nothing run yet. Tests that start from the sample's
+    first run take the `sample_run` fixture (conftest.py): that run, copied in, and its --json."""
     generate(400, 7, ws.kb)
     return ws
 
@@ -65,9 +67,9 @@ def schema(name: str) -> dict:
 # --- what a run writes --------------------------------------------------------------------
 
 
-def test_a_run_writes_a_receipt_per_stage_a_summary_and_drift(sample):
-    doc = run_all()
-    run_dir = sample.reports / doc["run_id"]
+def test_a_run_writes_a_receipt_per_stage_a_summary_and_drift(ws, sample_run):
+    doc = sample_run
+    run_dir = ws.reports / doc["run_id"]
     assert sorted(p.name for p in (run_dir / "receipts").iterdir()) == sorted(f"{s}.json" for s in STAGES)
     summary = orjson.loads((run_dir / "summary.json").read_bytes())
     jsonschema.validate(summary, schema("run_summary"))
@@ -82,20 +84,20 @@ def test_a_run_writes_a_receipt_per_stage_a_summary_and_drift(sample):
         assert r["receipt_hash"] == receipts.receipt_hash(r)
         assert (r["policy_hash"] is not None) == (stage == "score")
         for f in r["outputs"]:  # every output is on disk with the recorded hash and row count
-            on_disk = receipts.Digests().of(sample.root / f["path"], f["path"])
+            on_disk = receipts.Digests().of(ws.root / f["path"], f["path"])
             assert on_disk == f, f["path"]
     m = doc["receipts"]["materialize"]
     c = m["counts"]
     assert c["rows_in"] == c["rows_out"] - c["split"] + c["joined"] + c["quarantined"]
     assert c["joined"] > 0  # the sample's Batch, Langfuse and OpenTelemetry records are joined
     assert sum(m["by_reason"].values()) == c["quarantined"]
-    assert {i["path"] for i in m["inputs"]} == {f"data/_kb/{p.relative_to(sample.kb).as_posix()}"
-                                               for p in sample.kb.rglob("*") if p.is_file()}
+    assert {i["path"] for i in m["inputs"]} == {f"data/_kb/{p.relative_to(ws.kb).as_posix()}"
+                                               for p in ws.kb.rglob("*") if p.is_file()}
     assert sum(doc["receipts"]["score"]["by_category"].values()) == doc["receipts"]["score"]["counts"]["rows_out"]
 
 
-def test_the_chain_holds_and_a_broken_link_is_named(sample):
-    doc = run_all()
+def test_the_chain_holds_and_a_broken_link_is_named(ws, sample_run):
+    doc = sample_run
     rs = doc["receipts"]
     assert receipts.check_chain(rs) == []
     evidence = {k: v for k, v in digests(rs["materialize"], "outputs").items() if k.startswith("data/evidence/")}
@@ -114,7 +116,7 @@ def test_the_chain_holds_and_a_broken_link_is_named(sample):
     assert "did not read" in receipts.check_chain(broken)[0]
 
     # On disk: `refinery receipts` re-checks hashes and chain, exit 1 naming the receipt.
-    path = receipts.receipt_path(sample.reports / doc["run_id"], "score")
+    path = receipts.receipt_path(ws.reports / doc["run_id"], "score")
     r = orjson.loads(path.read_bytes())
     r["counts"]["rows_out"] += 1
     path.write_bytes(orjson.dumps(r))
@@ -123,8 +125,8 @@ def test_the_chain_holds_and_a_broken_link_is_named(sample):
     assert "score: receipt_hash" in result.stdout and "does not match its content" in result.stdout
 
 
-def test_receipts_and_runs_commands(sample):
-    first, second = run_all(), run_all()
+def test_receipts_and_runs_commands(ws, sample_run):
+    first, second = sample_run, run_all()
     result = invoke("runs", "--json")
     assert result.exit_code == 0
     listed = orjson.loads(result.stdout)
@@ -187,9 +189,9 @@ def test_same_inputs_same_hashes_whatever_the_worker_count(sample):
     assert a["run_id"] != b["run_id"] != c["run_id"]
 
 
-def test_one_changed_source_row_changes_exactly_what_is_downstream_of_it(sample):
-    a = run_all()
-    path = sample.kb / "gateway_receipts.jsonl"
+def test_one_changed_source_row_changes_exactly_what_is_downstream_of_it(ws, sample_run):
+    a = sample_run
+    path = ws.kb / "gateway_receipts.jsonl"
     lines = path.read_bytes().splitlines(keepends=True)
     row = orjson.loads(lines[0])
     row["completion"] += " Confirmed by phone."
@@ -245,25 +247,25 @@ def test_drift_first_run_and_metrics_that_come_and_go():
     assert by_name["b"]["previous"] == 0 and by_name["b"]["severity"] == "alert"
 
 
-def test_drift_thresholds_come_from_config(sample):
-    first = run_all()
-    with open(sample.kb / "eval.csv", "ab") as f:
+def test_drift_thresholds_come_from_config(ws, sample_run):
+    first = sample_run
+    with open(ws.kb / "eval.csv", "ab") as f:
         f.write(b"".join(EVAL_ROW % (b"%d" % i) for i in range(6)))
     loose = run_all()  # default thresholds (10 % / 25 %): six more source rows are no news
     rows = first["receipts"]["materialize"]["counts"]["rows_in"]
     source_rows = next(m for m in loose["drift"]["metrics"] if m["name"] == "source_rows")
     assert source_rows == {"name": "source_rows", "value": rows + 6, "previous": rows,
                            "change_pct": round(600 / rows, 2), "severity": "ok"}
-    (sample.root / "refinery.toml").write_text("[drift]\nwarn_pct = 0.01\nalert_pct = 0.02\n")
+    (ws.root / "refinery.toml").write_text("[drift]\nwarn_pct = 0.01\nalert_pct = 0.02\n")
     strict = run_all()  # same inputs as `loose`: nothing moved, so nothing to flag
     assert strict["drift"]["severity"] == "ok"
-    with open(sample.kb / "eval.csv", "ab") as f:
+    with open(ws.kb / "eval.csv", "ab") as f:
         f.write(EVAL_ROW % b"last")
     moved = run_all()
     source_rows = next(m for m in moved["drift"]["metrics"] if m["name"] == "source_rows")
     assert source_rows["change_pct"] > 0.02 and source_rows["severity"] == "alert"
     assert moved["drift"]["previous_run_id"] == strict["run_id"]
-    (sample.root / "refinery.toml").write_text("[drift]\nwarn_pct = 30\nalert_pct = 20\n")
+    (ws.root / "refinery.toml").write_text("[drift]\nwarn_pct = 30\nalert_pct = 20\n")
     assert invoke("run-all").exit_code == 2  # warn above alert is a config error
 
 
@@ -274,8 +276,8 @@ def reused(doc: dict) -> list[str]:
     return [s for s, r in doc["receipts"].items() if r["reused_from"]]
 
 
-def test_an_unchanged_run_reuses_every_stage_and_says_so(sample):
-    first = run_all()
+def test_an_unchanged_run_reuses_every_stage_and_says_so(ws, sample_run):
+    first = sample_run
     result = invoke("run-all")
     assert result.exit_code == 0
     assert f"materialize: reused the outputs of run {first['run_id']}" in result.stderr
@@ -288,6 +290,7 @@ def test_an_unchanged_run_reuses_every_stage_and_says_so(sample):
     assert hashes(forced) == hashes(first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("change", "recomputed"), [
     ("input", STAGES),
     ("score_config", STAGES[1:]),
@@ -300,16 +303,16 @@ def test_an_unchanged_run_reuses_every_stage_and_says_so(sample):
     ("edited_receipt", ["materialize"]),  # a receipt that no longer matches its hash is not trusted
     ("deleted_output", ["export-sft"]),
 ])
-def test_reuse_is_invalidated_by_what_the_stage_depends_on(sample, monkeypatch, change, recomputed):
-    first = run_all()
+def test_reuse_is_invalidated_by_what_the_stage_depends_on(ws, sample_run, monkeypatch, change, recomputed):
+    first = sample_run
     args: list[str] = []
     if change == "input":
-        with open(sample.kb / "eval.csv", "ab") as f:
+        with open(ws.kb / "eval.csv", "ab") as f:
             f.write(EVAL_ROW % b"new")
     elif change == "score_config":
-        (sample.root / "refinery.toml").write_text("[score]\naccept_min_score = 0.8\n")
+        (ws.root / "refinery.toml").write_text("[score]\naccept_min_score = 0.8\n")
     elif change == "export_config":
-        (sample.root / "refinery.toml").write_text("[export]\nmax_pairs_per_task = 3\n")
+        (ws.root / "refinery.toml").write_text("[export]\nmax_pairs_per_task = 3\n")
     elif change == "include_partial":
         args = ["--include-partial"]
     elif change == "policy":
@@ -317,15 +320,15 @@ def test_reuse_is_invalidated_by_what_the_stage_depends_on(sample, monkeypatch, 
     elif change == "code":
         monkeypatch.setattr(receipts, "code_version", lambda ws, cfg: "9.9.9+test")
     elif change == "edited_output":  # someone edited a scored run after the last run
-        p = next((sample.root / "data" / "scored-runs").rglob("*.jsonl"))
+        p = next((ws.root / "data" / "scored-runs").rglob("*.jsonl"))
         p.write_bytes(p.read_bytes().replace(b'"category":"', b'"category": "', 1))
     elif change == "transform_module":
-        (sample.root / "transforms").mkdir()
-        (sample.root / "transforms" / "_helper.py").write_text("# a helper the transforms could import\n")
+        (ws.root / "transforms").mkdir()
+        (ws.root / "transforms" / "_helper.py").write_text("# a helper the transforms could import\n")
     elif change == "deleted_output":
-        (sample.root / "exports" / "sft" / "instruction_response.jsonl").unlink()
+        (ws.root / "exports" / "sft" / "instruction_response.jsonl").unlink()
     elif change == "edited_receipt":
-        path = receipts.receipt_path(sample.reports / first["run_id"], "materialize")
+        path = receipts.receipt_path(ws.reports / first["run_id"], "materialize")
         path.write_bytes(path.read_bytes().replace(b'"files": ', b'"files": 1', 1))
     doc = run_all(*args)
     assert [s for s in STAGES if s not in reused(doc)] == recomputed
@@ -336,18 +339,16 @@ def test_reuse_is_invalidated_by_what_the_stage_depends_on(sample, monkeypatch, 
     assert [s["stage"] for s in doc["summary"]["stages"]] == STAGES
 
 
-def test_settings_that_do_not_change_outputs_do_not_invalidate(sample):
-    run_all()
-    (sample.root / "refinery.toml").write_text("[materialize]\nworkers = 1\nparallel_min_bytes = 0\n"
+def test_settings_that_do_not_change_outputs_do_not_invalidate(ws, sample_run):
+    (ws.root / "refinery.toml").write_text("[materialize]\nworkers = 1\nparallel_min_bytes = 0\n"
                                                "[drift]\nwarn_pct = 5.0\n")
     assert reused(run_all()) == STAGES
 
 
-def test_stage_commands_run_outside_run_all_are_noticed(sample):
-    run_all()
-    (sample.root / "refinery.toml").write_text("[export]\ndedup = false\n")
+def test_stage_commands_run_outside_run_all_are_noticed(ws, sample_run):
+    (ws.root / "refinery.toml").write_text("[export]\ndedup = false\n")
     assert invoke("export-rag").exit_code == 0  # rewrites exports/rag in place
-    (sample.root / "refinery.toml").unlink()
+    (ws.root / "refinery.toml").unlink()
     doc = run_all()
     assert "export-rag" not in reused(doc)
     assert "exports/rag/playbooks.jsonl changed since run" in doc["recomputed"]["export-rag"]
@@ -356,12 +357,12 @@ def test_stage_commands_run_outside_run_all_are_noticed(sample):
 # --- failures, kills and the publish -------------------------------------------------------
 
 
-def test_a_failed_run_publishes_nothing_and_is_listed_as_failed(sample, monkeypatch):
+def test_a_failed_run_publishes_nothing_and_is_listed_as_failed(ws, sample_run, monkeypatch):
     from refinery import export
 
-    first = run_all()
-    before = outputs(sample)
-    (sample.root / "refinery.toml").write_text("[score]\naccept_min_score = 0.9\n")
+    first = sample_run
+    before = outputs(ws)
+    (ws.root / "refinery.toml").write_text("[score]\naccept_min_score = 0.9\n")
 
     def leak(path, ws, allowed):
         raise export.LeakError("row 3 is rejected")
@@ -370,23 +371,22 @@ def test_a_failed_run_publishes_nothing_and_is_listed_as_failed(sample, monkeypa
     monkeypatch.setattr(export, "verify_sft", leak)
     result = invoke("run-all")
     assert result.exit_code == 1 and "nothing was published" in result.output
-    assert outputs(sample) == before  # materialize and score ran, but their outputs were not published
+    assert outputs(ws) == before  # materialize and score ran, but their outputs were not published
     listed = orjson.loads(invoke("runs", "--json").stdout)
     assert [r["status"] for r in listed] == ["complete", "failed"]
     assert listed[1]["exit_code"] == 1 and "LeakError" in listed[1]["error"]
-    assert not list((sample.root / "data").glob(".run-*"))  # the staging is gone
+    assert not list((ws.root / "data").glob(".run-*"))  # the staging is gone
     monkeypatch.setattr(export, "verify_sft", real)
-    (sample.root / "refinery.toml").unlink()
+    (ws.root / "refinery.toml").unlink()
     again = run_all()  # a failed run is never what a later run reuses or compares with
     assert again["drift"]["previous_run_id"] == first["run_id"]
     assert {r["reused_from"] for r in again["receipts"].values()} == {first["run_id"]}
 
 
-def test_a_publish_killed_half_way_is_completed_by_the_next_writer(sample, monkeypatch):
+def test_a_publish_killed_half_way_is_completed_by_the_next_writer(ws, sample_run, monkeypatch):
     from refinery import jsonl
 
-    run_all()
-    with open(sample.kb / "eval.csv", "ab") as f:
+    with open(ws.kb / "eval.csv", "ab") as f:
         f.write(EVAL_ROW % b"new")
     real, calls = jsonl.publish_dir, []
 
@@ -399,17 +399,17 @@ def test_a_publish_killed_half_way_is_completed_by_the_next_writer(sample, monke
 
     monkeypatch.setattr(jsonl, "publish_dir", dies_on_the_third)
     with pytest.raises(KeyboardInterrupt):
-        runs.run_all(sample, load_config(sample.root))
+        runs.run_all(ws, load_config(ws.root))
     monkeypatch.setattr(jsonl, "publish_dir", real)
     assert len(calls) == 3
-    staging = list((sample.root / "data").glob(".run-*"))
+    staging = list((ws.root / "data").glob(".run-*"))
     assert len(staging) == 1 and (staging[0] / jsonl.PUBLISH_JOURNAL).is_file()
 
     listed = orjson.loads(invoke("runs", "--json").stdout)
     killed = listed[-1]["run_id"]
     result = invoke("run-all", "--json")  # takes the lock: completes the publish first
     assert result.exit_code == 0
-    assert not list((sample.root / "data").glob(".run-*"))
+    assert not list((ws.root / "data").glob(".run-*"))
     listed = orjson.loads(invoke("runs", "--json").stdout)
     assert next(r for r in listed if r["run_id"] == killed)["status"] == "complete"
     doc = orjson.loads(result.stdout)
@@ -424,6 +424,7 @@ def worker_pids(pid: int) -> list[int]:
         return []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="watches worker processes through /proc (Linux)")
 def test_a_run_killed_mid_way_leaves_the_previous_run_intact(ws, tmp_path):
     """A real SIGKILL in the middle of run-all (after materialize finished, before the end),
@@ -474,14 +475,13 @@ def test_a_run_killed_mid_way_leaves_the_previous_run_intact(ws, tmp_path):
 
 
 
-def test_a_broken_chain_inside_a_run_fails_it_and_publishes_nothing(sample, monkeypatch):
+def test_a_broken_chain_inside_a_run_fails_it_and_publishes_nothing(ws, sample_run, monkeypatch):
     """A scored-run file edited between score and the exports: the exports read other bytes
     than score wrote, so the chain check refuses to publish."""
     from refinery import score
 
-    run_all()
-    before = outputs(sample)
-    (sample.root / "refinery.toml").write_text("[score]\naccept_min_score = 0.8\n")
+    before = outputs(ws)
+    (ws.root / "refinery.toml").write_text("[score]\naccept_min_score = 0.8\n")
     real = score.run
 
     def score_then_tamper(ws, cfg, **kw):
@@ -494,7 +494,7 @@ def test_a_broken_chain_inside_a_run_fails_it_and_publishes_nothing(sample, monk
     result = invoke("run-all")
     assert result.exit_code == 1
     assert "RECEIPT CHECK FAILED" in result.output and "export-rag: read data/scored-runs/" in result.output
-    assert outputs(sample) == before
+    assert outputs(ws) == before
     assert orjson.loads(invoke("runs", "--json").stdout)[-1]["status"] == "failed"
 
 
@@ -516,16 +516,17 @@ def hold_lock(ws, note: str) -> subprocess.Popen:
     return holder
 
 
-def test_runs_tells_a_running_run_from_a_killed_one(sample):
-    done = run_all()
+@pytest.mark.slow
+def test_runs_tells_a_running_run_from_a_killed_one(ws, sample_run):
+    done = sample_run
     in_progress = "29991231T000000000Z-ffff"  # sorts after the real run
-    d = sample.reports / in_progress
+    d = ws.reports / in_progress
     d.mkdir()
-    summary = orjson.loads((sample.reports / done["run_id"] / "summary.json").read_bytes())
+    summary = orjson.loads((ws.reports / done["run_id"] / "summary.json").read_bytes())
     (d / "summary.json").write_bytes(orjson.dumps({**summary, "run_id": in_progress, "status": "incomplete",
                                                    "exit_code": None, "overall_hash": None}))
     for note, shown in ((in_progress, "running"), ("", "incomplete")):  # run-all vs a stage command
-        holder = hold_lock(sample, note)
+        holder = hold_lock(ws, note)
         try:
             assert orjson.loads(invoke("runs", "--json").stdout)[-1]["status"] == shown
             if note:
@@ -537,17 +538,17 @@ def test_runs_tells_a_running_run_from_a_killed_one(sample):
 
 
 @pytest.mark.parametrize("damage", ["{bad", "[]", '{"severity": ["alert"]}'])
-def test_runs_lists_a_run_whose_drift_report_is_damaged(sample, damage):
-    doc = run_all()
-    (sample.reports / doc["run_id"] / "drift.json").write_text(damage)
+def test_runs_lists_a_run_whose_drift_report_is_damaged(ws, sample_run, damage):
+    doc = sample_run
+    (ws.reports / doc["run_id"] / "drift.json").write_text(damage)
     result = invoke("runs", "--json")
     assert result.exit_code == 0 and orjson.loads(result.stdout)[0]["drift_severity"] == "damaged"
     assert "damaged" in invoke("runs").stdout
 
 
-def test_a_damaged_report_is_named_not_a_traceback(sample):
-    doc = run_all()
-    (sample.reports / doc["run_id"] / "summary.json").write_text("{bad")
+def test_a_damaged_report_is_named_not_a_traceback(ws, sample_run):
+    doc = sample_run
+    (ws.reports / doc["run_id"] / "summary.json").write_text("{bad")
     assert orjson.loads(invoke("runs", "--json").stdout)[0]["status"] == "unreadable"
     result = invoke("receipts", "--run-id", doc["run_id"])
     assert result.exit_code == 2 and "summary.json: not valid JSON" in result.output
@@ -556,9 +557,9 @@ def test_a_damaged_report_is_named_not_a_traceback(sample):
 
 
 @pytest.mark.parametrize(("file", "field"), [("summary.json", "totals"), ("drift.json", "severity")])
-def test_receipts_catches_an_edited_summary_or_drift_report(sample, file, field):
-    doc = run_all()
-    path = sample.reports / doc["run_id"] / file
+def test_receipts_catches_an_edited_summary_or_drift_report(ws, sample_run, file, field):
+    doc = sample_run
+    path = ws.reports / doc["run_id"] / file
     report = orjson.loads(path.read_bytes())
     report[field] = {"scored": 1} if field == "totals" else "alert"
     path.write_bytes(orjson.dumps(report))
@@ -569,9 +570,9 @@ def test_receipts_catches_an_edited_summary_or_drift_report(sample, file, field)
     assert problems[0].endswith("it was edited after the run")
 
 
-def test_a_run_publishes_a_pointer_to_itself_with_its_summary_hash(sample):
-    doc = run_all()
-    pointer = orjson.loads(runs.published_path(sample).read_bytes())
+def test_a_run_publishes_a_pointer_to_itself_with_its_summary_hash(ws, sample_run):
+    doc = sample_run
+    pointer = orjson.loads(runs.published_path(ws).read_bytes())
     assert pointer == {"schema_version": 1, "run_id": doc["run_id"], "summary_hash": doc["summary"]["summary_hash"]}
     assert doc["summary"]["summary_hash"] == runs.summary_hash(doc["summary"])
     assert doc["summary"]["drift_hash"] == doc["drift"]["drift_hash"] == drift.drift_hash(doc["drift"])

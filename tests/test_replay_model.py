@@ -16,8 +16,10 @@ pytest.importorskip("mlx_lm")
 pytest.importorskip("bm25s")
 runner = CliRunner()
 TASK = "How many tickets were opened in September 2026?"
-FAST = {"train_steps": 4, "batch_size": 2, "lr": 1e-2, "eval_steps": 2, "lora_rank": 2, "num_layers": 2,
-        "max_seq_length": 256}
+#: The adapter only has to exist and be served: validation loss before the first and after the
+#: last step, over a 5-row valid split.
+FAST = {"train_steps": 4, "batch_size": 2, "lr": 1e-2, "eval_steps": 4, "lora_rank": 2, "num_layers": 2,
+        "max_seq_length": 256, "valid_fraction": 0.02}
 
 
 def invoke(*args: str):
@@ -57,6 +59,7 @@ def test_replay_answers_with_the_tiny_local_model(ws):
     assert [r["mode"] for r in log] == ["retrieval", "retrieval", "no_retrieval"]
 
 
+@pytest.mark.slow
 def test_replay_serves_the_promoted_adapter_and_refuses_a_tampered_one(ws):
     trained = orjson.loads(invoke("train", "run", "--workspace", str(ws), "--json").stdout)
     aid = trained["adapter_id"]

@@ -88,6 +88,7 @@ def test_text_is_realistic_not_lorem(materialized):
     assert len(words) > 300
 
 
+@pytest.mark.slow
 def test_generator_streams(tmp_path):
     """Rows are written as they are made: a generator for 10^6 rows never builds a list of them."""
     import tracemalloc

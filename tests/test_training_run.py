@@ -14,8 +14,12 @@ from refinery.cli import app
 
 pytest.importorskip("mlx_lm")
 runner = CliRunner()
-FAST = {"train_steps": 6, "batch_size": 2, "lr": 1e-3, "eval_steps": 3, "lora_rank": 2, "num_layers": 2,
-        "max_seq_length": 256}
+#: A few seconds a run: six steps, validation loss before the first and after the last (every
+#: validation pass goes over the whole valid split), and small held-out splits (by id hash, the
+#: sample's SFT rows give 14 test rows, held-out and eval-sheet ones both, and 5 valid rows) so
+#: that a real `train eval` generates 2 × (14 + 4 probes) answers, not 2 × (41 + 4).
+FAST = {"train_steps": 6, "batch_size": 2, "lr": 1e-3, "eval_steps": 6, "lora_rank": 2, "num_layers": 2,
+        "max_seq_length": 256, "test_fraction": 0.05, "valid_fraction": 0.02}
 
 
 def invoke(*args: str):
@@ -43,6 +47,7 @@ def train(ws, **overrides) -> dict:
     return orjson.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_a_run_writes_the_adapter_folder_and_is_reproducible(ws):
     first = train(ws)
     out = ws / "distill_out" / first["adapter_id"]
@@ -70,6 +75,7 @@ def test_a_run_writes_the_adapter_folder_and_is_reproducible(ws):
     assert other["adapter_id"] != first["adapter_id"] and other["adapter_sha256"] != first["adapter_sha256"]
 
 
+@pytest.mark.slow
 def test_training_progress_is_plain_text_when_stderr_is_not_a_terminal(ws):
     """mlx-lm prints its training progress with colour forced; into a pipe or a log file that
     was raw escape codes. It goes to stderr, as text."""
@@ -80,6 +86,7 @@ def test_training_progress_is_plain_text_when_stderr_is_not_a_terminal(ws):
     assert "\x1b" not in result.output and "\x1b" not in result.stderr
 
 
+@pytest.mark.slow
 def test_the_adapter_loads_into_mlx_lm_and_changes_the_output(ws):
     from mlx_lm import load
     import mlx.core as mx
@@ -92,11 +99,13 @@ def test_the_adapter_loads_into_mlx_lm_and_changes_the_output(ws):
     assert not mx.allclose(model(ids), tuned(ids)).item()
 
 
+@pytest.mark.slow
 def test_training_stops_at_the_time_cap(ws):
     r = train(ws, train_steps=500, time_cap_s=0.5)
     assert r["stopped_by"] == "time_cap_s" and 1 <= r["steps"] < 500
 
 
+@pytest.mark.slow
 def test_qlora_trains_on_a_quantized_copy_of_the_base(ws):
     r = train(ws, adapter_type="qlora")
     qbase = ws / "distill_out" / "tiny-base-q4"
@@ -104,6 +113,7 @@ def test_qlora_trains_on_a_quantized_copy_of_the_base(ws):
     assert r["base_model"]["trained_on"] == "distill_out/tiny-base-q4" and r["steps"] == 6
 
 
+@pytest.mark.slow
 def test_each_run_is_logged_as_evidence_for_the_next_run(ws):
     a, b = train(ws), train(ws, seed=2)
     with open(ws / "data" / "_kb" / "runs_distill_train.csv", newline="") as f:
@@ -114,6 +124,7 @@ def test_each_run_is_logged_as_evidence_for_the_next_run(ws):
     assert doc["receipts"]["materialize"]["by_source"]["runs_distill_train"]["evidence"] == 2
 
 
+@pytest.mark.slow
 def test_eval_without_held_out_data_says_what_to_run(ws):
     aid = train(ws)["adapter_id"]
     shutil.rmtree(ws / "distill_out" / "data")
@@ -168,6 +179,7 @@ def scripts(ws) -> tuple[list[str], list[str]]:
     return perfect, ["?"] * len(refs) + ["I can't."] * 4
 
 
+@pytest.mark.slow
 def test_promotion_needs_the_margin_and_no_safety_or_format_regression(ws):
     from refinery.training.config import load_distill_config
     from refinery.training.evaluate import evaluate
@@ -195,6 +207,7 @@ def test_promotion_needs_the_margin_and_no_safety_or_format_regression(ws):
     assert invoke("train", "promote", "--adapter", "ad-nope", "--workspace", str(ws)).exit_code == 2
 
 
+@pytest.mark.slow
 def test_the_last_three_promoted_are_kept_and_rollback_restores_one(ws):
     from refinery.training.config import load_distill_config
     from refinery.training.evaluate import evaluate
@@ -218,6 +231,7 @@ def test_the_last_three_promoted_are_kept_and_rollback_restores_one(ws):
     assert result.exit_code == 2 and "not one of the kept promoted adapters" in result.output
 
 
+@pytest.mark.slow
 def test_an_archived_adapter_still_exports_to_peft(ws):
     """promote archives an adapter that does not beat the base; `train list` shows it, so
     `train export` must read it from the archive (eval and promote refuse it, saying why)."""
@@ -240,6 +254,7 @@ def test_an_archived_adapter_still_exports_to_peft(ws):
     assert result.exit_code == 2 and f"{aid} is archived (distill_out/archive/{aid})" in result.output
 
 
+@pytest.mark.slow
 def test_a_real_evaluation_writes_its_table_and_chart(ws):
     aid = train(ws)["adapter_id"]
     result = invoke("train", "eval", "--workspace", str(ws), "--json")
@@ -255,6 +270,7 @@ def test_a_real_evaluation_writes_its_table_and_chart(ws):
     assert len(rows) == comp["rows"] and set(rows[0]["answers"]) == {"base", "adapter"}
 
 
+@pytest.mark.slow
 def test_peft_export_equals_the_mlx_adapter_numerically(ws):
     import mlx.core as mx
     from mlx_lm import load
