@@ -353,17 +353,11 @@ class ReplayConfig(Section):
     @field_validator("index_dir")
     @classmethod
     def _index_inside(cls, v: str, info: ValidationInfo) -> str:
-        from refinery.workspace import RESERVED, inside, reserved
+        from refinery.workspace import setting_folder
 
-        if reserved(v):
-            raise ValueError(f"{v!r} is the workspace itself or inside its own folders ({', '.join(RESERVED)}), "
-                             "which refinery lays out and would see replaced; use a folder of its own, such "
-                             "as distill_out/")
-        if not info.data.get("allow_outside_workspace") and not inside(v):
-            raise ValueError(f"{v!r} is outside the workspace, and refinery writes and replaces that folder; "
-                             "use a path inside the workspace, or set allow_outside_workspace = true in "
-                             "[replay] if you mean it")
-        return v
+        return setting_folder(v, allow_outside=bool(info.data.get("allow_outside_workspace")),
+                              does="writes and replaces that folder",
+                              opt_in="allow_outside_workspace = true in [replay]")
 
 
 class Config(Section):

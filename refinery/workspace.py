@@ -76,6 +76,21 @@ def reserved(rel: str) -> bool:
     return norm == "." or norm.split("/")[0] in RESERVED
 
 
+def setting_folder(v: str, *, allow_outside: bool, does: str, opt_in: str) -> str:
+    """Check a folder a setting hands to a command that writes, replaces or deletes in it
+    (`does`): never the workspace root or one of refinery's own folders, and outside the
+    workspace only with the setting's opt-in (`opt_in`, as the user writes it). Raises
+    ValueError with the fix, for pydantic to report under the setting's name."""
+    if reserved(v):
+        raise ValueError(f"{v!r} is the workspace itself or inside its own folders ({', '.join(RESERVED)}), "
+                         "which refinery lays out and would see replaced; use a folder of its own, such as "
+                         "distill_out/")
+    if not allow_outside and not inside(v):
+        raise ValueError(f"{v!r} is outside the workspace, and refinery {does} there; use a path inside the "
+                         f"workspace, or set {opt_in} if you mean it")
+    return v
+
+
 def is_output_path(rel: str) -> bool:
     """Whether `rel` names a file inside one of the published output trees."""
     if not inside(rel):

@@ -50,17 +50,11 @@ class DistillConfig(BaseModel):
     @field_validator("output_dir")
     @classmethod
     def _inside(cls, v: str, info: ValidationInfo) -> str:
-        from refinery.workspace import RESERVED, inside, reserved
+        from refinery.workspace import setting_folder
 
-        if reserved(v):
-            raise ValueError(f"{v!r} is the workspace itself or inside its own folders ({', '.join(RESERVED)}), "
-                             "which refinery lays out and would see replaced; use a folder of its own, such "
-                             "as distill_out/")
-        if not info.data.get("allow_outside_workspace") and not inside(v):
-            raise ValueError(f"{v!r} is outside the workspace, and refinery writes, archives and deletes "
-                             'adapters there; use a path inside the workspace, or set "allow_outside_workspace": '
-                             "true if you mean it")
-        return v
+        return setting_folder(v, allow_outside=bool(info.data.get("allow_outside_workspace")),
+                              does="writes, archives and deletes adapters",
+                              opt_in='"allow_outside_workspace": true')
 
 
 def load_distill_config(workspace: Path, path: Path | None = None) -> DistillConfig:
