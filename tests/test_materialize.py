@@ -289,6 +289,7 @@ def test_a_second_run_all_waits_for_the_first(ws):
     with open(ws.kb / "gateway_receipts.jsonl", "ab") as f:  # then a source changes
         f.write(b'{"ts": 1762000000, "prompt": "new", "completion": "row"}\n')
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    others: dict[str, subprocess.Popen] = {}
     try:
         deadline = time.monotonic() + 60
         while (ws.holder() or (0, ""))[1] == "":  # until run-all has noted its run id
@@ -296,15 +297,21 @@ def test_a_second_run_all_waits_for_the_first(ws):
             time.sleep(0.01)
         time.sleep(0.2)  # past its start: it has read the recorded runs (and, before the fix, let go)
         first.send_signal(signal.SIGSTOP)
-        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and "another refinery run is writing" in second.stderr, second.stderr
-        forced = subprocess.run(cmd + ["--force"], capture_output=True, text=True, timeout=120)
-        assert forced.returncode == 2 and "another refinery run is writing" in forced.stderr, forced.stderr
-        audit = subprocess.run([*cmd[:3], "audit-full", *cmd[4:]], capture_output=True, text=True, timeout=120)
-        assert audit.returncode == 2 and "another refinery run is writing" in audit.stderr, audit.stderr
+        # a second run-all, a forced one and an audit; each waits out the lock (2 s) before it
+        # gives up, so they are started together and wait together
+        audit = [*cmd[:3], "audit-full", *cmd[4:]]
+        for name, args in (("second", cmd), ("forced", [*cmd, "--force"]), ("audit", audit)):
+            others[name] = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, proc in others.items():
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 2 and "another refinery run is writing" in err, (name, err)
         listed = subprocess.run([*cmd[:3], "runs", *cmd[4:]], capture_output=True, text=True, timeout=120)
         assert listed.returncode == 0 and "running" in listed.stdout  # and it did not clean up under the run
         assert list((ws.root / "data").glob(".run-*"))
     finally:
+        for proc in others.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=180) == 0, first.stderr.read().decode()[-2000:]
