@@ -9,7 +9,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import read_jsonl_file, sample_workspace
+from conftest import built_once, read_jsonl_file, sample_workspace
 from refinery.cli import app
 
 pytest.importorskip("mlx_lm")
@@ -28,10 +28,11 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """The bundled sample run, a tiny model built, the data collected; short local answers."""
-    return sample_workspace(tmp_path_factory.mktemp("replay-model"), "run-all", "train tiny-model", "train collect",
-                            files={"distill_config.json": orjson.dumps(FAST).decode(),
-                                   "refinery.toml": "[replay]\nmax_tokens = 12\n"})
+    """The bundled sample run, a tiny model built, the data collected; short local answers (once per
+    session: built_once)."""
+    return built_once(tmp_path_factory, "replay-model", lambda d: sample_workspace(
+        d, "run-all", "train tiny-model", "train collect",
+        files={"distill_config.json": orjson.dumps(FAST).decode(), "refinery.toml": "[replay]\nmax_tokens = 12\n"}))
 
 
 @pytest.fixture

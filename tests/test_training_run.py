@@ -9,7 +9,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import sample_workspace
+from conftest import built_once, sample_workspace
 from refinery.cli import app
 
 pytest.importorskip("mlx_lm")
@@ -30,9 +30,9 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """The bundled sample run, a tiny model built, the data collected."""
-    return sample_workspace(tmp_path_factory.mktemp("train"), "run-all", "train tiny-model", "train collect",
-                            files={"distill_config.json": orjson.dumps(FAST).decode()})
+    """The bundled sample run, a tiny model built, the data collected (once per session: built_once)."""
+    return built_once(tmp_path_factory, "train", lambda d: sample_workspace(
+        d, "run-all", "train tiny-model", "train collect", files={"distill_config.json": orjson.dumps(FAST).decode()}))
 
 
 @pytest.fixture
