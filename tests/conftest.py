@@ -9,6 +9,7 @@ import os
 # time on some file systems). Kill-safety does not rest on it — see refinery.jsonl.DURABLE.
 os.environ.setdefault("REFINERY_FSYNC", "0")
 
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -68,26 +69,58 @@ def sample_workspace(root: Path, *commands: str, files: dict[str, str] | None = 
     return root
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that `build(folder)` fills, built once per test session: with pytest-xdist, the
+    first worker to ask builds it under the session's shared temporary folder while the others
+    wait on a lock, then all read it (tests copy it before changing anything). A build that
+    fails leaves nothing behind, so the next one to ask builds it again (and fails the same)."""
+    import fcntl
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session, and by no other session
+    target = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_dir():
+            staging = root / f"{name}.building"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            build(staging)
+            staging.rename(target)
+    return target
+
+
+#: Where the sample_run template keeps its first run's `run-all --json` output, beside the workspace.
+_SAMPLE_RUN_DOC = "run-all.json"
+
+
 @pytest.fixture(scope="session")
 def _sample_run_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     """A workspace holding `generate(400, 7)` in which one `run-all --json` has run, built once
-    per test process; its `--json` document is kept as bytes (each test gets its own copy)."""
-    from typer.testing import CliRunner
+    per test session (built_once); its `--json` document as bytes (each test gets its own copy)."""
 
-    from refinery.cli import app
-    from refinery.sample import generate
+    def build(folder: Path) -> None:
+        from typer.testing import CliRunner
 
-    root = tmp_path_factory.mktemp("sample-run") / "ws"
-    generate(400, 7, root / "data" / "_kb")
-    result = CliRunner().invoke(app, ["run-all", "--json", "--workspace", str(root)])
-    assert result.exit_code == 0, result.output
-    return root, result.stdout_bytes
+        from refinery.cli import app
+        from refinery.sample import generate
+
+        root = folder / "ws"
+        generate(400, 7, root / "data" / "_kb")
+        result = CliRunner().invoke(app, ["run-all", "--json", "--workspace", str(root)])
+        assert result.exit_code == 0, result.output
+        (folder / _SAMPLE_RUN_DOC).write_bytes(result.stdout_bytes)
+
+    folder = built_once(tmp_path_factory, "sample-run", build)
+    return folder / "ws", (folder / _SAMPLE_RUN_DOC).read_bytes()
 
 
 @pytest.fixture
 def sample_run(_sample_run_template: tuple[Path, bytes], ws: Workspace) -> dict:
     """The test's workspace as `generate(400, 7, ws.kb)` then `refinery run-all --json` leave it,
-    copied from a template built once per process (the run takes a second or more; the copy a
+    copied from a template built once per session (the run takes a second or more; the copy a
     few milliseconds). Everything a run writes is relative to the workspace, so the copy is that
     run, byte for byte: its receipts match the files and a second run-all reuses every stage.
     Returns the run's `--json` document (the same keys `run-all --json` prints)."""
@@ -103,14 +136,17 @@ def sample_run(_sample_run_template: tuple[Path, bytes], ws: Workspace) -> dict:
 
 @pytest.fixture(scope="session")
 def gate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The acceptance gate run once per test process on its fixture, every invariant passing,
-    its two workspaces kept: run-a/ and run-b/. Shared: a test that changes them copies first."""
-    from refinery.acceptance import FIXTURE, run_gate
+    """The acceptance gate run once per test session (built_once) on its fixture, every
+    invariant passing, its two workspaces kept: run-a/ and run-b/. Shared: a test that changes
+    them copies first."""
 
-    base = tmp_path_factory.mktemp("gate")
-    checks = run_gate(FIXTURE, keep=base)
-    assert all(c.ok for c in checks), [(c.key, c.problems) for c in checks if not c.ok]
-    return base
+    def build(base: Path) -> None:
+        from refinery.acceptance import FIXTURE, run_gate
+
+        checks = run_gate(FIXTURE, keep=base)
+        assert all(c.ok for c in checks), [(c.key, c.problems) for c in checks if not c.ok]
+
+    return built_once(tmp_path_factory, "gate", build)
 
 
 def passing_audit_baseline(ws: Workspace) -> dict:

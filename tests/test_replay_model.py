@@ -9,7 +9,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import read_jsonl_file, sample_workspace
+from conftest import built_once, read_jsonl_file, sample_workspace
 from refinery.cli import app
 
 pytest.importorskip("mlx_lm")
@@ -17,9 +17,10 @@ pytest.importorskip("bm25s")
 runner = CliRunner()
 TASK = "How many tickets were opened in September 2026?"
 #: The adapter only has to exist and be served: validation loss before the first and after the
-#: last step, over a 5-row valid split.
+#: last step, over a 5-row valid split; sequences cut at 128 tokens (one batch shape, one compile:
+#: see test_training_run's FAST).
 FAST = {"train_steps": 4, "batch_size": 2, "lr": 1e-2, "eval_steps": 4, "lora_rank": 2, "num_layers": 2,
-        "max_seq_length": 256, "valid_fraction": 0.02}
+        "max_seq_length": 128, "valid_fraction": 0.02}
 
 
 def invoke(*args: str):
@@ -28,10 +29,11 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """The bundled sample run, a tiny model built, the data collected; short local answers."""
-    return sample_workspace(tmp_path_factory.mktemp("replay-model"), "run-all", "train tiny-model", "train collect",
-                            files={"distill_config.json": orjson.dumps(FAST).decode(),
-                                   "refinery.toml": "[replay]\nmax_tokens = 12\n"})
+    """The bundled sample run, a tiny model built, the data collected; short local answers (once per
+    session: built_once)."""
+    return built_once(tmp_path_factory, "replay-model", lambda d: sample_workspace(
+        d, "run-all", "train tiny-model", "train collect",
+        files={"distill_config.json": orjson.dumps(FAST).decode(), "refinery.toml": "[replay]\nmax_tokens = 12\n"}))
 
 
 @pytest.fixture

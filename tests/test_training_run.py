@@ -9,17 +9,19 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from conftest import sample_workspace
+from conftest import built_once, sample_workspace
 from refinery.cli import app
 
 pytest.importorskip("mlx_lm")
 runner = CliRunner()
-#: A few seconds a run: six steps, validation loss before the first and after the last (every
-#: validation pass goes over the whole valid split), and small held-out splits (by id hash, the
-#: sample's SFT rows give 14 test rows, held-out and eval-sheet ones both, and 5 valid rows) so
-#: that a real `train eval` generates 2 × (14 + 4 probes) answers, not 2 × (41 + 4).
+#: About a second a run: six steps; validation loss before the first and after the last (every
+#: validation pass goes over the whole valid split); sequences cut at 128 tokens (the sample's
+#: rows are 119-387), so that nearly every batch has one shape and mlx-lm compiles its step once
+#: rather than once per padded length; and small held-out splits (by id hash, the sample's SFT
+#: rows give 14 test rows, held-out and eval-sheet ones both, and 5 valid rows) so that a real
+#: `train eval` generates 2 × (14 + 4 probes) answers, not 2 × (41 + 4).
 FAST = {"train_steps": 6, "batch_size": 2, "lr": 1e-3, "eval_steps": 6, "lora_rank": 2, "num_layers": 2,
-        "max_seq_length": 256, "test_fraction": 0.05, "valid_fraction": 0.02}
+        "max_seq_length": 128, "test_fraction": 0.05, "valid_fraction": 0.02}
 
 
 def invoke(*args: str):
@@ -28,9 +30,9 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """The bundled sample run, a tiny model built, the data collected."""
-    return sample_workspace(tmp_path_factory.mktemp("train"), "run-all", "train tiny-model", "train collect",
-                            files={"distill_config.json": orjson.dumps(FAST).decode()})
+    """The bundled sample run, a tiny model built, the data collected (once per session: built_once)."""
+    return built_once(tmp_path_factory, "train", lambda d: sample_workspace(
+        d, "run-all", "train tiny-model", "train collect", files={"distill_config.json": orjson.dumps(FAST).decode()}))
 
 
 @pytest.fixture
