@@ -143,23 +143,15 @@ def read_ledger(ws: Workspace, *, reanchor: bool = False) -> list[dict[str, Any]
 def read_head(ws: Workspace) -> dict[str, Any] | None:
     """The recorded head ({seq, row_hash}), or None when there is none. Raises AuditInputError
     naming the file and what is wrong with it when it is not a head."""
-    from pydantic import ValidationError
-
     from refinery.models import LedgerHead
+    from refinery.receipts import ReportUnreadable, read_record
 
     path = head_path(ws)
-    if not path.exists():
-        return None
     try:
-        return LedgerHead.model_validate_json(path.read_bytes(), strict=True).model_dump(mode="json")
-    except (ValidationError, OSError) as e:
-        if isinstance(e, ValidationError):
-            detail = "; ".join(f"{'.'.join(map(str, err['loc'])) + ': ' if err['loc'] else ''}{err['msg']}"
-                               for err in e.errors()[:2])
-        else:
-            detail = e.strerror or str(e)
+        return read_record(path, LedgerHead)
+    except ReportUnreadable as e:
         raise AuditInputError(
-            f"{ws.rel(path)} is damaged ({detail}): it should hold the ledger's last row as "
+            f"{ws.rel(path)} is damaged ({e}): it should hold the ledger's last row as "
             f'{{"seq": N, "row_hash": "<sha256>"}}. Restore it from your backup, or run `{REANCHOR}` to accept '
             f"{ws.rel(ledger_path(ws))} as it stands and write a new head — the row that audit appends records "
             "the re-anchoring") from None

@@ -214,11 +214,9 @@ def check_hashes(receipts: dict[str, dict[str, Any]]) -> list[str]:
 def verify_files(ws: Workspace, files: list[dict[str, Any]], digests: Digests) -> str | None:
     """None when every file is on disk with the recorded sha256; else what differs first."""
     for f in files:
-        problem = _file_problem(ws, f, digests)
-        if problem == "missing":
-            return f"{f['path']} was deleted"
-        if problem:
-            return f"{f['path']} changed" if problem.startswith("sha256") else problem
+        if found := _file_problem(ws, f, digests):
+            kind, detail = found
+            return {"missing": f"{f['path']} was deleted", "sha256": f"{f['path']} changed"}.get(kind, detail)
     return None
 
 
@@ -230,32 +228,30 @@ def check_files(ws: Workspace, receipts: dict[str, dict[str, Any]]) -> list[str]
     digests = Digests()
     for stage, r in receipts.items():
         for f in r["outputs"]:
-            problem = _file_problem(ws, f, digests)
-            if problem == "missing":
-                problems.append(f"{f['path']} (written by {stage}) is missing")
-            elif problem and problem.startswith("sha256"):
-                problems.append(f"{f['path']} changed since {stage} wrote it: {problem}")
-            elif problem:
-                problems.append(problem)
+            if not (found := _file_problem(ws, f, digests)):
+                continue
+            kind, detail = found
+            problems.append({"missing": f"{f['path']} (written by {stage}) is missing",
+                             "sha256": f"{f['path']} changed since {stage} wrote it: {detail}"}.get(kind, detail))
     return problems
 
 
-def _file_problem(ws: Workspace, f: dict[str, Any], digests: Digests) -> str | None:
-    """What is wrong with one recorded output on disk: "missing", "sha256 …", a row count, or a
-    path outside the published trees (a rewritten receipt must not make refinery read, or reuse
-    link, anything else)."""
+def _file_problem(ws: Workspace, f: dict[str, Any], digests: Digests) -> tuple[str, str] | None:
+    """What is wrong with one recorded output on disk, as (kind, detail): "outside" (a path
+    outside the published trees: a rewritten receipt must not make refinery read, or reuse
+    link, anything else), "missing", "sha256" or "rows"; None when nothing is."""
     from refinery.workspace import is_output_path
 
     if not is_output_path(f["path"]):
-        return f"{f['path']!r} is not a path in the published output folders"
+        return "outside", f"{f['path']!r} is not a path in the published output folders"
     p = ws.out / f["path"]
     if not p.is_file():
-        return "missing"
+        return "missing", ""
     d = digests.of(p, f["path"])
     if d["sha256"] != f["sha256"]:
-        return f"sha256 {d['sha256'][:12]}… != recorded {f['sha256'][:12]}…"
+        return "sha256", f"sha256 {d['sha256'][:12]}… != recorded {f['sha256'][:12]}…"
     if d["rows"] != f["rows"]:
-        return f"{f['path']}: {d['rows']} rows, the receipt says {f['rows']}"
+        return "rows", f"{f['path']}: {d['rows']} rows, the receipt says {f['rows']}"
     return None
 
 
@@ -285,6 +281,23 @@ def read_receipts(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 class ReportUnreadable(ValueError):
     """A receipt, summary or drift report that is not valid JSON any more."""
+
+
+def read_record(path: Path, model: Any) -> dict[str, Any] | None:
+    """A small JSON record file as its pydantic `model` reads it (strictly), or None when there is
+    none. Raises ReportUnreadable with what is wrong (the first two errors, or the OS's word);
+    the caller says which file it is and how to mend it."""
+    from pydantic import ValidationError
+
+    if not path.exists():
+        return None
+    try:
+        return model.model_validate_json(path.read_bytes(), strict=True).model_dump(mode="json")
+    except ValidationError as e:
+        raise ReportUnreadable("; ".join(f"{'.'.join(map(str, err['loc'])) + ': ' if err['loc'] else ''}"
+                                         f"{err['msg']}" for err in e.errors()[:2])) from None
+    except OSError as e:
+        raise ReportUnreadable(e.strerror or str(e)) from None
 
 
 def read_json(path: Path) -> Any:

@@ -181,18 +181,13 @@ def published_path(ws: Workspace) -> Path:
 
 def read_published(ws: Workspace) -> dict[str, Any] | None:
     """published.json (None when there is none). Raises ReportUnreadable when it is damaged."""
-    from pydantic import ValidationError
-
     from refinery.models import PublishedRun
 
     path = published_path(ws)
-    if not path.exists():
-        return None
     try:
-        return PublishedRun.model_validate_json(path.read_bytes(), strict=True).model_dump(mode="json")
-    except (ValidationError, OSError) as e:
-        detail = e.errors()[0]["msg"] if isinstance(e, ValidationError) else e.strerror
-        raise receipts.ReportUnreadable(f"{ws.rel(path)}: not a published-run record ({detail})") from None
+        return receipts.read_record(path, PublishedRun)
+    except receipts.ReportUnreadable as e:
+        raise receipts.ReportUnreadable(f"{ws.rel(path)}: not a published-run record ({e})") from None
 
 
 def _names(ws: Workspace, run_id: str) -> bool:
