@@ -284,7 +284,8 @@ class ScoreConfig(Section):
         return self
 
 
-SensitiveKind = Literal["api_key", "bearer_token", "private_key", "password", "email", "phone", "private_note"]
+SensitiveKind = Literal["api_key", "bearer_token", "private_key", "password",
+                        "email", "phone", "credit_card", "iban", "ssn", "private_note"]
 
 
 class ExportConfig(Section):

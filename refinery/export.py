@@ -129,23 +129,22 @@ def _plain_message(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: The evidence fields an export row is made of: all of them are scanned, keys and values.
+SCANNED = ("task_name", "prompt", "response", "tool_calls", "messages")
+
+
 def _texts(ev: dict[str, Any]) -> list[tuple[str, Any]]:
     """The fields of an evidence record that can reach an export, for the sensitive-data scan."""
-    fields: list[tuple[str, Any]] = [("prompt", ev["prompt"]), ("response", ev["response"])]
-    if ev["tool_calls"]:
-        fields.append(("tool_calls", [c["arguments"] for c in ev["tool_calls"]]))
-    if ev["messages"]:
-        fields.append(("messages", [[m.get("content"), [c["arguments"] for c in m.get("tool_calls") or []]]
-                                    for m in ev["messages"]]))
-    return fields
+    return [(k, ev[k]) for k in SCANNED if ev[k]]
 
 
 def _redact_evidence(ev: dict[str, Any], allow: list[str]) -> tuple[dict[str, Any], list[str]]:
     out = dict(ev)
     found: list[str] = []
-    for key in ("prompt", "response", "messages", "tool_calls"):
-        out[key], kinds = sensitive.redact(ev[key], allow)
-        found += kinds
+    for key in SCANNED:
+        if ev[key]:
+            out[key], kinds = sensitive.redact(ev[key], allow)
+            found += kinds
     return out, found
 
 
@@ -244,6 +243,10 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
                     refuse(wanted, sr, prov, reason, f"{kind} in {where}")
                     continue
                 ev, kinds = _redact_evidence(ev, allow)
+                left = sensitive.first_finding(_texts(ev), allow)
+                if left is not None:  # never expected; the re-scan is the guarantee, not the redaction
+                    refuse(wanted, sr, prov, Reason.SECRET_DETECTED, f"{left[0]} in {left[1]} survived redaction")
+                    continue
                 for e in wanted:
                     stats[e].redacted.update(kinds)
             answer = answer_text(ev)

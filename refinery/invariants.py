@@ -568,20 +568,55 @@ def no_duplicate_answers(ctx: Context) -> list[str]:
     return problems.done()
 
 
-def no_secrets_in_exports(ctx: Context) -> list[str]:
-    """No export row carries an API key, token, private key, password, email, phone number
-    or private note (kinds in export.allow_sensitive excepted)."""
-    from refinery.sensitive import first_finding
+#: Fields refinery writes itself — ids, hashes, provenance, categories —, at the top of a row or
+#: in a converted row's `meta`: not scanned (a sha256 is not a key, and cannot carry one).
+REFINERY_FIELDS = frozenset({"schema_version", "id", "provenance", "rejected_provenance", "task_key", "chosen_id",
+                             "rejected_id", "category", "quality_score", "score", "source", "stage", "reason",
+                             "raw_length", "raw_sha256"})
 
-    skip = {"id", "provenance", "rejected_provenance", "task_key", "chosen_id", "rejected_id", "schema_version"}
+
+def scanned_fields(row: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The (field, value) pairs of an output row that came from the traces."""
+    out = []
+    for k, v in row.items():
+        if k in REFINERY_FIELDS:
+            continue
+        if k == "meta" and isinstance(v, dict):
+            out += [(f"meta.{mk}", mv) for mk, mv in v.items() if mk not in REFINERY_FIELDS]
+        else:
+            out.append((k, v))
+    return out
+
+
+def no_secrets_in_exports(ctx: Context) -> list[str]:
+    """No export row — nor what `convert` made of one, nor a quarantine record — carries an API
+    key, token, private key, password, email, phone number, card number, IBAN, SSN or private
+    note (kinds in export.allow_sensitive excepted). Two passes read every row: the engine that
+    guarded the export, and an independent second pass (refinery.sensitive.check) with its own
+    rules, decoders and entropy test; a finding of either fails the check, counted per kind."""
+    from refinery.sensitive import scan
+    from refinery.sensitive.check import second_pass
+
+    allow = ctx.cfg.export.allow_sensitive
     problems = Problems()
-    # the exports, and what `convert` made of them for training (exports/formats/)
-    for rel in [p for p in ctx.files("exports") if not p.startswith("exports/quarantine/")]:
+    tally: Counter[tuple[str, str]] = Counter()
+    for rel in ctx.files("exports"):
         for line in ctx.rows(rel):
             row = line.obj or {}
-            hit = first_finding([(k, v) for k, v in row.items() if k not in skip], ctx.cfg.export.allow_sensitive)
-            if hit:
-                problems.add(f"{rel}:{line.offset} ({row.get('id')}): {hit[0]} in {hit[1]}")
+            fields = scanned_fields(row)
+            found = {}
+            for f in scan(fields, allow):
+                found.setdefault((f.kind, f.where), ("engine", f.rule))
+            for f in second_pass(fields, allow):
+                found.setdefault((f.kind, f.where), ("second pass", f.rule))
+            for (kind, where), (by, rule) in found.items():
+                tally[kind, by] += 1
+                problems.add(f"{rel}:{line.offset} ({row.get('id')}): {kind} in {where} (found by the {by}, {rule})")
+    if tally:
+        kinds = sorted({k for k, _ in tally})
+        per_kind = ", ".join(f"{k} {tally[k, 'engine'] + tally[k, 'second pass']} (engine {tally[k, 'engine']}, "
+                             f"second pass only {tally[k, 'second pass']})" for k in kinds)
+        return [f"findings by kind: {per_kind}", *problems.done()]
     return problems.done()
 
 

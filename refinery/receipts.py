@@ -73,7 +73,10 @@ def stage_config_hash(stage: str, cfg: Config, include_partial: bool | None = No
         e = cfg.export.model_dump(mode="json")
         if include_partial is not None:
             e["include_partial"] = include_partial
-        doc = {"export": e, "stage": stage}
+        # the sensitive-data rules' sources and versions: a new rule set re-scans every row
+        from refinery.sensitive import ruleset
+
+        doc = {"export": e, "stage": stage, "sensitive_rules": ruleset()}
     else:
         raise ValueError(f"unknown stage {stage!r}")
     return sig_hash(doc)

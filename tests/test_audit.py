@@ -294,7 +294,9 @@ def test_a_convert_output_is_scanned_and_planted_files_are_named(ran):
     code, doc = audit_json("--no-rerun")
     failed = {c["key"]: c["problems"] for c in doc["checks"] if not c["ok"]}
     assert set(failed) == {"no_secrets_in_exports", "no_unrecorded_outputs"}
-    assert failed["no_secrets_in_exports"][0].startswith("exports/formats/mlx-chat.jsonl:")
+    assert failed["no_secrets_in_exports"][0] == "findings by kind: password 1 (engine 1, second pass only 0)"
+    assert failed["no_secrets_in_exports"][1].startswith("exports/formats/mlx-chat.jsonl:")
+    assert "hunter2" not in "".join(failed["no_secrets_in_exports"])
     assert len(failed["no_unrecorded_outputs"]) == 1
     assert failed["no_unrecorded_outputs"][0].startswith("exports/planted.jsonl is not in any receipt of run ")
 

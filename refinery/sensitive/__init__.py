@@ -1,0 +1,234 @@
+"""Secrets and personal data: found before any row reaches an export.
+
+Ten kinds, in two families. Secrets (`api_key`, `bearer_token`, `private_key`, `password`)
+quarantine a row as `secret_detected`; personal data (`email`, `phone`, `credit_card`, `iban`,
+`ssn`, `private_note`) as `pii_detected`. With `export.sensitive = "redact"` each finding is
+replaced by `[REDACTED:<kind>]` — the whole token it sits in, so no tail of a key survives —
+and the row is scanned again before it is written; kinds listed in `export.allow_sensitive` are
+left alone. A finding names the kind, the rule and the field, never the value.
+
+Every string of a record is read — keys as well as values, JSON text inside a string (tool-call
+arguments) as well as the objects themselves — and each is first made plain (invisible
+characters removed, NFKC) and looked into where it holds an encoding of other text (base64,
+hex, URL encoding, JSON escapes): see `refinery.sensitive.text`. The rules and where they come
+from are in `refinery.sensitive.rules`; `refinery.sensitive.check` is the independent second
+pass the audit runs over the written exports.
+
+The rules lean towards catching too much: a false positive costs one quarantined row, a false
+negative leaks a credential into a training set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import orjson
+
+from refinery.sensitive.rules import KINDS, PII_KINDS, SECRET_KINDS, all_rules, ruleset
+from refinery.sensitive.text import encoded_runs, plain
+
+__all__ = ["KINDS", "PII_KINDS", "SECRET_KINDS", "Finding", "find", "first_finding", "reason_family", "redact",
+           "redact_text", "ruleset", "scan"]
+
+
+class Finding(NamedTuple):
+    kind: str
+    rule: str
+    where: str  # the field, never the value
+
+
+class _Hit(NamedTuple):
+    kind: str
+    rule: str
+    start: int  # in plain(text)
+    end: int
+
+
+def reason_family(kind: str) -> str:
+    return "secret" if kind in SECRET_KINDS else "pii"
+
+
+#: How deep the scan looks into encodings of encodings (base64 of hex of a key, …).
+_DEPTH = 2
+
+
+def _scan_text(text: str, depth: int = 0) -> list[_Hit]:
+    """Every rule's matches in `text` (already plain), and inside its encoded runs."""
+    hits: list[_Hit] = []
+    lower = text.lower()
+    for rule in all_rules():
+        if rule.keywords and not any(k in lower for k in rule.keywords):
+            continue
+        for m in rule.regex.finditer(text):
+            # the secret is the rule's first group where it has one ("password: <it>")
+            start, end = m.span(1) if rule.regex.groups and m.group(1) is not None else m.span()
+            if rule.valid is not None and not rule.valid(text[start:end]):
+                continue
+            hits.append(_Hit(rule.kind, rule.id, start, end))
+    if depth < _DEPTH:
+        for start, end, decoded in encoded_runs(text):
+            inner = _scan_text(plain(decoded), depth + 1)
+            if inner:
+                hits.append(_Hit(inner[0].kind, inner[0].rule + " (encoded)", start, end))
+    return hits
+
+
+def _json_text(text: str) -> Any:
+    """The JSON value `text` holds when it is a JSON object or array, else None."""
+    t = text.strip()
+    if len(t) < 2 or t[0] not in "{[" or t[-1] not in "}]":
+        return None
+    try:
+        return orjson.loads(t)
+    except orjson.JSONDecodeError:
+        return None
+
+
+# Strings repeat across a trace set (system prompts, tool names, task names): each distinct
+# string is scanned once per process. Bounded by total characters, cleared when full.
+_CACHE: dict[str, tuple[_Hit, ...]] = {}
+_CACHE_CHARS = [0]
+_CACHE_LIMIT = 32 << 20
+
+
+def _hits(text: str) -> tuple[_Hit, ...]:
+    """Findings in one string (positions in plain(text)); JSON text is also read as JSON."""
+    got = _CACHE.get(text)
+    if got is not None:
+        return got
+    p = plain(text)
+    hits = _scan_text(p)
+    value = _json_text(p)
+    if value is not None:
+        inner = [h for s, _ in _walk(value) for h in _hits(s)]
+        if inner:
+            hits.append(_Hit(inner[0].kind, inner[0].rule + " (in JSON text)", 0, len(p)))
+    got = tuple(hits)
+    if _CACHE_CHARS[0] + len(text) > _CACHE_LIMIT:
+        _CACHE.clear()
+        _CACHE_CHARS[0] = 0
+    _CACHE[text] = got
+    _CACHE_CHARS[0] += len(text)
+    return got
+
+
+def _walk(value: Any) -> Iterator[tuple[str, bool]]:
+    """(string, is a key) for every string anywhere in `value`."""
+    if isinstance(value, str):
+        yield value, False
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str):
+                yield k, True
+            yield from _walk(v)
+
+
+def scan(fields: Iterable[tuple[str, Any]], allow: Iterable[str] = ()) -> list[Finding]:
+    """Every finding in the (field name, value) pairs, kinds in `allow` excepted, in field order.
+
+    Values may be strings or nested JSON (lists and dicts, keys included); every string inside
+    is searched, and a string holding a JSON object or array is also read as JSON.
+    """
+    allowed = set(allow)
+    out: list[Finding] = []
+    for name, value in fields:
+        for text, is_key in _walk(value):
+            for h in _hits(text):
+                if h.kind not in allowed:
+                    out.append(Finding(h.kind, h.rule, f"{name} (a key)" if is_key else name))
+    return out
+
+
+def first_finding(fields: Iterable[tuple[str, Any]], allow: Iterable[str] = ()) -> tuple[str, str] | None:
+    """(kind, field) of the first finding in the (field name, value) pairs, or None."""
+    allowed = set(allow)
+    for name, value in fields:
+        for text, is_key in _walk(value):
+            for h in _hits(text):
+                if h.kind not in allowed:
+                    return h.kind, f"{name} (a key)" if is_key else name
+    return None
+
+
+def find(text: str, allow: Iterable[str] = ()) -> Iterator[tuple[str, int, int]]:
+    """(kind, start, end) of every finding in one string; positions are in its plain form."""
+    allowed = set(allow)
+    for h in _hits(text):
+        if h.kind not in allowed:
+            yield h.kind, h.start, h.end
+
+
+# A redacted span grows to the whole token it sits in: a rule that matched part of a key (its
+# documented prefix and length) must not leave the rest of the key behind.
+_TOKEN_EDGE = re.compile(r"[\s\"'<>()\[\]{},;]")
+
+
+def _grow(text: str, start: int, end: int) -> tuple[int, int]:
+    while start > 0 and not _TOKEN_EDGE.match(text[start - 1]):
+        start -= 1
+    while end < len(text) and not _TOKEN_EDGE.match(text[end]):
+        end += 1
+    return start, end
+
+
+def redact_text(text: str, allow: Iterable[str] = ()) -> str:
+    """`text` with every finding replaced by `[REDACTED:<kind>]` (JSON text kept JSON)."""
+    return redact(text, allow)[0]
+
+
+def redact(value: Any, allow: Iterable[str] = ()) -> tuple[Any, list[str]]:
+    """`value` with every finding replaced by `[REDACTED:<kind>]`; (new value, kinds found).
+
+    A string holding a JSON object or array is redacted as JSON and written back as JSON text.
+    A string is returned in its plain form (invisible characters removed) only when it had a
+    finding. Two keys of one object that redact to the same text are told apart by a suffix.
+    """
+    allowed = set(allow)
+    found: list[str] = []
+
+    def one(text: str) -> str:
+        hits = [h for h in _hits(text) if h.kind not in allowed]
+        if not hits:
+            return text
+        p = plain(text)
+        inside = _json_text(p)
+        if inside is not None:
+            return orjson.dumps(walk(inside)).decode()
+        spans: list[list[Any]] = []
+        for h in sorted(hits, key=lambda h: (h.start, -h.end)):
+            start, end = _grow(p, h.start, h.end)
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end, h.kind])
+        out, at = [], 0
+        for start, end, kind in spans:
+            out += [p[at:start], f"[REDACTED:{kind}]"]
+            found.append(kind)
+            at = end
+        out.append(p[at:])
+        return "".join(out)
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            return one(v)
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, dict):
+            new: dict[Any, Any] = {}
+            for k, x in v.items():
+                key = one(k) if isinstance(k, str) else k
+                n = 1
+                while key in new:
+                    n += 1
+                    key = f"{one(k)}#{n}"
+                new[key] = walk(x)
+            return new
+        return v
+
+    return walk(value), found
