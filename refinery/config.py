@@ -39,8 +39,9 @@ class MaterializeConfig(Section):
         default=256 << 20, gt=0,
         description="a whole JSON document (or archive member) larger than this is refused as "
                     "document_too_large: such files are best converted to JSONL")
-    quarantine_raw_max: int = Field(default=64 << 10, gt=0,
-                                    description="how much of a refused row's text quarantine keeps")
+    quarantine_preview_chars: int = Field(
+        default=240, ge=0,
+        description="characters of a refused row's redacted text that quarantine keeps as its preview (0: none)")
     ignore: list[str] = Field(
         default_factory=lambda: ["audit_baselines.jsonl"],
         description="globs (relative to data/_kb) of files that are not source streams")

@@ -621,13 +621,14 @@ def no_secrets_in_exports(ctx: Context) -> list[str]:
 
 
 def export_quarantine_holds_no_text(ctx: Context) -> list[str]:
-    """The exports' quarantine records name the row and the reason, never copy its text (a
-    refused secret must not reappear in quarantine)."""
+    """The exports' quarantine records name the row and the reason, never copy its text, not
+    even a redacted preview (a refused secret must not reappear in quarantine)."""
     problems = Problems()
     for stage in EXPORT_FILES:
         rel = f"exports/quarantine/{stage}.jsonl"
         for line in ctx.rows(rel):
-            if line.obj is None or line.obj.get("raw") is not None:
+            obj = line.obj
+            if obj is None or any(obj.get(k) is not None for k in ("preview", "raw_length", "raw_sha256")):
                 problems.add(f"{rel}:{line.offset}: carries the row's text")
     return problems.done()
 

@@ -361,7 +361,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                      container=src.container, claimed_because=job.claim_why)
     sink = EvidenceSink(job.evidence_dir, job.validate)
     by_reason: Counter[str] = Counter()
-    raw_max = mcfg.quarantine_raw_max
+    preview_chars = mcfg.quarantine_preview_chars
     sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
     fallback_time, fallback_origin = job.fallback or (None, None)
     dropped: Counter[str] = Counter()
@@ -386,8 +386,8 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
         if raw is None and row is not None:  # rebuild the row's text only now that it is refused
             raw = csv_raw(list(row.values())) if is_csv else dumps(row)
         by_reason[reason.value] += 1
-        q = quarantine_record(STAGE, source, src.ws_rel, offset, reason, detail, sig, raw=raw, raw_max=raw_max,
-                              recorded_at=recorded_at, record=record)
+        q = quarantine_record(STAGE, source, src.ws_rel, offset, reason, detail, sig, raw=raw,
+                              preview_chars=preview_chars, recorded_at=recorded_at, record=record)
         qw.write(q)
 
     def whole_file(reason: Reason, detail: str) -> None:
@@ -547,7 +547,7 @@ class BucketJob:
     fallbacks: dict[int, tuple[str, str]]
     evidence_dir: Path
     quarantine_part: Path
-    raw_max: int
+    preview_chars: int
     validate: bool
 
 
@@ -583,7 +583,7 @@ def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, 
         c["quarantined"] += 1
         c["by_reason"][reason.value] += 1
         qw.write(quarantine_record(STAGE, src.source, src.ws_rel, m.offset, reason, detail, m.sig,
-                                   raw=dumps(m.row), raw_max=job.raw_max, record=m.record))
+                                   raw=dumps(m.row), preview_chars=job.preview_chars, record=m.record))
 
     def ref(m: Member) -> dict[str, Any]:
         r: dict[str, Any] = {"source_file": job.sources[m.file].ws_rel, "line_offset": m.offset}
@@ -780,7 +780,7 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                     k = len(bucket_jobs)
                     bucket_jobs.append(BucketJob(
                         k, name, b, found, sources, trust, fallbacks, parts / f"ev-b{k:06d}",
-                        parts / f"q-b{k:06d}.jsonl", mcfg.quarantine_raw_max, validate))
+                        parts / f"q-b{k:06d}.jsonl", mcfg.quarantine_preview_chars, validate))
             if bucket_jobs:
                 done = map_files(_work_bucket, [(j,) for j in bucket_jobs],
                                  [sum(p.stat().st_size for p in j.spill_parts) for j in bucket_jobs],

@@ -211,14 +211,24 @@ class PreferencePair(Strict):
 class QuarantineRecord(Strict):
     """A refused row: why, at which stage, and exactly where it came from."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     id: str = Field(description="q-<16 hex>: stable for the same stage, file and line")
     stage: str
     source: str
     reason: Reason
     detail: str
-    raw: str | None = Field(description="the row as text (invalid bytes backslash-escaped), possibly truncated")
-    raw_truncated: bool = False
+    raw_length: int | None = Field(
+        ge=0, description="bytes in the row as the reader held them (a line without its terminator; a line over "
+                          "the size limit: only its first bytes; a CSV record: re-joined as one line; a record "
+                          "inside a document: its compact JSON); null when the record keeps nothing of the row (a "
+                          "whole file, an export's refusal)")
+    raw_sha256: Sha256 | None = Field(
+        description="SHA-256 of those bytes (for a line that does not parse, equal to provenance.sig_hash)")
+    preview: str | None = Field(
+        description="the row's start as text (invalid bytes backslash-escaped), every secret and personal datum "
+                    "replaced by [REDACTED:<kind>], at most materialize.quarantine_preview_chars characters, a "
+                    "token cut by the end dropped and '…' appended when cut. Never the raw row: the source "
+                    "file holds that")
     provenance: Provenance
 
 

@@ -68,7 +68,7 @@ def stage_config_hash(stage: str, cfg: Config, include_partial: bool | None = No
             doc["signals"] = {k: v.model_dump(mode="json") for k, v in cfg.signals.items()}
     elif stage == "score":
         doc = {"score": cfg.score.model_dump(mode="json"),
-               "quarantine_raw_max": cfg.materialize.quarantine_raw_max}
+               "quarantine_preview_chars": cfg.materialize.quarantine_preview_chars}
     elif stage in EXPORT_STAGES:
         e = cfg.export.model_dump(mode="json")
         if include_partial is not None:

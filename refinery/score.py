@@ -112,7 +112,7 @@ def scored_run(ev: dict[str, Any], evidence_file: str, offset: int, sig: str, sc
 
 
 def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quarantine_part: Path,
-               scfg: ScoreConfig, raw_max: int) -> FileResult:
+               scfg: ScoreConfig, preview_chars: int) -> FileResult:
     phash = policy_hash(scfg)
     res = FileResult(evidence_rel, out_rel, file_sha256(evidence))
     cats: Counter[str] = Counter()
@@ -128,7 +128,7 @@ def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quara
                 reasons[Reason.INVALID_EVIDENCE] += 1
                 qw.write(quarantine_record(STAGE, "?", evidence_rel, line.offset, Reason.INVALID_EVIDENCE,
                                            f"{line.reason}: {line.detail}", sha256(line.raw or b"").hexdigest(),
-                                           raw=line.raw, raw_max=raw_max))
+                                           raw=line.raw, preview_chars=preview_chars))
                 continue
             ev = line.obj
             sig = sha256(dumps(ev, option=sort_keys)).hexdigest()
@@ -139,7 +139,7 @@ def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quara
                 src = ev.get("source") if isinstance(ev.get("source"), str) else "?"
                 qw.write(quarantine_record(STAGE, src, evidence_rel, line.offset, Reason.INVALID_EVIDENCE,
                                            f"not an EvidenceRecord: {type(e).__name__} {e}", sig,
-                                           raw=line.raw, raw_max=raw_max))
+                                           raw=line.raw, preview_chars=preview_chars))
                 continue
             w.write(row)
             cats[row["category"]] += 1
@@ -175,7 +175,7 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
             for i, p in enumerate(files):
                 rel = p.relative_to(ws.evidence).as_posix()
                 jobs.append((p, ws.rel(p), staging / rel, f"{ws.rel(ws.scored_runs)}/{rel}",
-                             parts / f"{i:06d}.jsonl", cfg.score, cfg.materialize.quarantine_raw_max))
+                             parts / f"{i:06d}.jsonl", cfg.score, cfg.materialize.quarantine_preview_chars))
             results: list[FileResult] = map_files(
                 score_file, jobs, [p.stat().st_size for p in files], workers=cfg.materialize.workers,
                 parallel_min_bytes=cfg.materialize.parallel_min_bytes, on_done=on_file_done)

@@ -46,7 +46,7 @@ def test_precedence_flag_over_file_over_default(ws):
     cfg = load_config(ws.root, overrides={"materialize": {"workers": 1, "max_line_bytes": None}})
     assert cfg.materialize.workers == 1          # flag wins
     assert cfg.materialize.max_line_bytes == 500  # file beats default, unset flag does not override
-    assert cfg.materialize.quarantine_raw_max == Config().materialize.quarantine_raw_max
+    assert cfg.materialize.quarantine_preview_chars == Config().materialize.quarantine_preview_chars
 
 
 def test_config_hash_changes_with_settings(ws):

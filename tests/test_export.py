@@ -62,7 +62,8 @@ def test_fixture_counts_and_accounting(fixture_ws, cfg):
         assert x["rows_in"] == x["rows_out"] + x["quarantined"], name
         q = read_jsonl_file(fixture_ws.root / x["quarantine"])
         assert len(q) == x["quarantined"]
-        assert all(r["stage"] == f"export-{name}" and r["raw"] is None for r in q)
+        assert all(r["stage"] == f"export-{name}" and r["preview"] is None
+                   and r["raw_length"] is None for r in q)
 
 
 def test_every_output_row_validates_against_its_schema(fixture_ws, cfg):

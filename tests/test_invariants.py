@@ -260,7 +260,7 @@ def t_no_secrets_in_exports(ws):
 
 
 def t_export_quarantine_holds_no_text(ws):
-    edit_rows(ws, "exports/quarantine/export-sft.jsonl", set_field(0, raw="the refused answer, copied"))
+    edit_rows(ws, "exports/quarantine/export-sft.jsonl", set_field(0, preview="the refused answer, copied"))
 
 
 def t_unique_ids(ws):
