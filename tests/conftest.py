@@ -284,3 +284,28 @@ def copy_fixture(ws: Workspace, folder: Path) -> Config:
         elif p.name != "expected.jsonl":
             shutil.copy(p, ws.kb / p.name)
     return load_config(ws.root)
+
+
+# --- measured tables in the run's output ----------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the tables tests attach with `record_property("<name>_table", text)` (the secret
+    recall per kind, its false positives, the end-to-end leaks) at the end of the run. The
+    properties travel with each test's report, so this works under pytest-xdist too; a failed
+    test's table is printed as well: it is the figure that says how far off the mark it is."""
+    found = []
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", None) != "call":
+                continue
+            for name, value in getattr(report, "user_properties", ()):
+                if name.endswith("_table"):
+                    found.append((report.nodeid, outcome, name, str(value)))
+    if not found:
+        return
+    terminalreporter.section("measured tables")
+    for nodeid, outcome, name, value in sorted(found):
+        terminalreporter.write_line(f"{name} — {nodeid} ({outcome})", bold=True)
+        terminalreporter.write_line(value)
+        terminalreporter.write_line("")
