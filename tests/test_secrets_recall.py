@@ -590,7 +590,8 @@ def _plan(root: Path, cases: list[tuple[dict, bool]]) -> list[dict]:
 
 
 def _leaks(root: Path, items: list[dict]) -> dict[str, list[str]]:
-    """Item id → the files under exports/ holding its secret or any 16-character piece of it.
+    """Item id → the files under exports/ holding its secret or any 16-character piece of it (24
+    for a private note).
     Any such piece holds an 8-character piece that starts at a multiple of 8 in the file's
     text, so the texts are scanned at that stride against an index of the secrets' pieces."""
     grams: dict[str, set[str]] = defaultdict(set)
@@ -599,7 +600,9 @@ def _leaks(root: Path, items: list[dict]) -> dict[str, list[str]]:
         secret = normalise(item["secret"])
         if len(secret) < 16:
             short[item["id"]] = secret
-        pieces[item["id"]] = windows(secret, 16)
+        # a private note is prose: 16 characters of it (" asked us not to ") can be another
+        # item's prose, so a note leaks when 24 of its characters do
+        pieces[item["id"]] = windows(secret, 24 if item["kind"] == "private_note" else 16)
         for k in range(len(secret) - 7):
             grams[secret[k:k + 8]].add(item["id"])
     out: dict[str, list[str]] = defaultdict(list)
@@ -611,7 +614,7 @@ def _leaks(root: Path, items: list[dict]) -> dict[str, list[str]]:
             hit.update(i for i, secret in short.items() if secret in hay)
             for pos in range(0, len(hay) - 7, 8):
                 for i in grams.get(hay[pos:pos + 8], ()):
-                    region = hay[max(0, pos - 15):pos + 23]
+                    region = hay[max(0, pos - 23):pos + 31]
                     if i not in hit and any(p in region for p in pieces[i]):
                         hit.add(i)
         for i in sorted(hit):

@@ -54,9 +54,16 @@ def reason_family(kind: str) -> str:
 _DEPTH = 2
 
 
+# What redaction wrote is not a finding: the kind in "[REDACTED:password]" must not read as a
+# password rule's keyword. Masked to the same length, so positions stay put.
+_MARKER = re.compile(r"(?<=\[REDACTED:)[a-z_]+(?=\])")
+
+
 def _scan_text(text: str, depth: int = 0) -> list[_Hit]:
     """Every rule's matches in `text` (already plain), and inside its encoded runs."""
     hits: list[_Hit] = []
+    if "[REDACTED:" in text:
+        text = _MARKER.sub(lambda m: "_" * len(m.group(0)), text)
     lower = text.lower()
     for rule in all_rules():
         if rule.keywords and not any(k in lower for k in rule.keywords):
@@ -102,7 +109,7 @@ def _hits(text: str) -> tuple[_Hit, ...]:
     hits = _scan_text(p)
     value = _json_text(p)
     if value is not None:
-        inner = [h for s, _ in _walk(value) for h in _hits(s)]
+        inner = [h for s, _, skip in _walk(value) for h in _hits(s) if h.start >= skip]
         if inner:
             hits.append(_Hit(inner[0].kind, inner[0].rule + " (in JSON text)", 0, len(p)))
     got = tuple(hits)
@@ -114,18 +121,33 @@ def _hits(text: str) -> tuple[_Hit, ...]:
     return got
 
 
-def _walk(value: Any) -> Iterator[tuple[str, bool]]:
-    """(string, is a key) for every string anywhere in `value`."""
+def _walk(value: Any) -> Iterator[tuple[str, bool, int]]:
+    """(string, is a key, where its own findings start) for every string anywhere in `value`.
+
+    A string value under a key that names a secret is also given as `key=value`, so rules that
+    need the name beside the value (`"SecretAccessKey": "…"`) see both; only findings in the
+    value part count there (the key is read on its own).
+    """
     if isinstance(value, str):
-        yield value, False
+        yield value, False, 0
     elif isinstance(value, list):
         for v in value:
             yield from _walk(v)
     elif isinstance(value, dict):
         for k, v in value.items():
             if isinstance(k, str):
-                yield k, True
+                yield k, True, 0
+                if isinstance(v, str) and _names_a_secret(k):
+                    yield f"{k}={v}", False, len(plain(k)) + 1
             yield from _walk(v)
+
+
+_SECRET_NAMES = ("key", "secret", "token", "pass", "pwd", "auth", "cred", "private", "ssn", "card", "iban")
+
+
+def _names_a_secret(key: str) -> bool:
+    lower = key.lower()
+    return any(w in lower for w in _SECRET_NAMES)
 
 
 def scan(fields: Iterable[tuple[str, Any]], allow: Iterable[str] = ()) -> list[Finding]:
@@ -137,9 +159,9 @@ def scan(fields: Iterable[tuple[str, Any]], allow: Iterable[str] = ()) -> list[F
     allowed = set(allow)
     out: list[Finding] = []
     for name, value in fields:
-        for text, is_key in _walk(value):
+        for text, is_key, skip in _walk(value):
             for h in _hits(text):
-                if h.kind not in allowed:
+                if h.kind not in allowed and h.start >= skip:
                     out.append(Finding(h.kind, h.rule, f"{name} (a key)" if is_key else name))
     return out
 
@@ -148,9 +170,9 @@ def first_finding(fields: Iterable[tuple[str, Any]], allow: Iterable[str] = ()) 
     """(kind, field) of the first finding in the (field name, value) pairs, or None."""
     allowed = set(allow)
     for name, value in fields:
-        for text, is_key in _walk(value):
+        for text, is_key, skip in _walk(value):
             for h in _hits(text):
-                if h.kind not in allowed:
+                if h.kind not in allowed and h.start >= skip:
                     return h.kind, f"{name} (a key)" if is_key else name
     return None
 
@@ -191,8 +213,14 @@ def redact(value: Any, allow: Iterable[str] = ()) -> tuple[Any, list[str]]:
     allowed = set(allow)
     found: list[str] = []
 
-    def one(text: str) -> str:
-        hits = [h for h in _hits(text) if h.kind not in allowed]
+    def one(text: str, key: str | None = None) -> str:
+        """`text` redacted; under a dict key it is read as `key=text` (see _walk)."""
+        off = 0
+        if key is not None:
+            off = len(plain(key)) + 1
+            hits = [h for h in _hits(f"{key}={text}") if h.kind not in allowed and h.start >= off]
+        else:
+            hits = [h for h in _hits(text) if h.kind not in allowed]
         if not hits:
             return text
         p = plain(text)
@@ -201,7 +229,7 @@ def redact(value: Any, allow: Iterable[str] = ()) -> tuple[Any, list[str]]:
             return orjson.dumps(walk(inside)).decode()
         spans: list[list[Any]] = []
         for h in sorted(hits, key=lambda h: (h.start, -h.end)):
-            start, end = _grow(p, h.start, h.end)
+            start, end = _grow(p, max(h.start - off, 0), min(h.end - off, len(p)))
             if spans and start <= spans[-1][1]:
                 spans[-1][1] = max(spans[-1][1], end)
             else:
@@ -227,7 +255,8 @@ def redact(value: Any, allow: Iterable[str] = ()) -> tuple[Any, list[str]]:
                 while key in new:
                     n += 1
                     key = f"{one(k)}#{n}"
-                new[key] = walk(x)
+                named = isinstance(x, str) and isinstance(k, str) and _names_a_secret(k)
+                new[key] = one(x, k) if named else walk(x)
             return new
         return v
 

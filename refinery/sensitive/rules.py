@@ -144,6 +144,11 @@ def random_looking(token: str) -> bool:
     return len(token) >= 30 and upper >= 2 and lower >= 2 and (digits >= 1 or "/" in token or "+" in token)
 
 
+def _not_a_word(token: str) -> bool:
+    """A token, not a word: it has a digit, a symbol or mixed case ("Bearer of bad news" is prose)."""
+    return any(not c.isalpha() for c in token) or token != token.lower()
+
+
 def _has_digits(token: str) -> bool:
     return sum(c.isdigit() for c in token) >= 2
 
@@ -223,23 +228,30 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
     ("npm-token", "api_key", r"(?<![A-Za-z0-9])npm_[A-Za-z0-9]{36}", ("npm_",), None),
     ("digitalocean-token", "api_key", r"(?<![A-Za-z0-9])do[opr]_v1_[a-f0-9]{64}", ("_v1_",), None),
     ("databricks-token", "api_key", r"(?<![A-Za-z0-9])dapi[a-f0-9]{32}", ("dapi",), None),
+    # AWS keys come in pairs: a 40-character secret shortly after an access key id
+    ("aws-secret-after-key-id", "api_key", r"(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}[^\n]{0,60}?"
+     r"(?<![A-Za-z0-9/+])([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])", ("a3t", "akia", "asia", "abia", "acca"),
+     random_looking),
     # a high-entropy token shortly after a key-like word: AWS secret keys, generic API keys
     ("keyword-high-entropy", "api_key",
-     rf"(?i){_KEY_WORDS}\b[^\n]{{0,40}}?(?<![A-Za-z0-9_+/=.~-])([A-Za-z0-9_+/=.~-]{{16,}})",
+     rf"(?i){_KEY_WORDS}\b[^\n]{{0,40}}?(?<![A-Za-z0-9_+/.~-])([A-Za-z0-9_+/.~-][A-Za-z0-9_+/=.~-]{{15,}})",
      ("key", "token", "secret", "credential"), random_looking),
-    ("bearer-header", "bearer_token", r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{12,}=*)", ("bearer",), _has_digits),
+    ("bearer-header", "bearer_token", r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{12,}=*)", ("bearer",), _not_a_word),
     ("basic-auth-header", "bearer_token", r"(?i)\bbasic\s+([A-Za-z0-9+/]{12,}={0,2})", ("basic",), None),
     ("pem-private-key", "private_key", r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:.*?-----END "
                                        r"(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|.*)", ("private key",), None),
     ("url-credentials", "password", r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@\"'<>]*:([^\s/@\"'<>]+)@[^\s/@\"'<>]+",
      ("://",), None),
+    # "password" as a word or the end of a name (POSTGRES_PASSWORD, db.password, --password)
     ("password-assignment", "password",
-     r"(?i)\b(?:password|passwd|passphrase|passcode|pass|pwd|pw|pin)\b[\"']?\s*(?:[:=]|:=|=>|->)\s*[\"'`]?"
-     r"([^\s\"'`,;]{3,})", ("pass", "pwd", "pw", "pin"), _password),
+     r"(?i)(?<![A-Za-z])(?:password|passwd|passphrase|passcode|pass|pwd|pw|pin)(?![A-Za-z])[\"']?\s*"
+     r"(?:[:=]|:=|=>|->)\s*[\"'`]?([^\s\"'`,;]{3,})", ("pass", "pwd", "pw", "pin"), _password),
     ("password-in-prose", "password",
-     r"(?i)\b(?:password|passwd|passphrase|passcode|pwd|pw)\b(?:\s+(?:for|of|on|to)\s+(?:the\s+)?[\w.@/:-]+"
-     r"(?:\s+[\w.@/:-]+){0,3}?)?\s+(?:is|was|reads|=)\s+[\"'`]?([^\s\"'`,;]{3,})", ("pass", "pwd", "pw"),
-     _prose_password),
+     r"(?i)(?<![A-Za-z])(?:password|passwd|passphrase|passcode|pwd|pw)(?![A-Za-z])(?:\s+(?:for|of|on|to)\s+"
+     r"(?:the\s+)?[\w.@/:-]+(?:\s+[\w.@/:-]+){0,3}?)?\s+(?:is|was|reads|=|to|set to|changed to|now)\s+"
+     r"[\"'`]?([^\s\"'`,;]{3,})", ("pass", "pwd", "pw"), _prose_password),
+    ("mysql-password-flag", "password", r"\bmysql(?:dump|admin|sh)?\b[^\n]*?\s-p[\"']?([^\s\"']{3,})", ("mysql",),
+     _password),
     ("password-quoted", "password",
      r"(?i)\b(?:password|passwd|passphrase|passcode|pwd)\b[^\n\"'`]{0,40}[\"'`]([^\"'`\n]{3,64})[\"'`]",
      ("pass", "pwd"), _password),
@@ -254,8 +266,11 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
     ("us-ssn", "ssn", r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])", ("-",), _ssn),
     ("us-ssn-labelled", "ssn", r"(?i)\b(?:ssn|social security(?: number)?)\D{0,20}(\d{9})(?!\d)",
      ("ssn", "social security"), _ssn),
-    ("private-note", "private_note", r"(?i:\[(?:private|confidential|internal only)\]|<private>.*?(?:</private>|$)"
-                                     r"|\bprivate note\s*:)", ("private", "confidential", "internal only"), None),
+    # a marked note is redacted with what it marks: the rest of its line
+    ("private-note", "private_note",
+     r"(?:(?i:\[(?:private|confidential|internal only)\]|\bprivate note\s*[:\-\u2013]|\bnote \(private\)\s*:"
+     r"|#private\b|(?m:^\s*(?:private|confidential)\s*:))|\b(?:PRIVATE|CONFIDENTIAL)\s*:)[^\n]*"
+     r"|(?i:<private>.*?(?:</private>|$))", ("private", "confidential", "internal only"), None),
 ]
 
 
@@ -275,7 +290,7 @@ def ruleset() -> dict[str, str]:
 
 
 #: Bumped whenever a refinery rule above changes (the receipts' config hash takes it in).
-RULES_VERSION = "2"
+RULES_VERSION = "3"
 
 
 def main(argv: list[str]) -> int:

@@ -35,12 +35,12 @@ def plain(text: str) -> str:
 
 
 # Runs that may be an encoding of text. Base64 (standard and URL-safe alphabets) and hex need a
-# length that can hold a short secret; URL encoding and JSON escapes are taken per
-# whitespace-delimited run that contains one.
+# length that can hold a short secret; URL encoding and JSON escapes are taken per run between
+# whitespace or quotes that contains one.
 _BASE64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}|[A-Za-z0-9_-]{16,}={0,2}")
 _HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){8,}(?![0-9A-Fa-f])")
-_PERCENT = re.compile(r"[^\s%]*(?:%[0-9A-Fa-f]{2}[^\s%]*)+")
-_ESCAPED = re.compile(r"[^\s]*(?:\\u[0-9A-Fa-f]{4}|\\x[0-9A-Fa-f]{2})[^\s]*")
+_PERCENT = re.compile(r"[^\s%\"']*(?:%[0-9A-Fa-f]{2}[^\s%\"']*)+")
+_ESCAPED = re.compile(r"[^\s\"']*(?:\\u[0-9A-Fa-f]{4}|\\x[0-9A-Fa-f]{2})[^\s\"']*")
 _ESCAPE = re.compile(r"\\u([0-9A-Fa-f]{4})|\\x([0-9A-Fa-f]{2})|\\([\"\\/])")
 
 
