@@ -67,6 +67,37 @@ def bare_parse(kb: Path) -> tuple[int, float]:
     return units, time.perf_counter() - t0
 
 
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def sensitive_scan_cost(ws: Path) -> dict:
+    """CPU of the sensitive-data scan alone over every evidence record's exported fields, in this
+    process: once as run-all scans (each distinct string once), and per distinct record with
+    nothing cached — the cost on traces that never repeat a string."""
+    from refinery import sensitive
+    from refinery.export import _texts
+
+    records = [orjson.loads(line) for p in sorted((ws / "data" / "evidence").rglob("*.jsonl"))
+               for line in p.read_bytes().splitlines()]
+    sensitive._CACHE.clear()
+    c0 = time.process_time()
+    for ev in records:
+        sensitive.scan(_texts(ev))
+    cached = time.process_time() - c0
+    distinct = list({orjson.dumps(_texts(ev)): ev for ev in records}.values())[:5000]
+    c0 = time.process_time()
+    for ev in distinct:
+        sensitive._CACHE.clear()
+        sensitive.scan(_texts(ev))
+    uncached = (time.process_time() - c0) / max(len(distinct), 1)
+    chars = sum(len(t) for ev in distinct for t, _, _ in sensitive._walk([v for _, v in _texts(ev)]))
+    return {"scan_records": len(records), "scan_cpu_s": round(cached, 3),
+            "scan_uncached_us_per_record": round(uncached * 1e6, 1),
+            "scan_uncached_chars_per_record": round(chars / max(len(distinct), 1))}
+
+
 def run(command: str, ws: Path, workers: int, extra: list[str]) -> tuple[dict, float]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "refinery", command, "--workspace", str(ws), "--json",
@@ -101,7 +132,9 @@ def main() -> None:
     parsed, parse_s = bare_parse(kb)
     # run-all --force: every stage computed, whatever an earlier bench run left in the workspace
     force = ["--force"] if args.command == "run-all" else []
+    cpu0 = children_cpu()
     out, wall = run(args.command, ws, args.workers, force)
+    cpu = children_cpu() - cpu0
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if args.command == "run-all":
         r = out["receipts"]
@@ -112,7 +145,7 @@ def main() -> None:
         m = out
     result = {
         "command": args.command, "rows": m["rows_in"], "parsed_units": parsed, "bytes": size, "cores": os.cpu_count(),
-        "workers": args.workers, "bare_parse_s": round(parse_s, 3), "wall_s": round(wall, 3),
+        "workers": args.workers, "bare_parse_s": round(parse_s, 3), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
         "rows_per_s": round(m["rows_in"] / wall), "x_bare_parse": round(wall / parse_s, 2),
         "peak_rss_mib": round(peak_kib / 1024, 1), "materialize_s": m["seconds"],
         "evidence": m["evidence"], "quarantined": m["quarantined"],
@@ -122,6 +155,8 @@ def main() -> None:
                        "export_s": r["export-rag"]["timings"]["seconds"],  # one pass writes all three
                        "rag": r["export-rag"]["counts"]["written"], "sft": r["export-sft"]["counts"]["written"],
                        "preference_pairs": r["export-preference"]["counts"]["written"]})
+        scan = sensitive_scan_cost(ws)
+        result.update(scan, scan_share_of_cpu=f"{scan['scan_cpu_s'] / cpu:.1%}")
         again, again_wall = run(args.command, ws, args.workers, [])  # unchanged inputs: every stage reused
         assert all(x["reused_from"] for x in again["receipts"].values()), "expected every stage to be reused"
         result["rerun_unchanged_s"] = round(again_wall, 3)

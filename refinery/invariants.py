@@ -738,7 +738,8 @@ INVARIANTS: list[tuple[str, str, Callable[[Context], list[str]]]] = [
      preference_chosen_outranks),
     ("preference_pair_limit", "at most export.max_pairs_per_task pairs per task", preference_pair_limit),
     ("no_duplicate_answers", "RAG and SFT hold each (task, answer) once", no_duplicate_answers),
-    ("no_secrets_in_exports", "no secret or personal data in any export row", no_secrets_in_exports),
+    ("no_secrets_in_exports", "no secret or personal data in any export, converted format or quarantine record "
+     "(the engine and an independent second pass)", no_secrets_in_exports),
     ("export_quarantine_holds_no_text", "export quarantine records never copy the refused text",
      export_quarantine_holds_no_text),
     ("unique_ids", "ids are unique within evidence, scored runs, each export and quarantine", unique_ids),

@@ -17,7 +17,7 @@ from refinery.reasons import Reason
 #: How far past the preview's end the redaction reads. It runs on every refused row and costs
 #: about half a microsecond a character: reading a whole 64 KiB line would take ~30 ms a row.
 #: 4,096 characters hold any credential whole (a PEM key block is recognised by its header).
-REDACT_MARGIN = 4096
+REDACT_MARGIN = 128
 ELLIPSIS = "…"
 # Where a token ends: whitespace and the delimiters of JSON and CSV text. A run of anything else
 # (a key, a token, a word) that the preview's end cuts through is dropped whole. Not whitespace

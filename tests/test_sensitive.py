@@ -46,7 +46,7 @@ LOOK_ALIKES = [
     "ts 1793531536000", "trace 0af7651916cd43dd8448eb211c80319c", "call_Kud0j0DxWSmLzv9W5m6qVqXn",
     "sha256 7af1947accb64a719fe0ebb688fccf8158e2869125e6cc473938c1889d46ff75", "+05:30 offset",
     "uuid 550e8400-e29b-41d4-a716-446655440000", "key metrics for checkout-api-v2-deployment",
-    "the sk-learn estimators", "order 1234567812345678 shipped",
+    "the sk-learn estimators", "order 1234567812345678 shipped", '{"pass":true,"score":1}', "pass: false",
     "data/_kb/anthropic_messages/ORIGIN.md is not a file refinery reads",
 ]
 
@@ -154,14 +154,24 @@ def test_every_detect_secrets_plugin_is_mapped_to_a_kind_or_left_out_with_a_reas
     assert all(kind in rules.KINDS for kind, _ in rules.DETECT_SECRETS.values())
 
 
+def _ungated(rule, p):
+    """Whether `rule` finds something in `p` with its keywords and gate ignored."""
+    for m in rule.regex.finditer(p):
+        start, end = m.span(1) if rule.regex.groups and m.group(1) is not None else m.span()
+        if rule.valid is not None and not rule.valid(p[start:end]):
+            continue
+        if rule.near is not None and rule.near.search(p, max(0, start - 64), start) is None:
+            continue
+        return True
+    return False
+
+
 def test_each_rule_keyword_gate_lets_its_own_examples_through():
-    # the keyword pre-filter must never hide a match: run every rule without it on the examples
+    # the keyword and gate pre-filters must never hide a match: run every rule without them
     for kind, texts in EXAMPLES.items():
         for t in texts:
             p = text.plain(t)
-            ungated = {r.id for r in rules.all_rules() if r.kind == kind and r.regex.search(p)
-                       and (r.valid is None or r.valid(r.regex.search(p).group(1) if r.regex.groups
-                                                       else r.regex.search(p).group(0)))}
+            ungated = {r.id for r in rules.all_rules() if r.kind == kind and _ungated(r, p)}
             gated = {h.rule for h in sensitive._scan_text(p)}
             assert ungated <= gated, (kind, t)
 

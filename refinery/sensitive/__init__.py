@@ -21,12 +21,14 @@ negative leaks a credential into a training set.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from functools import cache
 from typing import Any, NamedTuple
 
 import orjson
 
-from refinery.sensitive.rules import KINDS, PII_KINDS, SECRET_KINDS, all_rules, ruleset
+from refinery.sensitive.rules import KINDS, NUMBER_RUN, PII_KINDS, SECRET_KINDS, all_rules, ruleset
 from refinery.sensitive.text import encoded_runs, plain
 
 __all__ = ["KINDS", "PII_KINDS", "SECRET_KINDS", "Finding", "find", "first_finding", "reason_family", "redact",
@@ -59,22 +61,50 @@ _DEPTH = 2
 _MARKER = re.compile(r"(?<=\[REDACTED:)[a-z_]+(?=\])")
 
 
+@cache
+def _gates() -> tuple[tuple[int, ...], tuple[tuple[str, tuple[int, ...]], ...]]:
+    """The rules that always run, and keyword → the rules it lets run (by index in all_rules()):
+    each distinct keyword is looked for once per text, not once per rule."""
+    ungated, index = [], defaultdict(list)
+    for i, rule in enumerate(all_rules()):
+        if not rule.keywords:
+            ungated.append(i)
+        for k in dict.fromkeys(rule.keywords):
+            index[k].append(i)
+    return tuple(ungated), tuple((k, tuple(ids)) for k, ids in index.items())
+
+
 def _scan_text(text: str, depth: int = 0) -> list[_Hit]:
     """Every rule's matches in `text` (already plain), and inside its encoded runs."""
     hits: list[_Hit] = []
     if "[REDACTED:" in text:
         text = _MARKER.sub(lambda m: "_" * len(m.group(0)), text)
     lower = text.lower()
-    for rule in all_rules():
-        if rule.keywords and not any(k in lower for k in rule.keywords):
+    ungated, by_keyword = _gates()
+    active = set(ungated)
+    for k, ids in by_keyword:
+        if k in lower:
+            active.update(ids)
+    runs: list[tuple[int, int]] | None = None
+    for i in sorted(active):
+        rule = all_rules()[i]
+        if rule.gate is not None and rule.gate.search(text) is None:
             continue
-        for m in rule.regex.finditer(text):
+        if rule.numeric:
+            if runs is None:  # one character past the run, so the rule's look-ahead sees it
+                runs = [(m.start(), min(m.end() + 1, len(text))) for m in NUMBER_RUN.finditer(text)]
+            matches: Iterable[re.Match[str]] = (m for a, b in runs for m in rule.regex.finditer(text, a, b))
+        else:
+            matches = rule.regex.finditer(text)
+        for m in matches:
             # the secret is the rule's first group where it has one ("password: <it>")
             start, end = m.span(1) if rule.regex.groups and m.group(1) is not None else m.span()
             if rule.valid is not None and not rule.valid(text[start:end]):
                 continue
+            if rule.near is not None and rule.near.search(text, max(0, start - 64), start) is None:
+                continue
             hits.append(_Hit(rule.kind, rule.id, start, end))
-    if depth < _DEPTH:
+    if depth < _DEPTH and len(text) >= 16:  # an encoded run is 16 characters or more
         for start, end, decoded in encoded_runs(text):
             inner = _scan_text(plain(decoded), depth + 1)
             if inner:
@@ -93,6 +123,9 @@ def _json_text(text: str) -> Any:
         return None
 
 
+#: No rule matches fewer characters ("x@y.io", "pw=abc"): roles, names and short values are skipped.
+_SHORTEST = 6
+
 # Strings repeat across a trace set (system prompts, tool names, task names): each distinct
 # string is scanned once per process. Bounded by total characters, cleared when full.
 _CACHE: dict[str, tuple[_Hit, ...]] = {}
@@ -102,6 +135,8 @@ _CACHE_LIMIT = 32 << 20
 
 def _hits(text: str) -> tuple[_Hit, ...]:
     """Findings in one string (positions in plain(text)); JSON text is also read as JSON."""
+    if len(text) < _SHORTEST:
+        return ()
     got = _CACHE.get(text)
     if got is not None:
         return got

@@ -46,6 +46,15 @@ class Rule:
     regex: re.Pattern[str]
     keywords: tuple[str, ...]  # lower-case; the rule runs only when one occurs in the lower-cased text
     valid: Callable[[str], bool] | None = None  # checks the secret (group 1 if the regex has one)
+    gate: re.Pattern[str] | None = None  # where keywords cannot say it: the rule runs only when this is found
+    near: re.Pattern[str] | None = None  # a match counts only when this matches up to its start (64 chars back)
+    numeric: bool = False  # looked for only inside runs of digits and separators (NUMBER_RUN)
+
+
+#: Where a phone, card or SSN number can be: 8+ characters of digits, spaces, dots, dashes,
+#: slashes and brackets. Numeric rules run inside these runs only, not over the whole text.
+NUMBER_RUN = re.compile(r"[+(]?\d[\d .()/-]{6,}\d")
+_NUMERIC = {"phone-international", "phone-north-american", "card-number", "us-ssn"}
 
 
 # --- detect-secrets -----------------------------------------------------------------------
@@ -54,7 +63,7 @@ class Rule:
 #: and keyword detectors) serve the independent second pass (refinery.sensitive.check).
 DETECT_SECRETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "AWSKeyDetector": ("api_key", ("a3t", "abia", "acca", "akia", "asia", "aws")),
-    "ArtifactoryDetector": ("api_key", ("akc", *(f"ap{c}" for c in "0123456789abcdef"))),
+    "ArtifactoryDetector": ("api_key", ()),  # gated below: its prefixes are case-sensitive
     "AzureStorageKeyDetector": ("api_key", ("accountkey=",)),
     "BasicAuthDetector": ("password", ("://",)),
     "CloudantDetector": ("api_key", ("cloudant", "cl_", "cl-", "clkey", "clpw", "clpass", "clapi", "cltoken",
@@ -76,8 +85,14 @@ DETECT_SECRETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "SoftlayerDetector": ("api_key", ("softlayer", "sl_", "sl-", "slapi", "slkey", "slpass", "slpw")),
     "SquareOAuthDetector": ("api_key", ("sq0csp-",)),
     "StripeDetector": ("api_key", ("k_live_",)),
-    "TelegramBotTokenDetector": ("api_key", (":",)),
+    "TelegramBotTokenDetector": ("api_key", ()),  # gated below: <bot id>:<35 characters>
     "TwilioKeyDetector": ("api_key", ("ac", "sk")),
+}
+#: Cheap searches that decide whether a detect-secrets pattern is worth running at all, for the
+#: plugins whose patterns start with no literal a keyword could stand for.
+DETECT_SECRETS_GATES: dict[str, str] = {
+    "ArtifactoryDetector": r"AKC|AP[\dA-F]",
+    "TelegramBotTokenDetector": r"\d:[0-9A-Za-z_-]{35}",
 }
 #: Plugins left out, and why.
 DETECT_SECRETS_SKIPPED = {
@@ -118,7 +133,9 @@ def _detect_secrets_rules() -> list[Rule]:
             flags = 0
             for f in pat["flags"]:
                 flags |= _FLAGS[f]
-            rules.append(Rule(f"detect-secrets:{name}#{i}", kind, re.compile(pat["pattern"], flags), keywords))
+            gate = DETECT_SECRETS_GATES.get(name)
+            rules.append(Rule(f"detect-secrets:{name}#{i}", kind, re.compile(pat["pattern"], flags), keywords,
+                              gate=re.compile(gate) if gate else None))
     return rules
 
 
@@ -159,6 +176,7 @@ required incorrect invalid wrong expired correct missing empty blank not too set
 strong weak the a an your my his her their our its this that same different new old stored hashed
 encrypted masked hidden redacted protected managed rotated valid none null undefined optional
 needed necessary mandatory case-sensitive sensitive secret unknown ok fine below above here there
+true false null nil none yes no on off
 """.split())
 
 
@@ -217,7 +235,7 @@ _KEY_WORDS = (r"(?:api[_ .-]?key|apikey|secret(?:[_ .-]?access)?(?:[_ .-]?key)?|
 
 _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] = [
     # provider keys detect-secrets has no plugin for (or matches only in an older form)
-    ("provider-sk-key", "api_key", r"(?<![A-Za-z0-9])(?:sk|pk|rk)[-_]([A-Za-z0-9_-]{20,})", ("sk-", "sk_", "pk-",
+    ("provider-sk-key", "api_key", r"[spr](?<![A-Za-z0-9][spr])k[-_]([A-Za-z0-9_-]{20,})", ("sk-", "sk_", "pk-",
                                                                                             "pk_", "rk-", "rk_"),
      _has_digits),
     ("huggingface-token", "api_key", r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}", ("hf_",), None),
@@ -233,9 +251,10 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
      r"(?<![A-Za-z0-9/+])([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])", ("a3t", "akia", "asia", "abia", "acca"),
      random_looking),
     # a high-entropy token shortly after a key-like word: AWS secret keys, generic API keys
-    ("keyword-high-entropy", "api_key",
-     rf"(?i){_KEY_WORDS}\b[^\n]{{0,40}}?(?<![A-Za-z0-9_+/.~-])([A-Za-z0-9_+/.~-][A-Za-z0-9_+/=.~-]{{15,}})",
-     ("key", "token", "secret", "credential"), random_looking),
+    # (every 16+-character token is tried, and kept when a key-like word ends at most 40
+    # characters before it: see _NEAR)
+    ("keyword-high-entropy", "api_key", r"[A-Za-z0-9_+/.~-]{16,}={0,2}", ("key", "token", "secret", "credential"),
+     random_looking),
     ("bearer-header", "bearer_token", r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{12,}=*)", ("bearer",), _not_a_word),
     ("basic-auth-header", "bearer_token", r"(?i)\bbasic\s+([A-Za-z0-9+/]{12,}={0,2})", ("basic",), None),
     ("pem-private-key", "private_key", r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:.*?-----END "
@@ -258,12 +277,14 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
     # personal data
     ("email", "email", r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", ("@",), None),
     ("phone-international", "phone",
-     r"(?<![\w+])(?<!\d[ .-])(?:\+|00)[1-9][0-9]{0,3}(?:[ .\-/]?\(?[0-9]{1,5}\)?){2,6}(?![\w])", ("+", "00"), _phone),
-    ("phone-north-american", "phone", r"(?<![\w+])(?:\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?!\w)",
+     r"(?:\+(?<![\w+]\+)(?<!\d[ .-]\+)|00(?<![\w+]00)(?<!\d[ .-]00))[1-9][0-9]{0,3}(?:[ .\-/]?\(?[0-9]{1,5}\)?){2,6}"
+     r"(?![\w])", ("+", "00"), _phone),
+    ("phone-north-american", "phone",
+     r"(?:\((?<![\w+]\()\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d(?<![\w+]\d)\d{2}[.-]\d{3}[.-]\d{4})(?!\w)",
      ("(", "-", "."), None),
-    ("card-number", "credit_card", r"(?<![\w.-])(?:\d[ -]?){12,18}\d(?![\w-])", (), _luhn_card),
-    ("iban", "iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b", (), _iban),
-    ("us-ssn", "ssn", r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])", ("-",), _ssn),
+    ("card-number", "credit_card", r"\d(?<![\w.-]\d)(?:[ -]?\d){12,18}(?![\w-])", (), _luhn_card),
+    ("iban", "iban", r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b", (), _iban),
+    ("us-ssn", "ssn", r"\d(?<![\w-]\d)\d{2}-\d{2}-\d{4}(?![\w-])", ("-",), _ssn),
     ("us-ssn-labelled", "ssn", r"(?i)\b(?:ssn|social security(?: number)?)\D{0,20}(\d{9})(?!\d)",
      ("ssn", "social security"), _ssn),
     # a marked note is redacted with what it marks: the rest of its line
@@ -274,10 +295,14 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
 ]
 
 
+_NEAR = {"keyword-high-entropy": re.compile(rf"(?i){_KEY_WORDS}\b[^\n]{{0,40}}$")}
+
+
 @cache
 def all_rules() -> tuple[Rule, ...]:
     """Every rule, detect-secrets' first, in a fixed order (so findings are deterministic)."""
-    own = [Rule(f"refinery:{rid}", kind, re.compile(rx, re.DOTALL), kw, valid) for rid, kind, rx, kw, valid in _OWN]
+    own = [Rule(f"refinery:{rid}", kind, re.compile(rx, re.DOTALL), kw, valid, near=_NEAR.get(rid),
+                numeric=rid in _NUMERIC) for rid, kind, rx, kw, valid in _OWN]
     return (*_detect_secrets_rules(), *own)
 
 

@@ -58,7 +58,8 @@ def _readable(data: bytes) -> str | None:
 
 def _unbase64(run: str) -> str | None:
     body = run.rstrip("=")
-    if len(body) % 4 == 1:
+    # base64 of 12+ bytes of text has both cases; identifiers (completion_tokens) do not
+    if len(body) % 4 == 1 or body.islower() or body.isupper():
         return None
     padded = body + "=" * (-len(body) % 4)
     try:
