@@ -282,6 +282,28 @@ def test_rows_longer_than_the_default_line_limit_are_audited_when_the_config_all
 
 
 @pytest.mark.slow
+def test_the_second_pass_catches_what_the_engine_misses(ran, monkeypatch):
+    """A blind engine (here: one that finds nothing) is not the last word: the independent second
+    pass still fails invariant 21, and the report counts the findings per kind and pass."""
+    from refinery import sensitive
+
+    assert invoke("convert", "--to", "mlx-chat").exit_code == 0
+    with open(ran.exports / "formats" / "mlx-chat.jsonl", "a") as f:
+        f.write('{"messages": [{"role": "user", "content": "deploy"}, {"role": "assistant", "content": '
+                '"export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY and card '
+                '4111 1111 1111 1111"}]}\n')
+    monkeypatch.setattr(sensitive, "scan", lambda fields, allow=(): [])
+    code, doc = audit_json("--no-rerun")
+    failed = {c["key"]: c["problems"] for c in doc["checks"] if not c["ok"]}
+    assert code == 1 and set(failed) == {"no_secrets_in_exports"}
+    problems = failed["no_secrets_in_exports"]
+    assert problems[0] == ("findings by kind: api_key 1 (engine 0, second pass only 1), credit_card 1 (engine 0, "
+                           "second pass only 1)")
+    assert all("found by the second pass" in p for p in problems[1:]) and len(problems) == 3
+    assert "wJalrXUtnFEMI" not in "".join(problems) and "4111" not in "".join(problems)
+
+
+@pytest.mark.slow
 def test_a_convert_output_is_scanned_and_planted_files_are_named(ran):
     assert invoke("convert", "--to", "mlx-chat").exit_code == 0
     code, doc = audit_json("--no-rerun")

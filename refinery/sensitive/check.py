@@ -54,7 +54,7 @@ _LEGACY: dict[str, str] = {
 }
 _LEGACY_RES = [(k, re.compile(v, re.DOTALL)) for k, v in _LEGACY.items()]
 
-_TOKEN = re.compile(r"[A-Za-z0-9+/=_-]{20,}")
+_TOKEN = re.compile(r"[A-Za-z0-9+/_-]{20,}={0,2}")  # "=" ends a token but for base64 padding (KEY=value)
 # card numbers start with 2–6 (Mastercard, Amex/Diners/JCB, Visa, Discover/UnionPay); a leading 1
 # is a millisecond timestamp
 _DIGITS = re.compile(r"(?<![\d.])[2-6](?:[ -]?\d){13,18}(?![\d.])")
