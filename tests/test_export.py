@@ -161,6 +161,21 @@ def test_redact_mode_keeps_the_row_without_the_secret(fixture_ws):
     assert "secret_detected" not in e.exports["sft"]["by_reason"]
 
 
+def test_a_row_the_redaction_leaves_a_secret_in_is_quarantined(fixture_ws, monkeypatch):
+    # the re-scan after redaction is the guarantee: a redaction that misses (here: one that
+    # changes nothing) must not let the row through
+    from refinery import sensitive
+
+    (fixture_ws.root / "refinery.toml").write_text('[export]\nsensitive = "redact"\n')  # small: in-process
+    monkeypatch.setattr(sensitive, "redact", lambda value, allow=(): (value, []))
+    _, e = pipeline(fixture_ws, load_config(fixture_ws.root))
+    sft = (fixture_ws.exports / export.PATHS["sft"]).read_text()
+    assert "sk-live-" not in sft and "jane.doe@" not in sft
+    q = read_jsonl_file(fixture_ws.exports / "quarantine" / "export-sft.jsonl")
+    survived = [r for r in q if r["reason"] == "secret_detected" and r["detail"].endswith("survived redaction")]
+    assert survived and e.exports["sft"]["by_reason"]["secret_detected"] == len(survived)
+
+
 def test_preference_rules(fixture_ws, cfg):
     from refinery.normalize import normalize_text
 
