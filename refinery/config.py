@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from refinery.canonical import sig_hash
+from refinery.sensitive.rules import KINDS
 
 CONFIG_FILE = "refinery.toml"
 
@@ -285,8 +286,7 @@ class ScoreConfig(Section):
         return self
 
 
-SensitiveKind = Literal["api_key", "bearer_token", "private_key", "password",
-                        "email", "phone", "credit_card", "iban", "ssn", "private_note"]
+SensitiveKind = Literal[KINDS]  # the kinds of refinery.sensitive, in one place
 
 
 class ExportConfig(Section):

@@ -245,7 +245,9 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
                 ev, kinds = _redact_evidence(ev, allow)
                 left = sensitive.first_finding(_texts(ev), allow)
                 if left is not None:  # never expected; the re-scan is the guarantee, not the redaction
-                    refuse(wanted, sr, prov, Reason.SECRET_DETECTED, f"{left[0]} in {left[1]} survived redaction")
+                    reason = Reason.SECRET_DETECTED if sensitive.reason_family(left[0]) == "secret" else \
+                        Reason.PII_DETECTED
+                    refuse(wanted, sr, prov, reason, f"{left[0]} in {left[1]} survived redaction")
                     continue
                 for e in wanted:
                     stats[e].redacted.update(kinds)

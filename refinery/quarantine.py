@@ -15,8 +15,9 @@ from refinery.canonical import short_id
 from refinery.reasons import Reason
 
 #: How far past the preview's end the redaction reads. It runs on every refused row and costs
-#: about half a microsecond a character: reading a whole 64 KiB line would take ~30 ms a row.
-#: 4,096 characters hold any credential whole (a PEM key block is recognised by its header).
+#: about a fifth of a microsecond a character, so not the whole row (a 64 KiB line would take
+#: ~15 ms). A secret needs only what comes before it to be recognised (its prefix, a key-like
+#: word); one that runs past the preview's end is dropped whole by the cut anyway.
 REDACT_MARGIN = 128
 ELLIPSIS = "…"
 # Where a token ends: whitespace and the delimiters of JSON and CSV text. A run of anything else
@@ -27,7 +28,7 @@ _TOKEN_TAIL = re.compile(r"[^\s\"',;:={}\[\]()<>]+\Z")
 _MARKER = re.compile(r"\[REDACTED:[^\]\s]*\]")
 
 
-def redacted_preview(raw: bytes, max_chars: int, *, cut: bool = False) -> str:
+def redacted_preview(raw: bytes, max_chars: int, *, cut: bool = False) -> str | None:
     """The start of `raw` as text (invalid bytes backslash-escaped), every sensitive span
     replaced by `[REDACTED:<kind>]`, at most `max_chars` characters plus `…` when cut.
 
@@ -50,10 +51,24 @@ def redacted_preview(raw: bytes, max_chars: int, *, cut: bool = False) -> str:
     elif cut:
         head, mid_token = text, True  # what followed is not known: take it for the same token
     else:
-        return text
+        return _checked(text)
     if mid_token:
         head = _TOKEN_TAIL.sub("", head)
-    return head + ELLIPSIS
+    return _checked(head + ELLIPSIS)
+
+
+def _checked(preview: str) -> str | None:
+    """The preview if nothing sensitive is left in it, else none at all (the row's length, hash
+    and place still say where it is)."""
+    from refinery import sensitive
+
+    return None if sensitive.first_finding([("preview", preview)]) else preview
+
+
+def _redacted_detail(detail: str) -> str:
+    from refinery import sensitive
+
+    return sensitive.redact_text(detail)
 
 
 def quarantine_record(stage: str, source: str, source_file: str, line_offset: int | None, reason: Reason,
@@ -77,7 +92,8 @@ def quarantine_record(stage: str, source: str, source_file: str, line_offset: in
         "stage": stage,
         "source": source,
         "reason": reason.value,
-        "detail": detail,
+        # a detail may quote a value ("expected a number, got 'sk-…'"): redacted like the preview
+        "detail": _redacted_detail(detail),
         "raw_length": None if raw is None else len(raw),
         "raw_sha256": None if raw is None else hashlib.sha256(raw).hexdigest(),
         "preview": None if raw is None or preview_chars == 0 else redacted_preview(

@@ -159,3 +159,24 @@ def test_the_preview_never_exceeds_its_length(raw, n):
     full, _ = sensitive.redact(raw.decode("utf-8", "backslashreplace"))
     if p != full:  # cut: what is left is a start of the redacted text, and says it was cut
         assert p.endswith(ELLIPSIS) and full.startswith(p[:-1])
+
+
+def test_a_detail_that_quotes_a_value_is_redacted(ws):
+    # a transform's message may quote the field it refused ("got 'up, my card …'")
+    card, mail = "4111 1111 1111 1111", "alice.smith@example.com"
+    write_kb(ws, {"human_feedback.jsonl": (
+        f'{{"feedback_id":"f1","trace_id":"t1","reviewer":"li","rated_at":"2026-11-01T07:00:00Z",'
+        f'"thumbs":"up, my card {card} and mail {mail}"}}\n').encode()})
+    materialize.run(ws, load_config(ws.root), validate=True)
+    data = (ws.quarantine / "materialize.jsonl").read_text()
+    assert card not in data and mail not in data
+    (q,) = quarantine_rows(ws)
+    assert "[REDACTED:credit_card]" in q["detail"] and "[REDACTED:email]" in q["detail"]
+
+
+def test_a_preview_with_anything_left_after_redaction_is_dropped(monkeypatch):
+    from refinery import sensitive
+
+    monkeypatch.setattr(sensitive, "redact", lambda value, allow=(): (value, []))
+    assert redacted_preview(f'{{"note":"{KEY}"}}'.encode(), 240) is None
+    assert redacted_preview(b'{"note":"nothing here"}', 240) == '{"note":"nothing here"}'

@@ -48,6 +48,13 @@ LOOK_ALIKES = [
     "uuid 550e8400-e29b-41d4-a716-446655440000", "key metrics for checkout-api-v2-deployment",
     "the sk-learn estimators", "order 1234567812345678 shipped", '{"pass":true,"score":1}', "pass: false",
     "data/_kb/anthropic_messages/ORIGIN.md is not a file refinery reads",
+    # seen by a review: code, config and paths that only look like secrets
+    "git clone git@github.com:acme/billing.git", "class A {\n private:\n  int x;\n};", "private: true",
+    "#private-section { color: red }", "password = request.form['password']", "password: ${DB_PASSWORD}",
+    "password: <your-password>", "password: ********", "pin = board.D4", "the password is correct",
+    "S3 object key uploads/2024/05/report_q2.pdf", "model key: mistralai/Mistral-7B-Instruct-v0.3",
+    "The monkey ate f81d4fae7dec11d0a76500a0c91e6bf6", "cache key: user_profile_v2_8a7b6c5d4e",
+    "max_tokens=1024", '{"prompt_tokens": 59, "completion_tokens": 15}',
 ]
 
 
@@ -81,6 +88,42 @@ KEY = "sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c"
 ])
 def test_hidden_secrets_are_found(shape, value):
     assert sensitive.first_finding([("field", value)]) is not None, shape
+
+
+@pytest.mark.parametrize(("shape", "value"), [
+    ("card as a JSON number", {"card": 4111111111111111}),
+    ("SSN as a JSON number", {"ssn": 123456789}),
+    ("name/value pair", {"env": [{"name": "DB_PASSWORD", "value": "Xk29abQz7Lm"}]}),
+    ("name/value pair as JSON text", json.dumps({"env": [{"name": "DB_PASSWORD", "value": "Xk29abQz7Lm"}]})),
+    ("full-width key", {"\uff50\uff41\uff53\uff53\uff57\uff4f\uff52\uff44": "Tr0ub4dor&3"}),
+    ("zero-width in the key", {"p\u200bassword": "Tr0ub4dor&3"}),
+    ("a PIN", {"pin": "4821"}), ("pw", {"pw": "Hunter2!"}), ("short api key", {"api_key": "abcd1234efgh"}),
+    ("a list under the key", {"password": ["Tr0ub4dor&3"]}),
+    ("one level down", {"db_password": {"value": "Tr0ub4dor&3"}}),
+    ("ANSI colours", "\x1b[32mpassword:\x1b[0m Tr0ub4dor&3"),
+    ("NUL inside", "sk-\x00live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c"),
+    ("base64 glued to a word", "key" + base64.b64encode(f"token {KEY}".encode()).decode()),
+    ("base64 of an SSN", "MTIzLTQ1LTY3ODk="),
+    ("a bare AWS secret key", "then wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY and retry"),
+    ("base64 three deep", base64.b64encode(base64.b64encode(KEY.encode().hex().encode())).decode()),
+])
+def test_secrets_in_the_places_a_review_found(shape, value):
+    assert sensitive.first_finding([("field", value)]) is not None, shape
+    redacted, _ = sensitive.redact(value)
+    assert sensitive.first_finding([("field", redacted)]) is None, shape
+
+
+def test_a_value_under_a_secret_name_is_redacted_whole():
+    assert sensitive.redact({"password": "purple monkey dishwasher 42"})[0] == {"password": "[REDACTED:password]"}
+    assert sensitive.redact_text("password=Tr0ub,4dor&3x then") == "[REDACTED:password] then"
+    assert sensitive.redact({"card": 4111111111111111, "n": 3})[0] == {"card": "[REDACTED:credit_card]", "n": 3}
+
+
+def test_json_text_whose_finding_spans_two_fields_is_redacted_as_text():
+    value = '{"trace_id":"tr-9","note":"api key","v":"Zx9Qw8Er7Ty6Ui5Op4As"}'
+    assert sensitive.first_finding([("x", value)]) is not None
+    out = sensitive.redact_text(value)
+    assert "Zx9Qw8Er7Ty6Ui5Op4As" not in out and sensitive.first_finding([("x", out)]) is None
 
 
 def test_first_finding_names_kind_and_field_not_the_value():
@@ -191,6 +234,14 @@ def test_second_pass_finds_what_the_engine_would_and_is_quiet_on_look_alikes():
             assert bool(check.second_pass([("x", t)])) == (t not in SECOND_PASS_BLIND), (kind, t)
     for t in LOOK_ALIKES:
         assert check.second_pass([("x", t)]) == [], t
+
+
+@pytest.mark.parametrize("text_", [
+    "integrity sha512-z4PhNX7vuL3xVChQ1m2AB9Yg5AULVxXcg/SpIdNs6c5H0NE8XYXysP+DGNKHfuwvY7kxvUdBeoGlODJ6+SfaPg==",
+    "org-AbC123dEf456GhI789jKlmN", "cus_NffrFeUfNV2Hib", "pi_3MtwBwLkdIwHu7ix28a3tqPa",
+])
+def test_second_pass_knows_documented_ids(text_):
+    assert check.second_pass([("x", text_)]) == []
 
 
 def test_second_pass_looks_inside_encodings():

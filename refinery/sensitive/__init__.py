@@ -52,8 +52,8 @@ def reason_family(kind: str) -> str:
     return "secret" if kind in SECRET_KINDS else "pii"
 
 
-#: How deep the scan looks into encodings of encodings (base64 of hex of a key, …).
-_DEPTH = 2
+#: How deep the scan looks into encodings of encodings (base64 of hex of base64 of a key).
+_DEPTH = 3
 
 
 # What redaction wrote is not a finding: the kind in "[REDACTED:password]" must not read as a
@@ -104,7 +104,7 @@ def _scan_text(text: str, depth: int = 0) -> list[_Hit]:
             if rule.near is not None and rule.near.search(text, max(0, start - 64), start) is None:
                 continue
             hits.append(_Hit(rule.kind, rule.id, start, end))
-    if depth < _DEPTH and len(text) >= 16:  # an encoded run is 16 characters or more
+    if depth < _DEPTH and len(text) >= 12:  # an encoded run is 12 characters or more
         for start, end, decoded in encoded_runs(text):
             inner = _scan_text(plain(decoded), depth + 1)
             if inner:
@@ -129,7 +129,7 @@ _SHORTEST = 6
 # Strings repeat across a trace set (system prompts, tool names, task names): each distinct
 # string is scanned once per process. Bounded by total characters, cleared when full.
 _CACHE: dict[str, tuple[_Hit, ...]] = {}
-_CACHE_CHARS = [0]
+_CACHE_CHARS = 0
 _CACHE_LIMIT = 32 << 20
 
 
@@ -148,41 +148,68 @@ def _hits(text: str) -> tuple[_Hit, ...]:
         if inner:
             hits.append(_Hit(inner[0].kind, inner[0].rule + " (in JSON text)", 0, len(p)))
     got = tuple(hits)
-    if _CACHE_CHARS[0] + len(text) > _CACHE_LIMIT:
+    global _CACHE_CHARS
+    if _CACHE_CHARS + len(text) > _CACHE_LIMIT:
         _CACHE.clear()
-        _CACHE_CHARS[0] = 0
+        _CACHE_CHARS = 0
     _CACHE[text] = got
-    _CACHE_CHARS[0] += len(text)
+    _CACHE_CHARS += len(text)
     return got
 
 
-def _walk(value: Any) -> Iterator[tuple[str, bool, int]]:
+def _walk(value: Any, context: str | None = None) -> Iterator[tuple[str, bool, int]]:
     """(string, is a key, where its own findings start) for every string anywhere in `value`.
 
-    A string value under a key that names a secret is also given as `key=value`, so rules that
-    need the name beside the value (`"SecretAccessKey": "…"`) see both; only findings in the
-    value part count there (the key is read on its own).
+    A string under a key that names a secret — at any depth below it, or as the `value` of a
+    `{"name": "DB_PASSWORD", "value": …}` pair (Kubernetes, ECS, GitHub Actions) — is also given
+    as `key=string`, so rules that need the name beside the value see both; only findings in the
+    value part count there. Integers long enough to be a card, an SSN or a phone number are read
+    as their digits.
     """
     if isinstance(value, str):
         yield value, False, 0
+        if context is not None:
+            yield f"{context}={value}", False, len(plain(context)) + 1
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= _LONG_NUMBER:
+            yield from _walk(str(value), context)
     elif isinstance(value, list):
         for v in value:
-            yield from _walk(v)
+            yield from _walk(v, context)
     elif isinstance(value, dict):
+        label = _pair_label(value)
         for k, v in value.items():
-            if isinstance(k, str):
-                yield k, True, 0
-                if isinstance(v, str) and _names_a_secret(k):
-                    yield f"{k}={v}", False, len(plain(k)) + 1
-            yield from _walk(v)
+            if not isinstance(k, str):
+                yield from _walk(v, context)
+                continue
+            yield k, True, 0
+            yield from _walk(v, _context(k, label, context))
 
 
-_SECRET_NAMES = ("key", "secret", "token", "pass", "pwd", "auth", "cred", "private", "ssn", "card", "iban")
+#: 7 digits and more: the shortest phone number the rules take has 8, an SSN 9, a card 13.
+_LONG_NUMBER = 10**6
+_SECRET_NAMES = ("key", "secret", "token", "pass", "pwd", "pw", "pin", "auth", "cred", "private", "ssn", "card",
+                 "iban")
 
 
 def _names_a_secret(key: str) -> bool:
-    lower = key.lower()
+    lower = plain(key).lower()
     return any(w in lower for w in _SECRET_NAMES)
+
+
+def _pair_label(d: dict) -> str | None:
+    """The name of a `{"name": …, "value": …}` pair when it names a secret, else None."""
+    if "value" not in d:
+        return None
+    label = d.get("name", d.get("key", d.get("Name", d.get("Key"))))
+    return label if isinstance(label, str) and _names_a_secret(label) else None
+
+
+def _context(key: str, label: str | None, outer: str | None) -> str | None:
+    """The secret's name that the value under `key` is read with, if any."""
+    if label is not None and key == "value":
+        return label
+    return key if _names_a_secret(key) else outer
 
 
 def scan(fields: Iterable[tuple[str, Any]], allow: Iterable[str] = ()) -> list[Finding]:
@@ -241,57 +268,69 @@ def redact_text(text: str, allow: Iterable[str] = ()) -> str:
 def redact(value: Any, allow: Iterable[str] = ()) -> tuple[Any, list[str]]:
     """`value` with every finding replaced by `[REDACTED:<kind>]`; (new value, kinds found).
 
-    A string holding a JSON object or array is redacted as JSON and written back as JSON text.
-    A string is returned in its plain form (invisible characters removed) only when it had a
-    finding. Two keys of one object that redact to the same text are told apart by a suffix.
+    A string holding a JSON object or array is redacted as JSON and written back as JSON text
+    (or, when a finding spans its fields, as text). A value under a key that names a secret is
+    replaced whole when anything is found in it. A string is returned in its plain form
+    (invisible characters removed) only when it had a finding. Two keys of one object that
+    redact to the same text are told apart by a suffix.
     """
     allowed = set(allow)
     found: list[str] = []
 
-    def one(text: str, key: str | None = None) -> str:
-        """`text` redacted; under a dict key it is read as `key=text` (see _walk)."""
-        off = 0
-        if key is not None:
-            off = len(plain(key)) + 1
-            hits = [h for h in _hits(f"{key}={text}") if h.kind not in allowed and h.start >= off]
-        else:
-            hits = [h for h in _hits(text) if h.kind not in allowed]
+    def one(text: str, context: str | None = None) -> str:
+        hits = [h for h in _hits(text) if h.kind not in allowed]
+        if context is not None:
+            off = len(plain(context)) + 1
+            named = [h for h in _hits(f"{context}={text}") if h.kind not in allowed and h.start >= off]
+            if hits or named:  # a password may have spaces, a key an odd alphabet: all of it goes
+                found.append((hits or named)[0].kind)
+                return f"[REDACTED:{(hits or named)[0].kind}]"
         if not hits:
             return text
         p = plain(text)
         inside = _json_text(p)
         if inside is not None:
-            return orjson.dumps(walk(inside)).decode()
+            out = orjson.dumps(walk(inside)).decode()
+            if not any(h.kind not in allowed for h in _hits(out)):
+                return out
+            # a finding only the text sees (it spans two fields): redact the text instead
         spans: list[list[Any]] = []
         for h in sorted(hits, key=lambda h: (h.start, -h.end)):
-            start, end = _grow(p, max(h.start - off, 0), min(h.end - off, len(p)))
+            start, end = _grow(p, h.start, h.end)
             if spans and start <= spans[-1][1]:
                 spans[-1][1] = max(spans[-1][1], end)
             else:
                 spans.append([start, end, h.kind])
-        out, at = [], 0
+        out_parts, at = [], 0
         for start, end, kind in spans:
-            out += [p[at:start], f"[REDACTED:{kind}]"]
+            out_parts += [p[at:start], f"[REDACTED:{kind}]"]
             found.append(kind)
             at = end
-        out.append(p[at:])
-        return "".join(out)
+        out_parts.append(p[at:])
+        return "".join(out_parts)
 
-    def walk(v: Any) -> Any:
+    def walk(v: Any, context: str | None = None) -> Any:
         if isinstance(v, str):
-            return one(v)
+            return one(v, context)
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= _LONG_NUMBER:
+            digits = str(v)
+            out = one(digits, context)
+            return v if out == digits else out
         if isinstance(v, list):
-            return [walk(x) for x in v]
+            return [walk(x, context) for x in v]
         if isinstance(v, dict):
+            label = _pair_label(v)
             new: dict[Any, Any] = {}
             for k, x in v.items():
-                key = one(k) if isinstance(k, str) else k
+                if not isinstance(k, str):
+                    new[k] = walk(x, context)
+                    continue
+                base = key = one(k)
                 n = 1
                 while key in new:
                     n += 1
-                    key = f"{one(k)}#{n}"
-                named = isinstance(x, str) and isinstance(k, str) and _names_a_secret(k)
-                new[key] = one(x, k) if named else walk(x)
+                    key = f"{base}#{n}"
+                new[key] = walk(x, _context(k, label, context))
             return new
         return v
 

@@ -47,7 +47,7 @@ _LEGACY: dict[str, str] = {
                r"\b[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9_\-./+]{12,})",
     "password": r"(?i:\b(?:password|passwd|passphrase|pwd)\b\s*(?:is|was|[:=])\s*[\"']?[^\s\"',;]*\d[^\s\"',;]*)"
                 r"|[a-z][a-z0-9+.-]*://[^\s:/@]*:[^\s/@]+@",
-    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w.-]*:[\w/])",
     "phone": r"\+\d{1,3}[\s.()-]*\d[\d\s.()/-]{6,}\d|\(\d{3}\)\s?\d{3}-\d{4}|\b\d{3}[.-]\d{3}[.-]\d{4}\b|\b00\d{2} \d",
     "private_note": r"(?i)\[(?:private|confidential|internal only)\]|<private>",
     "ssn": r"(?i)\b(?:ssn|social security)\D{0,20}\d{9}\b",
@@ -59,8 +59,11 @@ _TOKEN = re.compile(r"[A-Za-z0-9+/_-]{20,}={0,2}")  # "=" ends a token but for b
 # is a millisecond timestamp
 _DIGITS = re.compile(r"(?<![\d.])[2-6](?:[ -]?\d){13,18}(?![\d.])")
 # Ids that trace formats document (OpenAI tool calls, completions, messages, responses, batches,
-# files; Anthropic tool uses; LangSmith runs): generated, so high in entropy, but not secrets.
-_ID = re.compile(r"(?:call|toolu|chatcmpl|msg|resp|batch|file|req|fc|run|asst|thread|step|evt)[_-]")
+# files, organisations; Anthropic tool uses; LangSmith runs; Stripe customers, payment intents,
+# subscriptions, charges, prices, products, accounts) and subresource-integrity digests
+# (sha512-…): generated, so high in entropy, but not secrets.
+_ID = re.compile(r"(?:call|toolu|chatcmpl|msg|resp|batch|file|req|fc|run|asst|thread|step|evt|org|proj|cus|pi"
+                 r"|sub|ch|price|prod|acct|sha256|sha384|sha512)[_-]")
 _IBANISH = re.compile(r"\b[A-Z]{2}\d{2}[A-Z0-9 ]{11,40}")
 _SSN = re.compile(r"(?<![\d-])(?!000|666|9)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
 
@@ -172,6 +175,8 @@ def _strings(value: Any) -> Iterator[tuple[str, bool]]:
                 yield from _strings(json.loads(t))
             except ValueError:
                 pass
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
+        yield str(value), False  # a card or an SSN written as a JSON number
     elif isinstance(value, list):
         for v in value:
             yield from _strings(v)
@@ -182,15 +187,21 @@ def _strings(value: Any) -> Iterator[tuple[str, bool]]:
 
 
 _SEEN: dict[str, tuple[tuple[str, str], ...]] = {}
+_SEEN_CHARS = 0
+_SEEN_LIMIT = 32 << 20
 
 
 def _found(text: str) -> tuple[tuple[str, str], ...]:
-    """(kind, rule) of every finding in one string, each distinct string checked once."""
+    """(kind, rule) of every finding in one string, each distinct string checked once (the
+    memo is bounded by characters, cleared when full)."""
+    global _SEEN_CHARS
     got = _SEEN.get(text)
     if got is None:
-        if len(_SEEN) > 100_000:
+        if _SEEN_CHARS + len(text) > _SEEN_LIMIT:
             _SEEN.clear()
+            _SEEN_CHARS = 0
         got = _SEEN[text] = tuple(dict.fromkeys(f for view in _views(text) for f in _in_view(view)))
+        _SEEN_CHARS += len(text)
     return got
 
 

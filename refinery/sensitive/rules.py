@@ -22,6 +22,7 @@ Every rule has keywords: it runs only on a text whose lower-cased form contains 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -148,9 +149,19 @@ def entropy(s: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in Counter(s).values()) if n else 0.0
 
 
+_WORD = re.compile(r"[a-z]{3,}")
+
+
 def random_looking(token: str) -> bool:
     """A token that reads like a generated key rather than a word, a name or a path."""
     if len(token) < 16 or entropy(token) < 3.3:
+        return False
+    # '/' (standard base64) beside '_', '-' or '.' (URL-safe base64, file names) is a path:
+    # uploads/2024/05/report_q2.pdf, mistralai/Mistral-7B-Instruct-v0.3
+    if "/" in token and any(c in token for c in "_-."):
+        return False
+    # two lower-case words among its parts make an identifier: user_profile_v2_8a7b6c5d4e
+    if sum(1 for part in re.split(r"[_.-]", token) if _WORD.fullmatch(part)) >= 2:
         return False
     digits = sum(c.isdigit() for c in token)
     upper = sum(c.isupper() for c in token)
@@ -159,6 +170,16 @@ def random_looking(token: str) -> bool:
         return True
     # long base64 keys (an AWS secret access key is 40) can have a single digit, or none
     return len(token) >= 30 and upper >= 2 and lower >= 2 and (digits >= 1 or "/" in token or "+" in token)
+
+
+def _aws_secret(token: str) -> bool:
+    return (random_looking(token) and any(c.isupper() for c in token) and any(c.islower() for c in token)
+            and any(c.isdigit() or c in "/+" for c in token))
+
+
+def _not_a_word_or_number(token: str) -> bool:
+    """A key: letters and digits both (not a word, not a count)."""
+    return any(c.isdigit() for c in token) and any(c.isalpha() for c in token)
 
 
 def _not_a_word(token: str) -> bool:
@@ -170,26 +191,33 @@ def _has_digits(token: str) -> bool:
     return sum(c.isdigit() for c in token) >= 2
 
 
-#: Words after "password is" that describe the password rather than give it.
+#: Values after "password:" that are no password: placeholders, booleans, what forms print.
 _NOT_A_PASSWORD = frozenset("""
-required incorrect invalid wrong expired correct missing empty blank not too set reset changed change
-strong weak the a an your my his her their our its this that same different new old stored hashed
-encrypted masked hidden redacted protected managed rotated valid none null undefined optional
-needed necessary mandatory case-sensitive sensitive secret unknown ok fine below above here there
-true false null nil none yes no on off
+required missing empty blank none null nil undefined optional true false yes no on off hidden
+redacted masked changed reset unset unknown n/a password passwd passphrase passcode pass pwd secret
 """.split())
+#: Words after "password is" that describe the password rather than give it.
+_DESCRIBES_A_PASSWORD = _NOT_A_PASSWORD | frozenset("""
+incorrect invalid wrong expired correct not too set change strong weak the a an your my his her
+their our its this that same different new old stored hashed encrypted protected managed rotated
+valid needed necessary mandatory case-sensitive sensitive secret ok fine below above here there
+""".split())
+# Code and templates, not a value: request.form['password'], ${DB_PASSWORD}, <your-password>,
+# ********, os.environ.get(...), board.D4
+_CODE_OR_PLACEHOLDER = re.compile(r"[$%{<*]|.*[(\[]|[A-Za-z_]\w*\.[A-Za-z_]\w*$")
 
 
 def _password(value: str) -> bool:
-    v = value.strip(".,;:!?)]}").lower()
-    return len(v) >= 3 and v not in _NOT_A_PASSWORD and not v.startswith("[redacted")
+    v = value.strip(".,;:!?)]}")
+    return (len(v) >= 3 and v.lower() not in _NOT_A_PASSWORD and not v.lower().startswith("[redacted")
+            and _CODE_OR_PLACEHOLDER.match(v) is None)
 
 
 def _prose_password(value: str) -> bool:
     """After "is"/"was" a password must look like one: a digit, a symbol or mixed case."""
-    if not _password(value):
-        return False
     v = value.strip(".,;:!?)]}")
+    if not _password(value) or v.lower() in _DESCRIBES_A_PASSWORD:
+        return False
     return any(not c.isalpha() for c in v) or (v != v.lower() and v != v.upper() and v[1:] != v[1:].lower())
 
 
@@ -250,6 +278,14 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
     ("aws-secret-after-key-id", "api_key", r"(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}[^\n]{0,60}?"
      r"(?<![A-Za-z0-9/+])([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])", ("a3t", "akia", "asia", "abia", "acca"),
      random_looking),
+    # an AWS secret access key alone: 40 characters of base64 with no padding
+    ("aws-secret-shape", "api_key", r"[A-Za-z0-9/+](?<![A-Za-z0-9/+=][A-Za-z0-9/+])[A-Za-z0-9/+]{39}(?![A-Za-z0-9/+=])",
+     (), _aws_secret),
+    # a short key under its name: api_key=abcd1234efgh, "session_token": "…"
+    ("named-key-assignment", "api_key",
+     r"(?i)(?<![A-Za-z])(?:api[_-]?key|apikey|access[_-]?key|secret(?:[_-]?key)?|client[_-]?secret"
+     r"|(?:auth|access|refresh|session|csrf|bearer|api|id)[_-]?token|token)[\"']?\s*[:=]\s*[\"']?"
+     r"([A-Za-z0-9_\-+/=.~]{8,})", ("key", "secret", "token"), _not_a_word_or_number),
     # a high-entropy token shortly after a key-like word: AWS secret keys, generic API keys
     # (every 16+-character token is tried, and kept when a key-like word ends at most 40
     # characters before it: see _NEAR)
@@ -264,18 +300,20 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
     # "password" as a word or the end of a name (POSTGRES_PASSWORD, db.password, --password)
     ("password-assignment", "password",
      r"(?i)(?<![A-Za-z])(?:password|passwd|passphrase|passcode|pass|pwd|pw|pin)(?![A-Za-z])[\"']?\s*"
-     r"(?:[:=]|:=|=>|->)\s*[\"'`]?([^\s\"'`,;]{3,})", ("pass", "pwd", "pw", "pin"), _password),
+     r"(?:[:=]|:=|=>|->)\s*[\"'`]?([^\s\"'`]{3,})", ("pass", "pwd", "pw", "pin"), _password),
     ("password-in-prose", "password",
      r"(?i)(?<![A-Za-z])(?:password|passwd|passphrase|passcode|pwd|pw)(?![A-Za-z])(?:\s+(?:for|of|on|to)\s+"
      r"(?:the\s+)?[\w.@/:-]+(?:\s+[\w.@/:-]+){0,3}?)?\s+(?:is|was|reads|=|to|set to|changed to|now)\s+"
-     r"[\"'`]?([^\s\"'`,;]{3,})", ("pass", "pwd", "pw"), _prose_password),
+     r"[\"'`]?([^\s\"'`]{3,})", ("pass", "pwd", "pw"), _prose_password),
     ("mysql-password-flag", "password", r"\bmysql(?:dump|admin|sh)?\b[^\n]*?\s-p[\"']?([^\s\"']{3,})", ("mysql",),
      _password),
     ("password-quoted", "password",
      r"(?i)\b(?:password|passwd|passphrase|passcode|pwd)\b[^\n\"'`]{0,40}[\"'`]([^\"'`\n]{3,64})[\"'`]",
      ("pass", "pwd"), _password),
     # personal data
-    ("email", "email", r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", ("@",), None),
+    # (not an ssh remote: git@github.com:acme/billing.git)
+    ("email", "email", r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b(?!:[\w/])", ("@",),
+     None),
     ("phone-international", "phone",
      r"(?:\+(?<![\w+]\+)(?<!\d[ .-]\+)|00(?<![\w+]00)(?<!\d[ .-]00))[1-9][0-9]{0,3}(?:[ .\-/]?\(?[0-9]{1,5}\)?){2,6}"
      r"(?![\w])", ("+", "00"), _phone),
@@ -290,12 +328,12 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
     # a marked note is redacted with what it marks: the rest of its line
     ("private-note", "private_note",
      r"(?:(?i:\[(?:private|confidential|internal only)\]|\bprivate note\s*[:\-\u2013]|\bnote \(private\)\s*:"
-     r"|#private\b|(?m:^\s*(?:private|confidential)\s*:))|\b(?:PRIVATE|CONFIDENTIAL)\s*:)[^\n]*"
+     r"|#private(?![\w-]))|(?m:^\s*(?:Private|Confidential)\s*:\s)|\b(?:PRIVATE|CONFIDENTIAL)\s*:)[^\n]*"
      r"|(?i:<private>.*?(?:</private>|$))", ("private", "confidential", "internal only"), None),
 ]
 
 
-_NEAR = {"keyword-high-entropy": re.compile(rf"(?i){_KEY_WORDS}\b[^\n]{{0,40}}$")}
+_NEAR = {"keyword-high-entropy": re.compile(rf"(?i)(?<![A-Za-z]){_KEY_WORDS}\b[^\n]{{0,40}}$")}
 
 
 @cache
@@ -310,12 +348,9 @@ def ruleset() -> dict[str, str]:
     """Where the rules come from, by name and version: recorded in the export receipts."""
     from importlib.metadata import version
 
+    own = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
     return {"detect-secrets": _detect_secrets_data()["version"], "python-stdnum": version("python-stdnum"),
-            "refinery": RULES_VERSION}
-
-
-#: Bumped whenever a refinery rule above changes (the receipts' config hash takes it in).
-RULES_VERSION = "3"
+            "refinery": f"rules.py {own}"}
 
 
 def main(argv: list[str]) -> int:

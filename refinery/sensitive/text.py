@@ -27,17 +27,27 @@ _INVISIBLE = re.compile(
     "\U000e0000-\U000e0fff]")
 
 
+# Terminal colours (agents log tool output with them) and the other control characters but tab
+# and line breaks, which nothing prints: "\x1b[32mpassword:\x1b[0m …", "sk-\x00live-…".
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u2800]")
+
+
 def plain(text: str) -> str:
-    """`text` without invisible characters, in NFKC form (full-width `ｓｋ－` becomes `sk-`)."""
-    if text.isascii():  # the common case: nothing to strip, NFKC changes nothing
+    """`text` without invisible and control characters, in NFKC form (full-width `ｓｋ－` becomes
+    `sk-`)."""
+    if text.isascii() and _CONTROL.search(text) is None:  # the common case: nothing to do
         return text
-    return unicodedata.normalize("NFKC", _INVISIBLE.sub("", text))
+    if "\x1b" in text:
+        text = _ANSI.sub("", text)
+    text = _CONTROL.sub("", text)
+    return text if text.isascii() else unicodedata.normalize("NFKC", _INVISIBLE.sub("", text))
 
 
-# Runs that may be an encoding of text. Base64 (standard and URL-safe alphabets) and hex need a
-# length that can hold a short secret; URL encoding and JSON escapes are taken per run between
-# whitespace or quotes that contains one.
-_BASE64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}|[A-Za-z0-9_-]{16,}={0,2}")
+# Runs that may be an encoding of text. Base64 (standard and URL-safe alphabets; 12 characters
+# hold an SSN) and hex need a length that can hold a short secret; URL encoding and JSON escapes
+# are taken per run between whitespace or quotes that contains one.
+_BASE64 = re.compile(r"[A-Za-z0-9+/]{12,}={0,2}|[A-Za-z0-9_-]{12,}={0,2}")
 _HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){8,}(?![0-9A-Fa-f])")
 _PERCENT = re.compile(r"[^\s%\"']*(?:%[0-9A-Fa-f]{2}[^\s%\"']*)+")
 _ESCAPED = re.compile(r"[^\s\"']*(?:\\u[0-9A-Fa-f]{4}|\\x[0-9A-Fa-f]{2})[^\s\"']*")
@@ -59,7 +69,18 @@ def _readable(data: bytes) -> str | None:
 def _unbase64(run: str) -> str | None:
     body = run.rstrip("=")
     # base64 of 12+ bytes of text has both cases; identifiers (completion_tokens) do not
-    if len(body) % 4 == 1 or body.islower() or body.isupper():
+    if body.islower() or body.isupper():
+        return None
+    # glued to the letters before it ("keyc2stbGl2…"): try the run from its next 3 starts too
+    for skip in range(4):
+        text = _unbase64_at(body[skip:])
+        if text is not None:
+            return text
+    return None
+
+
+def _unbase64_at(body: str) -> str | None:
+    if len(body) < 12 or len(body) % 4 == 1:
         return None
     padded = body + "=" * (-len(body) % 4)
     try:
