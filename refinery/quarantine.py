@@ -92,8 +92,9 @@ def quarantine_record(stage: str, source: str, source_file: str, line_offset: in
         "stage": stage,
         "source": source,
         "reason": reason.value,
-        # a detail may quote a value ("expected a number, got 'sk-…'"): redacted like the preview
-        "detail": _redacted_detail(detail),
+        # a detail about a row may quote its value ("expected a number, got 'sk-…'"): redacted like
+        # the preview. Records without row text (exports, whole files) have details refinery wrote.
+        "detail": detail if raw is None else _redacted_detail(detail),
         "raw_length": None if raw is None else len(raw),
         "raw_sha256": None if raw is None else hashlib.sha256(raw).hexdigest(),
         "preview": None if raw is None or preview_chars == 0 else redacted_preview(

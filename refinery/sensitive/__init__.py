@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, NamedTuple
 
 import orjson
@@ -192,6 +192,7 @@ _SECRET_NAMES = ("key", "secret", "token", "pass", "pwd", "pw", "pin", "auth", "
                  "iban")
 
 
+@lru_cache(maxsize=8192)  # keys repeat in every row: role, content, name, arguments, …
 def _names_a_secret(key: str) -> bool:
     lower = plain(key).lower()
     return any(w in lower for w in _SECRET_NAMES)

@@ -47,7 +47,7 @@ def plain(text: str) -> str:
 # Runs that may be an encoding of text. Base64 (standard and URL-safe alphabets; 12 characters
 # hold an SSN) and hex need a length that can hold a short secret; URL encoding and JSON escapes
 # are taken per run between whitespace or quotes that contains one.
-_BASE64 = re.compile(r"[A-Za-z0-9+/]{12,}={0,2}|[A-Za-z0-9_-]{12,}={0,2}")
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]{12,}={0,2}")  # one alphabet or the other: see _unbase64
 _HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){8,}(?![0-9A-Fa-f])")
 _PERCENT = re.compile(r"[^\s%\"']*(?:%[0-9A-Fa-f]{2}[^\s%\"']*)+")
 _ESCAPED = re.compile(r"[^\s\"']*(?:\\u[0-9A-Fa-f]{4}|\\x[0-9A-Fa-f]{2})[^\s\"']*")
@@ -71,8 +71,10 @@ def _unbase64(run: str) -> str | None:
     # base64 of 12+ bytes of text has both cases; identifiers (completion_tokens) do not
     if body.islower() or body.isupper():
         return None
-    # glued to the letters before it ("keyc2stbGl2…"): try the run from its next 3 starts too
-    for skip in range(4):
+    if ("+" in body or "/" in body) and ("-" in body or "_" in body):
+        return None  # both alphabets: neither
+    # glued to the letters before it ("keyc2stbGl2…"): a long run is tried from its next 3 starts too
+    for skip in range(4 if len(body) >= 24 else 1):
         text = _unbase64_at(body[skip:])
         if text is not None:
             return text
