@@ -46,7 +46,8 @@ LOOK_ALIKES = [
     "ts 1793531536000", "trace 0af7651916cd43dd8448eb211c80319c", "call_Kud0j0DxWSmLzv9W5m6qVqXn",
     "sha256 7af1947accb64a719fe0ebb688fccf8158e2869125e6cc473938c1889d46ff75", "+05:30 offset",
     "uuid 550e8400-e29b-41d4-a716-446655440000", "key metrics for checkout-api-v2-deployment",
-    "the sk-learn estimators", "order 1234567812345678 shipped", '{"pass":true,"score":1}', "pass: false",
+    "the sk-learn estimators", "sk-learn-compatible-estimators-for-pipelines",
+    "order 1234567812345678 shipped", '{"pass":true,"score":1}', "pass: false",
     "data/_kb/anthropic_messages/ORIGIN.md is not a file refinery reads",
     # seen by a review: code, config and paths that only look like secrets
     "git clone git@github.com:acme/billing.git", "class A {\n private:\n  int x;\n};", "private: true",

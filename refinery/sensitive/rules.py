@@ -187,8 +187,9 @@ def _not_a_word(token: str) -> bool:
     return any(not c.isalpha() for c in token) or token != token.lower()
 
 
-def _has_digits(token: str) -> bool:
-    return sum(c.isdigit() for c in token) >= 2
+def _generated(token: str) -> bool:
+    """A digit or mixed case: a key, not hyphenated words (sk-learn-compatible-estimators)."""
+    return any(c.isdigit() for c in token) or (any(c.isupper() for c in token) and any(c.islower() for c in token))
 
 
 #: Values after "password:" that are no password: placeholders, booleans, what forms print.
@@ -202,9 +203,10 @@ incorrect invalid wrong expired correct not too set change strong weak the a an 
 their our its this that same different new old stored hashed encrypted protected managed rotated
 valid needed necessary mandatory case-sensitive sensitive secret ok fine below above here there
 """.split())
-# Code and templates, not a value: request.form['password'], ${DB_PASSWORD}, <your-password>,
-# ********, os.environ.get(...), board.D4
-_CODE_OR_PLACEHOLDER = re.compile(r"[$%{<*]|.*[(\[]|[A-Za-z_]\w*\.[A-Za-z_]\w*$")
+# Code and templates, not a value: request.form['password'], ${DB_PASSWORD}, $DB_PASSWORD,
+# {{ db_password }}, %(password)s, <your-password>, ********, os.environ.get(...), board.D4
+_CODE_OR_PLACEHOLDER = re.compile(r"\$\{|\$[A-Z_][A-Z0-9_]*$|\{\{|%\(|<[^>]*>?$|\*+$|.*[(\[]"
+                                  r"|[A-Za-z_]\w*\.[A-Za-z_]\w*$")
 
 
 def _password(value: str) -> bool:
@@ -239,7 +241,9 @@ _IIN = re.compile(r"4|5[1-5]|2(?:2[2-9]|[3-6]|7[01]|720)|3[47]|6011|64[4-9]|65|3
 def _iban(value: str) -> bool:
     from stdnum import iban
 
-    return iban.is_valid(value)
+    # the IBAN's own structure (per-country length, mod 97), not the national account checks,
+    # which also want the bank code in stdnum's registry: a new bank's IBAN is still an IBAN
+    return iban.is_valid(value, check_country=False)
 
 
 def _ssn(value: str) -> bool:
@@ -265,7 +269,7 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
     # provider keys detect-secrets has no plugin for (or matches only in an older form)
     ("provider-sk-key", "api_key", r"[spr](?<![A-Za-z0-9][spr])k[-_]([A-Za-z0-9_-]{20,})", ("sk-", "sk_", "pk-",
                                                                                             "pk_", "rk-", "rk_"),
-     _has_digits),
+     _generated),
     ("huggingface-token", "api_key", r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}", ("hf_",), None),
     ("google-api-key", "api_key", r"AIza[0-9A-Za-z_-]{35}", ("aiza",), None),
     ("github-token", "api_key", r"(?<![A-Za-z0-9])(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})",
