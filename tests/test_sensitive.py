@@ -105,6 +105,9 @@ def test_hidden_secrets_are_found(shape, value):
     ("NUL inside", "sk-\x00live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c"),
     ("base64 glued to a word", "key" + base64.b64encode(f"token {KEY}".encode()).decode()),
     ("base64 of an SSN", "MTIzLTQ1LTY3ODk="),
+    ("HTML entities", "Contact alice.smith&#64;example.com."),
+    ("a labelled SSN never issued", {"customer_ssn": 219099999}),
+    ("camelCase name", json.dumps({"rows": [1], "nextPageToken": "CiAKGjBpNDd2Nmp2Zml2cXRtcGIwOWZ0amJ2"})),
     ("a bare AWS secret key", "then wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY and retry"),
     ("base64 three deep", base64.b64encode(base64.b64encode(KEY.encode().hex().encode())).decode()),
 ])

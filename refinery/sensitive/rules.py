@@ -290,6 +290,12 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
      r"(?i)(?<![A-Za-z])(?:api[_-]?key|apikey|access[_-]?key|secret(?:[_-]?key)?|client[_-]?secret"
      r"|(?:auth|access|refresh|session|csrf|bearer|api|id)[_-]?token|token)[\"']?\s*[:=]\s*[\"']?"
      r"([A-Za-z0-9_\-+/=.~]{8,})", ("key", "secret", "token"), _not_a_word_or_number),
+    # a generated-looking value under a name with a key-like word anywhere in it (nextPageToken,
+    # x-api-key, DB_PASSWORD): the whole string is `name=value`, as the scan reads a JSON key with
+    # its value, or as an environment line
+    ("named-value", "api_key",
+     r"(?i)\A[^\s=]*(?:key|secret|token|pass|pwd|auth|cred)[^\s=]*=([A-Za-z0-9_+/.~-]{16,}={0,2})\Z",
+     ("key", "secret", "token", "pass", "pwd", "auth", "cred"), random_looking),
     # a high-entropy token shortly after a key-like word: AWS secret keys, generic API keys
     # (every 16+-character token is tried, and kept when a key-like word ends at most 40
     # characters before it: see _NEAR)
@@ -327,8 +333,10 @@ _OWN: list[tuple[str, str, str, tuple[str, ...], Callable[[str], bool] | None]] 
     ("card-number", "credit_card", r"\d(?<![\w.-]\d)(?:[ -]?\d){12,18}(?![\w-])", (), _luhn_card),
     ("iban", "iban", r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b", (), _iban),
     ("us-ssn", "ssn", r"\d(?<![\w-]\d)\d{2}-\d{2}-\d{4}(?![\w-])", ("-",), _ssn),
-    ("us-ssn-labelled", "ssn", r"(?i)\b(?:ssn|social security(?: number)?)\D{0,20}(\d{9})(?!\d)",
-     ("ssn", "social security"), _ssn),
+    # labelled, nine digits are taken as they are: even a number never issued (219-09-9999, on
+    # sample cards) is what the field holds
+    ("us-ssn-labelled", "ssn", r"(?i)(?<![A-Za-z])(?:ssn|social security(?: number)?)\D{0,20}(\d{9})(?!\d)",
+     ("ssn", "social security"), None),
     # a marked note is redacted with what it marks: the rest of its line
     ("private-note", "private_note",
      r"(?:(?i:\[(?:private|confidential|internal only)\]|\bprivate note\s*[:\-\u2013]|\bnote \(private\)\s*:"

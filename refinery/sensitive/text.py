@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/_-]{12,}={0,2}")  # one alphabet or the other
 _HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){8,}(?![0-9A-Fa-f])")
 _PERCENT = re.compile(r"[^\s%\"']*(?:%[0-9A-Fa-f]{2}[^\s%\"']*)+")
 _ESCAPED = re.compile(r"[^\s\"']*(?:\\u[0-9A-Fa-f]{4}|\\x[0-9A-Fa-f]{2})[^\s\"']*")
+_ENTITY_RUN = re.compile(r"[^\s\"'<>]*&(?:#\d{1,7}|#x[0-9A-Fa-f]{1,6}|[A-Za-z]{2,8});[^\s\"'<>]*")  # alice&#64;x.com
 _ESCAPE = re.compile(r"\\u([0-9A-Fa-f]{4})|\\x([0-9A-Fa-f]{2})|\\([\"\\/])")
 
 
@@ -109,6 +111,9 @@ def _unescape(run: str) -> str:
 
 def encoded_runs(text: str) -> Iterator[tuple[int, int, str]]:
     """(start, end, decoded text) of every run of `text` that decodes to readable text."""
+    if "&" in text:
+        for m in _ENTITY_RUN.finditer(text):
+            yield m.start(), m.end(), html.unescape(m.group(0))
     if "%" in text:
         for m in _PERCENT.finditer(text):
             decoded = unquote(m.group(0))
