@@ -213,31 +213,27 @@ def _context(key: str, label: str | None, outer: str | None) -> str | None:
     return key if _names_a_secret(key) else outer
 
 
+def _findings(fields: Iterable[tuple[str, Any]], allowed: set[str]) -> Iterator[Finding]:
+    for name, value in fields:
+        for text, is_key, skip in _walk(value):
+            for h in _hits(text):
+                if h.kind not in allowed and h.start >= skip:
+                    yield Finding(h.kind, h.rule, f"{name} (a key)" if is_key else name)
+
+
 def scan(fields: Iterable[tuple[str, Any]], allow: Iterable[str] = ()) -> list[Finding]:
     """Every finding in the (field name, value) pairs, kinds in `allow` excepted, in field order.
 
     Values may be strings or nested JSON (lists and dicts, keys included); every string inside
     is searched, and a string holding a JSON object or array is also read as JSON.
     """
-    allowed = set(allow)
-    out: list[Finding] = []
-    for name, value in fields:
-        for text, is_key, skip in _walk(value):
-            for h in _hits(text):
-                if h.kind not in allowed and h.start >= skip:
-                    out.append(Finding(h.kind, h.rule, f"{name} (a key)" if is_key else name))
-    return out
+    return list(_findings(fields, set(allow)))
 
 
 def first_finding(fields: Iterable[tuple[str, Any]], allow: Iterable[str] = ()) -> tuple[str, str] | None:
     """(kind, field) of the first finding in the (field name, value) pairs, or None."""
-    allowed = set(allow)
-    for name, value in fields:
-        for text, is_key, skip in _walk(value):
-            for h in _hits(text):
-                if h.kind not in allowed and h.start >= skip:
-                    return h.kind, f"{name} (a key)" if is_key else name
-    return None
+    f = next(_findings(fields, set(allow)), None)
+    return None if f is None else (f.kind, f.where)
 
 
 def find(text: str, allow: Iterable[str] = ()) -> Iterator[tuple[str, int, int]]:
