@@ -41,7 +41,10 @@ def redacted_preview(raw: bytes, max_chars: int, *, cut: bool = False) -> str | 
     window = max_chars + REDACT_MARGIN
     text = raw[:4 * window].decode("utf-8", "backslashreplace")  # a character is at most 4 bytes
     cut = cut or len(raw) > 4 * window or len(text) > window
-    text, _ = sensitive.redact(text[:window])
+    text, found = sensitive.redact(text[:window])
+    # a window with no finding has none in its start either (the cut ends on a token's edge):
+    # only a redacted preview is scanned again
+    check = _checked if found else (lambda preview: preview)
     if len(text) > max_chars:
         head, mid_token = text[:max_chars], not _BREAK.match(text[max_chars])
         start = text.rfind("[", 0, max_chars)
@@ -51,10 +54,10 @@ def redacted_preview(raw: bytes, max_chars: int, *, cut: bool = False) -> str | 
     elif cut:
         head, mid_token = text, True  # what followed is not known: take it for the same token
     else:
-        return _checked(text)
+        return check(text)
     if mid_token:
         head = _TOKEN_TAIL.sub("", head)
-    return _checked(head + ELLIPSIS)
+    return check(head + ELLIPSIS)
 
 
 def _checked(preview: str) -> str | None:
