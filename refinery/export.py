@@ -497,6 +497,7 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
         try:
             jobs = [FileJob(i, ws.out / f["evidence"], f["evidence"], ws.out / f["scored"], f["scored"], tmp_root,
                             exports, ecfg, include_partial, buckets) for i, f in enumerate(files)]
+            sensitive.prepare()  # compiled once, inherited by forked workers
             outcomes = map_files(export_file, [(j,) for j in jobs], [j.evidence.stat().st_size for j in jobs],
                                  workers=cfg.materialize.workers, parallel_min_bytes=cfg.materialize.parallel_min_bytes,
                                  on_done=on_file_done)

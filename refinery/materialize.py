@@ -40,6 +40,7 @@ from typing import Any
 
 import orjson
 
+from refinery import sensitive
 from refinery.canonical import file_sha256
 from refinery.config import Config, MaterializeConfig, table_name
 from refinery.dedup import SeenHashes
@@ -757,6 +758,7 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                 jobs.append(FileJob(i, s, c.name, c.why, c.error, c.record_paths, c.strict_paths,
                                     sc.trust if sc else None, fallback, parts / f"ev-a{i:06d}",
                                     parts / f"q-a{i:06d}.jsonl", spill_dir, buckets, validate))
+            sensitive.prepare()  # compiled once, inherited by forked workers
             files: list[FileResult] = map_files(
                 _work_file, [(j,) for j in jobs], [s.size for s in sources], workers=mcfg.workers,
                 parallel_min_bytes=mcfg.parallel_min_bytes, initializer=_init_worker, initargs=(str(ws.root), cfg),
