@@ -848,6 +848,8 @@ def train_tiny_model(
     src = ws.root / SFT_EXPORT
     if not src.is_file():
         _fail(f"error: no SFT export at {SFT_EXPORT}: run `refinery run-all` first")
+    if out is None and dcfg.base_model.lower().endswith(".gguf"):
+        _fail(f"error: base_model is a GGUF file ({dcfg.base_model}); give the tiny model a folder with --out")
     dest = out or ws.root / dcfg.base_model
     cfg = build_tiny_model(dest, sft_texts(line.obj for line in read_jsonl(src) if line.obj is not None), seed=seed)
     typer.echo(f"wrote a tiny {cfg['model_type']} model ({cfg['num_hidden_layers']} layers, hidden "

@@ -308,3 +308,23 @@ def test_peft_export_equals_the_mlx_adapter_numerically(ws):
     assert error < 1e-4 * max(1.0, mx.abs(tuned(ids)).max().item())  # ... exactly as base + the PEFT delta does
     bad = invoke("train", "export", aid, "--format", "gguf", "--workspace", str(ws))
     assert bad.exit_code == 2 and "unknown format" in bad.output
+
+
+@pytest.mark.slow
+def test_a_gguf_base_model_is_converted_once_and_trained_on(ws):
+    """base_model may be a .gguf file: the first run converts it under distill_out/models/, the
+    adapter trains on the conversion and its receipt names both; a second run reuses it."""
+    from test_from_gguf import write_gguf
+
+    write_gguf(ws / "distill_out" / "tiny-base", ws / "tiny.gguf")
+    first = train(ws, base_model="tiny.gguf")
+    receipt = orjson.loads((ws / "distill_out" / first["adapter_id"] / "receipt.json").read_bytes())
+    assert receipt["base_model"]["path"] == "tiny.gguf"
+    trained_on = receipt["base_model"]["trained_on"]
+    assert trained_on.startswith("distill_out/models/gguf-") and (ws / trained_on / "CONVERTED.json").is_file()
+    assert train(ws, base_model="tiny.gguf")["adapter_id"] == first["adapter_id"]  # same file, same adapter
+    assert len(list((ws / "distill_out" / "models").iterdir())) == 1
+    (ws / "junk.gguf").write_bytes(b"no")
+    (ws / "distill_config.json").write_text(orjson.dumps({**FAST, "base_model": "junk.gguf"}).decode())
+    bad = runner.invoke(app, ["train", "run", "--workspace", str(ws)])
+    assert bad.exit_code == 2 and "base_model junk.gguf" in bad.output and "not a GGUF file" in bad.output

@@ -11,7 +11,8 @@ import orjson
 
 from refinery.canonical import file_sha256
 from refinery.generation import Generation, generate_chat
-from refinery.training.config import DistillConfig
+from refinery.training.config import DistillConfig, base_model_dir
+from refinery.training.from_gguf import GGUFError
 from refinery.training.registry import ROUTER, read_router
 from refinery.training.train import ADAPTER_FILE
 from refinery.workspace import Workspace
@@ -52,7 +53,11 @@ def offline_model(ws: Workspace, dcfg: DistillConfig) -> OfflineModel:
                                    "<id>` to serve another, or retrain")
         om = OfflineModel(receipt["base_model"]["trained_on"], aid, current["adapter_path"])
     else:
-        om = OfflineModel(dcfg.base_model)
+        try:
+            base = base_model_dir(ws.root, dcfg)
+        except GGUFError as e:
+            raise ModelUnavailable(f"base_model {dcfg.base_model}: {e}") from None
+        om = OfflineModel(str(base.relative_to(ws.root)) if base.is_relative_to(ws.root) else str(base))
     if not (_path(ws, om.base) / "config.json").is_file():
         raise ModelUnavailable(f"no local model at {om.base}: set base_model in distill_config.json to a local "
                                "mlx-lm model folder, or build a tiny one with `refinery train tiny-model`")

@@ -20,7 +20,8 @@ from refinery.canonical import file_sha256
 from refinery.formats import to_mlx_chat, to_mlx_tools
 from refinery.jsonl import JsonlWriter, publishing, read_jsonl
 from refinery.receipts import Digests, write_json
-from refinery.training.config import DistillConfig
+from refinery.training.config import DistillConfig, base_model_dir
+from refinery.training.from_gguf import GGUFError
 from refinery.workspace import Workspace
 
 SFT_EXPORT = "exports/sft/instruction_response.jsonl"
@@ -49,7 +50,10 @@ def mlx_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def token_counter(dcfg: DistillConfig, ws: Workspace) -> tuple[str, Callable[[str], int]]:
     """The base model's tokenizer when there is one to read (tokenizer.json), else words."""
-    tok_file = (ws.root / dcfg.base_model / "tokenizer.json")
+    try:
+        tok_file = base_model_dir(ws.root, dcfg) / "tokenizer.json"
+    except GGUFError:  # train run says what is wrong with it; here, words are counted instead
+        tok_file = ws.root / dcfg.base_model / "tokenizer.json"
     if tok_file.is_file():
         try:
             from tokenizers import Tokenizer

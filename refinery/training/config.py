@@ -21,7 +21,8 @@ class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_model: str = Field(default="distill_out/tiny-base",
-                            description="local path of the base model (an mlx-lm / HF folder); nothing is downloaded")
+                            description="local path of the base model: an mlx-lm / HF folder, or a llama GGUF file "
+                                        "(converted once into <output_dir>/models/); nothing is downloaded")
     adapter_type: Literal["lora", "qlora"] = Field(default="lora", description="qlora: LoRA on a quantized base")
     train_steps: int = Field(default=200, gt=0)
     batch_size: int = Field(default=4, gt=0)
@@ -74,3 +75,15 @@ def load_distill_config(workspace: Path, path: Path | None = None) -> DistillCon
         return DistillConfig.model_validate(data)
     except ValidationError as e:
         raise DistillConfigError(format_errors(str(cfg_path), e)) from None
+
+
+def base_model_dir(root: Path, dcfg: DistillConfig) -> Path:
+    """The mlx-lm folder of the base model: `base_model` itself, or — for a `.gguf` file — its
+    conversion under `<output_dir>/models/` (made on first use, reused while the file is the
+    same). Raises GGUFError when the file cannot be converted."""
+    path = root / dcfg.base_model
+    if path.suffix.lower() != ".gguf":
+        return path
+    from refinery.training.from_gguf import convert
+
+    return convert(path, root / dcfg.output_dir / "models")

@@ -62,7 +62,9 @@ def convert(path: Path, cache_root: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=cache_root))
     try:
         record = _convert_into(path, tmp)
-        record.update({"source": str(path), "sha256": digest, "converter_version": CONVERTER_VERSION})
+        # the file's name, not its path: the folder (and adapters trained on it) must not depend on
+        # where the workspace lies
+        record.update({"source": path.name, "sha256": digest, "converter_version": CONVERTER_VERSION})
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

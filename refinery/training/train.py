@@ -31,7 +31,8 @@ from refinery.canonical import file_sha256, sig_hash
 from refinery.jsonl import publishing
 from refinery.receipts import Digests, write_json
 from refinery.training.collect import RECEIPT as DATA_RECEIPT
-from refinery.training.config import DistillConfig
+from refinery.training.config import DistillConfig, base_model_dir
+from refinery.training.from_gguf import GGUFError
 from refinery.workspace import Workspace
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -129,7 +130,10 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
 
     started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     data = read_data_receipt(ws, dcfg)
-    base = (ws.root / dcfg.base_model).resolve()
+    try:
+        base = base_model_dir(ws.root, dcfg).resolve()
+    except GGUFError as e:
+        raise TrainError(f"base_model {dcfg.base_model}: {e}") from None
     base_digest = model_digest(base)
     code = code_version(ws, load_config(ws.root))
     aid = adapter_id(data, base_digest, dcfg, code)
