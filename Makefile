@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install blas run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -25,6 +25,17 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 	@touch $@
 
 install: $(VENV)/.synced ## create .venv from uv.lock (idempotent)
+
+blas: ## Linux: install Debian's OpenBLAS when missing; train and replay preload it (mlx[cpu] ships a ~20x slower reference BLAS)
+	@if [ "$$(uname)" = Linux ] && [ -z "$$(ls /usr/lib/*/libopenblas.so.0 /usr/lib64/libopenblas.so.0 2>/dev/null)" ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing libopenblas0-pthread (Debian/Ubuntu) for fast CPU training"; \
+	    $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -q libopenblas0-pthread >/dev/null \
+	      || echo "warning: could not install OpenBLAS: training uses the slow reference BLAS (see README)"; \
+	  else \
+	    echo "warning: no OpenBLAS and no apt-get: install OpenBLAS or 'pip install mkl', or set REFINERY_BLAS"; \
+	  fi; \
+	fi
 
 run-all: install ## run the pipeline on the bundled sample data in data/_kb/ (FORCE=1 recomputes every stage)
 	$(RUN) run-all $(if $(FORCE),--force)
@@ -56,17 +67,17 @@ export-preference: install ## scored runs -> exports/preference/chosen_rejected.
 export-all: install ## all three exports in one pass
 	$(RUN) export-all
 
-train: run-all ## collect -> train -> eval on the bundled sample with a tiny local model (distill_config.json)
+train: run-all blas ## collect -> train -> eval on the bundled sample with a tiny local model (distill_config.json)
 	$(RUN) train tiny-model
 	$(RUN) train collect
 	$(RUN) train run
 	$(RUN) train eval
 
-replay: install ## answer a task with the local model and retrieved playbooks: make replay TASK="..." [ARGS=--no-retrieval]
+replay: install blas ## answer a task with the local model and retrieved playbooks: make replay TASK="..." [ARGS=--no-retrieval]
 	@if [ -z "$(TASK)" ]; then echo 'usage: make replay TASK="the task" [ARGS="--no-retrieval --allow-escalation --json"]' >&2; exit 2; fi
 	$(RUN) replay --task "$(TASK)" $(ARGS)
 
-replay-eval: install ## held-out tasks with and without retrieval: answer match, grounding, format, latency (LIMIT=N)
+replay-eval: install blas ## held-out tasks with and without retrieval: answer match, grounding, format, latency (LIMIT=N)
 	$(RUN) replay-eval $(if $(LIMIT),--limit $(LIMIT))
 
 train-collect: install ## exports/sft -> distill_out/data/{train,valid,test}.jsonl for mlx-lm (+ collect.json)

@@ -1209,6 +1209,9 @@ class _ReaderMayLeave:
 
 
 def main() -> None:
+    from refinery.training.blas import relaunch_if_slow
+
+    relaunch_if_slow(sys.argv[1:])  # train and replay: once more, with an optimised BLAS preloaded
     sys.stdout, sys.stderr = _ReaderMayLeave(sys.stdout), _ReaderMayLeave(sys.stderr)
     try:
         app()

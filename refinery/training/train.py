@@ -16,6 +16,7 @@ The trainer and the model loader are parameters, so tests can swap them.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import time
@@ -31,6 +32,7 @@ from refinery.canonical import file_sha256, sig_hash
 from refinery.jsonl import publishing
 from refinery.receipts import Digests, write_json
 from refinery.training.collect import RECEIPT as DATA_RECEIPT
+from refinery.training import blas
 from refinery.training.config import DistillConfig, base_model_dir
 from refinery.training.from_gguf import GGUFError
 from refinery.workspace import Workspace
@@ -153,6 +155,8 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
     # mlx-lm prints its progress (in forced colour): to stderr, keeping stdout for results, and as
     # plain text unless stderr is a terminal
     progress_out = plain_unless_terminal(sys.stderr)
+    gflops = blas.probe_gflops()
+    print(blas.describe(gflops), file=progress_out)
     with contextlib.redirect_stdout(progress_out):
         train_set, valid_set, _ = datasets.load_dataset(args, tokenizer)
     if len(train_set) < dcfg.batch_size:
@@ -207,6 +211,7 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
             "config": dcfg.model_dump(mode="json"), "seed": dcfg.seed,
             "adapter_sha256": file_sha256(staging / ADAPTER_FILE), "steps": metrics["steps"],
             "stopped_by": stopped["by"], "seconds": seconds,
+            "blas": {"library": os.environ.get(blas.LOADED, "bundled"), "gflops": round(gflops, 1)},
             "final_train_loss": train_losses[-1][1] if train_losses else None,
             "final_val_loss": val_losses[-1][1] if val_losses else None,
         }
