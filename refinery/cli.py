@@ -999,31 +999,51 @@ def train_rollback(
 @train_app.command("export")
 def train_export(
     adapter_id: Annotated[str, typer.Argument(metavar="ID", help="The adapter to export.")],
-    fmt: Annotated[str, typer.Option("--format", help="peft: a HuggingFace PEFT LoRA adapter.")] = "peft",
-    out: Annotated[Path | None, typer.Option(help="Folder to write (default: <adapter>/peft/).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="peft | gguf | ollama (see above).")] = "peft",
+    out: Annotated[Path | None, typer.Option(help="Folder to write (default: <adapter>/<format>/).")] = None,
     workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
 ) -> None:
     """Export an adapter for other runtimes — any adapter `train list` shows, archived ones
     included: --format peft writes adapter_config.json (r, lora_alpha, target_modules, ...;
     base_model_name_or_path is the base the adapter was trained on) and
     adapter_model.safetensors (lora_A/lora_B, transposed), which PEFT, vLLM and llama.cpp's
-    LoRA converter read."""
+    LoRA converter read; --format gguf writes adapter.gguf, a llama.cpp LoRA adapter
+    (`llama-cli -m base.gguf --lora adapter.gguf`); --format ollama writes that and a Modelfile
+    (FROM the base .gguf, ADAPTER adapter.gguf) for `ollama create`: the base must be a GGUF file."""
     import orjson
 
     from refinery.training.peft import export_peft
     from refinery.training.registry import RegistryError, find_adapter
     from refinery.workspace import Workspace
 
-    if fmt != "peft":
-        _fail(f"error: unknown format {fmt!r}; the one export format is peft")
+    if fmt not in ("peft", "gguf", "ollama"):
+        _fail(f"error: unknown format {fmt!r}; choose peft, gguf or ollama")
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
     try:
         d = find_adapter(ws, dcfg, adapter_id)  # kept or archived: any adapter `train list` shows
     except RegistryError as e:
         _fail(f"error: {e}")
-    dest = out or d / "peft"
-    base = orjson.loads((d / "receipt.json").read_bytes())["base_model"]["path"]  # the base it was trained on
+    dest = out or d / fmt
+    receipt = orjson.loads((d / "receipt.json").read_bytes())
+    base = receipt["base_model"]["path"]  # the base it was trained on
+    if fmt in ("gguf", "ollama"):
+        from refinery.training.gguf_adapter import export_gguf, write_modelfile
+
+        base_gguf = ws.root / base
+        if fmt == "ollama" and base_gguf.suffix.lower() != ".gguf":
+            _fail(f"error: Ollama needs a GGUF base, and {adapter_id} was trained on {base}; export --format peft "
+                  "or gguf, or train on a .gguf base_model")
+        try:
+            info = export_gguf(d, dest / "adapter.gguf", ws.root / receipt["base_model"]["trained_on"])
+        except ValueError as e:
+            _fail(f"error: {e}")
+        typer.echo(f"wrote a llama.cpp LoRA adapter ({info['tensors']} tensors, rank {info['rank']}, alpha "
+                   f"{info['alpha']}) to {dest / 'adapter.gguf'}")
+        if fmt == "ollama":
+            write_modelfile(dest / "Modelfile", base_gguf, dest / "adapter.gguf")
+            typer.echo(f"wrote {dest / 'Modelfile'}: `ollama create <name> -f {dest / 'Modelfile'}`")
+        return
     try:
         cfg = export_peft(d, dest, base)
     except ValueError as e:

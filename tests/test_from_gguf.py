@@ -30,7 +30,8 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{n}.{block['.'.join(rest[:-1])]}.weight"
 
 
-def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", arch: str = "llama") -> Path:
+def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", arch: str = "llama",
+               template: str = CHAT_TEMPLATE) -> Path:
     """`model_dir` (an mlx-lm llama folder) written as llama.cpp writes a llama GGUF."""
     import mlx.core as mx
     from gguf import GGMLQuantizationType, GGUFWriter
@@ -56,7 +57,7 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", arch: str = "llam
     w.add_token_types([3 if t in specials else 1 for t, _ in vocab])
     w.add_bos_token_id(cfg["bos_token_id"])
     w.add_eos_token_id(cfg["eos_token_id"])
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(template)
     q = GGMLQuantizationType[qtype]
     for name, arr in sorted(mx.load(str(model_dir / "model.safetensors")).items()):
         a = np.array(arr, dtype=np.float32)
@@ -98,6 +99,7 @@ def test_a_float32_gguf_converts_back_to_the_same_logits(tiny, tmp_path):
     assert cfg["rms_norm_eps"] == 1e-5
     record = json.loads((out / "CONVERTED.json").read_text())
     assert record["quantisation"] == {"F32": record["tensors"]} and record["tied_embeddings"]
+    assert record["chat_template"] == "gguf"  # it renders tool calls: kept
 
 
 def test_a_quantised_gguf_is_dequantised_close_to_the_original(tiny, tmp_path):
@@ -153,3 +155,35 @@ def test_unsupported_files_are_refused_by_name(tiny, tmp_path):
     with pytest.raises(GGUFError, match="no such file"):
         convert(tmp_path / "missing.gguf", tmp_path / "cache")
     assert not [p for p in (tmp_path / "cache").iterdir()]  # nothing half-written
+
+
+#: SmolLM2's own template (from its GGUF): ChatML that writes no tool calls.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_chatml_template_that_drops_tool_calls_is_replaced_by_one_that_renders_them(tiny, tmp_path):
+    from mlx_lm import load
+
+    from refinery.training.from_gguf import CHATML_TOOLS, renders_tool_calls
+
+    assert not renders_tool_calls(SMOLLM2_TEMPLATE)
+    out = convert(write_gguf(tiny, tmp_path / "smol-like.gguf", template=SMOLLM2_TEMPLATE), tmp_path / "cache")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML_TOOLS
+    assert json.loads((out / "CONVERTED.json").read_text())["chat_template"].startswith("refinery:chatml-tools")
+    _, tok = load(str(out))
+    msgs = [{"role": "user", "content": "How many rows?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "run_sql", "arguments": {"query": "SELECT 1"}}}]},
+            {"role": "tool", "content": "1"}, {"role": "assistant", "content": "One row."}]
+    text = tok.apply_chat_template(msgs, tools=[{"type": "function", "function": {"name": "run_sql"}}],
+                                   tokenize=False)
+    assert '<|im_start|>assistant\n{"name": "run_sql", "arguments": {"query": "SELECT 1"}}<|im_end|>' in text
+    assert text.startswith("<|im_start|>system\nTools you can call") and text.endswith("One row.<|im_end|>\n")
+    from refinery.answers import parse_tool_calls
+
+    body = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    assert parse_tool_calls(body) == [{"name": "run_sql", "arguments": {"query": "SELECT 1"}}]

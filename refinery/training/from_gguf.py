@@ -4,7 +4,8 @@
 writes, once, a folder mlx-lm loads: `config.json` (with `architectures`), `model.safetensors`
 (every tensor dequantised to float32: on CPU, float32 matmuls are the ones that use BLAS),
 `tokenizer.json` and `tokenizer_config.json` (the byte-level BPE, its special tokens and the
-chat template, all from the GGUF metadata), and `CONVERTED.json` (the source file's sha256, its
+chat template, all from the GGUF metadata — unless that template drops tool calls, see
+CHATML_TOOLS), and `CONVERTED.json` (the source file's sha256, its
 architecture and quantisation types, this module's version). The folder is named after the
 file's sha256, so a converted model is reused until the file changes.
 
@@ -29,7 +30,30 @@ from refinery.canonical import file_sha256
 
 SUPPORTED = ("llama",)
 #: Bumped when what `convert` writes changes, so older cached folders are converted again.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
+
+#: ChatML (SmolLM2, Qwen, …) that also renders what an agent does: the tools offered (in a system
+#: turn of their own) and each tool call, one JSON object a line after the assistant's text —
+#: the shape `refinery.answers.parse_tool_calls` reads back. Used in place of a GGUF's own ChatML
+#: template when that one drops tool calls (SmolLM2's does: an adapter trained through it learns
+#: to answer a tool prompt with nothing).
+CHATML_TOOLS = (
+    "{%- if tools %}{{ '<|im_start|>system\\nTools you can call, one JSON object a line: ' }}"
+    "{{ tools | tojson }}{{ '<|im_end|>\\n' }}{% endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{ message['content'] }}"
+    "{%- elif message['content'] %}{% for part in message['content'] %}{{ part.get('text', '') }}{% endfor %}"
+    "{%- endif -%}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{%- set fn = call['function'] if call.get('function') else call -%}"
+    "{{ '\\n' if (message['content'] or not loop.first) else '' }}"
+    "{{ {'name': fn['name'], 'arguments': fn['arguments']} | tojson }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif -%}"
+)
 MARKER = "CONVERTED.json"
 
 #: GGUF tensor name (per block: `blk.N.<name>`) → mlx-lm / Hugging Face llama parameter name.
@@ -142,9 +166,9 @@ def _convert_into(path: Path, out: Path) -> dict[str, Any]:
         **({"eos_token_id": int(eos)} if eos is not None else {}),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _write_tokenizer(meta, out, path)
+    template_source = _write_tokenizer(meta, out, path)
     return {"architecture": arch, "tensors": len(weights), "quantisation": dict(sorted(qtypes.items())),
-            "tied_embeddings": tied, "chat_template": bool(meta.get("tokenizer.chat_template")),
+            "tied_embeddings": tied, "chat_template": template_source,
             "tokenizer_pre": meta.get("tokenizer.ggml.pre")}
 
 
@@ -165,7 +189,7 @@ def _hf_name(gguf_name: str) -> str | None:
 _DIGIT_SPLIT = ("smollm",)
 
 
-def _write_tokenizer(meta: dict[str, Any], out: Path, path: Path) -> None:
+def _write_tokenizer(meta: dict[str, Any], out: Path, path: Path) -> str:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     kind = meta.get("tokenizer.ggml.model")
@@ -197,6 +221,37 @@ def _write_tokenizer(meta: dict[str, Any], out: Path, path: Path) -> None:
                        ("pad_token", "tokenizer.ggml.padding_token_id")):
         if (t := token(key)) is not None:
             cfg[field] = t
-    if meta.get("tokenizer.chat_template"):
-        cfg["chat_template"] = meta["tokenizer.chat_template"]
+    template, source = chat_template(meta.get("tokenizer.chat_template"))
+    if template:
+        cfg["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return source
+
+
+def renders_tool_calls(template: str) -> bool:
+    """Whether a chat template writes an assistant's tool calls into the prompt at all."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    probe = [{"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"id": "call_1", "type": "function", "function": {"name": "probe_tool_7q", "arguments": {"a": 1}}}]}]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = lambda message: (_ for _ in ()).throw(ValueError(message))
+    try:
+        text = env.from_string(template).render(messages=probe, tools=None, add_generation_prompt=False,
+                                                bos_token="", eos_token="")
+    except Exception:  # a template that cannot take tool calls at all
+        return False
+    return "probe_tool_7q" in text
+
+
+def chat_template(gguf_template: str | None) -> tuple[str | None, str]:
+    """The template the converted model is trained and evaluated with, and where it comes from:
+    the GGUF's own when it renders tool calls, else CHATML_TOOLS for a ChatML model."""
+    if not gguf_template:
+        return None, "none"
+    if renders_tool_calls(gguf_template):
+        return gguf_template, "gguf"
+    if "<|im_start|>" in gguf_template:
+        return CHATML_TOOLS, "refinery:chatml-tools (the GGUF's template drops tool calls)"
+    return gguf_template, "gguf (drops tool calls: tool use cannot be learnt through it)"

@@ -16,6 +16,7 @@ The trainer and the model loader are parameters, so tests can swap them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import sys
@@ -62,6 +63,17 @@ def model_digest(path: Path) -> str:
                          "folder, or build a tiny one with `refinery train tiny-model`")
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return sig_hash([[p.relative_to(path).as_posix(), file_sha256(p)] for p in files])
+
+
+def template_used(base: Path) -> dict[str, Any]:
+    """Which chat template the base renders training and evaluation rows with: its sha256, and
+    where it comes from (a GGUF's own, or the one refinery put in its place)."""
+    cfg_file = base / "tokenizer_config.json"
+    template = orjson.loads(cfg_file.read_bytes()).get("chat_template") if cfg_file.is_file() else None
+    converted = base / "CONVERTED.json"
+    source = orjson.loads(converted.read_bytes()).get("chat_template") if converted.is_file() else "the base's own"
+    return {"source": source if template else "none",
+            "sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None}
 
 
 def read_data_receipt(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
@@ -212,6 +224,7 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
             "adapter_sha256": file_sha256(staging / ADAPTER_FILE), "steps": metrics["steps"],
             "stopped_by": stopped["by"], "seconds": seconds,
             "blas": {"library": os.environ.get(blas.LOADED, "bundled"), "gflops": round(gflops, 1)},
+            "chat_template": template_used(base),
             "final_train_loss": train_losses[-1][1] if train_losses else None,
             "final_val_loss": val_losses[-1][1] if val_losses else None,
         }
