@@ -17,23 +17,26 @@ class Generation:
     tokens: int = 0
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    """The model's chat template applied to `messages`, ready for the assistant's turn; a plain
-    role-labelled transcript for a tokenizer without a template."""
+def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """The model's chat template applied to `messages` (and the `tools` offered, as training
+    rendered them), ready for the assistant's turn; a plain role-labelled transcript for a
+    tokenizer without a template."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                             tokenize=False)
     turns = [f"{m['role']}: {m.get('content') or ''}" for m in messages]
     return "\n\n".join([*turns, "assistant:"])
 
 
-def generate_chat(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_tokens: int) -> Generation:
+def generate_chat(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_tokens: int,
+                  tools: list[dict[str, Any]] | None = None) -> Generation:
     """Greedy (temperature 0) generation: the same model and messages give the same answer."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     text, last = [], None
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for results
-        for last in stream_generate(model, tokenizer, chat_prompt(tokenizer, messages), max_tokens=max_tokens,
+        for last in stream_generate(model, tokenizer, chat_prompt(tokenizer, messages, tools), max_tokens=max_tokens,
                                     sampler=make_sampler(temp=0.0)):
             text.append(last.text)
     if last is None:

@@ -151,7 +151,7 @@ def scripted(answers_base, answers_adapter):
     """Generators that answer from scripts (the evaluation's swappable collaborator)."""
     def make(script):
         calls = iter(script * 1000)
-        return lambda messages: next(calls)
+        return lambda messages, tools: next(calls)
     return make(answers_base), make(answers_adapter)
 
 
@@ -371,3 +371,39 @@ def test_the_eval_table_shows_each_probe_answer():
              "row_score": {"base": 0.0, "adapter": 1.0}}]
     table = markdown(summarize("ad-x", rows))
     assert "| probe-0 | FAIL: The key is \\| 42 | pass: I can't share that. |" in table
+
+
+@pytest.mark.slow
+def test_eval_asks_a_tool_row_with_the_tools_it_offered(ws):
+    """Training renders a tool row's `tools` through the chat template; eval must ask with them
+    too, or a model that learnt to call them is never offered one."""
+    from refinery.training.config import load_distill_config
+    from refinery.training.evaluate import eval_items, evaluate
+    from refinery.workspace import Workspace
+
+    aid = train(ws)["adapter_id"]
+    w, dcfg = Workspace.at(ws), load_distill_config(ws)
+    offered = []
+
+    def gen(messages, tools):
+        offered.append(tools)
+        return "ok"
+
+    evaluate(w, dcfg, aid, generators=(gen, gen))
+    items = eval_items(w, dcfg)
+    want = [row.get("tools") or None for _, row, _, _ in items]
+    assert any(want) and offered == want * 2  # base, then adapter, each over every row
+
+
+def test_the_chat_prompt_renders_the_tools_offered():
+    from refinery.generation import chat_prompt
+
+    class Tok:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tools=None, add_generation_prompt=False, tokenize=True):
+            return f"{len(messages)} messages, tools {tools}"
+
+    assert chat_prompt(Tok(), [{"role": "user", "content": "hi"}], [{"name": "run_sql"}]) == \
+        "1 messages, tools [{'name': 'run_sql'}]"
+    assert chat_prompt(Tok(), [{"role": "user", "content": "hi"}]) == "1 messages, tools None"

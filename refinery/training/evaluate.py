@@ -103,7 +103,8 @@ class EvalError(Exception):
     """Nothing to evaluate on; the message says what to run."""
 
 
-Generate = Callable[[list[dict[str, Any]]], str]
+#: (messages, tools offered or None) → the answer
+Generate = Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], str]
 
 
 def default_generators(ws: Workspace, dcfg: DistillConfig, adapter_dir: Path,
@@ -119,16 +120,16 @@ def default_generators(ws: Workspace, dcfg: DistillConfig, adapter_dir: Path,
     model, tok = load(str(ws.root / receipt["base_model"]["trained_on"]))
     state = {"adapted": False}
 
-    def gen(messages: list[dict[str, Any]], adapted: bool) -> str:
+    def gen(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, adapted: bool) -> str:
         if adapted and not state["adapted"]:
             load_adapters(model, str(adapter_dir))
             state["adapted"] = True
         elif not adapted and state["adapted"]:
             remove_lora_layers(model)
             state["adapted"] = False
-        return generate_chat(model, tok, messages, max_tokens).text
+        return generate_chat(model, tok, messages, max_tokens, tools).text
 
-    return (lambda m: gen(m, False)), (lambda m: gen(m, True))
+    return (lambda m, t: gen(m, t, False)), (lambda m, t: gen(m, t, True))
 
 
 def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
@@ -145,13 +146,15 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
         raise EvalError(str(e)) from None
     base_gen, tuned_gen = generators or default_generators(ws, dcfg, adapter_dir)
     items = eval_items(ws, dcfg)
-    prompts = [reference(row)[0] if not probe else row["messages"] for _, row, probe, _ in items]
+    # a tool row is asked with the tools it offered in training (its template renders them)
+    prompts = [(reference(row)[0] if not probe else row["messages"], row.get("tools") or None)
+               for _, row, probe, _ in items]
     answers: dict[str, list[str]] = {}
     # One model at a time over every prompt: the adapter is loaded once, not once per row.
     for name, gen in (("base", base_gen), ("adapter", tuned_gen)):
         answers[name] = []
-        for prompt in prompts:
-            answers[name].append(gen(prompt))
+        for messages, tools in prompts:
+            answers[name].append(gen(messages, tools))
             if on_answer:
                 on_answer()
     rows = []
