@@ -11,6 +11,7 @@ import hashlib
 import re
 from typing import Any
 
+from refinery import sensitive
 from refinery.canonical import short_id
 from refinery.reasons import Reason
 
@@ -36,8 +37,6 @@ def redacted_preview(raw: bytes, max_chars: int, *, cut: bool = False) -> str | 
     to REDACT_MARGIN characters past the end); a token or marker that the cut runs through is
     dropped rather than kept in part. `cut`: `raw` is already only the row's first bytes.
     """
-    from refinery import sensitive
-
     window = max_chars + REDACT_MARGIN
     text = raw[:4 * window].decode("utf-8", "backslashreplace")  # a character is at most 4 bytes
     cut = cut or len(raw) > 4 * window or len(text) > window
@@ -63,15 +62,7 @@ def redacted_preview(raw: bytes, max_chars: int, *, cut: bool = False) -> str | 
 def _checked(preview: str) -> str | None:
     """The preview if nothing sensitive is left in it, else none at all (the row's length, hash
     and place still say where it is)."""
-    from refinery import sensitive
-
     return None if sensitive.first_finding([("preview", preview)]) else preview
-
-
-def _redacted_detail(detail: str) -> str:
-    from refinery import sensitive
-
-    return sensitive.redact_text(detail)
 
 
 def quarantine_record(stage: str, source: str, source_file: str, line_offset: int | None, reason: Reason,
@@ -97,7 +88,7 @@ def quarantine_record(stage: str, source: str, source_file: str, line_offset: in
         "reason": reason.value,
         # a detail about a row may quote its value ("expected a number, got 'sk-…'"): redacted like
         # the preview. Records without row text (exports, whole files) have details refinery wrote.
-        "detail": detail if raw is None else _redacted_detail(detail),
+        "detail": detail if raw is None else sensitive.redact_text(detail),
         "raw_length": None if raw is None else len(raw),
         "raw_sha256": None if raw is None else hashlib.sha256(raw).hexdigest(),
         "preview": None if raw is None or preview_chars == 0 else redacted_preview(

@@ -93,9 +93,10 @@ def _scan_text(text: str, depth: int = 0) -> list[_Hit]:
     for k, ids in by_keyword:
         if k in lower:
             active.update(ids)
+    rules = all_rules()
     runs: list[tuple[int, int]] | None = None
     for i in sorted(active):
-        rule = all_rules()[i]
+        rule = rules[i]
         if rule.gate is not None and rule.gate.search(text) is None:
             continue
         if rule.numeric:

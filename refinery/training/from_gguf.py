@@ -57,7 +57,7 @@ CHATML_TOOLS = (
 MARKER = "CONVERTED.json"
 
 #: GGUF tensor name (per block: `blk.N.<name>`) → mlx-lm / Hugging Face llama parameter name.
-_BLOCK = {
+BLOCK_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
@@ -110,7 +110,8 @@ def unpermute(w: Any, n_head: int) -> Any:
 
 
 def permute(w: Any, n_head: int) -> Any:
-    """llama.cpp's row permutation (convert_hf_to_gguf.py): for writing test models."""
+    """llama.cpp's row permutation (convert_hf_to_gguf.py): for writing what llama.cpp reads
+    (adapters, test models)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -179,8 +180,8 @@ def _hf_name(gguf_name: str) -> str | None:
     if stem in _TOP:
         return f"{_TOP[stem]}.{kind}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK:
-        return f"model.layers.{int(parts[1])}.{_BLOCK[parts[2]]}.{kind}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in BLOCK_TENSORS:
+        return f"model.layers.{int(parts[1])}.{BLOCK_TENSORS[parts[2]]}.{kind}"
     return None
 
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import orjson
 
-from refinery.training.from_gguf import _BLOCK, permute
+from refinery.training.from_gguf import BLOCK_TENSORS, permute
 
 #: mlx-lm / Hugging Face module path → the base GGUF's tensor name in a block.
-_TO_GGUF = {hf: gguf for gguf, hf in _BLOCK.items()}
+_TO_GGUF = {hf: gguf for gguf, hf in BLOCK_TENSORS.items()}
 
 
 def gguf_tensor_name(prefix: str) -> str:
