@@ -149,9 +149,11 @@ def test_training_without_data_or_base_model_says_what_to_run(ws):
 
 def scripted(answers_base, answers_adapter):
     """Generators that answer from scripts (the evaluation's swappable collaborator)."""
+    from refinery.training.evaluate import one_at_a_time
+
     def make(script):
         calls = iter(script * 1000)
-        return lambda messages, tools: next(calls)
+        return one_at_a_time(lambda messages, tools: next(calls))
     return make(answers_base), make(answers_adapter)
 
 
@@ -378,7 +380,7 @@ def test_eval_asks_a_tool_row_with_the_tools_it_offered(ws):
     """Training renders a tool row's `tools` through the chat template; eval must ask with them
     too, or a model that learnt to call them is never offered one."""
     from refinery.training.config import load_distill_config
-    from refinery.training.evaluate import eval_items, evaluate
+    from refinery.training.evaluate import eval_items, evaluate, one_at_a_time
     from refinery.workspace import Workspace
 
     aid = train(ws)["adapter_id"]
@@ -389,7 +391,7 @@ def test_eval_asks_a_tool_row_with_the_tools_it_offered(ws):
         offered.append(tools)
         return "ok"
 
-    evaluate(w, dcfg, aid, generators=(gen, gen))
+    evaluate(w, dcfg, aid, generators=(one_at_a_time(gen), one_at_a_time(gen)))
     items = eval_items(w, dcfg)
     want = [row.get("tools") or None for _, row, _, _ in items]
     assert any(want) and offered == want * 2  # base, then adapter, each over every row

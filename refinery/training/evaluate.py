@@ -22,12 +22,13 @@ A row's score is the mean of the metrics that apply to it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from refinery.generation import Prompt
 from refinery.answers import is_refusal, parse_tool_calls, word_f1
 from refinery.jsonl import publishing, write_jsonl_atomic
 from refinery.normalize import normalize_text
@@ -103,33 +104,39 @@ class EvalError(Exception):
     """Nothing to evaluate on; the message says what to run."""
 
 
-#: (messages, tools offered or None) → the answer
-Generate = Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], str]
+#: every prompt, (messages, tools offered or None) → each answer, in order, as it is ready
+Generate = Callable[[list[Prompt]], Iterable[str]]
+
+
+def one_at_a_time(answer: Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], str]) -> Generate:
+    """A Generate from a function answering one prompt."""
+    return lambda prompts: (answer(messages, tools) for messages, tools in prompts)
 
 
 def default_generators(ws: Workspace, dcfg: DistillConfig, adapter_dir: Path,
                        max_tokens: int = 96) -> tuple[Generate, Generate]:
-    """(base, adapter) generators: greedy mlx-lm generation on the same loaded model, with the
-    LoRA layers added for the adapter and removed again (the base's output is exactly restored)."""
+    """(base, adapter) generators: greedy mlx-lm generation, batched, on the same loaded model,
+    with the LoRA layers added for the adapter and removed again (the base's output is exactly
+    restored)."""
     from mlx_lm import load
     from mlx_lm.tuner.utils import load_adapters, remove_lora_layers
 
-    from refinery.generation import generate_chat
+    from refinery.generation import generate_chats
 
     receipt = orjson.loads((adapter_dir / "receipt.json").read_bytes())
     model, tok = load(str(ws.root / receipt["base_model"]["trained_on"]))
     state = {"adapted": False}
 
-    def gen(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, adapted: bool) -> str:
+    def gen(prompts: list[Prompt], adapted: bool) -> Iterator[str]:
         if adapted and not state["adapted"]:
             load_adapters(model, str(adapter_dir))
             state["adapted"] = True
         elif not adapted and state["adapted"]:
             remove_lora_layers(model)
             state["adapted"] = False
-        return generate_chat(model, tok, messages, max_tokens, tools).text
+        return (g.text for g in generate_chats(model, tok, prompts, max_tokens))
 
-    return (lambda m, t: gen(m, t, False)), (lambda m, t: gen(m, t, True))
+    return (lambda p: gen(p, False)), (lambda p: gen(p, True))
 
 
 def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
@@ -147,16 +154,18 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
     base_gen, tuned_gen = generators or default_generators(ws, dcfg, adapter_dir)
     items = eval_items(ws, dcfg)
     # a tool row is asked with the tools it offered in training (its template renders them)
-    prompts = [(reference(row)[0] if not probe else row["messages"], row.get("tools") or None)
-               for _, row, probe, _ in items]
+    prompts: list[Prompt] = [(reference(row)[0] if not probe else row["messages"], row.get("tools") or None)
+                             for _, row, probe, _ in items]
     answers: dict[str, list[str]] = {}
     # One model at a time over every prompt: the adapter is loaded once, not once per row.
     for name, gen in (("base", base_gen), ("adapter", tuned_gen)):
         answers[name] = []
-        for messages, tools in prompts:
-            answers[name].append(gen(messages, tools))
+        for answer in gen(prompts):
+            answers[name].append(answer)
             if on_answer:
                 on_answer()
+        if len(answers[name]) != len(prompts):
+            raise EvalError(f"the {name} model gave {len(answers[name])} answers to {len(prompts)} prompts")
     rows = []
     for i, (key, row, probe, source) in enumerate(items):
         _, ref_text, ref_calls = reference(row) if not probe else (None, "", [])
