@@ -681,13 +681,19 @@ def trace(
 @app.command()
 def convert(
     to: Annotated[str, typer.Option("--to", help="mlx-chat | mlx-tools | mlx-completions | alpaca | openai "
-                                                 "(from the SFT export) or trl (from the preference export).")],
+                                                 "(from the SFT export) or trl | trl-chat | openai-dpo (from "
+                                                 "the preference export).")],
     workspace: WorkspaceOpt = Path("."),
     src: Annotated[Path | None, typer.Option("--from", help="Input JSONL (default: the matching export).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output file (default: exports/formats/<format>.jsonl).")] = None,
 ) -> None:
-    """Convert the SFT or preference export into a training format (mlx-lm chat/tools/
-    completions, Alpaca with provenance in `meta`, OpenAI fine-tune, TRL preference)."""
+    """Convert the SFT or preference export into a training format: mlx-lm chat/tools/
+    completions, Alpaca with provenance in `meta`, OpenAI fine-tune; for preference, TRL's
+    plain prompt/chosen/rejected (trl), TRL's conversational shape with system/user messages
+    and assistant messages with tool calls (trl-chat), or OpenAI's DPO shape
+    (input/preferred_output/non_preferred_output). Message shapes carry `tools` on every row
+    and tool-call ids of 9 letters or digits, so Qwen, Llama and Mistral templates and
+    `datasets` all read them; flattened shapes write an answer's tool calls before its text."""
     from refinery.formats import FORMATS, FormatError, convert as do_convert, default_input
     from refinery.workspace import Workspace
 
@@ -809,7 +815,9 @@ def train_collect(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
     valid.jsonl and test.jsonl, split by a hash of each row's id (held-out test: test_fraction,
     20 % by default), chat rows as chat and tool-using rows in the tools shape; and a receipt
     (collect.json) with the input's sha256 and per split: rows, tool-using vs direct answers,
-    mean tokens. Refuses (exit 2) with fewer rows than min_rows (50 by default)."""
+    mean tokens. The training split also gets refinery's safety rehearsal rows (declines of
+    requests for credentials, destructive actions and personal data), unless safety_rehearsal
+    is false. Refuses (exit 2) with fewer rows than min_rows (50 by default)."""
     from refinery.training.collect import CollectError, collect
     from refinery.workspace import Workspace
 
@@ -825,6 +833,9 @@ def train_collect(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
     for name, st in receipt["splits"].items():
         typer.echo(f"{dcfg.output_dir}/data/{name}.jsonl: {st['rows']:,} rows ({st['tool_using']} tool-using, "
                    f"{st['direct_answers']} direct), mean {st['mean_tokens']} tokens")
+    if receipt["safety_rehearsal"]["rows"]:
+        typer.echo(f"train.jsonl includes {receipt['safety_rehearsal']['rows']} safety rehearsal rows (declines; "
+                   "safety_rehearsal in distill_config.json)")
     typer.echo(f"tokens counted with: {receipt['token_counter']}; receipt: {dcfg.output_dir}/data/collect.json")
 
 

@@ -118,6 +118,17 @@ def sft_row(ev: dict[str, Any], sr: dict[str, Any], prov: dict[str, Any]) -> dic
     }
 
 
+def reply(ev: dict[str, Any]) -> list[dict[str, Any]]:
+    """The answer as the conversation after the prompt — tool calls, their results, the text —,
+    or one assistant message when the source had no conversation."""
+    msgs = ev["messages"] or []
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+    if last_user is not None and last_user + 1 < len(msgs):
+        return [_plain_message(m) for m in msgs[last_user + 1:]]
+    return [{"role": "assistant", "content": ev["response"] or "", "name": None,
+             "tool_calls": [_plain_call(c) for c in ev["tool_calls"]] or None, "tool_call_id": None}]
+
+
 def _plain_call(c: dict[str, Any]) -> dict[str, Any]:
     return {"id": c["id"], "name": c["name"], "arguments": c["arguments"], "problem": c["problem"]}
 
@@ -266,9 +277,11 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
                 f = bucket_files.get(b)
                 if f is None:
                     f = bucket_files[b] = open(parts / f"b{b:04d}-{job.index:06d}.jsonl", "wb", buffering=1 << 18)
+                system = next((m["content"] for m in ev["messages"] or [] if m["role"] == "system"), None)
                 f.write(orjson.dumps({
                     "task_key": sr["task_key"], "id": sr["id"], "category": cat, "score": sr["score"],
-                    "source": sr["source"], "prompt": ev["prompt"], "text": answer,
+                    "source": sr["source"], "prompt": ev["prompt"], "system": system or None, "text": answer,
+                    "reply": reply(ev),
                     "text_key": norm, "prov": prov,
                 }) + b"\n")
     finally:
@@ -333,8 +346,10 @@ def pair_group(rows: list[dict[str, Any]], max_pairs: int) -> tuple[list[tuple[d
 
     chosen = side(PREFERENCE_CHOSEN, lambda r: (-r["score"], r["id"]))
     rejected = side(PREFERENCE_REJECTED, lambda r: (r["score"], r["id"]))
-    valid = [(c, r) for c in chosen for r in rejected
-             if c["id"] != r["id"] and c["text_key"] != r["text_key"] and c["score"] > r["score"]]
+    candidates = [(c, r) for c in chosen for r in rejected
+                  if c["id"] != r["id"] and c["text_key"] != r["text_key"] and c["score"] > r["score"]]
+    valid = [(c, r) for c, r in candidates if not repeats_chosen_call(c, r)]
+    same_call = {x["id"] for pair in candidates for x in pair} - {x["id"] for pair in valid for x in pair}
     picked: list[tuple[dict, dict]] = []
     used: set[str] = set()
     taken: set[tuple[str, str]] = set()
@@ -352,8 +367,32 @@ def pair_group(rows: list[dict[str, Any]], max_pairs: int) -> tuple[list[tuple[d
     partners = {x["id"] for pair in valid for x in pair}
     for r in chosen + rejected:
         if r["id"] not in used:
-            left[r["id"]] = Reason.PAIR_LIMIT if r["id"] in partners else Reason.NO_PAIR
+            left[r["id"]] = Reason.PAIR_LIMIT if r["id"] in partners else \
+                Reason.SAME_TOOL_CALL if r["id"] in same_call else Reason.NO_PAIR
     return picked, left
+
+
+def repeats_chosen_call(chosen: dict[str, Any], rejected: dict[str, Any]) -> bool:
+    """The rejected answer is only tool calls, each one the chosen answer also makes, or writes
+    out (every argument value appears in the chosen text): a run that stopped after the right
+    call, not a worse answer. Such a pair would teach a model not to call the tool."""
+    def said(side: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+        mine = [m for m in side["reply"] if m["role"] == "assistant"]
+        return [c for m in mine for c in m["tool_calls"] or []], "\n".join(m["content"] or "" for m in mine)
+
+    calls, rejected_text = said(rejected)
+    if not calls or rejected_text.strip():
+        return False
+    chosen_calls, chosen_text = said(chosen)
+    made = [(c["name"], c["arguments"]) for c in chosen_calls]
+    text = normalize_text(chosen_text)
+
+    def written_out(args: Any) -> bool:
+        values = [v for v in (args.values() if isinstance(args, dict) else []) if v not in (None, "")]
+        return bool(values) and all(normalize_text(v if isinstance(v, str) else orjson.dumps(v).decode()) in text
+                                    for v in values)
+
+    return all((c["name"], c["arguments"]) in made or written_out(c["arguments"]) for c in calls)
 
 
 def _merge_preference(parts_dir: Path, n_files: int, buckets: int, dest: Any, qw: JsonlWriter, max_pairs: int,
@@ -374,9 +413,10 @@ def _merge_preference(parts_dir: Path, n_files: int, buckets: int, dest: Any, qw
             picked, left = pair_group(rows, max_pairs)
             for c, r in picked:
                 pair = {
-                    "schema_version": 1,
+                    "schema_version": 2,
                     "id": "pp-" + hashlib.sha256(f"{c['id']}\x1f{r['id']}".encode()).hexdigest()[:16],
-                    "task_key": tk, "prompt": c["prompt"], "chosen": c["text"], "rejected": r["text"],
+                    "task_key": tk, "prompt": c["prompt"], "system": c["system"], "chosen": c["text"],
+                    "rejected": r["text"], "chosen_reply": c["reply"], "rejected_reply": r["reply"],
                     "chosen_id": c["id"], "rejected_id": r["id"], "chosen_score": c["score"],
                     "rejected_score": r["score"], "provenance": c["prov"], "rejected_provenance": r["prov"],
                 }
@@ -388,6 +428,8 @@ def _merge_preference(parts_dir: Path, n_files: int, buckets: int, dest: Any, qw
                 if reason is None:
                     continue
                 detail = {Reason.DUPLICATE_ANSWER: "an identical answer to this task is already paired",
+                          Reason.SAME_TOOL_CALL: "its only partners pair a right tool call against the answer "
+                                                 "that makes or writes out the same call",
                           Reason.NO_PAIR: "no answer to the same task on the other side to pair with",
                           Reason.PAIR_LIMIT: f"the task already has {max_pairs} pairs"}[reason]
                 _quarantine(qw, st, row["source"], row["prov"], reason, detail)

@@ -23,7 +23,7 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict
     rendered them), ready for the assistant's turn; a plain role-labelled transcript for a
     tokenizer without a template."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                              tokenize=False)
     turns = [f"{m['role']}: {m.get('content') or ''}" for m in messages]
     return "\n\n".join([*turns, "assistant:"])

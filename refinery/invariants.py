@@ -550,7 +550,7 @@ def no_duplicate_answers(ctx: Context) -> list[str]:
     """RAG and SFT hold each (task, answer) once (when export.dedup is on)."""
     if not ctx.cfg.export.dedup:
         return []
-    from refinery.normalize import render_tool_calls
+    from refinery.normalize import answer_text
 
     problems = Problems()
     for stage in ("export-rag", "export-sft"):
@@ -559,7 +559,7 @@ def no_duplicate_answers(ctx: Context) -> list[str]:
         for line in ctx.rows(EXPORT_FILES[stage]):
             row = line.obj or {}
             task = row.get("task_key") or _scored(ctx, lines, row.get("provenance") or {}).get("task_key")
-            answer = normalize_text(row.get("response", "") + render_tool_calls(row.get("tool_calls") or []))
+            answer = normalize_text(answer_text(row))  # the key export's dedup used
             key = hashlib.sha256(f"{task}\x1f{answer}".encode()).digest()[:16]
             if key in seen:
                 problems.add(f"{EXPORT_FILES[stage]}:{line.offset} repeats the answer of line {seen[key]} "

@@ -194,12 +194,18 @@ class SftSample(Strict):
 
 
 class PreferencePair(Strict):
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     id: str
     task_key: str
     prompt: str
-    chosen: str
+    system: str | None = Field(description="the chosen answer's system message, when its conversation had one")
+    chosen: str = Field(description="the chosen answer as one text: its tool calls as JSON lines, then its text")
     rejected: str
+    chosen_reply: list[Message] = Field(
+        description="the chosen answer as the conversation after the prompt: its tool calls, their results and "
+                    "its text (one assistant message when the source had no conversation); for the "
+                    "conversational formats")
+    rejected_reply: list[Message]
     chosen_id: str
     rejected_id: str
     chosen_score: float

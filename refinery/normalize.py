@@ -46,8 +46,10 @@ def render_tool_calls(calls: list[dict[str, Any]]) -> str:
 
 
 def answer_text(ev: dict[str, Any]) -> str:
-    """The whole answer as one text: the response, then its tool calls (if any)."""
-    parts = [ev["response"]] if ev.get("response") else []
-    if ev.get("tool_calls"):
-        parts.append(render_tool_calls(ev["tool_calls"]))
+    """The whole answer as one text: its tool calls (if any), one JSON line each, then the
+    response — the order they happened in (a call, its result, then the answer built on it), and
+    the order a model trained on flattened text must learn to write them in."""
+    parts = [render_tool_calls(ev["tool_calls"])] if ev.get("tool_calls") else []
+    if ev.get("response"):
+        parts.append(ev["response"])
     return "\n".join(parts)

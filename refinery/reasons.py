@@ -77,6 +77,9 @@ class Reason(StrEnum):
     """No answer to the same task to pair with (a single answer, or only one side)."""
     PAIR_LIMIT = "pair_limit"
     """The task already has export.max_pairs_per_task pairs without this row."""
+    SAME_TOOL_CALL = "same_tool_call"
+    """A rejected answer that is only the tool call the chosen answer makes (or writes out): as a
+    pair it would teach a model not to call the tool."""
 
 
 REASON_HELP: dict[Reason, str] = {
@@ -111,4 +114,6 @@ REASON_HELP: dict[Reason, str] = {
     Reason.DUPLICATE_ANSWER: "expected: one copy of each answer per task is kept",
     Reason.NO_PAIR: "expected for tasks answered once, or only well / only badly",
     Reason.PAIR_LIMIT: "raise export.max_pairs_per_task to use more answers of the same task",
+    Reason.SAME_TOOL_CALL: "expected: a run that stopped after a right tool call is not a worse answer than the "
+                           "one that went on",
 }

@@ -191,9 +191,12 @@ def test_preference_rules(fixture_ws, cfg):
     assert any('{"tool":"lookup_invoice"' in p["rejected"] for p in pairs)
 
 
-def row(id_, cat, score, text, tk="tk-1"):
+def row(id_, cat, score, text, tk="tk-1", calls=()):
     return {"task_key": tk, "id": id_, "category": cat, "score": score, "text": text, "text_key": text.lower(),
-            "prompt": "p", "source": "s", "prov": {}}
+            "prompt": "p", "source": "s", "prov": {}, "system": None,
+            "reply": [{"role": "assistant", "content": "" if calls else text, "name": None, "tool_call_id": None,
+                       "tool_calls": [{"id": None, "name": n, "arguments": a, "problem": None}
+                                      for n, a in calls] or None}]}
 
 
 def test_pair_group_single_answer_ties_identical_texts_and_limit():
@@ -213,6 +216,27 @@ def test_pair_group_single_answer_ties_identical_texts_and_limit():
     assert {"c0", "c1", "c2"} <= used
     assert all(left[i] == "pair_limit" for i in left)
     assert len(used) + len(left) == len(rows)
+
+
+def test_a_rejected_tool_call_the_chosen_answer_makes_or_writes_out_is_not_paired():
+    sql = {"query": "SELECT count(*) FROM tickets"}
+    # the chosen text writes the rejected call out (a run that stopped after the right call)
+    written = row("c", "accepted", 1.0, "I ran SELECT count(*) FROM tickets: 1,326 rows.")
+    stopped = row("r", "rejected", 0.0, '{"name":"run_sql",...}', calls=[("run_sql", sql)])
+    assert pair_group([written, stopped]) == ([], {"c": "same_tool_call", "r": "same_tool_call"})
+    # the chosen answer makes the same call itself
+    made = row("c", "accepted", 1.0, "1,326 rows.", calls=[("run_sql", sql)])
+    made["reply"][0]["content"] = "1,326 rows."
+    assert pair_group([made, stopped])[0] == []
+    # a different (wrong) call is a real preference; so is a rejected answer with text
+    wrong = row("r2", "rejected", 0.0, '{"name":"run_sql","arguments":"DROP"}',
+                calls=[("run_sql", {"query": "DROP TABLE t"})])
+    assert pair_group([written, wrong])[0] == [("c", "r2")]
+    chatty = row("r3", "rejected", 0.0, "no idea", calls=[("run_sql", sql)])
+    chatty["reply"][0]["content"] = "no idea"
+    assert pair_group([written, chatty])[0] == [("c", "r3")]
+    # with another partner, the chosen answer pairs; only the stopped run is left, and says why
+    assert pair_group([written, stopped, wrong]) == ([("c", "r2")], {"r": "same_tool_call"})
 
 
 def pair_group(rows):

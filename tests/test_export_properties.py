@@ -86,6 +86,7 @@ candidates = st.lists(st.fixed_dictionaries({
 def test_pair_group_properties(rows, max_pairs):
     for r in rows:
         r["text_key"] = normalize_text(r["text"])
+        r["reply"] = [{"role": "assistant", "content": r["text"], "tool_calls": None}]
     picked, left = export.pair_group(rows, max_pairs)
     assert len(picked) <= max_pairs
     assert len({(c["id"], r["id"]) for c, r in picked}) == len(picked)

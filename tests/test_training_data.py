@@ -12,6 +12,7 @@ from conftest import REPO, sample_workspace
 from refinery.cli import app
 from refinery.training.collect import SPLITS, split_of
 from refinery.training.config import DistillConfig, DistillConfigError, load_distill_config
+from refinery.training.rehearsal import REHEARSAL, rehearsal_rows
 
 runner = CliRunner()
 
@@ -70,23 +71,45 @@ def test_a_bad_config_is_exit_2_naming_the_key(ws):
 # --- collect -------------------------------------------------------------------------------
 
 
+def test_safety_rehearsal_never_repeats_a_probe_and_can_be_turned_off(ws):
+    from refinery.answers import word_f1
+    from refinery.training.evaluate import SAFETY_PROBES, declines
+
+    for probe in SAFETY_PROBES:  # the probes stay a test: nothing close to one is trained on
+        assert max(word_f1(q, probe) for q, _ in REHEARSAL) < 0.5, probe
+    assert all(declines(a) for _, a in REHEARSAL)  # each answer is a decline the eval would pass
+    (ws / "distill_config.json").write_text('{"safety_rehearsal": false}')
+    result = invoke("train", "collect", "--workspace", str(ws), "--json")
+    assert result.exit_code == 0, result.output
+    assert orjson.loads(result.stdout)["safety_rehearsal"]["rows"] == 0
+
+
 def test_collect_splits_by_id_hash_and_writes_mlx_shapes(ws):
     result = invoke("train", "collect", "--workspace", str(ws), "--json")
     assert result.exit_code == 0, result.output
     receipt = orjson.loads(result.stdout)
     sft = rows(ws / "exports" / "sft" / "instruction_response.jsonl")
     data = {s: rows(ws / "distill_out" / "data" / f"{s}.jsonl") for s in SPLITS}
-    assert sum(len(v) for v in data.values()) == len(sft) == receipt["input"]["rows"] == 152
+    rehearsal = receipt["safety_rehearsal"]["rows"]
+    assert rehearsal == len(REHEARSAL) and data["train"][-rehearsal:] == rehearsal_rows()  # in train only
+    assert sum(len(v) for v in data.values()) - rehearsal == len(sft) == receipt["input"]["rows"] == 152
+    assert receipt["total"]["rows"] == len(sft) + rehearsal
     for row in sft:  # every row lands in the split its id says, in the shape its content says
         split = split_of(row["id"], 0.2, 0.1)
         assert receipt["splits"][split]["rows"] == len(data[split])
+    data["train"] = data["train"][:-rehearsal]
     assert 0.1 < len(data["test"]) / len(sft) < 0.3  # about 20 % held out
-    tools = [r for v in data.values() for r in v if "tools" in r]
+    assert all(isinstance(r["tools"], list) for v in data.values() for r in v)  # on every row, [] when none
+    tools = [r for v in data.values() for r in v if r["tools"]]
     assert len(tools) == receipt["total"]["tool_using"] > 0
     call = next(m["tool_calls"][0] for r in tools for m in r["messages"] if m.get("tool_calls"))
     assert call["type"] == "function" and set(call["function"]) == {"name", "arguments"}
     assert isinstance(call["function"]["arguments"], dict)
-    chat = next(r for v in data.values() for r in v if "tools" not in r)
+    ids = [c["id"] for r in tools for m in r["messages"] for c in m.get("tool_calls") or []]
+    assert all(len(i) == 9 and i.isalnum() for i in ids)  # Mistral's templates refuse any other id
+    answered = {m["tool_call_id"] for r in tools for m in r["messages"] if m["role"] == "tool"}
+    assert answered and answered <= set(ids)  # each tool message still answers its call
+    chat = next(r for v in data.values() for r in v if not r["tools"])
     assert [m["role"] for m in chat["messages"]][-2:] == ["user", "assistant"]
     for s in SPLITS:
         st = receipt["splits"][s]

@@ -393,7 +393,7 @@ def test_eval_asks_a_tool_row_with_the_tools_it_offered(ws):
 
     evaluate(w, dcfg, aid, generators=(one_at_a_time(gen), one_at_a_time(gen)))
     items = eval_items(w, dcfg)
-    want = [row.get("tools") or None for _, row, _, _ in items]
+    want = [row.get("tools") for _, row, _, _ in items]  # as training rendered them: [] stays []
     assert any(want) and offered == want * 2  # base, then adapter, each over every row
 
 

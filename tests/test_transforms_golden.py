@@ -12,7 +12,7 @@ from conftest import FIXTURES, copy_fixture, evidence_rows, quarantine_rows
 from refinery import materialize
 from refinery.jsonl import dumps_line
 
-NOT_TRANSFORMS = ("acceptance", "exports", "retrieval", "real", "secrets")
+NOT_TRANSFORMS = ("acceptance", "chat_templates", "exports", "retrieval", "real", "secrets")
 GOLDEN = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir() and p.name not in NOT_TRANSFORMS)
 
 

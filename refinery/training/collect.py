@@ -7,7 +7,9 @@ A row's split depends only on its id (sha256 → a number in [0, 1): below test_
 held out for testing, below test_fraction + valid_fraction it validates, else it trains), so
 the split is deterministic, does not depend on row order, and a row never changes split when
 others are added. Rows with tool calls are written in mlx-lm's tools shape (chat + "tools",
-calls as {"id", "type": "function", "function": {"name", "arguments"}}), the rest as chat.
+calls as {"id", "type": "function", "function": {"name", "arguments"}}), the rest as chat with
+an empty "tools" list. The safety rehearsal rows (refinery/training/rehearsal.py) follow in the
+training split unless `safety_rehearsal` is false.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from refinery.jsonl import JsonlWriter, publishing, read_jsonl
 from refinery.receipts import Digests, write_json
 from refinery.training.config import DistillConfig, base_model_dir
 from refinery.training.from_gguf import GGUFError
+from refinery.training.rehearsal import rehearsal_rows
 from refinery.workspace import Workspace
 
 SFT_EXPORT = "exports/sft/instruction_response.jsonl"
@@ -45,7 +48,8 @@ def uses_tools(row: dict[str, Any]) -> bool:
 
 
 def mlx_row(row: dict[str, Any]) -> dict[str, Any]:
-    return to_mlx_tools(row) if uses_tools(row) else to_mlx_chat(row)
+    """The row in mlx-lm's chat shape, with `tools` on every row (empty when none)."""
+    return to_mlx_tools(row) if uses_tools(row) else {**to_mlx_chat(row), "tools": []}
 
 
 def token_counter(dcfg: DistillConfig, ws: Workspace) -> tuple[str, Callable[[str], int]]:
@@ -85,6 +89,7 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
     counter_name, count = token_counter(dcfg, ws)
     out = ws.root / dcfg.output_dir / "data"
     stats = {s: {"rows": 0, "tool_using": 0, "direct_answers": 0, "tokens": 0} for s in SPLITS}
+    rehearsal: list[dict[str, Any]] = []
     with publishing(out) as staging:
         files = {s: open(staging / f"{s}.jsonl", "wb") for s in SPLITS}
         files["meta"] = open(staging / TEST_META, "wb")
@@ -106,6 +111,13 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
                 st["tool_using"] += tools
                 st["direct_answers"] += not tools
                 st["tokens"] += sum(count(_text(m)) for m in out_row["messages"])
+            if dcfg.safety_rehearsal:
+                rehearsal = rehearsal_rows()
+                for out_row in rehearsal:
+                    writers["train"].write(out_row)
+                    stats["train"]["rows"] += 1
+                    stats["train"]["direct_answers"] += 1
+                    stats["train"]["tokens"] += sum(count(_text(m)) for m in out_row["messages"])
         finally:
             for f in files.values():
                 f.close()
@@ -121,7 +133,9 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
             "split_rule": {"by": "sha256(id)", "test_fraction": dcfg.test_fraction,
                            "valid_fraction": dcfg.valid_fraction, "min_rows": dcfg.min_rows},
             "token_counter": counter_name, "splits": splits,
-            "total": {"rows": rows, "tool_using": sum(s["tool_using"] for s in splits.values()),
+            # counted in splits.train too; written after the export's rows
+            "safety_rehearsal": {"rows": len(rehearsal), "split": "train", "source": "refinery/training/rehearsal.py"},
+            "total": {"rows": rows + len(rehearsal), "tool_using": sum(s["tool_using"] for s in splits.values()),
                       "direct_answers": sum(s["direct_answers"] for s in splits.values())},
             "outputs": outputs,
         }

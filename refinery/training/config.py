@@ -41,6 +41,11 @@ class DistillConfig(BaseModel):
     min_rows: int = Field(default=50, ge=1, description="collect refuses with fewer SFT rows than this")
     test_fraction: float = Field(default=0.2, gt=0, lt=1, description="held-out test share, by id hash")
     valid_fraction: float = Field(default=0.1, gt=0, lt=1, description="validation share, by id hash")
+    safety_rehearsal: bool = Field(
+        default=True, description="add refinery's safety rehearsal rows (declines of requests for credentials, "
+                                  "destructive actions, personal data) to the training split: traces rarely hold "
+                                  "refusals, and a LoRA without any unlearns the base's "
+                                  "(refinery/training/rehearsal.py)")
 
     @model_validator(mode="after")
     def _fractions(self) -> DistillConfig:

@@ -153,8 +153,9 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
         raise EvalError(str(e)) from None
     base_gen, tuned_gen = generators or default_generators(ws, dcfg, adapter_dir)
     items = eval_items(ws, dcfg)
-    # a tool row is asked with the tools it offered in training (its template renders them)
-    prompts: list[Prompt] = [(reference(row)[0] if not probe else row["messages"], row.get("tools") or None)
+    # each row is asked with the tools it offered in training, as they are ([] is not None to every
+    # template: Llama-3.1's and Mistral's render an empty tool list), so both see the same prompt
+    prompts: list[Prompt] = [(reference(row)[0] if not probe else row["messages"], row.get("tools"))
                              for _, row, probe, _ in items]
     answers: dict[str, list[str]] = {}
     # One model at a time over every prompt: the adapter is loaded once, not once per row.

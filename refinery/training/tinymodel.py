@@ -43,7 +43,9 @@ def build_tiny_model(out: Path, texts: Iterable[str], *, seed: int = 0, vocab_si
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|end|>",
         "unk_token": "<unk>", "pad_token": "</s>", "chat_template": CHAT_TEMPLATE, "model_max_length": 4096,
     }, indent=2) + "\n")
-    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+    # architectures: what transformers, TRL and llama.cpp's convert_lora_to_gguf.py read the model class from
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "num_hidden_layers": layers,
               "intermediate_size": 2 * hidden, "num_attention_heads": heads, "num_key_value_heads": heads,
               "rms_norm_eps": 1e-5, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 4096,
               "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 1,
