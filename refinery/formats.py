@@ -77,13 +77,15 @@ def tool_schemas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     up: the trace does not say what the tool does."""
     by_name: dict[str, list[dict[str, Any]]] = {}
     for c in calls:
-        by_name.setdefault(c["name"], []).append(c["arguments"] if isinstance(c["arguments"], dict) else {})
+        if c["name"]:
+            by_name.setdefault(c["name"], []).append(c["arguments"] if isinstance(c["arguments"], dict) else {})
     out = []
     for name, used in sorted(by_name.items()):
         props: dict[str, Any] = {}
         for args in used:
             for k, v in args.items():
-                props.setdefault(k, {"type": _json_type(v)})
+                if props.get(k, {"type": "null"})["type"] == "null":  # the first value that says its type
+                    props[k] = {"type": _json_type(v)}
         required = [k for k in props if all(k in args for args in used)]
         out.append({"type": "function", "function": {
             "name": name, "parameters": {"type": "object", "properties": props, "required": required}}})

@@ -77,7 +77,9 @@ def test_tool_call_ids_are_nine_letters_or_digits_and_stay_paired():
 
 
 def test_inferred_tool_schemas_name_every_parameter_and_the_required_ones():
-    calls = [{"name": "read", "arguments": {"path": "a", "lines": 3}},
+    calls = [{"name": "read", "arguments": {"path": "a", "lines": None}},
+             {"name": "read", "arguments": {"path": "c", "lines": 3}},
+             {"name": None, "arguments": {}},  # a malformed call declares nothing
              {"name": "read", "arguments": {"path": "b", "follow": True}},
              {"name": "run_sql", "arguments": {"query": "SELECT 1"}}]
     read, sql = tool_schemas(calls)

@@ -409,3 +409,32 @@ def test_the_chat_prompt_renders_the_tools_offered():
     assert chat_prompt(Tok(), [{"role": "user", "content": "hi"}], [{"name": "run_sql"}]) == \
         "1 messages, tools [{'name': 'run_sql'}]"
     assert chat_prompt(Tok(), [{"role": "user", "content": "hi"}]) == "1 messages, tools None"
+
+
+@pytest.mark.slow
+def test_the_loss_counts_the_answer_only(tmp_path):
+    from mlx_lm import load
+    from mlx_lm.tuner.datasets import ChatDataset
+
+    from refinery.training.tinymodel import build_tiny_model
+    from refinery.training.train import answer_loss
+
+    build_tiny_model(tmp_path / "m", ["How many orders in August?", "1,312 orders.", "run_sql"] * 20)
+    _, tok = load(str(tmp_path / "m"))
+    call = {"id": "abcDEF123", "type": "function", "function": {"name": "run_sql", "arguments": {"q": "x"}}}
+    rows = [{"messages": [{"role": "system", "content": "You are an agent."},
+                          {"role": "user", "content": "How many orders in August?"},
+                          {"role": "assistant", "content": "", "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "abcDEF123", "content": "[1312]"},
+                          {"role": "assistant", "content": "1,312 orders."}], "tools": []},
+            {"messages": [{"role": "user", "content": "How many orders in August?"},
+                          {"role": "assistant", "content": "1,312 orders."}], "tools": []}]
+    data = answer_loss(ChatDataset(rows, tok))
+    for row in rows:
+        tokens, offset = data.process(row)
+        learnt = tok.decode(tokens[offset:])
+        assert "How many orders" not in learnt and "1,312 orders." in learnt  # the question is context
+    tokens, offset = data.process(rows[0])
+    assert "run_sql" in tok.decode(tokens[offset:])  # the call is learnt, not only the final text
+    assert "You are an agent" in tok.decode(tokens[:offset])
+    assert answer_loss(rows) is rows  # not a chat dataset: unchanged

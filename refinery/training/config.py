@@ -41,6 +41,11 @@ class DistillConfig(BaseModel):
     min_rows: int = Field(default=50, ge=1, description="collect refuses with fewer SFT rows than this")
     test_fraction: float = Field(default=0.2, gt=0, lt=1, description="held-out test share, by id hash")
     valid_fraction: float = Field(default=0.1, gt=0, lt=1, description="validation share, by id hash")
+    loss_on: Literal["answer", "all"] = Field(
+        default="answer", description="answer: the loss counts only the answer — from the first assistant turn "
+                                      "after the last user message to the end (a tool call, its result, the final "
+                                      "text); the system prompt, the tools offered and the question are context. "
+                                      "all: every token")
     safety_rehearsal: bool = Field(
         default=True, description="add refinery's safety rehearsal rows (declines of requests for credentials, "
                                   "destructive actions, personal data) to the training split: traces rarely hold "

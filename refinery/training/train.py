@@ -171,6 +171,8 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
     print(blas.describe(gflops), file=progress_out)
     with contextlib.redirect_stdout(progress_out):
         train_set, valid_set, _ = datasets.load_dataset(args, tokenizer)
+    if dcfg.loss_on == "answer":
+        train_set, valid_set = (answer_loss(d) for d in (train_set, valid_set))
     if len(train_set) < dcfg.batch_size:
         raise TrainError(f"{len(train_set)} training rows, fewer than batch_size = {dcfg.batch_size}")
 
@@ -231,6 +233,29 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
         write_json(staging / "receipt.json", receipt)
     log_run(ws, receipt, started_at, dcfg)
     return receipt
+
+
+def answer_loss(dataset: Any) -> Any:
+    """mlx-lm's chat dataset with the loss on the answer only: each row's tokens from the first
+    assistant turn after the last user message to the end (a tool call, its result, the final
+    text) are learnt; the system prompt, the tools offered and the question before it are
+    context. With the loss on every token, SmolLM2 spent most of it re-learning the same system
+    prompts and tool lists (they repeat on every row). Other dataset shapes pass unchanged."""
+    from mlx_lm.tuner.datasets import ChatDataset
+
+    if not isinstance(dataset, ChatDataset):
+        return dataset
+
+    class AnswerLoss(ChatDataset):
+        def process(self, d: dict[str, Any]) -> tuple[list[int], int]:
+            messages, tools = d[self.chat_key], d.get("tools")
+            tokens = self.tokenizer.apply_chat_template(messages, tools=tools, return_dict=False)
+            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+            prompt = self.tokenizer.apply_chat_template(messages[:last_user + 1], tools=tools,
+                                                        add_generation_prompt=True, return_dict=False)
+            return tokens, min(len(prompt), len(tokens) - 1)
+
+    return AnswerLoss(dataset._data, dataset.tokenizer, chat_key=dataset.chat_key)
 
 
 def log_run(ws: Workspace, receipt: dict[str, Any], started_at: str, dcfg: DistillConfig) -> None:
