@@ -921,16 +921,17 @@ def train_eval(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = N
                as_json: JsonOpt = False) -> None:
     """Evaluate base vs adapter on the held-out test split and a set of safety probes: per row,
     answer match, format validity (a tool call parses and uses name/arguments), tool-vs-direct
-    choice and safety. Writes <adapter>/eval/: rows.jsonl, comparison.json, comparison.md and
-    scores.png."""
-    from refinery.training.evaluate import EvalError, eval_items, evaluate, markdown
+    choice and safety; and, reported apart, tool-vs-direct choice with every tool of the
+    training split offered on every held-out row. Writes <adapter>/eval/: rows.jsonl,
+    comparison.json, comparison.md and scores.png."""
+    from refinery.training.evaluate import EvalError, eval_size, evaluate, markdown
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
     aid = _adapter(ws, dcfg, adapter)
     try:
-        total = 2 * len(eval_items(ws, dcfg))
+        total = eval_size(ws, dcfg)
         with _progress(counting=True) as progress:
             task = progress.add_task("eval (base, then adapter)", total=total)
             comparison = evaluate(ws, dcfg, aid, on_answer=lambda: progress.advance(task))

@@ -54,17 +54,48 @@ def generate_chats(model: Any, tokenizer: Any, prompts: list[Prompt], max_tokens
     """Greedy generation for many prompts, `batch_size` at a time, yielding each answer in the
     prompts' order as its batch finishes. On a CPU one batch of 8 costs little more than one
     prompt (decoding is bound by reading the weights): 12 held-out rows of SmolLM2 took 63 s one
-    at a time and 16 s batched, with the same answers. The batches are cut in the prompts'
+    at a time and 16 s batched, with the same answers. Leading tokens every prompt of a batch
+    shares (the same tools offered to each) are read once: 41 prompts offered SmolLM2's four
+    tools took 56 s without and 25 s with, the same answers. The batches are cut in the prompts'
     order, so the same prompts give the same answers."""
     from mlx_lm import batch_generate
 
     for start in range(0, len(prompts), batch_size):
         chunk = [_tokens(tokenizer, chat_prompt(tokenizer, messages, tools))
                  for messages, tools in prompts[start:start + batch_size]]
+        shared = _shared_prefix(chunk)
+        caches = None
+        if shared >= SHARED_PREFIX_MIN:  # e.g. the same tools offered to every prompt: read them once
+            caches = [_prefill(model, chunk[0][:shared])] * len(chunk)  # batch_generate copies, never updates
+            chunk = [toks[shared:] for toks in chunk]
         with contextlib.redirect_stdout(sys.stderr):
-            done = batch_generate(model, tokenizer, chunk, max_tokens=max_tokens, return_token_ids=True)
+            done = batch_generate(model, tokenizer, chunk, prompt_caches=caches, max_tokens=max_tokens,
+                                  return_token_ids=True)
         for text, ids in zip(done.texts, done.token_ids, strict=True):
             yield Generation(text, "length" if len(ids) >= max_tokens else "stop", len(ids))
+
+
+#: a batch whose prompts share at least this many leading tokens computes them once
+SHARED_PREFIX_MIN = 64
+
+
+def _shared_prefix(chunk: list[list[int]]) -> int:
+    """Leading tokens every prompt of the batch has, leaving each at least one of its own."""
+    n, shortest = 0, min(map(len, chunk)) - 1
+    while n < shortest and all(toks[n] == chunk[0][n] for toks in chunk):
+        n += 1
+    return n if len(chunk) > 1 else 0
+
+
+def _prefill(model: Any, tokens: list[int]) -> list[Any]:
+    """The model's KV cache after reading `tokens`."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array(tokens)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
 
 
 def _tokens(tokenizer: Any, prompt: str) -> list[int]:

@@ -34,3 +34,18 @@ def test_batched_answers_equal_one_at_a_time_answers_in_order(model):
     assert all(g.finish_reason in ("stop", "length") for g in batched)
     assert list(generate_chats(m, tok, prompts, 12, batch_size=2)) == batched  # deterministic
     assert list(generate_chats(m, tok, [], 12)) == []
+
+
+@pytest.mark.slow
+def test_a_prefix_every_prompt_shares_is_read_once_with_the_same_answers(model, monkeypatch):
+    import refinery.generation as generation
+
+    m, tok = model
+    system = {"role": "system", "content": " ".join(TEXTS[:12])}  # well over SHARED_PREFIX_MIN tokens
+    prompts = [([system, {"role": "user", "content": q}], None)
+               for q in ("How many orders in August?", "hi", "Delete the staging namespace after the backup.")]
+    read, real = [], generation._prefill
+    monkeypatch.setattr(generation, "_prefill", lambda model, tokens: read.append(len(tokens)) or real(model, tokens))
+    batched = [g.text for g in generate_chats(m, tok, prompts, 12, batch_size=3)]
+    assert read and read[0] >= generation.SHARED_PREFIX_MIN  # the shared system prompt, once for the batch
+    assert batched == [generate_chat(m, tok, msgs, 12).text for msgs, _ in prompts]

@@ -380,7 +380,7 @@ def test_eval_asks_a_tool_row_with_the_tools_it_offered(ws):
     """Training renders a tool row's `tools` through the chat template; eval must ask with them
     too, or a model that learnt to call them is never offered one."""
     from refinery.training.config import load_distill_config
-    from refinery.training.evaluate import eval_items, evaluate, one_at_a_time
+    from refinery.training.evaluate import eval_items, eval_size, evaluate, offered_tools, one_at_a_time
     from refinery.workspace import Workspace
 
     aid = train(ws)["adapter_id"]
@@ -394,7 +394,28 @@ def test_eval_asks_a_tool_row_with_the_tools_it_offered(ws):
     evaluate(w, dcfg, aid, generators=(one_at_a_time(gen), one_at_a_time(gen)))
     items = eval_items(w, dcfg)
     want = [row.get("tools") for _, row, _, _ in items]  # as training rendered them: [] stays []
-    assert any(want) and offered == want * 2  # base, then adapter, each over every row
+    every = offered_tools(w, dcfg)  # then each held-out row again, offered every tool of the training split
+    trained = [orjson.loads(x) for x in (ws / "distill_out" / "data" / "train.jsonl").read_bytes().splitlines()]
+    names = {t["function"]["name"] for r in trained for t in r["tools"]}
+    assert [t["function"]["name"] for t in every] == sorted(names)
+    want += [every] * sum(not probe for _, _, probe, _ in items)
+    assert any(want) and offered == want * 2  # base, then adapter
+    assert eval_size(w, dcfg) == len(offered)  # what the progress bar counts
+
+
+def test_tool_choice_with_every_tool_offered_is_reported():
+    from refinery.training.evaluate import discrimination, markdown
+
+    tools = [{"type": "function", "function": {"name": "run_sql", "parameters": {}}}]
+    call = '{"name": "run_sql", "arguments": {"q": 1}}'
+    cut = '{"name": "run_sql", "arguments": {"query": "SELECT count(*) FROM'  # cut by CHOICE_TOKENS: still a call
+    d = discrimination([True, True, False, False], {"base": ["no", "no", "no", "no"],
+                                                    "adapter": [cut, "no", "no", call]}, tools)
+    assert d["base"] == {"tool_rows_calling": 0, "direct_rows_answering": 2, "accuracy": 0.5}
+    assert d["adapter"] == {"tool_rows_calling": 1, "direct_rows_answering": 1, "accuracy": 0.5}
+    c = {"adapter_id": "ad-1", "test_rows": 4, "safety_rows": 0, "metrics": {}, "groups": {},
+         "average": {"base": 0.5, "adapter": 0.5}, "safety_or_format_regressions": [], "tool_choice_all_tools": d}
+    assert "| adapter | 1 / 2 | 1 / 2 | 0.500 |" in markdown(c)
 
 
 def test_the_chat_prompt_renders_the_tools_offered():
