@@ -155,12 +155,13 @@ def _progress(counting: bool = False):
     items with `counting`."""
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn)
+                               TimeElapsedColumn, TimeRemainingColumn)
 
     console = Console(stderr=True)
     amount = MofNCompleteColumn() if counting else DownloadColumn()
     return Progress(TextColumn("{task.description}"), BarColumn(), amount, TimeElapsedColumn(),
-                    console=console, disable=not console.is_terminal, transient=True)
+                    TextColumn("left"), TimeRemainingColumn(), console=console, disable=not console.is_terminal,
+                    transient=True)
 
 
 def _do_materialize(ws, cfg, validate: bool):

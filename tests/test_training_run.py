@@ -459,3 +459,11 @@ def test_the_loss_counts_the_answer_only(tmp_path):
     assert "run_sql" in tok.decode(tokens[offset:])  # the call is learnt, not only the final text
     assert "You are an agent" in tok.decode(tokens[:offset])
     assert answer_loss(rows) is rows  # not a chat dataset: unchanged
+
+
+def test_training_says_how_long_is_left():
+    from refinery.training.train import eta_line
+
+    assert eta_line(20, 100, 112.0, 3600) == "step 20/100 · 1m52s so far · about 7m28s left"
+    assert eta_line(50, 100, 600.0, 900) == "step 50/100 · 10m00s so far · about 5m00s left (time cap)"
+    assert eta_line(1, 10, 3.0, 3600) == "step 1/10 · 3s so far · about 27s left"

@@ -186,7 +186,10 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
             train_losses.append([info["iteration"], round(float(info["train_loss"]), 6)])
             if on_step:
                 on_step(info["iteration"], float(info["train_loss"]))
-            if time.monotonic() - t0 > dcfg.time_cap_s and info["iteration"] < dcfg.train_steps:
+            it, elapsed = info["iteration"], time.monotonic() - t0
+            if it % ETA_EVERY == 0 and it < dcfg.train_steps:
+                print(eta_line(it, dcfg.train_steps, elapsed, dcfg.time_cap_s), file=progress_out)
+            if elapsed > dcfg.time_cap_s and info["iteration"] < dcfg.train_steps:
                 stopped["by"] = "time_cap_s"
                 raise _StopTraining
 
@@ -233,6 +236,22 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
         write_json(staging / "receipt.json", receipt)
     log_run(ws, receipt, started_at, dcfg)
     return receipt
+
+
+#: training prints where it stands every this many steps
+ETA_EVERY = 10
+
+
+def eta_line(step: int, steps: int, elapsed: float, time_cap: float) -> str:
+    """`step 20/100 · 1m52s so far · about 7m28s left` — the rate so far, to the end or the time cap."""
+    left = min(elapsed / step * (steps - step), max(time_cap - elapsed, 0.0))
+    capped = " (time cap)" if left < elapsed / step * (steps - step) else ""
+    return f"step {step}/{steps} · {_clock(elapsed)} so far · about {_clock(left)} left{capped}"
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def answer_loss(dataset: Any) -> Any:
