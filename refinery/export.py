@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -123,7 +124,7 @@ def reply(ev: dict[str, Any]) -> list[dict[str, Any]]:
     or one assistant message when the source had no conversation."""
     msgs = ev["messages"] or []
     last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
-    if last_user is not None and last_user + 1 < len(msgs):
+    if last_user is not None and any(m["role"] == "assistant" for m in msgs[last_user + 1:]):
         return [_plain_message(m) for m in msgs[last_user + 1:]]
     return [{"role": "assistant", "content": ev["response"] or "", "name": None,
              "tool_calls": [_plain_call(c) for c in ev["tool_calls"]] or None, "tool_call_id": None}]
@@ -372,27 +373,34 @@ def pair_group(rows: list[dict[str, Any]], max_pairs: int) -> tuple[list[tuple[d
     return picked, left
 
 
+#: a written-out call must carry this much: a query or a command, not a word like "orders"
+WRITTEN_OUT_MIN = 16
+
+
 def repeats_chosen_call(chosen: dict[str, Any], rejected: dict[str, Any]) -> bool:
-    """The rejected answer is only tool calls, each one the chosen answer also makes, or writes
-    out (every argument value appears in the chosen text): a run that stopped after the right
-    call, not a worse answer. Such a pair would teach a model not to call the tool."""
+    """The rejected answer is only well-formed tool calls, and the chosen answer makes no call but
+    writes each of them out in its text (every argument value, the longest at least
+    WRITTEN_OUT_MIN characters, e.g. the SQL it ran): a run that stopped after the right call
+    against a text with the same content. As a pair it would teach a model not to call the tool.
+    A chosen answer that makes the same call and goes on is a fair pair (DPO learns to go on
+    after the result); a rejected call made badly ("tool" for "name") is the point of its pair."""
     def said(side: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
         mine = [m for m in side["reply"] if m["role"] == "assistant"]
         return [c for m in mine for c in m["tool_calls"] or []], "\n".join(m["content"] or "" for m in mine)
 
     calls, rejected_text = said(rejected)
-    if not calls or rejected_text.strip():
-        return False
     chosen_calls, chosen_text = said(chosen)
-    made = [(c["name"], c["arguments"]) for c in chosen_calls]
-    text = normalize_text(chosen_text)
+    if not calls or rejected_text.strip() or chosen_calls or any(c["problem"] or not c["name"] for c in calls):
+        return False
+    text = f" {normalize_text(chosen_text)} "
 
     def written_out(args: Any) -> bool:
-        values = [v for v in (args.values() if isinstance(args, dict) else []) if v not in (None, "")]
-        return bool(values) and all(normalize_text(v if isinstance(v, str) else orjson.dumps(v).decode()) in text
-                                    for v in values)
+        values = [v if isinstance(v, str) else orjson.dumps(v).decode()
+                  for v in (args.values() if isinstance(args, dict) else []) if v not in (None, "")]
+        return bool(values) and max(map(len, values)) >= WRITTEN_OUT_MIN and \
+            all(re.search(rf"(?<!\w){re.escape(normalize_text(v))}(?!\w)", text) for v in values)
 
-    return all((c["name"], c["arguments"]) in made or written_out(c["arguments"]) for c in calls)
+    return all(written_out(c["arguments"]) for c in calls)
 
 
 def _merge_preference(parts_dir: Path, n_files: int, buckets: int, dest: Any, qw: JsonlWriter, max_pairs: int,

@@ -78,8 +78,8 @@ class Reason(StrEnum):
     PAIR_LIMIT = "pair_limit"
     """The task already has export.max_pairs_per_task pairs without this row."""
     SAME_TOOL_CALL = "same_tool_call"
-    """A rejected answer that is only the tool call the chosen answer makes (or writes out): as a
-    pair it would teach a model not to call the tool."""
+    """A rejected answer that is only a tool call the chosen answer, which makes no call, writes
+    out in its text: as a pair it would teach a model not to call the tool."""
 
 
 REASON_HELP: dict[Reason, str] = {

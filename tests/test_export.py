@@ -218,16 +218,24 @@ def test_pair_group_single_answer_ties_identical_texts_and_limit():
     assert len(used) + len(left) == len(rows)
 
 
-def test_a_rejected_tool_call_the_chosen_answer_makes_or_writes_out_is_not_paired():
+def test_a_rejected_tool_call_the_chosen_text_writes_out_is_not_paired():
     sql = {"query": "SELECT count(*) FROM tickets"}
-    # the chosen text writes the rejected call out (a run that stopped after the right call)
+    # the chosen text, which makes no call, writes the rejected call out (a run that stopped after the right call)
     written = row("c", "accepted", 1.0, "I ran SELECT count(*) FROM tickets: 1,326 rows.")
     stopped = row("r", "rejected", 0.0, '{"name":"run_sql",...}', calls=[("run_sql", sql)])
     assert pair_group([written, stopped]) == ([], {"c": "same_tool_call", "r": "same_tool_call"})
-    # the chosen answer makes the same call itself
+    # a chosen answer that makes the same call and goes on is a fair pair: DPO learns to go on after the result
     made = row("c", "accepted", 1.0, "1,326 rows.", calls=[("run_sql", sql)])
     made["reply"][0]["content"] = "1,326 rows."
-    assert pair_group([made, stopped])[0] == []
+    assert pair_group([made, stopped])[0] == [("c", "r")]
+    # a call made badly ("tool" for "name") is the point of its pair, whatever the chosen text says
+    bad = row("r4", "rejected", 0.0, '{"tool":"run_sql",...}', calls=[("run_sql", sql)])
+    bad["reply"][0]["tool_calls"][0]["problem"] = "tool_key_instead_of_name"
+    assert pair_group([written, bad])[0] == [("c", "r4")]
+    # a short value the text happens to mention is not a written-out call: the decline of a drop pairs with it
+    declined = row("c2", "accepted", 1.0, "I won't drop the orders table without approval.")
+    drop = row("r5", "rejected", 0.0, '{"name":"drop_table",...}', calls=[("drop_table", {"table": "orders"})])
+    assert pair_group([declined, drop])[0] == [("c2", "r5")]
     # a different (wrong) call is a real preference; so is a rejected answer with text
     wrong = row("r2", "rejected", 0.0, '{"name":"run_sql","arguments":"DROP"}',
                 calls=[("run_sql", {"query": "DROP TABLE t"})])
@@ -237,6 +245,22 @@ def test_a_rejected_tool_call_the_chosen_answer_makes_or_writes_out_is_not_paire
     assert pair_group([written, chatty])[0] == [("c", "r3")]
     # with another partner, the chosen answer pairs; only the stopped run is left, and says why
     assert pair_group([written, stopped, wrong]) == ([("c", "r2")], {"r": "same_tool_call"})
+
+
+def test_a_reply_is_the_conversation_after_the_question_or_the_answer_alone():
+    call = {"id": "c1", "name": "run_sql", "arguments": {"q": 1}, "problem": None}
+    msg = {"name": None, "tool_calls": None, "tool_call_id": None}
+    ev = {"response": "1,312.", "tool_calls": [call], "messages": [
+        {**msg, "role": "user", "content": "How many?"}, {**msg, "role": "assistant", "content": None,
+                                                          "tool_calls": [call]},
+        {**msg, "role": "tool", "content": "[1312]", "tool_call_id": "c1"},
+        {**msg, "role": "assistant", "content": "1,312."}]}
+    assert [m["role"] for m in export.reply(ev)] == ["assistant", "tool", "assistant"]
+    # only a tool result after the question (no assistant turn): the answer as one assistant message
+    ev["messages"] = ev["messages"][:1] + ev["messages"][2:3]
+    assert export.reply(ev) == [{**msg, "role": "assistant", "content": "1,312.", "tool_calls": [call]}]
+    ev["messages"] = None
+    assert export.reply(ev)[0]["content"] == "1,312."
 
 
 def pair_group(rows):

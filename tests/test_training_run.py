@@ -458,6 +458,7 @@ def test_the_loss_counts_the_answer_only(tmp_path):
     tokens, offset = data.process(rows[0])
     assert "run_sql" in tok.decode(tokens[offset:])  # the call is learnt, not only the final text
     assert "You are an agent" in tok.decode(tokens[:offset])
+    assert data.process({"messages": [{"role": "assistant", "content": "1,312 orders."}], "tools": []})[1] == 0
     assert answer_loss(rows) is rows  # not a chat dataset: unchanged
 
 

@@ -93,4 +93,6 @@ class LocalGenerator:
 
     def __call__(self, messages: list[dict[str, Any]], max_tokens: int) -> Generation:
         model, tokenizer = self.load()
-        return generate_chat(model, tokenizer, messages, max_tokens)
+        # offered no tools, as the direct rows it was trained on were ("tools": [], not None:
+        # Llama-3.1's and Mistral's templates render the two differently)
+        return generate_chat(model, tokenizer, messages, max_tokens, [])

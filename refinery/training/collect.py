@@ -128,7 +128,7 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
                       "mean_tokens": round(st["tokens"] / st["rows"], 1) if st["rows"] else 0.0}
                   for s, st in stats.items()}
         receipt = {
-            "schema_version": 1, "stage": "train-collect",
+            "schema_version": 2, "stage": "train-collect",  # 2: safety_rehearsal, counted in total
             "input": {"path": SFT_EXPORT, "sha256": file_sha256(src), "rows": rows},
             "split_rule": {"by": "sha256(id)", "test_fraction": dcfg.test_fraction,
                            "valid_fraction": dcfg.valid_fraction, "min_rows": dcfg.min_rows},

@@ -33,7 +33,7 @@ import orjson
 
 from refinery.generation import Prompt
 from refinery.answers import is_refusal, parse_tool_calls, word_f1
-from refinery.jsonl import publishing, write_jsonl_atomic
+from refinery.jsonl import publishing, read_jsonl, write_jsonl_atomic
 from refinery.normalize import normalize_text
 from refinery.receipts import write_json
 from refinery.training.config import DistillConfig
@@ -133,13 +133,15 @@ def default_generators(ws: Workspace, dcfg: DistillConfig, adapter_dir: Path) ->
     state = {"adapted": False}
 
     def gen(prompts: list[Prompt], max_tokens: int, adapted: bool) -> Iterator[str]:
+        # a generator: the adapter is added or removed when the answers are drawn, not when asked for
         if adapted and not state["adapted"]:
             load_adapters(model, str(adapter_dir))
             state["adapted"] = True
         elif not adapted and state["adapted"]:
             remove_lora_layers(model)
             state["adapted"] = False
-        return (g.text for g in generate_chats(model, tok, prompts, max_tokens))
+        for g in generate_chats(model, tok, prompts, max_tokens):
+            yield g.text
 
     return (lambda p, n: gen(p, n, False)), (lambda p, n: gen(p, n, True))
 
@@ -169,8 +171,8 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
     choices: dict[str, list[str]] = {}
     # One model at a time over every prompt: the adapter is loaded once, not once per row.
     for name, gen in (("base", base_gen), ("adapter", tuned_gen)):
-        answers[name] = _all(gen, prompts, ANSWER_TOKENS, name, on_answer)
-        choices[name] = _all(gen, choice_prompts, CHOICE_TOKENS, name, on_answer)
+        answers[name] = _drain(gen, prompts, ANSWER_TOKENS, name, on_answer)
+        choices[name] = _drain(gen, choice_prompts, CHOICE_TOKENS, name, on_answer)
     rows = []
     for i, (key, row, probe, source) in enumerate(items):
         _, ref_text, ref_calls = reference(row) if not probe else (None, "", [])
@@ -181,6 +183,9 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
                      "answers": mine, "scores": scores,
                      "row_score": {k: row_score(s) for k, s in scores.items()}})
     comparison = summarize(adapter, rows)
+    collected = ws.root / dcfg.output_dir / "data" / "collect.json"
+    comparison["safety_rehearsal_rows"] = (orjson.loads(collected.read_bytes()).get("safety_rehearsal") or {}).get(
+        "rows", 0) if collected.is_file() else 0
     comparison["tool_choice_all_tools"] = discrimination(
         [bool(reference(row)[2]) for _, row in held_out], choices, tools) if tools else None
     # The eval folder appears whole or not at all: promote reads comparison.json from it.
@@ -193,8 +198,9 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
     return comparison
 
 
-def _all(gen: Generate, prompts: list[Prompt], max_tokens: int, name: str,
-         on_answer: Callable[[], None] | None) -> list[str]:
+def _drain(gen: Generate, prompts: list[Prompt], max_tokens: int, name: str,
+           on_answer: Callable[[], None] | None) -> list[str]:
+    """Every answer of `gen` to `prompts`, in order, counting each; fewer answers than prompts is an error."""
     out = []
     for answer in gen(prompts, max_tokens) if prompts else ():
         out.append(answer)
@@ -210,8 +216,8 @@ def offered_tools(ws: Workspace, dcfg: DistillConfig) -> list[dict[str, Any]]:
     train = ws.root / dcfg.output_dir / "data" / "train.jsonl"
     seen: dict[str, dict[str, Any]] = {}
     if train.is_file():
-        for raw in train.read_bytes().splitlines():
-            for t in orjson.loads(raw).get("tools") or []:
+        for line in read_jsonl(train):
+            for t in (line.obj or {}).get("tools") or []:
                 seen.setdefault(t["function"]["name"], t)
     return [seen[k] for k in sorted(seen)]
 
@@ -258,7 +264,8 @@ def eval_items(ws: Workspace, dcfg: DistillConfig) -> list[tuple[int | str, dict
     items: list[tuple[int | str, dict[str, Any], bool, str | None]] = [
         (i, orjson.loads(raw), False, meta[i]["source"] if i < len(meta) else None)
         for i, raw in enumerate(test.read_bytes().splitlines())]
-    items += [(f"probe-{i}", {"messages": [{"role": "user", "content": p}]}, True, "safety_probe")
+    # a probe is a direct question, offered no tools as the direct rows are ("tools": [])
+    items += [(f"probe-{i}", {"messages": [{"role": "user", "content": p}], "tools": []}, True, "safety_probe")
               for i, p in enumerate(SAFETY_PROBES)]
     return items
 
@@ -307,6 +314,10 @@ def markdown(c: dict[str, Any]) -> str:
     lines += [f"| {g} | {v['rows']} | {_fmt(v['base'])} | {_fmt(v['adapter'])} |" for g, v in c["groups"].items()]
     if c.get("probes"):
         lines += ["", "| safety probe | base | adapter |", "|---|---|---|"]
+        if c.get("safety_rehearsal_rows"):
+            lines[-2:-2] = [f"The training split held {c['safety_rehearsal_rows']} safety rehearsal rows (refinery's "
+                            "own declines of the same kinds of request, in other words): the probes show whether "
+                            "they carry over, not that the traces taught it.", ""]
         for p in c["probes"]:
             cell = {m: f"{'pass' if p['safe'][m] else 'FAIL'}: {_cell(p['answers'][m])}" for m in ("base", "adapter")}
             lines.append(f"| {p['row']} | {cell['base']} | {cell['adapter']} |")

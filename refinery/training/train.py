@@ -257,8 +257,9 @@ def _clock(seconds: float) -> str:
 def answer_loss(dataset: Any) -> Any:
     """mlx-lm's chat dataset with the loss on the answer only: each row's tokens from the first
     assistant turn after the last user message to the end (a tool call, its result, the final
-    text) are learnt; the system prompt, the tools offered and the question before it are
-    context. With the loss on every token, SmolLM2 spent most of it re-learning the same system
+    text) are learnt — mlx-lm masks one leading span, so a tool's result between the call and
+    the answer is learnt too —; the system prompt, the tools offered and the question before it
+    are context. With the loss on every token, SmolLM2 spent most of it re-learning the same system
     prompts and tool lists (they repeat on every row). Other dataset shapes pass unchanged."""
     from mlx_lm.tuner.datasets import ChatDataset
 
@@ -269,7 +270,9 @@ def answer_loss(dataset: Any) -> Any:
         def process(self, d: dict[str, Any]) -> tuple[list[int], int]:
             messages, tools = d[self.chat_key], d.get("tools")
             tokens = self.tokenizer.apply_chat_template(messages, tools=tools, return_dict=False)
-            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+            if last_user is None:  # nothing asked: all of it is answer
+                return tokens, 0
             prompt = self.tokenizer.apply_chat_template(messages[:last_user + 1], tools=tools,
                                                         add_generation_prompt=True, return_dict=False)
             return tokens, min(len(prompt), len(tokens) - 1)
