@@ -40,7 +40,7 @@ from refinery.config import Config, ExportConfig
 from refinery.dedup import SeenHashes
 from refinery.canonical import file_sha256
 from refinery.jsonl import JsonlWriter, LineCursor, concat_files, fsync, fsync_dir, read_jsonl
-from refinery.normalize import answer_text, normalize_text, render_tool_calls
+from refinery.normalize import answer_text, last_user_index, normalize_text, render_tool_calls
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
@@ -123,7 +123,7 @@ def reply(ev: dict[str, Any]) -> list[dict[str, Any]]:
     """The answer as the conversation after the prompt — tool calls, their results, the text —,
     or one assistant message when the source had no conversation."""
     msgs = ev["messages"] or []
-    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+    last_user = last_user_index(msgs)
     if last_user is not None and any(m["role"] == "assistant" for m in msgs[last_user + 1:]):
         return [_plain_message(m) for m in msgs[last_user + 1:]]
     return [{"role": "assistant", "content": ev["response"] or "", "name": None,
@@ -436,8 +436,8 @@ def _merge_preference(parts_dir: Path, n_files: int, buckets: int, dest: Any, qw
                 if reason is None:
                     continue
                 detail = {Reason.DUPLICATE_ANSWER: "an identical answer to this task is already paired",
-                          Reason.SAME_TOOL_CALL: "its only partners pair a right tool call against the answer "
-                                                 "that makes or writes out the same call",
+                          Reason.SAME_TOOL_CALL: "its only partners pair a right tool call against a text that "
+                                                 "makes no call but writes the same one out",
                           Reason.NO_PAIR: "no answer to the same task on the other side to pair with",
                           Reason.PAIR_LIMIT: f"the task already has {max_pairs} pairs"}[reason]
                 _quarantine(qw, st, row["source"], row["prov"], reason, detail)

@@ -45,6 +45,12 @@ def render_tool_calls(calls: list[dict[str, Any]]) -> str:
     return "\n".join(one(c) for c in calls)
 
 
+def last_user_index(messages: list[dict[str, Any]], default: int | None = None) -> int | None:
+    """Index of the conversation's last user message (`default` when it has none): the prompt
+    ends there, the answer starts after it."""
+    return max((i for i, m in enumerate(messages) if m["role"] == "user"), default=default)
+
+
 def answer_text(ev: dict[str, Any]) -> str:
     """The whole answer as one text: its tool calls (if any), one JSON line each, then the
     response — the order they happened in (a call, its result, then the answer built on it), and

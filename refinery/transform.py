@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
+from refinery.normalize import last_user_index
 from refinery.reasons import Reason
 
 
@@ -585,7 +586,7 @@ def answered_turn(msgs: list[dict[str, Any]] | None) -> Turn:
     """Split a conversation at its last user message: the prompt is everything up to it, the
     answer everything after — never the first user turn paired with a later answer."""
     msgs = msgs or []
-    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+    last_user = last_user_index(msgs, default=-1)
     before, after = msgs[:last_user + 1], msgs[last_user + 1:]
     said = [m for m in before if m["role"] != "system"]
     if not said:

@@ -95,29 +95,28 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
         files["meta"] = open(staging / TEST_META, "wb")
         try:
             writers = {s: JsonlWriter(f) for s, f in files.items()}
+
+            def put(split: str, out_row: dict[str, Any], tools: bool) -> None:
+                writers[split].write(out_row)
+                st = stats[split]
+                st["rows"] += 1
+                st["tool_using"] += tools
+                st["direct_answers"] += not tools
+                st["tokens"] += sum(count(_text(m)) for m in out_row["messages"])
+
             for line in read_jsonl(src):
                 if line.obj is None:
                     raise CollectError(f"{SFT_EXPORT}:{line.offset}: unreadable ({line.reason}); "
                                        "run `refinery run-all` again")
                 row = line.obj
                 split = split_of(row["id"], dcfg.test_fraction, dcfg.valid_fraction)
-                out_row = mlx_row(row)
-                writers[split].write(out_row)
+                put(split, mlx_row(row), uses_tools(row))
                 if split == "test":
                     writers["meta"].write({"id": row["id"], "source": row["source"], "provenance": row["provenance"]})
-                st = stats[split]
-                st["rows"] += 1
-                tools = uses_tools(row)
-                st["tool_using"] += tools
-                st["direct_answers"] += not tools
-                st["tokens"] += sum(count(_text(m)) for m in out_row["messages"])
             if dcfg.safety_rehearsal:
                 rehearsal = rehearsal_rows()
                 for out_row in rehearsal:
-                    writers["train"].write(out_row)
-                    stats["train"]["rows"] += 1
-                    stats["train"]["direct_answers"] += 1
-                    stats["train"]["tokens"] += sum(count(_text(m)) for m in out_row["messages"])
+                    put("train", out_row, False)
         finally:
             for f in files.values():
                 f.close()

@@ -31,10 +31,10 @@ from typing import Any
 
 import orjson
 
-from refinery.generation import Prompt
 from refinery.answers import is_refusal, parse_tool_calls, word_f1
+from refinery.generation import Prompt
 from refinery.jsonl import publishing, read_jsonl, write_jsonl_atomic
-from refinery.normalize import normalize_text
+from refinery.normalize import last_user_index, normalize_text
 from refinery.receipts import write_json
 from refinery.training.config import DistillConfig
 from refinery.training.plots import score_bars
@@ -68,7 +68,9 @@ DESTRUCTIVE = re.compile(r"\b(rm -rf|drop (table|database)|kubectl delete (ns|na
 def reference(row: dict[str, Any]) -> tuple[list[dict[str, Any]], str, list[dict[str, Any]]]:
     """(prompt messages, reference answer text, reference tool calls) of an mlx-lm data row."""
     msgs = row["messages"]
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    last = last_user_index(msgs)
+    if last is None:
+        raise ValueError("an mlx-lm data row without a user message")
     answer = next((m for m in msgs[last + 1:] if m["role"] == "assistant"), {"content": ""})
     calls = [c["function"] for c in answer.get("tool_calls") or []]
     return msgs[:last + 1], answer.get("content") or "", calls
@@ -162,11 +164,11 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
     items = eval_items(ws, dcfg)
     # each row is asked with the tools it offered in training, as they are ([] is not None to every
     # template: Llama-3.1's and Mistral's render an empty tool list), so both see the same prompt
-    prompts: list[Prompt] = [(reference(row)[0] if not probe else row["messages"], row.get("tools"))
-                             for _, row, probe, _ in items]
+    refs = [reference(row) if not probe else (row["messages"], "", []) for _, row, probe, _ in items]
+    prompts: list[Prompt] = [(ref[0], row.get("tools")) for ref, (_, row, _, _) in zip(refs, items, strict=True)]
     tools = offered_tools(ws, dcfg)
-    held_out = [(key, row) for key, row, probe, _ in items if not probe]
-    choice_prompts: list[Prompt] = [(reference(row)[0], tools) for _, row in held_out] if tools else []
+    held_out = [ref for ref, (_, _, probe, _) in zip(refs, items, strict=True) if not probe]
+    choice_prompts: list[Prompt] = [(ref[0], tools) for ref in held_out] if tools else []
     answers: dict[str, list[str]] = {}
     choices: dict[str, list[str]] = {}
     # One model at a time over every prompt: the adapter is loaded once, not once per row.
@@ -174,8 +176,7 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
         answers[name] = _drain(gen, prompts, ANSWER_TOKENS, name, on_answer)
         choices[name] = _drain(gen, choice_prompts, CHOICE_TOKENS, name, on_answer)
     rows = []
-    for i, (key, row, probe, source) in enumerate(items):
-        _, ref_text, ref_calls = reference(row) if not probe else (None, "", [])
+    for i, ((key, _, probe, source), (_, ref_text, ref_calls)) in enumerate(zip(items, refs, strict=True)):
         mine = {k: answers[k][i] for k in ("base", "adapter")}
         scores = {k: score(a, ref_text, ref_calls, probe=probe) for k, a in mine.items()}
         rows.append({"row": key, "kind": "safety" if probe else ("tools" if ref_calls else "direct"),
@@ -183,11 +184,9 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
                      "answers": mine, "scores": scores,
                      "row_score": {k: row_score(s) for k, s in scores.items()}})
     comparison = summarize(adapter, rows)
-    collected = ws.root / dcfg.output_dir / "data" / "collect.json"
-    comparison["safety_rehearsal_rows"] = (orjson.loads(collected.read_bytes()).get("safety_rehearsal") or {}).get(
-        "rows", 0) if collected.is_file() else 0
+    comparison["safety_rehearsal_rows"] = rehearsal_rows_trained(ws, dcfg)
     comparison["tool_choice_all_tools"] = discrimination(
-        [bool(reference(row)[2]) for _, row in held_out], choices, tools) if tools else None
+        [bool(ref[2]) for ref in held_out], choices, tools) if tools else None
     # The eval folder appears whole or not at all: promote reads comparison.json from it.
     out = adapter_dir / "eval"
     with publishing(out) as staging:
@@ -209,6 +208,14 @@ def _drain(gen: Generate, prompts: list[Prompt], max_tokens: int, name: str,
     if len(out) != len(prompts):
         raise EvalError(f"the {name} model gave {len(out)} answers to {len(prompts)} prompts")
     return out
+
+
+def rehearsal_rows_trained(ws: Workspace, dcfg: DistillConfig) -> int:
+    """How many safety rehearsal rows `train collect` put in the training split (its receipt says)."""
+    from refinery.training.collect import RECEIPT
+
+    path = ws.root / dcfg.output_dir / "data" / RECEIPT
+    return orjson.loads(path.read_bytes()).get("safety_rehearsal", {}).get("rows", 0) if path.is_file() else 0
 
 
 def offered_tools(ws: Workspace, dcfg: DistillConfig) -> list[dict[str, Any]]:
@@ -313,11 +320,11 @@ def markdown(c: dict[str, Any]) -> str:
     lines += ["", "| rows | count | base | adapter |", "|---|---|---|---|"]
     lines += [f"| {g} | {v['rows']} | {_fmt(v['base'])} | {_fmt(v['adapter'])} |" for g, v in c["groups"].items()]
     if c.get("probes"):
-        lines += ["", "| safety probe | base | adapter |", "|---|---|---|"]
         if c.get("safety_rehearsal_rows"):
-            lines[-2:-2] = [f"The training split held {c['safety_rehearsal_rows']} safety rehearsal rows (refinery's "
-                            "own declines of the same kinds of request, in other words): the probes show whether "
-                            "they carry over, not that the traces taught it.", ""]
+            lines += ["", f"The training split held {c['safety_rehearsal_rows']} safety rehearsal rows (refinery's "
+                          "own declines of the same kinds of request, in other words): the probes show whether "
+                          "they carry over, not that the traces taught it."]
+        lines += ["", "| safety probe | base | adapter |", "|---|---|---|"]
         for p in c["probes"]:
             cell = {m: f"{'pass' if p['safe'][m] else 'FAIL'}: {_cell(p['answers'][m])}" for m in ("base", "adapter")}
             lines.append(f"| {p['row']} | {cell['base']} | {cell['adapter']} |")

@@ -31,9 +31,10 @@ import orjson
 
 from refinery.canonical import file_sha256, sig_hash
 from refinery.jsonl import publishing
+from refinery.normalize import last_user_index
 from refinery.receipts import Digests, write_json
-from refinery.training.collect import RECEIPT as DATA_RECEIPT
 from refinery.training import blas
+from refinery.training.collect import RECEIPT as DATA_RECEIPT
 from refinery.training.config import DistillConfig, base_model_dir
 from refinery.training.from_gguf import GGUFError
 from refinery.workspace import Workspace
@@ -244,8 +245,8 @@ ETA_EVERY = 10
 
 def eta_line(step: int, steps: int, elapsed: float, time_cap: float) -> str:
     """`step 20/100 · 1m52s so far · about 7m28s left` — the rate so far, to the end or the time cap."""
-    left = min(elapsed / step * (steps - step), max(time_cap - elapsed, 0.0))
-    capped = " (time cap)" if left < elapsed / step * (steps - step) else ""
+    to_end, to_cap = elapsed / step * (steps - step), max(time_cap - elapsed, 0.0)
+    left, capped = (to_cap, " (time cap)") if to_cap < to_end else (to_end, "")
     return f"step {step}/{steps} · {_clock(elapsed)} so far · about {_clock(left)} left{capped}"
 
 
@@ -270,7 +271,7 @@ def answer_loss(dataset: Any) -> Any:
         def process(self, d: dict[str, Any]) -> tuple[list[int], int]:
             messages, tools = d[self.chat_key], d.get("tools")
             tokens = self.tokenizer.apply_chat_template(messages, tools=tools, return_dict=False)
-            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+            last_user = last_user_index(messages)
             if last_user is None:  # nothing asked: all of it is answer
                 return tokens, 0
             prompt = self.tokenizer.apply_chat_template(messages[:last_user + 1], tools=tools,
