@@ -138,3 +138,38 @@ def test_tools_is_on_every_message_row(files):
         assert any(r["tools"] for r in rows) and any(not r["tools"] for r in rows), fmt
     openai = read_jsonl_file(files["openai"])
     assert not any("name" in m for r in openai for m in r["messages"] if m["role"] == "tool")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open (issue 16): when pyarrow reads a file natively it parses every ISO "
+                                       "timestamp string into a datetime, so provenance.recorded_at comes back "
+                                       "changed; the sample only round-trips because its rows are mixed enough for "
+                                       "datasets to fall back to its Json feature")
+def test_a_real_fixtures_exports_round_trip_through_datasets_unchanged(tmp_path, monkeypatch):
+    """A public project's file, unchanged, in an empty workspace: OpenAI's fine-tuning format
+    with tool calls (tests/fixtures/real/openai_finetune, origin in its ORIGIN.md)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from refinery.cli import app
+    from refinery.formats import convert
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+
+    ws = tmp_path / "operator"
+    (ws / "data" / "_kb").mkdir(parents=True)
+    real = Path(__file__).parent / "fixtures" / "real" / "openai_finetune" / "foundry_stock_toolcall_validation.jsonl"
+    shutil.copy(real, ws / "data" / "_kb")
+    (ws / "refinery.toml").write_text('[sources.foundry_stock_toolcall_validation]\ntrust = "curated"\n')
+    assert CliRunner().invoke(app, ["run-all", "--workspace", str(ws)]).exit_code == 0
+    sft = ws / "exports" / "sft" / "instruction_response.jsonl"
+    convert(sft, ws / "alpaca.jsonl", "alpaca")
+    for path in (sft, ws / "alpaca.jsonl"):
+        want = read_jsonl_file(path)
+        assert want
+        got = datasets.load_dataset("json", data_files=str(path), split="train",
+                                    cache_dir=str(tmp_path / "cache")).to_list()
+        assert got == want, path.name
