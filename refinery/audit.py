@@ -28,7 +28,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from refinery import invariants as inv
 from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.invariants import Check, Context
+from refinery.transform import now_utc
 from refinery.workspace import Workspace
 
 LEDGER = "audit_baselines.jsonl"
@@ -210,7 +210,7 @@ def append_ledger(ws: Workspace, rows: list[dict[str, Any]], run_id: str | None,
     from refinery.jsonl import atomic_write, dumps_line
     from refinery.models import BaselineRow
 
-    row = {"seq": len(rows), "recorded_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    row = {"seq": len(rows), "recorded_at": now_utc(),
            "run_id": run_id, "metrics": metrics, "reanchored": reanchored,
            "prev_hash": rows[-1]["row_hash"] if rows else None, "row_hash": "0" * 64}
     row = BaselineRow.model_validate(row).model_dump(mode="json")  # hash what is written (metrics as floats)

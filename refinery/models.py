@@ -17,7 +17,8 @@ Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Timestamp = Annotated[
     str,
     Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$",
-          description="UTC, ISO 8601, always ending in Z"),
+          description="UTC, ISO 8601, always ending in Z; refinery writes six fractional digits "
+                      "(fixed width: sorts as text, and datasets/pyarrow read it back as a string)"),
 ]
 Category = Literal["accepted", "partially_accepted", "rejected", "needs_human_review"]
 

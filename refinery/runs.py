@@ -40,6 +40,7 @@ from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.jsonl import PUBLISH_JOURNAL, RUN_STAGING_PREFIX, publish_together
 from refinery.receipts import EXPORT_STAGES, Digests
+from refinery.transform import now_utc
 from refinery.workspace import PUBLISHED, PUBLISHED_RUN, SUMMARY, Workspace, is_output_path
 
 DRIFT = "drift.json"
@@ -71,10 +72,6 @@ class RunOutcome:
     @property
     def exit_code(self) -> int:
         return self.summary["exit_code"]
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def new_run_id() -> str:
@@ -331,7 +328,7 @@ class _Run:
             "schema_version": 2, "run_id": self.run_id, "status": "incomplete", "exit_code": None, "error": None,
             "code_version": self.code, "config_hash": cfg.config_hash(), "include_partial": include_partial,
             "stages": [], "totals": {},
-            "overall_hash": None, "drift_hash": None, "started_at": _now(), "finished_at": None}
+            "overall_hash": None, "drift_hash": None, "started_at": now_utc(), "finished_at": None}
 
     # the reuse decision -------------------------------------------------------------------
 
@@ -380,7 +377,7 @@ class _Run:
         self._record(stage, {**doc, "reused_from": source}, started, t0)
 
     def _record(self, stage: str, fields: dict[str, Any], started: str, t0: float) -> None:
-        timings = {"started_at": started, "finished_at": _now(), "seconds": round(time.perf_counter() - t0, 3)}
+        timings = {"started_at": started, "finished_at": now_utc(), "seconds": round(time.perf_counter() - t0, 3)}
         r = receipts.make_receipt(**{**fields, "run_id": self.run_id, "stage": stage, "timings": timings})
         receipts.write_json(receipts.receipt_path(self.dir, stage), r)
         self.receipts[stage] = r
@@ -399,7 +396,7 @@ class _Run:
         from refinery import materialize
         from refinery.sources import list_sources
 
-        stage, started, t0 = "materialize", _now(), time.perf_counter()
+        stage, started, t0 = "materialize", now_utc(), time.perf_counter()
         sources, _ = list_sources(self.ws, self.cfg.materialize.ignore)
         chash = receipts.stage_config_hash(stage, self.cfg)
         inputs = [self.digests.of(s.path, s.ws_rel) for s in sources]
@@ -416,7 +413,7 @@ class _Run:
         from refinery import score
         from refinery.policy import policy_hash
 
-        stage, started, t0 = "score", _now(), time.perf_counter()
+        stage, started, t0 = "score", now_utc(), time.perf_counter()
         chash, phash = receipts.stage_config_hash(stage, self.cfg), policy_hash(self.cfg.score)
         inputs = self._digests(score.evidence_files(self.staged))
         if prev := self._reusable(stage, chash, phash, inputs):
@@ -430,7 +427,7 @@ class _Run:
     def exports(self) -> None:
         from refinery import export
 
-        started, t0 = _now(), time.perf_counter()
+        started, t0 = now_utc(), time.perf_counter()
         from refinery.score import evidence_files
 
         # what the exports read: the evidence, the scored runs and the scored runs' manifest
@@ -488,7 +485,7 @@ class _Run:
         self.summary.update({
             "status": "complete", "exit_code": exit_code, "stages": stages, "totals": totals(self.receipts),
             "overall_hash": sig_hash([{"stage": s["stage"], "receipt_hash": s["receipt_hash"]} for s in stages]),
-            "drift_hash": report["drift_hash"], "finished_at": _now()})
+            "drift_hash": report["drift_hash"], "finished_at": now_utc()})
         from refinery.models import PublishedRun
 
         done = self.write_summary(self.staging / SUMMARY)
@@ -509,7 +506,7 @@ class _Run:
                              "error": f"{type(err).__name__}: {err}" if str(err) else type(err).__name__,
                              "stages": [{"stage": s, "receipt_hash": r["receipt_hash"],
                                          "reused": r["reused_from"] is not None} for s, r in self.receipts.items()],
-                             "finished_at": _now()})
+                             "finished_at": now_utc()})
         self.write_summary()
 
 

@@ -327,16 +327,23 @@ def string_list(row: dict, field: str) -> list[str]:
 
 
 def format_utc(dt: datetime) -> str:
+    """Always six fractional digits: fixed width, so the text sorts like the time, and pyarrow's
+    JSON reader (hence `datasets.load_dataset("json")`) leaves it a string instead of reading
+    whole-second spellings back as datetimes."""
     dt = dt.astimezone(UTC) if dt.tzinfo else dt
     base = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
-    return f"{base}.{dt.microsecond:06d}Z" if dt.microsecond else f"{base}Z"
+    return f"{base}.{dt.microsecond:06d}Z"
 
 
-_CANONICAL_TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{6})?Z").fullmatch
+def now_utc() -> str:
+    return format_utc(datetime.now(UTC))
+
+
+_CANONICAL_TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z").fullmatch
 
 
 def parse_timestamp(value: Any, field: str = "timestamp") -> str:
-    """ISO 8601 (naive = UTC) or epoch s/ms/µs/ns → 'YYYY-MM-DDTHH:MM:SS[.ffffff]Z'."""
+    """ISO 8601 (naive = UTC) or epoch s/ms/µs/ns → 'YYYY-MM-DDTHH:MM:SS.ffffffZ'."""
     if value is None or value == "":
         raise RowError(Reason.BAD_TIMESTAMP, f"field '{field}' is missing, so the row cannot be dated", field)
     t = type(value)
@@ -345,7 +352,7 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> str:
         epoch = float(value)
     elif t is str:
         s = value.strip()
-        if _CANONICAL_TS(s):  # already UTC "YYYY-MM-DDTHH:MM:SS[.ffffff]Z": just check it is a real time
+        if _CANONICAL_TS(s):  # already UTC "YYYY-MM-DDTHH:MM:SS.ffffffZ": just check it is a real time
             try:
                 datetime.fromisoformat(s)
                 return s
@@ -379,7 +386,7 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> str:
 
 #: The time of a record that carries none, has no document, parent or partner time, and whose
 #: source has no configured fallback: a fixed date, never "now", marked "undated" in the evidence.
-UNDATED_AT = "1970-01-01T00:00:00Z"
+UNDATED_AT = "1970-01-01T00:00:00.000000Z"
 UNDATED = "undated"
 
 

@@ -125,10 +125,10 @@ def test_time_from_the_record_the_document_the_parent_the_fallback_or_undated(ws
     result = materialize.run(ws, load_config(ws.root), validate=True)
     when = {r["source"]: (r["recorded_at"], r["recorded_at_from"]) for r in evidence_rows(ws)}
     assert when == {
-        "pf": ("2026-11-02T09:00:00Z", "document:metadata.evaluationCreatedAt"),
-        "lf": ("2026-11-03T10:00:00Z", "parent:timestamp"),
-        "dated_ft": ("2026-10-01T00:00:00Z", "fallback:[sources.dated_ft] recorded_at"),
-        "ft": ("1970-01-01T00:00:00Z", "undated"),
+        "pf": ("2026-11-02T09:00:00.000000Z", "document:metadata.evaluationCreatedAt"),
+        "lf": ("2026-11-03T10:00:00.000000Z", "parent:timestamp"),
+        "dated_ft": ("2026-10-01T00:00:00.000000Z", "fallback:[sources.dated_ft] recorded_at"),
+        "ft": ("1970-01-01T00:00:00.000000Z", "undated"),
     }
     assert {f.source: f.undated for f in result.files} == {"dated_ft": 0, "ft": 1, "lf": 0, "pf": 0}
     out = runner.invoke(app, ["materialize", "--workspace", str(ws.root)])

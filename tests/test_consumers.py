@@ -141,19 +141,18 @@ def test_tools_is_on_every_message_row(files):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open (issue 16): when pyarrow reads a file natively it parses every ISO "
-                                       "timestamp string into a datetime, so provenance.recorded_at comes back "
-                                       "changed; the sample only round-trips because its rows are mixed enough for "
-                                       "datasets to fall back to its Json feature")
-def test_a_real_fixtures_exports_round_trip_through_datasets_unchanged(tmp_path, monkeypatch):
-    """A public project's file, unchanged, in an empty workspace: OpenAI's fine-tuning format
-    with tool calls (tests/fixtures/real/openai_finetune, origin in its ORIGIN.md)."""
+def test_real_fixtures_exports_round_trip_through_datasets_unchanged(tmp_path, monkeypatch):
+    """Public projects' files, unchanged, in an empty workspace: OpenAI's fine-tuning format with
+    tool calls, LLaMA-Factory's glaive tool-call sample and its DPO demo (origins in the
+    ORIGIN.md next to them). Unlike the bundled sample, every row here is dated the same way, so
+    pyarrow reads each file natively instead of falling back to datasets' Json feature: a
+    whole-second timestamp (`…T00:00:00Z`) came back as a datetime."""
     import shutil
 
     from typer.testing import CliRunner
 
     from refinery.cli import app
-    from refinery.formats import convert
+    from refinery.formats import FORMATS, PREFERENCE_FORMATS, convert
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -161,15 +160,26 @@ def test_a_real_fixtures_exports_round_trip_through_datasets_unchanged(tmp_path,
 
     ws = tmp_path / "operator"
     (ws / "data" / "_kb").mkdir(parents=True)
-    real = Path(__file__).parent / "fixtures" / "real" / "openai_finetune" / "foundry_stock_toolcall_validation.jsonl"
-    shutil.copy(real, ws / "data" / "_kb")
-    (ws / "refinery.toml").write_text('[sources.foundry_stock_toolcall_validation]\ntrust = "curated"\n')
+    real = Path(__file__).parent / "fixtures" / "real"
+    toml = ""
+    for rel in ("openai_finetune/foundry_stock_toolcall_validation.jsonl", "hf_datasets/glaive_func_call.json",
+                "hf_datasets/v1_dpo_demo.jsonl"):
+        shutil.copy(real / rel, ws / "data" / "_kb")
+        toml += f'[sources.{Path(rel).stem}]\ntrust = "curated"\n'
+    (ws / "refinery.toml").write_text(toml)
     assert CliRunner().invoke(app, ["run-all", "--workspace", str(ws)]).exit_code == 0
+    exports = sorted((ws / "exports").glob("*/*.jsonl"))
     sft = ws / "exports" / "sft" / "instruction_response.jsonl"
-    convert(sft, ws / "alpaca.jsonl", "alpaca")
-    for path in (sft, ws / "alpaca.jsonl"):
+    pairs = ws / "exports" / "preference" / "chosen_rejected.jsonl"
+    for fmt in FORMATS:
+        convert(pairs if fmt in PREFERENCE_FORMATS else sft, ws / f"{fmt}.jsonl", fmt)
+    checked = []
+    for path in [*exports, *(ws / f"{fmt}.jsonl" for fmt in FORMATS)]:
         want = read_jsonl_file(path)
-        assert want
+        if not want:  # datasets refuses an empty file; nothing to round-trip
+            continue
         got = datasets.load_dataset("json", data_files=str(path), split="train",
                                     cache_dir=str(tmp_path / "cache")).to_list()
         assert got == want, path.name
+        checked.append(path.stem)
+    assert {"instruction_response", "playbooks", "chosen_rejected", *FORMATS} <= set(checked)

@@ -278,7 +278,7 @@ def test_a_trace_without_generation_is_evidence_itself(ws, cfg):
     _run(ws, cfg)
     [ev] = evidence_rows(ws)
     assert (ev["kind"], ev["prompt"], ev["response"], ev["latency_ms"]) == ("trace", "refund policy", "30 days.", 420.0)
-    assert (ev["recorded_at"], ev["recorded_at_from"]) == ("2025-03-01T10:00:00Z", "record:timestamp")
+    assert (ev["recorded_at"], ev["recorded_at_from"]) == ("2025-03-01T10:00:00.000000Z", "record:timestamp")
     assert ev["signals"]["eval_score"] == 0.8
     assert len(ev["provenance"]["joined"]) == 2
 
@@ -338,7 +338,7 @@ def test_a_generation_with_no_time_is_never_the_last_one(ws, cfg):
     by = _by_obs(ws)
     assert by["timed"]["signals"]["eval_score"] == 0.9 and by["untimed"]["signals"]["scores"] == []
     assert (by["untimed"]["recorded_at"], by["untimed"]["recorded_at_from"]) == (
-        "2025-03-01T10:00:00Z", "parent:timestamp")  # its trace's time
+        "2025-03-01T10:00:00.000000Z", "parent:timestamp")  # its trace's time
 
 
 def test_a_score_without_a_name_is_refused(ws, cfg):

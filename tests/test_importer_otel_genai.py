@@ -248,7 +248,7 @@ def test_upper_case_span_joins_lower_case_evaluation(ws, cfg):
     files = _run(ws, cfg)
     assert (files["evals.json"].joined, files["spans.json"].evidence) == (2, 1)
     [ev] = evidence_rows(ws)
-    assert ev["recorded_at"] == "2018-12-13T14:51:00Z" and ev["latency_ms"] == 1000.0
+    assert ev["recorded_at"] == "2018-12-13T14:51:00.000000Z" and ev["latency_ms"] == 1000.0
     assert [s["name"] for s in ev["signals"]["scores"]] == ["correct", "relevance"]
     assert (ev["signals"]["eval_score"], ev["signals"]["verdict"]) == (0.9, "pass")
 

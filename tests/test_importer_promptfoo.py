@@ -262,7 +262,7 @@ def test_times_of_each_shape(golden):
     assert golden[("promptfoo_summary", 0)]["recorded_at"] == "2023-08-21T17:40:03.551000Z"
     line = golden[("promptfoo_results", 1)]  # JSONL results carry no time: the configured one
     assert (line["recorded_at"], line["recorded_at_from"]) == (
-        "2025-11-03T09:00:00Z", "fallback:[sources.promptfoo_results] recorded_at")
+        "2025-11-03T09:00:00.000000Z", "fallback:[sources.promptfoo_results] recorded_at")
 
 
 # --- other shapes and defects, one at a time --------------------------------------------------
@@ -284,7 +284,8 @@ def test_without_eval_time_the_export_time_dates_it(ws, cfg):
     write_kb(ws, {"eval.json": json.dumps(doc)})
     _run(ws, cfg)
     (ev,) = evidence_rows(ws)
-    assert (ev["recorded_at"], ev["recorded_at_from"]) == ("2025-10-02T08:00:00Z", "document:metadata.exportedAt")
+    assert (ev["recorded_at"], ev["recorded_at_from"]) == ("2025-10-02T08:00:00.000000Z",
+                                                          "document:metadata.exportedAt")
 
 
 def test_only_performance_assertions_give_no_verdict(ws, cfg):

@@ -84,7 +84,7 @@ def test_an_otel_export_onboarded_from_the_config_alone(ws):
     assert (s1["prompt"], s1["response"], s1["model"], s1["prompt_tokens"], s1["completion_tokens"]) == (
         "Refund INV-1042?", "Refund the second capture.", "gpt-4o-mini", 12, 12)
     assert (s1["latency_ms"], s1["signals"]["stop_reason"], s1["recorded_at"]) == (
-        1500.0, "stop", "2025-11-06T12:00:00Z")
+        1500.0, "stop", "2025-11-06T12:00:00.000000Z")
     tox = s1["signals"]["scores"][0]
     assert (tox["name"], tox["higher_is_better"], tox["normalized"]) == ("toxicity", False, 0.9)
     assert s1["signals"]["eval_score"] == 0.9  # lower toxicity is the better answer

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import orjson
 
 from refinery.receipts import write_json
 from refinery.training.config import DistillConfig
+from refinery.transform import now_utc
 from refinery.workspace import Workspace
 
 ROUTER = "router.json"
@@ -44,10 +44,6 @@ def adapter_dir(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> Path:
         raise RegistryError(f"{adapter_id!r} is not an adapter id (a folder name such as ad-0123456789ab, "
                             "as `refinery train list` shows them)")
     return ws.root / dcfg.output_dir / adapter_id
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def read_router(ws: Workspace) -> dict[str, Any]:
@@ -115,12 +111,12 @@ def promote(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> dict[str, An
     if ok:
         receipt = orjson.loads((d / "receipt.json").read_bytes())
         router["offline_model"] = {"base_model": receipt["base_model"]["path"], "adapter_id": adapter_id,
-                                   "adapter_path": f"{dcfg.output_dir}/{adapter_id}", "since": _now()}
-        router["history"].append({"event": "promoted", "adapter_id": adapter_id, "at": _now(), "reason": reason})
+                                   "adapter_path": f"{dcfg.output_dir}/{adapter_id}", "since": now_utc()}
+        router["history"].append({"event": "promoted", "adapter_id": adapter_id, "at": now_utc(), "reason": reason})
         _prune(ws, dcfg, router)
     else:
         _archive(ws, dcfg, adapter_id)
-        router["history"].append({"event": "kept_base", "adapter_id": adapter_id, "at": _now(), "reason": reason})
+        router["history"].append({"event": "kept_base", "adapter_id": adapter_id, "at": now_utc(), "reason": reason})
     write_json(ws.root / ROUTER, router)
     return {"promoted": ok, "reason": reason, "router": router}
 
@@ -145,7 +141,7 @@ def _prune(ws: Workspace, dcfg: DistillConfig, router: dict[str, Any]) -> None:
     for old in order[:-KEEP]:
         if (ws.root / dcfg.output_dir / old).is_dir():
             _archive(ws, dcfg, old)
-            router["history"].append({"event": "archived", "adapter_id": old, "at": _now(),
+            router["history"].append({"event": "archived", "adapter_id": old, "at": now_utc(),
                                       "reason": f"only the last {KEEP} promoted adapters are kept"})
 
 
@@ -159,8 +155,8 @@ def rollback(ws: Workspace, dcfg: DistillConfig, adapter_id: str) -> dict[str, A
                             "`refinery train list` shows them")
     receipt = orjson.loads((ws.root / dcfg.output_dir / adapter_id / "receipt.json").read_bytes())
     router["offline_model"] = {"base_model": receipt["base_model"]["path"], "adapter_id": adapter_id,
-                               "adapter_path": f"{dcfg.output_dir}/{adapter_id}", "since": _now()}
-    router["history"].append({"event": "rolled_back", "adapter_id": adapter_id, "at": _now(),
+                               "adapter_path": f"{dcfg.output_dir}/{adapter_id}", "since": now_utc()}
+    router["history"].append({"event": "rolled_back", "adapter_id": adapter_id, "at": now_utc(),
                               "reason": "refinery train rollback"})
     write_json(ws.root / ROUTER, router)
     return router

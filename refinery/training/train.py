@@ -22,7 +22,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,6 +36,7 @@ from refinery.training import blas
 from refinery.training.collect import RECEIPT as DATA_RECEIPT
 from refinery.training.config import DistillConfig, base_model_dir
 from refinery.training.from_gguf import GGUFError
+from refinery.transform import now_utc
 from refinery.workspace import Workspace
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -143,7 +143,7 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
     from refinery.console import plain_unless_terminal
     from refinery.receipts import code_version
 
-    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    started_at = now_utc()
     data = read_data_receipt(ws, dcfg)
     try:
         base = base_model_dir(ws.root, dcfg).resolve()
@@ -296,7 +296,7 @@ def log_run(ws: Workspace, receipt: dict[str, Any], started_at: str, dcfg: Disti
     if not old:
         w.writerow(RUNS_COLUMNS)
     w.writerow([f"{receipt['adapter_id']}-{started_at}", "distill_train", "distill_train", started_at,
-                datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), dcfg.base_model,
+                now_utc(), dcfg.base_model,
                 f"Train a {dcfg.adapter_type} adapter on {receipt['data'][0]['rows']} rows for "
                 f"{dcfg.train_steps} steps (seed {dcfg.seed}).",
                 f"Adapter {receipt['adapter_id']}: {receipt['steps']} steps, stopped by {receipt['stopped_by']}, "
