@@ -339,7 +339,7 @@ def now_utc() -> str:
     return format_utc(datetime.now(UTC))
 
 
-_CANONICAL_TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z").fullmatch
+_CANONICAL_TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{6})?Z").fullmatch
 
 
 def parse_timestamp(value: Any, field: str = "timestamp") -> str:
@@ -352,10 +352,10 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> str:
         epoch = float(value)
     elif t is str:
         s = value.strip()
-        if _CANONICAL_TS(s):  # already UTC "YYYY-MM-DDTHH:MM:SS.ffffffZ": just check it is a real time
+        if m := _CANONICAL_TS(s):  # UTC "YYYY-MM-DDTHH:MM:SS[.ffffff]Z": just check it is a real time
             try:
                 datetime.fromisoformat(s)
-                return s
+                return s if m[1] else f"{s[:-1]}.000000Z"
             except ValueError:
                 raise RowError(Reason.BAD_TIMESTAMP, f"field '{field}': {s!r} is not a valid time") from None
         if s.isascii() and s.replace(".", "", 1).isdigit():
