@@ -142,9 +142,8 @@ schemas: install ## regenerate schemas/*.json from the pydantic models
 sample: install ## regenerate the bundled sample sources in data/_kb/
 	$(RUN) sample --rows 1500 --seed 7 --out data/_kb
 
-bench: install ## materialize and run-all at 10^5 rows (BENCH_ROWS=1000000 for 10^6); a join's memory at 10^5 and 10^6 records; replay's BM25 index at 10^5 playbooks
-	$(PY) bench/bench_pipeline.py --command materialize --rows $${BENCH_ROWS:-100000}
-	$(PY) bench/bench_pipeline.py --command run-all --rows $${BENCH_ROWS:-100000}
+bench: install ## bare parse, run-all, unchanged re-run and audit-full side by side at 10^5 rows (BENCH_ROWS=1000000 for 10^6); a join's memory at 10^5 and 10^6 records; replay's BM25 index at 10^5 playbooks
+	$(PY) bench/bench_pipeline.py --rows $${BENCH_ROWS:-100000}
 	$(PY) bench/bench_joins.py --records 100000 1000000
 	$(PY) bench/bench_retrieval.py --playbooks $${BENCH_PLAYBOOKS:-100000}
 

@@ -1,12 +1,13 @@
-"""Benchmark: materialize or run-all throughput and peak memory against a bare parse of the input.
+"""Benchmark: run-all, an unchanged re-run and audit-full side by side, against a bare parse.
 
-    python bench/bench_pipeline.py --rows 100000 [--command materialize|run-all] [--workers 0]
+    python bench/bench_pipeline.py --rows 100000 [--tasks N] [--command suite|run-all|materialize]
 
-Generates the sample streams at the given size (cached under bench/out/), times a bare
-single-core parse of every line (orjson for JSONL, csv for CSV), then runs
-`refinery <command>` in a subprocess and reads its peak RSS (the largest of the process and
-its workers). Prints a table and writes bench/out/<command>-<rows>.json. Run each command in
-its own invocation: the peak RSS is per benchmark process.
+Generates the sample streams at the given size, drawn from rows / 4 distinct tasks by default
+so that most export candidates are distinct (cached under bench/out/), times a bare
+single-core parse of every line (orjson for JSONL, csv for CSV, each JSON document and archive
+member), then runs each command in a subprocess and reads its wall time, CPU seconds and peak
+RSS (its own and its workers'). Prints one table and writes bench/out/<command>-<rows>.json.
+CPU × parse is the stable figure on a shared machine; wall time depends on what else runs.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import hashlib
 import csv
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,11 +69,6 @@ def bare_parse(kb: Path) -> tuple[int, float]:
     return units, time.perf_counter() - t0
 
 
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def sensitive_scan_cost(ws: Path) -> dict:
     """CPU of the sensitive-data scan alone over every evidence record's exported fields, in this
     process: once as run-all scans (each distinct string once), and per distinct record with
@@ -98,72 +95,119 @@ def sensitive_scan_cost(ws: Path) -> dict:
             "scan_uncached_chars_per_record": round(chars / max(len(distinct), 1))}
 
 
-def run(command: str, ws: Path, workers: int, extra: list[str]) -> tuple[dict, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "refinery", command, "--workspace", str(ws), "--json",
-                           "--workers", str(workers), *extra], capture_output=True, cwd=HERE.parent)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{command} failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
-    return orjson.loads(proc.stdout), wall
+def run(command: str, ws: Path, workers: int, extra: list[str]) -> dict:
+    """`refinery <command>` in a subprocess: its JSON result, wall seconds, CPU seconds and peak
+    RSS — the command's own (os.wait4 reports that child and the workers it waited for)."""
+    args = [sys.executable, "-m", "refinery", command, "--workspace", str(ws), "--json", *extra]
+    if command != "audit-full":
+        args += ["--workers", str(workers)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=HERE.parent)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if proc.returncode != 0:
+            sys.exit(f"{command} failed ({proc.returncode}): {err.read().decode()[-2000:]}")
+        return {"result": orjson.loads(out.read()), "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+                "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def workspace(rows: int, seed: int, tasks: int) -> Path:
+    """The generated streams, cached under bench/out/ by size, seed, task count and the
+    generator's code (a changed generator regenerates; older copies are removed)."""
+    gen = hashlib.sha256(b"".join((HERE.parent / "refinery" / f).read_bytes()
+                                  for f in ("sample.py", "sample_formats.py"))).hexdigest()[:8]
+    ws = HERE / "out" / f"ws-{rows}-{seed}-t{tasks}-{gen}"
+    for stale in (HERE / "out").glob(f"ws-{rows}-{seed}-*"):
+        if stale != ws:
+            shutil.rmtree(stale)
+    kb = ws / "data" / "_kb"
+    if not (kb / ".complete").exists():
+        print(f"generating {rows:,} rows ({tasks:,} distinct tasks) into {kb} ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        generate(rows, seed, kb, tasks=tasks)
+        (kb / ".complete").write_text("")
+        print(f"  {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return ws
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--tasks", type=int, default=None,
+                    help="distinct tasks the traces are drawn from (default: rows / 4, so most export "
+                         "candidates are distinct; 0: the 54 built-in tasks, as the bundled sample)")
     ap.add_argument("--workers", type=int, default=0, help="0 = one per core")
-    ap.add_argument("--command", choices=("materialize", "run-all"), default="materialize")
+    ap.add_argument("--command", choices=("suite", "materialize", "run-all"), default="suite",
+                    help="suite (default): bare parse, run-all, an unchanged re-run and audit-full, side by side")
     args = ap.parse_args()
-
-    # the cache is keyed by the generator's code too, so a changed generator regenerates
-    gen = hashlib.sha256(b"".join((HERE.parent / "refinery" / f).read_bytes()
-                                  for f in ("sample.py", "sample_formats.py"))).hexdigest()[:8]
-    ws = HERE / "out" / f"ws-{args.rows}-{args.seed}-{gen}"
+    tasks = args.rows // 4 if args.tasks is None else args.tasks
+    ws = workspace(args.rows, args.seed, tasks)
     kb = ws / "data" / "_kb"
-    if not (kb / ".complete").exists():
-        print(f"generating {args.rows:,} rows into {kb} ...", file=sys.stderr)
-        t0 = time.perf_counter()
-        generate(args.rows, args.seed, kb)
-        (kb / ".complete").write_text("")
-        print(f"  {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     size = sum(p.stat().st_size for p in kb.rglob("*") if p.is_file() and not p.name.startswith("."))
 
+    parse_cpu0 = time.process_time()
     parsed, parse_s = bare_parse(kb)
-    # run-all --force: every stage computed, whatever an earlier bench run left in the workspace
-    force = ["--force"] if args.command == "run-all" else []
-    cpu0 = children_cpu()
-    out, wall = run(args.command, ws, args.workers, force)
-    cpu = children_cpu() - cpu0
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if args.command == "run-all":
-        r = out["receipts"]
-        mc = r["materialize"]["counts"]
-        m = {"rows_in": mc["rows_in"], "evidence": mc["rows_out"], "quarantined": mc["quarantined"],
-             "seconds": r["materialize"]["timings"]["seconds"]}
+    parse_cpu = time.process_time() - parse_cpu0
+    steps = {"bare parse": {"wall_s": parse_s, "cpu_s": parse_cpu, "peak_rss_mib": None}}
+    if args.command == "materialize":
+        steps["materialize"] = run("materialize", ws, args.workers, [])
     else:
-        m = out
-    result = {
-        "command": args.command, "rows": m["rows_in"], "parsed_units": parsed, "bytes": size, "cores": os.cpu_count(),
-        "workers": args.workers, "bare_parse_s": round(parse_s, 3), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-        "rows_per_s": round(m["rows_in"] / wall), "x_bare_parse": round(wall / parse_s, 2),
-        "peak_rss_mib": round(peak_kib / 1024, 1), "materialize_s": m["seconds"],
-        "evidence": m["evidence"], "quarantined": m["quarantined"],
-    }
-    if args.command == "run-all":
-        result.update({"score_s": r["score"]["timings"]["seconds"],
-                       "export_s": r["export-rag"]["timings"]["seconds"],  # one pass writes all three
-                       "rag": r["export-rag"]["counts"]["written"], "sft": r["export-sft"]["counts"]["written"],
-                       "preference_pairs": r["export-preference"]["counts"]["written"]})
+        # --force: every stage computed, whatever an earlier bench run left in the workspace
+        steps["run-all"] = run("run-all", ws, args.workers, ["--force"])
+        if args.command == "suite":
+            steps["re-run (unchanged)"] = run("run-all", ws, args.workers, [])
+            receipts = steps["re-run (unchanged)"]["result"]["receipts"].values()
+            assert all(x["reused_from"] for x in receipts), "expected every stage to be reused"
+            steps["audit-full"] = run("audit-full", ws, args.workers, [])
+
+    result = {"rows": None, "parsed_units": parsed, "bytes": size, "distinct_tasks": tasks, "cores": os.cpu_count(),
+              "workers": args.workers, "steps": {}}
+    for name, st in steps.items():
+        result["steps"][name] = {k: round(v, 3) if isinstance(v, float) else v
+                                 for k, v in st.items() if k != "result"}
+        result["steps"][name].update(cpu_x_parse=round(st["cpu_s"] / parse_cpu, 2),
+                                     wall_x_parse=round(st["wall_s"] / parse_s, 2))
+    main_step = steps.get("run-all") or steps["materialize"]
+    out = main_step["result"]
+    if "receipts" in out:
+        r = out["receipts"]
+        result["rows"] = r["materialize"]["counts"]["rows_in"]
+        result["stages_s"] = {k: v["timings"]["seconds"] for k, v in r.items()}
+        result["evidence"] = r["materialize"]["counts"]["rows_out"]
+        result["quarantined_materialize"] = r["materialize"]["counts"]["quarantined"]
+        for e in ("rag", "sft", "preference"):
+            c, why = r[f"export-{e}"]["counts"], r[f"export-{e}"]["by_reason"]
+            admitted = c["written"] + why.get("duplicate_answer", 0) + why.get("pair_limit", 0)
+            result[f"export_{e}"] = {"written": c["written"], "quarantined": c["quarantined"],
+                                     "duplicate_answer": why.get("duplicate_answer", 0),
+                                     "distinct_share": round(1 - why.get("duplicate_answer", 0) / max(admitted, 1), 3)}
+        quarantine = ws / "exports" / "quarantine"
+        result["quarantine_files_mib"] = round(sum(p.stat().st_size for p in quarantine.glob("*.jsonl")) / 2**20, 1)
         scan = sensitive_scan_cost(ws)
-        result.update(scan, scan_share_of_cpu=f"{scan['scan_cpu_s'] / cpu:.1%}")
-        again, again_wall = run(args.command, ws, args.workers, [])  # unchanged inputs: every stage reused
-        assert all(x["reused_from"] for x in again["receipts"].values()), "expected every stage to be reused"
-        result["rerun_unchanged_s"] = round(again_wall, 3)
+        result.update(scan, scan_share_of_cpu=f"{scan['scan_cpu_s'] / main_step['cpu_s']:.1%}")
+    else:
+        result["rows"] = out["rows_in"]
     (HERE / "out" / f"{args.command}-{args.rows}.json").write_text(json.dumps(result, indent=2) + "\n")
-    w = max(len(k) for k in result)
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    head = (f"{result['rows']:,} rows ({result['parsed_units']:,} lines/documents, {result['bytes'] / 2**20:,.0f} MiB, "
+            f"{result['distinct_tasks']:,} distinct tasks) on {result['cores']} cores, workers={result['workers']}")
+    lines = [head, "", f"{'':<20}{'wall s':>9}{'CPU s':>9}{'CPU ×parse':>12}{'wall ×parse':>13}{'peak MiB':>10}"]
+    for name, st in result["steps"].items():
+        peak = "" if st["peak_rss_mib"] is None else f"{st['peak_rss_mib']:.0f}"
+        lines.append(f"{name:<20}{st['wall_s']:>9.2f}{st['cpu_s']:>9.2f}{st['cpu_x_parse']:>12.1f}"
+                     f"{st['wall_x_parse']:>13.1f}{peak:>10}")
+    lines.append("")
     for k, v in result.items():
-        print(f"{k:<{w}}  {v:,}" if isinstance(v, int) else f"{k:<{w}}  {v}")
+        if k not in ("steps", "rows", "parsed_units", "bytes", "distinct_tasks", "cores", "workers"):
+            lines.append(f"{k:<28}{json.dumps(v) if isinstance(v, dict) else v}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -761,11 +761,16 @@ def sample(
     out: Annotated[Path, typer.Option(help="Folder to write the streams into.")] = Path("data/_kb"),
     rows: Annotated[int, typer.Option(min=0, help="Total rows over all streams.")] = 1500,
     seed: Annotated[int, typer.Option(help="Same seed → same bytes.")] = 7,
+    tasks: Annotated[int, typer.Option(min=0, help="Distinct tasks to draw from. Up to the 54 built-in ones the "
+                                                   "streams are the bundled sample's; more adds a case reference "
+                                                   "to each task's prompt and answers, so traces rarely repeat "
+                                                   "(what `make bench` uses).")] = 0,
 ) -> None:
     """Generate realistic sample source streams (with real-world defects) deterministically."""
     from refinery.sample import generate
 
-    written = generate(rows, seed, out, on_family=lambda f, n: typer.echo(f"{out / f}: {n} lines", err=True))
+    written = generate(rows, seed, out, on_family=lambda f, n: typer.echo(f"{out / f}: {n} lines", err=True),
+                       tasks=tasks)
     typer.echo(f"wrote {sum(written.values())} lines in {len(written)} streams to {out}")
 
 

@@ -15,7 +15,8 @@ import csv
 import io
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ class Task:
     tool: str
     args: dict[str, Any]
     tool_result: str
+    task_id: str = ""
+    """set on a variant (see `variant`); a built-in task's id is in TASK_IDS"""
 
 
 CUSTOMERS = ["Acme Logistics", "Birchwood Dental", "Corvid Analytics", "Dunmore Bakery", "Elm Street Books"]
@@ -140,7 +143,23 @@ TASK_IDS = {t: f"{t.domain}-{i:03d}" for i, t in enumerate(TASKS)}
 
 
 def _task_id(t: Task) -> str:
-    return TASK_IDS[t]
+    return t.task_id or TASK_IDS[t]
+
+
+#: How many distinct tasks the streams draw from: the built-in ones unless `generate(tasks=N)`
+#: asks for more (a benchmark's diverse traces), set for the duration of that call.
+_TASKS_WANTED: ContextVar[int] = ContextVar("tasks_wanted", default=0)
+
+
+def variant(t: Task, v: int) -> Task:
+    """Variant `v` of a built-in task (0 is the task itself): the same work for another case, so
+    its prompt and every answer carry the case reference and differ from every other variant's."""
+    if not v:
+        return t
+    ref = f"case C-{v:07d}"
+    return replace(t, prompt=f"{t.prompt} ({ref})", good=f"{t.good} Logged under {ref}.",
+                   good_alt=f"{t.good_alt} Noted on {ref}.", partial=f"{t.partial} ({ref})",
+                   bad=f"{t.bad} ({ref})", task_id=f"{TASK_IDS[t]}-{v:07d}")
 
 
 MODELS = [("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4"), ("local", "qwen2.5-7b-instruct")]
@@ -426,6 +445,9 @@ def draws(name: str, defects: tuple[str, ...], rows: int, seed: int) -> Iterator
     """The draws of one stream, one at a time: (draw, defect), or (None, "duplicate") where the
     previous row repeats. The same name, rows and seed give the same draws."""
     rng = random.Random(f"{seed}:{name}")
+    # variants are drawn from a stream of their own, so the built-in draws stay as they are
+    variants = -(-max(_TASKS_WANTED.get(), len(TASKS)) // len(TASKS))
+    vrng = random.Random(f"{seed}:{name}:variants") if variants > 1 else None
     step = SPAN / max(rows, 1)
     for i in range(rows):
         defect = defects[(i // DEFECT_EVERY) % len(defects)] if i % DEFECT_EVERY == 4 else None
@@ -433,7 +455,10 @@ def draws(name: str, defects: tuple[str, ...], rows: int, seed: int) -> Iterator
             yield None, defect
             continue
         provider, model = MODELS[rng.randrange(len(MODELS))]
-        yield Draw(i, TASKS[rng.randrange(len(TASKS))], OUTCOMES[rng.randrange(len(OUTCOMES))],
+        task = TASKS[rng.randrange(len(TASKS))]
+        if vrng is not None:
+            task = variant(task, vrng.randrange(variants))
+        yield Draw(i, task, OUTCOMES[rng.randrange(len(OUTCOMES))],
                    BASE_TIME + step * i + timedelta(seconds=rng.randrange(60)), provider, model, rng), defect
 
 
@@ -471,14 +496,20 @@ def generate_family(fam: Family, rows: int, seed: int, out: Path) -> int:
 
 
 def generate(rows: int, seed: int, out: Path,
-             on_family: Callable[[str, int], None] | None = None) -> dict[str, int]:
-    """Write every family into `out`; return lines written per file."""
+             on_family: Callable[[str, int], None] | None = None, tasks: int | None = None) -> dict[str, int]:
+    """Write every family into `out`; return lines written per file. `tasks` above the built-in
+    count draws each row's task from that many (variants of the built-in ones, each with a case
+    reference in its prompt and answers): traces that rarely repeat, for benchmarks."""
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    for fam, n in zip(FAMILIES, _rows_per_family(rows)):
-        files = fam.write(n, seed, out) if fam.write else {fam.file: generate_family(fam, n, seed, out)}
-        written.update(files)
-        if on_family:
-            for name, lines in files.items():
-                on_family(name, lines)
+    token = _TASKS_WANTED.set(tasks or 0)
+    try:
+        for fam, n in zip(FAMILIES, _rows_per_family(rows)):
+            files = fam.write(n, seed, out) if fam.write else {fam.file: generate_family(fam, n, seed, out)}
+            written.update(files)
+            if on_family:
+                for name, lines in files.items():
+                    on_family(name, lines)
+    finally:
+        _TASKS_WANTED.reset(token)
     return written

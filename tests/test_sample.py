@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+import orjson
 import pytest
 
 from conftest import copy_sample, evidence_rows, quarantine_rows, tree_bytes
@@ -102,3 +103,32 @@ def test_generator_streams(tmp_path):
     _, large = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert large < small * 1.5 + 200_000
+
+
+def test_more_tasks_than_the_built_in_ones_make_traces_that_rarely_repeat(tmp_path):
+    """What the benchmark draws from: each variant carries its case reference in its prompt and
+    in every answer, so a repeated prompt is a repeated task, not a coincidence."""
+    from refinery.cli import app
+    from typer.testing import CliRunner
+
+    assert CliRunner().invoke(app, ["sample", "--out", str(tmp_path / "kb"), "--rows", "2000",
+                                    "--tasks", "1000"]).exit_code == 0
+    def parse(line: bytes) -> dict | None:
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:  # the planted broken lines
+            return None
+
+    lines = (tmp_path / "kb" / "gateway_receipts.jsonl").read_bytes().splitlines()
+    rows = [r for r in map(parse, lines) if r is not None]
+    prompts = Counter(r["prompt"] for r in rows if isinstance(r.get("prompt"), str))
+    assert len(prompts) > 0.8 * sum(prompts.values())  # most prompts are distinct
+    for r in rows:
+        if isinstance(r.get("prompt"), str) and "(case C-" in r["prompt"] and r.get("completion"):
+            ref = r["prompt"].rsplit("(", 1)[1].rstrip(")")
+            assert ref in r["completion"] or "sk-live" in r["completion"] or "BEGIN RSA" in r["completion"]
+    generate(2000, 7, tmp_path / "again", tasks=1000)  # deterministic
+    assert tree_bytes(tmp_path / "kb") == tree_bytes(tmp_path / "again")
+    generate(1500, 7, tmp_path / "built_in", tasks=54)  # up to the built-in count: the bundled sample
+    copy_sample(tmp_path / "bundled")
+    assert tree_bytes(tmp_path / "bundled") == tree_bytes(tmp_path / "built_in")
