@@ -420,12 +420,12 @@ def _write_report(path: Path, res: AuditResult, ctx: Context, ws: Workspace) -> 
         "checks hold",
         f"- baseline: {base}",
         f"- appended: {'row ' + str(res.appended['seq']) if res.appended else 'nothing'}", "",
-        "## Checks", "", "| # | check | result | detail |", "|---|---|---|---|",
+        "## Checks", "", "| # | check | result | seconds | detail |", "|---|---|---|---|---|",
     ]
     for c in res.checks:
         detail = "; ".join(c.problems[:3]) + (f" (+{len(c.problems) - 3} more)" if len(c.problems) > 3 else "")
         mark = ("SKIP" if c.problems else "PASS") if c.ok else ("FAIL" if c.required else "WARN")
-        lines.append(f"| {c.number} | `{c.key}` — {c.title} | {mark} | {_md(detail)} |")
+        lines.append(f"| {c.number} | `{c.key}` — {c.title} | {mark} | {c.seconds:.2f} | {_md(detail)} |")
     lines += ["", "## Drift against the last baseline", "",
               f"More than {DRIFT_WARN_PCT:g} % either way is flagged `warn`; `new` is a metric the baseline "
               "does not have.", "", "| metric | baseline | now | change % | flag |", "|---|---|---|---|---|"]

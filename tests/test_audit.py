@@ -304,6 +304,31 @@ def test_the_second_pass_catches_what_the_engine_misses(ran, monkeypatch):
 
 
 @pytest.mark.slow
+def test_the_secret_check_shared_out_over_processes_reports_what_one_process_does(ran, monkeypatch):
+    """Rows are shared out by prompt over worker processes; the findings come back the same, in
+    file and line order, whichever process found them."""
+    from refinery import invariants
+    from refinery.config import load_config
+
+    assert invoke("convert", "--to", "mlx-chat").exit_code == 0
+    assert invoke("convert", "--to", "alpaca").exit_code == 0
+    chat = ('{"messages": [{"role": "user", "content": "q%d"}, '
+            '{"role": "assistant", "content": "use password=hunter2hunter%d"}]}')
+    alpaca = '{"instruction": "i%d", "input": "", "output": "mail jane%d@corvid-analytics.com"}'
+    for name, row in (("mlx-chat", chat), ("alpaca", alpaca)):
+        with open(ran.exports / "formats" / f"{name}.jsonl", "a") as f:
+            f.write("".join(row % (i, i) + "\n" for i in range(5)))
+    ctx = invariants.Context(ran, load_config(ran.root))
+    alone = invariants.no_secrets_in_exports(ctx)
+    assert alone[0] == ("findings by kind: email 5 (engine 5, second pass only 0), "
+                        "password 5 (engine 5, second pass only 0)")
+    monkeypatch.setattr(invariants, "SECRETS_PARALLEL_MIN_BYTES", 0)
+    three = ctx.cfg.materialize.model_copy(update={"workers": 3})
+    ctx.cfg = ctx.cfg.model_copy(update={"materialize": three})
+    assert invariants.no_secrets_in_exports(ctx) == alone
+
+
+@pytest.mark.slow
 def test_a_convert_output_is_scanned_and_planted_files_are_named(ran):
     assert invoke("convert", "--to", "mlx-chat").exit_code == 0
     code, doc = audit_json("--no-rerun")
