@@ -257,9 +257,9 @@ class StageTimings(Strict):
 class StageReceipt(Strict):
     """What one stage of one run read, wrote and counted. `receipt_hash` covers everything
     but `run_id`, `reused_from` and `timings`, so the same inputs, config and code give the
-    same hash in every run."""
+    same hash in every run. Schema 2 adds `fingerprints` (not hashed either)."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 2
     run_id: str
     stage: str
     code_version: str
@@ -273,7 +273,13 @@ class StageReceipt(Strict):
     by_source: dict[str, dict[str, int]] = Field(default_factory=dict, description="the counts per source stream")
     reused_from: str | None = Field(default=None, description="the run whose outputs this stage reused, if any")
     timings: StageTimings
-    receipt_hash: Sha256 = Field(description="sha256 of the canonical receipt without timings, run_id and reused_from")
+    fingerprints: dict[str, Annotated[list[int], Field(min_length=3, max_length=3)]] = Field(
+        default_factory=dict,
+        description="(size, mtime_ns, inode) of each input and output when this run hashed it: the next run "
+                    "trusts the recorded sha256 of a file that still has all three, and reads the rest "
+                    "(audit-full re-hashes everything)")
+    receipt_hash: Sha256 = Field(description="sha256 of the canonical receipt without timings, run_id, "
+                                             "reused_from and fingerprints")
 
 
 class StageRef(Strict):

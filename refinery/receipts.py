@@ -37,7 +37,7 @@ READS_FROM: dict[str, tuple[str, ...]] = {
 }
 QUARANTINE_DIR = "exports/quarantine/"
 #: Fields a receipt's hash leaves out: they differ between runs that did the same work.
-UNHASHED = ("run_id", "reused_from", "timings", "receipt_hash")
+UNHASHED = ("run_id", "reused_from", "timings", "fingerprints", "receipt_hash")
 
 
 def code_version(ws: Workspace, cfg: Config) -> str:
@@ -87,16 +87,30 @@ class Digests:
 
     Keyed by inode, size and mtime: within a run (which holds the workspace lock) a file that
     keeps all three has not changed — and a reused output hard-linked into the run's staging
-    keeps its inode, so it is not read twice.
+    keeps its inode, so it is not read twice. Across runs, `known` holds what an earlier run
+    recorded (path → fingerprint, sha256, rows; see `fingerprinted`): a file whose size, mtime
+    and inode are still the recorded ones is taken to hold the recorded bytes and is not read
+    (how make, rsync and git decide; audit-full re-hashes everything). `fingerprints` is what
+    this run saw of every file it hashed or trusted, for its receipts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, known: dict[str, tuple[list[int], str, int]] | None = None) -> None:
         self._cache: dict[tuple[int, int, int, int], tuple[str, int]] = {}
+        self._known = known or {}
+        self._seen: dict[str, tuple[list[int], str]] = {}
+        self.hashed = self.trusted = 0
 
     def of(self, path: Path, rel: str) -> dict[str, Any]:
         st = path.stat()
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        fingerprint = [st.st_size, st.st_mtime_ns, st.st_ino]
         if key not in self._cache:
+            known = self._known.get(rel)
+            if known is not None and known[0] == fingerprint:
+                self.trusted += 1
+                self._seen[rel] = (fingerprint, known[1])
+                return {"path": rel, "sha256": known[1], "rows": known[2]}
+            self.hashed += 1
             h, lines, last = hashlib.sha256(), 0, b"\n"
             with open(path, "rb") as f:
                 while block := f.read(1 << 20):
@@ -107,7 +121,25 @@ class Digests:
                 lines += 1
             self._cache[key] = (h.hexdigest(), lines)
         sha, lines = self._cache[key]
+        self._seen[rel] = (fingerprint, sha)
         return {"path": rel, "sha256": sha, "rows": 1 if path.suffix == ".json" else lines}
+
+    def fingerprint(self, rel: str, sha256: str) -> list[int] | None:
+        """(size, mtime_ns, inode) of `rel` when this run found it holding `sha256` (stat taken
+        before the read), or None."""
+        seen = self._seen.get(rel)
+        return seen[0] if seen is not None and seen[1] == sha256 else None
+
+
+def fingerprinted(receipts: dict[str, dict[str, Any]]) -> dict[str, tuple[list[int], str, int]]:
+    """What a run's receipts recorded of each file they name: path → (fingerprint, sha256, rows)."""
+    out = {}
+    for r in receipts.values():
+        prints = r.get("fingerprints") or {}
+        for f in (*r["inputs"], *r["outputs"]):
+            if (fp := prints.get(f["path"])) is not None:
+                out[f["path"]] = (list(fp), f["sha256"], f["rows"])
+    return out
 
 
 def receipt_hash(receipt: dict[str, Any]) -> str:

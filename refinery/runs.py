@@ -319,11 +319,12 @@ class _Run:
         self.staging = ws.root / "data" / f"{RUN_STAGING_PREFIX}{self.run_id}"
         self.staged = ws.staged(self.staging)
         self.code = receipts.code_version(ws, cfg)
-        self.digests = Digests()
         self.receipts: dict[str, dict[str, Any]] = {}
         self.why: dict[str, str] = {}
         self.t0 = time.perf_counter()
         self.previous = None if force else _latest(ws, clean=True)
+        # a file the previous run recorded, still with its size, mtime and inode, is not re-read
+        self.digests = Digests(receipts.fingerprinted(self.previous[1]) if self.previous else None)
         self.summary: dict[str, Any] = {
             "schema_version": 2, "run_id": self.run_id, "status": "incomplete", "exit_code": None, "error": None,
             "code_version": self.code, "config_hash": cfg.config_hash(), "include_partial": include_partial,
@@ -378,9 +379,23 @@ class _Run:
 
     def _record(self, stage: str, fields: dict[str, Any], started: str, t0: float) -> None:
         timings = {"started_at": started, "finished_at": now_utc(), "seconds": round(time.perf_counter() - t0, 3)}
-        r = receipts.make_receipt(**{**fields, "run_id": self.run_id, "stage": stage, "timings": timings})
+        r = receipts.make_receipt(**{**fields, "run_id": self.run_id, "stage": stage, "timings": timings,
+                                     "fingerprints": self._fingerprints(fields)})
         receipts.write_json(receipts.receipt_path(self.dir, stage), r)
         self.receipts[stage] = r
+
+    def _fingerprints(self, fields: dict[str, Any]) -> dict[str, list[int]]:
+        """(size, mtime_ns, inode) of each file the receipt names: as this run saw it when it
+        found the recorded sha256 there, or — an output this run wrote, under its lock — now."""
+        out = {}
+        for f, written in [*((f, False) for f in fields["inputs"]), *((f, True) for f in fields["outputs"])]:
+            fp = self.digests.fingerprint(f["path"], f["sha256"])
+            if fp is None and written and (p := self.staged.out / f["path"]).is_file():
+                st = p.stat()
+                fp = [st.st_size, st.st_mtime_ns, st.st_ino]
+            if fp is not None:
+                out[f["path"]] = fp
+        return out
 
     def _base(self, stage: str, config_hash: str, policy_hash: str | None, inputs, outputs) -> dict[str, Any]:
         return {"code_version": self.code, "config_hash": config_hash, "policy_hash": policy_hash,
@@ -473,6 +488,9 @@ class _Run:
         self.score()
         self.exports()
         self.receipts = {s: self.receipts[s] for s in receipts.STAGES}  # stage order, whatever was reused
+        if self.digests.trusted:
+            self.log(f"files not re-read, their size, mtime and inode as run {self.previous[0]} recorded them: "
+                     f"{self.digests.trusted}; re-read: {self.digests.hashed} (audit-full re-reads them all)")
         if problems := receipts.check_chain(self.receipts):
             raise ChainError("the receipt chain is broken: " + "; ".join(problems))
         exit_code = m.exit_code if m is not None else 0

@@ -290,6 +290,41 @@ def test_an_unchanged_run_reuses_every_stage_and_says_so(ws, sample_run):
     assert hashes(forced) == hashes(first)
 
 
+def test_an_unchanged_rerun_reads_no_file_again_but_audit_full_does(ws, sample_run):
+    """A file that keeps the size, mtime and inode the last run recorded is not re-read (how make,
+    rsync and git decide); one with a new mtime is, and is reused when its bytes are the same.
+    A byte changed in place with the mtime put back is what that rule cannot see: the run trusts
+    it, and audit-full, which re-reads everything, fails on it."""
+    def counts(stderr: str) -> tuple[int, int]:
+        m = re.search(r"recorded them: (\d+); re-read: (\d+)", " ".join(stderr.split()))
+        return (int(m[1]), int(m[2])) if m else (0, -1)
+
+    invoke("run-all")  # the copied-in sample has new inodes: this run reads every file and records it
+    result = invoke("run-all")
+    trusted, reread = counts(result.stderr)
+    assert reread == 0 and trusted > 10
+    assert orjson.loads(receipts.receipt_path(ws.reports / runs.list_runs(ws)[-1]["run_id"], "score")
+                        .read_bytes())["fingerprints"]
+
+    src = ws.kb / "eval.csv"
+    os.utime(src)  # same bytes, a new mtime: read again, found unchanged, every stage reused
+    doc = run_all()
+    assert reused(doc) == STAGES
+    assert counts(invoke("run-all").stderr) == (trusted, 0)
+
+    st = src.stat()
+    data = src.read_bytes()
+    at = data.index(b"0.", data.index(b"\n"))  # a score in the first data row
+    with open(src, "r+b") as f:  # in place: same inode, same size
+        f.seek(at)
+        f.write(b"9")
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert reused(run_all()) == STAGES  # trusted by its fingerprint
+    audit = invoke("audit-full", "--no-rerun", "--json")
+    failed = {c["key"] for c in orjson.loads(audit.stdout)["checks"] if not c["ok"]}
+    assert audit.exit_code == 1 and "sources_match_receipt" in failed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("change", "recomputed"), [
     ("input", STAGES),
