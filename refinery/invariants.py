@@ -127,16 +127,6 @@ class Lines:
         self._cursors[rel] = (offset, line, cur)
         return line
 
-    def resolve(self, refs: list[tuple[Any, dict[str, Any]]]) -> dict[Any, Line | None]:
-        """{key: line} for (key, provenance) pairs, read in file order: one pass per file
-        however the rows that hold the provenances are ordered."""
-        ok = [(k, p) for k, p in refs
-              if isinstance(p.get("source_file"), str) and isinstance(p.get("line_offset"), int)]
-        out: dict[Any, Line | None] = {k: None for k, _ in refs}
-        for key, prov in sorted(ok, key=lambda kp: (kp[1]["source_file"], kp[1]["line_offset"])):
-            out[key] = self.at(prov["source_file"], prov["line_offset"], prov.get("record"))
-        return out
-
 
 def line_sig(line: Line) -> str:
     if line.obj is not None:
@@ -330,8 +320,10 @@ def nothing_lost(ctx: Context) -> list[str]:
     m = ctx.receipts.get("materialize")
     if m is None:
         return ["no materialize receipt"]
+    # one byte per source record: how it is accounted for; a record split in parts (the chosen
+    # and rejected answers of a pair) keeps one bit per part, other part names a set
     seen: dict[str, bytearray] = {}
-    parts: dict[tuple[str, int], set[str | None]] = {}
+    other_parts: dict[tuple[str, int], set[str]] = {}
     digests = rc.Digests()
     for i in m["inputs"]:
         p = ctx.path(i["path"])
@@ -339,11 +331,26 @@ def nothing_lost(ctx: Context) -> list[str]:
         seen[i["path"]] = bytearray(max(lines, i["rows"]) + 1)
     whole_file: set[str] = set()
     problems = Problems()
-    PRIMARY, QUARANTINED, JOINED = 1, 2, 3
+    PRIMARY, QUARANTINED, JOINED, PARTS = 1, 2, 3, 16
+    PART_BITS = {"chosen": 1, "rejected": 2}
     name = {PRIMARY: "evidence", QUARANTINED: "quarantine", JOINED: "joined into evidence"}
 
+    def add_part(src: str, off: int, part: str) -> bool:
+        """Record one more part of a split record; False if it was there already."""
+        if part in PART_BITS:
+            bit = PART_BITS[part]
+            if seen[src][off] & bit:
+                return False
+            seen[src][off] |= bit
+            return True
+        known = other_parts.setdefault((src, off), set())
+        if part in known:
+            return False
+        known.add(part)
+        return True
+
     def mark(prov: dict[str, Any], where: str, how: int) -> None:
-        src, off = prov["source_file"], prov["line_offset"]
+        src, off, part = prov["source_file"], prov["line_offset"], prov.get("part")
         if src not in seen:
             problems.add(f"{where}: points at {src}, which is not an input of the run")
         elif off is None:
@@ -353,16 +360,19 @@ def nothing_lost(ctx: Context) -> list[str]:
         elif off >= len(seen[src]) or seen[src][off] == 0:
             if off >= len(seen[src]):  # a CSV record spans lines; a gzip's lines are not its bytes' lines
                 seen[src].extend(bytes(off + 1 - len(seen[src])))
-            seen[src][off] = how
-            if how == PRIMARY:
-                parts[(src, off)] = {prov.get("part")}
+            if how == PRIMARY and part is not None:
+                seen[src][off] = PARTS
+                add_part(src, off, part)
+            else:
+                seen[src][off] = how
         elif how == JOINED and seen[src][off] == JOINED:
             pass  # a record may be joined into several evidence records (a trace into its calls)
-        elif how == PRIMARY and seen[src][off] == PRIMARY and prov.get("part") not in parts[(src, off)] \
-                and None not in parts[(src, off)] and prov.get("part") is not None:
-            parts[(src, off)].add(prov.get("part"))
+        elif how == PRIMARY and seen[src][off] & PARTS and part is not None and add_part(src, off, part):
+            pass  # another part of a split record
         else:
-            problems.add(f"{where}: {src}:{off} is accounted for twice ({name[seen[src][off]]} and {name[how]})")
+            was = seen[src][off]
+            problems.add(f"{where}: {src}:{off} is accounted for twice "
+                         f"({name[PRIMARY] if was & PARTS else name[was]} and {name[how]})")
 
     for rel in ctx.files("data/evidence"):
         for line in ctx.rows(rel):
@@ -447,24 +457,92 @@ def export_provenance(ctx: Context) -> list[str]:
     problems, lines = Problems(), Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes)
     for stage in ("export-rag", "export-sft"):
         _check_provenance(ctx, EXPORT_FILES[stage], lines, problems, lambda o: [o["provenance"]], expect_id=True)
-    refs = _pair_refs(ctx)
-    found = Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes).resolve(refs)
-    for (i, side), prov in refs:
-        up, where = found[(i, side)], f"{EXPORT_FILES['export-preference']}:{i} ({side}) → " \
-                                     f"{prov.get('source_file')}:{prov.get('line_offset')}"
-        if up is None:
-            problems.add(f"{where}: no such line")
-        elif line_sig(up) != prov.get("sig_hash"):
-            problems.add(f"{where}: sig_hash differs (the line changed after this row was written)")
+    sides = _pair_sides(ctx)
+    for i, p in _pairs(ctx):
+        for side in ("chosen", "rejected"):
+            prov = p.get("provenance" if side == "chosen" else "rejected_provenance") or {}
+            where = f"{EXPORT_FILES['export-preference']}:{i} ({side}) → " \
+                    f"{prov.get('source_file')}:{prov.get('line_offset')}"
+            state = sides.state_of(i, side)
+            if state == _MISSING:
+                problems.add(f"{where}: no such line")
+            elif state == _SIG_DIFFERS:
+                problems.add(f"{where}: sig_hash differs (the line changed after this row was written)")
     return problems.done()
 
 
-def _pair_refs(ctx: Context) -> list[tuple[tuple[int, str], dict[str, Any]]]:
-    refs = []
-    for i, p in _pairs(ctx):
-        refs.append(((i, "chosen"), p.get("provenance") or {}))
-        refs.append(((i, "rejected"), p.get("rejected_provenance") or {}))
-    return refs
+_MISSING, _SIG_DIFFERS, _FOUND = 0, 1, 2
+
+
+class _PairSides:
+    """What the scored run behind each side of each preference pair says — whether the line is
+    there, whether its hash is the one the pair recorded, its category, score and task — in
+    flat arrays indexed by (pair line, side): at 10^6 rows a dict of the scored runs themselves
+    held most of the audit's memory."""
+
+    def __init__(self, ctx: Context):
+        from array import array
+
+        refs: list[tuple[int, int, int]] = []  # (file, line, slot), sorted to read each file forward
+        files: dict[str, int] = {}
+        records: dict[int, str] = {}
+        n = 0
+        for i, p in _pairs(ctx):
+            n = i + 1
+            for s, key in enumerate(("provenance", "rejected_provenance")):
+                prov = p.get(key) or {}
+                if isinstance(prov.get("source_file"), str) and isinstance(prov.get("line_offset"), int):
+                    slot = 2 * i + s
+                    refs.append((files.setdefault(prov["source_file"], len(files)), prov["line_offset"], slot))
+                    if prov.get("record") is not None:
+                        records[slot] = prov["record"]
+        self.state = bytearray(2 * n)  # _MISSING unless found
+        self.category = array("H", bytes(4 * n))  # index into self.categories; 0: none
+        self.categories: list[Any] = [None]
+        self.score = array("d", bytes(16 * n))
+        self.task = array("Q", bytes(16 * n))  # 8 bytes of the task_key's sha256
+        expected = bytearray(64 * n)  # what the pair recorded as the line's sig_hash (hex)
+        for i, p in _pairs(ctx):
+            for s, key in enumerate(("provenance", "rejected_provenance")):
+                sig = str((p.get(key) or {}).get("sig_hash"))[:64].encode()
+                expected[(2 * i + s) * 64:(2 * i + s) * 64 + len(sig)] = sig
+        names = sorted(files, key=files.get)
+        lines = Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes)
+        refs.sort()
+        for f, offset, slot in refs:
+            up = lines.at(names[f], offset, records.get(slot))
+            if up is None:
+                continue
+            self.state[slot] = _FOUND if line_sig(up).encode() == expected[slot * 64:slot * 64 + 64] \
+                else _SIG_DIFFERS
+            row = up.obj if isinstance(up.obj, dict) else {}
+            if (cat := row.get("category")) not in self.categories:
+                self.categories.append(cat)
+            self.category[slot] = self.categories.index(cat)
+            if isinstance(row.get("score"), int | float):
+                self.score[slot] = row["score"]
+            self.task[slot] = _task_code(row.get("task_key"))
+
+    def state_of(self, i: int, side: str) -> int:
+        return self.state[2 * i + (side == "rejected")]
+
+    def scored(self, i: int, side: str) -> tuple[Any, float, int] | None:
+        """(category, score, task code) of the scored run, or None when there is none."""
+        slot = 2 * i + (side == "rejected")
+        if self.state[slot] == _MISSING:
+            return None
+        return self.categories[self.category[slot]], self.score[slot], self.task[slot]
+
+
+def _task_code(task_key: Any) -> int:
+    return int.from_bytes(hashlib.sha256(str(task_key).encode()).digest()[:8], "little")
+
+
+def _pair_sides(ctx: Context) -> _PairSides:
+    """Built once per audit, for export_provenance and preference_chosen_outranks."""
+    if getattr(ctx, "_pair_sides", None) is None:
+        ctx._pair_sides = _PairSides(ctx)
+    return ctx._pair_sides
 
 
 def _scored(ctx: Context, lines: Lines, prov: dict[str, Any]) -> dict[str, Any]:
@@ -526,19 +604,15 @@ def preference_chosen_outranks(ctx: Context) -> list[str]:
     """Chosen is accepted or partially accepted, rejected is rejected, the chosen score is
     strictly higher, and both answer the same task — as their scored runs say."""
     problems = Problems()
-    found = Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes).resolve(_pair_refs(ctx))
-
-    def scored(i: int, side: str) -> dict[str, Any]:
-        line = found.get((i, side))
-        return line.obj if line is not None and line.obj is not None else {}
-
+    sides = _pair_sides(ctx)
     for i, p in _pairs(ctx):
-        c, r = scored(i, "chosen"), scored(i, "rejected")
-        if c.get("category") not in ("accepted", "partially_accepted") or r.get("category") != "rejected":
-            problems.add(f"pair {p['id']} (line {i}): chosen is {c.get('category')}, rejected is {r.get('category')}")
-        elif not c["score"] > r["score"] or not p["chosen_score"] > p["rejected_score"]:
-            problems.add(f"pair {p['id']} (line {i}): chosen score {c['score']} is not above {r['score']}")
-        elif not c["task_key"] == r["task_key"] == p["task_key"]:
+        c, r = sides.scored(i, "chosen"), sides.scored(i, "rejected")
+        c_cat, r_cat = c[0] if c else None, r[0] if r else None
+        if c_cat not in ("accepted", "partially_accepted") or r_cat != "rejected":
+            problems.add(f"pair {p['id']} (line {i}): chosen is {c_cat}, rejected is {r_cat}")
+        elif not c[1] > r[1] or not p["chosen_score"] > p["rejected_score"]:
+            problems.add(f"pair {p['id']} (line {i}): chosen score {c[1]:g} is not above {r[1]:g}")
+        elif not c[2] == r[2] == _task_code(p["task_key"]):
             problems.add(f"pair {p['id']} (line {i}): chosen and rejected answer different tasks")
     return problems.done()
 
@@ -667,21 +741,71 @@ def export_quarantine_holds_no_text(ctx: Context) -> list[str]:
 
 
 def unique_ids(ctx: Context) -> list[str]:
-    problems = Problems()
+    """Ids are unique within evidence, scored runs, each export and the quarantine. Memory does
+    not grow with the outputs: each group's ids go to hash buckets on disk (16-byte digest, file,
+    line; UNIQUE_ID_BUCKET_BYTES of output per bucket) and each bucket is checked on its own;
+    the first MAX_PROBLEMS repeats in file order are reported, the rest counted."""
+    import heapq
+    import struct
+    import tempfile
+
+    record = struct.Struct("<16sHQ")  # the id's digest, the file's index in its group, the line
     groups = {"evidence": ctx.files("data/evidence"), "scored runs": ctx.files("data/scored-runs"),
               **{stage: [rel] for stage, rel in EXPORT_FILES.items()},
               "quarantine": ctx.files("exports/quarantine")}
-    for name, rels in groups.items():
-        seen: dict[bytes, str] = {}
-        for rel in rels:
-            for line in ctx.rows(rel):
-                rid = (line.obj or {}).get("id")
-                key = hashlib.sha256(str(rid).encode()).digest()[:16]
-                if key in seen:
-                    problems.add(f"{name}: id {rid} at {rel}:{line.offset} is also at {seen[key]}")
-                else:
-                    seen[key] = f"{rel}:{line.offset}"
+    kept: list[tuple[int, int, int, int, int]] = []  # max-heap (negated) of the earliest repeats
+    repeats = 0
+    for g, rels in enumerate(groups.values()):
+        size = sum(ctx.path(rel).stat().st_size for rel in rels if ctx.path(rel).is_file())
+        buckets = 1 + size // UNIQUE_ID_BUCKET_BYTES
+        with tempfile.TemporaryDirectory(prefix="refinery-ids-") as tmp:
+            spills = [open(Path(tmp) / str(b), "w+b") for b in range(buckets)]
+            try:
+                for f, rel in enumerate(rels):
+                    for line in ctx.rows(rel):
+                        key = hashlib.sha256(str((line.obj or {}).get("id")).encode()).digest()[:16]
+                        spills[int.from_bytes(key[:4], "little") % buckets].write(record.pack(key, f, line.offset))
+                for spill in spills:
+                    spill.seek(0)
+                    first: dict[bytes, tuple[int, int]] = {}
+                    for key, f, offset in record.iter_unpack(spill.read()):
+                        if key not in first:  # a bucket is in file order: the first is the earliest
+                            first[key] = (f, offset)
+                            continue
+                        repeats += 1
+                        item = (-g, -f, -offset, *first[key])
+                        if len(kept) < MAX_PROBLEMS:
+                            heapq.heappush(kept, item)
+                        elif item[:3] > kept[0][:3]:  # earlier than the latest one kept
+                            heapq.heapreplace(kept, item)
+            finally:
+                for spill in spills:
+                    spill.close()
+    names, rels_of = list(groups), list(groups.values())
+    ids = _ids_at(ctx, {(rels_of[-g][-f], -off) for g, f, off, *_ in kept})
+    problems = Problems()
+    for g, f, off, f0, o0 in sorted(((-g, -f, -o, f0, o0) for g, f, o, f0, o0 in kept)):
+        rel = rels_of[g][f]
+        problems.add(f"{names[g]}: id {ids.get((rel, off))} at {rel}:{off} is also at {rels_of[g][f0]}:{o0}")
+    problems.extra += repeats - len(kept)
     return problems.done()
+
+
+UNIQUE_ID_BUCKET_BYTES = 64 << 20  # output bytes per id bucket: ~10^5 rows, a few MiB of dict
+
+
+def _ids_at(ctx: Context, where: set[tuple[str, int]]) -> dict[tuple[str, int], Any]:
+    """The ids at a few (file, line) places, each file read once."""
+    out = {}
+    for rel in sorted({rel for rel, _ in where}):
+        lines = {off for r, off in where if r == rel}
+        for line in ctx.rows(rel):
+            if line.offset in lines:
+                out[rel, line.offset] = (line.obj or {}).get("id")
+                lines.discard(line.offset)
+                if not lines:
+                    break
+    return out
 
 
 def schemas_validate(ctx: Context) -> list[str]:
