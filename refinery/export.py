@@ -13,9 +13,9 @@ when it is in at least one pair.
 
 How it runs: each scored-run file is read together with its evidence file (they correspond
 line for line) in a worker process, which writes its candidate rows and refusals into part
-files. A sequential merge then drops duplicate answers across files (RAG, SFT), and pairs
+files. A merge per export then drops duplicate answers across files (RAG, SFT), or pairs
 preference candidates one hash bucket of task keys at a time — so grouping never holds more
-than one bucket in memory. Nothing is published until every export is complete and the SFT
+than one bucket in memory; the three merges run in worker processes side by side. Nothing is published until every export is complete and the SFT
 file has been re-read and checked; then each file is renamed into place.
 """
 
@@ -530,6 +530,50 @@ def verify_sft(path: Path, ws: Workspace, allowed: set[str]) -> int:
 # --- the stage ----------------------------------------------------------------------------
 
 
+def _merge_export(e: str, ws: Workspace, tmp_root: Path, n_jobs: int, buckets: int, ecfg: ExportConfig,
+                  include_partial: bool, parts: list[ExportStats]
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]], list[tuple[Path, Path]]]:
+    """Merge one export's part files into its export, quarantine and stats files under
+    `tmp_root` (nothing published): (its result, its outputs, the (temp, final) moves)."""
+    st = ExportStats(e)
+    for part in parts:
+        st.add(part)
+    final = ws.exports / PATHS[e]
+    qfinal = ws.quarantine / f"{stage_name(e)}.jsonl"
+    tmp, qtmp = tmp_root / f"out-{e}.jsonl", tmp_root / f"outq-{e}.jsonl"
+    comp = Composition(e)
+    # refusals made while reading come first, in file order; the merge's after them
+    concat_files([tmp_root / f"q-{e}-{i:06d}.jsonl" for i in range(n_jobs)], qtmp)
+    with open(qtmp, "ab") as qf:
+        qw = JsonlWriter(qf)
+        with open(tmp, "wb") as f:
+            if e == "preference":
+                rows = _merge_preference(tmp_root, n_jobs, buckets, f, qw, ecfg.max_pairs_per_task, st)
+            else:
+                rows = _merge_dedup([tmp_root / f"{e}-{i:06d}.jsonl" for i in range(n_jobs)], f, qw, ecfg.dedup, st)
+            for row in rows:
+                comp.add(row)
+            f.flush()
+            fsync(f.fileno())
+        qf.flush()
+        fsync(qf.fileno())
+    if st.rows_in != st.rows_out + st.quarantined:
+        raise AssertionError(f"{e}: {st.rows_in} in, {st.rows_out} out + {st.quarantined} quarantined")
+    if e == "sft":  # defence 3: re-read what was written, against the scored runs
+        verify_sft(tmp, ws, sft_categories(include_partial))
+    stats_tmp = tmp_root / f"stats-{e}.json"
+    stats_json = comp.to_json(st, f"exports/{PATHS[e]}")
+    stats_bytes = orjson.dumps(stats_json, option=orjson.OPT_INDENT_2) + b"\n"
+    stats_tmp.write_bytes(stats_bytes)
+    stats_final = final.with_name(final.name.removesuffix(".jsonl") + ".stats.json")
+    result = {**stats_json, "rows_out": st.rows_out, "quarantine": f"exports/quarantine/{qfinal.name}",
+              "stats_path": f"exports/{PATHS[e].removesuffix('.jsonl')}.stats.json"}
+    outputs = [{"path": f"exports/{PATHS[e]}", "sha256": st.sha256, "rows": comp.rows},
+               {"path": f"exports/quarantine/{qfinal.name}", "sha256": file_sha256(qtmp), "rows": st.quarantined},
+               {"path": result["stats_path"], "sha256": hashlib.sha256(stats_bytes).hexdigest(), "rows": 1}]
+    return result, outputs, [(tmp, final), (qtmp, qfinal), (stats_tmp, stats_final)]
+
+
 def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, include_partial: bool | None = None,
         on_file_done: Callable[[dict[str, ExportStats], int], None] | None = None) -> ExportResult:
     """Write the requested exports. Raises StaleInputError (inputs missing or out of date) or
@@ -554,47 +598,16 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
             results: dict[str, dict[str, Any]] = {}
             staged: list[tuple[Path, Path]] = []
             outputs: list[dict[str, Any]] = []
-            for e in exports:
-                st = ExportStats(e)
-                for o in outcomes:
-                    st.add(o[e])
-                final = ws.exports / PATHS[e]
-                qfinal = ws.quarantine / f"{stage_name(e)}.jsonl"
-                tmp, qtmp = tmp_root / f"out-{e}.jsonl", tmp_root / f"outq-{e}.jsonl"
-                comp = Composition(e)
-                # refusals made while reading come first, in file order; the merge's after them
-                concat_files([tmp_root / f"q-{e}-{i:06d}.jsonl" for i in range(len(jobs))], qtmp)
-                with open(qtmp, "ab") as qf:
-                    qw = JsonlWriter(qf)
-                    with open(tmp, "wb") as f:
-                        if e == "preference":
-                            rows = _merge_preference(tmp_root, len(jobs), buckets, f, qw, ecfg.max_pairs_per_task, st)
-                        else:
-                            rows = _merge_dedup([tmp_root / f"{e}-{i:06d}.jsonl" for i in range(len(jobs))],
-                                                f, qw, ecfg.dedup, st)
-                        for row in rows:
-                            comp.add(row)
-                        f.flush()
-                        fsync(f.fileno())
-                    qf.flush()
-                    fsync(qf.fileno())
-                if st.rows_in != st.rows_out + st.quarantined:
-                    raise AssertionError(f"{e}: {st.rows_in} in, {st.rows_out} out + {st.quarantined} quarantined")
-                if e == "sft":  # defence 3: re-read what was written, against the scored runs
-                    verify_sft(tmp, ws, sft_categories(include_partial))
-                stats_tmp = tmp_root / f"stats-{e}.json"
-                stats_json = comp.to_json(st, f"exports/{PATHS[e]}")
-                stats_bytes = orjson.dumps(stats_json, option=orjson.OPT_INDENT_2) + b"\n"
-                stats_tmp.write_bytes(stats_bytes)
-                stats_final = final.with_name(final.name.removesuffix(".jsonl") + ".stats.json")
-                staged += [(tmp, final), (qtmp, qfinal), (stats_tmp, stats_final)]
-                results[e] = {**stats_json, "rows_out": st.rows_out, "quarantine": f"exports/quarantine/{qfinal.name}",
-                              "stats_path": f"exports/{PATHS[e].removesuffix('.jsonl')}.stats.json"}
-                outputs.append({"path": f"exports/{PATHS[e]}", "sha256": st.sha256, "rows": comp.rows})
-                outputs.append({"path": f"exports/quarantine/{qfinal.name}", "sha256": file_sha256(qtmp),
-                                "rows": st.quarantined})
-                outputs.append({"path": results[e]["stats_path"], "sha256": hashlib.sha256(stats_bytes).hexdigest(),
-                                "rows": 1})
+            # the merges (dedup across files, pairing by bucket) are independent: one per worker
+            merges = [(e, ws, tmp_root, len(jobs), buckets, ecfg, include_partial, [o[e] for o in outcomes])
+                      for e in exports]
+            sizes = [sum(o[e].rows_in for o in outcomes) << 10 for e in exports]  # ~1 KiB a candidate
+            for e, (result, outs, moves) in zip(exports, map_files(
+                    _merge_export, merges, sizes, workers=cfg.materialize.workers,
+                    parallel_min_bytes=cfg.materialize.parallel_min_bytes)):
+                results[e] = result
+                outputs += outs
+                staged += moves
             for src, dest in staged:  # every export complete and checked: publish
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dest)
