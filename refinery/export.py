@@ -15,8 +15,9 @@ How it runs: each scored-run file is read together with its evidence file (they 
 line for line) in a worker process, which writes its candidate rows and refusals into part
 files. A merge per export then drops duplicate answers across files (RAG, SFT), or pairs
 preference candidates one hash bucket of task keys at a time — so grouping never holds more
-than one bucket in memory; the three merges run in worker processes side by side. Nothing is published until every export is complete and the SFT
-file has been re-read and checked; then each file is renamed into place.
+than one bucket in memory; the three merges run in worker processes side by side. Nothing is
+published until every export is complete and the SFT file has been re-read and checked; then
+each file is renamed into place.
 """
 
 from __future__ import annotations
