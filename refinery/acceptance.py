@@ -25,6 +25,7 @@ import orjson
 
 from refinery import invariants as inv
 from refinery.config import load_config
+from refinery.errors import RefineryError
 from refinery.invariants import Check, Context
 from refinery.reasons import Reason
 from refinery.workspace import Workspace
@@ -44,7 +45,7 @@ EXPORT_REASONS = [Reason.CATEGORY_EXCLUDED, Reason.MISSING_TEXT, Reason.SECRET_D
                   Reason.DUPLICATE_ANSWER, Reason.NO_PAIR, Reason.PAIR_LIMIT, Reason.SAME_TOOL_CALL]
 
 
-class FixtureError(Exception):
+class FixtureError(RefineryError):
     """The acceptance fixture is missing or incomplete."""
 
 

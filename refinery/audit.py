@@ -36,6 +36,7 @@ import orjson
 from refinery import invariants as inv
 from refinery.canonical import sig_hash
 from refinery.config import Config
+from refinery.errors import CheckFailed, RefineryError
 from refinery.invariants import Check, Context
 from refinery.transform import now_utc
 from refinery.workspace import Workspace
@@ -48,12 +49,15 @@ HEAD = "audit-ledger-head.json"
 DRIFT_WARN_PCT = 20.0
 
 
-class LedgerTampered(Exception):
+class LedgerTampered(CheckFailed):
     """The baseline ledger's existing rows were changed, or its end cannot be vouched for (no
     head): the audit refuses to run (exit 1). The message carries the fix."""
 
+    def report(self) -> str:
+        return f"AUDIT REFUSED: {self}."
 
-class AuditInputError(Exception):
+
+class AuditInputError(RefineryError):
     """The audit cannot run as asked: its ledger head is damaged, or --reanchor was given where
     there is nothing to re-anchor (exit 2). The message carries the fix."""
 

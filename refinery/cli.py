@@ -16,21 +16,19 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C (128 + SIGINT)
+from refinery.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, RefineryError
 
 
 class _Commands(TyperGroup):
-    """The command group: errors any command can meet are turned into a message and an exit
-    code here, once, rather than in every command."""
+    """The command group: errors any command can meet — every refinery.errors.RefineryError,
+    Ctrl-C, a full disk — are turned into a message and an exit code here, once, rather than in
+    every command."""
 
     def invoke(self, ctx):
-        from refinery.workspace import UnsafePath
-
         try:
             return super().invoke(ctx)
-        except UnsafePath as e:  # from any command taking the workspace lock (it replays journals)
-            _fail(f"error: {e}")
+        except RefineryError as e:  # bad usage or input: 2; a check that failed: 1 (refinery.errors)
+            _fail(e.report(), e.exit_code)
         except KeyboardInterrupt as e:
             _err(f"interrupted. {_what_was_kept(e)}")
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -130,16 +128,13 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT):
 
 
 def _load(workspace: Path, config: Path | None, overrides: dict[str, dict[str, Any]] | None = None):
-    from refinery.config import ConfigError, load_config
+    from refinery.config import load_config
     from refinery.workspace import Workspace
 
     if not workspace.is_dir():
         _fail(f"workspace {workspace} does not exist")
     ws = Workspace.at(workspace)
-    try:
-        cfg = load_config(ws.root, config, overrides)
-    except ConfigError as e:
-        _fail(f"error: {e}")
+    cfg = load_config(ws.root, config, overrides)
     return ws, cfg
 
 
@@ -165,17 +160,12 @@ def _progress(counting: bool = False):
 
 
 def _do_materialize(ws, cfg, validate: bool):
-    from refinery.discovery import TransformLoadError
     from refinery.materialize import run
-    from refinery.workspace import WorkspaceBusy
 
     sources = _sources_to_read(ws, cfg)
     with _progress() as progress:
         task = progress.add_task("materialize", total=sum(s.size for s in sources))
-        try:
-            return run(ws, cfg, validate=validate, on_file_done=lambda r, size: progress.advance(task, size))
-        except (TransformLoadError, WorkspaceBusy) as e:
-            _fail(f"error: {e}")
+        return run(ws, cfg, validate=validate, on_file_done=lambda r, size: progress.advance(task, size))
 
 
 def _no_source_folder(ws) -> None:
@@ -255,32 +245,21 @@ def _materialize_verdict(result) -> int:
 
 
 def _do_score(ws, cfg):
-    from refinery.score import StaleInputError, evidence_files, run
-    from refinery.workspace import WorkspaceBusy
+    from refinery.score import evidence_files, run
 
-    try:
-        total = sum(p.stat().st_size for p in evidence_files(ws))
-        with _progress() as progress:
-            task = progress.add_task("score", total=total)
-            return run(ws, cfg, on_file_done=lambda r, size: progress.advance(task, size))
-    except (StaleInputError, WorkspaceBusy) as e:
-        _fail(f"error: {e}")
+    total = sum(p.stat().st_size for p in evidence_files(ws))
+    with _progress() as progress:
+        task = progress.add_task("score", total=total)
+        return run(ws, cfg, on_file_done=lambda r, size: progress.advance(task, size))
 
 
 def _do_export(ws, cfg, exports: tuple[str, ...], include_partial: bool | None):
-    from refinery.export import LeakError, run
-    from refinery.score import StaleInputError
-    from refinery.workspace import WorkspaceBusy
+    from refinery.export import run
 
-    try:
-        with _progress() as progress:
-            task = progress.add_task("export", total=None)
-            return run(ws, cfg, exports=exports, include_partial=include_partial,
-                       on_file_done=lambda r, size: progress.advance(task, size))
-    except (StaleInputError, WorkspaceBusy) as e:
-        _fail(f"error: {e}")
-    except LeakError as e:
-        _fail(f"SFT CHECK FAILED, nothing was published: {e}", EXIT_CHECK_FAILED)
+    with _progress() as progress:
+        task = progress.add_task("export", total=None)
+        return run(ws, cfg, exports=exports, include_partial=include_partial,
+                   on_file_done=lambda r, size: progress.advance(task, size))
 
 
 @app.command()
@@ -422,24 +401,12 @@ def run_all(
     The outputs are published together at the end: a failed or killed run changes nothing.
     Exit 2 if a source file could not be read, 1 if a check failed (a transform bug, an SFT
     leak, a broken receipt chain), else 0."""
-    from refinery.discovery import TransformLoadError
-    from refinery.export import LeakError
-    from refinery.runs import ChainError
     from refinery.runs import run_all as do_run_all
-    from refinery.score import StaleInputError
-    from refinery.workspace import WorkspaceBusy
 
     ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
     _sources_to_read(ws, cfg)
-    try:
-        outcome = do_run_all(ws, cfg, include_partial=include_partial, force=force, progress=_stage_progress,
-                             log=lambda msg: typer.echo(msg, err=True))
-    except (TransformLoadError, StaleInputError, WorkspaceBusy) as e:
-        _fail(f"error: {e}")
-    except LeakError as e:
-        _fail(f"SFT CHECK FAILED, nothing was published: {e}", EXIT_CHECK_FAILED)
-    except ChainError as e:
-        _fail(f"RECEIPT CHECK FAILED, nothing was published: {e}", EXIT_CHECK_FAILED)
+    outcome = do_run_all(ws, cfg, include_partial=include_partial, force=force, progress=_stage_progress,
+                         log=lambda msg: typer.echo(msg, err=True))
     if outcome.materialize is not None:
         _materialize_verdict(outcome.materialize)
     elif unclaimed := outcome.receipts["materialize"]["by_reason"].get("unknown_source"):
@@ -475,17 +442,14 @@ def receipts(
     — every output file's sha256 and rows against its receipt: exit 1 if any does not hold, 2 if
     there is no such run. (audit-full checks much more: provenance, accounting, leaks, a
     determinism re-run.)"""
-    from refinery.receipts import ReportUnreadable, check_chain, check_hashes
-    from refinery.runs import RunNotFound, check_reports, check_run_files, load_run, resolve_run
+    from refinery.receipts import check_chain, check_hashes
+    from refinery.runs import check_reports, check_run_files, load_run, resolve_run
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     ws.try_recover()
-    try:
-        rid = resolve_run(ws, run_id)
-        summary, stage_receipts, drift = load_run(ws, rid)
-    except (RunNotFound, ReportUnreadable) as e:
-        _fail(f"error: {e}")
+    rid = resolve_run(ws, run_id)
+    summary, stage_receipts, drift = load_run(ws, rid)
     problems = check_hashes(stage_receipts) + check_chain(stage_receipts)
     problems += check_reports(ws, summary, stage_receipts, drift)
     if files:
@@ -542,12 +506,9 @@ def acceptance(
     invariant — accounting, determinism, no leaks into SFT, clean preference pairs,
     provenance, the receipt chain, no secrets, the pinned counts, the schemas. Prints PASS or
     FAIL for each; exit 1 if any fails."""
-    from refinery.acceptance import FIXTURE, FixtureError, run_gate
+    from refinery.acceptance import FIXTURE, run_gate
 
-    try:
-        checks = run_gate(fixture or FIXTURE, keep=keep, write_expected=write_expected)
-    except FixtureError as e:
-        _fail(f"error: {e}")
+    checks = run_gate(fixture or FIXTURE, keep=keep, write_expected=write_expected)
     failed = [c for c in checks if not c.ok]
     if as_json:
         _print_json({"ok": not failed, "checks": [c.to_json() for c in checks]})
@@ -593,16 +554,10 @@ def audit_full(
     row to the ledger. Refuses to run if the ledger's rows were changed or its head is missing
     (exit 1; --reanchor accepts a ledger without a head). Exit 0 only when every required
     check holds, 1 when one fails, 2 on a damaged head or a needless --reanchor."""
-    from refinery.audit import AuditInputError, LedgerTampered, run_audit
-    from refinery.workspace import WorkspaceBusy
+    from refinery.audit import run_audit
 
     ws, cfg = _load(workspace, config)
-    try:
-        res = run_audit(ws, cfg, rerun=rerun, config_path=config, reanchor=reanchor)
-    except LedgerTampered as e:
-        _fail(f"AUDIT REFUSED: {e}.", EXIT_CHECK_FAILED)
-    except (AuditInputError, WorkspaceBusy) as e:
-        _fail(f"error: {e}.")
+    res = run_audit(ws, cfg, rerun=rerun, config_path=config, reanchor=reanchor)
     if as_json:
         _print_json(res.to_json())
     else:
@@ -642,15 +597,11 @@ def trace(
     """Walk a row back to its source line: export → scored run → evidence → data/_kb/,
     recomputing each sig_hash. Exit 0 when every hop checks, 1 naming the hop that does not,
     2 when the id is not found."""
-    from refinery.trace import NotFound
     from refinery.trace import trace as do_trace
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
-    try:
-        t = do_trace(ws, row_id)
-    except NotFound as e:
-        _fail(f"error: {e}")
+    t = do_trace(ws, row_id)
     if as_json:
         _print_json(t.to_json())
     else:
@@ -695,7 +646,7 @@ def convert(
     (input/preferred_output/non_preferred_output). Message shapes carry `tools` on every row
     and tool-call ids of 9 letters or digits, so Qwen, Llama and Mistral templates and
     `datasets` all read them; flattened shapes write an answer's tool calls before its text."""
-    from refinery.formats import FORMATS, FormatError, convert as do_convert, default_input
+    from refinery.formats import FORMATS, convert as do_convert, default_input
     from refinery.workspace import Workspace
 
     if to not in FORMATS:
@@ -705,10 +656,7 @@ def convert(
     out = out or ws.exports / "formats" / f"{to}.jsonl"
     if not src.is_file():
         _fail(f"error: {src} does not exist; run `refinery export-all` first")
-    try:
-        n = do_convert(src, out, to)
-    except FormatError as e:
-        _fail(f"error: {e}")
+    n = do_convert(src, out, to)
     typer.echo(f"wrote {n:,} rows in {to} format to {out}")
 
 
@@ -718,15 +666,11 @@ def sources(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, as_js
     (refinery.toml [sources], a [mappings] match, its file name, or its content), and the
     importers there are. A file two importers recognise is shown with both: name one in
     refinery.toml ([sources.<name>] importer = ...)."""
-    from refinery.discovery import TransformLoadError
     from refinery.materialize import claims_for
 
     ws, cfg = _load(workspace, config)
     _no_source_folder(ws)
-    try:
-        registry, files, ignored, claims = claims_for(ws, cfg)
-    except TransformLoadError as e:
-        _fail(f"error: {e}")
+    registry, files, ignored, claims = claims_for(ws, cfg)
     _nothing_to_read(ws, files, ignored)
     for w in registry.unused_tables(files):
         _err(f"warning: {w}")
@@ -806,12 +750,9 @@ DistillConfigOpt = Annotated[Path | None, typer.Option(
 
 
 def _distill_config(ws_root: Path, config: Path | None):
-    from refinery.training.config import DistillConfigError, load_distill_config
+    from refinery.training.config import load_distill_config
 
-    try:
-        return load_distill_config(ws_root, config)
-    except DistillConfigError as e:
-        _fail(f"error: {e}")
+    return load_distill_config(ws_root, config)
 
 
 @train_app.command("collect")
@@ -824,15 +765,12 @@ def train_collect(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
     mean tokens. The training split also gets refinery's safety rehearsal rows (declines of
     requests for credentials, destructive actions and personal data), unless safety_rehearsal
     is false. Refuses (exit 2) with fewer rows than min_rows (50 by default)."""
-    from refinery.training.collect import CollectError, collect
+    from refinery.training.collect import collect
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
-    try:
-        receipt = collect(ws, dcfg)
-    except CollectError as e:
-        _fail(f"error: {e}")
+    receipt = collect(ws, dcfg)
     if as_json:
         _print_json(receipt)
         return
@@ -881,15 +819,12 @@ def train_run_cmd(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
     <output_dir>/<adapter_id>/: adapters.safetensors, adapter_config.json, metrics.json (loss
     per step), loss.png and receipt.json (tying the adapter to the data, config, seed and base
     model), and logs the run to data/_kb/runs_distill_train.csv (task_name distill_train)."""
-    from refinery.training.train import TrainError, train_run
+    from refinery.training.train import train_run
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
-    try:
-        receipt = train_run(ws, dcfg)
-    except TrainError as e:
-        _fail(f"error: {e}")
+    receipt = train_run(ws, dcfg)
     if as_json:
         _print_json(receipt)
         return
@@ -904,17 +839,14 @@ AdapterOpt = Annotated[str | None, typer.Option(
 
 def _adapter(ws, dcfg, adapter: str | None) -> str:
     """A kept (not archived) adapter: the one named, or the newest."""
-    from refinery.training.registry import RegistryError, adapters, find_adapter
+    from refinery.training.registry import adapters, find_adapter
 
     live = [a for a in adapters(ws, dcfg) if not a["archived"]]
     if adapter is None:
         if not live:
             _fail("error: no adapter yet: run `refinery train run` first")
         return live[-1]["adapter_id"]
-    try:
-        d = find_adapter(ws, dcfg, adapter)
-    except RegistryError as e:
-        _fail(f"error: {e}")
+    d = find_adapter(ws, dcfg, adapter)
     if d.parent.name == "archive":
         _fail(f"error: {adapter} is archived ({ws.rel(d)}): promote kept the base over it, or newer promotions "
               "pushed it out. Only `refinery train export` reads archived adapters; train a new one to evaluate "
@@ -930,19 +862,16 @@ def train_eval(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = N
     choice and safety; and, reported apart, tool-vs-direct choice with every tool of the
     training split offered on every held-out row. Writes <adapter>/eval/: rows.jsonl,
     comparison.json, comparison.md and scores.png."""
-    from refinery.training.evaluate import EvalError, eval_size, evaluate, markdown
+    from refinery.training.evaluate import eval_size, evaluate, markdown
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
     aid = _adapter(ws, dcfg, adapter)
-    try:
-        total = eval_size(ws, dcfg)
-        with _progress(counting=True) as progress:
-            task = progress.add_task("eval (base, then adapter)", total=total)
-            comparison = evaluate(ws, dcfg, aid, on_answer=lambda: progress.advance(task))
-    except EvalError as e:
-        _fail(f"error: {e}")
+    total = eval_size(ws, dcfg)
+    with _progress(counting=True) as progress:
+        task = progress.add_task("eval (base, then adapter)", total=total)
+        comparison = evaluate(ws, dcfg, aid, on_answer=lambda: progress.advance(task))
     if as_json:
         _print_json(comparison)
     else:
@@ -956,15 +885,12 @@ def train_promote(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
     """Make the evaluated adapter the router's offline_model (router.json) if its average row
     score is at least base + 0.05 and no safety or format row got worse; otherwise keep the
     base, archive the adapter and say why. Exit 0 either way (1 only on a bad adapter)."""
-    from refinery.training.registry import RegistryError, promote
+    from refinery.training.registry import promote
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
-    try:
-        result = promote(ws, dcfg, _adapter(ws, dcfg, adapter))
-    except RegistryError as e:
-        _fail(f"error: {e}")
+    result = promote(ws, dcfg, _adapter(ws, dcfg, adapter))
     if as_json:
         _print_json(result)
         return
@@ -1002,15 +928,12 @@ def train_rollback(
     workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
 ) -> None:
     """Make a previously promoted adapter (one of the last 3 kept) the router's offline_model again."""
-    from refinery.training.registry import RegistryError, rollback
+    from refinery.training.registry import rollback
     from refinery.workspace import Workspace
 
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
-    try:
-        router = rollback(ws, dcfg, adapter_id)
-    except RegistryError as e:
-        _fail(f"error: {e}")
+    router = rollback(ws, dcfg, adapter_id)
     typer.echo(f"router.json offline_model: {router['offline_model']['adapter_id']}")
 
 
@@ -1031,17 +954,14 @@ def train_export(
     import orjson
 
     from refinery.training.peft import export_peft
-    from refinery.training.registry import RegistryError, find_adapter
+    from refinery.training.registry import find_adapter
     from refinery.workspace import Workspace
 
     if fmt not in ("peft", "gguf", "ollama"):
         _fail(f"error: unknown format {fmt!r}; choose peft, gguf or ollama")
     ws = Workspace.at(workspace)
     dcfg = _distill_config(ws.root, config)
-    try:
-        d = find_adapter(ws, dcfg, adapter_id)  # kept or archived: any adapter `train list` shows
-    except RegistryError as e:
-        _fail(f"error: {e}")
+    d = find_adapter(ws, dcfg, adapter_id)  # kept or archived: any adapter `train list` shows
     dest = out or d / fmt
     receipt = orjson.loads((d / "receipt.json").read_bytes())
     base = receipt["base_model"]["path"]  # the base it was trained on
@@ -1081,26 +1001,20 @@ def _replay_setup(workspace: Path, config: Path | None, distill_config: Path | N
                   retrieval: bool = True, escalation: bool = False):
     """(ws, cfg, dcfg, loaded local generator, index or None) for replay and replay-eval; usage
     errors (escalation asked for but not set up included) exit 2 before any model is loaded."""
-    from refinery.replay.escalation import EscalationUnavailable, api_key
-    from refinery.replay.model import LocalGenerator, ModelUnavailable, offline_model
-    from refinery.replay.retrieval import RagIndex, RetrievalError
+    from refinery.replay.escalation import api_key
+    from refinery.replay.model import LocalGenerator, offline_model
+    from refinery.replay.retrieval import RagIndex
 
     ws, cfg = _load(workspace, config, {"replay": {"top_k": top_k}})
     if escalation:
-        try:
-            api_key(cfg.replay.escalation)
-        except EscalationUnavailable as e:
-            _fail(f"error: {e}")
+        api_key(cfg.replay.escalation)
     dcfg = _distill_config(ws.root, distill_config)
-    try:
-        generator = LocalGenerator(ws, offline_model(ws, dcfg))
-        index = RagIndex.open(ws, cfg.replay.index_dir) if retrieval else None
-        if index is not None and index.built:
-            typer.echo(f"built the BM25 index of {index.manifest['export']['path']} ({index.rows:,} playbooks) in "
-                       f"{cfg.replay.index_dir}/; it is reused until the export changes", err=True)
-        generator.load()
-    except (ModelUnavailable, RetrievalError) as e:
-        _fail(f"error: {e}")
+    generator = LocalGenerator(ws, offline_model(ws, dcfg))
+    index = RagIndex.open(ws, cfg.replay.index_dir) if retrieval else None
+    if index is not None and index.built:
+        typer.echo(f"built the BM25 index of {index.manifest['export']['path']} ({index.rows:,} playbooks) in "
+                   f"{cfg.replay.index_dir}/; it is reused until the export changes", err=True)
+    generator.load()
     return ws, cfg, dcfg, generator, index
 
 
@@ -1130,9 +1044,7 @@ def replay_cmd(
     answer, latency, escalated or not), which the next run-all reads as evidence.
 
     Exit 0 when the answer served passes its check, 1 when it fails, 2 on bad usage or setup."""
-    from refinery.replay.escalation import EscalationUnavailable
-    from refinery.replay.retrieval import RetrievalError
-    from refinery.replay.session import REPLAY_LOG, ReplayUsageError, append_trace, replay
+    from refinery.replay.session import REPLAY_LOG, append_trace, replay
     from refinery.workspace import WorkspaceBusy
 
     if not task.strip():
@@ -1140,11 +1052,8 @@ def replay_cmd(
     ws, cfg, _, generator, index = _replay_setup(workspace, config, distill_config, top_k,
                                                  retrieval=not no_retrieval, escalation=allow_escalation)
     model = generator.model
-    try:
-        row = replay(ws, cfg, task, model=model, generate=generator, index=index,
-                     allow_escalation=allow_escalation, log=False)
-    except (ReplayUsageError, EscalationUnavailable, RetrievalError) as e:
-        _fail(f"error: {e}")
+    row = replay(ws, cfg, task, model=model, generate=generator, index=index,
+                 allow_escalation=allow_escalation, log=False)
     code = EXIT_OK if row["check"] is None else EXIT_CHECK_FAILED
     try:
         append_trace(ws, row)
@@ -1191,18 +1100,13 @@ def replay_eval_cmd(
     p95). A task's own row is never retrieved for it. Writes <output_dir>/replay-eval/
     (rows.jsonl, report.json, report.md); these are evaluations, not appended to replays.jsonl."""
     from refinery.replay.evaluate import MODES, eval_tasks, markdown, replay_eval
-    from refinery.replay.retrieval import RetrievalError
-    from refinery.training.evaluate import EvalError
 
     ws, cfg, dcfg, generator, index = _replay_setup(workspace, config, distill_config, top_k)
-    try:
-        tasks = eval_tasks(ws, dcfg, limit)
-        with _progress(counting=True) as progress:
-            bar = progress.add_task("replay-eval", total=len(MODES) * len(tasks))
-            report = replay_eval(ws, cfg, dcfg, generate=generator, index=index, model_label=generator.model.label,
-                                 tasks=tasks, on_answer=lambda: progress.advance(bar))
-    except (EvalError, RetrievalError) as e:
-        _fail(f"error: {e}")
+    tasks = eval_tasks(ws, dcfg, limit)
+    with _progress(counting=True) as progress:
+        bar = progress.add_task("replay-eval", total=len(MODES) * len(tasks))
+        report = replay_eval(ws, cfg, dcfg, generate=generator, index=index, model_label=generator.model.label,
+                             tasks=tasks, on_answer=lambda: progress.advance(bar))
     if as_json:
         _print_json(report)
         return

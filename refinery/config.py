@@ -16,12 +16,13 @@ from pydantic import (
 )
 
 from refinery.canonical import sig_hash
+from refinery.errors import RefineryError
 from refinery.sensitive.rules import KINDS
 
 CONFIG_FILE = "refinery.toml"
 
 
-class ConfigError(Exception):
+class ConfigError(RefineryError):
     """A user error in the configuration; the message names the file and the key."""
 
 

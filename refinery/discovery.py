@@ -32,13 +32,14 @@ from typing import Any
 
 from refinery.config import Config, SourceConfig, table_name
 from refinery.containers import Limits, RecordPath, parse_paths, probe, stream_name
+from refinery.errors import RefineryError
 from refinery.mapping import mapping_paths, mapping_spec, mapping_transform
 from refinery.transform import RowContext, TransformSpec
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "transforms"
 
 
-class TransformLoadError(Exception):
+class TransformLoadError(RefineryError):
     """A transform module or mapping is broken; the message names it and says what to fix."""
 
 

@@ -40,6 +40,7 @@ from refinery import sensitive
 from refinery.config import Config, ExportConfig
 from refinery.dedup import SeenHashes
 from refinery.canonical import file_sha256
+from refinery.errors import AccountingError, CheckFailed
 from refinery.jsonl import JsonlWriter, LineCursor, concat_files, fsync, fsync_dir, read_jsonl
 from refinery.normalize import answer_text, last_user_index, normalize_text, render_tool_calls
 from refinery.parallel import map_files
@@ -58,8 +59,10 @@ PREFERENCE_REJECTED = ("rejected",)
 BUCKET_BYTES = 32 << 20  # evidence bytes per preference bucket: bounds the grouping's memory
 
 
-class LeakError(AssertionError):
+class LeakError(CheckFailed):
     """The re-read of the written SFT file found a row that must not be there. Nothing was published."""
+
+    headline = "SFT CHECK FAILED, nothing was published"
 
 
 def stage_name(export: str) -> str:
@@ -559,7 +562,7 @@ def _merge_export(e: str, ws: Workspace, tmp_root: Path, n_jobs: int, buckets: i
         qf.flush()
         fsync(qf.fileno())
     if st.rows_in != st.rows_out + st.quarantined:
-        raise AssertionError(f"{e}: {st.rows_in} in, {st.rows_out} out + {st.quarantined} quarantined")
+        raise AccountingError(f"{e}: {st.rows_in} in, {st.rows_out} out + {st.quarantined} quarantined")
     if e == "sft":  # defence 3: re-read what was written, against the scored runs
         verify_sft(tmp, ws, sft_categories(include_partial))
     stats_tmp = tmp_root / f"stats-{e}.json"

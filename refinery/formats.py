@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from refinery.errors import RefineryError
 from refinery.jsonl import read_jsonl, write_jsonl_atomic
 from refinery.normalize import answer_text, render_tool_calls
 
@@ -32,7 +33,7 @@ PREFERENCE_FORMATS = ("trl", "trl-chat", "openai-dpo")
 FORMATS = SFT_FORMATS + PREFERENCE_FORMATS
 
 
-class FormatError(ValueError):
+class FormatError(RefineryError, ValueError):
     pass
 
 

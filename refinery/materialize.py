@@ -45,6 +45,7 @@ from refinery.canonical import file_sha256
 from refinery.config import Config, MaterializeConfig, table_name
 from refinery.dedup import SeenHashes
 from refinery.discovery import Claim, Registry, Transform
+from refinery.errors import AccountingError
 from refinery.jsonl import (
     WRITE_FAILED, JsonlWriter, concat_files, fsync, fsync_dir, publish_dir, recover_dir, staging_dir,
 )
@@ -166,10 +167,6 @@ class MaterializeResult:
             "ignored": self.ignored, "files": [asdict(f) for f in self.files],
             "outputs": self.outputs, "seconds": round(self.seconds, 3),
         }
-
-
-class AccountingError(AssertionError):
-    """rows in ≠ evidence + joined + quarantined for some file: a bug, never a data problem."""
 
 
 def _validator() -> Callable[[dict[str, Any]], None]:

@@ -25,6 +25,7 @@ import orjson
 import refinery
 from refinery.canonical import sig_hash
 from refinery.config import Config
+from refinery.errors import RefineryError
 from refinery.workspace import Workspace
 
 STAGES = ("materialize", "score", "export-rag", "export-sft", "export-preference")
@@ -314,7 +315,7 @@ def read_receipts(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-class ReportUnreadable(ValueError):
+class ReportUnreadable(RefineryError, ValueError):
     """A receipt, summary or drift report that is not valid JSON any more."""
 
 

@@ -38,6 +38,7 @@ import orjson
 from refinery import drift, receipts
 from refinery.canonical import sig_hash
 from refinery.config import Config
+from refinery.errors import CheckFailed, RefineryError, exit_code
 from refinery.jsonl import PUBLISH_JOURNAL, RUN_STAGING_PREFIX, publish_together
 from refinery.receipts import EXPORT_STAGES, Digests
 from refinery.transform import now_utc
@@ -50,11 +51,13 @@ SUMMARY_UNHASHED = ("started_at", "finished_at", "summary_hash")
 Progress = Callable[[str, int | None], contextlib.AbstractContextManager[Callable[[Any, int], None]]]
 
 
-class ChainError(AssertionError):
+class ChainError(CheckFailed):
     """A stage's inputs are not the outputs of the stage before it. Nothing was published."""
 
+    headline = "RECEIPT CHECK FAILED, nothing was published"
 
-class RunNotFound(LookupError):
+
+class RunNotFound(RefineryError, LookupError):
     pass
 
 
@@ -519,7 +522,7 @@ class _Run:
                           time.perf_counter() - self.t0)
 
     def fail(self, err: BaseException) -> None:
-        code = 1 if isinstance(err, AssertionError) else 130 if isinstance(err, KeyboardInterrupt) else 2
+        code = exit_code(err)
         self.summary.update({"status": "failed", "exit_code": code,
                              "error": f"{type(err).__name__}: {err}" if str(err) else type(err).__name__,
                              "stages": [{"stage": s, "receipt_hash": r["receipt_hash"],

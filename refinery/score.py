@@ -26,6 +26,7 @@ import orjson
 
 from refinery.canonical import file_sha256
 from refinery.config import Config, ScoreConfig
+from refinery.errors import AccountingError, RefineryError
 from refinery.jsonl import JsonlWriter, concat_files, fsync, publish_dir, read_jsonl, recover_dir, staging_dir
 from refinery.normalize import task_key
 from refinery.parallel import map_files
@@ -39,7 +40,7 @@ MANIFEST = "manifest.json"
 CATEGORIES = ("accepted", "partially_accepted", "rejected", "needs_human_review")
 
 
-class StaleInputError(Exception):
+class StaleInputError(RefineryError):
     """A stage's input is missing or does not match what the stage before it wrote."""
 
 
@@ -152,7 +153,7 @@ def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quara
     res.by_rule = dict(sorted(rules.items()))
     res.by_reason = {str(k): v for k, v in sorted(reasons.items())}
     if res.rows_in != res.scored + res.quarantined:
-        raise AssertionError(f"{evidence_rel}: {res.rows_in} in, {res.scored} scored + {res.quarantined} quarantined")
+        raise AccountingError(f"{evidence_rel}: {res.rows_in} in, {res.scored} scored + {res.quarantined} quarantined")
     return res
 
 

@@ -20,12 +20,13 @@ from typing import Any
 import orjson
 
 from refinery.canonical import sig_hash
+from refinery.errors import RefineryError
 from refinery.jsonl import Line, LineCursor, read_jsonl
 from refinery.sources import SourceRecords
 from refinery.workspace import Workspace
 
 
-class NotFound(LookupError):
+class NotFound(RefineryError, LookupError):
     pass
 
 

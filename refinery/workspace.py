@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from refinery.errors import RefineryError
+
 #: The workspace roots this process holds the lock of, with how deeply it is held.
 _HELD: dict[Path, int] = {}
 _LOCK_FD: dict[Path, int] = {}
@@ -32,11 +34,11 @@ PUBLISHED = ("data/evidence", "data/scored-runs", "exports/rag", "exports/sft", 
 SUMMARY, PUBLISHED_RUN = "summary.json", "published.json"
 
 
-class WorkspaceBusy(Exception):
+class WorkspaceBusy(RefineryError):
     """Another refinery process is writing to the same workspace."""
 
 
-class UnsafePath(Exception):
+class UnsafePath(RefineryError):
     """Something refinery read (a journal, a receipt, a setting, an id) names a path outside
     the workspace, or outside the part of it that may be written: refused, nothing was moved."""
 

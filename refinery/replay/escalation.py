@@ -19,15 +19,16 @@ from typing import Any
 import orjson
 
 from refinery.config import EscalationConfig
+from refinery.errors import RefineryError
 from refinery.normalize import answer_text
 from refinery.transform import tool_call
 
 
-class EscalationUnavailable(Exception):
+class EscalationUnavailable(RefineryError):
     """--allow-escalation cannot work as configured (bad usage: exit 2); the message says what to set."""
 
 
-class EscalationFailed(Exception):
+class EscalationFailed(RefineryError):
     """The endpoint did not answer usefully: HTTP error, timeout, unreachable, not chat-completions JSON."""
 
 

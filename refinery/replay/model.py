@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from refinery.canonical import file_sha256
+from refinery.errors import RefineryError
 from refinery.generation import Generation, generate_chat
 from refinery.training.config import DistillConfig, base_model_dir
 from refinery.training.from_gguf import GGUFError
@@ -18,7 +19,7 @@ from refinery.training.train import ADAPTER_FILE
 from refinery.workspace import Workspace
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(RefineryError):
     """No usable local model; the message says what to run or set."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from refinery.canonical import file_sha256
+from refinery.errors import RefineryError
 from refinery.jsonl import publishing, recover_dir
 from refinery.receipts import write_json
 from refinery.workspace import Workspace
@@ -44,7 +45,7 @@ IDS = "ids.json"
 _WORD = re.compile(r"[^\W_]+")  # letters and digits of any script
 
 
-class RetrievalError(Exception):
+class RetrievalError(RefineryError):
     """No RAG export to retrieve from; the message says what to run."""
 
 

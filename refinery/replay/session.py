@@ -21,6 +21,7 @@ import orjson
 from refinery.answers import check_answer, parse_tool_calls
 from refinery.canonical import short_id
 from refinery.config import Config
+from refinery.errors import RefineryError
 from refinery.generation import Generation
 from refinery.jsonl import fsync
 from refinery.models import ReplayTrace
@@ -38,7 +39,7 @@ LOG_LOCK_WAIT_S = 120.0
 Generator = Callable[[list[dict[str, Any]], int], Generation]
 
 
-class ReplayUsageError(Exception):
+class ReplayUsageError(RefineryError):
     """Bad usage or input (exit 2): an empty task, escalation asked for but not configured."""
 
 

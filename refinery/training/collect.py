@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from refinery.canonical import file_sha256
+from refinery.errors import RefineryError
 from refinery.formats import to_mlx_chat, to_mlx_tools
 from refinery.jsonl import JsonlWriter, publishing, read_jsonl
 from refinery.receipts import Digests, write_json
@@ -34,7 +35,7 @@ RECEIPT = "collect.json"
 TEST_META = "test_meta.jsonl"
 
 
-class CollectError(Exception):
+class CollectError(RefineryError):
     """No SFT export, or too few rows to train on; the message says what to do."""
 
 

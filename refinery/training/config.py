@@ -9,11 +9,12 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from refinery.config import format_errors
+from refinery.errors import RefineryError
 
 CONFIG_FILE = "distill_config.json"
 
 
-class DistillConfigError(Exception):
+class DistillConfigError(RefineryError):
     """A user error in distill_config.json; the message names the file and the key."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from refinery.answers import is_refusal, parse_tool_calls, word_f1
+from refinery.errors import RefineryError
 from refinery.generation import Prompt
 from refinery.jsonl import publishing, read_jsonl, write_jsonl_atomic
 from refinery.normalize import last_user_index, normalize_text
@@ -105,7 +106,7 @@ def row_score(scores: dict[str, float]) -> float:
     return round(sum(scores.values()) / len(scores), 4)
 
 
-class EvalError(Exception):
+class EvalError(RefineryError):
     """Nothing to evaluate on; the message says what to run."""
 
 

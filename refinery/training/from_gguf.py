@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery.canonical import file_sha256
+from refinery.errors import RefineryError
 
 SUPPORTED = ("llama",)
 #: Bumped when what `convert` writes changes, so older cached folders are converted again.
@@ -66,7 +67,7 @@ BLOCK_TENSORS = {
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-class GGUFError(Exception):
+class GGUFError(RefineryError):
     """The file is not a GGUF model refinery can convert: the message says why and what to do."""
 
 

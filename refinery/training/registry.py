@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from refinery.errors import RefineryError
 from refinery.receipts import write_json
 from refinery.training.config import DistillConfig
 from refinery.transform import now_utc
@@ -28,7 +29,7 @@ PROMOTE_MARGIN = 0.05
 KEEP = 3
 
 
-class RegistryError(Exception):
+class RegistryError(RefineryError):
     """An unknown, unevaluated or archived adapter; the message says what to do."""
 
 

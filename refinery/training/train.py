@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from refinery.canonical import file_sha256, sig_hash
+from refinery.errors import RefineryError
 from refinery.jsonl import publishing
 from refinery.normalize import last_user_index
 from refinery.receipts import Digests, write_json
@@ -49,7 +50,7 @@ TRAINING_KEYS = ("adapter_type", "train_steps", "batch_size", "lr", "lora_rank",
                  "num_layers", "eval_steps", "seed", "max_seq_length")
 
 
-class TrainError(Exception):
+class TrainError(RefineryError):
     """Missing or stale data, a missing base model: the message says what to run."""
 
 
