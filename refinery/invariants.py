@@ -500,12 +500,20 @@ class _PairSides:
         self.category = array("H", bytes(4 * n))  # index into self.categories; 0: none
         self.categories: list[Any] = [None]
         self.score = array("d", bytes(16 * n))
-        self.task = array("Q", bytes(16 * n))  # 8 bytes of the task_key's sha256
-        expected = bytearray(64 * n)  # what the pair recorded as the line's sig_hash (hex)
+        self.odd_score: dict[int, Any] = {}  # a score that is missing (None) or not a number
+        self.task = array("Q", bytes(16 * n))  # see _task_code
+        # what the pair recorded as the line's sig_hash, 32 bytes a slot; a slot whose recorded
+        # value is not 64 hex digits stays unset, and its line cannot match
+        expected, recorded = bytearray(64 * n), bytearray(2 * n)
         for i, p in _pairs(ctx):
             for s, key in enumerate(("provenance", "rejected_provenance")):
-                sig = str((p.get(key) or {}).get("sig_hash"))[:64].encode()
-                expected[(2 * i + s) * 64:(2 * i + s) * 64 + len(sig)] = sig
+                sig = (p.get(key) or {}).get("sig_hash")
+                if isinstance(sig, str) and len(sig) == 64:
+                    try:
+                        expected[(2 * i + s) * 32:(2 * i + s + 1) * 32] = bytes.fromhex(sig)
+                        recorded[2 * i + s] = 1
+                    except ValueError:
+                        pass
         names = sorted(files, key=files.get)
         lines = Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes)
         refs.sort()
@@ -513,29 +521,36 @@ class _PairSides:
             up = lines.at(names[f], offset, records.get(slot))
             if up is None:
                 continue
-            self.state[slot] = _FOUND if line_sig(up).encode() == expected[slot * 64:slot * 64 + 64] \
-                else _SIG_DIFFERS
+            same = recorded[slot] and bytes.fromhex(line_sig(up)) == expected[slot * 32:(slot + 1) * 32]
+            self.state[slot] = _FOUND if same else _SIG_DIFFERS
             row = up.obj if isinstance(up.obj, dict) else {}
             if (cat := row.get("category")) not in self.categories:
                 self.categories.append(cat)
             self.category[slot] = self.categories.index(cat)
-            if isinstance(row.get("score"), int | float):
-                self.score[slot] = row["score"]
-            self.task[slot] = _task_code(row.get("task_key"))
+            score = row.get("score")
+            if isinstance(score, int | float) and not isinstance(score, bool):
+                self.score[slot] = score
+            else:
+                self.odd_score[slot] = score
+            self.task[slot] = _task_code(row["task_key"]) if "task_key" in row else 0
 
     def state_of(self, i: int, side: str) -> int:
         return self.state[2 * i + (side == "rejected")]
 
-    def scored(self, i: int, side: str) -> tuple[Any, float, int] | None:
-        """(category, score, task code) of the scored run, or None when there is none."""
+    def scored(self, i: int, side: str) -> tuple[Any, Any, int] | None:
+        """(category, score, task code) of the scored run, or None when there is none; the
+        score as a float, or as found when it is missing (None) or not a number."""
         slot = 2 * i + (side == "rejected")
         if self.state[slot] == _MISSING:
             return None
-        return self.categories[self.category[slot]], self.score[slot], self.task[slot]
+        score = self.odd_score[slot] if slot in self.odd_score else self.score[slot]
+        return self.categories[self.category[slot]], score, self.task[slot]
 
 
 def _task_code(task_key: Any) -> int:
-    return int.from_bytes(hashlib.sha256(str(task_key).encode()).digest()[:8], "little")
+    """A task_key as 8 bytes of the sha256 of its JSON (so 1 and "1" differ); never 0, which
+    stands for a scored run without one."""
+    return int.from_bytes(hashlib.sha256(orjson.dumps(task_key)).digest()[:8], "little") or 1
 
 
 def _pair_sides(ctx: Context) -> _PairSides:
@@ -610,8 +625,10 @@ def preference_chosen_outranks(ctx: Context) -> list[str]:
         c_cat, r_cat = c[0] if c else None, r[0] if r else None
         if c_cat not in ("accepted", "partially_accepted") or r_cat != "rejected":
             problems.add(f"pair {p['id']} (line {i}): chosen is {c_cat}, rejected is {r_cat}")
+        elif any(type(x) is not float for x in (c[1], r[1])):
+            problems.add(f"pair {p['id']} (line {i}): a scored run's score is not a number ({c[1]!r}, {r[1]!r})")
         elif not c[1] > r[1] or not p["chosen_score"] > p["rejected_score"]:
-            problems.add(f"pair {p['id']} (line {i}): chosen score {c[1]:g} is not above {r[1]:g}")
+            problems.add(f"pair {p['id']} (line {i}): chosen score {c[1]} is not above {r[1]}")
         elif not c[2] == r[2] == _task_code(p["task_key"]):
             problems.add(f"pair {p['id']} (line {i}): chosen and rejected answer different tasks")
     return problems.done()
@@ -749,7 +766,7 @@ def unique_ids(ctx: Context) -> list[str]:
     import struct
     import tempfile
 
-    record = struct.Struct("<16sHQ")  # the id's digest, the file's index in its group, the line
+    record = struct.Struct("<16sIQ")  # the id's digest, the file's index in its group, the line
     groups = {"evidence": ctx.files("data/evidence"), "scored runs": ctx.files("data/scored-runs"),
               **{stage: [rel] for stage, rel in EXPORT_FILES.items()},
               "quarantine": ctx.files("exports/quarantine")}
@@ -757,7 +774,7 @@ def unique_ids(ctx: Context) -> list[str]:
     repeats = 0
     for g, rels in enumerate(groups.values()):
         size = sum(ctx.path(rel).stat().st_size for rel in rels if ctx.path(rel).is_file())
-        buckets = 1 + size // UNIQUE_ID_BUCKET_BYTES
+        buckets = min(1 + size // UNIQUE_ID_BUCKET_BYTES, UNIQUE_ID_MAX_BUCKETS)  # all open at once
         with tempfile.TemporaryDirectory(prefix="refinery-ids-") as tmp:
             spills = [open(Path(tmp) / str(b), "w+b") for b in range(buckets)]
             try:
@@ -792,6 +809,7 @@ def unique_ids(ctx: Context) -> list[str]:
 
 
 UNIQUE_ID_BUCKET_BYTES = 64 << 20  # output bytes per id bucket: ~10^5 rows, a few MiB of dict
+UNIQUE_ID_MAX_BUCKETS = 256  # beyond 16 GiB of outputs the buckets grow instead
 
 
 def _ids_at(ctx: Context, where: set[tuple[str, int]]) -> dict[tuple[str, int], Any]:

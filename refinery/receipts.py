@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import refinery
 from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.errors import RefineryError
-from refinery.workspace import Workspace
+from refinery.workspace import Workspace, is_output_path
 
 STAGES = ("materialize", "score", "export-rag", "export-sft", "export-preference")
 EXPORT_STAGES = STAGES[2:]
@@ -91,8 +92,11 @@ class Digests:
     keeps its inode, so it is not read twice. Across runs, `known` holds what an earlier run
     recorded (path → fingerprint, sha256, rows; see `fingerprinted`): a file whose size, mtime
     and inode are still the recorded ones is taken to hold the recorded bytes and is not read
-    (how make, rsync and git decide; audit-full re-hashes everything). `fingerprints` is what
-    this run saw of every file it hashed or trusted, for its receipts.
+    (how make, rsync and git decide; audit-full re-hashes everything). `fingerprint()` is what
+    this run saw of every file it hashed or trusted, for its receipts — except a file outside
+    the output folders modified in the last RACY_NS: a rewrite of the same size in the same
+    clock tick as the stat would keep its fingerprint (git's "racily clean" entries), so such a
+    source is read again next time. Outputs are written under the workspace lock.
     """
 
     def __init__(self, known: dict[str, tuple[list[int], str, int]] | None = None) -> None:
@@ -122,7 +126,8 @@ class Digests:
                 lines += 1
             self._cache[key] = (h.hexdigest(), lines)
         sha, lines = self._cache[key]
-        self._seen[rel] = (fingerprint, sha)
+        if is_output_path(rel) or time.time_ns() - st.st_mtime_ns > RACY_NS:
+            self._seen[rel] = (fingerprint, sha)
         return {"path": rel, "sha256": sha, "rows": 1 if path.suffix == ".json" else lines}
 
     def fingerprint(self, rel: str, sha256: str) -> list[int] | None:
@@ -130,6 +135,9 @@ class Digests:
         before the read), or None."""
         seen = self._seen.get(rel)
         return seen[0] if seen is not None and seen[1] == sha256 else None
+
+
+RACY_NS = 2_000_000_000
 
 
 def fingerprinted(receipts: dict[str, dict[str, Any]]) -> dict[str, tuple[list[int], str, int]]:

@@ -363,3 +363,44 @@ def test_unique_ids_in_buckets_on_disk_reports_the_earliest_repeats_in_file_orde
                       "exports/quarantine/export-sft.jsonl:0")
     monkeypatch.setattr(inv, "UNIQUE_ID_BUCKET_BYTES", 1024)  # dozens of buckets
     assert problems_of(gws, "unique_ids") == one
+
+
+def test_a_pair_without_a_recorded_sig_is_one_problem_not_a_shift_of_every_later_one(gws):
+    """The pairs' scored runs are resolved into flat arrays; a missing or short sig_hash on one
+    pair must flag that pair alone."""
+    pairs = (gws.root / PREF).read_bytes().splitlines()
+    assert len(pairs) >= 3
+    last = len(pairs) - 2
+
+    def drop_sig(i, row):
+        if i != last:
+            return None
+        prov = {k: v for k, v in row["rejected_provenance"].items() if k != "sig_hash"}
+        return {**row, "rejected_provenance": prov}
+
+    edit_rows(gws, PREF, drop_sig)
+    found = problems_of(gws, "export_provenance")
+    assert len(found) == 1 and found[0].startswith(f"{PREF}:{last} (rejected)") and "sig_hash differs" in found[0]
+
+
+def test_chosen_outranks_compares_task_keys_as_written(gws):
+    """1 and "1" are different task keys; a score that is not a number is named, not a crash."""
+    pair = orjson.loads((gws.root / PREF).read_bytes().splitlines()[0])
+    sides = [pair["provenance"], pair["rejected_provenance"]]
+
+    def retype(field, value, offset):
+        def change(i, row):
+            return {**row, field: value} if i == offset else None
+        return change
+
+    originals = {p["source_file"]: (gws.root / p["source_file"]).read_bytes() for p in sides}
+    edit_rows(gws, sides[0]["source_file"], retype("score", "high", sides[0]["line_offset"]), seal=False)
+    found = problems_of(gws, "preference_chosen_outranks")
+    assert len(found) == 1 and "score is not a number ('high'" in found[0]
+    for rel, data in originals.items():
+        (gws.root / rel).write_bytes(data)
+    for p in sides:  # both scored runs say task 1, the pair says task "1"
+        edit_rows(gws, p["source_file"], retype("task_key", 1, p["line_offset"]), seal=False)
+    edit_rows(gws, PREF, retype("task_key", "1", 0), seal=False)
+    found = problems_of(gws, "preference_chosen_outranks")  # (other pairs share one of the two runs)
+    assert found[0] == f"pair {pair['id']} (line 0): chosen and rejected answer different tasks"
