@@ -128,14 +128,9 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT):
 
 
 def _load(workspace: Path, config: Path | None, overrides: dict[str, dict[str, Any]] | None = None):
-    from refinery.config import load_config
-    from refinery.workspace import Workspace
+    from refinery.api import open_workspace
 
-    if not workspace.is_dir():
-        _fail(f"workspace {workspace} does not exist")
-    ws = Workspace.at(workspace)
-    cfg = load_config(ws.root, config, overrides)
-    return ws, cfg
+    return open_workspace(workspace, config, overrides)
 
 
 def _print_json(obj: Any) -> None:
@@ -401,12 +396,12 @@ def run_all(
     The outputs are published together at the end: a failed or killed run changes nothing.
     Exit 2 if a source file could not be read, 1 if a check failed (a transform bug, an SFT
     leak, a broken receipt chain), else 0."""
-    from refinery.runs import run_all as do_run_all
+    from refinery import api
 
     ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
     _sources_to_read(ws, cfg)
-    outcome = do_run_all(ws, cfg, include_partial=include_partial, force=force, progress=_stage_progress,
-                         log=lambda msg: typer.echo(msg, err=True))
+    outcome = api.run_all(workspace, config=config, include_partial=include_partial, force=force, workers=workers,
+                          progress=_stage_progress, log=lambda msg: typer.echo(msg, err=True))
     if outcome.materialize is not None:
         _materialize_verdict(outcome.materialize)
     elif unclaimed := outcome.receipts["materialize"]["by_reason"].get("unknown_source"):
@@ -554,10 +549,10 @@ def audit_full(
     row to the ledger. Refuses to run if the ledger's rows were changed or its head is missing
     (exit 1; --reanchor accepts a ledger without a head). Exit 0 only when every required
     check holds, 1 when one fails, 2 on a damaged head or a needless --reanchor."""
-    from refinery.audit import run_audit
+    from refinery import api
 
-    ws, cfg = _load(workspace, config)
-    res = run_audit(ws, cfg, rerun=rerun, config_path=config, reanchor=reanchor)
+    _, cfg = _load(workspace, config)  # for the drift thresholds it explains
+    res = api.audit(workspace, config=config, rerun=rerun, reanchor=reanchor)
     if as_json:
         _print_json(res.to_json())
     else:
