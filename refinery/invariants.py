@@ -775,7 +775,8 @@ def unique_ids(ctx: Context) -> list[str]:
     for g, rels in enumerate(groups.values()):
         size = sum(ctx.path(rel).stat().st_size for rel in rels if ctx.path(rel).is_file())
         buckets = min(1 + size // UNIQUE_ID_BUCKET_BYTES, UNIQUE_ID_MAX_BUCKETS)  # all open at once
-        with tempfile.TemporaryDirectory(prefix="refinery-ids-") as tmp:
+        ctx.ws.reports.mkdir(parents=True, exist_ok=True)  # on the workspace's disk: /tmp may be memory
+        with tempfile.TemporaryDirectory(prefix=".audit-ids-", dir=ctx.ws.reports) as tmp:
             spills = [open(Path(tmp) / str(b), "w+b") for b in range(buckets)]
             try:
                 for f, rel in enumerate(rels):
