@@ -1,0 +1,261 @@
+"""`refinery train …`: collect, run, eval, promote, list, rollback and export an MLX LoRA adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from refinery.cli.common import JsonOpt, WorkspaceOpt, _fail, _print_json, _progress, app
+
+
+train_app = typer.Typer(
+    help="The training stage (MLX LoRA): collect the SFT export into mlx-lm data, train an adapter, "
+         "evaluate it against the base, promote it (or keep the base), list, roll back and export adapters; "
+         "tiny-model builds a small local base model for trying it all without downloading anything.",
+    no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(train_app, name="train")
+DistillConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="Training config (default: <workspace>/distill_config.json, if present).")]
+
+
+def _distill_config(ws_root: Path, config: Path | None):
+    from refinery.training.config import load_distill_config
+
+    return load_distill_config(ws_root, config)
+
+
+@train_app.command("collect")
+def train_collect(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Write exports/sft/instruction_response.jsonl as mlx-lm data: <output_dir>/data/train.jsonl,
+    valid.jsonl and test.jsonl, split by a hash of each row's id (held-out test: test_fraction,
+    20 % by default), chat rows as chat and tool-using rows in the tools shape; and a receipt
+    (collect.json) with the input's sha256 and per split: rows, tool-using vs direct answers,
+    mean tokens. The training split also gets refinery's safety rehearsal rows (declines of
+    requests for credentials, destructive actions and personal data), unless safety_rehearsal
+    is false. Refuses (exit 2) with fewer rows than min_rows (50 by default)."""
+    from refinery.training.collect import collect
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    receipt = collect(ws, dcfg)
+    if as_json:
+        _print_json(receipt)
+        return
+    for name, st in receipt["splits"].items():
+        typer.echo(f"{dcfg.output_dir}/data/{name}.jsonl: {st['rows']:,} rows ({st['tool_using']} tool-using, "
+                   f"{st['direct_answers']} direct), mean {st['mean_tokens']} tokens")
+    if receipt["safety_rehearsal"]["rows"]:
+        typer.echo(f"train.jsonl includes {receipt['safety_rehearsal']['rows']} safety rehearsal rows (declines; "
+                   "safety_rehearsal in distill_config.json)")
+    typer.echo(f"tokens counted with: {receipt['token_counter']}; receipt: {dcfg.output_dir}/data/collect.json")
+
+
+@train_app.command("tiny-model")
+def train_tiny_model(
+    workspace: WorkspaceOpt = Path("."),
+    config: DistillConfigOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write it (default: base_model of the config).")] = None,
+    seed: Annotated[int, typer.Option(help="Same SFT export and seed → the same model files.")] = 0,
+) -> None:
+    """Build a tiny llama-shaped base model locally — random weights and a byte-level BPE
+    tokenizer trained on the SFT export's texts — for trying the training stage without
+    downloading anything. It is small (~100k parameters) and learns quickly; it is not good."""
+    from refinery.jsonl import read_jsonl
+    from refinery.training.collect import SFT_EXPORT
+    from refinery.training.tinymodel import build_tiny_model, sft_texts
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    src = ws.root / SFT_EXPORT
+    if not src.is_file():
+        _fail(f"error: no SFT export at {SFT_EXPORT}: run `refinery run-all` first")
+    if out is None and dcfg.base_model.lower().endswith(".gguf"):
+        _fail(f"error: base_model is a GGUF file ({dcfg.base_model}); give the tiny model a folder with --out")
+    dest = out or ws.root / dcfg.base_model
+    cfg = build_tiny_model(dest, sft_texts(line.obj for line in read_jsonl(src) if line.obj is not None), seed=seed)
+    typer.echo(f"wrote a tiny {cfg['model_type']} model ({cfg['num_hidden_layers']} layers, hidden "
+               f"{cfg['hidden_size']}, vocabulary {cfg['vocab_size']}) to {dest}")
+
+
+@train_app.command("run")
+def train_run_cmd(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Train a LoRA adapter (QLoRA with adapter_type = "qlora": on a 4-bit copy of the base) on
+    the collected data with mlx-lm, seeded, stopping at train_steps or time_cap_s. Writes
+    <output_dir>/<adapter_id>/: adapters.safetensors, adapter_config.json, metrics.json (loss
+    per step), loss.png and receipt.json (tying the adapter to the data, config, seed and base
+    model), and logs the run to data/_kb/runs_distill_train.csv (task_name distill_train)."""
+    from refinery.training.train import train_run
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    receipt = train_run(ws, dcfg)
+    if as_json:
+        _print_json(receipt)
+        return
+    typer.echo(f"adapter {receipt['adapter_id']}: {receipt['steps']} steps (stopped by {receipt['stopped_by']}) in "
+               f"{receipt['seconds']:.1f}s, train loss {receipt['final_train_loss']}, validation loss "
+               f"{receipt['final_val_loss']} → {dcfg.output_dir}/{receipt['adapter_id']}/")
+
+
+AdapterOpt = Annotated[str | None, typer.Option(
+    "--adapter", help="An adapter id (ad-…) from `refinery train list`. Default: the newest one not archived.")]
+
+
+def _adapter(ws, dcfg, adapter: str | None) -> str:
+    """A kept (not archived) adapter: the one named, or the newest."""
+    from refinery.training.registry import adapters, find_adapter
+
+    live = [a for a in adapters(ws, dcfg) if not a["archived"]]
+    if adapter is None:
+        if not live:
+            _fail("error: no adapter yet: run `refinery train run` first")
+        return live[-1]["adapter_id"]
+    d = find_adapter(ws, dcfg, adapter)
+    if d.parent.name == "archive":
+        _fail(f"error: {adapter} is archived ({ws.rel(d)}): promote kept the base over it, or newer promotions "
+              "pushed it out. Only `refinery train export` reads archived adapters; train a new one to evaluate "
+              "or promote")
+    return adapter
+
+
+@train_app.command("eval")
+def train_eval(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None, adapter: AdapterOpt = None,
+               as_json: JsonOpt = False) -> None:
+    """Evaluate base vs adapter on the held-out test split and a set of safety probes: per row,
+    answer match, format validity (a tool call parses and uses name/arguments), tool-vs-direct
+    choice and safety; and, reported apart, tool-vs-direct choice with every tool of the
+    training split offered on every held-out row. Writes <adapter>/eval/: rows.jsonl,
+    comparison.json, comparison.md and scores.png."""
+    from refinery.training.evaluate import eval_size, evaluate, markdown
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    aid = _adapter(ws, dcfg, adapter)
+    total = eval_size(ws, dcfg)
+    with _progress(counting=True) as progress:
+        task = progress.add_task("eval (base, then adapter)", total=total)
+        comparison = evaluate(ws, dcfg, aid, on_answer=lambda: progress.advance(task))
+    if as_json:
+        _print_json(comparison)
+    else:
+        typer.echo(markdown(comparison), nl=False)
+        typer.echo(f"written to {dcfg.output_dir}/{aid}/eval/ (rows.jsonl, comparison.json, comparison.md, scores.png)")
+
+
+@train_app.command("promote")
+def train_promote(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None, adapter: AdapterOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Make the evaluated adapter the router's offline_model (router.json) if its average row
+    score is at least base + 0.05 and no safety or format row got worse; otherwise keep the
+    base, archive the adapter and say why. Exit 0 either way (1 only on a bad adapter)."""
+    from refinery.training.registry import promote
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    result = promote(ws, dcfg, _adapter(ws, dcfg, adapter))
+    if as_json:
+        _print_json(result)
+        return
+    current = result["router"]["offline_model"]
+    verdict = "PROMOTED" if result["promoted"] else "KEPT BASE (adapter archived)"
+    typer.echo(f"{verdict}: {result['reason']}")
+    typer.echo(f"router.json offline_model: {current['adapter_id'] if current else 'the base model'}")
+
+
+@train_app.command("list")
+def train_list(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """The adapters: kept or archived, promoted, the router's current one, steps, loss and the
+    evaluation's average (base vs adapter)."""
+    from refinery.training.registry import adapters
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    rows = adapters(ws, dcfg)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("no adapters yet: `refinery train run` makes one")
+    for a in rows:
+        state = "CURRENT" if a["current"] else "archived" if a["archived"] else "promoted" if a["promoted"] else "kept"
+        avg = a["average"]
+        ev = f"eval base {avg['base']:.3f} → adapter {avg['adapter']:.3f}" if avg else "not evaluated"
+        typer.echo(f"{a['adapter_id']}  {state:<9} {a['steps']:>5} steps  val loss {a['final_val_loss']}  {ev}")
+
+
+@train_app.command("rollback")
+def train_rollback(
+    adapter_id: Annotated[str, typer.Argument(metavar="ID", help="A kept, previously promoted adapter.")],
+    workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
+) -> None:
+    """Make a previously promoted adapter (one of the last 3 kept) the router's offline_model again."""
+    from refinery.training.registry import rollback
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    router = rollback(ws, dcfg, adapter_id)
+    typer.echo(f"router.json offline_model: {router['offline_model']['adapter_id']}")
+
+
+@train_app.command("export")
+def train_export(
+    adapter_id: Annotated[str, typer.Argument(metavar="ID", help="The adapter to export.")],
+    fmt: Annotated[str, typer.Option("--format", help="peft | gguf | ollama (see above).")] = "peft",
+    out: Annotated[Path | None, typer.Option(help="Folder to write (default: <adapter>/<format>/).")] = None,
+    workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
+) -> None:
+    """Export an adapter for other runtimes — any adapter `train list` shows, archived ones
+    included: --format peft writes adapter_config.json (r, lora_alpha, target_modules, ...;
+    base_model_name_or_path is the base the adapter was trained on) and
+    adapter_model.safetensors (lora_A/lora_B, transposed), which PEFT, vLLM and llama.cpp's
+    LoRA converter read; --format gguf writes adapter.gguf, a llama.cpp LoRA adapter
+    (`llama-cli -m base.gguf --lora adapter.gguf`); --format ollama writes that and a Modelfile
+    (FROM the base .gguf, ADAPTER adapter.gguf) for `ollama create`: the base must be a GGUF file."""
+    import orjson
+
+    from refinery.training.peft import export_peft
+    from refinery.training.registry import find_adapter
+    from refinery.workspace import Workspace
+
+    if fmt not in ("peft", "gguf", "ollama"):
+        _fail(f"error: unknown format {fmt!r}; choose peft, gguf or ollama")
+    ws = Workspace.at(workspace)
+    dcfg = _distill_config(ws.root, config)
+    d = find_adapter(ws, dcfg, adapter_id)  # kept or archived: any adapter `train list` shows
+    dest = out or d / fmt
+    receipt = orjson.loads((d / "receipt.json").read_bytes())
+    base = receipt["base_model"]["path"]  # the base it was trained on
+    if fmt in ("gguf", "ollama"):
+        from refinery.training.gguf_adapter import export_gguf, write_modelfile
+
+        base_gguf = ws.root / base
+        if fmt == "ollama" and base_gguf.suffix.lower() != ".gguf":
+            _fail(f"error: Ollama needs a GGUF base, and {adapter_id} was trained on {base}; export --format peft "
+                  "or gguf, or train on a .gguf base_model")
+        try:
+            info = export_gguf(d, dest / "adapter.gguf", ws.root / receipt["base_model"]["trained_on"])
+        except ValueError as e:
+            _fail(f"error: {e}")
+        typer.echo(f"wrote a llama.cpp LoRA adapter ({info['tensors']} tensors, rank {info['rank']}, alpha "
+                   f"{info['alpha']}) to {dest / 'adapter.gguf'}")
+        if fmt == "ollama":
+            write_modelfile(dest / "Modelfile", base_gguf, dest / "adapter.gguf")
+            typer.echo(f"wrote {dest / 'Modelfile'}: `ollama create <name> -f {dest / 'Modelfile'}`")
+        return
+    try:
+        cfg = export_peft(d, dest, base)
+    except ValueError as e:
+        _fail(f"error: {e}")
+    typer.echo(f"wrote a PEFT LoRA adapter (r {cfg['r']}, lora_alpha {cfg['lora_alpha']}, modules "
+               f"{', '.join(cfg['target_modules'])}) to {dest}")
