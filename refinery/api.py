@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from refinery.trace import Trace
     from refinery.workspace import Workspace
 
-__all__ = ["open_workspace", "run_all", "audit", "acceptance", "trace", "convert"]
+__all__ = ["open_workspace", "source_folder", "run_all", "audit", "acceptance", "trace", "convert"]
 
 
 def open_workspace(workspace: str | Path = ".", config: str | Path | None = None,
@@ -46,6 +46,13 @@ def open_workspace(workspace: str | Path = ".", config: str | Path | None = None
     return ws, load_config(ws.root, Path(config) if config is not None else None, overrides)
 
 
+def source_folder(ws: Workspace) -> Path:
+    """data/_kb/, the folder a run reads; a RefineryError when it is not there."""
+    if not ws.kb.is_dir():
+        raise RefineryError(f"no source folder {ws.kb} — put your trace files there, or run `refinery sample`")
+    return ws.kb
+
+
 def run_all(workspace: str | Path = ".", *, config: str | Path | None = None, force: bool = False,
             include_partial: bool | None = None, workers: int | None = None,
             log: Callable[[str], None] = lambda msg: None, progress: Progress | None = None) -> RunOutcome:
@@ -55,6 +62,7 @@ def run_all(workspace: str | Path = ".", *, config: str | Path | None = None, fo
     from refinery.runs import run_all as do_run_all
 
     ws, cfg = open_workspace(workspace, config, {"materialize": {"workers": workers}})
+    source_folder(ws)
     return do_run_all(ws, cfg, include_partial=include_partial, force=force, progress=progress or _no_progress,
                       log=log)
 
@@ -81,13 +89,15 @@ def acceptance(fixture: str | Path | None = None, *, keep: str | Path | None = N
 def trace(workspace: str | Path, row_id: str) -> Trace:
     """Walk an export row, scored run or evidence record back to its source line, re-hashing each hop."""
     from refinery.trace import trace as do_trace
-    from refinery.workspace import Workspace
 
-    return do_trace(Workspace.at(workspace), row_id)
+    ws, _ = open_workspace(workspace)
+    return do_trace(ws, row_id)
 
 
 def convert(src: str | Path, dest: str | Path, to: str) -> int:
     """Write an SFT or preference export in a trainer's format (refinery.formats.FORMATS); the rows written."""
     from refinery.formats import convert as do_convert
 
+    if not Path(src).is_file():
+        raise RefineryError(f"{src} does not exist; run `refinery export-all` first")
     return do_convert(Path(src), Path(dest), to)

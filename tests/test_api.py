@@ -33,3 +33,12 @@ def test_errors_a_script_meets_have_the_one_root(tmp_path):
         api.open_workspace(tmp_path)
     with pytest.raises(RefineryError):
         api.trace(tmp_path, "sft-0000000000000000")
+    with pytest.raises(RefineryError, match="does not exist"):
+        api.trace(tmp_path / "nowhere", "sft-0000000000000000")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RefineryError, match="no source folder"):  # nothing is run, nothing written
+        api.run_all(empty)
+    assert list(empty.iterdir()) == []
+    with pytest.raises(RefineryError, match="export-all"):
+        api.convert(tmp_path / "nope.jsonl", tmp_path / "x.jsonl", "trl")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from refinery.cli.common import (
-    ConfigOpt, JsonOpt, WorkersOpt, WorkspaceOpt, _err, _fail, _load, _print_json, _progress, app,
+    ConfigOpt, JsonOpt, WorkersOpt, WorkspaceOpt, _err, _load, _print_json, _progress, app,
 )
 
 
@@ -23,8 +23,9 @@ def _do_materialize(ws, cfg, validate: bool):
 
 
 def _no_source_folder(ws) -> None:
-    if not ws.kb.is_dir():
-        _fail(f"error: no source folder {ws.kb} — put your trace files there, or run `refinery sample`")
+    from refinery.api import source_folder
+
+    source_folder(ws)  # a RefineryError: exit 2
 
 
 def _nothing_to_read(ws, files, ignored) -> None:
