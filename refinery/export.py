@@ -47,11 +47,10 @@ from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.score import StaleInputError, read_manifest
-from refinery.workspace import Workspace
+from refinery.workspace import EXPORT_FILES, Workspace
 
 EXPORTS = ("rag", "sft", "preference")
-PATHS = {"rag": "rag/playbooks.jsonl", "sft": "sft/instruction_response.jsonl",
-         "preference": "preference/chosen_rejected.jsonl"}
+PATHS = {e: rel.removeprefix("exports/") for e, rel in EXPORT_FILES.items()}  # under exports/
 #: Categories that must never reach SFT, whatever the config says (defence 2 of 3).
 SFT_NEVER = frozenset({"rejected", "needs_human_review"})
 PREFERENCE_CHOSEN = ("accepted", "partially_accepted")

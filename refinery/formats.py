@@ -211,8 +211,9 @@ CONVERTERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def default_input(fmt: str) -> str:
-    return ("exports/preference/chosen_rejected.jsonl" if fmt in PREFERENCE_FORMATS
-            else "exports/sft/instruction_response.jsonl")
+    from refinery.workspace import EXPORT_FILES
+
+    return EXPORT_FILES["preference" if fmt in PREFERENCE_FORMATS else "sft"]
 
 
 def convert(src: Path, dest: Path, fmt: str) -> int:

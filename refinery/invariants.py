@@ -29,13 +29,12 @@ from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.jsonl import DEFAULT_MAX_LINE_BYTES, Line, LineCursor, read_jsonl
 from refinery.normalize import normalize_text
+from refinery import workspace
 from refinery.workspace import Workspace
 
-EXPORT_FILES = {"export-rag": "exports/rag/playbooks.jsonl", "export-sft": "exports/sft/instruction_response.jsonl",
-                "export-preference": "exports/preference/chosen_rejected.jsonl"}
+EXPORT_FILES = {f"export-{e}": rel for e, rel in workspace.EXPORT_FILES.items()}
 #: The trees whose every file a receipt must account for.
-RECORDED_TREES = ("data/evidence", "data/scored-runs", "exports/rag", "exports/sft", "exports/preference",
-                  "exports/quarantine")
+RECORDED_TREES = workspace.PUBLISHED
 MAX_PROBLEMS = 20  # per check: enough to act on, not a flood
 SCHEMA_CROSS_CHECK_ROWS = 200  # rows per schema (and each file's first) also run through the JSON Schema validator
 

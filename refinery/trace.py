@@ -23,7 +23,7 @@ from refinery.canonical import sig_hash
 from refinery.errors import RefineryError
 from refinery.jsonl import Line, LineCursor, read_jsonl
 from refinery.sources import SourceRecords
-from refinery.workspace import Workspace
+from refinery.workspace import EXPORT_FILES, Workspace
 
 
 class NotFound(RefineryError, LookupError):
@@ -79,11 +79,10 @@ class Trace:
 def _candidates(ws: Workspace, row_id: str) -> list[Path]:
     """Files that can hold `row_id`, from its prefix (rag-, sft-, pp-, ev-, q-)."""
     prefix = row_id.split("-", 1)[0]
-    ex = ws.exports
     files = {
-        "rag": [ex / "rag" / "playbooks.jsonl"],
-        "sft": [ex / "sft" / "instruction_response.jsonl"],
-        "pp": [ex / "preference" / "chosen_rejected.jsonl"],
+        "rag": [ws.out / EXPORT_FILES["rag"]],
+        "sft": [ws.out / EXPORT_FILES["sft"]],
+        "pp": [ws.out / EXPORT_FILES["preference"]],
         "q": sorted(ws.quarantine.glob("*.jsonl")),
         "ev": sorted(ws.scored_runs.rglob("*.jsonl")) + sorted(ws.evidence.rglob("*.jsonl")),
     }.get(prefix)

@@ -26,8 +26,11 @@ _HELD: dict[Path, int] = {}
 _LOCK_FD: dict[Path, int] = {}
 
 
+#: Each export's file, relative to the root: the one place these paths are spelled.
+EXPORT_FILES = {"rag": "exports/rag/playbooks.jsonl", "sft": "exports/sft/instruction_response.jsonl",
+                "preference": "exports/preference/chosen_rejected.jsonl"}
 #: The output trees a run publishes together (everything its stages write), relative to the root.
-PUBLISHED = ("data/evidence", "data/scored-runs", "exports/rag", "exports/sft", "exports/preference",
+PUBLISHED = ("data/evidence", "data/scored-runs", *(p.rsplit("/", 1)[0] for p in EXPORT_FILES.values()),
              "exports/quarantine")
 #: A run's summary (in reports/distillation/<run_id>/), and the pointer to the published run
 #: (in reports/distillation/): the files a run's publish moves besides its trees.

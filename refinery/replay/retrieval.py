@@ -33,9 +33,9 @@ from refinery.canonical import file_sha256
 from refinery.errors import RefineryError
 from refinery.jsonl import publishing, recover_dir
 from refinery.receipts import write_json
-from refinery.workspace import Workspace
+from refinery.workspace import EXPORT_FILES, Workspace
 
-RAG_EXPORT = "exports/rag/playbooks.jsonl"
+RAG_EXPORT = EXPORT_FILES["rag"]
 MANIFEST = "manifest.json"
 OFFSETS = "offsets.npy"
 #: Changes whenever tokenization or the indexed text changes: an index built otherwise is rebuilt.

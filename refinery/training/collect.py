@@ -26,9 +26,9 @@ from refinery.receipts import Digests, write_json
 from refinery.training.config import DistillConfig, base_model_dir
 from refinery.training.from_gguf import GGUFError
 from refinery.training.rehearsal import rehearsal_rows
-from refinery.workspace import Workspace
+from refinery.workspace import EXPORT_FILES, Workspace
 
-SFT_EXPORT = "exports/sft/instruction_response.jsonl"
+SFT_EXPORT = EXPORT_FILES["sft"]
 SPLITS = ("train", "valid", "test")
 RECEIPT = "collect.json"
 #: Beside test.jsonl, line for line: each held-out row's id, source and provenance, for the evaluations.
