@@ -113,21 +113,29 @@ def test_flattened_answers_write_the_tool_call_before_the_text(files, fmt):
     assert not any('\n{"name":' in a and not a.startswith('{"name":') for a in answers)
 
 
-@pytest.mark.slow
-def test_every_export_round_trips_through_datasets_unchanged(files, tmp_path, monkeypatch):
+def round_trip(paths: list[Path], tmp_path: Path, monkeypatch) -> list[str]:
+    """Load each file with `datasets.load_dataset("json")` (offline) and check it comes back as
+    written; the stems of the files checked (an empty file is skipped: datasets refuses it)."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     import datasets
 
-    root = files["collect"].parents[2]
-    exports = sorted((root / "exports").glob("*/*.jsonl"))
-    for path in [*files.values(), *exports]:
+    checked = []
+    for path in paths:
         want = read_jsonl_file(path)
-        if not want:  # datasets refuses an empty file; nothing to round-trip
+        if not want:
             continue
         got = datasets.load_dataset("json", data_files=str(path), split="train",
                                     cache_dir=str(tmp_path / "cache")).to_list()
         assert got == want, path.name
+        checked.append(path.stem)
+    return checked
+
+
+@pytest.mark.slow
+def test_every_export_round_trips_through_datasets_unchanged(files, tmp_path, monkeypatch):
+    root = files["collect"].parents[2]
+    round_trip([*files.values(), *sorted((root / "exports").glob("*/*.jsonl"))], tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
@@ -152,11 +160,7 @@ def test_real_fixtures_exports_round_trip_through_datasets_unchanged(tmp_path, m
     from typer.testing import CliRunner
 
     from refinery.cli import app
-    from refinery.formats import FORMATS, PREFERENCE_FORMATS, convert
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    import datasets
+    from refinery.formats import FORMATS, convert, default_input
 
     ws = tmp_path / "operator"
     (ws / "data" / "_kb").mkdir(parents=True)
@@ -169,17 +173,7 @@ def test_real_fixtures_exports_round_trip_through_datasets_unchanged(tmp_path, m
     (ws / "refinery.toml").write_text(toml)
     assert CliRunner().invoke(app, ["run-all", "--workspace", str(ws)]).exit_code == 0
     exports = sorted((ws / "exports").glob("*/*.jsonl"))
-    sft = ws / "exports" / "sft" / "instruction_response.jsonl"
-    pairs = ws / "exports" / "preference" / "chosen_rejected.jsonl"
     for fmt in FORMATS:
-        convert(pairs if fmt in PREFERENCE_FORMATS else sft, ws / f"{fmt}.jsonl", fmt)
-    checked = []
-    for path in [*exports, *(ws / f"{fmt}.jsonl" for fmt in FORMATS)]:
-        want = read_jsonl_file(path)
-        if not want:  # datasets refuses an empty file; nothing to round-trip
-            continue
-        got = datasets.load_dataset("json", data_files=str(path), split="train",
-                                    cache_dir=str(tmp_path / "cache")).to_list()
-        assert got == want, path.name
-        checked.append(path.stem)
+        convert(ws / default_input(fmt), ws / f"{fmt}.jsonl", fmt)
+    checked = round_trip([*exports, *(ws / f"{fmt}.jsonl" for fmt in FORMATS)], tmp_path, monkeypatch)
     assert {"instruction_response", "playbooks", "chosen_rejected", *FORMATS} <= set(checked)
