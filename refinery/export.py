@@ -541,8 +541,8 @@ def _merge_export(e: str, ws: Workspace, tmp_root: Path, n_jobs: int, buckets: i
     st = ExportStats(e)
     for part in parts:
         st.add(part)
-    final = ws.exports / PATHS[e]
-    qfinal = ws.quarantine / f"{stage_name(e)}.jsonl"
+    rel, qrel = EXPORT_FILES[e], f"exports/quarantine/{stage_name(e)}.jsonl"
+    stats_rel = rel.removesuffix(".jsonl") + ".stats.json"
     tmp, qtmp = tmp_root / f"out-{e}.jsonl", tmp_root / f"outq-{e}.jsonl"
     comp = Composition(e)
     # refusals made while reading come first, in file order; the merge's after them
@@ -565,16 +565,14 @@ def _merge_export(e: str, ws: Workspace, tmp_root: Path, n_jobs: int, buckets: i
     if e == "sft":  # defence 3: re-read what was written, against the scored runs
         verify_sft(tmp, ws, sft_categories(include_partial))
     stats_tmp = tmp_root / f"stats-{e}.json"
-    stats_json = comp.to_json(st, f"exports/{PATHS[e]}")
+    stats_json = comp.to_json(st, rel)
     stats_bytes = orjson.dumps(stats_json, option=orjson.OPT_INDENT_2) + b"\n"
     stats_tmp.write_bytes(stats_bytes)
-    stats_final = final.with_name(final.name.removesuffix(".jsonl") + ".stats.json")
-    result = {**stats_json, "rows_out": st.rows_out, "quarantine": f"exports/quarantine/{qfinal.name}",
-              "stats_path": f"exports/{PATHS[e].removesuffix('.jsonl')}.stats.json"}
-    outputs = [{"path": f"exports/{PATHS[e]}", "sha256": st.sha256, "rows": comp.rows},
-               {"path": f"exports/quarantine/{qfinal.name}", "sha256": file_sha256(qtmp), "rows": st.quarantined},
-               {"path": result["stats_path"], "sha256": hashlib.sha256(stats_bytes).hexdigest(), "rows": 1}]
-    return result, outputs, [(tmp, final), (qtmp, qfinal), (stats_tmp, stats_final)]
+    result = {**stats_json, "rows_out": st.rows_out, "quarantine": qrel, "stats_path": stats_rel}
+    outputs = [{"path": rel, "sha256": st.sha256, "rows": comp.rows},
+               {"path": qrel, "sha256": file_sha256(qtmp), "rows": st.quarantined},
+               {"path": stats_rel, "sha256": hashlib.sha256(stats_bytes).hexdigest(), "rows": 1}]
+    return result, outputs, [(tmp, ws.out / rel), (qtmp, ws.out / qrel), (stats_tmp, ws.out / stats_rel)]
 
 
 def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, include_partial: bool | None = None,
