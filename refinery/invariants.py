@@ -485,34 +485,33 @@ class _PairSides:
         refs: list[tuple[int, int, int]] = []  # (file, line, slot), sorted to read each file forward
         files: dict[str, int] = {}
         records: dict[int, str] = {}
+        # what the pair recorded as the line's sig_hash, 32 bytes a slot; a slot whose recorded
+        # value is not 64 hex digits stays unset, and its line cannot match
+        expected, recorded = bytearray(), bytearray()
         n = 0
         for i, p in _pairs(ctx):
             n = i + 1
+            recorded.extend(bytes(2 * n - len(recorded)))  # unreadable pair lines leave their slots unset
+            expected.extend(bytes(64 * n - len(expected)))
             for s, key in enumerate(("provenance", "rejected_provenance")):
-                prov = p.get(key) or {}
+                prov, slot = p.get(key) or {}, 2 * i + s
                 if isinstance(prov.get("source_file"), str) and isinstance(prov.get("line_offset"), int):
-                    slot = 2 * i + s
                     refs.append((files.setdefault(prov["source_file"], len(files)), prov["line_offset"], slot))
                     if prov.get("record") is not None:
                         records[slot] = prov["record"]
+                sig = prov.get("sig_hash")
+                if isinstance(sig, str) and len(sig) == 64:
+                    try:
+                        expected[slot * 32:(slot + 1) * 32] = bytes.fromhex(sig)
+                        recorded[slot] = 1
+                    except ValueError:
+                        pass
         self.state = bytearray(2 * n)  # _MISSING unless found
         self.category = array("H", bytes(4 * n))  # index into self.categories; 0: none
         self.categories: list[Any] = [None]
         self.score = array("d", bytes(16 * n))
         self.odd_score: dict[int, Any] = {}  # a score that is missing (None) or not a number
         self.task = array("Q", bytes(16 * n))  # see _task_code
-        # what the pair recorded as the line's sig_hash, 32 bytes a slot; a slot whose recorded
-        # value is not 64 hex digits stays unset, and its line cannot match
-        expected, recorded = bytearray(64 * n), bytearray(2 * n)
-        for i, p in _pairs(ctx):
-            for s, key in enumerate(("provenance", "rejected_provenance")):
-                sig = (p.get(key) or {}).get("sig_hash")
-                if isinstance(sig, str) and len(sig) == 64:
-                    try:
-                        expected[(2 * i + s) * 32:(2 * i + s + 1) * 32] = bytes.fromhex(sig)
-                        recorded[2 * i + s] = 1
-                    except ValueError:
-                        pass
         names = sorted(files, key=files.get)
         lines = Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes)
         refs.sort()
