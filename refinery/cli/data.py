@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from refinery.cli.common import ConfigOpt, JsonOpt, WorkspaceOpt, _err, _fail, _load, _print_json, app
-from refinery.cli.pipeline import _no_source_folder, _nothing_to_read
+from refinery.cli.pipeline import _nothing_to_read
 from refinery.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED
 
 
@@ -48,10 +48,11 @@ def sources(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, as_js
     (refinery.toml [sources], a [mappings] match, its file name, or its content), and the
     importers there are. A file two importers recognise is shown with both: name one in
     refinery.toml ([sources.<name>] importer = ...)."""
+    from refinery.api import source_folder
     from refinery.materialize import claims_for
 
     ws, cfg = _load(workspace, config)
-    _no_source_folder(ws)
+    source_folder(ws)
     registry, files, ignored, claims = claims_for(ws, cfg)
     _nothing_to_read(ws, files, ignored)
     for w in registry.unused_tables(files):

@@ -22,12 +22,6 @@ def _do_materialize(ws, cfg, validate: bool):
         return run(ws, cfg, validate=validate, on_file_done=lambda r, size: progress.advance(task, size))
 
 
-def _no_source_folder(ws) -> None:
-    from refinery.api import source_folder
-
-    source_folder(ws)  # a RefineryError: exit 2
-
-
 def _nothing_to_read(ws, files, ignored) -> None:
     if not files:
         also = f" ({len(ignored)} file(s) there are ignored: materialize.ignore)" if ignored else ""
@@ -39,10 +33,11 @@ def _nothing_to_read(ws, files, ignored) -> None:
 def _sources_to_read(ws, cfg):
     """Before a run: the source files, with what is wrong said first — no data/_kb/ (exit 2),
     nothing in it, refinery.toml tables that match no file (so a misspelt name is seen)."""
+    from refinery.api import source_folder
     from refinery.discovery import Registry, TransformLoadError
     from refinery.sources import list_sources
 
-    _no_source_folder(ws)
+    source_folder(ws)
     files, ignored = list_sources(ws, cfg.materialize.ignore)
     _nothing_to_read(ws, files, ignored)
     try:
