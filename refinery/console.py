@@ -111,7 +111,8 @@ def export_table(result: Any, console: Console | None = None) -> None:
         for r in reasons:
             rt.add_row(r, *(f"{e['by_reason'].get(r, 0):,}" for e in result.exports.values()))
         console.print(rt)
-    console.print("quarantine: exports/quarantine/export-<name>.jsonl   stats: <export>.stats.json")
+    console.print("quarantine: exports/quarantine/export.jsonl (on reading; a record names each export that "
+                  "refused the row) and export-<name>.jsonl (while merging)   stats: <export>.stats.json")
 
 
 def _stage_table(title: str, receipts: dict[str, dict[str, Any]], *, hashes: bool = False) -> Table:

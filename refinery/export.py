@@ -3,13 +3,17 @@
     data/scored-runs + data/evidence ──▶ exports/rag/playbooks.jsonl              (RagSample)
                                      ──▶ exports/sft/instruction_response.jsonl   (SftSample)
                                      ──▶ exports/preference/chosen_rejected.jsonl (PreferencePair)
-                                     ──▶ exports/quarantine/export-<name>.jsonl   (every row not taken)
+                                     ──▶ exports/quarantine/export.jsonl          (refused on reading)
+                                     ──▶ exports/quarantine/export-<name>.jsonl   (refused on merging)
                                      ──▶ <export>.stats.json next to each export  (composition)
 
 Every scored run is accounted for in every export it was offered to: written, or quarantined
 with a reason (a category the export does not take, no text, a secret or personal data, a
 duplicate answer, no counterpart for a pair, ...). For preference, a row counts as written
-when it is in at least one pair.
+when it is in at least one pair. What is decided on reading a row — its category, its text —
+is decided for every export at once, and a row refused by several exports for one reason is
+one record naming them (`exports`) in the shared exports/quarantine/export.jsonl; what only a
+merge can decide (a duplicate, a missing partner) goes to that export's own file.
 
 How it runs: each scored-run file is read together with its evidence file (they correspond
 line for line) in a worker process, which writes its candidate rows and refusals into part
@@ -39,7 +43,6 @@ import orjson
 from refinery import sensitive
 from refinery.config import Config, ExportConfig
 from refinery.dedup import SeenHashes
-from refinery.canonical import file_sha256
 from refinery.errors import AccountingError, CheckFailed
 from refinery.jsonl import JsonlWriter, LineCursor, concat_files, fsync, fsync_dir, read_jsonl
 from refinery.normalize import answer_text, last_user_index, normalize_text, render_tool_calls
@@ -47,7 +50,7 @@ from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.score import StaleInputError, read_manifest
-from refinery.workspace import EXPORT_FILES, Workspace
+from refinery.workspace import EXPORT_FILES, EXPORT_QUARANTINE, Workspace, quarantine_file
 
 EXPORTS = ("rag", "sft", "preference")
 PATHS = {e: rel.removeprefix("exports/") for e, rel in EXPORT_FILES.items()}  # under exports/
@@ -199,16 +202,30 @@ def _pairs(job: FileJob) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[
         yield ev_line.obj, sr, prov
 
 
-def _quarantine(qw: JsonlWriter, st: ExportStats, source: str, prov: dict[str, Any], reason: Reason,
-                detail: str) -> None:
-    """Count and write one refusal of export `st.export`, pointing at its scored-run line.
+def _quarantine(qw: JsonlWriter, stats: list[ExportStats], exports: list[str], source: str, prov: dict[str, Any],
+                reason: Reason, detail: str) -> None:
+    """Count one refusal for each of `stats` and write one record of it, naming `exports`,
+    pointing at its scored-run line: in the shared file (stage "export") when it was decided for
+    every export at once, else in the one export's own file.
 
     The row itself is not copied (it may hold the very secret it was refused for).
     """
-    st.quarantined += 1
-    st.by_reason[reason.value] += 1
-    qw.write(quarantine_record(stage_name(st.export), source, prov["source_file"], prov["line_offset"], reason,
-                               detail, prov["sig_hash"], recorded_at=prov["recorded_at"]))
+    for st in stats:
+        st.quarantined += 1
+        st.by_reason[reason.value] += 1
+    stage = "export" if qw.shared else stage_name(exports[0])
+    qw.write(quarantine_record(stage, source, prov["source_file"], prov["line_offset"], reason, detail,
+                               prov["sig_hash"], recorded_at=prov["recorded_at"], exports=exports))
+
+
+class QuarantineWriter(JsonlWriter):
+    def __init__(self, f: Any, *, shared: bool):
+        super().__init__(f)
+        self.shared = shared
+
+
+def _names(exports: list[str]) -> str:
+    return exports[0] if len(exports) == 1 else f"{', '.join(exports[:-1])} and {exports[-1]}"
 
 
 def sft_categories(include_partial: bool) -> set[str]:
@@ -216,7 +233,11 @@ def sft_categories(include_partial: bool) -> set[str]:
 
 
 def export_file(job: FileJob) -> dict[str, ExportStats]:
-    """Read one scored-run file with its evidence; write candidates and refusals into part files."""
+    """Read one scored-run file with its evidence; write candidates and refusals into part files.
+
+    A row's category and text are judged for every export, asked for or not, so that the shared
+    quarantine file is the same whichever exports a command writes.
+    """
     ecfg = job.ecfg
     stats = {e: ExportStats(e) for e in job.exports}
     rag_ok = set(ecfg.rag_categories)
@@ -225,29 +246,28 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
     redact = ecfg.sensitive == "redact"
     parts = job.parts
     out = {e: open(parts / f"{e}-{job.index:06d}.jsonl", "wb", buffering=1 << 20) for e in job.exports}
-    quar = {e: open(parts / f"q-{e}-{job.index:06d}.jsonl", "wb", buffering=1 << 18) for e in job.exports}
-    qw = {e: JsonlWriter(f) for e, f in quar.items()}
+    quar = open(parts / f"q-{job.index:06d}.jsonl", "wb", buffering=1 << 18)
+    qw = QuarantineWriter(quar, shared=True)
     bucket_files: dict[int, Any] = {}
 
     def refuse(exports: list[str], sr: dict[str, Any], prov: dict[str, Any], reason: Reason, detail: str) -> None:
-        for e in exports:
-            _quarantine(qw[e], stats[e], sr["source"], prov, reason, detail)
+        _quarantine(qw, [stats[e] for e in exports if e in stats], exports, sr["source"], prov, reason, detail)
 
     try:
         for ev, sr, prov in _pairs(job):
             cat = sr["category"]
             for st in stats.values():
                 st.rows_in += 1
-            wanted = [e for e in job.exports if _admits(e, cat, rag_ok, sft_ok)]
-            for e in job.exports:
-                if e not in wanted:
-                    refuse([e], sr, prov, Reason.CATEGORY_EXCLUDED, f"{cat} is not taken by the {e} export")
-            if not wanted:
+            admitted = [e for e in EXPORTS if _admits(e, cat, rag_ok, sft_ok)]
+            if excluded := [e for e in EXPORTS if e not in admitted]:
+                refuse(excluded, sr, prov, Reason.CATEGORY_EXCLUDED,
+                       f"{cat} is not taken by the {_names(excluded)} export{'s' if len(excluded) > 1 else ''}")
+            if not admitted:
                 continue
             has_prompt = bool(ev["prompt"] and ev["prompt"].strip())
             has_answer = bool((ev["response"] or "").strip() or ev["tool_calls"])
             if not has_prompt or not has_answer:
-                refuse(wanted, sr, prov, Reason.MISSING_TEXT, "no prompt" if not has_prompt else "no answer")
+                refuse(admitted, sr, prov, Reason.MISSING_TEXT, "no prompt" if not has_prompt else "no answer")
                 continue
             finding = sensitive.first_finding(_texts(ev), allow)
             if finding is not None:
@@ -255,17 +275,21 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
                 if not redact:
                     secret = sensitive.reason_family(kind) == "secret"
                     reason = Reason.SECRET_DETECTED if secret else Reason.PII_DETECTED
-                    refuse(wanted, sr, prov, reason, f"{kind} in {where}")
+                    refuse(admitted, sr, prov, reason, f"{kind} in {where}")
                     continue
                 ev, kinds = _redact_evidence(ev, allow)
                 left = sensitive.first_finding(_texts(ev), allow)
                 if left is not None:  # never expected; the re-scan is the guarantee, not the redaction
                     reason = Reason.SECRET_DETECTED if sensitive.reason_family(left[0]) == "secret" else \
                         Reason.PII_DETECTED
-                    refuse(wanted, sr, prov, reason, f"{left[0]} in {left[1]} survived redaction")
+                    refuse(admitted, sr, prov, reason, f"{left[0]} in {left[1]} survived redaction")
                     continue
-                for e in wanted:
-                    stats[e].redacted.update(kinds)
+                for e in admitted:
+                    if e in stats:
+                        stats[e].redacted.update(kinds)
+            wanted = [e for e in admitted if e in stats]
+            if not wanted:
+                continue
             answer = answer_text(ev)
             norm = normalize_text(answer)
             key = hashlib.sha256(f"{sr['task_key']}\x1f{norm}".encode()).hexdigest()[:16]
@@ -289,7 +313,7 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
                     "text_key": norm, "prov": prov,
                 }) + b"\n")
     finally:
-        for f in [*out.values(), *quar.values(), *bucket_files.values()]:
+        for f in [*out.values(), quar, *bucket_files.values()]:
             f.close()
     return stats
 
@@ -305,7 +329,7 @@ def _admits(export: str, category: str, rag_ok: set[str], sft_ok: set[str]) -> b
 # --- merging ------------------------------------------------------------------------------
 
 
-def _merge_dedup(parts: list[Path], dest: Any, qw: JsonlWriter, dedup: bool,
+def _merge_dedup(parts: list[Path], dest: Any, qw: QuarantineWriter, dedup: bool,
                  st: ExportStats) -> Iterator[dict[str, Any]]:
     """Write candidate rows to `dest` in file order, dropping repeated (task, answer) keys.
 
@@ -319,7 +343,7 @@ def _merge_dedup(parts: list[Path], dest: Any, qw: JsonlWriter, dedup: bool,
                 key, _, body = line.partition(b"\t")
                 row = orjson.loads(body)
                 if dedup and not seen(int(key, 16)):
-                    _quarantine(qw, st, row["source"], row["provenance"], Reason.DUPLICATE_ANSWER,
+                    _quarantine(qw, [st], [st.export], row["source"], row["provenance"], Reason.DUPLICATE_ANSWER,
                                 "the same answer to the same task is already in the export")
                     continue
                 w.write(row)
@@ -406,7 +430,7 @@ def repeats_chosen_call(chosen: dict[str, Any], rejected: dict[str, Any]) -> boo
     return all(written_out(c["arguments"]) for c in calls)
 
 
-def _merge_preference(parts_dir: Path, n_files: int, buckets: int, dest: Any, qw: JsonlWriter, max_pairs: int,
+def _merge_preference(parts_dir: Path, n_files: int, buckets: int, dest: Any, qw: QuarantineWriter, max_pairs: int,
                       st: ExportStats) -> Iterator[dict[str, Any]]:
     w = JsonlWriter(dest)
     used_rows = 0
@@ -443,8 +467,19 @@ def _merge_preference(parts_dir: Path, n_files: int, buckets: int, dest: Any, qw
                                                  "makes no call but writes the same one out",
                           Reason.NO_PAIR: "no answer to the same task on the other side to pair with",
                           Reason.PAIR_LIMIT: f"the task already has {max_pairs} pairs"}[reason]
-                _quarantine(qw, st, row["source"], row["prov"], reason, detail)
+                _quarantine(qw, [st], [st.export], row["source"], row["prov"], reason, detail)
     st.rows_out, st.sha256 = used_rows, w.sha256
+
+
+def refusals(ws: Workspace, export: str) -> Iterator[dict[str, Any]]:
+    """Every quarantine record of a row `export` refused: the shared file's records that name it
+    (refused on reading, in file order), then its own file's (refused while merging)."""
+    for rel in (EXPORT_QUARANTINE, quarantine_file(stage_name(export))):
+        path = ws.out / rel
+        if path.is_file():
+            for line in read_jsonl(path):
+                if line.obj is not None and export in (line.obj.get("exports") or ()):
+                    yield line.obj
 
 
 # --- composition stats --------------------------------------------------------------------
@@ -541,14 +576,12 @@ def _merge_export(e: str, ws: Workspace, tmp_root: Path, n_jobs: int, buckets: i
     st = ExportStats(e)
     for part in parts:
         st.add(part)
-    rel, qrel = EXPORT_FILES[e], f"exports/quarantine/{stage_name(e)}.jsonl"
+    rel, qrel = EXPORT_FILES[e], quarantine_file(stage_name(e))
     stats_rel = rel.removesuffix(".jsonl") + ".stats.json"
     tmp, qtmp = tmp_root / f"out-{e}.jsonl", tmp_root / f"outq-{e}.jsonl"
     comp = Composition(e)
-    # refusals made while reading come first, in file order; the merge's after them
-    concat_files([tmp_root / f"q-{e}-{i:06d}.jsonl" for i in range(n_jobs)], qtmp)
-    with open(qtmp, "ab") as qf:
-        qw = JsonlWriter(qf)
+    with open(qtmp, "wb") as qf:
+        qw = QuarantineWriter(qf, shared=False)
         with open(tmp, "wb") as f:
             if e == "preference":
                 rows = _merge_preference(tmp_root, n_jobs, buckets, f, qw, ecfg.max_pairs_per_task, st)
@@ -568,9 +601,10 @@ def _merge_export(e: str, ws: Workspace, tmp_root: Path, n_jobs: int, buckets: i
     stats_json = comp.to_json(st, rel)
     stats_bytes = orjson.dumps(stats_json, option=orjson.OPT_INDENT_2) + b"\n"
     stats_tmp.write_bytes(stats_bytes)
-    result = {**stats_json, "rows_out": st.rows_out, "quarantine": qrel, "stats_path": stats_rel}
+    result = {**stats_json, "rows_out": st.rows_out, "quarantine": qrel, "quarantine_shared": EXPORT_QUARANTINE,
+              "stats_path": stats_rel}
     outputs = [{"path": rel, "sha256": st.sha256, "rows": comp.rows},
-               {"path": qrel, "sha256": file_sha256(qtmp), "rows": st.quarantined},
+               {"path": qrel, "sha256": qw.sha256, "rows": qw.rows},
                {"path": stats_rel, "sha256": hashlib.sha256(stats_bytes).hexdigest(), "rows": 1}]
     return result, outputs, [(tmp, ws.out / rel), (qtmp, ws.out / qrel), (stats_tmp, ws.out / stats_rel)]
 
@@ -597,7 +631,10 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
                                  workers=cfg.materialize.workers, parallel_min_bytes=cfg.materialize.parallel_min_bytes,
                                  on_done=on_file_done)
             results: dict[str, dict[str, Any]] = {}
-            staged: list[tuple[Path, Path]] = []
+            # the refusals made on reading, in file order: one file for every export
+            shared = tmp_root / "outq-shared.jsonl"
+            shared_rows, shared_sha = concat_files([tmp_root / f"q-{j.index:06d}.jsonl" for j in jobs], shared)
+            staged: list[tuple[Path, Path]] = [(shared, ws.out / EXPORT_QUARANTINE)]
             outputs: list[dict[str, Any]] = []
             # the merges (dedup across files, pairing by bucket) are independent: one per worker
             merges = [(e, ws, tmp_root, len(jobs), buckets, ecfg, include_partial, [o[e] for o in outcomes])
@@ -609,6 +646,7 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
                 results[e] = result
                 outputs += outs
                 staged += moves
+            outputs.append({"path": EXPORT_QUARANTINE, "sha256": shared_sha, "rows": shared_rows})
             for src, dest in staged:  # every export complete and checked: publish
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dest)

@@ -259,7 +259,7 @@ def accounting_materialize(ctx: Context) -> list[str]:
     evidence = sum(_file_rows(ctx, f) for f in ctx.files("data/evidence"))
     if evidence != c["rows_out"]:
         problems.append(f"data/evidence/ holds {evidence} rows, materialize wrote {c['rows_out']}")
-    reasons = _tally(ctx, ["exports/quarantine/materialize.jsonl"], "reason")
+    reasons = _tally(ctx, [workspace.quarantine_file("materialize")], "reason")
     unreadable = reasons.pop("unreadable_file", 0)
     if sum(reasons.values()) != c["quarantined"] or unreadable != c.get("unreadable_files", 0):
         problems.append(f"exports/quarantine/materialize.jsonl holds {sum(reasons.values()) + unreadable} rows, "
@@ -286,9 +286,22 @@ def accounting_score(ctx: Context) -> list[str]:
     return problems
 
 
+def _export_refusals(ctx: Context) -> dict[str, Counter[str]]:
+    """Each export stage's refusals by reason, as the files hold them: its own file's records,
+    and each record of the shared file that names the export (one record, several exports)."""
+    out = {stage: _tally(ctx, [workspace.quarantine_file(stage)], "reason") for stage in EXPORT_FILES}
+    for line in ctx.rows(workspace.EXPORT_QUARANTINE):
+        obj = line.obj or {}
+        for e in obj.get("exports") or []:
+            if (stage := f"export-{e}") in out:
+                out[stage][str(obj.get("reason"))] += 1
+    return out
+
+
 def accounting_exports(ctx: Context) -> list[str]:
     s = ctx.receipts.get("score")
     problems = []
+    refusals = _export_refusals(ctx)
     for stage, path in EXPORT_FILES.items():
         r = ctx.receipts.get(stage)
         if r is None or s is None:
@@ -301,10 +314,10 @@ def accounting_exports(ctx: Context) -> list[str]:
             problems.append(f"{stage}: {c['rows_in']} in != {c['rows_out']} out + {c['quarantined']} quarantined")
         if (n := _file_rows(ctx, path)) != c["written"]:
             problems.append(f"{path} holds {n} rows, {stage} wrote {c['written']}")
-        reasons = _tally(ctx, [f"exports/quarantine/{stage}.jsonl"], "reason")
+        reasons = refusals[stage]
         if sum(reasons.values()) != c["quarantined"]:
-            problems.append(f"exports/quarantine/{stage}.jsonl holds {sum(reasons.values())} rows, {stage} "
-                            f"quarantined {c['quarantined']}")
+            problems.append(f"{workspace.quarantine_file(stage)} and {workspace.EXPORT_QUARANTINE} hold "
+                            f"{sum(reasons.values())} refusals by {stage}, it quarantined {c['quarantined']}")
         problems += _compare(f"{stage} quarantine reason", reasons, r["by_reason"])
         if stage != "export-preference":
             field = "category" if stage == "export-rag" else "quality_score"
@@ -746,8 +759,7 @@ def export_quarantine_holds_no_text(ctx: Context) -> list[str]:
     """The exports' quarantine records name the row and the reason, never copy its text, not
     even a redacted preview (a refused secret must not reappear in quarantine)."""
     problems = Problems()
-    for stage in EXPORT_FILES:
-        rel = f"exports/quarantine/{stage}.jsonl"
+    for rel in [*map(workspace.quarantine_file, EXPORT_FILES), workspace.EXPORT_QUARANTINE]:
         for line in ctx.rows(rel):
             obj = line.obj
             if obj is None or any(obj.get(k) is not None for k in ("preview", "raw_length", "raw_sha256")):

@@ -218,9 +218,13 @@ class PreferencePair(Strict):
 class QuarantineRecord(Strict):
     """A refused row: why, at which stage, and exactly where it came from."""
 
-    schema_version: Literal[2] = 2
-    id: str = Field(description="q-<16 hex>: stable for the same stage, file and line")
-    stage: str
+    schema_version: Literal[3] = 3
+    id: str = Field(description="q-<16 hex>: stable for the same stage, file and line (and reason, for the "
+                                "exports' shared records)")
+    stage: str = Field(description="materialize, score, export-<name> (refused while merging that export), or "
+                                   "export (refused while reading the row, for every export in `exports`)")
+    exports: list[Literal["rag", "sft", "preference"]] | None = Field(
+        description="the exports that refused the row for this reason; null for materialize and score")
     source: str
     reason: Reason
     detail: str

@@ -67,8 +67,13 @@ def _checked(preview: str) -> str | None:
 
 def quarantine_record(stage: str, source: str, source_file: str, line_offset: int | None, reason: Reason,
                       detail: str, sig: str | None, *, raw: bytes | None = None, preview_chars: int = 240,
-                      recorded_at: str | None = None, record: str | None = None) -> dict[str, Any]:
+                      recorded_at: str | None = None, record: str | None = None,
+                      exports: list[str] | None = None) -> dict[str, Any]:
     """A QuarantineRecord dict (field order as in refinery.models.QuarantineRecord).
+
+    `exports`: the exports that refused the row (for an export's refusal). The shared record of
+    several (stage "export") may be one of two for its row — a category one export does not take,
+    and a text the others refuse —, so its id also covers the reason.
 
     `source_file`/`line_offset` locate the refused row in the stage's *input* (a source line for
     materialize, an evidence line for score, a scored-run line for the exports). `raw` is the
@@ -81,9 +86,10 @@ def quarantine_record(stage: str, source: str, source_file: str, line_offset: in
     prov["sig_hash"] = sig
     prov["recorded_at"] = recorded_at
     return {
-        "schema_version": 2,
-        "id": short_id("q", stage, source_file, str(line_offset)),
+        "schema_version": 3,
+        "id": short_id("q", stage, source_file, str(line_offset), *([reason.value] if stage == "export" else [])),
         "stage": stage,
+        "exports": exports,
         "source": source,
         "reason": reason.value,
         # a detail about a row may quote its value ("expected a number, got 'sk-…'"): redacted like

@@ -353,10 +353,13 @@ def read_json(path: Path) -> Any:
 
 def link_or_copy(src: Path, dest: Path) -> None:
     """Put `src` at `dest` without copying bytes when the file system allows (outputs are
-    only ever replaced by rename, never edited in place, so sharing the inode is safe)."""
+    only ever replaced by rename, never edited in place, so sharing the inode is safe). A file
+    already there (an output several stages share) is left as it is."""
     import shutil
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and os.path.samefile(src, dest):
+        return
     try:
         os.link(src, dest)
     except OSError:

@@ -466,7 +466,7 @@ class _Run:
                                 on_file_done=advance)
         for name in names:
             e = result.exports[name]
-            mine = {e["path"], e["quarantine"], e["stats_path"]}
+            mine = {e["path"], e["quarantine"], e["quarantine_shared"], e["stats_path"]}
             outputs = [o for o in result.outputs if o["path"] in mine]
             stage = f"export-{name}"
             self._record(stage, {**self._base(stage, hashes[stage], None, inputs, outputs),

@@ -29,9 +29,20 @@ _LOCK_FD: dict[Path, int] = {}
 #: Each export's file, relative to the root: the one place these paths are spelled.
 EXPORT_FILES = {"rag": "exports/rag/playbooks.jsonl", "sft": "exports/sft/instruction_response.jsonl",
                 "preference": "exports/preference/chosen_rejected.jsonl"}
+#: Refused rows: one file per stage (`quarantine_file(stage)`); the exports' per-row refusals,
+#: decided once for every export a row is refused by, share EXPORT_QUARANTINE.
+QUARANTINE_DIR = "exports/quarantine"
+EXPORT_QUARANTINE = f"{QUARANTINE_DIR}/export.jsonl"
+
+
+def quarantine_file(stage: str) -> str:
+    """The quarantine file of `stage` (materialize, score, export-<name>, or export: the shared one)."""
+    return f"{QUARANTINE_DIR}/{stage}.jsonl"
+
+
 #: The output trees a run publishes together (everything its stages write), relative to the root.
 PUBLISHED = ("data/evidence", "data/scored-runs", *(p.rsplit("/", 1)[0] for p in EXPORT_FILES.values()),
-             "exports/quarantine")
+             QUARANTINE_DIR)
 #: A run's summary (in reports/distillation/<run_id>/), and the pointer to the published run
 #: (in reports/distillation/): the files a run's publish moves besides its trees.
 SUMMARY, PUBLISHED_RUN = "summary.json", "published.json"

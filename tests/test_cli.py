@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO, copy_sample, passing_audit_baseline, write_kb, write_transform
+from refinery import export
 from refinery.cli import app
 
 runner = CliRunner()
@@ -222,8 +223,10 @@ def test_run_all_end_to_end_on_the_bundled_sample(ws):
         x = r[name]["counts"]
         assert x["rows_in"] == s["rows_out"] == x["rows_out"] + x["quarantined"], name
         assert x["written"] > 0
-        q = next(o for o in r[name]["outputs"] if o["path"] == f"exports/quarantine/{name}.jsonl")
-        assert len((ws.root / q["path"]).read_bytes().splitlines()) == q["rows"] == x["quarantined"]
+        refused = {o["path"]: o["rows"] for o in r[name]["outputs"] if o["path"].startswith("exports/quarantine/")}
+        assert refused.keys() == {f"exports/quarantine/{name}.jsonl", "exports/quarantine/export.jsonl"}
+        assert all(len((ws.root / p).read_bytes().splitlines()) == n for p, n in refused.items())
+        assert sum(1 for _ in export.refusals(ws, name.removeprefix("export-"))) == x["quarantined"]
     assert r["export-sft"]["counts"]["written"] >= 50  # enough for the training stage's default minimum
     assert {"secret_detected", "pii_detected"} <= set(r["export-sft"]["by_reason"])
 

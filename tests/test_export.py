@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 
 import jsonschema
 import orjson
@@ -60,10 +61,20 @@ def test_fixture_counts_and_accounting(fixture_ws, cfg):
                                              "no_pair": 1, "pii_detected": 1, "secret_detected": 1}
     for name, x in ex.items():
         assert x["rows_in"] == x["rows_out"] + x["quarantined"], name
-        q = read_jsonl_file(fixture_ws.root / x["quarantine"])
+        q = list(export.refusals(fixture_ws, name))
         assert len(q) == x["quarantined"]
-        assert all(r["stage"] == f"export-{name}" and r["preview"] is None
+        assert Counter(r["reason"] for r in q) == x["by_reason"]
+        assert all(r["stage"] in ("export", f"export-{name}") and r["preview"] is None
                    and r["raw_length"] is None for r in q)
+        # what a merge refuses is in the export's own file; what reading refuses, in the shared one
+        assert {r["stage"] for r in read_jsonl_file(fixture_ws.root / x["quarantine"])} <= {f"export-{name}"}
+    # one record per refused row and reason, naming every export that refused it: a
+    # needs_human_review row is one record for all three exports, not three
+    shared = read_jsonl_file(fixture_ws.root / "exports/quarantine/export.jsonl")
+    assert Counter(tuple(r["exports"]) for r in shared if r["reason"] == "category_excluded") == {
+        ("rag", "sft", "preference"): 2, ("rag", "sft"): 5, ("sft",): 1}
+    assert len({(r["provenance"]["line_offset"], r["provenance"]["source_file"], r["reason"]) for r in shared}) \
+        == len(shared) == len({r["id"] for r in shared})
 
 
 def test_every_output_row_validates_against_its_schema(fixture_ws, cfg):
@@ -73,14 +84,14 @@ def test_every_output_row_validates_against_its_schema(fixture_ws, cfg):
               "rag_sample": [ws.exports / export.PATHS["rag"]], "sft_sample": [ws.exports / export.PATHS["sft"]],
               "preference_pair": [ws.exports / export.PATHS["preference"]],
               "quarantine_record": list(ws.quarantine.glob("*.jsonl"))}
-    n = 0
+    n: Counter[str] = Counter()
     for schema_name, files in checks.items():
         validator = jsonschema.Draft202012Validator(load_schema(schema_name))
         for f in files:
             for row in read_jsonl_file(f):
                 validator.validate(row)
-                n += 1
-    assert n > 60
+                n[schema_name] += 1
+    assert n.keys() == checks.keys() and n.total() > 40
 
 
 def test_sft_takes_accepted_only_unless_include_partial(fixture_ws, cfg):
@@ -171,7 +182,7 @@ def test_a_row_the_redaction_leaves_a_secret_in_is_quarantined(fixture_ws, monke
     _, e = pipeline(fixture_ws, load_config(fixture_ws.root))
     sft = (fixture_ws.exports / export.PATHS["sft"]).read_text()
     assert "sk-live-" not in sft and "jane.doe@" not in sft
-    q = read_jsonl_file(fixture_ws.exports / "quarantine" / "export-sft.jsonl")
+    q = list(export.refusals(fixture_ws, "sft"))
     survived = [r for r in q if r["reason"] == "secret_detected" and r["detail"].endswith("survived redaction")]
     assert survived and e.exports["sft"]["by_reason"]["secret_detected"] == len(survived)
 
@@ -312,6 +323,20 @@ def test_determinism_and_worker_count_do_not_change_bytes(fixture_ws):
     cfg2 = load_config(fixture_ws.root, None, {"materialize": {"workers": 2, "parallel_min_bytes": 0}})
     pipeline(fixture_ws, cfg2)
     assert tree_bytes(fixture_ws.exports) | tree_bytes(fixture_ws.scored_runs) == first
+
+
+def test_the_shared_quarantine_is_the_same_whichever_exports_a_command_writes(fixture_ws, cfg):
+    """A row's category and text are judged for every export on reading, asked for or not: the
+    shared file that `export-all` writes is byte for byte the one `export-rag` alone writes, so a
+    single export never leaves the others' refusals half-recorded."""
+    pipeline(fixture_ws, cfg)
+    shared = fixture_ws.quarantine / "export.jsonl"
+    every = shared.read_bytes()
+    assert b'"exports":["rag","sft","preference"]' in every
+    for name in export.EXPORTS:
+        shared.unlink()
+        export.run(fixture_ws, cfg, exports=(name,))
+        assert shared.read_bytes() == every, name
 
 
 def test_composition_stats_next_to_each_export(fixture_ws, cfg):

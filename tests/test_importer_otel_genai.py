@@ -12,7 +12,7 @@ import pytest
 
 from conftest import (
     FIXTURES, builtin_importer, copy_fixture, evidence_rows, foreign_inputs, probe_file,
-    quarantine_rows, read_jsonl_file, scored_categories, source_record, write_kb,
+    quarantine_rows, scored_categories, source_record, write_kb,
 )
 from refinery import export, materialize
 from refinery.trace import trace
@@ -354,7 +354,7 @@ def test_content_capture_off_is_evidence_the_exports_refuse(ws, cfg):
     assert (ev["prompt"], ev["response"], ev["completion_tokens"]) == (None, None, 3)
     assert scored_categories(ws, cfg)[ev["id"]][0] == "rejected"
     export.run(ws, cfg)
-    reasons = Counter(r["reason"] for r in read_jsonl_file(ws.quarantine / "export-preference.jsonl"))
+    reasons = Counter(r["reason"] for r in export.refusals(ws, "preference"))
     assert reasons == {"missing_text": 1}
 
 

@@ -260,12 +260,12 @@ def t_no_secrets_in_exports(ws):
 
 
 def t_export_quarantine_holds_no_text(ws):
-    edit_rows(ws, "exports/quarantine/export-sft.jsonl", set_field(0, preview="the refused answer, copied"))
+    edit_rows(ws, "exports/quarantine/export.jsonl", set_field(0, preview="the refused answer, copied"))
 
 
 def t_unique_ids(ws):
-    rows = list(map(orjson.loads, (ws.quarantine / "export-sft.jsonl").read_bytes().splitlines()))
-    edit_rows(ws, "exports/quarantine/export-sft.jsonl", set_field(1, id=rows[0]["id"]))
+    rows = list(map(orjson.loads, (ws.quarantine / "export.jsonl").read_bytes().splitlines()))
+    edit_rows(ws, "exports/quarantine/export.jsonl", set_field(1, id=rows[0]["id"]))
 
 
 def t_schemas(ws):
@@ -351,16 +351,16 @@ def test_nothing_lost_holds_for_gzip_csv_with_multiline_fields(tmp_path):
 def test_unique_ids_in_buckets_on_disk_reports_the_earliest_repeats_in_file_order(gws, monkeypatch):
     """Ids go to hash buckets on disk (memory flat at 10^6 rows); however many buckets, the
     report is the first MAX_PROBLEMS repeats in file order and a count of the rest."""
-    rows = list(map(orjson.loads, (gws.quarantine / "export-sft.jsonl").read_bytes().splitlines()))
+    rows = list(map(orjson.loads, (gws.quarantine / "export.jsonl").read_bytes().splitlines()))
     assert len(rows) > 30
     # rows 10 to 39 repeat the ids of rows 0 to 9: more repeats than are reported
-    edit_rows(gws, "exports/quarantine/export-sft.jsonl",
+    edit_rows(gws, "exports/quarantine/export.jsonl",
               lambda i, r: {**r, "id": rows[i % 10]["id"]} if 10 <= i < 40 else None)
     one = problems_of(gws, "unique_ids")
     repeats = 30
     assert len(one) == inv.MAX_PROBLEMS + 1 and one[-1] == f"... and {repeats - inv.MAX_PROBLEMS} more"
-    assert one[0] == (f"quarantine: id {rows[0]['id']} at exports/quarantine/export-sft.jsonl:10 is also at "
-                      "exports/quarantine/export-sft.jsonl:0")
+    assert one[0] == (f"quarantine: id {rows[0]['id']} at exports/quarantine/export.jsonl:10 is also at "
+                      "exports/quarantine/export.jsonl:0")
     monkeypatch.setattr(inv, "UNIQUE_ID_BUCKET_BYTES", 1024)  # dozens of buckets
     assert problems_of(gws, "unique_ids") == one
 

@@ -32,6 +32,8 @@ from urllib.parse import quote, unquote
 import pytest
 
 from conftest import FIXTURES, copy_sample, read_jsonl_file
+from refinery.export import refusals as export_refusals
+from refinery.workspace import Workspace
 
 SECRETS_DIR = FIXTURES / "secrets"
 ITEMS: list[dict[str, str]] = [json.loads(line) for line in
@@ -570,8 +572,7 @@ def _export_outcomes(root: Path, stage: str, export: str) -> dict[str, str]:
     scored = _scored_ids(root)
     key = lambda prov: scored.get((prov["source_file"], prov["line_offset"]))  # noqa: E731
     out = {}
-    q = root / "exports" / "quarantine" / f"export-{stage}.jsonl"
-    for r in read_jsonl_file(q) if q.exists() else []:
+    for r in export_refusals(Workspace.at(root), stage):
         out[key(r["provenance"])] = r["reason"]
     path = root / "exports" / export
     for r in read_jsonl_file(path) if path.exists() else []:

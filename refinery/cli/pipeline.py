@@ -220,8 +220,10 @@ _EXPORT_HELP = {
                   "higher, no self-pairs, no identical texts: exports/preference/chosen_rejected.jsonl.",
 }
 for _name, _help in _EXPORT_HELP.items():
-    app.command(f"export-{_name}", help=_help + " Refused rows go to exports/quarantine/export-"
-                f"{_name}.jsonl with a reason; composition stats go next to the export.")(_export_command((_name,)))
+    app.command(f"export-{_name}", help=_help + " Refused rows go to exports/quarantine/ with a reason: "
+                "export.jsonl (a category, text or secret refused on reading; one record names every export that "
+                f"refuses the row, each judged) and export-{_name}.jsonl (refused while merging); composition "
+                "stats go next to the export.")(_export_command((_name,)))
 app.command("export-all", help="Write the RAG, SFT and preference exports in one pass over the scored "
              "runs (see export-rag, export-sft, export-preference).")(_export_command(("rag", "sft", "preference")))
 
