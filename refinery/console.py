@@ -9,6 +9,8 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
+from refinery.exporters import BY_NAME
+
 CATEGORIES = ("accepted", "partially_accepted", "rejected", "needs_human_review")
 #: ANSI escape sequences: CSI (colours, cursor moves) and OSC (titles, links).
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
@@ -102,7 +104,8 @@ def export_table(result: Any, console: Console | None = None) -> None:
     console = console or Console()
     t = _table(f"exports — {result.seconds:.2f}s", "export", "rows in", "written", "quarantined", "file")
     for name, e in result.exports.items():
-        written = f"{e['rows']:,} pairs ({e['rows_out']:,} rows)" if name == "preference" else f"{e['rows']:,}"
+        unit = BY_NAME[name].unit
+        written = f"{e['rows']:,} {unit} ({e['rows_out']:,} rows)" if unit != "rows" else f"{e['rows']:,}"
         t.add_row(name, f"{e['rows_in']:,}", written, f"{e['quarantined']:,}", e["path"])
     console.print(t)
     reasons = sorted({r for e in result.exports.values() for r in e["by_reason"]})
@@ -121,7 +124,8 @@ def _stage_table(title: str, receipts: dict[str, dict[str, Any]], *, hashes: boo
     t.columns[0].no_wrap = t.columns[-1].no_wrap = True
     for stage, r in receipts.items():
         c = r["counts"]
-        out = f"{c['written']:,} pairs" if stage == "export-preference" else f"{c.get('written', c['rows_out']):,}"
+        unit = BY_NAME[stage.removeprefix("export-")].unit if stage.startswith("export-") else "rows"
+        out = f"{c['written']:,} {unit}" if unit != "rows" else f"{c.get('written', c['rows_out']):,}"
         joined = f"{c['joined']:,}" if c.get("joined") else "·"  # records merged into another's evidence
         row = [stage, f"{c['rows_in']:,}", out, joined, f"{c['quarantined']:,}"]
         if hashes:

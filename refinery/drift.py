@@ -20,6 +20,7 @@ from typing import Any
 
 from refinery.canonical import sig_hash
 from refinery.config import DriftConfig
+from refinery.receipts import EXPORT_STAGES
 
 SEVERITY_ORDER = {"ok": 0, "warn": 1, "alert": 2}
 
@@ -39,7 +40,7 @@ def metrics(receipts: dict[str, dict[str, Any]]) -> dict[str, float]:
         for cat, n in s["by_category"].items():
             out[f"category.{cat}"] = n
             out[f"category_share_pct.{cat}"] = round(100 * n / total, 2) if total else 0.0
-    for stage in ("export-rag", "export-sft", "export-preference"):
+    for stage in EXPORT_STAGES:
         if e := receipts.get(stage):
             out[f"{stage}.written"] = e["counts"]["written"]
             out[f"quarantined.{stage}"] = e["counts"]["quarantined"]

@@ -29,10 +29,11 @@ from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.jsonl import DEFAULT_MAX_LINE_BYTES, Line, LineCursor, read_jsonl
 from refinery.normalize import normalize_text
-from refinery import workspace
+from refinery import exporters, workspace
 from refinery.workspace import Workspace
 
-EXPORT_FILES = {f"export-{e}": rel for e, rel in workspace.EXPORT_FILES.items()}
+EXPORTERS = {f"export-{x.name}": x for x in exporters.EXPORTERS}
+EXPORT_FILES = {stage: x.path for stage, x in EXPORTERS.items()}
 #: The trees whose every file a receipt must account for.
 RECORDED_TREES = workspace.PUBLISHED
 MAX_PROBLEMS = 20  # per check: enough to act on, not a flood
@@ -319,8 +320,7 @@ def accounting_exports(ctx: Context) -> list[str]:
             problems.append(f"{workspace.quarantine_file(stage)} and {workspace.EXPORT_QUARANTINE} hold "
                             f"{sum(reasons.values())} refusals by {stage}, it quarantined {c['quarantined']}")
         problems += _compare(f"{stage} quarantine reason", reasons, r["by_reason"])
-        if stage != "export-preference":
-            field = "category" if stage == "export-rag" else "quality_score"
+        if field := EXPORTERS[stage].category_field:
             problems += _compare(f"{stage} rows in category", _tally(ctx, [path], field), r["by_category"])
     return problems
 
@@ -467,8 +467,9 @@ def scored_provenance(ctx: Context) -> list[str]:
 def export_provenance(ctx: Context) -> list[str]:
     """Every export row (both answers of a pair) points at its scored run, whose hash recomputes."""
     problems, lines = Problems(), Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes)
-    for stage in ("export-rag", "export-sft"):
-        _check_provenance(ctx, EXPORT_FILES[stage], lines, problems, lambda o: [o["provenance"]], expect_id=True)
+    for x in EXPORTERS.values():
+        if not x.grouped:
+            _check_provenance(ctx, x.path, lines, problems, lambda o: [o["provenance"]], expect_id=True)
     sides = _pair_sides(ctx)
     for i, p in _pairs(ctx):
         for side in ("chosen", "rejected"):
@@ -659,7 +660,7 @@ def no_duplicate_answers(ctx: Context) -> list[str]:
     from refinery.normalize import answer_text
 
     problems = Problems()
-    for stage in ("export-rag", "export-sft"):
+    for stage in (stage for stage, x in EXPORTERS.items() if x.dedup):
         seen: dict[bytes, int] = {}
         lines = Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes)
         for line in ctx.rows(EXPORT_FILES[stage]):
@@ -867,8 +868,7 @@ def schemas_validate(ctx: Context) -> list[str]:
         return f"{'/'.join(str(p) for p in err.absolute_path) or '(row)'}: {err.message[:120]}"
 
     plan = [("evidence_record", ctx.files("data/evidence")), ("scored_run", ctx.files("data/scored-runs")),
-            ("rag_sample", [EXPORT_FILES["export-rag"]]), ("sft_sample", [EXPORT_FILES["export-sft"]]),
-            ("preference_pair", [EXPORT_FILES["export-preference"]]),
+            *((x.schema, [x.path]) for x in EXPORTERS.values()),
             ("quarantine_record", ctx.files("exports/quarantine"))]
     for name, rels in plan:
         model = SCHEMA_MODELS[name]

@@ -223,7 +223,7 @@ class QuarantineRecord(Strict):
                                 "exports' shared records)")
     stage: str = Field(description="materialize, score, export-<name> (refused while merging that export), or "
                                    "export (refused while reading the row, for every export in `exports`)")
-    exports: list[Literal["rag", "sft", "preference"]] | None = Field(
+    exports: list[str] | None = Field(
         description="the exports that refused the row for this reason; null for materialize and score")
     source: str
     reason: Reason

@@ -27,9 +27,10 @@ import refinery
 from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.errors import RefineryError
-from refinery.workspace import Workspace, is_output_path
+from refinery.exporters import BY_NAME, EXPORTERS
+from refinery.workspace import QUARANTINE_DIR, Workspace, is_output_path
 
-STAGES = ("materialize", "score", "export-rag", "export-sft", "export-preference")
+STAGES = ("materialize", "score", *(f"export-{x.name}" for x in EXPORTERS))
 EXPORT_STAGES = STAGES[2:]
 #: The stages whose outputs each stage reads.
 READS_FROM: dict[str, tuple[str, ...]] = {
@@ -37,7 +38,6 @@ READS_FROM: dict[str, tuple[str, ...]] = {
     "score": ("materialize",),
     **{s: ("materialize", "score") for s in EXPORT_STAGES},
 }
-QUARANTINE_DIR = "exports/quarantine/"
 #: Fields a receipt's hash leaves out: they differ between runs that did the same work.
 UNHASHED = ("run_id", "reused_from", "timings", "fingerprints", "receipt_hash")
 
@@ -202,17 +202,11 @@ def score_counts(result: Any) -> dict[str, Any]:
 
 
 def export_counts(name: str, e: dict[str, Any]) -> dict[str, Any]:
+    own = BY_NAME[name].composition().receipt_counts(e)
     counts = {"rows_in": e["rows_in"], "rows_out": e["rows_out"], "quarantined": e["quarantined"],
-              "written": e["rows"]}
-    if name == "preference":
-        counts.update({"pairs": e["pairs"], "tasks": e["tasks"], "tool_using_chosen": e["tool_using_chosen"]})
-        by_source = e["by_chosen_source"]
-    else:
-        counts.update({"tool_using": e["tool_using"], "direct_answers": e["direct_answers"]})
-        by_source = e["by_source"]
-    counts.update({f"redacted.{k}": v for k, v in e["redacted"].items()})
-    return {"counts": counts, "by_category": e.get("by_category", {}), "by_reason": e["by_reason"],
-            "by_source": {s: {"written": n} for s, n in by_source.items()}}
+              "written": e["rows"], **own["counts"], **{f"redacted.{k}": v for k, v in e["redacted"].items()}}
+    return {"counts": counts, "by_category": own["by_category"], "by_reason": e["by_reason"],
+            "by_source": {s: {"written": n} for s, n in own["by_source"].items()}}
 
 
 # --- checks -------------------------------------------------------------------------------
@@ -231,7 +225,7 @@ def check_chain(receipts: dict[str, dict[str, Any]]) -> list[str]:
             problems.append(f"{stage}: no receipt for {', '.join(missing)}, which it reads from")
             continue
         produced = {o["path"]: o for u in upstream for o in receipts[u]["outputs"]
-                    if not o["path"].startswith(QUARANTINE_DIR)}
+                    if not o["path"].startswith(QUARANTINE_DIR + "/")}
         read = {i["path"]: i for i in r["inputs"]}
         for path in sorted(produced.keys() | read.keys()):
             p, i = produced.get(path), read.get(path)

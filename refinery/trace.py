@@ -23,7 +23,8 @@ from refinery.canonical import sig_hash
 from refinery.errors import RefineryError
 from refinery.jsonl import Line, LineCursor, read_jsonl
 from refinery.sources import SourceRecords
-from refinery.workspace import EXPORT_FILES, Workspace
+from refinery.exporters import EXPORTERS
+from refinery.workspace import Workspace
 
 
 class NotFound(RefineryError, LookupError):
@@ -77,17 +78,16 @@ class Trace:
 
 
 def _candidates(ws: Workspace, row_id: str) -> list[Path]:
-    """Files that can hold `row_id`, from its prefix (rag-, sft-, pp-, ev-, q-)."""
+    """Files that can hold `row_id`, from its prefix (an export's — rag-, sft-, pp- —, ev-, q-)."""
     prefix = row_id.split("-", 1)[0]
     files = {
-        "rag": [ws.out / EXPORT_FILES["rag"]],
-        "sft": [ws.out / EXPORT_FILES["sft"]],
-        "pp": [ws.out / EXPORT_FILES["preference"]],
+        **{x.id_prefix: [ws.out / x.path] for x in EXPORTERS},
         "q": sorted(ws.quarantine.glob("*.jsonl")),
         "ev": sorted(ws.scored_runs.rglob("*.jsonl")) + sorted(ws.evidence.rglob("*.jsonl")),
     }.get(prefix)
     if files is None:
-        raise NotFound(f"{row_id!r} is not an id refinery writes (ids start with rag-, sft-, pp-, ev- or q-)")
+        raise NotFound(f"{row_id!r} is not an id refinery writes (ids start with "
+                       f"{', '.join(x.id_prefix + '-' for x in EXPORTERS)}, ev- or q-)")
     return [f for f in files if f.exists()]
 
 

@@ -20,15 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refinery.errors import RefineryError
+from refinery.exporters import EXPORTERS
 
 #: The workspace roots this process holds the lock of, with how deeply it is held.
 _HELD: dict[Path, int] = {}
 _LOCK_FD: dict[Path, int] = {}
 
 
-#: Each export's file, relative to the root: the one place these paths are spelled.
-EXPORT_FILES = {"rag": "exports/rag/playbooks.jsonl", "sft": "exports/sft/instruction_response.jsonl",
-                "preference": "exports/preference/chosen_rejected.jsonl"}
+#: Each export's file, relative to the root, as its module in refinery/exporters/ declares it.
+EXPORT_FILES = {x.name: x.path for x in EXPORTERS}
 #: Refused rows: one file per stage (`quarantine_file(stage)`); the exports' per-row refusals,
 #: decided once for every export a row is refused by, share EXPORT_QUARANTINE.
 QUARANTINE_DIR = "exports/quarantine"

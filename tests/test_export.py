@@ -13,6 +13,7 @@ import pytest
 
 from conftest import FIXTURES, read_jsonl_file, tree_bytes, write_kb
 from refinery import export, materialize, score
+from refinery.exporters import sft
 from refinery.config import load_config
 from refinery.schemas import load_schema
 
@@ -119,7 +120,7 @@ def test_schema_enum_refuses_forbidden_categories():  # defence 1
 def test_never_list_stops_a_rejected_row_even_if_admitted(fixture_ws, cfg, monkeypatch):  # defence 2
     materialize.run(fixture_ws, cfg)
     score.run(fixture_ws, cfg)
-    monkeypatch.setattr(export, "_admits", lambda e, c, rag_ok, sft_ok: True)
+    monkeypatch.setattr(sft.Sft, "admits", lambda self, category, s: True)
     with pytest.raises(export.LeakError, match="about to be written to SFT"):
         export.run(fixture_ws, cfg)
     assert not (fixture_ws.exports / export.PATHS["sft"]).exists()
@@ -128,8 +129,8 @@ def test_never_list_stops_a_rejected_row_even_if_admitted(fixture_ws, cfg, monke
 def test_reread_fails_loudly_and_publishes_nothing(fixture_ws, cfg, monkeypatch):  # defence 3
     pipeline(fixture_ws, cfg)
     before = tree_bytes(fixture_ws.exports)
-    monkeypatch.setattr(export, "_admits", lambda e, c, rag_ok, sft_ok: True)
-    monkeypatch.setattr(export, "SFT_NEVER", frozenset())
+    monkeypatch.setattr(sft.Sft, "admits", lambda self, category, s: True)
+    monkeypatch.setattr(sft, "SFT_NEVER", frozenset())
     with pytest.raises(export.LeakError, match="must never be in SFT"):
         export.run(fixture_ws, cfg)
     assert tree_bytes(fixture_ws.exports) == before  # the previous exports are untouched

@@ -405,6 +405,7 @@ def test_stage_commands_run_outside_run_all_are_noticed(ws, sample_run):
 
 def test_a_failed_run_publishes_nothing_and_is_listed_as_failed(ws, sample_run, monkeypatch):
     from refinery import export
+    from refinery.exporters import sft
 
     first = sample_run
     before = outputs(ws)
@@ -413,8 +414,8 @@ def test_a_failed_run_publishes_nothing_and_is_listed_as_failed(ws, sample_run, 
     def leak(path, ws, allowed):
         raise export.LeakError("row 3 is rejected")
 
-    real = export.verify_sft
-    monkeypatch.setattr(export, "verify_sft", leak)
+    real = sft.verify_sft
+    monkeypatch.setattr(sft, "verify_sft", leak)
     result = invoke("run-all")
     assert result.exit_code == 1 and "nothing was published" in result.output
     assert outputs(ws) == before  # materialize and score ran, but their outputs were not published
@@ -422,7 +423,7 @@ def test_a_failed_run_publishes_nothing_and_is_listed_as_failed(ws, sample_run, 
     assert [r["status"] for r in listed] == ["complete", "failed"]
     assert listed[1]["exit_code"] == 1 and "LeakError" in listed[1]["error"]
     assert not list((ws.root / "data").glob(".run-*"))  # the staging is gone
-    monkeypatch.setattr(export, "verify_sft", real)
+    monkeypatch.setattr(sft, "verify_sft", real)
     (ws.root / "refinery.toml").unlink()
     again = run_all()  # a failed run is never what a later run reuses or compares with
     assert again["drift"]["previous_run_id"] == first["run_id"]

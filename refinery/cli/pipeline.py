@@ -11,6 +11,7 @@ import typer
 from refinery.cli.common import (
     ConfigOpt, JsonOpt, WorkersOpt, WorkspaceOpt, _err, _load, _print_json, _progress, app,
 )
+from refinery.exporters import BY_NAME, EXPORTERS, NAMES
 
 
 def _do_materialize(ws, cfg, validate: bool):
@@ -199,7 +200,7 @@ def _export_command(exports: tuple[str, ...]):
 
             console.export_table(result)
 
-    if "sft" in exports:
+    if any(BY_NAME[e].partial_option for e in exports):
         def command(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None,
                     include_partial: IncludePartialOpt = None, workers: WorkersOpt = None,
                     as_json: JsonOpt = False) -> None:
@@ -211,21 +212,13 @@ def _export_command(exports: tuple[str, ...]):
     return command
 
 
-_EXPORT_HELP = {
-    "rag": "Export accepted and partially accepted answers as retrieval playbooks: exports/rag/playbooks.jsonl.",
-    "sft": "Export accepted answers (--include-partial: also partially accepted) as SFT rows: "
-           "exports/sft/instruction_response.jsonl. The written file is re-read and checked; on a "
-           "forbidden row nothing is published and the exit code is 1.",
-    "preference": "Export chosen/rejected pairs of answers to the same prompt, chosen scored strictly "
-                  "higher, no self-pairs, no identical texts: exports/preference/chosen_rejected.jsonl.",
-}
-for _name, _help in _EXPORT_HELP.items():
-    app.command(f"export-{_name}", help=_help + " Refused rows go to exports/quarantine/ with a reason: "
-                "export.jsonl (a category, text or secret refused on reading; one record names every export that "
-                f"refuses the row, each judged) and export-{_name}.jsonl (refused while merging); composition "
-                "stats go next to the export.")(_export_command((_name,)))
-app.command("export-all", help="Write the RAG, SFT and preference exports in one pass over the scored "
-             "runs (see export-rag, export-sft, export-preference).")(_export_command(("rag", "sft", "preference")))
+for _x in EXPORTERS:
+    app.command(f"export-{_x.name}", help=_x.summary + " Refused rows go to exports/quarantine/ with a reason: "
+                "export.jsonl (refused on reading: a category it does not take, a missing text, a secret; one "
+                f"record names every export that refused the row) and export-{_x.name}.jsonl (refused while "
+                "merging); composition stats go next to the export.")(_export_command((_x.name,)))
+app.command("export-all", help=f"Write every export ({', '.join(NAMES)}) in one pass over the scored runs "
+             f"(see {', '.join(f'export-{e}' for e in NAMES)}).")(_export_command(NAMES))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,39 @@
+"""The exports, one module each: every module here (but those starting with `_`) defines
+`EXPORTER`, an `Exporter` (see `_base`) that declares its name, output path, record schema,
+what it admits and how it merges. The export stage, receipts, audit, console and CLI take
+the list from here; a new export is one new module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from refinery.exporters._base import (
+    Candidate, Composition, Exporter, ExportStats, LeakError, Refuse, Settings, plain_call, plain_message, reply,
+)
+
+
+def _discover() -> tuple[Exporter, ...]:
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            exporter = getattr(module, "EXPORTER", None)
+            if not isinstance(exporter, Exporter):
+                raise TypeError(f"{module.__file__}: an export module defines EXPORTER, an Exporter")
+            found.append(exporter)
+    found.sort(key=lambda x: (x.order, x.name))
+    names = [x.name for x in found]
+    if len(set(names)) != len(names):
+        raise TypeError(f"two export modules declare the same name: {names}")
+    return tuple(found)
+
+
+#: Every export, in order.
+EXPORTERS: tuple[Exporter, ...] = _discover()
+BY_NAME: dict[str, Exporter] = {x.name: x for x in EXPORTERS}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+
+__all__ = ["BY_NAME", "Candidate", "Composition", "EXPORTERS", "Exporter", "ExportStats", "LeakError", "NAMES",
+           "Refuse", "Settings", "plain_call", "plain_message", "reply"]

@@ -1,0 +1,77 @@
+"""Exports of one row per taken answer (RAG, SFT): candidates merged in file order, a repeated
+(task, answer) dropped as a duplicate when export.dedup is on."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar
+
+import orjson
+
+from refinery.dedup import SeenHashes
+from refinery.exporters._base import Candidate, Composition, Exporter, ExportStats, Refuse, Settings
+from refinery.normalize import render_tool_calls
+from refinery.reasons import Reason
+
+
+class RowExporter(Exporter):
+    dedup = True
+    prompt_field: ClassVar[str]
+    """the row field holding the prompt (composition stats)"""
+
+    def row(self, c: Candidate) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def candidate(self, c: Candidate, s: Settings) -> bytes:
+        return c.key.encode() + b"\t" + orjson.dumps(self.row(c)) + b"\n"
+
+    def merge(self, parts: Iterable[Iterable[bytes]], write: Callable[[dict[str, Any]], None], refuse: Refuse,
+              st: ExportStats, s: Settings) -> Iterator[dict[str, Any]]:
+        seen = SeenHashes().add
+        for lines in parts:
+            for line in lines:
+                key, _, body = line.partition(b"\t")
+                row = orjson.loads(body)
+                if s.export.dedup and not seen(int(key, 16)):
+                    refuse(row["source"], row["provenance"], Reason.DUPLICATE_ANSWER,
+                           "the same answer to the same task is already in the export")
+                    continue
+                write(row)
+                st.rows_out += 1
+                yield row
+
+    def composition(self) -> Composition:
+        return RowComposition(self)
+
+
+class RowComposition(Composition):
+    def __init__(self, exporter: RowExporter):
+        self.exporter = exporter
+        self.rows = 0
+        self.by_source: Counter[str] = Counter()
+        self.by_category: Counter[str] = Counter()
+        self.tool_using = 0
+        self.prompt_chars = 0
+        self.answer_chars = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        self.by_source[row["source"]] += 1
+        self.by_category[row[self.exporter.category_field]] += 1
+        self.tool_using += bool(row["tool_calls"])
+        self.prompt_chars += len(row[self.exporter.prompt_field])
+        self.answer_chars += len(row["response"]) + (len(render_tool_calls(row["tool_calls"]))
+                                                     if row["tool_calls"] else 0)
+
+    def to_json(self, st: ExportStats, path: str) -> dict[str, Any]:
+        mean = (lambda total: round(total / self.rows, 1) if self.rows else 0.0)
+        return {"export": self.exporter.name, "path": path, "rows": self.rows,
+                "by_source": dict(sorted(self.by_source.items())),
+                "by_category": dict(sorted(self.by_category.items())),
+                "tool_using": self.tool_using, "direct_answers": self.rows - self.tool_using,
+                "mean_prompt_chars": mean(self.prompt_chars), "mean_answer_chars": mean(self.answer_chars)}
+
+    def receipt_counts(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return {"counts": {"tool_using": doc["tool_using"], "direct_answers": doc["direct_answers"]},
+                "by_category": doc["by_category"], "by_source": doc["by_source"]}
