@@ -52,6 +52,7 @@ from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.score import StaleInputError, read_manifest
+from refinery.stages import StageResult
 from refinery.workspace import EXPORT_FILES, EXPORT_QUARANTINE, Workspace, quarantine_file
 
 EXPORTS = NAMES
@@ -79,6 +80,20 @@ class ExportResult:
     def to_json(self) -> dict[str, Any]:
         return {"stage": "export", "exports": self.exports, "outputs": self.outputs,
                 "seconds": round(self.seconds, 3)}
+
+    def stage_results(self) -> list[StageResult]:
+        """One per export written: its outputs (the export, its own quarantine, the shared one,
+        its stats), and its counts — the export's own (pairs, tool use, ...) from its exporter."""
+        out = []
+        for name, e in self.exports.items():
+            mine = {e["path"], e["quarantine"], e["quarantine_shared"], e["stats_path"]}
+            own = BY_NAME[name].composition().receipt_counts(e)
+            counts = {"rows_in": e["rows_in"], "rows_out": e["rows_out"], "quarantined": e["quarantined"],
+                      "written": e["rows"], **own["counts"], **{f"redacted.{k}": v for k, v in e["redacted"].items()}}
+            out.append(StageResult(stage_name(name), [o for o in self.outputs if o["path"] in mine], counts,
+                                   by_category=own["by_category"], by_reason=e["by_reason"],
+                                   by_source={s: {"written": n} for s, n in own["by_source"].items()}))
+        return out
 
 
 #: The evidence fields an export row is made of: all of them are scanned, keys and values.

@@ -54,6 +54,7 @@ from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.sources import SourceFile, csv_raw, list_sources, read_rows
+from refinery.stages import StageResult, by_source
 from refinery.transform import (
     PART_KEY, UNDATED, Emit, FieldHits, GroupContext, Keyed, Member, Refusal, Refuse, RowContext, RowError,
 )
@@ -158,6 +159,23 @@ class MaterializeResult:
         """2 when a source file could not be read or is claimed ambiguously, 1 when a transform
         failed on a record, else 0."""
         return 2 if self.file_errors else 1 if self.transform_errors else 0
+
+    def stage_result(self) -> StageResult:
+        """What its receipt records: each source read (with the sha256 of the bytes read), and
+        the counts, per reason and per source."""
+        def per_file(f: FileResult) -> dict[str, int]:
+            c = {"rows_in": f.rows_in, "evidence": f.evidence, "quarantined": f.quarantined}
+            return {**c, "joined": f.joined, "split": f.split} if f.joined or f.split else c
+
+        return StageResult(
+            STAGE, self.outputs,
+            counts={"files": len(self.files), "rows_in": self.rows_in, "rows_out": self.evidence,
+                    "quarantined": self.quarantined, "joined": self.joined, "split": self.split,
+                    "transform_errors": self.transform_errors,
+                    "unreadable_files": sum(1 for f in self.files if f.unreadable)},
+            by_reason=self.by_reason, by_source=by_source((f.source, per_file(f)) for f in self.files),
+            inputs=[{"path": f.source_file, "sha256": f.input_sha256, "rows": f.rows_in}
+                    for f in self.files if f.input_sha256])
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +25,12 @@ import orjson
 import refinery
 from refinery.canonical import sig_hash
 from refinery.config import Config
+from refinery import stages
 from refinery.errors import RefineryError
-from refinery.exporters import BY_NAME, EXPORTERS
 from refinery.workspace import QUARANTINE_DIR, Workspace, is_output_path
 
-STAGES = ("materialize", "score", *(f"export-{x.name}" for x in EXPORTERS))
-EXPORT_STAGES = STAGES[2:]
-#: The stages whose outputs each stage reads.
-READS_FROM: dict[str, tuple[str, ...]] = {
-    "materialize": (),
-    "score": ("materialize",),
-    **{s: ("materialize", "score") for s in EXPORT_STAGES},
-}
+#: The stages, those that are exports, and what each reads from: as refinery.stages declares them.
+STAGES, EXPORT_STAGES, READS_FROM = stages.STAGES, stages.EXPORT_STAGES, stages.READS_FROM
 #: Fields a receipt's hash leaves out: they differ between runs that did the same work.
 UNHASHED = ("run_id", "reused_from", "timings", "fingerprints", "receipt_hash")
 
@@ -58,30 +51,12 @@ def code_version(ws: Workspace, cfg: Config) -> str:
 
 
 def stage_config_hash(stage: str, cfg: Config, include_partial: bool | None = None) -> str:
-    """The hash of the settings `stage` reads. Worker counts are left out: they never change
-    an output; so are the transform folders' paths (their modules' content is in the code version)."""
-    if stage == "materialize":
-        # transforms_dirs only says where modules are; what they are is in the code version
-        m = cfg.materialize.model_dump(mode="json", exclude={"workers", "parallel_min_bytes", "transforms_dirs"})
-        doc: dict[str, Any] = {"materialize": m, "mappings": {k: v.model_dump(mode="json")
-                                                               for k, v in cfg.mappings.items()}}
-        if cfg.sources or cfg.signals:  # absent when unused, so older receipts stay comparable
-            doc["sources"] = {k: v.model_dump(mode="json") for k, v in cfg.sources.items()}
-            doc["signals"] = {k: v.model_dump(mode="json") for k, v in cfg.signals.items()}
-    elif stage == "score":
-        doc = {"score": cfg.score.model_dump(mode="json"),
-               "quarantine_preview_chars": cfg.materialize.quarantine_preview_chars}
-    elif stage in EXPORT_STAGES:
-        e = cfg.export.model_dump(mode="json")
-        if include_partial is not None:
-            e["include_partial"] = include_partial
-        # the sensitive-data rules' sources and versions: a new rule set re-scans every row
-        from refinery.sensitive import ruleset
-
-        doc = {"export": e, "stage": stage, "sensitive_rules": ruleset()}
-    else:
+    """The hash of the settings `stage` reads (as refinery.stages declares them). Worker counts
+    are left out: they never change an output; so are the transform folders' paths (their
+    modules' content is in the code version)."""
+    if stage not in stages.BY_NAME:
         raise ValueError(f"unknown stage {stage!r}")
-    return sig_hash(doc)
+    return stages.BY_NAME[stage].config_hash(cfg, include_partial)
 
 
 class Digests:
@@ -163,50 +138,6 @@ def make_receipt(**fields: Any) -> dict[str, Any]:
     doc = StageReceipt.model_validate(fields).model_dump(mode="json")
     doc["receipt_hash"] = receipt_hash(doc)
     return doc
-
-
-# --- counts per stage, from the stages' results -------------------------------------------
-
-
-def materialize_counts(result: Any) -> dict[str, Any]:
-    by_source: dict[str, Counter[str]] = {}
-    for f in result.files:
-        c = by_source.setdefault(f.source, Counter())
-        c.update({"rows_in": f.rows_in, "evidence": f.evidence, "quarantined": f.quarantined})
-        if f.joined or f.split:
-            c.update({"joined": f.joined, "split": f.split})
-    return {
-        "inputs": [{"path": f.source_file, "sha256": f.input_sha256, "rows": f.rows_in}
-                   for f in result.files if f.input_sha256],
-        "counts": {"files": len(result.files), "rows_in": result.rows_in, "rows_out": result.evidence,
-                   "quarantined": result.quarantined, "joined": result.joined, "split": result.split,
-                   "transform_errors": result.transform_errors,
-                   "unreadable_files": sum(1 for f in result.files if f.unreadable)},
-        "by_reason": result.by_reason,
-        "by_source": {s: dict(c) for s, c in sorted(by_source.items())},
-    }
-
-
-def score_counts(result: Any) -> dict[str, Any]:
-    by_source: dict[str, Counter[str]] = {}
-    for f in result.files:
-        src = f.evidence_file.rsplit("/", 1)[-1].removesuffix(".jsonl")
-        by_source.setdefault(src, Counter()).update(f.by_category)
-    j = result.to_json()
-    return {
-        "counts": {"rows_in": result.rows_in, "rows_out": result.scored, "quarantined": result.quarantined},
-        "by_category": result.by_category,
-        "by_reason": j["by_reason"],
-        "by_source": {s: dict(sorted(c.items())) for s, c in sorted(by_source.items())},
-    }
-
-
-def export_counts(name: str, e: dict[str, Any]) -> dict[str, Any]:
-    own = BY_NAME[name].composition().receipt_counts(e)
-    counts = {"rows_in": e["rows_in"], "rows_out": e["rows_out"], "quarantined": e["quarantined"],
-              "written": e["rows"], **own["counts"], **{f"redacted.{k}": v for k, v in e["redacted"].items()}}
-    return {"counts": counts, "by_category": own["by_category"], "by_reason": e["by_reason"],
-            "by_source": {s: {"written": n} for s, n in own["by_source"].items()}}
 
 
 # --- checks -------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from refinery.config import Config
 from refinery.errors import CheckFailed, RefineryError, exit_code
 from refinery.jsonl import PUBLISH_JOURNAL, RUN_STAGING_PREFIX, publish_together
 from refinery.receipts import EXPORT_STAGES, Digests
+from refinery.stages import Stage, Step, walk
 from refinery.transform import now_utc
 from refinery.workspace import PUBLISHED, PUBLISHED_RUN, SUMMARY, Workspace, is_output_path
 
@@ -404,73 +405,32 @@ class _Run:
         return {"code_version": self.code, "config_hash": config_hash, "policy_hash": policy_hash,
                 "inputs": inputs, "outputs": outputs}
 
-    def _digests(self, files: list[Path]) -> list[dict[str, Any]]:
-        rels = sorted((self.staged.rel(p), p) for p in files)
-        return [self.digests.of(p, rel) for rel, p in rels]
-
     # the stages -----------------------------------------------------------------------------
 
-    def materialize(self) -> Any:
-        from refinery import materialize
-        from refinery.sources import list_sources
-
-        stage, started, t0 = "materialize", now_utc(), time.perf_counter()
-        sources, _ = list_sources(self.ws, self.cfg.materialize.ignore)
-        chash = receipts.stage_config_hash(stage, self.cfg)
-        inputs = [self.digests.of(s.path, s.ws_rel) for s in sources]
-        if prev := self._reusable(stage, chash, None, inputs):
-            self._reuse(stage, prev, started, t0)
-            return None
-        with self.progress(stage, sum(s.size for s in sources)) as advance:
-            result = materialize.run(self.staged, self.cfg, on_file_done=advance)
-        c = receipts.materialize_counts(result)
-        self._record(stage, {**self._base(stage, chash, None, c.pop("inputs"), result.outputs), **c}, started, t0)
-        return result
-
-    def score(self) -> None:
-        from refinery import score
-        from refinery.policy import policy_hash
-
-        stage, started, t0 = "score", now_utc(), time.perf_counter()
-        chash, phash = receipts.stage_config_hash(stage, self.cfg), policy_hash(self.cfg.score)
-        inputs = self._digests(score.evidence_files(self.staged))
-        if prev := self._reusable(stage, chash, phash, inputs):
-            self._reuse(stage, prev, started, t0)
-            return
-        with self.progress(stage, sum(p.stat().st_size for p in score.evidence_files(self.staged))) as advance:
-            result = score.run(self.staged, self.cfg, on_file_done=advance)
-        self._record(stage, {**self._base(stage, chash, phash, inputs, result.outputs),
-                             **receipts.score_counts(result)}, started, t0)
-
-    def exports(self) -> None:
-        from refinery import export
-
+    def step(self, step: Step, wanted: tuple[Stage, ...]) -> Any:
+        """Reuse each of `wanted` (the stages `step` computes) whose inputs, settings and code are
+        those of its receipt in the last successful run; compute the others in one go and record
+        a receipt for each from its StageResult. Returns what the step's command shows (None
+        when every stage was reused)."""
         started, t0 = now_utc(), time.perf_counter()
-        from refinery.score import evidence_files
-
-        # what the exports read: the evidence, the scored runs and the scored runs' manifest
-        inputs = self._digests([*evidence_files(self.staged),
-                                *(p for p in self.staged.scored_runs.rglob("*") if p.is_file())])
-        hashes = {s: receipts.stage_config_hash(s, self.cfg, self.include_partial) for s in EXPORT_STAGES}
+        inputs = [self.digests.of(p, rel) for p, rel in step.inputs(self.staged, self.cfg)]
+        hashes = {s.name: (s.config_hash(self.cfg, self.include_partial), s.policy(self.cfg)) for s in wanted}
         todo = []
-        for stage in EXPORT_STAGES:
-            if prev := self._reusable(stage, hashes[stage], None, inputs):
-                self._reuse(stage, prev, started, t0)
+        for s in wanted:
+            if prev := self._reusable(s.name, *hashes[s.name], inputs):
+                self._reuse(s.name, prev, started, t0)
             else:
-                todo.append(stage)
+                todo.append(s.name)
         if not todo:
-            return
-        names = tuple(s.removeprefix("export-") for s in todo)
-        with self.progress("export", None) as advance:
-            result = export.run(self.staged, self.cfg, exports=names, include_partial=self.include_partial,
-                                on_file_done=advance)
-        for name in names:
-            e = result.exports[name]
-            mine = {e["path"], e["quarantine"], e["quarantine_shared"], e["stats_path"]}
-            outputs = [o for o in result.outputs if o["path"] in mine]
-            stage = f"export-{name}"
-            self._record(stage, {**self._base(stage, hashes[stage], None, inputs, outputs),
-                                 **receipts.export_counts(name, e)}, started, t0)
+            return None
+        with self.progress(step.name, step.size(self.staged, self.cfg)) as advance:
+            results, shown = step.run(self.staged, self.cfg, self.include_partial, tuple(todo), advance)
+        for r in results:
+            chash, phash = hashes[r.stage]
+            read = r.inputs if r.inputs is not None else inputs
+            self._record(r.stage, {**self._base(r.stage, chash, phash, read, r.outputs), **r.receipt_fields()},
+                         started, t0)
+        return shown
 
     # the whole run --------------------------------------------------------------------------
 
@@ -487,9 +447,8 @@ class _Run:
         self.write_summary()
         for tree in PUBLISHED:  # even an empty one is published, replacing the last run's
             (self.staging / tree).mkdir(parents=True, exist_ok=True)
-        m = self.materialize()
-        self.score()
-        self.exports()
+        shown = {step.name: self.step(step, wanted) for step, wanted in walk()}
+        m = shown["materialize"]
         self.receipts = {s: self.receipts[s] for s in receipts.STAGES}  # stage order, whatever was reused
         if self.digests.trusted:
             self.log(f"files not re-read, their size, mtime and inode as run {self.previous[0]} recorded them: "

@@ -33,6 +33,7 @@ from refinery.parallel import map_files
 from refinery.policy import POLICY_VERSION, policy_hash, score_record
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
+from refinery.stages import StageResult, by_source
 from refinery.workspace import Workspace
 
 STAGE = "score"
@@ -88,6 +89,14 @@ class ScoreResult:
     def by_category(self) -> dict[str, int]:
         c = self._sum("by_category")
         return {k: c.get(k, 0) for k in CATEGORIES}
+
+    def stage_result(self) -> StageResult:
+        return StageResult(
+            STAGE, self.outputs, counts={"rows_in": self.rows_in, "rows_out": self.scored,
+                                         "quarantined": self.quarantined},
+            by_category=self.by_category, by_reason=self._sum("by_reason"),
+            by_source=by_source(((f.evidence_file.rsplit("/", 1)[-1].removesuffix(".jsonl"), f.by_category)
+                                 for f in self.files), sort_counts=True))
 
     def to_json(self) -> dict[str, Any]:
         return {
