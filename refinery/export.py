@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +44,13 @@ import orjson
 from refinery import sensitive
 from refinery.config import Config
 from refinery.errors import AccountingError
-from refinery.exporters import BY_NAME, EXPORTERS, NAMES, Candidate, ExportStats, LeakError, Settings, reply
+from refinery.dedup import SeenHashes
+from refinery.exporters import (
+    BY_NAME, EXPORTERS, NAMES, Candidate, Composition, ExportStats, LeakError, Settings, reply,
+)
 from refinery.exporters.preference import PREFERENCE_CHOSEN, PREFERENCE_REJECTED, pair_group, repeats_chosen_call
 from refinery.exporters.sft import SFT_NEVER, sft_categories, verify_sft
-from refinery.jsonl import JsonlWriter, LineCursor, concat_files, fsync, fsync_dir, read_jsonl
+from refinery.jsonl import JsonlWriter, LineCursor, concat_files, fsync_dir, read_jsonl
 from refinery.normalize import answer_text, normalize_text
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
@@ -179,6 +183,7 @@ def _part(parts: Path, export: str, index: int, bucket: int | None = None) -> Pa
     return parts / (f"{export}-{index:06d}.jsonl" if bucket is None else f"{export}-b{bucket:04d}-{index:06d}.jsonl")
 
 
+
 def export_file(job: FileJob) -> dict[str, ExportStats]:
     """Read one scored-run file with its evidence; write candidates and refusals into part files.
 
@@ -190,16 +195,19 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
     allow = list(s.export.allow_sensitive)
     redact = s.export.sensitive == "redact"
     parts = job.parts
-    files: dict[Path, Any] = {}
+    files: dict[Any, Any] = {}
 
-    def part(path: Path) -> Any:
-        f = files.get(path)
+    def part(key: Any, path: Callable[[], Path]) -> Any:
+        """The part file `key` names (opened on first use: most files feed a few buckets)."""
+        f = files.get(key)
         if f is None:
-            f = files[path] = open(path, "wb", buffering=1 << 18)
+            f = files[key] = open(path(), "wb", buffering=1 << 18)
         return f
 
-    out = {e: part(_part(parts, e, job.index)) for e in job.exports if not BY_NAME[e].grouped}
-    qw = QuarantineWriter(part(parts / f"q-{job.index:06d}.jsonl"), shared=True)
+    out = {e: part(e, lambda e=e: _part(parts, e, job.index)) for e in job.exports if not BY_NAME[e].grouped}
+    lines = dict.fromkeys(out, 0)  # candidates written to each ungrouped export's part so far
+    dedup = [e for e in out if BY_NAME[e].dedup and s.export.dedup]
+    qw = QuarantineWriter(part("q", lambda: parts / f"q-{job.index:06d}.jsonl"), shared=True)
 
     def refuse(exports: list[str], sr: dict[str, Any], prov: dict[str, Any], reason: Reason, detail: str) -> None:
         qw.refuse([stats[e] for e in exports if e in stats], exports, sr["source"], prov, reason, detail)
@@ -246,8 +254,17 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
             key = hashlib.sha256(f"{sr['task_key']}\x1f{norm}".encode()).hexdigest()[:16]
             c = Candidate(ev, sr, prov, answer, norm, key)
             for x in wanted:
-                f = part(_part(parts, x.name, job.index, x.bucket(c, job.buckets))) if x.grouped else out[x.name]
-                f.write(x.candidate(c, s))
+                e = x.name
+                if x.grouped:
+                    b = x.bucket(c, job.buckets)
+                    part((e, b), lambda e=e, b=b: _part(parts, e, job.index, b)).write(x.candidate(c, s))
+                    continue
+                out[e].write(x.candidate(c, s))
+                if e in dedup:  # its key, for the dedup across files
+                    stats[e].keys.append(int(key, 16))
+                lines[e] += 1
+        for e, n in lines.items():
+            stats[e].candidates = n
     finally:
         for f in files.values():
             f.close()
@@ -275,35 +292,90 @@ def _lines(paths: list[Path]) -> Iterator[bytes]:
                 yield from f
 
 
-def _merge_export(e: str, ws: Workspace, tmp_root: Path, n_jobs: int, buckets: int, s: Settings,
-                  parts: list[ExportStats]) -> tuple[dict[str, Any], list[dict[str, Any]], list[tuple[Path, Path]]]:
-    """Merge one export's part files into its export, quarantine and stats files under
-    `tmp_root` (nothing published): (its result, its outputs, the (temp, final) moves)."""
+def _duplicates(keys: list[array[int]]) -> dict[int, set[int]]:
+    """file → the lines of its candidates whose (task, answer) key an earlier candidate (in file
+    order) has: the export keeps the first of each. 8 bytes a key, one pass."""
+    seen = SeenHashes(sum(map(len, keys))).add
+    out: dict[int, set[int]] = {}
+    for i, file_keys in enumerate(keys):
+        for line, key in enumerate(file_keys):
+            if not seen(key):
+                out.setdefault(i, set()).add(line)
+    return out
+
+
+@dataclass
+class MergeUnit:
+    """A part of one export's merge that needs no other: one file's candidates (an ungrouped
+    export; `duplicates`: its lines found repeated by the dedup), or one hash bucket of task
+    keys (a grouped one). Units run side by side; their outputs are joined in unit order."""
+
+    export: str
+    parts: list[Path]
+    out: Path
+    quarantine: Path
+    duplicates: frozenset[int]
+
+
+def _merge_unit(u: MergeUnit, s: Settings) -> tuple[ExportStats, Composition]:
+    x = BY_NAME[u.export]
+    st, comp = ExportStats(u.export), x.composition()
+    with open(u.out, "wb") as f, open(u.quarantine, "wb") as qf:
+        w, qw = JsonlWriter(f), QuarantineWriter(qf, shared=False)
+
+        def refuse(source: str, prov: dict[str, Any], reason: Reason, detail: str) -> None:
+            qw.refuse([st], [u.export], source, prov, reason, detail)
+
+        for row in x.merge(_lines(u.parts), w.write, refuse, st, s, duplicates=u.duplicates):
+            comp.add(row)
+    return st, comp
+
+
+#: Candidate bytes per merge unit of an ungrouped export: consecutive files are merged together
+#: up to this much (a file each would be hundreds of small units at 10^6 rows).
+UNIT_BYTES = 8 << 20
+
+
+def _merge_units(e: str, tmp_root: Path, buckets: int, candidates: list[int],
+                 repeated: dict[int, set[int]]) -> list[MergeUnit]:
+    """An export's merge units: its task buckets (grouped), or runs of consecutive files' parts
+    with the lines among them that repeat an earlier candidate (ungrouped)."""
+    def unit(u: int, parts: list[Path], duplicates: frozenset[int] = frozenset()) -> MergeUnit:
+        return MergeUnit(e, parts, tmp_root / f"m-{e}-{u:06d}.jsonl", tmp_root / f"mq-{e}-{u:06d}.jsonl", duplicates)
+
+    if BY_NAME[e].grouped:
+        return [unit(b, [_part(tmp_root, e, i, b) for i in range(len(candidates))]) for b in range(buckets)]
+    units: list[MergeUnit] = []
+    parts: list[Path] = []
+    duplicates: set[int] = set()
+    size = lines = 0
+    for i, n in enumerate(candidates):
+        path = _part(tmp_root, e, i)
+        parts.append(path)
+        duplicates.update(lines + line for line in repeated.get(i, ()))
+        lines += n
+        size += path.stat().st_size if path.exists() else 0
+        if size >= UNIT_BYTES or i == len(candidates) - 1:
+            units.append(unit(len(units), parts, frozenset(duplicates)))
+            parts, duplicates, size, lines = [], set(), 0, 0
+    return units
+
+
+def _finish_export(e: str, ws: Workspace, tmp_root: Path, s: Settings, st: ExportStats, units: list[MergeUnit],
+                   merged: list[tuple[ExportStats, Composition]]
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]], list[tuple[Path, Path]]]:
+    """Join one export's merged units into its export, quarantine and stats files under
+    `tmp_root` (nothing published), and check them: (its result, its outputs, the moves)."""
     x = BY_NAME[e]
-    st = ExportStats(e)
-    for p in parts:
-        st.add(p)
+    comp = x.composition()
+    for part_st, part_comp in merged:
+        st.absorb(part_st)
+        comp.merge(part_comp)
     rel, qrel = EXPORT_FILES[e], quarantine_file(stage_name(e))
     stats_rel = rel.removesuffix(".jsonl") + ".stats.json"
     tmp, qtmp = tmp_root / f"out-{e}.jsonl", tmp_root / f"outq-{e}.jsonl"
-    comp = x.composition()
-    if x.grouped:
-        candidates = (_lines([_part(tmp_root, e, i, b) for i in range(n_jobs)]) for b in range(buckets))
-    else:
-        candidates = iter([_lines([_part(tmp_root, e, i) for i in range(n_jobs)])])
-    with open(qtmp, "wb") as qf, open(tmp, "wb") as f:
-        qw = QuarantineWriter(qf, shared=False)
-        w = JsonlWriter(f)
-
-        def refuse(source: str, prov: dict[str, Any], reason: Reason, detail: str) -> None:
-            qw.refuse([st], [e], source, prov, reason, detail)
-
-        for row in x.merge(candidates, w.write, refuse, st, s):
-            comp.add(row)
-        for out in (f, qf):
-            out.flush()
-            fsync(out.fileno())
-    st.sha256 = w.sha256
+    rows, st.sha256 = concat_files([u.out for u in units], tmp)
+    q_rows, q_sha = concat_files([u.quarantine for u in units], qtmp)
     if st.rows_in != st.rows_out + st.quarantined:
         raise AccountingError(f"{e}: {st.rows_in} in, {st.rows_out} out + {st.quarantined} quarantined")
     x.verify(tmp, ws, s)
@@ -314,10 +386,38 @@ def _merge_export(e: str, ws: Workspace, tmp_root: Path, n_jobs: int, buckets: i
     stats_tmp.write_bytes(stats_bytes)
     result = {**stats_json, "rows_out": st.rows_out, "quarantine": qrel, "quarantine_shared": EXPORT_QUARANTINE,
               "stats_path": stats_rel}
-    outputs = [{"path": rel, "sha256": st.sha256, "rows": w.rows},
-               {"path": qrel, "sha256": qw.sha256, "rows": qw.rows},
+    outputs = [{"path": rel, "sha256": st.sha256, "rows": rows},
+               {"path": qrel, "sha256": q_sha, "rows": q_rows},
                {"path": stats_rel, "sha256": hashlib.sha256(stats_bytes).hexdigest(), "rows": 1}]
     return result, outputs, [(tmp, ws.out / rel), (qtmp, ws.out / qrel), (stats_tmp, ws.out / stats_rel)]
+
+
+def _merge(ws: Workspace, cfg: Config, s: Settings, exports: tuple[str, ...], tmp_root: Path, buckets: int,
+           read: dict[str, ExportStats], candidates: dict[str, list[int]], keys: dict[str, list[array[int]]]
+           ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], list[tuple[Path, Path]]]:
+    """Every export's merge, as units that run side by side on every worker — each export's
+    runs of files (ungrouped; which candidates repeat an earlier one is decided first, from the
+    keys the reading returned) or task buckets (grouped) —; then each export is joined in order."""
+    size = lambda paths: sum(p.stat().st_size for p in paths if p.exists())  # noqa: E731
+    workers = {"workers": cfg.materialize.workers, "parallel_min_bytes": cfg.materialize.parallel_min_bytes}
+    units = {e: _merge_units(e, tmp_root, buckets, candidates[e], _duplicates(keys[e]) if e in keys else {})
+             for e in exports}
+    flat = [u for e in exports for u in units[e]]
+    merged = map_files(_merge_unit, [(u, s) for u in flat], [size(u.parts) for u in flat], **workers)
+    finish, at = [], 0
+    for e in exports:
+        finish.append((e, ws, tmp_root, s, read[e], units[e], merged[at:at + len(units[e])]))
+        at += len(units[e])
+    # joining and checking (SFT's re-read) are one pass over each export: side by side too
+    done = map_files(_finish_export, finish, [size([u.out for u in units[e]]) for e in exports], **workers)
+    results: dict[str, dict[str, Any]] = {}
+    outputs: list[dict[str, Any]] = []
+    staged: list[tuple[Path, Path]] = []
+    for e, (result, outs, moves) in zip(exports, done):
+        results[e] = result
+        outputs += outs
+        staged += moves
+    return results, outputs, staged
 
 
 def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, include_partial: bool | None = None,
@@ -340,21 +440,17 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
             outcomes = map_files(export_file, [(j,) for j in jobs], [j.evidence.stat().st_size for j in jobs],
                                  workers=cfg.materialize.workers, parallel_min_bytes=cfg.materialize.parallel_min_bytes,
                                  on_done=on_file_done)
-            results: dict[str, dict[str, Any]] = {}
             # the refusals made on reading, in file order: one file for every export
             shared = tmp_root / "outq-shared.jsonl"
             shared_rows, shared_sha = concat_files([tmp_root / f"q-{j.index:06d}.jsonl" for j in jobs], shared)
-            staged: list[tuple[Path, Path]] = [(shared, ws.out / EXPORT_QUARANTINE)]
-            outputs: list[dict[str, Any]] = []
-            # the merges (dedup across files, pairing by bucket) are independent: one per worker
-            merges = [(e, ws, tmp_root, len(jobs), buckets, settings, [o[e] for o in outcomes]) for e in exports]
-            sizes = [sum(o[e].rows_in for o in outcomes) << 10 for e in exports]  # ~1 KiB a candidate
-            for e, (result, outs, moves) in zip(exports, map_files(
-                    _merge_export, merges, sizes, workers=cfg.materialize.workers,
-                    parallel_min_bytes=cfg.materialize.parallel_min_bytes)):
-                results[e] = result
-                outputs += outs
-                staged += moves
+            read = {e: ExportStats(e) for e in exports}
+            for o in outcomes:
+                for e in exports:
+                    read[e].add(o[e])
+            candidates = {e: [o[e].candidates for o in outcomes] for e in exports}
+            keys = {e: [o[e].keys for o in outcomes] for e in exports if BY_NAME[e].dedup and settings.export.dedup}
+            results, outputs, staged = _merge(ws, cfg, settings, exports, tmp_root, buckets, read, candidates, keys)
+            staged.insert(0, (shared, ws.out / EXPORT_QUARANTINE))
             outputs.append({"path": EXPORT_QUARANTINE, "sha256": shared_sha, "rows": shared_rows})
             for src, dest in staged:  # every export complete and checked: publish
                 dest.parent.mkdir(parents=True, exist_ok=True)

@@ -326,6 +326,35 @@ def test_determinism_and_worker_count_do_not_change_bytes(fixture_ws):
     assert tree_bytes(fixture_ws.exports) | tree_bytes(fixture_ws.scored_runs) == first
 
 
+def test_merge_units_and_buckets_do_not_change_bytes(fixture_ws, monkeypatch):
+    """The merges run as units side by side — runs of files (dedup decided across all of them
+    first), task buckets —: however the work is cut, the exports are the same bytes."""
+    monkeypatch.setattr(export, "BUCKET_BYTES", 256)  # many task buckets (their number orders the pairs)
+    cfg = load_config(fixture_ws.root, None, {"materialize": {"workers": 1}})
+    pipeline(fixture_ws, cfg)
+    whole = tree_bytes(fixture_ws.exports)
+    monkeypatch.setattr(export, "UNIT_BYTES", 1)  # a unit per file
+    split = load_config(fixture_ws.root, None, {"materialize": {"workers": 2, "parallel_min_bytes": 0}})
+    result = export.run(fixture_ws, split)
+    assert tree_bytes(fixture_ws.exports) == whole
+    assert result.exports["rag"]["by_reason"]["duplicate_answer"] > 0  # the dedup crossed units
+
+
+def test_dedup_keeps_the_first_of_each_key_in_file_order_across_units(tmp_path, monkeypatch):
+    from array import array
+
+    keys = [array("Q", [1, 2, 1]), array("Q", [2, 3]), array("Q", [3, 1, 4])]
+    repeated = export._duplicates(keys)
+    assert repeated == {0: {2}, 1: {0}, 2: {0, 1}}
+    for i, n in enumerate(len(k) for k in keys):
+        (tmp_path / f"rag-{i:06d}.jsonl").write_bytes(b"{}\n" * n)
+    one = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated)
+    assert [len(u.parts) for u in one] == [3] and one[0].duplicates == {2, 3, 5, 6}  # lines across the run
+    monkeypatch.setattr(export, "UNIT_BYTES", 1)
+    each = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated)
+    assert [u.duplicates for u in each] == [{2}, {0}, {0, 1}]
+
+
 def test_the_shared_quarantine_is_the_same_whichever_exports_a_command_writes(fixture_ws, cfg):
     """A row's category and text are judged for every export on reading, asked for or not: the
     shared file that `export-all` writes is byte for byte the one `export-rag` alone writes, so a

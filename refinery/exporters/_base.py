@@ -4,8 +4,10 @@ The export stage (refinery.export) reads each scored run with its evidence once,
 every export whether it takes the row (`admits`, then the shared text and sensitive-data
 checks), and hands each export that does a `Candidate`; the export writes it as one line of
 a part file (`candidate`). Once every file is read, each export merges its part files into
-its output (`merge`): in file order (`grouped = False`), or one hash bucket of task keys at a
-time (`grouped = True`, so grouping never holds more than a bucket in memory). What a merge
+its output (`merge`), in units that run side by side and are joined in order: one file's
+candidates (`grouped = False`; with `dedup`, the stage first finds, one hash bucket of keys at a
+time, the candidates that repeat an earlier (task, answer)), or one hash bucket of task keys
+(`grouped = True`, so grouping never holds more than a bucket in memory). What a merge
 refuses it reports through `refuse`, with a reason; the stage writes the quarantine records
 and keeps the accounting. Before anything is published the stage calls `verify` on the written
 file. Composition stats and the receipt's counts come from the export's `Composition`.
@@ -13,6 +15,7 @@ file. Composition stats and the receipt's counts come from the export's `Composi
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,12 +50,23 @@ class ExportStats:
     by_reason: Counter[str] = field(default_factory=Counter)
     redacted: Counter[str] = field(default_factory=Counter)
     sha256: str = ""
+    candidates: int = 0
+    """lines one file's reading wrote to the export's part (an ungrouped export)"""
+    keys: array[int] = field(default_factory=lambda: array("Q"))
+    """their dedup keys (64 bits of sha256(task, answer)), in line order (an export with dedup)"""
 
     def add(self, other: ExportStats) -> None:
+        """Add what one file's reading found."""
         self.rows_in += other.rows_in
         self.quarantined += other.quarantined
         self.by_reason.update(other.by_reason)
         self.redacted.update(other.redacted)
+
+    def absorb(self, other: ExportStats) -> None:
+        """Add what one unit of the merge took and refused."""
+        self.rows_out += other.rows_out
+        self.quarantined += other.quarantined
+        self.by_reason.update(other.by_reason)
 
 
 @dataclass
@@ -80,6 +94,10 @@ class Composition:
     """What an export holds, for its <export>.stats.json and its receipt's counts."""
 
     def add(self, row: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def merge(self, other: Composition) -> None:
+        """Add another unit's composition (units never share a task)."""
         raise NotImplementedError
 
     def to_json(self, st: ExportStats, path: str) -> dict[str, Any]:
@@ -110,7 +128,8 @@ class Exporter:
     category_field: ClassVar[str | None] = None
     """the row field holding the scored category, when rows carry one: audited against the receipt"""
     dedup: ClassVar[bool] = False
-    """holds each (task, answer) once when export.dedup is on: audited"""
+    """holds each (task, answer) once when export.dedup is on (the stage finds the repeats across
+    files; `merge` refuses them): audited"""
     partial_option: ClassVar[bool] = False
     """its command takes --include-partial/--accepted-only"""
     grouped: ClassVar[bool] = False
@@ -126,10 +145,12 @@ class Exporter:
         """Which of `buckets` part files a grouped export's candidate goes to."""
         return int(c.sr["task_key"][3:11], 16) % buckets
 
-    def merge(self, parts: Iterable[Iterable[bytes]], write: Callable[[dict[str, Any]], None], refuse: Refuse,
-              st: ExportStats, s: Settings) -> Iterator[dict[str, Any]]:
-        """Write the export from its candidate lines — one iterable of every line in file order,
-        or (grouped) one per bucket —; yield each row written, set st.rows_out (the rows taken)."""
+    def merge(self, lines: Iterable[bytes], write: Callable[[dict[str, Any]], None], refuse: Refuse,
+              st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
+        """Write one unit of the export from its candidate lines — one file's (ungrouped; the
+        lines numbered in `duplicates` repeat an earlier candidate's key: refuse them), or one
+        hash bucket of tasks' (grouped) —; yield each row written, add to st.rows_out the
+        candidates taken. Units run in parallel and are joined in order."""
         raise NotImplementedError
 
     def composition(self) -> Composition:

@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 
 import orjson
 
-from refinery.dedup import SeenHashes
 from refinery.exporters._base import Candidate, Composition, Exporter, ExportStats, Refuse, Settings
 from refinery.normalize import render_tool_calls
 from refinery.reasons import Reason
@@ -24,22 +23,19 @@ class RowExporter(Exporter):
         raise NotImplementedError
 
     def candidate(self, c: Candidate, s: Settings) -> bytes:
-        return c.key.encode() + b"\t" + orjson.dumps(self.row(c)) + b"\n"
+        return orjson.dumps(self.row(c)) + b"\n"
 
-    def merge(self, parts: Iterable[Iterable[bytes]], write: Callable[[dict[str, Any]], None], refuse: Refuse,
-              st: ExportStats, s: Settings) -> Iterator[dict[str, Any]]:
-        seen = SeenHashes().add
-        for lines in parts:
-            for line in lines:
-                key, _, body = line.partition(b"\t")
-                row = orjson.loads(body)
-                if s.export.dedup and not seen(int(key, 16)):
-                    refuse(row["source"], row["provenance"], Reason.DUPLICATE_ANSWER,
-                           "the same answer to the same task is already in the export")
-                    continue
-                write(row)
-                st.rows_out += 1
-                yield row
+    def merge(self, lines: Iterable[bytes], write: Callable[[dict[str, Any]], None], refuse: Refuse,
+              st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
+        for i, line in enumerate(lines):
+            row = orjson.loads(line)
+            if i in duplicates:
+                refuse(row["source"], row["provenance"], Reason.DUPLICATE_ANSWER,
+                       "the same answer to the same task is already in the export")
+                continue
+            write(row)
+            st.rows_out += 1
+            yield row
 
     def composition(self) -> Composition:
         return RowComposition(self)
@@ -63,6 +59,15 @@ class RowComposition(Composition):
         self.prompt_chars += len(row[self.exporter.prompt_field])
         self.answer_chars += len(row["response"]) + (len(render_tool_calls(row["tool_calls"]))
                                                      if row["tool_calls"] else 0)
+
+    def merge(self, other: Composition) -> None:
+        assert isinstance(other, RowComposition)
+        self.rows += other.rows
+        self.by_source.update(other.by_source)
+        self.by_category.update(other.by_category)
+        self.tool_using += other.tool_using
+        self.prompt_chars += other.prompt_chars
+        self.answer_chars += other.answer_chars
 
     def to_json(self, st: ExportStats, path: str) -> dict[str, Any]:
         mean = (lambda total: round(total / self.rows, 1) if self.rows else 0.0)

@@ -46,33 +46,33 @@ class Preference(Exporter):
             "reply": reply(ev), "text_key": c.norm, "prov": c.prov,
         }) + b"\n"
 
-    def merge(self, parts: Iterable[Iterable[bytes]], write: Callable[[dict[str, Any]], None], refuse: Refuse,
-              st: ExportStats, s: Settings) -> Iterator[dict[str, Any]]:
+    def merge(self, lines: Iterable[bytes], write: Callable[[dict[str, Any]], None], refuse: Refuse,
+              st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
+        """One hash bucket of tasks: its candidates grouped by task, each task's pairs in turn."""
         max_pairs = s.export.max_pairs_per_task
-        for lines in parts:
-            groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-            for line in lines:
-                r = orjson.loads(line)
-                groups[r["task_key"]].append(r)
-            for tk in sorted(groups):
-                rows = groups[tk]
-                picked, left = pair_group(rows, max_pairs)
-                for c, r in picked:
-                    pair = {
-                        "schema_version": 2,
-                        "id": "pp-" + hashlib.sha256(f"{c['id']}\x1f{r['id']}".encode()).hexdigest()[:16],
-                        "task_key": tk, "prompt": c["prompt"], "system": c["system"], "chosen": c["text"],
-                        "rejected": r["text"], "chosen_reply": c["reply"], "rejected_reply": r["reply"],
-                        "chosen_id": c["id"], "rejected_id": r["id"], "chosen_score": c["score"],
-                        "rejected_score": r["score"], "provenance": c["prov"], "rejected_provenance": r["prov"],
-                    }
-                    write(pair)
-                    yield pair
-                st.rows_out += len(rows) - len(left)
-                for row in rows:  # in candidate order, so the quarantine file is deterministic
-                    reason = left.get(row["id"])
-                    if reason is not None:
-                        refuse(row["source"], row["prov"], reason, _DETAIL[reason].format(max_pairs=max_pairs))
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for line in lines:
+            r = orjson.loads(line)
+            groups[r["task_key"]].append(r)
+        for tk in sorted(groups):
+            rows = groups[tk]
+            picked, left = pair_group(rows, max_pairs)
+            for c, r in picked:
+                pair = {
+                    "schema_version": 2,
+                    "id": "pp-" + hashlib.sha256(f"{c['id']}\x1f{r['id']}".encode()).hexdigest()[:16],
+                    "task_key": tk, "prompt": c["prompt"], "system": c["system"], "chosen": c["text"],
+                    "rejected": r["text"], "chosen_reply": c["reply"], "rejected_reply": r["reply"],
+                    "chosen_id": c["id"], "rejected_id": r["id"], "chosen_score": c["score"],
+                    "rejected_score": r["score"], "provenance": c["prov"], "rejected_provenance": r["prov"],
+                }
+                write(pair)
+                yield pair
+            st.rows_out += len(rows) - len(left)
+            for row in rows:  # in candidate order, so the quarantine file is deterministic
+                reason = left.get(row["id"])
+                if reason is not None:
+                    refuse(row["source"], row["prov"], reason, _DETAIL[reason].format(max_pairs=max_pairs))
 
     def composition(self) -> Composition:
         return PairComposition(self.name)
@@ -170,6 +170,7 @@ class PairComposition(Composition):
         self.answer_chars = 0
         self.rejected_chars = 0
         self.tasks = SeenHashes()
+        self.other_tasks = 0  # in the units merged into this one (a task is in one unit only)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows += 1
@@ -180,10 +181,20 @@ class PairComposition(Composition):
         self.tool_using += '"arguments"' in row["chosen"]
         self.tasks.add(int(row["task_key"][3:], 16))
 
+    def merge(self, other: Composition) -> None:
+        assert isinstance(other, PairComposition)
+        self.rows += other.rows
+        self.by_source.update(other.by_source)
+        self.tool_using += other.tool_using
+        self.prompt_chars += other.prompt_chars
+        self.answer_chars += other.answer_chars
+        self.rejected_chars += other.rejected_chars
+        self.other_tasks += len(other.tasks) + other.other_tasks
+
     def to_json(self, st: ExportStats, path: str) -> dict[str, Any]:
         mean = (lambda total: round(total / self.rows, 1) if self.rows else 0.0)
         return {"export": self.export, "path": path, "rows": self.rows,
-                "pairs": self.rows, "rows_used": st.rows_out, "tasks": len(self.tasks),
+                "pairs": self.rows, "rows_used": st.rows_out, "tasks": len(self.tasks) + self.other_tasks,
                 "by_chosen_source": dict(sorted(self.by_source.items())),
                 "tool_using_chosen": self.tool_using,
                 "mean_prompt_chars": mean(self.prompt_chars), "mean_chosen_chars": mean(self.answer_chars),
