@@ -701,22 +701,25 @@ def no_secrets_in_exports(ctx: Context) -> list[str]:
     note (kinds in export.allow_sensitive excepted). Two passes read every row: the engine that
     guarded the export, and an independent second pass (refinery.sensitive.check) with its own
     rules, decoders and entropy test; a finding of either fails the check, counted per kind.
-    The rows are shared out over worker processes (materialize.workers) by their prompt, and the
-    findings come back in file and line order."""
+    The rows are shared out over worker processes (materialize.workers) by their prompt — one
+    share of every file per process, so the RAG, SFT and preference rows of a task, which share
+    their texts, are read by the same process and each of its distinct strings scanned once —,
+    and the findings come back in file and line order."""
     from refinery.parallel import map_files
 
     allow = tuple(ctx.cfg.export.allow_sensitive)
     rels = ctx.files("exports")
-    sizes = [ctx.path(rel).stat().st_size for rel in rels]
+    size = sum(ctx.path(rel).stat().st_size for rel in rels)
     workers = ctx.cfg.materialize.workers or os.cpu_count() or 1
-    shards = workers if sum(sizes) >= SECRETS_PARALLEL_MIN_BYTES else 1
-    jobs = [(str(ctx.path(rel)), ctx.max_line_bytes, allow, i, shards) for rel in rels for i in range(shards)]
-    found = map_files(_secret_findings, jobs, [size // shards for size in sizes for _ in range(shards)],
-                      workers=workers, parallel_min_bytes=SECRETS_PARALLEL_MIN_BYTES)
+    shards = workers if size >= SECRETS_PARALLEL_MIN_BYTES else 1
+    paths = [str(ctx.path(rel)) for rel in rels]
+    together = [i for i, rel in enumerate(rels) if rel in {x.path for x in EXPORTERS.values() if not x.grouped}]
+    found = map_files(_secret_share, [(paths, ctx.max_line_bytes, allow, i, shards, together) for i in range(shards)],
+                      [size // shards] * shards, workers=workers, parallel_min_bytes=SECRETS_PARALLEL_MIN_BYTES)
     problems = Problems()
     tally: Counter[tuple[str, str]] = Counter()
     for f, rel in enumerate(rels):
-        rows = sorted((row for shard in found[f * shards:(f + 1) * shards] for row in shard), key=lambda r: r[0])
+        rows = sorted((row for share in found for row in share[f]), key=lambda r: r[0])
         for offset, rid, findings in rows:
             for kind, where, by, rule in findings:
                 tally[kind, by] += 1
@@ -732,28 +735,52 @@ def no_secrets_in_exports(ctx: Context) -> list[str]:
 SECRETS_PARALLEL_MIN_BYTES = 4 << 20  # below this the exports are scanned in-process
 
 
-def _secret_findings(path: str, max_line_bytes: int, allow: tuple[str, ...], shard: int,
-                     shards: int) -> list[tuple[int, Any, list[tuple[str, str, str, str]]]]:
-    """(line, id, [(kind, where, by, rule)]) for each row of `path` with a finding, of the rows
-    whose prompt (or id) hashes to `shard` modulo `shards`: the RAG, SFT and preference rows of
-    one task share their texts, and each process scans a distinct string once."""
+RowFindings = tuple[int, Any, list[tuple[str, str, str, str]]]
+
+
+def _secret_share(paths: list[str], max_line_bytes: int, allow: tuple[str, ...], shard: int, shards: int,
+                  together: list[int]) -> list[list[RowFindings]]:
+    """(line, id, [(kind, where, by, rule)]) for each row with a finding, per file, of the rows
+    whose prompt hashes to `shard` modulo `shards`: one process reads its share of every file, so
+    the RAG, SFT and preference rows of a task — which share their texts — meet the same memo of
+    scanned strings. The files in `together` (exports written in scored-run order) are read side
+    by side in that order, so the rows of one scored run come one after another and the memo
+    serves them however large the files (it is cleared when full)."""
+    import heapq
+
+    out: list[list[RowFindings]] = [[] for _ in paths]
+
+    def rows(i: int) -> Iterator[tuple[tuple[str, int], int, int, dict[str, Any]]]:
+        for line in read_jsonl(paths[i], max_line_bytes):
+            row = line.obj if isinstance(line.obj, dict) else {}
+            key = row.get("prompt") or row.get("instruction") or row.get("id")
+            if shards > 1 and zlib.crc32(str(key).encode()) % shards != shard:
+                continue
+            prov = row.get("provenance") if isinstance(row.get("provenance"), dict) else {}
+            at = (str(prov.get("source_file")), prov["line_offset"] if type(prov.get("line_offset")) is int else -1)
+            yield at, i, line.offset, row
+
+    streams = [*[heapq.merge(*(rows(i) for i in together), key=lambda r: r[0])],
+               *(rows(i) for i in range(len(paths)) if i not in together)]
+    for stream in streams:
+        for _, i, offset, row in stream:
+            if found := _row_findings(row, allow):
+                out[i].append((offset, row.get("id"), found))
+    return out
+
+
+def _row_findings(row: dict[str, Any], allow: tuple[str, ...]) -> list[tuple[str, str, str, str]]:
+    """[(kind, where, by, rule)] of one row: the engine's findings, then the second pass's."""
     from refinery.sensitive import scan
     from refinery.sensitive.check import second_pass
 
-    out = []
-    for line in read_jsonl(path, max_line_bytes):
-        row = line.obj or {}
-        if shards > 1 and zlib.crc32(str(row.get("prompt") or row.get("id")).encode()) % shards != shard:
-            continue
-        fields = scanned_fields(row)
-        found: dict[tuple[str, str], tuple[str, str]] = {}
-        for f in scan(fields, allow):
-            found.setdefault((f.kind, f.where), ("engine", f.rule))
-        for f in second_pass(fields, allow):
-            found.setdefault((f.kind, f.where), ("second pass", f.rule))
-        if found:
-            out.append((line.offset, row.get("id"), [(k, w, by, rule) for (k, w), (by, rule) in found.items()]))
-    return out
+    fields = scanned_fields(row)
+    found: dict[tuple[str, str], tuple[str, str]] = {}
+    for f in scan(fields, allow):
+        found.setdefault((f.kind, f.where), ("engine", f.rule))
+    for f in second_pass(fields, allow):
+        found.setdefault((f.kind, f.where), ("second pass", f.rule))
+    return [(k, w, by, rule) for (k, w), (by, rule) in found.items()]
 
 
 def export_quarantine_holds_no_text(ctx: Context) -> list[str]:
