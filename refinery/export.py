@@ -50,7 +50,7 @@ from refinery.exporters import (
 )
 from refinery.exporters.preference import PREFERENCE_CHOSEN, PREFERENCE_REJECTED, pair_group, repeats_chosen_call
 from refinery.exporters.sft import SFT_NEVER, sft_categories, verify_sft
-from refinery.jsonl import JsonlWriter, LineCursor, concat_files, fsync_dir, read_jsonl
+from refinery.jsonl import JsonlWriter, LineCursor, atomic_write, concat_files, fsync_dir, read_jsonl
 from refinery.normalize import answer_text, normalize_text
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
@@ -175,12 +175,9 @@ class QuarantineWriter(JsonlWriter):
                                      prov["sig_hash"], recorded_at=prov["recorded_at"], exports=exports))
 
 
-def _names(exports: list[str]) -> str:
-    return exports[0] if len(exports) == 1 else f"{', '.join(exports[:-1])} and {exports[-1]}"
-
-
 def _part(parts: Path, export: str, index: int, bucket: int | None = None) -> Path:
-    return parts / (f"{export}-{index:06d}.jsonl" if bucket is None else f"{export}-b{bucket:04d}-{index:06d}.jsonl")
+    return parts / (f"c-{export}-{index:06d}.jsonl" if bucket is None else
+                    f"c-{export}-b{bucket:04d}-{index:06d}.jsonl")
 
 
 
@@ -207,7 +204,7 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
     out = {e: part(e, lambda e=e: _part(parts, e, job.index)) for e in job.exports if not BY_NAME[e].grouped}
     lines = dict.fromkeys(out, 0)  # candidates written to each ungrouped export's part so far
     dedup = [e for e in out if BY_NAME[e].dedup and s.export.dedup]
-    qw = QuarantineWriter(part("q", lambda: parts / f"q-{job.index:06d}.jsonl"), shared=True)
+    qw = QuarantineWriter(part(("q",), lambda: parts / f"q-{job.index:06d}.jsonl"), shared=True)
 
     def refuse(exports: list[str], sr: dict[str, Any], prov: dict[str, Any], reason: Reason, detail: str) -> None:
         qw.refuse([stats[e] for e in exports if e in stats], exports, sr["source"], prov, reason, detail)
@@ -219,8 +216,7 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
                 st.rows_in += 1
             admitted = [x.name for x in EXPORTERS if x.admits(cat, s)]
             if excluded := [e for e in NAMES if e not in admitted]:
-                refuse(excluded, sr, prov, Reason.CATEGORY_EXCLUDED,
-                       f"{cat} is not taken by the {_names(excluded)} export{'s' if len(excluded) > 1 else ''}")
+                refuse(excluded, sr, prov, Reason.CATEGORY_EXCLUDED, f"category {cat} is not taken")
             if not admitted:
                 continue
             has_prompt = bool(ev["prompt"] and ev["prompt"].strip())
@@ -269,6 +265,47 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
         for f in files.values():
             f.close()
     return stats
+
+
+def _splice_shared(new: Path, old: Path, mine: tuple[str, ...], dest: Path) -> tuple[int, str]:
+    """The shared refusals after a command that wrote only the exports `mine`: theirs as this
+    run decided them, the other exports' as the published file has them (decided by the run or
+    command that wrote those exports, perhaps with other settings). Records are in file order
+    (scored-run file, line, a category refusal before a text one), one per row and reason, each
+    naming its exports in their order; with the same settings and inputs the result is the file
+    a run of every export writes. Without a published file, only `mine` are named."""
+    import heapq
+
+    def records(path: Path, keep: set[str]) -> Iterator[tuple[tuple[str, int, int], dict[str, Any]]]:
+        if not path.is_file():
+            return
+        for line in read_jsonl(path):
+            rec = line.obj
+            if not isinstance(rec, dict) or not isinstance(rec.get("exports"), list):
+                continue  # a damaged record of an earlier command: what the audit reports, not kept
+            named = [e for e in rec["exports"] if e in keep]
+            if named:
+                p = rec.get("provenance") or {}
+                key = (str(p.get("source_file")), p.get("line_offset") if type(p.get("line_offset")) is int else -1,
+                       0 if rec.get("reason") == Reason.CATEGORY_EXCLUDED.value else 1)
+                yield key, {**rec, "exports": named}
+
+    others = set(NAMES) - set(mine)
+    merged = heapq.merge(records(new, set(mine)), records(old, others), key=lambda r: r[0])
+    with atomic_write(dest) as f:
+        w = JsonlWriter(f)
+        pending: tuple[tuple[str, int, int], dict[str, Any]] | None = None
+        for key, rec in merged:
+            if pending is not None and pending[0] == key and pending[1]["reason"] == rec["reason"]:
+                named = set(pending[1]["exports"]) | set(rec["exports"])
+                pending[1]["exports"] = [e for e in NAMES if e in named]
+                continue
+            if pending is not None:
+                w.write(pending[1])
+            pending = (key, rec)
+        if pending is not None:
+            w.write(pending[1])
+    return w.rows, w.sha256
 
 
 def refusals(ws: Workspace, export: str) -> Iterator[dict[str, Any]]:
@@ -426,6 +463,8 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
     LeakError (the SFT re-read failed: nothing was published)."""
     t0 = time.perf_counter()
     settings = Settings(cfg.export, cfg.export.include_partial if include_partial is None else include_partial)
+    if unknown := sorted(set(exports) - set(EXPORTS)):
+        raise ValueError(f"no export named {', '.join(unknown)} (the exports: {', '.join(EXPORTS)})")
     exports = tuple(e for e in EXPORTS if e in exports)
     with ws.lock():
         manifest = read_manifest(ws)
@@ -441,8 +480,11 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
                                  workers=cfg.materialize.workers, parallel_min_bytes=cfg.materialize.parallel_min_bytes,
                                  on_done=on_file_done)
             # the refusals made on reading, in file order: one file for every export
-            shared = tmp_root / "outq-shared.jsonl"
+            shared = tmp_root / "q-all.jsonl"
             shared_rows, shared_sha = concat_files([tmp_root / f"q-{j.index:06d}.jsonl" for j in jobs], shared)
+            if exports != EXPORTS:  # the other exports' refusals stay as their own runs decided them
+                decided, shared = shared, tmp_root / "q-spliced.jsonl"
+                shared_rows, shared_sha = _splice_shared(decided, ws.out / EXPORT_QUARANTINE, exports, shared)
             read = {e: ExportStats(e) for e in exports}
             for o in outcomes:
                 for e in exports:

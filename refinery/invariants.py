@@ -468,7 +468,7 @@ def export_provenance(ctx: Context) -> list[str]:
     """Every export row (both answers of a pair) points at its scored run, whose hash recomputes."""
     problems, lines = Problems(), Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes)
     for x in EXPORTERS.values():
-        if not x.grouped:
+        if not x.pairs:  # a pair's two sides are checked below
             _check_provenance(ctx, x.path, lines, problems, lambda o: [o["provenance"]], expect_id=True)
     sides = _pair_sides(ctx)
     for i, p in _pairs(ctx):

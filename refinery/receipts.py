@@ -195,14 +195,24 @@ def check_files(ws: Workspace, receipts: dict[str, dict[str, Any]]) -> list[str]
     caught, and the file named. Meaningful for the run whose outputs are published."""
     problems = []
     digests = Digests()
+    for f, writers in recorded_outputs(receipts).items():
+        if not (found := _file_problem(ws, dict(zip(("path", "sha256", "rows"), f)), digests)):
+            continue
+        kind, detail = found
+        by = ", ".join(writers)
+        problems.append({"missing": f"{f[0]} (written by {by}) is missing",
+                         "sha256": f"{f[0]} changed since {by} wrote it: {detail}"}.get(kind, detail))
+    return problems
+
+
+def recorded_outputs(receipts: dict[str, dict[str, Any]]) -> dict[tuple[str, str, int], list[str]]:
+    """Each output the receipts record, once — (path, sha256, rows) → the stages that list it (the
+    exports' shared quarantine file is an output of every export stage) —, in receipt order."""
+    out: dict[tuple[str, str, int], list[str]] = {}
     for stage, r in receipts.items():
         for f in r["outputs"]:
-            if not (found := _file_problem(ws, f, digests)):
-                continue
-            kind, detail = found
-            problems.append({"missing": f"{f['path']} (written by {stage}) is missing",
-                             "sha256": f"{f['path']} changed since {stage} wrote it: {detail}"}.get(kind, detail))
-    return problems
+            out.setdefault((f["path"], f["sha256"], f["rows"]), []).append(stage)
+    return out
 
 
 def _file_problem(ws: Workspace, f: dict[str, Any], digests: Digests) -> tuple[str, str] | None:

@@ -140,7 +140,7 @@ def check_run_files(ws: Workspace, run_id: str, stage_receipts: dict[str, dict[s
     if run_id != pointer["run_id"]:
         return [], f"files: not checked: the outputs on disk are run {pointer['run_id']}'s, not this run's"
     problems = receipts.check_files(ws, stage_receipts)
-    n = sum(len(r["outputs"]) for r in stage_receipts.values())
+    n = len(receipts.recorded_outputs(stage_receipts))
     if problems:
         return problems, (f"files: {len(problems)} of the {n} outputs on disk differ from what the receipts "
                           "record (edited, deleted, or rewritten by a single-stage command such as "

@@ -347,7 +347,7 @@ def test_dedup_keeps_the_first_of_each_key_in_file_order_across_units(tmp_path, 
     repeated = export._duplicates(keys)
     assert repeated == {0: {2}, 1: {0}, 2: {0, 1}}
     for i, n in enumerate(len(k) for k in keys):
-        (tmp_path / f"rag-{i:06d}.jsonl").write_bytes(b"{}\n" * n)
+        export._part(tmp_path, "rag", i).write_bytes(b"{}\n" * n)
     one = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated)
     assert [len(u.parts) for u in one] == [3] and one[0].duplicates == {2, 3, 5, 6}  # lines across the run
     monkeypatch.setattr(export, "UNIT_BYTES", 1)
@@ -356,17 +356,41 @@ def test_dedup_keeps_the_first_of_each_key_in_file_order_across_units(tmp_path, 
 
 
 def test_the_shared_quarantine_is_the_same_whichever_exports_a_command_writes(fixture_ws, cfg):
-    """A row's category and text are judged for every export on reading, asked for or not: the
-    shared file that `export-all` writes is byte for byte the one `export-rag` alone writes, so a
-    single export never leaves the others' refusals half-recorded."""
+    """With the same settings, the shared file a single export's command leaves is byte for byte
+    the one `export-all` writes (its decisions spliced in, the others' kept); with no shared file
+    yet, it names only the export written."""
     pipeline(fixture_ws, cfg)
     shared = fixture_ws.quarantine / "export.jsonl"
     every = shared.read_bytes()
     assert b'"exports":["rag","sft","preference"]' in every
     for name in export.EXPORTS:
-        shared.unlink()
         export.run(fixture_ws, cfg, exports=(name,))
         assert shared.read_bytes() == every, name
+    shared.unlink()
+    export.run(fixture_ws, cfg, exports=("sft",))
+    assert {tuple(r["exports"]) for r in read_jsonl_file(shared)} == {("sft",)}
+
+
+def test_a_single_export_keeps_the_other_exports_refusals_as_their_run_decided(fixture_ws, cfg):
+    """`export-rag` alone rewrites the shared quarantine with RAG's decisions and keeps SFT's
+    and preference's as the command that wrote those exports decided them — even when that
+    command ran with other settings (SFT with --include-partial here)."""
+    pipeline(fixture_ws, cfg)
+    export.run(fixture_ws, cfg, include_partial=True)
+    shared = fixture_ws.quarantine / "export.jsonl"
+    before = shared.read_bytes()
+    others = {e: list(export.refusals(fixture_ws, e)) for e in ("sft", "preference")}
+    export.run(fixture_ws, cfg, exports=("rag",))  # the config's accepted-only: nothing of SFT's changes
+    assert shared.read_bytes() == before
+    narrow = load_config(fixture_ws.root, None, {"export": {"rag_categories": ["accepted"]}})
+    result = export.run(fixture_ws, narrow, exports=("rag",))
+    assert {e: list(export.refusals(fixture_ws, e)) for e in others} == others
+    rag = list(export.refusals(fixture_ws, "rag"))
+    assert len(rag) == result.exports["rag"]["quarantined"] and Counter(r["reason"] for r in rag) == \
+        result.exports["rag"]["by_reason"]
+    assert any(r["detail"] == "category partially_accepted is not taken" for r in rag)
+    with pytest.raises(ValueError, match="no export named nope"):
+        export.run(fixture_ws, cfg, exports=("nope",))
 
 
 def test_composition_stats_next_to_each_export(fixture_ws, cfg):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 
 from refinery.exporters._base import (
     Candidate, Composition, Exporter, ExportStats, LeakError, Refuse, Settings, plain_call, plain_message, reply,
@@ -24,10 +25,21 @@ def _discover() -> tuple[Exporter, ...]:
                 raise TypeError(f"{module.__file__}: an export module defines EXPORTER, an Exporter")
             found.append(exporter)
     found.sort(key=lambda x: (x.order, x.name))
-    names = [x.name for x in found]
-    if len(set(names)) != len(names):
-        raise TypeError(f"two export modules declare the same name: {names}")
+    for x in found:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", x.name) or not re.fullmatch(r"[a-z][a-z0-9]*", x.id_prefix):
+            raise TypeError(f"export {x.name!r}: a name is lower-case letters, digits and _, an id prefix letters "
+                            f"and digits ({x.id_prefix!r})")
+        if x.id_prefix in RESERVED_PREFIXES:
+            raise TypeError(f"export {x.name!r}: id prefix {x.id_prefix!r} is refinery's own ({RESERVED_PREFIXES})")
+    for what in ("name", "id_prefix", "path"):
+        values = [getattr(x, what) for x in found]
+        if len(set(values)) != len(values):
+            raise TypeError(f"two export modules declare the same {what}: {values}")
     return tuple(found)
+
+
+#: Id prefixes of evidence and scored runs (ev-) and quarantine records (q-).
+RESERVED_PREFIXES = ("ev", "q")
 
 
 #: Every export, in order.

@@ -4,10 +4,11 @@ The export stage (refinery.export) reads each scored run with its evidence once,
 every export whether it takes the row (`admits`, then the shared text and sensitive-data
 checks), and hands each export that does a `Candidate`; the export writes it as one line of
 a part file (`candidate`). Once every file is read, each export merges its part files into
-its output (`merge`), in units that run side by side and are joined in order: one file's
-candidates (`grouped = False`; with `dedup`, the stage first finds, one hash bucket of keys at a
-time, the candidates that repeat an earlier (task, answer)), or one hash bucket of task keys
-(`grouped = True`, so grouping never holds more than a bucket in memory). What a merge
+its output (`merge`), in units that run side by side and are joined in order: a run of
+consecutive files' candidates (`grouped = False`; with `dedup`, the stage first finds, from the
+64-bit keys the reading returned, the candidates that repeat an earlier (task, answer)), or one
+hash bucket of task keys (`grouped = True`, so grouping never holds more than a bucket in
+memory). What a merge
 refuses it reports through `refuse`, with a reason; the stage writes the quarantine records
 and keeps the accounting. Before anything is published the stage calls `verify` on the written
 file. Composition stats and the receipt's counts come from the export's `Composition`.
@@ -133,6 +134,9 @@ class Exporter:
     partial_option: ClassVar[bool] = False
     """its command takes --include-partial/--accepted-only"""
     grouped: ClassVar[bool] = False
+    pairs: ClassVar[bool] = False
+    """its rows pair two answers (provenance and rejected_provenance): the audit's pair checks
+    read them; any other export's rows each point at one scored run (`provenance`), checked"""
 
     def admits(self, category: str, s: Settings) -> bool:
         raise NotImplementedError
@@ -147,10 +151,11 @@ class Exporter:
 
     def merge(self, lines: Iterable[bytes], write: Callable[[dict[str, Any]], None], refuse: Refuse,
               st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
-        """Write one unit of the export from its candidate lines — one file's (ungrouped; the
-        lines numbered in `duplicates` repeat an earlier candidate's key: refuse them), or one
-        hash bucket of tasks' (grouped) —; yield each row written, add to st.rows_out the
-        candidates taken. Units run in parallel and are joined in order."""
+        """Write one unit of the export from its candidate lines — a run of consecutive files'
+        (ungrouped; the lines numbered in `duplicates`, counted across the run, repeat an earlier
+        candidate's key: refuse them), or one hash bucket of tasks' (grouped) —; yield each row
+        written, add to st.rows_out the candidates taken. Units run in parallel and are joined
+        in order."""
         raise NotImplementedError
 
     def composition(self) -> Composition:

@@ -54,7 +54,8 @@ class RowComposition(Composition):
     def add(self, row: dict[str, Any]) -> None:
         self.rows += 1
         self.by_source[row["source"]] += 1
-        self.by_category[row[self.exporter.category_field]] += 1
+        if field := self.exporter.category_field:
+            self.by_category[row[field]] += 1
         self.tool_using += bool(row["tool_calls"])
         self.prompt_chars += len(row[self.exporter.prompt_field])
         self.answer_chars += len(row["response"]) + (len(render_tool_calls(row["tool_calls"]))

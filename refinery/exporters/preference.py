@@ -33,6 +33,7 @@ class Preference(Exporter):
                "higher, no self-pairs, no identical texts: exports/preference/chosen_rejected.jsonl.")
     unit = "pairs"
     grouped = True
+    pairs = True
 
     def admits(self, category: str, s: Settings) -> bool:
         return category in PREFERENCE_CHOSEN or category in PREFERENCE_REJECTED
