@@ -180,12 +180,12 @@ def _part(parts: Path, export: str, index: int, bucket: int | None = None) -> Pa
                     f"c-{export}-b{bucket:04d}-{index:06d}.jsonl")
 
 
-
 def export_file(job: FileJob) -> dict[str, ExportStats]:
     """Read one scored-run file with its evidence; write candidates and refusals into part files.
 
-    A row's category and text are judged for every export, asked for or not, so that the shared
-    quarantine file is the same whichever exports a command writes.
+    A row's category and text are judged for every export, asked for or not (they cost one check
+    each; the scan is shared): what a command that writes only some exports keeps of the shared
+    quarantine is `_splice_shared`'s to decide.
     """
     s = job.settings
     stats = {e: ExportStats(e) for e in job.exports}
