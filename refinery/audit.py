@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,44 +292,75 @@ def determinism_rerun(ctx: Context) -> list[str]:
     """Copy the sources, the config and the workspace's transforms into a temporary workspace,
     run-all there (a fresh process, its own hash seed), and compare every receipt hash with
     the audited run's."""
-    from refinery.discovery import BUILTIN_DIR
-    from refinery.runs import run_all_in_subprocess
+    return Rerun(ctx).problems()
 
-    if not ctx.receipts:
-        return ["no run to compare with"]
-    tmp = Path(tempfile.mkdtemp(prefix="refinery-audit-rerun-"))
-    try:
-        # transforms_dirs may climb out of the workspace (../shared): nest the twin deep enough
-        # that the same relative paths still land inside the temporary folder
-        rel_dirs = [d for d in ctx.cfg.materialize.transforms_dirs if not Path(d).is_absolute()]
-        depth = max((Path(d).parts.count("..") for d in rel_dirs), default=0)
-        root = tmp.joinpath(*["w"] * (depth + 1))
-        shutil.copytree(ctx.ws.kb, root / "data" / "_kb", ignore=shutil.ignore_patterns(LEDGER))
-        config = ctx.config_path or ctx.ws.root / "refinery.toml"
-        if config.is_file():
-            shutil.copy(config, root / "refinery.toml")
-        for d in ["transforms", *rel_dirs]:
-            src, dest = (ctx.ws.root / d).resolve(), Path(os.path.normpath(root / d))
-            if src.is_dir() and src != BUILTIN_DIR.resolve() and not dest.exists():  # built-ins load anyway
-                shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+
+class Rerun:
+    """`determinism_rerun`, started when made: the audit's other checks run while it does.
+    `problems()` waits for it; `cancel()` stops it. Either removes the temporary workspace."""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.started, self.tmp, self.t0 = ctx, None, None, time.perf_counter()
+        if ctx.receipts:
+            self.tmp = Path(tempfile.mkdtemp(prefix="refinery-audit-rerun-"))
+            try:
+                self.started = _start_rerun(ctx, self.tmp)
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+
+    def problems(self) -> list[str]:
+        if self.started is None:
+            return ["no run to compare with"]
         try:
-            doc = run_all_in_subprocess(root, hash_seed=os.getpid() % 4093 + 1,
-                                        include_partial=(ctx.summary or {}).get("include_partial"))
-        except RuntimeError as e:
-            return [f"the re-run failed: {e}"]
-        if doc["summary"]["code_version"] != ctx.summary["code_version"]:
-            return [f"the code changed since run {ctx.summary['run_id']} ({ctx.summary['code_version']} → "
-                    f"{doc['summary']['code_version']}): run `refinery run-all`, then audit"]
-        problems = [f"{stage}: the re-run gives receipt_hash {doc['receipts'][stage]['receipt_hash'][:12]}…, "
-                    f"run {ctx.summary['run_id']} recorded {r['receipt_hash'][:12]}…"
-                    + _first_difference(doc["receipts"][stage], r)
-                    for stage, r in ctx.receipts.items()
-                    if doc["receipts"].get(stage, {}).get("receipt_hash") != r["receipt_hash"]]
-        if not problems and doc["summary"]["overall_hash"] != ctx.summary.get("overall_hash"):
-            problems.append("the re-run's overall hash differs")
-        return problems
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            return _compare_rerun(self.ctx, self.started)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def cancel(self) -> None:
+        if self.started is not None:
+            self.started.cancel()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _start_rerun(ctx: Context, tmp: Path) -> Any:
+    from refinery.discovery import BUILTIN_DIR
+    from refinery.runs import start_run_all_in_subprocess
+
+    # transforms_dirs may climb out of the workspace (../shared): nest the twin deep enough
+    # that the same relative paths still land inside the temporary folder
+    rel_dirs = [d for d in ctx.cfg.materialize.transforms_dirs if not Path(d).is_absolute()]
+    depth = max((Path(d).parts.count("..") for d in rel_dirs), default=0)
+    root = tmp.joinpath(*["w"] * (depth + 1))
+    shutil.copytree(ctx.ws.kb, root / "data" / "_kb", ignore=shutil.ignore_patterns(LEDGER))
+    config = ctx.config_path or ctx.ws.root / "refinery.toml"
+    if config.is_file():
+        shutil.copy(config, root / "refinery.toml")
+    for d in ["transforms", *rel_dirs]:
+        src, dest = (ctx.ws.root / d).resolve(), Path(os.path.normpath(root / d))
+        if src.is_dir() and src != BUILTIN_DIR.resolve() and not dest.exists():  # built-ins load anyway
+            shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return start_run_all_in_subprocess(root, hash_seed=os.getpid() % 4093 + 1,
+                                       include_partial=(ctx.summary or {}).get("include_partial"))
+
+
+def _compare_rerun(ctx: Context, started: Any) -> list[str]:
+    try:
+        doc = started.result()
+    except RuntimeError as e:
+        return [f"the re-run failed: {e}"]
+    if doc["summary"]["code_version"] != ctx.summary["code_version"]:
+        return [f"the code changed since run {ctx.summary['run_id']} ({ctx.summary['code_version']} → "
+                f"{doc['summary']['code_version']}): run `refinery run-all`, then audit"]
+    problems = [f"{stage}: the re-run gives receipt_hash {doc['receipts'][stage]['receipt_hash'][:12]}…, "
+                f"run {ctx.summary['run_id']} recorded {r['receipt_hash'][:12]}…"
+                + _first_difference(doc["receipts"][stage], r)
+                for stage, r in ctx.receipts.items()
+                if doc["receipts"].get(stage, {}).get("receipt_hash") != r["receipt_hash"]]
+    if not problems and doc["summary"]["overall_hash"] != ctx.summary.get("overall_hash"):
+        problems.append("the re-run's overall hash differs")
+    return problems
 
 
 def _first_difference(now: dict[str, Any], then: dict[str, Any]) -> str:
@@ -347,6 +379,27 @@ def _first_difference(now: dict[str, Any], then: dict[str, Any]) -> str:
 
 AUDIT_ONLY = [("determinism_rerun", "a re-run in a temporary workspace gives the same receipt hashes",
                determinism_rerun)]
+
+
+def _start_rerun_check(ctx: Context) -> Rerun | Check:
+    """The re-run, started; or, when it could not even start, its failed check."""
+    try:
+        return Rerun(ctx)
+    except Exception as e:
+        return Check(0, *AUDIT_ONLY[0][:2], False, [f"the check itself failed: {type(e).__name__}: {e}"])
+
+
+def _rerun_check(started: Rerun | Check, number: int) -> Check:
+    """The re-run's check, waited for (its seconds: from its start, alongside the others)."""
+    if isinstance(started, Check):
+        started.number = number
+        return started
+    try:
+        problems = started.problems()
+    except Exception as e:  # a check that crashes fails; it never hides the others
+        problems = [f"the check itself failed: {type(e).__name__}: {e}"]
+    return Check(number, *AUDIT_ONLY[0][:2], not problems, problems,
+                 seconds=round(time.perf_counter() - started.t0, 3))
 
 
 # --- the audit -----------------------------------------------------------------------------
@@ -386,9 +439,17 @@ def _audit(ws: Workspace, cfg: Config, rerun: bool, config_path: Path | None,
                    for n, (key, title, _) in enumerate([*inv.INVARIANTS[1:], *AUDIT_ONLY], 2)]
         result = AuditResult(checks, {}, [], baseline, None, ctx.why, notes=["drift not measured: no run to audit"])
     else:
-        checks = inv.run_checks(ctx, inv.INVARIANTS)
-        extra = AUDIT_ONLY if rerun else []
-        checks += inv.run_checks(ctx, extra, first_number=len(checks) + 1)
+        # the re-run is a run-all of its own, in a subprocess: it goes on while the other
+        # checks do (most of them read in one process), and is waited for at the end
+        started = _start_rerun_check(ctx) if rerun else None
+        try:
+            checks = inv.run_checks(ctx, inv.INVARIANTS)
+        except BaseException:
+            if isinstance(started, Rerun):
+                started.cancel()
+            raise
+        if started is not None:
+            checks.append(_rerun_check(started, len(checks) + 1))
         if not rerun:
             checks.append(Check(len(checks) + 1, "determinism_rerun", AUDIT_ONLY[0][1], True,
                                 ["skipped (--no-rerun)"], required=False))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -541,6 +542,38 @@ def run_all_in_subprocess(root: Path, *, hash_seed: int, include_partial: bool |
     """`refinery run-all --force --json` on `root` in a fresh interpreter with its own hash seed,
     so that a determinism check also catches output that depends on `hash()` or on process
     state. Returns run-all's JSON document; raises RuntimeError with its stderr on a crash."""
+    return start_run_all_in_subprocess(root, hash_seed=hash_seed, include_partial=include_partial).result()
+
+
+class Started:
+    """run-all in a subprocess, started: `result()` waits for it and gives its JSON document (or
+    raises RuntimeError); `cancel()` stops it. Its output goes to temporary files, so however
+    large, it never blocks the run."""
+
+    def __init__(self, proc: Any, root: Path, out: Any, err: Any):
+        self.proc, self.root, self.out, self.err = proc, root, out, err
+
+    def result(self) -> dict[str, Any]:
+        with self.out, self.err:
+            code = self.proc.wait()
+            self.out.seek(0)
+            try:
+                return orjson.loads(self.out.read())
+            except orjson.JSONDecodeError:
+                self.err.seek(0)
+                raise RuntimeError(f"run-all in {self.root} exited {code}: "
+                                   f"{self.err.read().decode(errors='replace')[-800:]}") from None
+
+    def cancel(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.out.close()
+        self.err.close()
+
+
+def start_run_all_in_subprocess(root: Path, *, hash_seed: int, include_partial: bool | None = None) -> Started:
+    """Start `run_all_in_subprocess` and return at once."""
     import subprocess
     import sys
 
@@ -550,9 +583,5 @@ def run_all_in_subprocess(root: Path, *, hash_seed: int, include_partial: bool |
     env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "REFINERY_WORKSPACE": str(root)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                        env.get("PYTHONPATH")]))
-    proc = subprocess.run(cmd, env=env, capture_output=True, stdin=subprocess.DEVNULL)
-    try:
-        return orjson.loads(proc.stdout)
-    except orjson.JSONDecodeError:
-        raise RuntimeError(f"run-all in {root} exited {proc.returncode}: "
-                           f"{proc.stderr.decode(errors='replace')[-800:]}") from None
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    return Started(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL), root, out, err)

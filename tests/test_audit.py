@@ -210,6 +210,32 @@ def test_the_rerun_works_where_the_workspace_is_the_repository(tmp_path):
     assert audit.determinism_rerun(Context(ws, load_config(ws.root))) == []
 
 
+def test_the_rerun_goes_on_beside_the_other_checks_and_is_stopped_if_they_crash(ran, monkeypatch):
+    """The re-run starts before the other checks and is waited for after them; if the audit
+    stops in between, its process is stopped and its temporary workspace removed."""
+    from refinery import invariants as inv
+    from refinery.config import load_config
+
+    made: list[audit.Rerun] = []
+    real_init = audit.Rerun.__init__
+
+    def init(self, ctx):
+        real_init(self, ctx)
+        made.append(self)
+
+    monkeypatch.setattr(audit.Rerun, "__init__", init)
+    monkeypatch.setattr(inv, "run_checks", lambda ctx, checks, first_number=1: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        audit.run_audit(ran, load_config(ran.root))
+    [rerun] = made
+    assert rerun.started.proc.poll() is not None and not rerun.tmp.exists()
+    monkeypatch.undo()
+    result = audit.run_audit(ran, load_config(ran.root))
+    check = next(c for c in result.checks if c.key == "determinism_rerun")
+    assert check.ok and check.number == len(result.checks) and check.seconds > 0
+
+
 # --- the ledger's head, kept outside it ------------------------------------------------------
 
 
