@@ -29,6 +29,7 @@ refinery/exporters/; this module knows none of them by name.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -43,7 +44,7 @@ import orjson
 
 from refinery import sensitive
 from refinery.config import Config
-from refinery.errors import AccountingError
+from refinery.errors import AccountingError, RefineryError
 from refinery.dedup import SeenHashes
 from refinery.exporters import (
     BY_NAME, EXPORTERS, NAMES, Candidate, Composition, ExportStats, LeakError, Settings, reply,
@@ -267,44 +268,53 @@ def export_file(job: FileJob) -> dict[str, ExportStats]:
     return stats
 
 
+class SharedQuarantineDamaged(RefineryError):
+    """The published exports/quarantine/export.jsonl has a line that is not an export refusal, so
+    the other exports' refusals cannot be kept from it."""
+
+
 def _splice_shared(new: Path, old: Path, mine: tuple[str, ...], dest: Path) -> tuple[int, str]:
     """The shared refusals after a command that wrote only the exports `mine`: theirs as this
     run decided them, the other exports' as the published file has them (decided by the run or
     command that wrote those exports, perhaps with other settings). Records are in file order
     (scored-run file, line, a category refusal before a text one), one per row and reason, each
     naming its exports in their order; with the same settings and inputs the result is the file
-    a run of every export writes. Without a published file, only `mine` are named."""
+    a run of every export writes. Without a published file, this run's decisions stand for
+    every export. Raises SharedQuarantineDamaged on a published line that is not a refusal."""
     import heapq
 
+    if not old.is_file():
+        return concat_files([new], dest)
+
     def records(path: Path, keep: set[str]) -> Iterator[tuple[tuple[str, int, int], dict[str, Any]]]:
-        if not path.is_file():
-            return
         for line in read_jsonl(path):
             rec = line.obj
-            if not isinstance(rec, dict) or not isinstance(rec.get("exports"), list):
-                continue  # a damaged record of an earlier command: what the audit reports, not kept
-            named = [e for e in rec["exports"] if e in keep]
-            if named:
-                p = rec.get("provenance") or {}
-                key = (str(p.get("source_file")), p.get("line_offset") if type(p.get("line_offset")) is int else -1,
-                       0 if rec.get("reason") == Reason.CATEGORY_EXCLUDED.value else 1)
+            p = rec.get("provenance") if isinstance(rec, dict) else None
+            if not (isinstance(p, dict) and isinstance(rec.get("exports"), list) and isinstance(rec.get("reason"), str)
+                    and isinstance(p.get("source_file"), str) and type(p.get("line_offset")) is int):
+                raise SharedQuarantineDamaged(
+                    f"{path.name}:{line.offset} is not an export refusal ({line.reason or 'fields missing'}), so "
+                    "the other exports' refusals cannot be kept from it: run `refinery export-all` (or "
+                    "`refinery run-all`) to write every export and this file anew")
+            if named := [e for e in rec["exports"] if e in keep]:
+                key = (p["source_file"], p["line_offset"], 0 if rec["reason"] == Reason.CATEGORY_EXCLUDED.value else 1)
                 yield key, {**rec, "exports": named}
 
     others = set(NAMES) - set(mine)
     merged = heapq.merge(records(new, set(mine)), records(old, others), key=lambda r: r[0])
     with atomic_write(dest) as f:
         w = JsonlWriter(f)
-        pending: tuple[tuple[str, int, int], dict[str, Any]] | None = None
-        for key, rec in merged:
-            if pending is not None and pending[0] == key and pending[1]["reason"] == rec["reason"]:
-                named = set(pending[1]["exports"]) | set(rec["exports"])
-                pending[1]["exports"] = [e for e in NAMES if e in named]
-                continue
-            if pending is not None:
-                w.write(pending[1])
-            pending = (key, rec)
-        if pending is not None:
-            w.write(pending[1])
+        # the records of one row and rank come together: merge them by reason, first seen first
+        for _, group in itertools.groupby(merged, key=lambda r: r[0]):
+            by_reason: dict[str, dict[str, Any]] = {}
+            for _, rec in group:
+                if (kept := by_reason.get(rec["reason"])) is None:
+                    by_reason[rec["reason"]] = rec
+                else:
+                    named = set(kept["exports"]) | set(rec["exports"])
+                    kept["exports"] = [e for e in NAMES if e in named]
+            for rec in by_reason.values():
+                w.write(rec)
     return w.rows, w.sha256
 
 

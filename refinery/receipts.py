@@ -195,24 +195,26 @@ def check_files(ws: Workspace, receipts: dict[str, dict[str, Any]]) -> list[str]
     caught, and the file named. Meaningful for the run whose outputs are published."""
     problems = []
     digests = Digests()
-    for f, writers in recorded_outputs(receipts).items():
-        if not (found := _file_problem(ws, dict(zip(("path", "sha256", "rows"), f)), digests)):
+    for f, writers in recorded_outputs(receipts):
+        if not (found := _file_problem(ws, f, digests)):
             continue
         kind, detail = found
         by = ", ".join(writers)
-        problems.append({"missing": f"{f[0]} (written by {by}) is missing",
-                         "sha256": f"{f[0]} changed since {by} wrote it: {detail}"}.get(kind, detail))
+        problems.append({"missing": f"{f['path']} (written by {by}) is missing",
+                         "sha256": f"{f['path']} changed since {by} wrote it: {detail}"}.get(kind, detail))
     return problems
 
 
-def recorded_outputs(receipts: dict[str, dict[str, Any]]) -> dict[tuple[str, str, int], list[str]]:
-    """Each output the receipts record, once — (path, sha256, rows) → the stages that list it (the
-    exports' shared quarantine file is an output of every export stage) —, in receipt order."""
-    out: dict[tuple[str, str, int], list[str]] = {}
+def recorded_outputs(receipts: dict[str, dict[str, Any]]) -> list[tuple[dict[str, Any], list[str]]]:
+    """Each output the receipts record, once — (the record, the stages that list it: the exports'
+    shared quarantine file is an output of every export stage) —, in receipt order. Records
+    that differ in anything (a damaged receipt's) stay apart."""
+    out: dict[bytes, tuple[dict[str, Any], list[str]]] = {}
     for stage, r in receipts.items():
         for f in r["outputs"]:
-            out.setdefault((f["path"], f["sha256"], f["rows"]), []).append(stage)
-    return out
+            key = orjson.dumps([f.get("path"), f.get("sha256"), f.get("rows")], option=orjson.OPT_SORT_KEYS)
+            out.setdefault(key, (f, []))[1].append(stage)
+    return list(out.values())
 
 
 def _file_problem(ws: Workspace, f: dict[str, Any], digests: Digests) -> tuple[str, str] | None:

@@ -390,16 +390,18 @@ class _Run:
         self.receipts[stage] = r
 
     def _fingerprints(self, fields: dict[str, Any]) -> dict[str, list[int]]:
-        """(size, mtime_ns, inode) of each file the receipt names: as this run saw it when it
-        found the recorded sha256 there, or — an output this run wrote, under its lock — now."""
+        """(size, mtime_ns, inode) of each file the receipt names: an input as this run saw it
+        when it found the recorded sha256 there; an output — which this run wrote or linked into
+        its staging, under its lock — as it is now (not the published file of the same path and
+        bytes the reuse check read: that one is replaced at the publish)."""
         out = {}
-        for f, written in [*((f, False) for f in fields["inputs"]), *((f, True) for f in fields["outputs"])]:
-            fp = self.digests.fingerprint(f["path"], f["sha256"])
-            if fp is None and written and (p := self.staged.out / f["path"]).is_file():
-                st = p.stat()
-                fp = [st.st_size, st.st_mtime_ns, st.st_ino]
-            if fp is not None:
+        for f in fields["inputs"]:
+            if (fp := self.digests.fingerprint(f["path"], f["sha256"])) is not None:
                 out[f["path"]] = fp
+        for f in fields["outputs"]:
+            if (p := self.staged.out / f["path"]).is_file():
+                st = p.stat()
+                out[f["path"]] = [st.st_size, st.st_mtime_ns, st.st_ino]
         return out
 
     def _base(self, stage: str, config_hash: str, policy_hash: str | None, inputs, outputs) -> dict[str, Any]:

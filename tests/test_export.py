@@ -366,9 +366,9 @@ def test_the_shared_quarantine_is_the_same_whichever_exports_a_command_writes(fi
     for name in export.EXPORTS:
         export.run(fixture_ws, cfg, exports=(name,))
         assert shared.read_bytes() == every, name
-    shared.unlink()
+    shared.unlink()  # nothing to keep the others' from: this run's decisions stand for every export
     export.run(fixture_ws, cfg, exports=("sft",))
-    assert {tuple(r["exports"]) for r in read_jsonl_file(shared)} == {("sft",)}
+    assert shared.read_bytes() == every
 
 
 def test_a_single_export_keeps_the_other_exports_refusals_as_their_run_decided(fixture_ws, cfg):
@@ -391,6 +391,31 @@ def test_a_single_export_keeps_the_other_exports_refusals_as_their_run_decided(f
     assert any(r["detail"] == "category partially_accepted is not taken" for r in rag)
     with pytest.raises(ValueError, match="no export named nope"):
         export.run(fixture_ws, cfg, exports=("nope",))
+
+
+def _refusal(line: int, reason: str, exports: list[str]) -> dict:
+    return {"id": f"q-{line}-{reason}", "stage": "export", "exports": exports, "reason": reason,
+            "provenance": {"source_file": "data/scored-runs/a.jsonl", "line_offset": line}}
+
+
+def test_splicing_merges_every_record_of_a_row_by_reason(tmp_path):
+    """One row refused for a phone by preference (this run), for a password by RAG and for the
+    phone by SFT (earlier commands): one record per reason, first seen first, never two alike."""
+    new, old, dest = tmp_path / "new.jsonl", tmp_path / "old.jsonl", tmp_path / "out.jsonl"
+    new.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in [
+        _refusal(4, "category_excluded", ["preference"]), _refusal(4, "pii_detected", ["preference"]),
+        _refusal(7, "missing_text", ["rag", "sft", "preference"])]))
+    old.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in [
+        _refusal(4, "secret_detected", ["rag"]), _refusal(4, "pii_detected", ["sft"]),
+        _refusal(5, "category_excluded", ["rag", "sft"])]))
+    rows, _ = export._splice_shared(new, old, ("preference",), dest)
+    got = [(r["provenance"]["line_offset"], r["reason"], r["exports"]) for r in read_jsonl_file(dest)]
+    assert got == [(4, "category_excluded", ["preference"]), (4, "pii_detected", ["sft", "preference"]),
+                   (4, "secret_detected", ["rag"]), (5, "category_excluded", ["rag", "sft"]),
+                   (7, "missing_text", ["preference"])] and rows == 5
+    old.write_bytes(orjson.dumps({**_refusal(4, "pii_detected", ["sft"]), "reason": None}) + b"\n")
+    with pytest.raises(export.SharedQuarantineDamaged, match="old.jsonl:0 is not an export refusal"):
+        export._splice_shared(new, old, ("preference",), dest)
 
 
 def test_composition_stats_next_to_each_export(fixture_ws, cfg):

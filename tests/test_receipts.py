@@ -634,3 +634,18 @@ def test_a_run_recorded_before_summaries_were_sealed_is_not_called_edited(sample
     path.write_bytes(orjson.dumps({**old, "schema_version": 1}))
     result = invoke("receipts", "--json")
     assert result.exit_code == 0, result.output
+
+
+def test_a_damaged_receipt_s_outputs_are_reported_not_a_crash(tmp_path):
+    """An output listed by several receipts is checked once; a damaged record (rows a list)
+    is reported as a problem, not a TypeError."""
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(tmp_path)
+    f = {"path": "exports/quarantine/export.jsonl", "sha256": "0" * 64, "rows": 1}
+    listed = {"export-rag": {"outputs": [f]}, "export-sft": {"outputs": [dict(f)]},
+              "export-preference": {"outputs": [{**f, "rows": [1]}]}}
+    assert [len(w) for _, w in receipts.recorded_outputs(listed)] == [2, 1]
+    problems = receipts.check_files(ws, listed)
+    assert problems[0] == "exports/quarantine/export.jsonl (written by export-rag, export-sft) is missing"
+    assert len(problems) == 2

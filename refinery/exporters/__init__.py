@@ -31,6 +31,8 @@ def _discover() -> tuple[Exporter, ...]:
                             f"and digits ({x.id_prefix!r})")
         if x.id_prefix in RESERVED_PREFIXES:
             raise TypeError(f"export {x.name!r}: id prefix {x.id_prefix!r} is refinery's own ({RESERVED_PREFIXES})")
+        if x.name in RESERVED_NAMES:
+            raise TypeError(f"export {x.name!r}: the name is taken (`refinery export-{x.name}` is another command)")
     for what in ("name", "id_prefix", "path"):
         values = [getattr(x, what) for x in found]
         if len(set(values)) != len(values):
@@ -40,6 +42,8 @@ def _discover() -> tuple[Exporter, ...]:
 
 #: Id prefixes of evidence and scored runs (ev-) and quarantine records (q-).
 RESERVED_PREFIXES = ("ev", "q")
+#: Names whose `export-<name>` command exists already.
+RESERVED_NAMES = ("all",)
 
 
 #: Every export, in order.
