@@ -100,6 +100,20 @@ def iter_lines(f: Any, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator
         yield Line(offset, raw, obj, None, None)
 
 
+class HashingReader:
+    """A binary stream for `iter_lines` that hashes every byte it hands out: a stage that reads a
+    whole file once gets its sha256 from that read, not from a second one."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+
+    def readline(self, limit: int = -1) -> bytes:
+        data = self._f.readline(limit)
+        self.sha256.update(data)
+        return data
+
+
 class LineCursor:
     """Forward-only access by line offset to a stream of Lines (from read_jsonl / read_csv)."""
 

@@ -27,7 +27,9 @@ import orjson
 from refinery.canonical import file_sha256
 from refinery.config import Config, ScoreConfig
 from refinery.errors import AccountingError, RefineryError
-from refinery.jsonl import JsonlWriter, concat_files, fsync, publish_dir, read_jsonl, recover_dir, staging_dir
+from refinery.jsonl import (
+    HashingReader, JsonlWriter, concat_files, fsync, iter_lines, publish_dir, recover_dir, staging_dir,
+)
 from refinery.normalize import task_key
 from refinery.parallel import map_files
 from refinery.policy import POLICY_VERSION, policy_hash, score_record
@@ -124,15 +126,17 @@ def scored_run(ev: dict[str, Any], evidence_file: str, offset: int, sig: str, sc
 def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quarantine_part: Path,
                scfg: ScoreConfig, preview_chars: int) -> FileResult:
     phash = policy_hash(scfg)
-    res = FileResult(evidence_rel, out_rel, file_sha256(evidence))
+    res = FileResult(evidence_rel, out_rel, "")
     cats: Counter[str] = Counter()
     rules: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb", buffering=1 << 20) as f, open(quarantine_part, "wb") as qf:
+    with open(out, "wb", buffering=1 << 20) as f, open(quarantine_part, "wb") as qf, \
+            open(evidence, "rb") as ev_file:
         w, qw = JsonlWriter(f), JsonlWriter(qf)
-        for line in read_jsonl(evidence):
+        reader = HashingReader(ev_file)  # the manifest's evidence sha256, from the one read
+        for line in iter_lines(reader):
             res.rows_in += 1
             if line.obj is None:
                 reasons[Reason.INVALID_EVIDENCE] += 1
@@ -156,6 +160,7 @@ def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quara
             rules.update(row["rules_fired"])
         f.flush()
         fsync(f.fileno())
+    res.evidence_sha256 = reader.sha256.hexdigest()
     res.scored, res.sha256 = w.rows, w.sha256
     res.quarantined = sum(reasons.values())
     res.by_category = dict(sorted(cats.items()))

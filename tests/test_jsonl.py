@@ -93,3 +93,18 @@ def test_publish_dir_swaps_and_recover_restores_a_half_swap(tmp_path):
     recover_dir(target)
     assert (target / "new.jsonl").read_text() == "new"
     assert not aside.exists() and not leftover.exists()
+
+
+def test_hashing_reader_hashes_every_byte_read_even_an_overlong_line(tmp_path):
+    import hashlib
+
+    from refinery.jsonl import HashingReader, iter_lines
+
+    data = b'\xef\xbb\xbf{"a": 1}\r\n' + b'{"b": "' + b"x" * 5000 + b'"}\n' + b"not json\n" + b'{"c": 3}'
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        reader = HashingReader(f)
+        lines = list(iter_lines(reader, max_line_bytes=1000))
+    assert [line.offset for line in lines] == [0, 1, 2, 3] and lines[3].obj == {"c": 3}
+    assert reader.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
