@@ -193,6 +193,10 @@ def _validator() -> Callable[[dict[str, Any]], None]:
     return EvidenceRecord.model_validate
 
 
+#: Beside an evidence part: the sha256 of its bytes, taken by its writer.
+SHA_SUFFIX = ".sha256"
+
+
 def partition_rel(recorded_at: str, source: str) -> str:
     return f"{recorded_at[:4]}/{recorded_at[5:7]}/{recorded_at[8:10]}/{source}.jsonl"
 
@@ -217,11 +221,14 @@ class EvidenceSink:
         return rel
 
     def close(self, sync: bool) -> dict[str, int]:
-        for fh, _ in self.writers.values():
+        """Close the parts; beside each, `<part>.sha256` holds the hash of its bytes as they were
+        written (what a partition made of one part is, without reading it again)."""
+        for rel, (fh, w) in self.writers.items():
             if sync:
                 fh.flush()
                 fsync(fh.fileno())
             fh.close()
+            (self.root / (rel + SHA_SUFFIX)).write_text(w.sha256)
         return {rel: w.rows for rel, (_, w) in sorted(self.writers.items())}
 
     def discard(self) -> None:
@@ -737,8 +744,9 @@ def _assemble_outputs(ws: Workspace, staging: Path, contributions: dict[str, lis
         dest = staging / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if len(parts) == 1:
+            sidecar = parts[0].with_name(parts[0].name + SHA_SUFFIX)
+            sha = sidecar.read_text() if sidecar.is_file() else file_sha256(parts[0])  # hashed as written
             os.replace(parts[0], dest)
-            sha = file_sha256(dest)
         else:
             _, sha = concat_files(parts, dest)
         outputs.append({"path": f"{ws.rel(ws.evidence)}/{rel}", "sha256": sha, "rows": rows[rel]})

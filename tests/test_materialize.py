@@ -87,6 +87,26 @@ def test_records_validate_against_the_model(ws, cfg):
         assert list(EvidenceRecord.model_validate(row).model_dump(mode="json")) == list(row)
 
 
+def test_a_partition_of_one_part_takes_its_writer_s_hash(ws, cfg, monkeypatch):
+    """Evidence bytes are hashed as they are written: a partition made of one part is not read
+    again for its sha256, and the recorded sha256 is the file's."""
+    import hashlib
+
+    load_all_fixtures(ws)
+    real = materialize.file_sha256
+
+    def sources_only(path):  # the sources are hashed as materialize reads them; evidence never again
+        assert "/data/_kb/" in str(path), f"{path} was read again"
+        return real(path)
+
+    monkeypatch.setattr(materialize, "file_sha256", sources_only)
+    result = materialize.run(ws, cfg)
+    evidence = [o for o in result.outputs if o["path"].startswith("data/evidence/")]
+    assert evidence and all(hashlib.sha256((ws.root / o["path"]).read_bytes()).hexdigest() == o["sha256"]
+                            for o in evidence)
+    assert not list(ws.evidence.rglob("*.sha256"))  # the writers' notes stay with the parts
+
+
 def test_two_runs_give_identical_bytes_whatever_the_worker_count(ws):
     load_all_fixtures(ws)
     serial = load_config(ws.root, overrides={"materialize": {"workers": 1}})
