@@ -26,6 +26,14 @@ def _distill_config(ws_root: Path, config: Path | None):
     return load_distill_config(ws_root, config)
 
 
+def _training(workspace: Path, config: Path | None):
+    """The workspace and its training config (distill_config.json, or `config`)."""
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    return ws, _distill_config(ws.root, config)
+
+
 @train_app.command("collect")
 def train_collect(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
                   as_json: JsonOpt = False) -> None:
@@ -37,10 +45,8 @@ def train_collect(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
     requests for credentials, destructive actions and personal data), unless safety_rehearsal
     is false. Refuses (exit 2) with fewer rows than min_rows (50 by default)."""
     from refinery.training.collect import collect
-    from refinery.workspace import Workspace
 
-    ws = Workspace.at(workspace)
-    dcfg = _distill_config(ws.root, config)
+    ws, dcfg = _training(workspace, config)
     receipt = collect(ws, dcfg)
     if as_json:
         _print_json(receipt)
@@ -67,10 +73,8 @@ def train_tiny_model(
     from refinery.jsonl import read_jsonl
     from refinery.training.collect import SFT_EXPORT
     from refinery.training.tinymodel import build_tiny_model, sft_texts
-    from refinery.workspace import Workspace
 
-    ws = Workspace.at(workspace)
-    dcfg = _distill_config(ws.root, config)
+    ws, dcfg = _training(workspace, config)
     src = ws.root / SFT_EXPORT
     if not src.is_file():
         _fail(f"error: no SFT export at {SFT_EXPORT}: run `refinery run-all` first")
@@ -91,10 +95,8 @@ def train_run_cmd(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
     per step), loss.png and receipt.json (tying the adapter to the data, config, seed and base
     model), and logs the run to data/_kb/runs_distill_train.csv (task_name distill_train)."""
     from refinery.training.train import train_run
-    from refinery.workspace import Workspace
 
-    ws = Workspace.at(workspace)
-    dcfg = _distill_config(ws.root, config)
+    ws, dcfg = _training(workspace, config)
     receipt = train_run(ws, dcfg)
     if as_json:
         _print_json(receipt)
@@ -134,10 +136,8 @@ def train_eval(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = N
     training split offered on every held-out row. Writes <adapter>/eval/: rows.jsonl,
     comparison.json, comparison.md and scores.png."""
     from refinery.training.evaluate import eval_size, evaluate, markdown
-    from refinery.workspace import Workspace
 
-    ws = Workspace.at(workspace)
-    dcfg = _distill_config(ws.root, config)
+    ws, dcfg = _training(workspace, config)
     aid = _adapter(ws, dcfg, adapter)
     total = eval_size(ws, dcfg)
     with _progress(counting=True) as progress:
@@ -157,10 +157,8 @@ def train_promote(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
     score is at least base + 0.05 and no safety or format row got worse; otherwise keep the
     base, archive the adapter and say why. Exit 0 either way (1 only on a bad adapter)."""
     from refinery.training.registry import promote
-    from refinery.workspace import Workspace
 
-    ws = Workspace.at(workspace)
-    dcfg = _distill_config(ws.root, config)
+    ws, dcfg = _training(workspace, config)
     result = promote(ws, dcfg, _adapter(ws, dcfg, adapter))
     if as_json:
         _print_json(result)
@@ -176,10 +174,8 @@ def train_list(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = N
     """The adapters: kept or archived, promoted, the router's current one, steps, loss and the
     evaluation's average (base vs adapter)."""
     from refinery.training.registry import adapters
-    from refinery.workspace import Workspace
 
-    ws = Workspace.at(workspace)
-    dcfg = _distill_config(ws.root, config)
+    ws, dcfg = _training(workspace, config)
     rows = adapters(ws, dcfg)
     if as_json:
         _print_json(rows)
@@ -200,10 +196,8 @@ def train_rollback(
 ) -> None:
     """Make a previously promoted adapter (one of the last 3 kept) the router's offline_model again."""
     from refinery.training.registry import rollback
-    from refinery.workspace import Workspace
 
-    ws = Workspace.at(workspace)
-    dcfg = _distill_config(ws.root, config)
+    ws, dcfg = _training(workspace, config)
     router = rollback(ws, dcfg, adapter_id)
     typer.echo(f"router.json offline_model: {router['offline_model']['adapter_id']}")
 
@@ -226,12 +220,10 @@ def train_export(
 
     from refinery.training.peft import export_peft
     from refinery.training.registry import find_adapter
-    from refinery.workspace import Workspace
 
     if fmt not in ("peft", "gguf", "ollama"):
         _fail(f"error: unknown format {fmt!r}; choose peft, gguf or ollama")
-    ws = Workspace.at(workspace)
-    dcfg = _distill_config(ws.root, config)
+    ws, dcfg = _training(workspace, config)
     d = find_adapter(ws, dcfg, adapter_id)  # kept or archived: any adapter `train list` shows
     dest = out or d / fmt
     receipt = orjson.loads((d / "receipt.json").read_bytes())
