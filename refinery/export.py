@@ -51,7 +51,9 @@ from refinery.exporters import (
 )
 from refinery.exporters.preference import PREFERENCE_CHOSEN, PREFERENCE_REJECTED, pair_group, repeats_chosen_call
 from refinery.exporters.sft import SFT_NEVER, sft_categories, verify_sft
-from refinery.jsonl import JsonlWriter, LineCursor, atomic_write, concat_files, fsync_dir, read_jsonl
+from refinery.jsonl import (
+    JsonlWriter, LineCursor, atomic_write, concat_files, dumps_line, fsync_dir, read_jsonl,
+)
 from refinery.normalize import answer_text, normalize_text
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
@@ -155,12 +157,13 @@ def _pairs(job: FileJob) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[
         yield ev_line.obj, sr, prov
 
 
-class QuarantineWriter(JsonlWriter):
-    """Writes the exports' refusals: the shared file's (stage "export", decided on reading for
-    every export at once), or one export's own (decided by its merge)."""
+class QuarantineWriter:
+    """Writes the exports' refusals into a part file: the shared file's (stage "export", decided
+    on reading for every export at once), or one export's own (decided by its merge). Parts are
+    hashed when they are joined, not as they are written."""
 
     def __init__(self, f: Any, *, shared: bool):
-        super().__init__(f)
+        self._f = f
         self.shared = shared
 
     def refuse(self, stats: list[ExportStats], exports: list[str], source: str, prov: dict[str, Any],
@@ -172,8 +175,9 @@ class QuarantineWriter(JsonlWriter):
             st.quarantined += 1
             st.by_reason[reason.value] += 1
         stage = "export" if self.shared else stage_name(exports[0])
-        self.write(quarantine_record(stage, source, prov["source_file"], prov["line_offset"], reason, detail,
-                                     prov["sig_hash"], recorded_at=prov["recorded_at"], exports=exports))
+        self._f.write(dumps_line(quarantine_record(stage, source, prov["source_file"], prov["line_offset"], reason,
+                                                   detail, prov["sig_hash"], recorded_at=prov["recorded_at"],
+                                                   exports=exports)))
 
 
 def _part(parts: Path, export: str, index: int, bucket: int | None = None) -> Path:
@@ -368,12 +372,15 @@ def _merge_unit(u: MergeUnit, s: Settings) -> tuple[ExportStats, Composition]:
     x = BY_NAME[u.export]
     st, comp = ExportStats(u.export), x.composition()
     with open(u.out, "wb") as f, open(u.quarantine, "wb") as qf:
-        w, qw = JsonlWriter(f), QuarantineWriter(qf, shared=False)
+        qw = QuarantineWriter(qf, shared=False)
+
+        def write(row: dict[str, Any], line: bytes | None = None) -> None:
+            f.write(line if line is not None else dumps_line(row))  # hashed when the units are joined
 
         def refuse(source: str, prov: dict[str, Any], reason: Reason, detail: str) -> None:
             qw.refuse([st], [u.export], source, prov, reason, detail)
 
-        for row in x.merge(_lines(u.parts), w.write, refuse, st, s, duplicates=u.duplicates):
+        for row in x.merge(_lines(u.parts), write, refuse, st, s, duplicates=u.duplicates):
             comp.add(row)
     return st, comp
 
@@ -440,20 +447,24 @@ def _finish_export(e: str, ws: Workspace, tmp_root: Path, s: Settings, st: Expor
 
 
 def _merge(ws: Workspace, cfg: Config, s: Settings, exports: tuple[str, ...], tmp_root: Path, buckets: int,
-           read: dict[str, ExportStats], candidates: dict[str, list[int]], keys: dict[str, list[array[int]]]
+           read: list[dict[str, ExportStats]]
            ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], list[tuple[Path, Path]]]:
     """Every export's merge, as units that run side by side on every worker — each export's
     runs of files (ungrouped; which candidates repeat an earlier one is decided first, from the
-    keys the reading returned) or task buckets (grouped) —; then each export is joined in order."""
+    keys the reading of each file returned: none without dedup) or task buckets (grouped) —;
+    then each export is joined in order. `read`: what the reading of each file found."""
     size = lambda paths: sum(p.stat().st_size for p in paths if p.exists())  # noqa: E731
     workers = {"workers": cfg.materialize.workers, "parallel_min_bytes": cfg.materialize.parallel_min_bytes}
-    units = {e: _merge_units(e, tmp_root, buckets, candidates[e], _duplicates(keys[e]) if e in keys else {})
-             for e in exports}
+    units = {e: _merge_units(e, tmp_root, buckets, [f[e].candidates for f in read],
+                             _duplicates([f[e].keys for f in read])) for e in exports}
     flat = [u for e in exports for u in units[e]]
     merged = map_files(_merge_unit, [(u, s) for u in flat], [size(u.parts) for u in flat], **workers)
     finish, at = [], 0
     for e in exports:
-        finish.append((e, ws, tmp_root, s, read[e], units[e], merged[at:at + len(units[e])]))
+        st = ExportStats(e)
+        for f in read:
+            st.add(f[e])
+        finish.append((e, ws, tmp_root, s, st, units[e], merged[at:at + len(units[e])]))
         at += len(units[e])
     # joining and checking (SFT's re-read) are one pass over each export: side by side too
     done = map_files(_finish_export, finish, [size([u.out for u in units[e]]) for e in exports], **workers)
@@ -495,13 +506,7 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
             if exports != EXPORTS:  # the other exports' refusals stay as their own runs decided them
                 decided, shared = shared, tmp_root / "q-spliced.jsonl"
                 shared_rows, shared_sha = _splice_shared(decided, ws.out / EXPORT_QUARANTINE, exports, shared)
-            read = {e: ExportStats(e) for e in exports}
-            for o in outcomes:
-                for e in exports:
-                    read[e].add(o[e])
-            candidates = {e: [o[e].candidates for o in outcomes] for e in exports}
-            keys = {e: [o[e].keys for o in outcomes] for e in exports if BY_NAME[e].dedup and settings.export.dedup}
-            results, outputs, staged = _merge(ws, cfg, settings, exports, tmp_root, buckets, read, candidates, keys)
+            results, outputs, staged = _merge(ws, cfg, settings, exports, tmp_root, buckets, outcomes)
             staged.insert(0, (shared, ws.out / EXPORT_QUARANTINE))
             outputs.append({"path": EXPORT_QUARANTINE, "sha256": shared_sha, "rows": shared_rows})
             for src, dest in staged:  # every export complete and checked: publish

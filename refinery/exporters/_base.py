@@ -89,6 +89,8 @@ class Candidate:
 
 #: refuse(source, provenance, reason, detail): count a row the merge leaves out and quarantine it.
 Refuse = Callable[[str, dict[str, Any], Reason, str], None]
+#: write(row, line=None): write a row of the export (`line`: its JSONL line, when already made).
+Write = Callable[..., None]
 
 
 class Composition:
@@ -149,13 +151,14 @@ class Exporter:
         """Which of `buckets` part files a grouped export's candidate goes to."""
         return int(c.sr["task_key"][3:11], 16) % buckets
 
-    def merge(self, lines: Iterable[bytes], write: Callable[[dict[str, Any]], None], refuse: Refuse,
+    def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
               st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
         """Write one unit of the export from its candidate lines — a run of consecutive files'
         (ungrouped; the lines numbered in `duplicates`, counted across the run, repeat an earlier
         candidate's key: refuse them), or one hash bucket of tasks' (grouped) —; yield each row
-        written, add to st.rows_out the candidates taken. Units run in parallel and are joined
-        in order."""
+        written, add to st.rows_out the candidates taken. `write(row, line)`: `line`, when given,
+        is the row's JSONL line as the candidate already holds it (`dumps_line(row)`). Units run
+        in parallel and are joined in order."""
         raise NotImplementedError
 
     def composition(self) -> Composition:

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import orjson
 
-from refinery.exporters._base import Candidate, Composition, Exporter, ExportStats, Refuse, Settings
+from refinery.exporters._base import Candidate, Composition, Exporter, ExportStats, Refuse, Settings, Write
+from refinery.jsonl import dumps_line
 from refinery.normalize import render_tool_calls
 from refinery.reasons import Reason
 
@@ -23,9 +24,9 @@ class RowExporter(Exporter):
         raise NotImplementedError
 
     def candidate(self, c: Candidate, s: Settings) -> bytes:
-        return orjson.dumps(self.row(c)) + b"\n"
+        return dumps_line(self.row(c))
 
-    def merge(self, lines: Iterable[bytes], write: Callable[[dict[str, Any]], None], refuse: Refuse,
+    def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
               st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
         for i, line in enumerate(lines):
             row = orjson.loads(line)
@@ -33,7 +34,7 @@ class RowExporter(Exporter):
                 refuse(row["source"], row["provenance"], Reason.DUPLICATE_ANSWER,
                        "the same answer to the same task is already in the export")
                 continue
-            write(row)
+            write(row, line)  # the row's line as the reading wrote it: not serialized again
             st.rows_out += 1
             yield row
 

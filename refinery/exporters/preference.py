@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from refinery.dedup import SeenHashes
-from refinery.exporters._base import Candidate, Composition, Exporter, ExportStats, Refuse, Settings, reply
+from refinery.exporters._base import Candidate, Composition, Exporter, ExportStats, Refuse, Settings, Write, reply
 from refinery.normalize import normalize_text
 from refinery.reasons import Reason
 
@@ -47,7 +47,7 @@ class Preference(Exporter):
             "reply": reply(ev), "text_key": c.norm, "prov": c.prov,
         }) + b"\n"
 
-    def merge(self, lines: Iterable[bytes], write: Callable[[dict[str, Any]], None], refuse: Refuse,
+    def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
               st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
         """One hash bucket of tasks: its candidates grouped by task, each task's pairs in turn."""
         max_pairs = s.export.max_pairs_per_task
