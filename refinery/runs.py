@@ -416,7 +416,8 @@ class _Run:
         a receipt for each from its StageResult. Returns what the step's command shows (None
         when every stage was reused)."""
         started, t0 = now_utc(), time.perf_counter()
-        inputs = [self.digests.of(p, rel) for p, rel in step.inputs(self.staged, self.cfg)]
+        files = step.inputs(self.staged, self.cfg)
+        inputs = [self.digests.of(p, rel) for p, rel in files]
         hashes = {s.name: (s.config_hash(self.cfg, self.include_partial), s.policy(self.cfg)) for s in wanted}
         todo = []
         for s in wanted:
@@ -426,7 +427,8 @@ class _Run:
                 todo.append(s.name)
         if not todo:
             return None
-        with self.progress(step.name, step.size(self.staged, self.cfg)) as advance:
+        total = sum(p.stat().st_size for p, _ in files) if step.sized else None
+        with self.progress(step.name, total) as advance:
             results, shown = step.run(self.staged, self.cfg, self.include_partial, tuple(todo), advance)
         for r in results:
             chash, phash = hashes[r.stage]

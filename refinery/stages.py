@@ -79,11 +79,11 @@ class Step:
     name: str
     inputs: Callable[[Workspace, Config], list[tuple[Path, str]]]
     """(path, relative path) of every file it reads, for the reuse decision"""
-    size: Callable[[Workspace, Config], int | None]
-    """bytes it will read, for the progress bar"""
     run: Callable[[Workspace, Config, bool | None, tuple[str, ...], Advance], tuple[list[StageResult], Any]]
     """run(ws, cfg, include_partial, the stages wanted, advance) → (their results, what the
     command shows: the stage's own result object)"""
+    sized: bool = True
+    """its progress counts the bytes of its inputs (else it has no known total)"""
 
 
 # --- the settings each stage depends on ---------------------------------------------------
@@ -170,14 +170,10 @@ def _run_exports(ws: Workspace, cfg: Config, include_partial: bool | None, stage
     return result.stage_results(), result
 
 
-def _bytes(files: Callable[[Workspace, Config], list[tuple[Path, str]]]) -> Callable[[Workspace, Config], int]:
-    return lambda ws, cfg: sum(p.stat().st_size for p, _ in files(ws, cfg))
-
-
 STEPS: dict[str, Step] = {s.name: s for s in (
-    Step("materialize", _sources, _bytes(_sources), _run_materialize),
-    Step("score", _evidence, _bytes(_evidence), _run_score),
-    Step("export", _scored, lambda ws, cfg: None, _run_exports),
+    Step("materialize", _sources, _run_materialize),
+    Step("score", _evidence, _run_score),
+    Step("export", _scored, _run_exports, sized=False),  # it advances by evidence file, not by what it reads
 )}
 
 #: Every stage, in the order the runner walks them (each after the stages it reads from).
