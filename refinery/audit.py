@@ -297,19 +297,25 @@ def determinism_rerun(ctx: Context) -> list[str]:
 
 class Rerun:
     """`determinism_rerun`, started when made: the audit's other checks run while it does.
-    `problems()` waits for it; `cancel()` stops it. Either removes the temporary workspace."""
+    `problems()` waits for it (raising what stopped it from starting, as a check that crashed);
+    `cancel()` stops it. Either removes the temporary workspace."""
 
     def __init__(self, ctx: Context):
         self.ctx, self.started, self.tmp, self.t0 = ctx, None, None, time.perf_counter()
+        self.error: Exception | None = None
         if ctx.receipts:
             self.tmp = Path(tempfile.mkdtemp(prefix="refinery-audit-rerun-"))
             try:
                 self.started = _start_rerun(ctx, self.tmp)
-            except BaseException:
+            except BaseException as e:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
+                if not isinstance(e, Exception):
+                    raise
+                self.error = e
 
     def problems(self) -> list[str]:
+        if self.error is not None:
+            raise self.error
         if self.started is None:
             return ["no run to compare with"]
         try:
@@ -381,26 +387,6 @@ AUDIT_ONLY = [("determinism_rerun", "a re-run in a temporary workspace gives the
                determinism_rerun)]
 
 
-def _start_rerun_check(ctx: Context) -> Rerun | Check:
-    """The re-run, started; or, when it could not even start, its failed check."""
-    try:
-        return Rerun(ctx)
-    except Exception as e:
-        return Check(0, *AUDIT_ONLY[0][:2], False, [f"the check itself failed: {type(e).__name__}: {e}"])
-
-
-def _rerun_check(started: Rerun | Check, number: int) -> Check:
-    """The re-run's check, waited for (its seconds: from its start, alongside the others)."""
-    if isinstance(started, Check):
-        started.number = number
-        return started
-    try:
-        problems = started.problems()
-    except Exception as e:  # a check that crashes fails; it never hides the others
-        problems = [f"the check itself failed: {type(e).__name__}: {e}"]
-    return Check(number, *AUDIT_ONLY[0][:2], not problems, problems,
-                 seconds=round(time.perf_counter() - started.t0, 3))
-
 
 # --- the audit -----------------------------------------------------------------------------
 
@@ -441,15 +427,17 @@ def _audit(ws: Workspace, cfg: Config, rerun: bool, config_path: Path | None,
     else:
         # the re-run is a run-all of its own, in a subprocess: it goes on while the other
         # checks do (most of them read in one process), and is waited for at the end
-        started = _start_rerun_check(ctx) if rerun else None
+        started = Rerun(ctx) if rerun else None
         try:
             checks = inv.run_checks(ctx, inv.INVARIANTS)
         except BaseException:
-            if isinstance(started, Rerun):
+            if started is not None:
                 started.cancel()
             raise
         if started is not None:
-            checks.append(_rerun_check(started, len(checks) + 1))
+            key, title, _ = AUDIT_ONLY[0]
+            checks += inv.run_checks(ctx, [(key, title, lambda ctx: started.problems())], len(checks) + 1)
+            checks[-1].seconds = round(time.perf_counter() - started.t0, 3)  # it ran beside the others
         if not rerun:
             checks.append(Check(len(checks) + 1, "determinism_rerun", AUDIT_ONLY[0][1], True,
                                 ["skipped (--no-rerun)"], required=False))
