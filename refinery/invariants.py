@@ -263,7 +263,7 @@ def accounting_materialize(ctx: Context) -> list[str]:
     reasons = _tally(ctx, [workspace.quarantine_file("materialize")], "reason")
     unreadable = reasons.pop("unreadable_file", 0)
     if sum(reasons.values()) != c["quarantined"] or unreadable != c.get("unreadable_files", 0):
-        problems.append(f"exports/quarantine/materialize.jsonl holds {sum(reasons.values()) + unreadable} rows, "
+        problems.append(f"{workspace.quarantine_file('materialize')} holds {sum(reasons.values()) + unreadable} rows, "
                         f"materialize quarantined {c['quarantined']}")
     problems += _compare("materialize quarantine reason", reasons, r["by_reason"])
     return problems
@@ -282,7 +282,7 @@ def accounting_score(ctx: Context) -> list[str]:
     if sum(categories.values()) != c["rows_out"]:
         problems.append(f"data/scored-runs/ holds {sum(categories.values())} rows, score wrote {c['rows_out']}")
     problems += _compare("scored runs in category", categories, {k: v for k, v in s["by_category"].items() if v})
-    problems += _compare("score quarantine reason", _tally(ctx, ["exports/quarantine/score.jsonl"], "reason"),
+    problems += _compare("score quarantine reason", _tally(ctx, [workspace.quarantine_file("score")], "reason"),
                          s["by_reason"])
     return problems
 
@@ -395,7 +395,7 @@ def nothing_lost(ctx: Context) -> list[str]:
             mark(prov, f"{rel}:{line.offset}", PRIMARY)
             for ref in prov.get("joined") or ():
                 mark(ref, f"{rel}:{line.offset} (joined)", JOINED)
-    rel = "exports/quarantine/materialize.jsonl"
+    rel = workspace.quarantine_file("materialize")
     for line in ctx.rows(rel):
         if line.obj is None:
             problems.add(f"{rel}:{line.offset}: unreadable ({line.reason})")

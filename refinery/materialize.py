@@ -58,7 +58,7 @@ from refinery.stages import StageResult, by_source
 from refinery.transform import (
     PART_KEY, UNDATED, Emit, FieldHits, GroupContext, Keyed, Member, Refusal, Refuse, RowContext, RowError,
 )
-from refinery.workspace import Workspace
+from refinery.workspace import Workspace, quarantine_file
 
 STAGE = "materialize"
 #: Spilled join records per bucket (bytes): bounds what one bucket's grouping holds in memory.
@@ -829,7 +829,7 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
             for r in files:
                 rows_of.update(r.partitions)
             outputs = _assemble_outputs(ws, staging, contributions, rows_of)
-            qpath = ws.quarantine / f"{STAGE}.jsonl"
+            qpath = ws.out / quarantine_file(STAGE)
             qrows, qsha = concat_files([j.quarantine_part for j in jobs] + [j.quarantine_part for j in bucket_jobs],
                                        qpath)
             publish_dir(staging, ws.evidence)

@@ -36,7 +36,7 @@ from refinery.policy import POLICY_VERSION, policy_hash, score_record
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.stages import StageResult, by_source
-from refinery.workspace import Workspace
+from refinery.workspace import Workspace, quarantine_file
 
 STAGE = "score"
 MANIFEST = "manifest.json"
@@ -202,7 +202,7 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
             }
             manifest_bytes = orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n"
             (staging / MANIFEST).write_bytes(manifest_bytes)
-            qpath = ws.quarantine / f"{STAGE}.jsonl"
+            qpath = ws.out / quarantine_file(STAGE)
             qrows, qsha = concat_files([j[4] for j in jobs], qpath)
             publish_dir(staging, ws.scored_runs)
         finally:

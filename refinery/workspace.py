@@ -152,7 +152,7 @@ class Workspace:
 
     @property
     def quarantine(self) -> Path:
-        return self.exports / "quarantine"
+        return self.out / QUARANTINE_DIR
 
     @property
     def reports(self) -> Path:
