@@ -329,10 +329,12 @@ def test_determinism_and_worker_count_do_not_change_bytes(fixture_ws):
 def test_merge_units_and_buckets_do_not_change_bytes(fixture_ws, monkeypatch):
     """The merges run as units side by side — runs of files (dedup decided across all of them
     first), task buckets —: however the work is cut, the exports are the same bytes."""
-    monkeypatch.setattr(export, "BUCKET_BYTES", 256)  # many task buckets (their number orders the pairs)
     cfg = load_config(fixture_ws.root, None, {"materialize": {"workers": 1}})
     pipeline(fixture_ws, cfg)
     whole = tree_bytes(fixture_ws.exports)
+    monkeypatch.setattr(export, "BUCKET_BYTES", 256)  # many task buckets: each a range of task keys
+    export.run(fixture_ws, cfg)
+    assert tree_bytes(fixture_ws.exports) == whole
     monkeypatch.setattr(export, "UNIT_BYTES", 1)  # a unit per file
     split = load_config(fixture_ws.root, None, {"materialize": {"workers": 2, "parallel_min_bytes": 0}})
     result = export.run(fixture_ws, split)

@@ -148,8 +148,10 @@ class Exporter:
         raise NotImplementedError
 
     def bucket(self, c: Candidate, buckets: int) -> int:
-        """Which of `buckets` part files a grouped export's candidate goes to."""
-        return int(c.sr["task_key"][3:11], 16) % buckets
+        """Which of `buckets` part files a grouped export's candidate goes to: a range of task keys
+        (their first 32 bits), so that buckets merged in order and each sorted by key are all
+        sorted by key — the export's bytes do not depend on how many buckets there are."""
+        return int(c.sr["task_key"][3:11], 16) * buckets >> 32
 
     def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
               st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
