@@ -59,6 +59,7 @@ from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.score import StaleInputError, read_manifest
+from refinery.single_pass import Prepared, TailResult
 from refinery.stages import StageResult
 from refinery.workspace import EXPORT_FILES, EXPORT_QUARANTINE, Workspace, quarantine_file
 
@@ -185,90 +186,132 @@ def _part(parts: Path, export: str, index: int, bucket: int | None = None) -> Pa
                     f"c-{export}-b{bucket:04d}-{index:06d}.jsonl")
 
 
-def export_file(job: FileJob) -> dict[str, ExportStats]:
-    """Read one scored-run file with its evidence; write candidates and refusals into part files.
+class Reader:
+    """The reading of one scored-run file (with its evidence) for every export, a row at a time:
+    each row's candidates and refusals go into the file's part files under `parts`.
 
     A row's category and text are judged for every export, asked for or not (they cost one check
     each; the scan is shared): what a command that writes only some exports keeps of the shared
     quarantine is `_splice_shared`'s to decide.
-    """
-    s = job.settings
-    stats = {e: ExportStats(e) for e in job.exports}
-    allow = list(s.export.allow_sensitive)
-    redact = s.export.sensitive == "redact"
-    parts = job.parts
-    files: dict[Any, Any] = {}
 
-    def part(key: Any, path: Callable[[], Path]) -> Any:
+    `buffer`: each part file's write buffer. `spread`: a grouped export's candidates go into one
+    file, each line prefixed with its bucket, and are spread into their buckets' files on
+    `close()` — for a reader that is one of many open at once (the single pass keeps one per
+    evidence partition), so that it holds a few open files, not one per bucket.
+    """
+
+    def __init__(self, parts: Path, index: int, exports: tuple[str, ...], settings: Settings, buckets: int, *,
+                 buffer: int = 1 << 18, spread: bool = False):
+        self.parts, self.index, self.settings, self.buckets = parts, index, settings, buckets
+        self.buffer, self.spread = buffer, spread
+        self.stats = {e: ExportStats(e) for e in exports}
+        self.allow = list(settings.export.allow_sensitive)
+        self.redact = settings.export.sensitive == "redact"
+        self.files: dict[Any, Any] = {}
+        self.out = {e: self._file(e, lambda e=e: _part(parts, e, index)) for e in exports if not BY_NAME[e].grouped}
+        self.lines = dict.fromkeys(self.out, 0)  # candidates written to each ungrouped export's part so far
+        self.dedup = [e for e in self.out if BY_NAME[e].dedup and settings.export.dedup]
+        self.qw = QuarantineWriter(self._file(("q",), lambda: parts / f"q-{index:06d}.jsonl"), shared=True)
+
+    def _file(self, key: Any, path: Callable[[], Path]) -> Any:
         """The part file `key` names (opened on first use: most files feed a few buckets)."""
-        f = files.get(key)
+        f = self.files.get(key)
         if f is None:
-            f = files[key] = open(path(), "wb", buffering=1 << 18)
+            f = self.files[key] = open(path(), "wb", buffering=self.buffer)
         return f
 
-    out = {e: part(e, lambda e=e: _part(parts, e, job.index)) for e in job.exports if not BY_NAME[e].grouped}
-    lines = dict.fromkeys(out, 0)  # candidates written to each ungrouped export's part so far
-    dedup = [e for e in out if BY_NAME[e].dedup and s.export.dedup]
-    qw = QuarantineWriter(part(("q",), lambda: parts / f"q-{job.index:06d}.jsonl"), shared=True)
+    def _refuse(self, exports: list[str], sr: dict[str, Any], prov: dict[str, Any], reason: Reason,
+                detail: str) -> None:
+        self.qw.refuse([self.stats[e] for e in exports if e in self.stats], exports, sr["source"], prov, reason,
+                       detail)
 
-    def refuse(exports: list[str], sr: dict[str, Any], prov: dict[str, Any], reason: Reason, detail: str) -> None:
-        qw.refuse([stats[e] for e in exports if e in stats], exports, sr["source"], prov, reason, detail)
+    def row(self, ev: dict[str, Any], sr: dict[str, Any], prov: dict[str, Any]) -> None:
+        """One scored run `sr` of evidence `ev`; `prov` points at the scored-run line."""
+        s, stats, refuse = self.settings, self.stats, self._refuse
+        cat = sr["category"]
+        for st in stats.values():
+            st.rows_in += 1
+        admitted = [x.name for x in EXPORTERS if x.admits(cat, s)]
+        if excluded := [e for e in NAMES if e not in admitted]:
+            refuse(excluded, sr, prov, Reason.CATEGORY_EXCLUDED, f"category {cat} is not taken")
+        if not admitted:
+            return
+        has_prompt = bool(ev["prompt"] and ev["prompt"].strip())
+        has_answer = bool((ev["response"] or "").strip() or ev["tool_calls"])
+        if not has_prompt or not has_answer:
+            refuse(admitted, sr, prov, Reason.MISSING_TEXT, "no prompt" if not has_prompt else "no answer")
+            return
+        finding = sensitive.first_finding(_texts(ev), self.allow)
+        if finding is not None:
+            kind, where = finding
+            if not self.redact:
+                secret = sensitive.reason_family(kind) == "secret"
+                refuse(admitted, sr, prov, Reason.SECRET_DETECTED if secret else Reason.PII_DETECTED,
+                       f"{kind} in {where}")
+                return
+            ev, kinds = _redact_evidence(ev, self.allow)
+            left = sensitive.first_finding(_texts(ev), self.allow)
+            if left is not None:  # never expected; the re-scan is the guarantee, not the redaction
+                reason = Reason.SECRET_DETECTED if sensitive.reason_family(left[0]) == "secret" else \
+                    Reason.PII_DETECTED
+                refuse(admitted, sr, prov, reason, f"{left[0]} in {left[1]} survived redaction")
+                return
+            for e in admitted:
+                if e in stats:
+                    stats[e].redacted.update(kinds)
+        wanted = [BY_NAME[e] for e in admitted if e in stats]
+        if not wanted:
+            return
+        answer = answer_text(ev)
+        norm = normalize_text(answer)
+        key = hashlib.sha256(f"{sr['task_key']}\x1f{norm}".encode()).hexdigest()[:16]
+        c = Candidate(ev, sr, prov, answer, norm, key)
+        for x in wanted:
+            e = x.name
+            if x.grouped:
+                b = x.bucket(c, self.buckets)
+                if self.spread:
+                    self._file(("spread", e), lambda e=e: self._spread_path(e)).write(b"%d\t" % b + x.candidate(c, s))
+                else:
+                    self._file((e, b), lambda e=e, b=b: _part(self.parts, e, self.index, b)).write(x.candidate(c, s))
+                continue
+            self.out[e].write(x.candidate(c, s))
+            if e in self.dedup:  # its key, for the dedup across files
+                stats[e].keys.append(int(key, 16))
+            self.lines[e] += 1
 
+    def _spread_path(self, e: str) -> Path:
+        return self.parts / f"g-{e}-{self.index:06d}.jsonl"
+
+    def close(self) -> dict[str, ExportStats]:
+        for f in self.files.values():
+            f.close()
+        spread = [key[1] for key in self.files if type(key) is tuple and key[0] == "spread"]
+        self.files.clear()
+        for e in spread:  # into the buckets' files: only this reader's are open
+            path = self._spread_path(e)
+            with open(path, "rb") as lines:
+                for line in lines:
+                    tab = line.index(b"\t")
+                    b = int(line[:tab])
+                    self._file((e, b), lambda e=e, b=b: _part(self.parts, e, self.index, b)).write(line[tab + 1:])
+            for f in self.files.values():
+                f.close()
+            self.files.clear()
+            path.unlink()
+        for e, n in self.lines.items():
+            self.stats[e].candidates = n
+        return self.stats
+
+
+def export_file(job: FileJob) -> dict[str, ExportStats]:
+    """Read one scored-run file with its evidence; write candidates and refusals into part files."""
+    reader = Reader(job.parts, job.index, job.exports, job.settings, job.buckets)
     try:
         for ev, sr, prov in _pairs(job):
-            cat = sr["category"]
-            for st in stats.values():
-                st.rows_in += 1
-            admitted = [x.name for x in EXPORTERS if x.admits(cat, s)]
-            if excluded := [e for e in NAMES if e not in admitted]:
-                refuse(excluded, sr, prov, Reason.CATEGORY_EXCLUDED, f"category {cat} is not taken")
-            if not admitted:
-                continue
-            has_prompt = bool(ev["prompt"] and ev["prompt"].strip())
-            has_answer = bool((ev["response"] or "").strip() or ev["tool_calls"])
-            if not has_prompt or not has_answer:
-                refuse(admitted, sr, prov, Reason.MISSING_TEXT, "no prompt" if not has_prompt else "no answer")
-                continue
-            finding = sensitive.first_finding(_texts(ev), allow)
-            if finding is not None:
-                kind, where = finding
-                if not redact:
-                    secret = sensitive.reason_family(kind) == "secret"
-                    reason = Reason.SECRET_DETECTED if secret else Reason.PII_DETECTED
-                    refuse(admitted, sr, prov, reason, f"{kind} in {where}")
-                    continue
-                ev, kinds = _redact_evidence(ev, allow)
-                left = sensitive.first_finding(_texts(ev), allow)
-                if left is not None:  # never expected; the re-scan is the guarantee, not the redaction
-                    reason = Reason.SECRET_DETECTED if sensitive.reason_family(left[0]) == "secret" else \
-                        Reason.PII_DETECTED
-                    refuse(admitted, sr, prov, reason, f"{left[0]} in {left[1]} survived redaction")
-                    continue
-                for e in admitted:
-                    if e in stats:
-                        stats[e].redacted.update(kinds)
-            wanted = [BY_NAME[e] for e in admitted if e in stats]
-            if not wanted:
-                continue
-            answer = answer_text(ev)
-            norm = normalize_text(answer)
-            key = hashlib.sha256(f"{sr['task_key']}\x1f{norm}".encode()).hexdigest()[:16]
-            c = Candidate(ev, sr, prov, answer, norm, key)
-            for x in wanted:
-                e = x.name
-                if x.grouped:
-                    b = x.bucket(c, job.buckets)
-                    part((e, b), lambda e=e, b=b: _part(parts, e, job.index, b)).write(x.candidate(c, s))
-                    continue
-                out[e].write(x.candidate(c, s))
-                if e in dedup:  # its key, for the dedup across files
-                    stats[e].keys.append(int(key, 16))
-                lines[e] += 1
-        for e, n in lines.items():
-            stats[e].candidates = n
+            reader.row(ev, sr, prov)
     finally:
-        for f in files.values():
-            f.close()
+        stats = reader.close()
     return stats
 
 
@@ -478,9 +521,22 @@ def _merge(ws: Workspace, cfg: Config, s: Settings, exports: tuple[str, ...], tm
     return results, outputs, staged
 
 
+def _take(t: TailResult, i: int, exports: tuple[str, ...], tmp_root: Path, buckets: int) -> dict[str, ExportStats]:
+    """Move what the single pass read from file i into place as file i's reading would write it."""
+    for e in exports:
+        for b in range(buckets) if BY_NAME[e].grouped else (None,):
+            if (src := _part(t.folder, e, 0, b)).exists():
+                os.replace(src, _part(tmp_root, e, i, b))
+    os.replace(t.folder / f"q-{0:06d}.jsonl", tmp_root / f"q-{i:06d}.jsonl")
+    return {e: t.exports[e] for e in exports}
+
+
 def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, include_partial: bool | None = None,
-        on_file_done: Callable[[dict[str, ExportStats], int], None] | None = None) -> ExportResult:
-    """Write the requested exports. Raises StaleInputError (inputs missing or out of date) or
+        on_file_done: Callable[[dict[str, ExportStats], int], None] | None = None,
+        prepared: Prepared | None = None) -> ExportResult:
+    """Write the requested exports. `prepared`: the files run-all's single pass read for the
+    exports as it wrote them (refinery.single_pass), taken when their scored runs are those on
+    disk; the others are read here. Raises StaleInputError (inputs missing or out of date) or
     LeakError (the SFT re-read failed: nothing was published)."""
     t0 = time.perf_counter()
     settings = Settings(cfg.export, cfg.export.include_partial if include_partial is None else include_partial)
@@ -490,16 +546,30 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
     with ws.lock():
         manifest = read_manifest(ws)
         files = manifest["files"]
-        total_bytes = sum((ws.out / f["evidence"]).stat().st_size for f in files)
-        buckets = max(1, min(4096, -(-total_bytes // BUCKET_BYTES)))
+        sizes = [(ws.out / f["evidence"]).stat().st_size for f in files]
+        tails: dict[str, TailResult] = {}
+        if prepared is not None and prepared.plan.settings == settings:
+            tails = {t.score.evidence_file: t for t in prepared.tails.values()}
+            buckets = prepared.plan.buckets  # the exports' bytes do not depend on it
+        else:
+            buckets = max(1, min(4096, -(-sum(sizes) // BUCKET_BYTES)))
         tmp_root = Path(tempfile.mkdtemp(prefix=".export-", dir=ws.root / "data"))
         try:
             jobs = [FileJob(i, ws.out / f["evidence"], f["evidence"], ws.out / f["scored"], f["scored"], tmp_root,
                             exports, settings, buckets) for i, f in enumerate(files)]
+            done: dict[int, dict[str, ExportStats]] = {}
+            for j, f, size in zip(jobs, files, sizes):
+                t = tails.get(f["evidence"])
+                if t is not None and (t.score.scored_file, t.score.sha256) == (f["scored"], f["sha256"]):
+                    done[j.index] = _take(t, j.index, exports, tmp_root, buckets)
+                    if on_file_done:
+                        on_file_done(done[j.index], size)
+            left = [j for j in jobs if j.index not in done]
             sensitive.prepare()  # compiled once, inherited by forked workers
-            outcomes = map_files(export_file, [(j,) for j in jobs], [j.evidence.stat().st_size for j in jobs],
-                                 workers=cfg.materialize.workers, parallel_min_bytes=cfg.materialize.parallel_min_bytes,
-                                 on_done=on_file_done)
+            read = iter(map_files(export_file, [(j,) for j in left], [sizes[j.index] for j in left],
+                                  workers=cfg.materialize.workers,
+                                  parallel_min_bytes=cfg.materialize.parallel_min_bytes, on_done=on_file_done))
+            outcomes = [done[j.index] if j.index in done else next(read) for j in jobs]
             # the refusals made on reading, in file order: one file for every export
             shared = tmp_root / "q-all.jsonl"
             shared_rows, shared_sha = concat_files([tmp_root / f"q-{j.index:06d}.jsonl" for j in jobs], shared)

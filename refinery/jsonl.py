@@ -194,7 +194,10 @@ class JsonlWriter:
         self.rows = 0
 
     def write(self, obj: Any) -> None:
-        data = dumps_line(obj)
+        self.write_line(dumps_line(obj))
+
+    def write_line(self, data: bytes) -> None:
+        """One line already serialized (`dumps_line`), newline included."""
         self._f.write(data)
         self._h.update(data)
         self.rows += 1

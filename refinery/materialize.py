@@ -34,7 +34,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,13 @@ from refinery.dedup import SeenHashes
 from refinery.discovery import Claim, Registry, Transform
 from refinery.errors import AccountingError
 from refinery.jsonl import (
-    WRITE_FAILED, JsonlWriter, concat_files, fsync, fsync_dir, publish_dir, recover_dir, staging_dir,
+    WRITE_FAILED, JsonlWriter, dumps_line, concat_files, fsync, fsync_dir, publish_dir, recover_dir, staging_dir,
 )
 from refinery.mapping import unmatched_paths
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
+from refinery.single_pass import Plan, Prepared, Tail, TailResult, join_tails
 from refinery.sources import SourceFile, csv_raw, list_sources, read_rows
 from refinery.stages import StageResult, by_source
 from refinery.transform import (
@@ -94,6 +95,8 @@ class FileResult:
     claimed_because: str | None = None
     unreadable: bool = False
     """the file could not be read: its one quarantine record is outside the counts"""
+    tails: list[TailResult] = field(default_factory=list, repr=False)
+    """with a single-pass plan: its evidence parts' scoring and export reading (not reported)"""
 
     def add(self, other: dict[str, Any]) -> None:
         """Fold in what a join bucket did with this file's records."""
@@ -118,6 +121,8 @@ class MaterializeResult:
     outputs: list[dict[str, Any]]
     """[{path, sha256, rows}] of every evidence file and the quarantine file"""
     seconds: float
+    prepared: Prepared | None = None
+    """with a single-pass plan: the partitions scored and read for the exports as they were written"""
 
     @property
     def rows_in(self) -> int:
@@ -182,9 +187,13 @@ class MaterializeResult:
             "stage": STAGE, "rows_in": self.rows_in, "evidence": self.evidence, "joined": self.joined,
             "split": self.split, "quarantined": self.quarantined, "by_reason": self.by_reason,
             "transform_errors": self.transform_errors, "file_errors": self.file_errors,
-            "ignored": self.ignored, "files": [asdict(f) for f in self.files],
+            "ignored": self.ignored, "files": [_public(f) for f in self.files],
             "outputs": self.outputs, "seconds": round(self.seconds, 3),
         }
+
+
+def _public(f: FileResult) -> dict[str, Any]:
+    return {x.name: getattr(f, x.name) for x in fields(f) if x.name != "tails"}
 
 
 def _validator() -> Callable[[dict[str, Any]], None]:
@@ -202,11 +211,14 @@ def partition_rel(recorded_at: str, source: str) -> str:
 
 
 class EvidenceSink:
-    """Writes one job's evidence into part files by partition, and its refusals."""
+    """Writes one job's evidence into part files by partition, and its refusals. With a single-
+    pass plan, each partition's lines are also scored and read for the exports as they are
+    written (a `Tail` per partition)."""
 
-    def __init__(self, root: Path, validate: bool):
-        self.root = root
+    def __init__(self, root: Path, validate: bool, plan: Plan | None = None):
+        self.root, self.plan = root, plan
         self.writers: dict[str, tuple[Any, JsonlWriter]] = {}
+        self.tails: dict[str, Tail] = {}
         self.check = _validator() if validate else None
 
     def write(self, ev: dict[str, Any]) -> str:
@@ -217,19 +229,27 @@ class EvidenceSink:
             path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(path, "wb", buffering=1 << 20)
             w = self.writers[rel] = (fh, JsonlWriter(fh))
-        w[1].write(ev)
+            if self.plan is not None:
+                self.tails[rel] = Tail(self.plan, self.root.name, rel)
+        data = dumps_line(ev)
+        w[1].write_line(data)
+        if self.tails:
+            self.tails[rel].line(data, w[1].rows - 1)
         return rel
 
-    def close(self, sync: bool) -> dict[str, int]:
+    def close(self, sync: bool) -> tuple[dict[str, int], list[TailResult]]:
         """Close the parts; beside each, `<part>.sha256` holds the hash of its bytes as they were
-        written (what a partition made of one part is, without reading it again)."""
+        written (what a partition made of one part is, without reading it again). Returns the
+        parts' rows and their tails' results."""
         for rel, (fh, w) in self.writers.items():
             if sync:
                 fh.flush()
                 fsync(fh.fileno())
             fh.close()
             (self.root / (rel + SHA_SUFFIX)).write_text(w.sha256)
-        return {rel: w.rows for rel, (_, w) in sorted(self.writers.items())}
+        tails = [self.tails.pop(rel).close(w.sha256) for rel, (_, w) in sorted(self.writers.items())
+                 if rel in self.tails]
+        return {rel: w.rows for rel, (_, w) in sorted(self.writers.items())}, tails
 
     def discard(self) -> None:
         for fh, _ in self.writers.values():
@@ -237,6 +257,9 @@ class EvidenceSink:
         for rel in self.writers:
             (self.root / rel).unlink(missing_ok=True)
         self.writers.clear()
+        for tail in self.tails.values():
+            tail.discard()
+        self.tails.clear()
 
 
 def _envelope(out: dict[str, Any], source: str, digest: bytes, part: str | None, prov: dict[str, Any],
@@ -373,6 +396,7 @@ class FileJob:
     spill_dir: Path
     buckets: int
     validate: bool
+    plan: Plan | None = None
 
 
 def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeConfig,
@@ -382,7 +406,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
     src = job.src
     res = FileResult(src.ws_rel, src.source, transform.spec.name if transform else None, None,
                      container=src.container, claimed_because=job.claim_why)
-    sink = EvidenceSink(job.evidence_dir, job.validate)
+    sink = EvidenceSink(job.evidence_dir, job.validate, job.plan)
     by_reason: Counter[str] = Counter()
     preview_chars = mcfg.quarantine_preview_chars
     sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
@@ -517,7 +541,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                         res.undated += ev["recorded_at_from"] == UNDATED
                     res.evidence += len(parts)
                     res.split += len(parts) - 1
-        res.partitions = sink.close(sync=True)
+        res.partitions, res.tails = sink.close(sync=True)
     except OSError as e:
         if e.errno in WRITE_FAILED:
             raise  # the disk, not this source: the run stops (and says so) rather than drop the file
@@ -572,6 +596,7 @@ class BucketJob:
     quarantine_part: Path
     preview_chars: int
     validate: bool
+    plan: Plan | None = None
 
 
 def _members(parts: list[Path]) -> dict[str, list[Member]]:
@@ -593,10 +618,11 @@ def _empty_counts() -> dict[str, Any]:
 
 
 def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, Any] | None = None
-                   ) -> dict[int, dict[str, Any]]:
-    """Group a bucket's records by key and assemble each group; returns counts by file index."""
+                   ) -> tuple[dict[int, dict[str, Any]], list[TailResult]]:
+    """Group a bucket's records by key and assemble each group; returns counts by file index,
+    and with a single-pass plan the tails of its evidence parts."""
     counts: dict[int, dict[str, Any]] = defaultdict(_empty_counts)
-    sink = EvidenceSink(job.evidence_dir, job.validate)
+    sink = EvidenceSink(job.evidence_dir, job.validate, job.plan)
     gctx = GroupContext(job.sources, job.fallbacks, score_rules)
     dumps = orjson.dumps
 
@@ -651,9 +677,9 @@ def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, 
                     refuse(m, Reason.UNMATCHED_JOIN,
                            f"a {m.role} record with nothing to join it to (key {key!r}): its partner is in no "
                            "source file")
-    sink.close(sync=True)
+    _, tails = sink.close(sync=True)
     return {i: {**c, "by_reason": dict(c["by_reason"]), "partitions": dict(c["partitions"])}
-            for i, c in sorted(counts.items())}
+            for i, c in sorted(counts.items())}, tails
 
 
 def _settle(transform: Transform, members: list[Member], gctx: GroupContext, job: BucketJob, ref,
@@ -716,8 +742,23 @@ def _work_file(job: FileJob) -> FileResult:
     return process_file(job, _transform(job.transform), _WORKER["cfg"].materialize, _WORKER["rules"])
 
 
-def _work_bucket(job: BucketJob) -> dict[int, dict[str, Any]]:
+def _work_bucket(job: BucketJob) -> tuple[dict[int, dict[str, Any]], list[TailResult]]:
     return process_bucket(job, _transform(job.transform), _WORKER["rules"])
+
+
+def _allow_open_files() -> None:
+    """A job keeps a file open per evidence partition it writes (and the single pass a few more
+    beside each): as many as the system allows, not the shell's default soft limit (often 1,024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 16
+    for limit in (want, min(want, 10240)):  # macOS refuses more than its OPEN_MAX, 10,240
+        if soft == resource.RLIM_INFINITY or soft >= limit:
+            return
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+            return
 
 
 def _buckets(sources: list[SourceFile], claims: list[Claim]) -> int:
@@ -755,10 +796,35 @@ def _assemble_outputs(ws: Workspace, staging: Path, contributions: dict[str, lis
     return outputs
 
 
+def _prepared(plan: Plan, parts: Path, contributions: dict[str, list[Path]], tails: list[TailResult],
+              digests: dict[str, str], mcfg: MaterializeConfig) -> Prepared:
+    """Each partition's tail: its part's, or its parts' joined (renumbered across the partition;
+    `digests`: the partitions' sha256, by path relative to the evidence tree)."""
+    by_part = {(t.folder.relative_to(plan.root).parts[0], t.rel): t for t in tails}
+    kept: dict[str, TailResult] = {}
+    joins = []
+    for rel, ps in contributions.items():
+        mine = [by_part.pop((p.relative_to(parts).parts[0], rel), None) for p in ps]
+        if None in mine:  # never expected: that partition is read again by score and export
+            continue
+        if len(mine) == 1:
+            kept[rel] = mine[0]
+        else:
+            joins.append((mine, plan.root / "joined" / rel, digests[rel], plan.buckets))
+    for t in by_part.values():
+        shutil.rmtree(t.folder, ignore_errors=True)
+    sizes = [sum(t.score.rows_in for t in j[0]) for j in joins]
+    for t in map_files(join_tails, joins, sizes, workers=mcfg.workers, parallel_min_bytes=mcfg.parallel_min_bytes):
+        kept[t.rel] = t
+    return Prepared(plan, dict(sorted(kept.items())))
+
+
 def run(ws: Workspace, cfg: Config, *, validate: bool = False,
-        on_file_done: Callable[[FileResult, int], None] | None = None) -> MaterializeResult:
+        on_file_done: Callable[[FileResult, int], None] | None = None, plan: Plan | None = None) -> MaterializeResult:
     """Materialize every source file of `ws`. Raises TransformLoadError for a broken transform
-    or an impossible configuration (a file claimed twice by name, an unknown importer)."""
+    or an impossible configuration (a file claimed twice by name, an unknown importer). With a
+    `plan` (refinery.single_pass), the evidence is also scored and read for the exports as it is
+    written: the result's `prepared`."""
     t0 = time.perf_counter()
     # Fail fast, before touching any output, on a broken module or a file claimed twice.
     registry, sources, ignored, claims = claims_for(ws, cfg)
@@ -770,6 +836,8 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
         try:
             mcfg = cfg.materialize
             buckets = _buckets(sources, claims)
+            if plan is not None:
+                plan = plan.sized(sum(s.size * (8 if s.compressed else 1) for s in sources))
             spill_root = parts / "spill"
             jobs = []
             for i, (s, c) in enumerate(zip(sources, claims)):
@@ -780,8 +848,9 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                 spill_dir.mkdir(parents=True, exist_ok=True)
                 jobs.append(FileJob(i, s, c.name, c.why, c.error, c.record_paths, c.strict_paths,
                                     sc.trust if sc else None, fallback, parts / f"ev-a{i:06d}",
-                                    parts / f"q-a{i:06d}.jsonl", spill_dir, buckets, validate))
+                                    parts / f"q-a{i:06d}.jsonl", spill_dir, buckets, validate, plan))
             sensitive.prepare()  # compiled once, inherited by forked workers
+            _allow_open_files()
             files: list[FileResult] = map_files(
                 _work_file, [(j,) for j in jobs], [s.size for s in sources], workers=mcfg.workers,
                 parallel_min_bytes=mcfg.parallel_min_bytes, initializer=_init_worker, initargs=(str(ws.root), cfg),
@@ -794,6 +863,7 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                       [sum(p.stat().st_size for p in spilled(d, ALIASES, b)) for d, b, _, _ in alias_jobs],
                       workers=mcfg.workers, parallel_min_bytes=mcfg.parallel_min_bytes)
             bucket_jobs = []
+            tails = [t for r in files for t in r.tails]
             trust = {j.index: j.trust for j in jobs if j.trust}
             fallbacks = {j.index: j.fallback for j in jobs if j.fallback}
             for name in joining:
@@ -805,15 +875,16 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                     k = len(bucket_jobs)
                     bucket_jobs.append(BucketJob(
                         k, name, b, found, sources, trust, fallbacks, parts / f"ev-b{k:06d}",
-                        parts / f"q-b{k:06d}.jsonl", mcfg.quarantine_preview_chars, validate))
+                        parts / f"q-b{k:06d}.jsonl", mcfg.quarantine_preview_chars, validate, plan))
             if bucket_jobs:
                 done = map_files(_work_bucket, [(j,) for j in bucket_jobs],
                                  [sum(p.stat().st_size for p in j.spill_parts) for j in bucket_jobs],
                                  workers=mcfg.workers, parallel_min_bytes=mcfg.parallel_min_bytes,
                                  initializer=_init_worker, initargs=(str(ws.root), cfg))
-                for counts in done:
+                for counts, bucket_tails in done:
                     for file_i, c in counts.items():
                         files[file_i].add(c)
+                    tails += bucket_tails
             for r in files:
                 r.quarantined = sum(r.by_reason.values())
                 if r.rows_in != r.evidence - r.split + r.joined + r.quarantined:
@@ -829,6 +900,11 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
             for r in files:
                 rows_of.update(r.partitions)
             outputs = _assemble_outputs(ws, staging, contributions, rows_of)
+            prepared = None
+            if plan is not None:
+                ev_root = ws.rel(ws.evidence) + "/"
+                digests = {o["path"].removeprefix(ev_root): o["sha256"] for o in outputs}
+                prepared = _prepared(plan, parts, contributions, tails, digests, mcfg)
             qpath = ws.out / quarantine_file(STAGE)
             qrows, qsha = concat_files([j.quarantine_part for j in jobs] + [j.quarantine_part for j in bucket_jobs],
                                        qpath)
@@ -838,5 +914,5 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
             shutil.rmtree(parts, ignore_errors=True)
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-        return MaterializeResult(files, ignored, outputs, time.perf_counter() - t0)
+        return MaterializeResult(files, ignored, outputs, time.perf_counter() - t0, prepared)
 

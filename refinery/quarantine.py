@@ -65,6 +65,17 @@ def _checked(preview: str) -> str | None:
     return None if sensitive.first_finding([("preview", preview)]) else preview
 
 
+def _record_id(stage: str, source_file: str, line_offset: int | None, reason: str) -> str:
+    return short_id("q", stage, source_file, str(line_offset), *([reason] if stage == "export" else []))
+
+
+def moved(rec: dict[str, Any], line_offset: int) -> dict[str, Any]:
+    """`rec` for the same row at another line of its stage's input (the id names the line)."""
+    rec["provenance"]["line_offset"] = line_offset
+    rec["id"] = _record_id(rec["stage"], rec["provenance"]["source_file"], line_offset, rec["reason"])
+    return rec
+
+
 def quarantine_record(stage: str, source: str, source_file: str, line_offset: int | None, reason: Reason,
                       detail: str, sig: str | None, *, raw: bytes | None = None, preview_chars: int = 240,
                       recorded_at: str | None = None, record: str | None = None,
@@ -87,7 +98,7 @@ def quarantine_record(stage: str, source: str, source_file: str, line_offset: in
     prov["recorded_at"] = recorded_at
     return {
         "schema_version": 3,
-        "id": short_id("q", stage, source_file, str(line_offset), *([reason.value] if stage == "export" else [])),
+        "id": _record_id(stage, source_file, line_offset, reason.value),
         "stage": stage,
         "exports": exports,
         "source": source,

@@ -19,6 +19,11 @@ Incremental: a stage whose inputs (by sha256), settings, code version and policy
 its receipt in the last successful run — and whose outputs are still on disk with the hashes
 that receipt records — is not recomputed; its outputs are hard-linked into the new run and
 its receipt is carried over (same receipt_hash, `reused_from` naming the run that computed it).
+
+Single pass: when materialize runs, it also scores each evidence line and reads it for the
+exports as it writes it (refinery.single_pass); score and export then take those parts instead
+of reading the evidence again. Each stage still has its receipt, its reuse decision and its
+outputs, byte for byte those of running the stages one by one.
 """
 
 from __future__ import annotations
@@ -42,11 +47,14 @@ from refinery.config import Config
 from refinery.errors import CheckFailed, RefineryError, exit_code
 from refinery.jsonl import PUBLISH_JOURNAL, RUN_STAGING_PREFIX, publish_together
 from refinery.receipts import EXPORT_STAGES, Digests
+from refinery.single_pass import Plan
 from refinery.stages import Stage, Step, walk
 from refinery.transform import now_utc
 from refinery.workspace import PUBLISHED, PUBLISHED_RUN, SUMMARY, Workspace, is_output_path
 
 DRIFT = "drift.json"
+#: In a run's staging: the single pass's parts (refinery.single_pass), until score and export take them.
+SINGLE_PASS = "single-pass"
 #: Fields a summary's hash leaves out: its timings (and the hash itself).
 SUMMARY_UNHASHED = ("started_at", "finished_at", "summary_hash")
 
@@ -315,7 +323,7 @@ def _no_progress(stage: str, total: int | None) -> Iterator[Callable[[Any, int],
 
 class _Run:
     def __init__(self, ws: Workspace, cfg: Config, include_partial: bool | None, force: bool,
-                 progress: Progress, log: Callable[[str], None]):
+                 progress: Progress, log: Callable[[str], None], single_pass: bool = True):
         self.ws, self.cfg, self.include_partial, self.force = ws, cfg, include_partial, force
         self.progress, self.log = progress, log
         self.run_id = new_run_id()
@@ -323,6 +331,13 @@ class _Run:
         self.dir = ws.reports / self.run_id
         self.staging = ws.root / "data" / f"{RUN_STAGING_PREFIX}{self.run_id}"
         self.staged = ws.staged(self.staging)
+        # what one step hands the next: with the single pass, materialize scores and reads for
+        # the exports as it writes, into the plan's folder (inside the staging: dropped with it)
+        self.carry: dict[str, Any] = {}
+        if single_pass:
+            self.carry["plan"] = Plan.make(self.staging / SINGLE_PASS, cfg, include_partial,
+                                           self.staged.rel(self.staged.evidence),
+                                           self.staged.rel(self.staged.scored_runs))
         self.code = receipts.code_version(ws, cfg)
         self.receipts: dict[str, dict[str, Any]] = {}
         self.why: dict[str, str] = {}
@@ -429,7 +444,7 @@ class _Run:
             return None
         total = sum(p.stat().st_size for p, _ in files) if step.sized else None
         with self.progress(step.name, total) as advance:
-            results, shown = step.run(self.staged, self.cfg, self.include_partial, tuple(todo), advance)
+            results, shown = step.run(self.staged, self.cfg, self.include_partial, tuple(todo), advance, self.carry)
         for r in results:
             chash, phash = hashes[r.stage]
             read = r.inputs if r.inputs is not None else inputs
@@ -453,6 +468,7 @@ class _Run:
         for tree in PUBLISHED:  # even an empty one is published, replacing the last run's
             (self.staging / tree).mkdir(parents=True, exist_ok=True)
         shown = {step.name: self.step(step, wanted) for step, wanted in walk()}
+        shutil.rmtree(self.staging / SINGLE_PASS, ignore_errors=True)  # what the steps did not take
         m = shown["materialize"]
         self.receipts = {s: self.receipts[s] for s in receipts.STAGES}  # stage order, whatever was reused
         if self.digests.trusted:
@@ -510,13 +526,14 @@ def totals(rs: dict[str, dict[str, Any]]) -> dict[str, int]:
 
 
 def run_all(ws: Workspace, cfg: Config, *, include_partial: bool | None = None, force: bool = False,
-            progress: Progress = _no_progress, log: Callable[[str], None] = lambda msg: None) -> RunOutcome:
+            progress: Progress = _no_progress, log: Callable[[str], None] = lambda msg: None,
+            single_pass: bool = True) -> RunOutcome:
     """materialize → score → export-all as one recorded run (see the module docstring).
 
     Raises what the stages raise (TransformLoadError, StaleInputError, LeakError, WorkspaceBusy)
     or ChainError, after recording the run as failed; nothing of a failed run is published."""
     with ws.lock():
-        run = _Run(ws, cfg, include_partial, force, progress, log)
+        run = _Run(ws, cfg, include_partial, force, progress, log, single_pass)
         try:
             return run.execute()
         except BaseException as e:

@@ -13,6 +13,7 @@ refuse to combine evidence with stale scores.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 import time
@@ -35,6 +36,7 @@ from refinery.parallel import map_files
 from refinery.policy import POLICY_VERSION, policy_hash, score_record
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
+from refinery.single_pass import SCORE_QUARANTINE, SCORED, Prepared, TailResult
 from refinery.stages import StageResult, by_source
 from refinery.workspace import Workspace, quarantine_file
 
@@ -123,52 +125,81 @@ def scored_run(ev: dict[str, Any], evidence_file: str, offset: int, sig: str, sc
     }
 
 
+class Scorer:
+    """Scores one evidence file's records, a record at a time, into its scored-run file (and
+    the lines it cannot score into its quarantine part); `close()` gives the file's result."""
+
+    def __init__(self, out: Path, out_rel: str, evidence_rel: str, quarantine_part: Path, scfg: ScoreConfig,
+                 preview_chars: int, *, buffer: int = 1 << 20):
+        self.res = FileResult(evidence_rel, out_rel, "")
+        self.scfg, self.phash, self.preview_chars = scfg, policy_hash(scfg), preview_chars
+        self.cats: Counter[str] = Counter()
+        self.rules: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.f, self.qf = open(out, "wb", buffering=buffer), open(quarantine_part, "wb", buffering=buffer)
+        self.w, self.qw = JsonlWriter(self.f), JsonlWriter(self.qf)
+
+    def refuse(self, source: str, offset: int, detail: str, sig: str, raw: bytes | None) -> None:
+        self.res.rows_in += 1
+        self.reasons[Reason.INVALID_EVIDENCE] += 1
+        self.qw.write(quarantine_record(STAGE, source, self.res.evidence_file, offset, Reason.INVALID_EVIDENCE,
+                                        detail, sig, raw=raw, preview_chars=self.preview_chars))
+
+    def row(self, ev: dict[str, Any], offset: int, raw: bytes | None) -> dict[str, Any] | None:
+        """The scored run of evidence line `offset` (written), or None (quarantined)."""
+        sig = hashlib.sha256(orjson.dumps(ev, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        try:
+            sr = scored_run(ev, self.res.evidence_file, offset, sig, self.scfg, self.phash)
+        except (KeyError, TypeError, AttributeError) as e:
+            src = ev.get("source") if isinstance(ev.get("source"), str) else "?"
+            self.refuse(src, offset, f"not an EvidenceRecord: {type(e).__name__} {e}", sig,
+                        raw if raw is not None else orjson.dumps(ev))
+            return None
+        self.res.rows_in += 1
+        self.w.write(sr)
+        self.cats[sr["category"]] += 1
+        self.rules.update(sr["rules_fired"])
+        return sr
+
+    def close(self, evidence_sha256: str) -> FileResult:
+        self.f.flush()
+        fsync(self.f.fileno())
+        self.f.close()
+        self.qf.close()
+        res = self.res
+        res.evidence_sha256 = evidence_sha256
+        res.scored, res.sha256 = self.w.rows, self.w.sha256
+        res.quarantined = sum(self.reasons.values())
+        res.by_category = dict(sorted(self.cats.items()))
+        res.by_rule = dict(sorted(self.rules.items()))
+        res.by_reason = {str(k): v for k, v in sorted(self.reasons.items())}
+        if res.rows_in != res.scored + res.quarantined:
+            raise AccountingError(f"{res.evidence_file}: {res.rows_in} in, {res.scored} scored + "
+                                  f"{res.quarantined} quarantined")
+        return res
+
+    def discard(self) -> None:
+        self.f.close()
+        self.qf.close()
+
+
 def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quarantine_part: Path,
                scfg: ScoreConfig, preview_chars: int) -> FileResult:
-    phash = policy_hash(scfg)
-    res = FileResult(evidence_rel, out_rel, "")
-    cats: Counter[str] = Counter()
-    rules: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb", buffering=1 << 20) as f, open(quarantine_part, "wb") as qf, \
-            open(evidence, "rb") as ev_file:
-        w, qw = JsonlWriter(f), JsonlWriter(qf)
-        reader = HashingReader(ev_file)  # the manifest's evidence sha256, from the one read
-        for line in iter_lines(reader):
-            res.rows_in += 1
-            if line.obj is None:
-                reasons[Reason.INVALID_EVIDENCE] += 1
-                qw.write(quarantine_record(STAGE, "?", evidence_rel, line.offset, Reason.INVALID_EVIDENCE,
-                                           f"{line.reason}: {line.detail}", sha256(line.raw or b"").hexdigest(),
-                                           raw=line.raw, preview_chars=preview_chars))
-                continue
-            ev = line.obj
-            sig = sha256(dumps(ev, option=sort_keys)).hexdigest()
-            try:
-                row = scored_run(ev, evidence_rel, line.offset, sig, scfg, phash)
-            except (KeyError, TypeError, AttributeError) as e:
-                reasons[Reason.INVALID_EVIDENCE] += 1
-                src = ev.get("source") if isinstance(ev.get("source"), str) else "?"
-                qw.write(quarantine_record(STAGE, src, evidence_rel, line.offset, Reason.INVALID_EVIDENCE,
-                                           f"not an EvidenceRecord: {type(e).__name__} {e}", sig,
-                                           raw=line.raw, preview_chars=preview_chars))
-                continue
-            w.write(row)
-            cats[row["category"]] += 1
-            rules.update(row["rules_fired"])
-        f.flush()
-        fsync(f.fileno())
-    res.evidence_sha256 = reader.sha256.hexdigest()
-    res.scored, res.sha256 = w.rows, w.sha256
-    res.quarantined = sum(reasons.values())
-    res.by_category = dict(sorted(cats.items()))
-    res.by_rule = dict(sorted(rules.items()))
-    res.by_reason = {str(k): v for k, v in sorted(reasons.items())}
-    if res.rows_in != res.scored + res.quarantined:
-        raise AccountingError(f"{evidence_rel}: {res.rows_in} in, {res.scored} scored + {res.quarantined} quarantined")
-    return res
+    scorer = Scorer(out, out_rel, evidence_rel, quarantine_part, scfg, preview_chars)
+    try:
+        with open(evidence, "rb") as ev_file:
+            reader = HashingReader(ev_file)  # the manifest's evidence sha256, from the one read
+            for line in iter_lines(reader):
+                if line.obj is None:
+                    scorer.refuse("?", line.offset, f"{line.reason}: {line.detail}",
+                                  hashlib.sha256(line.raw or b"").hexdigest(), line.raw)
+                else:
+                    scorer.row(line.obj, line.offset, line.raw)
+    except BaseException:
+        scorer.discard()
+        raise
+    return scorer.close(reader.sha256.hexdigest())
 
 
 def evidence_files(ws: Workspace) -> list[Path]:
@@ -178,22 +209,46 @@ def evidence_files(ws: Workspace) -> list[Path]:
     return sorted(ws.evidence.rglob("*.jsonl"), key=lambda p: p.relative_to(ws.evidence).as_posix())
 
 
-def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int], None] | None = None) -> ScoreResult:
+def _tails(ws: Workspace, cfg: Config, prepared: Prepared | None) -> dict[str, TailResult]:
+    """The evidence files the single pass already scored, with this stage's settings."""
+    if prepared is None or (prepared.plan.score, prepared.plan.preview_chars) != \
+            (cfg.score, cfg.materialize.quarantine_preview_chars):
+        return {}
+    return {t.score.evidence_file: t for t in prepared.tails.values()}
+
+
+def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int], None] | None = None,
+        prepared: Prepared | None = None) -> ScoreResult:
+    """Score every evidence file. `prepared`: the files run-all's single pass scored as it wrote
+    them (refinery.single_pass), taken as they are; the others are read and scored here."""
     t0 = time.perf_counter()
     with ws.lock():
         files = evidence_files(ws)
         recover_dir(ws.scored_runs)
         staging = staging_dir(ws.scored_runs)
         parts = Path(tempfile.mkdtemp(prefix=".score-", dir=ws.root / "data"))
+        tails = _tails(ws, cfg, prepared)
         try:
-            jobs = []
+            jobs, quarantine_parts = [], []
+            done: dict[int, FileResult] = {}
             for i, p in enumerate(files):
                 rel = p.relative_to(ws.evidence).as_posix()
+                if (t := tails.get(ws.rel(p))) is not None:
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(t.folder / SCORED, staging / rel)
+                    quarantine_parts.append(t.folder / SCORE_QUARANTINE)
+                    done[i] = t.score
+                    if on_file_done:
+                        on_file_done(t.score, p.stat().st_size)
+                    continue
+                quarantine_parts.append(parts / f"{i:06d}.jsonl")
                 jobs.append((p, ws.rel(p), staging / rel, f"{ws.rel(ws.scored_runs)}/{rel}",
-                             parts / f"{i:06d}.jsonl", cfg.score, cfg.materialize.quarantine_preview_chars))
-            results: list[FileResult] = map_files(
-                score_file, jobs, [p.stat().st_size for p in files], workers=cfg.materialize.workers,
+                             quarantine_parts[-1], cfg.score, cfg.materialize.quarantine_preview_chars))
+            scored: list[FileResult] = map_files(
+                score_file, jobs, [j[0].stat().st_size for j in jobs], workers=cfg.materialize.workers,
                 parallel_min_bytes=cfg.materialize.parallel_min_bytes, on_done=on_file_done)
+            left = iter(scored)
+            results = [done[i] if i in done else next(left) for i in range(len(files))]
             phash = policy_hash(cfg.score)
             manifest = {
                 "stage": STAGE, "policy_version": POLICY_VERSION, "policy_hash": phash,
@@ -203,7 +258,7 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
             manifest_bytes = orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n"
             (staging / MANIFEST).write_bytes(manifest_bytes)
             qpath = ws.out / quarantine_file(STAGE)
-            qrows, qsha = concat_files([j[4] for j in jobs], qpath)
+            qrows, qsha = concat_files(quarantine_parts, qpath)
             publish_dir(staging, ws.scored_runs)
         finally:
             shutil.rmtree(parts, ignore_errors=True)

@@ -79,9 +79,11 @@ class Step:
     name: str
     inputs: Callable[[Workspace, Config], list[tuple[Path, str]]]
     """(path, relative path) of every file it reads, for the reuse decision"""
-    run: Callable[[Workspace, Config, bool | None, tuple[str, ...], Advance], tuple[list[StageResult], Any]]
-    """run(ws, cfg, include_partial, the stages wanted, advance) → (their results, what the
-    command shows: the stage's own result object)"""
+    run: Callable[[Workspace, Config, bool | None, tuple[str, ...], Advance, dict[str, Any]],
+                  tuple[list[StageResult], Any]]
+    """run(ws, cfg, include_partial, the stages wanted, advance, carry) → (their results, what the
+    command shows: the stage's own result object). `carry` is what one step hands the next in a
+    run: the single pass's plan (set by the runner) and what it prepared (set by materialize)."""
     sized: bool = True
     """its progress counts the bytes of its inputs (else it has no known total)"""
 
@@ -134,10 +136,11 @@ def _sources(ws: Workspace, cfg: Config) -> list[tuple[Path, str]]:
 
 
 def _run_materialize(ws: Workspace, cfg: Config, include_partial: bool | None, stages: tuple[str, ...],
-                     advance: Advance) -> tuple[list[StageResult], Any]:
+                     advance: Advance, carry: dict[str, Any]) -> tuple[list[StageResult], Any]:
     from refinery import materialize
 
-    result = materialize.run(ws, cfg, on_file_done=advance)
+    result = materialize.run(ws, cfg, on_file_done=advance, plan=carry.get("plan"))
+    carry["prepared"] = result.prepared
     return [result.stage_result()], result
 
 
@@ -148,10 +151,10 @@ def _evidence(ws: Workspace, cfg: Config) -> list[tuple[Path, str]]:
 
 
 def _run_score(ws: Workspace, cfg: Config, include_partial: bool | None, stages: tuple[str, ...],
-               advance: Advance) -> tuple[list[StageResult], Any]:
+               advance: Advance, carry: dict[str, Any]) -> tuple[list[StageResult], Any]:
     from refinery import score
 
-    result = score.run(ws, cfg, on_file_done=advance)
+    result = score.run(ws, cfg, on_file_done=advance, prepared=carry.get("prepared"))
     return [result.stage_result()], result
 
 
@@ -162,11 +165,12 @@ def _scored(ws: Workspace, cfg: Config) -> list[tuple[Path, str]]:
 
 
 def _run_exports(ws: Workspace, cfg: Config, include_partial: bool | None, stages: tuple[str, ...],
-                 advance: Advance) -> tuple[list[StageResult], Any]:
+                 advance: Advance, carry: dict[str, Any]) -> tuple[list[StageResult], Any]:
     from refinery import export
 
     names = tuple(s.removeprefix("export-") for s in stages)
-    result = export.run(ws, cfg, exports=names, include_partial=include_partial, on_file_done=advance)
+    result = export.run(ws, cfg, exports=names, include_partial=include_partial, on_file_done=advance,
+                        prepared=carry.get("prepared"))
     return result.stage_results(), result
 
 
