@@ -22,7 +22,9 @@ drops duplicate answers across files, or pairs candidates one hash bucket of tas
 time — so grouping never holds more than one bucket in memory; the merges run in worker
 processes side by side. Nothing is published until every export is complete and checked
 (`Exporter.verify`: the SFT file is re-read against the scored runs); then each file is renamed
-into place. The exports themselves — what each takes, writes and checks — are the modules of
+into place. In run-all, the reading of each file was done by the single pass as the evidence was
+written (refinery.single_pass): its part files are taken as they are, and only the merges run
+here. The exports themselves — what each takes, writes and checks — are the modules of
 refinery/exporters/; this module knows none of them by name.
 """
 
@@ -181,7 +183,13 @@ class QuarantineWriter:
                                                    exports=exports)))
 
 
-def _part(parts: Path, export: str, index: int, bucket: int | None = None) -> Path:
+def refusals_path(parts: Path, index: int) -> Path:
+    """Where the reading of file `index` writes the refusals it decides for every export."""
+    return parts / f"q-{index:06d}.jsonl"
+
+
+def part_path(parts: Path, export: str, index: int, bucket: int | None = None) -> Path:
+    """Where the reading of file `index` writes an export's candidates (a grouped one's, by bucket)."""
     return parts / (f"c-{export}-{index:06d}.jsonl" if bucket is None else
                     f"c-{export}-b{bucket:04d}-{index:06d}.jsonl")
 
@@ -208,10 +216,10 @@ class Reader:
         self.allow = list(settings.export.allow_sensitive)
         self.redact = settings.export.sensitive == "redact"
         self.files: dict[Any, Any] = {}
-        self.out = {e: self._file(e, lambda e=e: _part(parts, e, index)) for e in exports if not BY_NAME[e].grouped}
+        self.out = {e: self._file(e, lambda e=e: part_path(parts, e, index)) for e in exports if not BY_NAME[e].grouped}
         self.lines = dict.fromkeys(self.out, 0)  # candidates written to each ungrouped export's part so far
         self.dedup = [e for e in self.out if BY_NAME[e].dedup and settings.export.dedup]
-        self.qw = QuarantineWriter(self._file(("q",), lambda: parts / f"q-{index:06d}.jsonl"), shared=True)
+        self.qw = QuarantineWriter(self._file(("q",), lambda: refusals_path(parts, index)), shared=True)
 
     def _file(self, key: Any, path: Callable[[], Path]) -> Any:
         """The part file `key` names (opened on first use: most files feed a few buckets)."""
@@ -270,10 +278,11 @@ class Reader:
             e = x.name
             if x.grouped:
                 b = x.bucket(c, self.buckets)
+                line = x.candidate(c, s)
                 if self.spread:
-                    self._file(("spread", e), lambda e=e: self._spread_path(e)).write(b"%d\t" % b + x.candidate(c, s))
+                    self._file(("spread", e), lambda e=e: self._spread_path(e)).write(b"%d\t" % b + line)
                 else:
-                    self._file((e, b), lambda e=e, b=b: _part(self.parts, e, self.index, b)).write(x.candidate(c, s))
+                    self._file((e, b), lambda e=e, b=b: part_path(self.parts, e, self.index, b)).write(line)
                 continue
             self.out[e].write(x.candidate(c, s))
             if e in self.dedup:  # its key, for the dedup across files
@@ -282,6 +291,11 @@ class Reader:
 
     def _spread_path(self, e: str) -> Path:
         return self.parts / f"g-{e}-{self.index:06d}.jsonl"
+
+    def discard(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
 
     def close(self) -> dict[str, ExportStats]:
         for f in self.files.values():
@@ -294,7 +308,7 @@ class Reader:
                 for line in lines:
                     tab = line.index(b"\t")
                     b = int(line[:tab])
-                    self._file((e, b), lambda e=e, b=b: _part(self.parts, e, self.index, b)).write(line[tab + 1:])
+                    self._file((e, b), lambda e=e, b=b: part_path(self.parts, e, self.index, b)).write(line[tab + 1:])
             for f in self.files.values():
                 f.close()
             self.files.clear()
@@ -441,13 +455,13 @@ def _merge_units(e: str, tmp_root: Path, buckets: int, candidates: list[int],
         return MergeUnit(e, parts, tmp_root / f"m-{e}-{u:06d}.jsonl", tmp_root / f"mq-{e}-{u:06d}.jsonl", duplicates)
 
     if BY_NAME[e].grouped:
-        return [unit(b, [_part(tmp_root, e, i, b) for i in range(len(candidates))]) for b in range(buckets)]
+        return [unit(b, [part_path(tmp_root, e, i, b) for i in range(len(candidates))]) for b in range(buckets)]
     units: list[MergeUnit] = []
     parts: list[Path] = []
     duplicates: set[int] = set()
     size = lines = 0
     for i, n in enumerate(candidates):
-        path = _part(tmp_root, e, i)
+        path = part_path(tmp_root, e, i)
         parts.append(path)
         duplicates.update(lines + line for line in repeated.get(i, ()))
         lines += n
@@ -525,9 +539,9 @@ def _take(t: TailResult, i: int, exports: tuple[str, ...], tmp_root: Path, bucke
     """Move what the single pass read from file i into place as file i's reading would write it."""
     for e in exports:
         for b in range(buckets) if BY_NAME[e].grouped else (None,):
-            if (src := _part(t.folder, e, 0, b)).exists():
-                os.replace(src, _part(tmp_root, e, i, b))
-    os.replace(t.folder / f"q-{0:06d}.jsonl", tmp_root / f"q-{i:06d}.jsonl")
+            if (src := part_path(t.folder, e, 0, b)).exists():
+                os.replace(src, part_path(tmp_root, e, i, b))
+    os.replace(refusals_path(t.folder, 0), refusals_path(tmp_root, i))
     return {e: t.exports[e] for e in exports}
 
 
@@ -572,7 +586,7 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
             outcomes = [done[j.index] if j.index in done else next(read) for j in jobs]
             # the refusals made on reading, in file order: one file for every export
             shared = tmp_root / "q-all.jsonl"
-            shared_rows, shared_sha = concat_files([tmp_root / f"q-{j.index:06d}.jsonl" for j in jobs], shared)
+            shared_rows, shared_sha = concat_files([refusals_path(tmp_root, j.index) for j in jobs], shared)
             if exports != EXPORTS:  # the other exports' refusals stay as their own runs decided them
                 decided, shared = shared, tmp_root / "q-spliced.jsonl"
                 shared_rows, shared_sha = _splice_shared(decided, ws.out / EXPORT_QUARANTINE, exports, shared)

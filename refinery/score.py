@@ -7,7 +7,8 @@ The scored-runs tree mirrors the evidence tree file for file and line for line, 
 a scored-run file scores line N of the evidence file of the same name; each ScoredRun's
 provenance points at that evidence line and carries its sig_hash. `manifest.json` in the
 tree records the sha256 of every evidence file it was computed from, so the exports can
-refuse to combine evidence with stale scores.
+refuse to combine evidence with stale scores. In run-all the evidence was scored as it was
+written (refinery.single_pass): those files are taken as they are, not read again.
 """
 
 from __future__ import annotations

@@ -113,25 +113,27 @@ class Tail:
 
     def discard(self) -> None:
         self.scorer.discard()
-        self.reader.close()
+        self.reader.discard()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @dataclass
 class Prepared:
-    """The tails of the partitions made of one part, by evidence path (relative to the evidence
-    tree): what score and export take instead of reading those partitions again."""
+    """Every evidence partition's tail, by its path relative to the evidence tree: what score and
+    export take instead of reading the partitions again."""
 
     plan: Plan
     tails: dict[str, TailResult]
 
 
 def _part_names(buckets: int) -> list[str]:
-    """The files an export reading writes for one evidence file (index 0), but the scored runs'."""
-    names = ["q-000000.jsonl"]
+    """The files the exports' reading of one evidence file (index 0) writes."""
+    from refinery.export import part_path, refusals_path
+
+    here = Path()
+    names = [refusals_path(here, 0).name]
     for e in NAMES:
-        names += [f"c-{e}-b{b:04d}-000000.jsonl" for b in range(buckets)] if BY_NAME[e].grouped else \
-            [f"c-{e}-000000.jsonl"]
+        names += [part_path(here, e, 0, b).name for b in (range(buckets) if BY_NAME[e].grouped else (None,))]
     return names
 
 
@@ -180,7 +182,7 @@ def join_tails(tails: list[TailResult], folder: Path, evidence_sha256: str, buck
 
     with open(folder / "sigs.bin", "rb") as sigs_file:
         digests = mmap.mmap(sigs_file.fileno(), 0, access=mmap.ACCESS_READ) if res.scored else b""
-        for name in _part_names(buckets):
+        for name in (names := _part_names(buckets)):
             out, shift = None, 0
             for t in tails:
                 if (part := t.folder / name).exists():
@@ -188,7 +190,7 @@ def join_tails(tails: list[TailResult], folder: Path, evidence_sha256: str, buck
                     with open(part, "rb") as lines:
                         for line in lines:
                             obj = loads(line)
-                            if name.startswith("q-"):  # a refusal: its id names its line
+                            if name == names[0]:  # a refusal: its id names its line
                                 renumber(obj["provenance"], shift)
                                 moved(obj, obj["provenance"]["line_offset"])
                             else:  # a candidate holds the scored run's provenance as one of its values

@@ -349,7 +349,7 @@ def test_dedup_keeps_the_first_of_each_key_in_file_order_across_units(tmp_path, 
     repeated = export._duplicates(keys)
     assert repeated == {0: {2}, 1: {0}, 2: {0, 1}}
     for i, n in enumerate(len(k) for k in keys):
-        export._part(tmp_path, "rag", i).write_bytes(b"{}\n" * n)
+        export.part_path(tmp_path, "rag", i).write_bytes(b"{}\n" * n)
     one = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated)
     assert [len(u.parts) for u in one] == [3] and one[0].duplicates == {2, 3, 5, 6}  # lines across the run
     monkeypatch.setattr(export, "UNIT_BYTES", 1)
