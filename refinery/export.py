@@ -547,10 +547,11 @@ def _take(t: TailResult, i: int, exports: tuple[str, ...], tmp_root: Path, bucke
 
 def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, include_partial: bool | None = None,
         on_file_done: Callable[[dict[str, ExportStats], int], None] | None = None,
-        prepared: Prepared | None = None) -> ExportResult:
+        prepared: Prepared | None = None, digest: Callable[[Path], str] | None = None) -> ExportResult:
     """Write the requested exports. `prepared`: the files run-all's single pass read for the
     exports as it wrote them (refinery.single_pass), taken when their scored runs are those on
-    disk; the others are read here. Raises StaleInputError (inputs missing or out of date) or
+    disk; the others are read here. `digest(path)`: a file's sha256, for the check that the
+    evidence is what was scored (default: read it). Raises StaleInputError (inputs missing or out of date) or
     LeakError (the SFT re-read failed: nothing was published)."""
     t0 = time.perf_counter()
     settings = Settings(cfg.export, cfg.export.include_partial if include_partial is None else include_partial)
@@ -558,7 +559,7 @@ def run(ws: Workspace, cfg: Config, *, exports: tuple[str, ...] = EXPORTS, inclu
         raise ValueError(f"no export named {', '.join(unknown)} (the exports: {', '.join(EXPORTS)})")
     exports = tuple(e for e in EXPORTS if e in exports)
     with ws.lock():
-        manifest = read_manifest(ws)
+        manifest = read_manifest(ws, digest) if digest is not None else read_manifest(ws)
         files = manifest["files"]
         sizes = [(ws.out / f["evidence"]).stat().st_size for f in files]
         tails: dict[str, TailResult] = {}

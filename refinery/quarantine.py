@@ -91,6 +91,11 @@ def quarantine_record(stage: str, source: str, source_file: str, line_offset: in
     row's bytes as the reader held them (for a line that does not parse, the bytes `sig` hashes);
     None where the record keeps no text of the row.
     """
+    if raw is not None:  # a refused row's text is seen once: scanned without filling the scan's cache
+        with sensitive.uncached():
+            detail = sensitive.redact_text(detail)
+            preview = None if preview_chars == 0 else redacted_preview(
+                raw, preview_chars, cut=reason is Reason.LINE_TOO_LONG)  # such a line comes as its first bytes
     prov: dict[str, Any] = {"source_file": source_file, "line_offset": line_offset}
     if record is not None:
         prov["record"] = record
@@ -105,10 +110,9 @@ def quarantine_record(stage: str, source: str, source_file: str, line_offset: in
         "reason": reason.value,
         # a detail about a row may quote its value ("expected a number, got 'sk-…'"): redacted like
         # the preview. Records without row text (exports, whole files) have details refinery wrote.
-        "detail": detail if raw is None else sensitive.redact_text(detail),
+        "detail": detail,
         "raw_length": None if raw is None else len(raw),
         "raw_sha256": None if raw is None else hashlib.sha256(raw).hexdigest(),
-        "preview": None if raw is None or preview_chars == 0 else redacted_preview(
-            raw, preview_chars, cut=reason is Reason.LINE_TOO_LONG),  # such a line comes as its first bytes
+        "preview": None if raw is None else preview,
         "provenance": prov,
     }

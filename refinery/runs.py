@@ -333,7 +333,7 @@ class _Run:
         self.staged = ws.staged(self.staging)
         # what one step hands the next: with the single pass, materialize scores and reads for
         # the exports as it writes, into the plan's folder (inside the staging: dropped with it)
-        self.carry: dict[str, Any] = {}
+        self.carry: dict[str, Any] = {"digest": lambda p: self.digests.of(p, self.staged.rel(p))["sha256"]}
         if single_pass:
             self.carry["plan"] = Plan.make(self.staging / SINGLE_PASS, cfg, include_partial,
                                            self.staged.rel(self.staged.evidence),

@@ -272,8 +272,9 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
     return ScoreResult(results, POLICY_VERSION, phash, outputs, time.perf_counter() - t0)
 
 
-def read_manifest(ws: Workspace) -> dict[str, Any]:
-    """The scored-runs manifest, checked against the evidence on disk (raises StaleInputError)."""
+def read_manifest(ws: Workspace, digest: Callable[[Path], str] = file_sha256) -> dict[str, Any]:
+    """The scored-runs manifest, checked against the evidence on disk (raises StaleInputError);
+    `digest(path)`: a file's sha256 (run-all's, which knows what it wrote without reading it)."""
     path = ws.scored_runs / MANIFEST
     if not path.exists():
         raise StaleInputError("no scored runs in data/scored-runs/; run `refinery score` first")
@@ -283,6 +284,6 @@ def read_manifest(ws: Workspace) -> dict[str, Any]:
     if on_disk != listed:
         raise StaleInputError("the evidence files changed since scoring; run `refinery score` again")
     for f in manifest["files"]:
-        if file_sha256(ws.out / f["evidence"]) != f["evidence_sha256"]:
+        if digest(ws.out / f["evidence"]) != f["evidence_sha256"]:
             raise StaleInputError(f"{f['evidence']} changed since it was scored; run `refinery score` again")
     return manifest

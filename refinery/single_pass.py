@@ -39,7 +39,10 @@ from refinery.quarantine import moved
 #: Each file of a tail, in its folder.
 SCORED, SCORE_QUARANTINE = "scored.jsonl", "score-q.jsonl"
 #: Each tail file's write buffer (a job holds a tail per partition it writes: 5 files each).
-BUFFER = 32 << 10
+BUFFER = 128 << 10
+#: Up to this many task buckets a tail writes a grouped export's bucket files directly; past it,
+#: into one file it spreads into the buckets' files when it closes (see export.Reader).
+DIRECT_BUCKETS = 8
 #: Grouped exports' candidates by task bucket: bounds what a bucket's merge holds, as export's own count does.
 BUCKET_BYTES = 32 << 20
 
@@ -95,7 +98,8 @@ class Tail:
         # one tail per partition a job writes is open at once: small buffers, a few files each
         self.scorer = Scorer(self.folder / SCORED, self.scored_rel, f"{plan.evidence_rel}/{rel}",
                              self.folder / SCORE_QUARANTINE, plan.score, plan.preview_chars, buffer=BUFFER)
-        self.reader = Reader(self.folder, 0, NAMES, plan.settings, plan.buckets, buffer=BUFFER, spread=True)
+        self.reader = Reader(self.folder, 0, NAMES, plan.settings, plan.buckets, buffer=BUFFER,
+                             spread=plan.buckets > DIRECT_BUCKETS)
 
     def line(self, data: bytes, offset: int) -> None:
         """Evidence line `offset` of the part, as written (`data`, with its newline)."""

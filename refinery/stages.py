@@ -83,7 +83,8 @@ class Step:
                   tuple[list[StageResult], Any]]
     """run(ws, cfg, include_partial, the stages wanted, advance, carry) → (their results, what the
     command shows: the stage's own result object). `carry` is what one step hands the next in a
-    run: the single pass's plan (set by the runner) and what it prepared (set by materialize)."""
+    run: the single pass's plan and the run's file digests (set by the runner), and what the pass
+    prepared (set by materialize)."""
     sized: bool = True
     """its progress counts the bytes of its inputs (else it has no known total)"""
 
@@ -170,7 +171,7 @@ def _run_exports(ws: Workspace, cfg: Config, include_partial: bool | None, stage
 
     names = tuple(s.removeprefix("export-") for s in stages)
     result = export.run(ws, cfg, exports=names, include_partial=include_partial, on_file_done=advance,
-                        prepared=carry.get("prepared"))
+                        prepared=carry.get("prepared"), digest=carry.get("digest"))
     return result.stage_results(), result
 
 

@@ -131,3 +131,27 @@ def test_exports_take_the_pass_when_score_is_reused(ws):
     assert outcome.materialize.prepared.tails
     assert not (ws.root / "single" / "data" / SINGLE_PASS).exists()
 
+
+
+def test_evidence_changed_after_it_was_written_stops_the_run(ws, monkeypatch):
+    """The pass hands score and export what it wrote, but the evidence is still hashed from disk
+    once a run (score's inputs; export's staleness check takes that digest): evidence changed
+    after materialize wrote it stops the run, naming the file, and nothing is published."""
+    from refinery.score import StaleInputError
+
+    copy_sample(ws.kb)
+    real = materialize.run
+    changed = []
+
+    def then_change(*args, **kwargs):
+        result = real(*args, **kwargs)
+        target = sorted(args[0].evidence.rglob("*.jsonl"))[0]
+        target.write_bytes(target.read_bytes() + b"\n")
+        changed.append(args[0].rel(target))
+        return result
+
+    monkeypatch.setattr(materialize, "run", then_change)
+    with pytest.raises(StaleInputError, match="changed since it was scored") as e:
+        run_all(ws, load_config(ws.root), single_pass=True)
+    assert changed[0] in str(e.value)
+    assert not ws.evidence.exists()

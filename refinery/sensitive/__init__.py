@@ -20,6 +20,7 @@ negative leaks a credential into a training set.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -140,6 +141,19 @@ _SHORTEST = 6
 _CACHE: dict[str, tuple[_Hit, ...]] = {}
 _CACHE_CHARS = 0
 _CACHE_LIMIT = 32 << 20
+_STORE = True
+
+
+@contextlib.contextmanager
+def uncached() -> Iterator[None]:
+    """Scan without keeping what is scanned, for text seen once (a refused row's preview): it
+    would fill the cache and clear out the strings that do repeat."""
+    global _STORE
+    before, _STORE = _STORE, False
+    try:
+        yield
+    finally:
+        _STORE = before
 
 
 def _hits(text: str) -> tuple[_Hit, ...]:
@@ -157,6 +171,8 @@ def _hits(text: str) -> tuple[_Hit, ...]:
         if inner:
             hits.append(_Hit(inner[0].kind, inner[0].rule + " (in JSON text)", 0, len(p)))
     got = tuple(hits)
+    if not _STORE:
+        return got
     global _CACHE_CHARS
     if _CACHE_CHARS + len(text) > _CACHE_LIMIT:
         _CACHE.clear()
