@@ -22,6 +22,11 @@ rename of a staging folder: the same inputs give the same bytes, whatever the wo
 
 Accounting, per file: rows in = records that became evidence + records joined into another's
 evidence + records quarantined (a record split into several parts is one record in).
+
+With a single-pass plan (run-all's; refinery.single_pass), every evidence line is also scored
+and read for the exports as it is written, into a tail beside its part; once the partitions are
+put together, the tails of a partition made of several parts are joined (renumbered), and the
+result's `prepared` hands them all to score and export.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from refinery.dedup import SeenHashes
 from refinery.discovery import Claim, Registry, Transform
 from refinery.errors import AccountingError
 from refinery.jsonl import (
-    WRITE_FAILED, JsonlWriter, dumps_line, concat_files, fsync, fsync_dir, publish_dir, recover_dir, staging_dir,
+    WRITE_FAILED, JsonlWriter, concat_files, dumps_line, fsync, fsync_dir, publish_dir, recover_dir, staging_dir,
 )
 from refinery.mapping import unmatched_paths
 from refinery.parallel import map_files
