@@ -160,6 +160,16 @@ def _pairs(job: FileJob) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[
         yield ev_line.obj, sr, prov
 
 
+class _Lazy:
+    """A file whose handle is asked for at each write (a Reader's, which may have closed it)."""
+
+    def __init__(self, handle: Callable[[], Any]):
+        self.handle = handle
+
+    def write(self, data: bytes) -> None:
+        self.handle().write(data)
+
+
 class QuarantineWriter:
     """Writes the exports' refusals into a part file: the shared file's (stage "export", decided
     on reading for every export at once), or one export's own (decided by its merge). Parts are
@@ -216,17 +226,32 @@ class Reader:
         self.allow = list(settings.export.allow_sensitive)
         self.redact = settings.export.sensitive == "redact"
         self.files: dict[Any, Any] = {}
-        self.out = {e: self._file(e, lambda e=e: part_path(parts, e, index)) for e in exports if not BY_NAME[e].grouped}
-        self.lines = dict.fromkeys(self.out, 0)  # candidates written to each ungrouped export's part so far
-        self.dedup = [e for e in self.out if BY_NAME[e].dedup and settings.export.dedup]
-        self.qw = QuarantineWriter(self._file(("q",), lambda: refusals_path(parts, index)), shared=True)
+        self.made: set[Any] = set()  # the part files made so far (a suspended reader appends to them)
+        self.ungrouped = [e for e in exports if not BY_NAME[e].grouped]
+        for e in self.ungrouped:  # made even when empty: the merge takes one part per file
+            self._candidates(e)
+        self.lines = dict.fromkeys(self.ungrouped, 0)  # candidates written to each ungrouped export's part so far
+        self.dedup = [e for e in self.ungrouped if BY_NAME[e].dedup and settings.export.dedup]
+        refusals = lambda: self._file(("q",), lambda: refusals_path(parts, index))  # noqa: E731
+        refusals()  # made even when empty: it is moved into place
+        self.qw = QuarantineWriter(_Lazy(refusals), shared=True)
 
     def _file(self, key: Any, path: Callable[[], Path]) -> Any:
         """The part file `key` names (opened on first use: most files feed a few buckets)."""
         f = self.files.get(key)
         if f is None:
-            f = self.files[key] = open(path(), "wb", buffering=self.buffer)
+            f = self.files[key] = open(path(), "ab" if key in self.made else "wb", buffering=self.buffer)
+            self.made.add(key)
         return f
+
+    def _candidates(self, e: str) -> Any:
+        return self._file(e, lambda: part_path(self.parts, e, self.index))
+
+    def suspend(self) -> None:
+        """Close the part files (what is written stays): the next row opens them again to append."""
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
 
     def _refuse(self, exports: list[str], sr: dict[str, Any], prov: dict[str, Any], reason: Reason,
                 detail: str) -> None:
@@ -284,7 +309,7 @@ class Reader:
                 else:
                     self._file((e, b), lambda e=e, b=b: part_path(self.parts, e, self.index, b)).write(line)
                 continue
-            self.out[e].write(x.candidate(c, s))
+            self._candidates(e).write(x.candidate(c, s))
             if e in self.dedup:  # its key, for the dedup across files
                 stats[e].keys.append(int(key, 16))
             self.lines[e] += 1

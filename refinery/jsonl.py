@@ -196,6 +196,10 @@ class JsonlWriter:
     def write(self, obj: Any) -> None:
         self.write_line(dumps_line(obj))
 
+    def switch(self, f) -> None:
+        """Go on writing into `f` (the same file opened again to append): rows and hash go on."""
+        self._f = f
+
     def write_line(self, data: bytes) -> None:
         """One line already serialized (`dumps_line`), newline included."""
         self._f.write(data)

@@ -32,6 +32,7 @@ result's `prepared` hands them all to score and export.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -58,7 +59,7 @@ from refinery.mapping import unmatched_paths
 from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
-from refinery.single_pass import Plan, Prepared, Tail, TailResult, join_tails
+from refinery.single_pass import Plan, Prepared, Tail, TailResult, join_tails, open_tails
 from refinery.sources import SourceFile, csv_raw, list_sources, read_rows
 from refinery.stages import StageResult, by_source
 from refinery.transform import (
@@ -218,12 +219,17 @@ def partition_rel(recorded_at: str, source: str) -> str:
 class EvidenceSink:
     """Writes one job's evidence into part files by partition, and its refusals. With a single-
     pass plan, each partition's lines are also scored and read for the exports as they are
-    written (a `Tail` per partition)."""
+    written (a `Tail` per partition).
+
+    A source can span years of days, a partition each: only the partitions written most recently
+    keep their files open (`max_open`); the others close them and open them again to append."""
 
     def __init__(self, root: Path, validate: bool, plan: Plan | None = None):
         self.root, self.plan = root, plan
-        self.writers: dict[str, tuple[Any, JsonlWriter]] = {}
+        self.writers: dict[str, list[Any]] = {}  # partition → [its open file or None, its writer]
         self.tails: dict[str, Tail] = {}
+        self.open: dict[str, None] = {}  # the partitions with open files, least recently written first
+        self.max_open = open_tails(plan.buckets) if plan is not None else _open_parts()
         self.check = _validator() if validate else None
 
     def write(self, ev: dict[str, Any]) -> str:
@@ -232,39 +238,85 @@ class EvidenceSink:
         if w is None:
             path = self.root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(path, "wb", buffering=1 << 20)
-            w = self.writers[rel] = (fh, JsonlWriter(fh))
+            fh = open(path, "wb", buffering=PART_BUFFER)
+            w = self.writers[rel] = [fh, JsonlWriter(fh)]
             if self.plan is not None:
                 self.tails[rel] = Tail(self.plan, self.root.name, rel)
+        elif w[0] is None:
+            w[0] = open(self.root / rel, "ab", buffering=PART_BUFFER)
+            w[1].switch(w[0])
+        self.open.pop(rel, None)
+        self.open[rel] = None
+        if len(self.open) > self.max_open:
+            self._suspend(next(iter(self.open)))
         data = dumps_line(ev)
         w[1].write_line(data)
         if self.tails:
             self.tails[rel].line(data, w[1].rows - 1)
         return rel
 
+    def _suspend(self, rel: str) -> None:
+        del self.open[rel]
+        w = self.writers[rel]
+        w[0].close()
+        w[0] = None
+        if rel in self.tails:
+            self.tails[rel].suspend()
+
     def close(self, sync: bool) -> tuple[dict[str, int], list[TailResult]]:
         """Close the parts; beside each, `<part>.sha256` holds the hash of its bytes as they were
         written (what a partition made of one part is, without reading it again). Returns the
         parts' rows and their tails' results."""
-        for rel, (fh, w) in self.writers.items():
+        for rel, w in self.writers.items():
+            fh = w[0] if w[0] is not None else open(self.root / rel, "ab")
             if sync:
                 fh.flush()
                 fsync(fh.fileno())
             fh.close()
-            (self.root / (rel + SHA_SUFFIX)).write_text(w.sha256)
-        tails = [self.tails.pop(rel).close(w.sha256) for rel, (_, w) in sorted(self.writers.items())
+            w[0] = None
+            (self.root / (rel + SHA_SUFFIX)).write_text(w[1].sha256)
+        self.open.clear()
+        tails = [self.tails[rel].close(w.sha256) for rel, (_, w) in sorted(self.writers.items())
                  if rel in self.tails]
+        self.tails.clear()
         return {rel: w.rows for rel, (_, w) in sorted(self.writers.items())}, tails
 
+    def close_files(self) -> None:
+        """Close every file still open (after an error: what was written is dropped with the run)."""
+        for w in self.writers.values():
+            if w[0] is not None:
+                with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                    w[0].close()
+                w[0] = None
+        for tail in self.tails.values():
+            with contextlib.suppress(OSError):
+                tail.suspend()
+
     def discard(self) -> None:
-        for fh, _ in self.writers.values():
-            fh.close()
+        for w in self.writers.values():
+            if w[0] is not None:
+                w[0].close()
         for rel in self.writers:
             (self.root / rel).unlink(missing_ok=True)
         self.writers.clear()
+        self.open.clear()
         for tail in self.tails.values():
             tail.discard()
         self.tails.clear()
+
+
+#: An evidence part file's write buffer.
+PART_BUFFER = 256 << 10
+#: At most this many partitions of a job keep their evidence file open (without the single pass).
+OPEN_PARTS = 256
+
+
+def _open_parts() -> int:
+    """OPEN_PARTS, or fewer when the open-file limit is low (at most half of it)."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return OPEN_PARTS if soft == resource.RLIM_INFINITY else max(1, min(OPEN_PARTS, soft // 2))
 
 
 def _envelope(out: dict[str, Any], source: str, digest: bytes, part: str | None, prov: dict[str, Any],
@@ -402,6 +454,10 @@ class FileJob:
     buckets: int
     validate: bool
     plan: Plan | None = None
+
+
+#: Out of file handles: the system's limit, not the source's fault (the run stops).
+OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeConfig,
@@ -548,8 +604,8 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                     res.split += len(parts) - 1
         res.partitions, res.tails = sink.close(sync=True)
     except OSError as e:
-        if e.errno in WRITE_FAILED:
-            raise  # the disk, not this source: the run stops (and says so) rather than drop the file
+        if e.errno in WRITE_FAILED or e.errno in OUT_OF_FILES:
+            raise  # the disk or the system, not this source: the run stops (and says so) rather than drop the file
         # Unreadable (or vanished) mid-way: publish nothing of this file, say so once.
         sink.discard()
         res.rows_in = res.evidence = res.split = 0
@@ -563,9 +619,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
         res.by_reason = {}
         return res
     finally:
-        for fh, _ in sink.writers.values():
-            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
-                fh.close()
+        sink.close_files()
         spill.close()
     res.quarantined = sum(by_reason.values())
     res.by_reason = dict(sorted(by_reason.items()))
@@ -646,43 +700,46 @@ def process_bucket(job: BucketJob, transform: Transform, score_rules: dict[str, 
         r["sig_hash"] = m.sig
         return r
 
-    with open(job.quarantine_part, "wb", buffering=1 << 18) as qf:
-        qw = JsonlWriter(qf)
-        groups = _members(job.spill_parts)
-        for key in sorted(groups):
-            members = groups.pop(key)
-            try:
-                built, primaries, joined, refusals = _settle(transform, members, gctx, job, ref, sink.check)
-            except Exception as exc:  # a bug in the importer: every member of the group is refused
-                msg = f"transform {transform.spec.name} raised {type(exc).__name__} assembling {key!r}: {exc}"
-                for m in members:
-                    c = counts[m.file]
-                    c["transform_errors"] += 1
-                    if c["first_transform_error"] is None:
-                        c["first_transform_error"] = f"{job.sources[m.file].ws_rel}:{m.offset}: {msg}"
-                    refuse(m, Reason.TRANSFORM_ERROR, msg.splitlines()[0])
-                continue
-            for e, ev in built:
-                rel = sink.write(ev)
-                c = counts[e.primary.file]
-                c["partitions"][rel] += 1
-                c["evidence"] += 1
-                c["undated"] += ev["recorded_at_from"] == UNDATED
-            for pos, n in primaries.items():
-                counts[pos[0]]["split"] += n - 1
-            for m in members:
-                pos = (m.file, m.offset)
-                if pos in primaries:
+    try:
+        with open(job.quarantine_part, "wb", buffering=1 << 18) as qf:
+            qw = JsonlWriter(qf)
+            groups = _members(job.spill_parts)
+            for key in sorted(groups):
+                members = groups.pop(key)
+                try:
+                    built, primaries, joined, refusals = _settle(transform, members, gctx, job, ref, sink.check)
+                except Exception as exc:  # a bug in the importer: every member of the group is refused
+                    msg = f"transform {transform.spec.name} raised {type(exc).__name__} assembling {key!r}: {exc}"
+                    for m in members:
+                        c = counts[m.file]
+                        c["transform_errors"] += 1
+                        if c["first_transform_error"] is None:
+                            c["first_transform_error"] = f"{job.sources[m.file].ws_rel}:{m.offset}: {msg}"
+                        refuse(m, Reason.TRANSFORM_ERROR, msg.splitlines()[0])
                     continue
-                if pos in joined:
-                    counts[m.file]["joined"] += 1
-                elif pos in refusals:
-                    refuse(m, *refusals[pos])
-                else:
-                    refuse(m, Reason.UNMATCHED_JOIN,
-                           f"a {m.role} record with nothing to join it to (key {key!r}): its partner is in no "
-                           "source file")
-    _, tails = sink.close(sync=True)
+                for e, ev in built:
+                    rel = sink.write(ev)
+                    c = counts[e.primary.file]
+                    c["partitions"][rel] += 1
+                    c["evidence"] += 1
+                    c["undated"] += ev["recorded_at_from"] == UNDATED
+                for pos, n in primaries.items():
+                    counts[pos[0]]["split"] += n - 1
+                for m in members:
+                    pos = (m.file, m.offset)
+                    if pos in primaries:
+                        continue
+                    if pos in joined:
+                        counts[m.file]["joined"] += 1
+                    elif pos in refusals:
+                        refuse(m, *refusals[pos])
+                    else:
+                        refuse(m, Reason.UNMATCHED_JOIN,
+                               f"a {m.role} record with nothing to join it to (key {key!r}): its partner is in no "
+                               "source file")
+        _, tails = sink.close(sync=True)
+    finally:
+        sink.close_files()
     return {i: {**c, "by_reason": dict(c["by_reason"]), "partitions": dict(c["partitions"])}
             for i, c in sorted(counts.items())}, tails
 

@@ -138,10 +138,24 @@ class Scorer:
         self.rules: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         out.parent.mkdir(parents=True, exist_ok=True)
+        self.paths, self.buffer = (out, quarantine_part), buffer
         self.f, self.qf = open(out, "wb", buffering=buffer), open(quarantine_part, "wb", buffering=buffer)
         self.w, self.qw = JsonlWriter(self.f), JsonlWriter(self.qf)
 
+    def suspend(self) -> None:
+        """Close the files (what is written stays): the next row opens them again to append."""
+        if self.f is not None:
+            self.f.close()
+            self.qf.close()
+            self.f = self.qf = None
+
+    def _resume(self) -> None:
+        if self.f is None:
+            self.f, self.qf = (open(p, "ab", buffering=self.buffer) for p in self.paths)
+            self.w._f, self.qw._f = self.f, self.qf
+
     def refuse(self, source: str, offset: int, detail: str, sig: str, raw: bytes | None) -> None:
+        self._resume()
         self.res.rows_in += 1
         self.reasons[Reason.INVALID_EVIDENCE] += 1
         self.qw.write(quarantine_record(STAGE, source, self.res.evidence_file, offset, Reason.INVALID_EVIDENCE,
@@ -157,6 +171,7 @@ class Scorer:
             self.refuse(src, offset, f"not an EvidenceRecord: {type(e).__name__} {e}", sig,
                         raw if raw is not None else orjson.dumps(ev))
             return None
+        self._resume()
         self.res.rows_in += 1
         self.w.write(sr)
         self.cats[sr["category"]] += 1
@@ -164,10 +179,10 @@ class Scorer:
         return sr
 
     def close(self, evidence_sha256: str) -> FileResult:
+        self._resume()
         self.f.flush()
         fsync(self.f.fileno())
-        self.f.close()
-        self.qf.close()
+        self.suspend()
         res = self.res
         res.evidence_sha256 = evidence_sha256
         res.scored, res.sha256 = self.w.rows, self.w.sha256
@@ -181,8 +196,7 @@ class Scorer:
         return res
 
     def discard(self) -> None:
-        self.f.close()
-        self.qf.close()
+        self.suspend()
 
 
 def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quarantine_part: Path,

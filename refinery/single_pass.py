@@ -22,6 +22,7 @@ small lines; the sensitive-data scan, the scoring and the transforms are not don
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 import shutil
 from collections import Counter
@@ -33,7 +34,7 @@ import orjson
 
 from refinery.config import Config, ScoreConfig
 from refinery.exporters import BY_NAME, NAMES, ExportStats, Settings
-from refinery.jsonl import JsonlWriter, dumps_line, fsync
+from refinery.jsonl import DEFAULT_MAX_LINE_BYTES, JsonlWriter, dumps_line, fsync, iter_lines
 from refinery.quarantine import moved
 
 #: Each file of a tail, in its folder.
@@ -43,6 +44,22 @@ BUFFER = 128 << 10
 #: Up to this many task buckets a tail writes a grouped export's bucket files directly; past it,
 #: into one file it spreads into the buckets' files when it closes (see export.Reader).
 DIRECT_BUCKETS = 8
+#: At most this many tails of a job keep their files open (the least recently written close
+#: theirs for now): a source spanning years of days has a partition a day.
+OPEN_TAILS = 64
+
+
+def open_tails(buckets: int) -> int:
+    """How many partitions may keep their files open at once in one process — each its evidence
+    file and its tail's —: OPEN_TAILS, or fewer when the open-file limit is low (they take at
+    most half of it)."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    per_tail = 6 + (1 if buckets > DIRECT_BUCKETS else buckets)
+    if soft == resource.RLIM_INFINITY:
+        return OPEN_TAILS
+    return max(1, min(OPEN_TAILS, soft // 2 // per_tail))
 #: Grouped exports' candidates by task bucket: bounds what a bucket's merge holds, as export's own count does.
 BUCKET_BYTES = 32 << 20
 
@@ -103,6 +120,11 @@ class Tail:
 
     def line(self, data: bytes, offset: int) -> None:
         """Evidence line `offset` of the part, as written (`data`, with its newline)."""
+        if len(data) > DEFAULT_MAX_LINE_BYTES + 2:  # what score refuses to read (over 1 MiB): refused alike
+            (line,) = iter_lines(io.BytesIO(data))
+            self.scorer.refuse("?", offset, f"{line.reason}: {line.detail}", hashlib.sha256(line.raw).hexdigest(),
+                               line.raw)
+            return
         ev = orjson.loads(data)  # the record as every later reader of the file sees it
         sr = self.scorer.row(ev, offset, data[:-1])  # the line as a reader holds it: no newline
         if sr is None:
@@ -111,6 +133,11 @@ class Tail:
                 "sig_hash": hashlib.sha256(orjson.dumps(sr, option=orjson.OPT_SORT_KEYS)).hexdigest(),
                 "recorded_at": sr["recorded_at"]}
         self.reader.row(ev, sr, prov)
+
+    def suspend(self) -> None:
+        """Close its files for now (what is written stays; the next line opens them again)."""
+        self.scorer.suspend()
+        self.reader.suspend()
 
     def close(self, evidence_sha256: str) -> TailResult:
         return TailResult(self.rel, self.folder, self.scorer.close(evidence_sha256), self.reader.close())
@@ -198,9 +225,13 @@ def join_tails(tails: list[TailResult], folder: Path, evidence_sha256: str, buck
                                 renumber(obj["provenance"], shift)
                                 moved(obj, obj["provenance"]["line_offset"])
                             else:  # a candidate holds the scored run's provenance as one of its values
-                                for v in obj.values():
-                                    if type(v) is dict and v.get("source_file") == res.scored_file:
-                                        renumber(v, shift)
+                                provs = [v for v in obj.values()
+                                         if type(v) is dict and v.get("source_file") == res.scored_file]
+                                if not provs:
+                                    raise ValueError(f"{name}: a candidate without its scored run's provenance as "
+                                                     "a value of its own (see Exporter.candidate)")
+                                for v in provs:
+                                    renumber(v, shift)
                             out.write(dumps_line(obj))
                 shift += t.score.scored
             if out is not None:

@@ -13,7 +13,7 @@ from conftest import copy_sample, write_kb
 
 from refinery import materialize, single_pass
 from refinery.config import load_config
-from refinery.runs import SINGLE_PASS, run_all
+from refinery.runs import run_all
 from refinery.workspace import Workspace
 
 TREES = ("data/evidence", "data/scored-runs", "exports")
@@ -129,7 +129,6 @@ def test_exports_take_the_pass_when_score_is_reused(ws):
     outcome, single, single_receipts = sequence(ws.root / "single", True)
     assert (single, single_receipts) == (staged, staged_receipts)
     assert outcome.materialize.prepared.tails
-    assert not (ws.root / "single" / "data" / SINGLE_PASS).exists()
 
 
 
@@ -155,3 +154,66 @@ def test_evidence_changed_after_it_was_written_stops_the_run(ws, monkeypatch):
         run_all(ws, load_config(ws.root), single_pass=True)
     assert changed[0] in str(e.value)
     assert not ws.evidence.exists()
+
+
+DAYS = '''
+from datetime import date, timedelta
+from refinery.transform import TransformSpec, new_evidence
+
+SPEC = TransformSpec(name="days", patterns=("days*.jsonl",), format="json", kind="qa")
+
+def transform(row, ctx):
+    day = (date(2026, 1, 1) + timedelta(days=row["day"])).isoformat()
+    return new_evidence("qa", recorded_at=f"{day}T00:00:00Z", prompt=row["q"],
+                        response=row["a"] * row.get("times", 1))
+'''
+
+
+def _days(ws: Workspace, days: int, extra: tuple[dict, ...] = ()) -> None:
+    """A source with a partition a day (two rows each, the days taken in turn), read by a
+    transform of its own."""
+    (ws.root / "transforms").mkdir(exist_ok=True)
+    (ws.root / "transforms" / "days.py").write_text(DAYS)
+    rows = [{"day": d, "q": f"question {d % 7}", "a": f"answer {d}.{i}"} for i in range(2) for d in range(days)]
+    write_kb(ws, {"days.jsonl": b"".join(orjson.dumps(r) + b"\n" for r in [*rows, *extra])})
+
+
+def test_a_job_keeps_only_some_tails_open(ws, monkeypatch):
+    """A source with a partition a day: past OPEN_PARTS (OPEN_TAILS with the pass), the least
+    recently written partitions close their files and open them again to append — the same bytes."""
+    _days(ws, 40)
+    _, staged, staged_receipts = _run(ws, {}, single_pass=False)
+    monkeypatch.setattr(materialize, "OPEN_PARTS", 2)
+    assert _run(ws, {}, single_pass=False)[1:] == (staged, staged_receipts)
+    monkeypatch.setattr(single_pass, "OPEN_TAILS", 2)
+    outcome, single, single_receipts = _run(ws, {}, single_pass=True)
+    assert (single, single_receipts) == (staged, staged_receipts)
+    assert len(outcome.materialize.prepared.tails) == 40
+
+
+def test_an_evidence_line_over_the_line_limit_is_refused_by_score_as_on_its_own(ws):
+    """An evidence line longer than score reads (1 MiB) made from a short source line: score
+    refuses it alike, whether it reads the file or the pass hands it the line."""
+    _days(ws, 2, ({"day": 0, "q": "long one", "a": "y" * 1024, "times": 1100},))
+    _, staged, staged_receipts = _run(ws, {}, single_pass=False)
+    _, single, single_receipts = _run(ws, {}, single_pass=True)
+    assert (single, single_receipts) == (staged, staged_receipts)
+    (q,) = [orjson.loads(line) for line in (ws.root / "exports/quarantine/score.jsonl").read_bytes().splitlines()]
+    assert "line_too_long" in q["detail"]
+
+
+def test_a_low_open_file_limit_still_runs(ws):
+    """With a low open-file limit (256, soft and hard), a source of 60 daily partitions runs:
+    fewer tails keep their files open at once, instead of the run running out of them."""
+    import subprocess
+    import sys
+
+    _days(ws, 60)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
+            "from pathlib import Path; from refinery.config import load_config; from refinery.runs import run_all; "
+            "from refinery.workspace import Workspace; root = Path(sys.argv[1]); "
+            "o = run_all(Workspace(root), load_config(root), force=True); "
+            "print(o.exit_code, o.receipts['score']['counts']['rows_out'])")
+    done = subprocess.run([sys.executable, "-c", code, str(ws.root)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "120"]

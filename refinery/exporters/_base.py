@@ -144,7 +144,9 @@ class Exporter:
         raise NotImplementedError
 
     def candidate(self, c: Candidate, s: Settings) -> bytes:
-        """One line (with its newline) of a part file, for a row this export takes."""
+        """One line (with its newline) of a part file, for a row this export takes: a JSON object
+        with `c.prov` as one of its values (run-all's single pass renumbers it when the
+        evidence partition is put together from several parts)."""
         raise NotImplementedError
 
     def bucket(self, c: Candidate, buckets: int) -> int:
