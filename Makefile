@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install blas smollm2 train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install blas browser report smollm2 train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -36,6 +36,22 @@ blas: ## Linux: install Debian's OpenBLAS when missing; train and replay preload
 	    echo "warning: no OpenBLAS and no apt-get: install OpenBLAS or 'pip install mkl', or set REFINERY_BLAS"; \
 	  fi; \
 	fi
+
+browser: ## install Debian's chromium when missing: the report's test renders the page in it (headless)
+	@if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (Debian) for the report's browser test"; \
+	    $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -q chromium >/dev/null \
+	      || echo "warning: could not install chromium: the report's browser test is skipped"; \
+	  else \
+	    echo "warning: no chromium and no apt-get: the report's browser test is skipped"; \
+	  fi; \
+	fi
+
+report: install ## write the newest run's report page and open it (or print its path): make report [RUN_ID=...]
+	@page=$$($(RUN) report $(if $(RUN_ID),--run-id $(RUN_ID))) && echo "$$page" && \
+	  if [ -z "$$CI" ] && [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ] && command -v xdg-open >/dev/null 2>&1; then xdg-open "$$page"; \
+	  elif [ -z "$$CI" ] && [ "$$(uname)" = Darwin ]; then open "$$page"; fi
 
 run-all: install ## run the pipeline on the bundled sample data in data/_kb/ (FORCE=1 recomputes every stage)
 	$(RUN) run-all $(if $(FORCE),--force)
@@ -122,7 +138,7 @@ convert: install ## SFT/preference export -> a training format: make convert TO=
 sources: install ## list the source streams in data/_kb/ and the transform that claims each
 	$(RUN) sources
 
-test: install ## the whole test suite, then the acceptance gate; pytest's "no tests" (exit 5) fails
+test: install browser ## the whole test suite, then the acceptance gate; pytest's "no tests" (exit 5) fails
 	@$(PY) -m pytest -q -n auto; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 	$(RUN) acceptance

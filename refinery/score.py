@@ -265,8 +265,12 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
             left = iter(scored)
             results = [done[i] if i in done else next(left) for i in range(len(files))]
             phash = policy_hash(cfg.score)
+            fired: Counter[str] = Counter()
+            for r in results:
+                fired.update(r.by_rule)
             manifest = {
                 "stage": STAGE, "policy_version": POLICY_VERSION, "policy_hash": phash,
+                "by_rule": dict(sorted(fired.items())),  # how often each rule fired (what the report shows)
                 "files": [{"evidence": r.evidence_file, "evidence_sha256": r.evidence_sha256,
                            "scored": r.scored_file, "sha256": r.sha256, "rows": r.scored} for r in results],
             }

@@ -57,6 +57,21 @@ def receipts(
 
 
 @app.command()
+def report(workspace: WorkspaceOpt = Path("."), run_id: RunIdOpt = None) -> None:
+    """Write one self-contained page of what a run did — rows through the stages and quarantine
+    by reason, categories per source, the rules that fired most, drift and the trend over runs,
+    what the exports are made of — as reports/distillation/<run_id>/report.html, and print its
+    path. It opens from disk (no server, nothing fetched); every number links to the jq or
+    refinery command that proves it."""
+    from refinery.report import build
+    from refinery.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    ws.try_recover()
+    typer.echo(build(ws, run_id))
+
+
+@app.command()
 def runs(workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
     """List the recorded runs, oldest first: status (complete, incomplete = killed or still
     running, failed = stopped by an error, nothing published), exit code, stages reused,

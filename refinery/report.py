@@ -1,0 +1,315 @@
+"""`refinery report`: one self-contained page of what a run did, to open from disk.
+
+    reports/distillation/<run_id>/report.html
+
+Built from what the run recorded — its receipts, summary and drift report, every earlier
+run's receipts (the trend), the exports' stats files — and, for the run whose outputs are on
+disk, the rules that fired (one read of the scored runs' `rules_fired`). It holds aggregates
+only, never rows, so it stays small at any size. Charts are matplotlib SVG written into the
+page (no script, no CDN, no server). Every number links to the command that proves it: a `jq`
+over the file it was counted from, or `refinery receipts`; the commands are listed at the end.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from refinery.errors import RefineryError
+from refinery.jsonl import atomic_write, read_jsonl
+from refinery.workspace import EXPORT_FILES, Workspace, quarantine_file
+
+REPORT = "report.html"
+#: Rules shown in the "fired most" chart and table.
+TOP_RULES = 15
+CATEGORIES = ("accepted", "partially_accepted", "rejected", "needs_human_review")
+COLOURS = {"accepted": "#2e7d32", "partially_accepted": "#9ccc65", "rejected": "#c62828",
+           "needs_human_review": "#f9a825", "out": "#2e7d32"}
+#: The other segments' colours, in turn (no green: green is what went through).
+PALETTE = ("#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+           "#aec7e8", "#ffbb78", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+
+
+class ReportError(RefineryError):
+    """The report cannot be drawn (its plotting library is not installed)."""
+
+
+class _Proofs:
+    """The numbers' commands: each number is a link to its command in the list at the end."""
+
+    def __init__(self) -> None:
+        self.commands: dict[str, int] = {}
+
+    def n(self, value: Any, command: str) -> str:
+        i = self.commands.setdefault(command, len(self.commands) + 1)
+        shown = f"{value:,}" if isinstance(value, int) else html.escape(str(value))
+        return f'<a class="n" href="#p{i}" title="{html.escape(command)}">{shown}</a>'
+
+    def section(self) -> str:
+        items = "".join(f'<li id="p{i}"><code>{html.escape(c)}</code></li>' for c, i in self.commands.items())
+        return ("<h2 id=proofs>How to check each number</h2><p>Each prints the number that links to it; run them "
+                f"in the workspace folder.</p><ol class=proofs>{items}</ol>")
+
+
+def _svg(fig: Any) -> str:
+    """The figure as inline SVG, its bytes the same every time (fixed ids, no date)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ReportError(f"the report's charts need matplotlib ({e}): install the 'report' extra — `make install` "
+                          "does — or `pip install 'refinery[report]'`") from None
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams.update({"svg.hashsalt": "refinery", "svg.fonttype": "none", "font.size": 9})
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+#: A chart shows at most this many bars and this many segments; the rest are summed into "others".
+MAX_BARS, MAX_SEGMENTS = 25, 12
+
+
+def _fold(rows: list[tuple[str, dict[str, int]]], keys: list[str]
+          ) -> tuple[list[tuple[str, dict[str, int]]], list[str]]:
+    """The largest MAX_BARS rows and MAX_SEGMENTS keys, the others summed into one of each (the
+    tables beside the charts list them all)."""
+    if len(keys) > MAX_SEGMENTS:
+        total = Counter()
+        for _, counts in rows:
+            total.update({k: counts.get(k, 0) for k in keys})
+        kept = [k for k in keys if k in {k for k, _ in total.most_common(MAX_SEGMENTS - 1)}]
+        rows = [(label, {**{k: c.get(k, 0) for k in kept}, "others": sum(v for k, v in c.items() if k not in kept)})
+                for label, c in rows]
+        keys = [*kept, "others"]
+    if len(rows) > MAX_BARS:
+        ranked = sorted(rows, key=lambda r: -sum(r[1].get(k, 0) for k in keys))
+        kept_rows = {label for label, _ in ranked[:MAX_BARS - 1]}
+        rest: Counter[str] = Counter()
+        for label, c in rows:
+            if label not in kept_rows:
+                rest.update({k: c.get(k, 0) for k in keys})
+        rows = [r for r in rows if r[0] in kept_rows] + [(f"{len(rows) - len(kept_rows)} others", dict(rest))]
+    return rows, keys
+
+
+def _hbars(rows: list[tuple[str, dict[str, int]]], keys: Iterable[str], title: str) -> str:
+    """Stacked horizontal bars: one per row label, a segment per key (see _fold)."""
+    plt = _matplotlib()
+    rows, keys = _fold(rows, list(keys))
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    labels = [label for label, _ in rows][::-1]
+    left = [0] * len(rows)
+    others = iter(PALETTE * (1 + len(keys) // len(PALETTE)))
+    for key in keys:
+        values = [counts.get(key, 0) for _, counts in rows][::-1]
+        ax.barh(labels, values, left=left, label=key, color=COLOURS.get(key) or next(others))
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_title(title)
+    if len(keys) > 1:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def _lines(xs: list[str], series: dict[str, list[float | None]], title: str) -> str:
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for name, ys in series.items():
+        ax.plot(range(len(xs)), [float("nan") if y is None else y for y in ys], marker="o", label=name)
+    ax.set_xticks(range(len(xs)), [x[:15] for x in xs], rotation=30, ha="right", fontsize=7)
+    ax.set_title(title)
+    ax.legend(fontsize=7, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _rules(ws: Workspace) -> Counter[str]:
+    """How often each rule fired, over the scored runs on disk: as score counted them in the
+    manifest, or (a manifest from before it did) by reading the scored runs."""
+    manifest = ws.scored_runs / "manifest.json"
+    if manifest.is_file() and isinstance(by_rule := orjson.loads(manifest.read_bytes()).get("by_rule"), dict):
+        return Counter(by_rule)
+    fired: Counter[str] = Counter()
+    for path in sorted(ws.scored_runs.rglob("*.jsonl")):
+        for line in read_jsonl(path):
+            if line.obj is not None:
+                fired.update(line.obj.get("rules_fired") or ())
+    return fired
+
+
+def build(ws: Workspace, run_id: str | None = None) -> Path:
+    """Write the report of run `run_id` (default: the newest) and return its path."""
+    from refinery.runs import list_runs, load_run, resolve_run
+
+    rid = resolve_run(ws, run_id)
+    summary, rs, drift = load_run(ws, rid)
+    published = _published_run(ws)
+    on_disk = published == rid
+    p = _Proofs()
+    rdir = f"{ws.rel(ws.reports)}/{rid}"
+    receipt = lambda stage, k: f"jq '.counts.{k}' {rdir}/receipts/{stage}.json"  # noqa: E731
+    esc = lambda v: html.escape(str(v))  # noqa: E731
+    parts = [f"<h1>refinery run {esc(rid)}</h1>",
+             f"<p>status <b>{esc(summary.get('status'))}</b>, exit code {esc(summary.get('exit_code'))}, overall "
+             f"hash <code>{esc(summary.get('overall_hash'))[:16]}…</code> (<code>refinery receipts --run-id {esc(rid)}"
+             "</code> re-checks it)"
+             + ("" if on_disk else " — not the run whose outputs are on disk: counts from its receipts only") + "</p>"]
+
+    # 1. rows through the stages, quarantine by reason
+    flow_rows, table_rows = [], []
+    for stage, r in rs.items():
+        c = r["counts"]
+        reasons = r.get("by_reason") or {}
+        qfile = _quarantine_files(stage)
+        flow_rows.append((stage, {"out": c.get("rows_out", 0), **reasons}))
+        why = ", ".join(f"{html.escape(k)} {p.n(v, _reason_command(stage, k, qfile))}" for k, v in reasons.items())
+        table_rows.append([html.escape(stage), p.n(c.get("rows_in", 0), receipt(stage, "rows_in")),
+                           p.n(c.get("rows_out", 0), receipt(stage, "rows_out")),
+                           p.n(c.get("quarantined", 0), receipt(stage, "quarantined")),
+                           why or "—", "reused" if r.get("reused_from") else "computed"])
+    reason_keys = list(dict.fromkeys(k for _, counts in flow_rows for k in counts if k != "out"))
+    parts += ["<h2>Rows through the stages</h2>",
+              _hbars(flow_rows, ["out", *reason_keys], "rows out, and quarantined by reason, per stage"),
+              _table(["stage", "rows in", "rows out", "quarantined", "quarantined by reason", ""], table_rows)]
+
+    # 2. categories per source
+    score = rs.get("score")
+    if score:
+        by_source = score.get("by_source") or {}
+        scored = f"find {ws.rel(ws.scored_runs)} -name '*.jsonl' -exec cat {{}} +"
+        def count(src: str, cat: str) -> str:
+            return f"{scored} | jq -r 'select(.source==\"{src}\" and .category==\"{cat}\") | .id' | wc -l"
+
+        rows = [[html.escape(src)] + [p.n(counts.get(cat, 0), count(src, cat)) for cat in CATEGORIES]
+                for src, counts in by_source.items()]
+        parts += ["<h2>Categories per source</h2>",
+                  _hbars(list(by_source.items()), CATEGORIES, "scored runs per source, by category"),
+                  _table(["source", *CATEGORIES], rows)]
+        # 3. rules that fired most
+        if on_disk:
+            fired = _rules(ws).most_common(TOP_RULES)
+            if fired:
+                parts += ["<h2>Rules that fired most</h2>",
+                          _hbars([(rule, {"fired": n}) for rule, n in fired], ["fired"], "scored runs a rule fired on"),
+                          _table(["rule", "scored runs"], [[html.escape(rule), p.n(
+                              n, f"{scored} | jq -r 'select(.rules_fired | index(\"{rule}\")) | .id' | wc -l")]
+                              for rule, n in fired])]
+
+    # 4. drift against the previous run, and the trend over every complete run
+    if drift:
+        moved = [m for m in drift["metrics"] if m["severity"] != "ok"] or drift["metrics"][:10]
+        cmd = lambda name, k: f"jq '.metrics[] | select(.name==\"{name}\") | .{k}' {rdir}/drift.json"  # noqa: E731
+        parts += [f"<h2>Drift against {html.escape(str(drift.get('previous_run_id') or 'no earlier run'))}: "
+                  f"{html.escape(drift['severity'])}</h2>",
+                  _table(["metric", "value", "previous", "change %", "severity"],
+                         [[html.escape(m["name"]), p.n(_num(m["value"]), cmd(m["name"], "value")),
+                           "—" if m["previous"] is None else p.n(_num(m["previous"]), cmd(m["name"], "previous")),
+                           "—" if m["change_pct"] is None else html.escape(str(m["change_pct"])),
+                           html.escape(m["severity"])] for m in moved])]
+    trend = [r for r in list_runs(ws) if r.get("status") == "complete"][-20:]
+    if len(trend) > 1:
+        series: dict[str, list[float | None]] = {}
+        for r in trend:
+            _, their, _ = load_run(ws, r["run_id"])
+            for stage, rec in their.items():
+                series.setdefault(f"{stage} out", []).append(rec["counts"].get("rows_out"))
+        n = len(trend)
+        series = {k: ([None] * (n - len(v)) + v) for k, v in series.items()}
+        parts += ["<h2>Trend over the last complete runs</h2>",
+                  _lines([r["run_id"] for r in trend], series, "rows out per stage, run by run")]
+
+    # 5. what each export is made of
+    comp_rows, by_export = [], []
+    for name, rel in EXPORT_FILES.items():
+        stats_rel = rel.removesuffix(".jsonl") + ".stats.json"
+        stats_path = ws.out / stats_rel
+        if not on_disk or not stats_path.is_file():
+            continue
+        s = orjson.loads(stats_path.read_bytes())
+        by_export.append((name, s.get("by_source") or {}))
+        field = lambda k, stats_rel=stats_rel: f"jq '.{k}' {stats_rel}"  # noqa: E731
+        tools = "tool_using" if "tool_using" in s else "tool_using_chosen"
+        comp_rows.append([html.escape(name), p.n(s.get("rows", 0), f"wc -l < {rel}"),
+                          p.n(s.get(tools, 0), field(tools)) if tools in s else "—",
+                          p.n(s["direct_answers"], field("direct_answers")) if "direct_answers" in s else "—",
+                          html.escape(str(s.get("mean_answer_chars", "—"))),
+                          ", ".join(html.escape(k) + " " + p.n(v, field('by_source["' + k + '"]'))
+                                    for k, v in (s.get("by_source") or {}).items())])
+    if comp_rows:
+        sources = list(dict.fromkeys(src for _, counts in by_export for src in counts))
+        parts += ["<h2>What the exports are made of</h2>",
+                  _hbars(by_export, sources, "rows of each export (pairs for preference), by source"),
+                  _table(["export", "rows", "tool-using", "direct answers", "mean answer chars", "by source"],
+                         comp_rows)]
+
+    parts.append(p.section())
+    page = _PAGE.format(title=html.escape(f"refinery run {rid}"), body="\n".join(parts))
+    out = ws.reports / rid / REPORT
+    with atomic_write(out) as f:
+        f.write(page.encode())
+    return out
+
+
+def _num(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _published_run(ws: Workspace) -> str | None:
+    from refinery.runs import read_published
+
+    doc = read_published(ws)
+    return doc["run_id"] if doc else None
+
+
+def _quarantine_files(stage: str) -> list[str]:
+    if stage.startswith("export-"):
+        return [quarantine_file("export"), quarantine_file(stage)]
+    return [quarantine_file(stage)]
+
+
+def _reason_command(stage: str, reason: str, files: list[str]) -> str:
+    if stage.startswith("export-"):
+        name = stage.removeprefix("export-")
+        return (f"jq -c 'select(.reason==\"{reason}\" and (.exports | index(\"{name}\")))' "
+                f"{' '.join(files)} | wc -l")
+    return f"jq -c 'select(.reason==\"{reason}\")' {' '.join(files)} | wc -l"
+
+
+_PAGE = """<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>{title}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222; }}
+h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; }}
+table {{ border-collapse: collapse; margin: .8em 0; font-size: 13px; }}
+td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }}
+th {{ background: #f5f5f5; }}
+a.n {{ color: #0b57d0; text-decoration: none; border-bottom: 1px dotted #0b57d0; }}
+ol.proofs code {{ font-size: 12px; }} svg {{ max-width: 100%; height: auto; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""

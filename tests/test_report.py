@@ -1,0 +1,125 @@
+"""`refinery report`: one self-contained page of a run, every number linked to the command that
+proves it — checked by running those commands, and by rendering the page in headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import subprocess
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from refinery import report
+from refinery.cli import app
+from refinery.runs import load_run, resolve_run
+
+NUMBER = re.compile(r'<a class="n" href="#p(\d+)" title="([^"]*)">([^<]*)</a>')
+
+
+def _numbers(page: str) -> list[tuple[str, str, str]]:
+    """(proof anchor, command, number shown) of every linked number."""
+    return [(m.group(1), html.unescape(m.group(2)), html.unescape(m.group(3))) for m in NUMBER.finditer(page)]
+
+
+def test_the_report_is_one_page_of_the_run_with_its_charts(sample_run, ws):
+    result = CliRunner().invoke(app, ["report", "--workspace", str(ws.root)])
+    assert result.exit_code == 0, result.output
+    rid = resolve_run(ws, None)
+    path = ws.reports / rid / report.REPORT
+    assert result.output.strip() == str(path)
+    page = path.read_text()
+    # self-contained: nothing to fetch, no script
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page) and "<script" not in page and "<link" not in page
+    assert page.count("<svg") >= 4  # flow, categories, rules, trend or composition
+    assert path.stat().st_size < 1 << 20
+    # every number links to a command listed at the end, and the stage counts are the receipts'
+    numbers = _numbers(page)
+    anchors = set(re.findall(r'<li id="p(\d+)">', page))
+    assert numbers and {a for a, _, _ in numbers} <= anchors
+    _, receipts, _ = load_run(ws, rid)
+    for stage, r in receipts.items():
+        for key in ("rows_in", "rows_out", "quarantined"):
+            cmd = f"jq '.counts.{key}' {ws.rel(ws.reports)}/{rid}/receipts/{stage}.json"
+            assert (f"{r['counts'][key]:,}" in [shown for _, c, shown in numbers if c == cmd]), (stage, key)
+    # built again from the same run: the same bytes
+    before = path.read_bytes()
+    report.build(ws, rid)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (apt-get install jq)")
+def test_every_number_is_what_its_command_prints(sample_run, ws):
+    """Run each number's command in the workspace, as a reader of the page would."""
+    page = report.build(ws).read_text()
+    numbers = _numbers(page)
+    assert len(numbers) > 50
+    printed: dict[str, str] = {}
+    for _, cmd, shown in numbers:
+        if cmd not in printed:
+            printed[cmd] = subprocess.run(["bash", "-c", cmd], cwd=ws.root, capture_output=True, text=True,
+                                          timeout=60).stdout.strip()
+        assert printed[cmd] == shown.replace(",", ""), cmd
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (`make browser` installs it)")
+def test_the_page_renders_in_a_browser_with_its_charts_and_no_console_message(sample_run, ws, tmp_path):
+    """Headless Chromium opens the page from disk: no console message or failed load, the DOM it
+    built holds the charts' drawn shapes, and its screenshot is not blank."""
+    path = report.build(ws)
+    args = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+            "--window-size=1100,2000"]
+    dom = subprocess.run([*args, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert not [line for line in dom.stderr.splitlines() if ":CONSOLE" in line or "Failed to load" in line]
+    svgs = re.findall(r"<svg\b.*?</svg>", dom.stdout, flags=re.S)
+    assert len(svgs) >= 4 and all(s.count("<path") + s.count("<rect") > 10 for s in svgs)
+    shot = tmp_path / "page.png"
+    done = subprocess.run([*args, f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120)
+    assert done.returncode == 0 and shot.stat().st_size > 20_000
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert (pixels[:, :, :3].sum(axis=2) < 2.5).mean() > 0.05  # a twentieth of the page is not white
+
+
+def test_a_run_without_its_outputs_on_disk_is_reported_from_its_receipts(sample_run, ws):
+    """An older run's outputs were replaced by the newer run's: its page says so and takes its
+    counts from its receipts only (no rules, no export composition)."""
+    first = resolve_run(ws, None)
+    CliRunner().invoke(app, ["run-all", "--force", "--workspace", str(ws.root)])
+    page = report.build(ws, first).read_text()
+    assert "not the run whose outputs are on disk" in page
+    assert "Rules that fired most" not in page and "What the exports are made of" not in page
+    newest = report.build(ws).read_text()
+    assert "Trend over the last complete runs" in newest and "Rules that fired most" in newest
+
+
+def test_no_run_is_a_clear_error(ws):
+    result = CliRunner().invoke(app, ["report", "--workspace", str(ws.root)])
+    assert result.exit_code == 2 and "run `refinery run-all` first" in result.output
+
+
+def test_the_proofs_are_plain_commands():
+    p = report._Proofs()
+    link = p.n(1234, "jq '.counts.rows_in' x.json")
+    assert link == '<a class="n" href="#p1" title="jq &#x27;.counts.rows_in&#x27; x.json">1,234</a>'
+    assert p.n(5, "jq '.counts.rows_in' x.json").startswith('<a class="n" href="#p1"')  # one entry per command
+    assert orjson.dumps(p.commands) == b'{"jq \'.counts.rows_in\' x.json":1}'
+
+
+def test_a_chart_of_many_sources_folds_the_smallest_into_others():
+    """Hundreds of sources (a file each) would be hundreds of bars and a legend as long: a chart
+    keeps the largest and sums the rest; the tables still list every one."""
+    rows = [(f"s{i}", {f"k{j}": i + j for j in range(20)}) for i in range(100)]
+    folded, keys = report._fold(rows, [f"k{j}" for j in range(20)])
+    assert len(folded) == report.MAX_BARS and folded[-1][0] == "76 others"
+    assert len(keys) == report.MAX_SEGMENTS and keys[-1] == "others"
+    total = lambda rs, ks: sum(c.get(k, 0) for _, c in rs for k in ks)  # noqa: E731
+    assert total(folded, keys) == total(rows, [f"k{j}" for j in range(20)])  # nothing lost
