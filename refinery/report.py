@@ -241,7 +241,10 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
         parts += ["<h2>Trend over the last complete runs</h2>",
                   _lines([r["run_id"] for r in trend], series, "rows out per stage, run by run")]
 
-    # 5. what each export is made of
+    # 5. the audit ledger: every passing audit's tracked metrics
+    parts += _ledger(ws, p)
+
+    # 6. what each export is made of
     comp_rows, by_export = [], []
     for name, rel in EXPORT_FILES.items():
         stats_rel = rel.removesuffix(".jsonl") + ".stats.json"
@@ -270,6 +273,38 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
     out = ws.reports / rid / REPORT
     with atomic_write(out) as f:
         f.write(page.encode())
+    return out
+
+
+#: The ledger's metrics drawn, of those every row tracks (the table lists the last row's all).
+LEDGER_CHART = ("source_rows", "evidence_rows", "scored_rows", "quarantined_total")
+
+
+def _ledger(ws: Workspace, p: _Proofs) -> list[str]:
+    """The audit ledger's rows (data/_kb/audit_baselines.jsonl, one per passing audit-full): the
+    trend of its tracked metrics, and the last row's values with the baseline before it."""
+    from refinery.audit import ledger_path
+
+    path = ledger_path(ws)
+    rows = [line.obj for line in read_jsonl(path) if isinstance(line.obj, dict)] if path.is_file() else []
+    rows = [r for r in rows if isinstance(r.get("metrics"), dict)]
+    if not rows:
+        return []
+    rel = ws.rel(path)
+    out = [f"<h2>Audit ledger: {len(rows):,} passing audit{'s' if len(rows) != 1 else ''}</h2>"]
+    if len(rows) > 1:
+        shown = rows[-20:]
+        out.append(_lines([f"#{r.get('seq')} {r.get('run_id', '')}" for r in shown],
+                          {m: [r["metrics"].get(m) for r in shown] for m in LEDGER_CHART},
+                          "tracked metrics at each passing audit"))
+    last, before = rows[-1], (rows[-2] if len(rows) > 1 else None)
+    cmd = lambda row, m: f"jq 'select(.seq=={row.get('seq')}) | .metrics[\"{m}\"]' {rel}"  # noqa: E731
+    out.append(_table(["metric", f"row {last.get('seq')} (run {html.escape(str(last.get('run_id')))})",
+                       "the row before"],
+                      [[html.escape(m), p.n(_num(v), cmd(last, m)),
+                        "—" if before is None or m not in before["metrics"] else p.n(_num(before["metrics"][m]),
+                                                                                    cmd(before, m))]
+                       for m, v in last["metrics"].items()]))
     return out
 
 

@@ -598,7 +598,7 @@ def start_run_all_in_subprocess(root: Path, *, hash_seed: int, include_partial: 
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "refinery", "run-all", "--force", "--json", "--workspace", str(root)]
+    cmd = [sys.executable, "-m", "refinery", "run-all", "--force", "--json", "--no-report", "--workspace", str(root)]
     if include_partial is not None:
         cmd.append("--include-partial" if include_partial else "--accepted-only")
     env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "REFINERY_WORKSPACE": str(root)}

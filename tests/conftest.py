@@ -8,6 +8,9 @@ import os
 # Test workspaces are thrown away: no fsync before each rename (it is most of a small run's
 # time on some file systems). Kill-safety does not rest on it — see refinery.jsonl.DURABLE.
 os.environ.setdefault("REFINERY_FSYNC", "0")
+# run-all and audit-full write the run's page at the end (~1.5 s, most of it loading matplotlib):
+# not in every test that runs them; tests/test_report.py turns it on
+os.environ.setdefault("REFINERY_REPORT", "0")
 
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402

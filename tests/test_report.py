@@ -52,8 +52,13 @@ def test_the_report_is_one_page_of_the_run_with_its_charts(sample_run, ws):
 
 @pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (apt-get install jq)")
 def test_every_number_is_what_its_command_prints(sample_run, ws):
-    """Run each number's command in the workspace, as a reader of the page would."""
+    """Run each number's command in the workspace, as a reader of the page would (the audit
+    ledger's numbers too: two rows of it, as two passing audits append them)."""
+    rows = [{"seq": i, "run_id": f"r{i}", "metrics": {"source_rows": 100.0 + i, "evidence_rows": 90.0,
+                                                       "category_share_pct.accepted": 22.84 + i}} for i in (1, 2)]
+    (ws.kb / "audit_baselines.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     page = report.build(ws).read_text()
+    assert "Audit ledger: 2 passing audits" in page and page.count("<svg") >= 5
     numbers = _numbers(page)
     assert len(numbers) > 50
     printed: dict[str, str] = {}
@@ -123,3 +128,25 @@ def test_a_chart_of_many_sources_folds_the_smallest_into_others():
     assert len(keys) == report.MAX_SEGMENTS and keys[-1] == "others"
     total = lambda rs, ks: sum(c.get(k, 0) for _, c in rs for k in ks)  # noqa: E731
     assert total(folded, keys) == total(rows, [f"k{j}" for j in range(20)])  # nothing lost
+
+
+def test_run_all_and_audit_full_write_the_page(ws, monkeypatch):
+    """At the end of run-all (unless every stage was reused) and of audit-full (with the ledger
+    it appended to), the run's page is written and its path said; --no-report leaves it out."""
+    from conftest import copy_sample
+
+    monkeypatch.setenv("REFINERY_REPORT", "1")
+    copy_sample(ws.kb)
+    runner = CliRunner()
+    first = runner.invoke(app, ["run-all", "--workspace", str(ws.root)])
+    assert first.exit_code == 0, first.output
+    rid = resolve_run(ws, None)
+    page = ws.reports / rid / report.REPORT
+    assert f"report: {page}" in first.output and page.is_file()
+    again = runner.invoke(app, ["run-all", "--workspace", str(ws.root)])
+    assert "nothing was recomputed: `refinery report` writes this run's page" in again.output
+    assert not (ws.reports / resolve_run(ws, None) / report.REPORT).exists()
+    audited = runner.invoke(app, ["audit-full", "--no-rerun", "--workspace", str(ws.root)])
+    assert "report: " in audited.output
+    forced = runner.invoke(app, ["run-all", "--force", "--no-report", "--workspace", str(ws.root)])
+    assert forced.exit_code == 0 and "report: " not in forced.output

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from refinery.cli.common import ConfigOpt, JsonOpt, WorkspaceOpt, _err, _load, _print_json, app
+from refinery.cli.common import (
+    ConfigOpt, JsonOpt, ReportOpt, WorkspaceOpt, _err, _load, _print_json, _write_report, app,
+)
 from refinery.errors import EXIT_CHECK_FAILED
 
 
@@ -143,6 +145,7 @@ def audit_full(
                            "damaged and you know why: accept data/_kb/audit_baselines.jsonl as it stands. "
                            "Takes effect only if the audit passes; the row it appends records the "
                            "re-anchoring.")] = False,
+    report: ReportOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-verify the workspace on disk: receipts, summary and drift report against their
@@ -154,8 +157,10 @@ def audit_full(
     audited is the one whose outputs are published (reports/distillation/published.json names
     it); it says which and why. Writes
     reports/distillation/audit-full-report.md and, when every required check holds, appends a
-    row to the ledger. Refuses to run if the ledger's rows were changed or its head is missing
-    (exit 1; --reanchor accepts a ledger without a head). Exit 0 only when every required
+    row to the ledger, and writes the audited run's page again with the ledger in it
+    (reports/distillation/<run_id>/report.html; --no-report: not). Refuses to run if the
+    ledger's rows were changed or its head is missing (exit 1; --reanchor accepts a ledger
+    without a head). Exit 0 only when every required
     check holds, 1 when one fails, 2 on a damaged head or a needless --reanchor."""
     from refinery import api
 
@@ -186,6 +191,10 @@ def audit_full(
         passed = sum(c.ok for c in res.checks)
         typer.echo(f"audit-full: {'PASS' if res.ok else 'FAIL'} — {passed} of {len(res.checks)} checks hold; "
                    f"report: {res.report}")
+    if res.run_id is not None:
+        from refinery.workspace import Workspace
+
+        _write_report(Workspace.at(workspace), res.run_id, report)
     if not res.ok:
         raise typer.Exit(EXIT_CHECK_FAILED)
 

@@ -149,3 +149,23 @@ def _progress(counting: bool = False):
                     transient=True)
 
 
+
+
+ReportOpt = Annotated[bool | None, typer.Option(
+    "--report/--no-report", help="Write the run's page, reports/distillation/<run_id>/report.html, at the end "
+                                 "(default: yes, unless REFINERY_REPORT=0).")]
+
+
+def _write_report(ws: Any, run_id: str | None, wanted: bool | None) -> None:
+    """Write a run's page and say where (on stderr); a page that cannot be drawn is a warning,
+    never the command's failure."""
+    import os
+
+    if wanted is False or (wanted is None and os.environ.get("REFINERY_REPORT") == "0"):
+        return
+    from refinery.report import ReportError, build
+
+    try:
+        _err(f"report: {build(ws, run_id)}")
+    except ReportError as e:
+        _err(f"warning: no report page: {e}")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from refinery.cli.common import (
-    ConfigOpt, JsonOpt, WorkersOpt, WorkspaceOpt, _err, _load, _print_json, _progress, app,
+    ConfigOpt, JsonOpt, ReportOpt, WorkersOpt, WorkspaceOpt, _err, _load, _print_json, _progress, _write_report, app,
 )
 from refinery.exporters import BY_NAME, EXPORTERS, NAMES
 
@@ -237,6 +237,7 @@ def run_all(
     force: Annotated[bool, typer.Option(
         "--force", help="Recompute every stage, even one whose inputs, settings and code are unchanged "
                         "since the last successful run.")] = False,
+    report: ReportOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the pipeline on the workspace as one recorded run: materialize → score →
@@ -244,6 +245,8 @@ def run_all(
     drift against the previous complete run. A stage whose inputs, settings and code are
     unchanged since the last successful run is reused, not recomputed (--force: recompute).
     The outputs are published together at the end: a failed or killed run changes nothing.
+    Then it writes the run's page, reports/distillation/<run_id>/report.html (`refinery
+    report`), unless every stage was reused or --no-report.
     Exit 2 if a source file could not be read, 1 if a check failed (a transform bug, an SFT
     leak, a broken receipt chain), else 0."""
     from refinery import api
@@ -265,4 +268,9 @@ def run_all(
         from refinery import console
 
         console.run_all_summary(outcome)
+    if outcome.summary["status"] == "complete":
+        if not any(r["reused_from"] is None for r in outcome.receipts.values()):
+            _err("nothing was recomputed: `refinery report` writes this run's page")
+        else:
+            _write_report(ws, outcome.run_id, report)
     raise typer.Exit(outcome.exit_code)
