@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import io
+import shlex
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -170,7 +171,7 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
     on_disk = published == rid
     p = _Proofs()
     rdir = f"{ws.rel(ws.reports)}/{rid}"
-    receipt = lambda stage, k: f"jq '.counts.{k}' {rdir}/receipts/{stage}.json"  # noqa: E731
+    receipt = lambda stage, k: _jq(f".counts.{k}", f"{rdir}/receipts/{stage}.json")  # noqa: E731
     esc = lambda v: html.escape(str(v))  # noqa: E731
     parts = [f"<h1>refinery run {esc(rid)}</h1>",
              f"<p>status <b>{esc(summary.get('status'))}</b>, exit code {esc(summary.get('exit_code'))}, overall "
@@ -199,9 +200,9 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
     score = rs.get("score")
     if score:
         by_source = score.get("by_source") or {}
-        scored = f"find {ws.rel(ws.scored_runs)} -name '*.jsonl' -exec cat {{}} +"
+        scored = f"find {shlex.quote(ws.rel(ws.scored_runs))} -name '*.jsonl' -exec cat {{}} +"
         def count(src: str, cat: str) -> str:
-            return f"{scored} | jq -r 'select(.source==\"{src}\" and .category==\"{cat}\") | .id' | wc -l"
+            return f"{scored} | {_jq(f'select(.source=={_lit(src)} and .category=={_lit(cat)}) | .id')} | wc -l"
 
         rows = [[html.escape(src)] + [p.n(counts.get(cat, 0), count(src, cat)) for cat in CATEGORIES]
                 for src, counts in by_source.items()]
@@ -215,13 +216,13 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
                 parts += ["<h2>Rules that fired most</h2>",
                           _hbars([(rule, {"fired": n}) for rule, n in fired], ["fired"], "scored runs a rule fired on"),
                           _table(["rule", "scored runs"], [[html.escape(rule), p.n(
-                              n, f"{scored} | jq -r 'select(.rules_fired | index(\"{rule}\")) | .id' | wc -l")]
+                              n, f"{scored} | {_jq(f'select(.rules_fired | index({_lit(rule)})) | .id')} | wc -l")]
                               for rule, n in fired])]
 
     # 4. drift against the previous run, and the trend over every complete run
     if drift:
         moved = [m for m in drift["metrics"] if m["severity"] != "ok"] or drift["metrics"][:10]
-        cmd = lambda name, k: f"jq '.metrics[] | select(.name==\"{name}\") | .{k}' {rdir}/drift.json"  # noqa: E731
+        cmd = lambda name, k: _jq(f".metrics[] | select(.name=={_lit(name)}) | .{k}", f"{rdir}/drift.json")  # noqa: E731
         parts += [f"<h2>Drift against {html.escape(str(drift.get('previous_run_id') or 'no earlier run'))}: "
                   f"{html.escape(drift['severity'])}</h2>",
                   _table(["metric", "value", "previous", "change %", "severity"],
@@ -253,13 +254,13 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
             continue
         s = orjson.loads(stats_path.read_bytes())
         by_export.append((name, s.get("by_source") or {}))
-        field = lambda k, stats_rel=stats_rel: f"jq '.{k}' {stats_rel}"  # noqa: E731
+        field = lambda k, stats_rel=stats_rel: _jq(k, stats_rel)  # noqa: E731
         tools = "tool_using" if "tool_using" in s else "tool_using_chosen"
-        comp_rows.append([html.escape(name), p.n(s.get("rows", 0), f"wc -l < {rel}"),
-                          p.n(s.get(tools, 0), field(tools)) if tools in s else "—",
-                          p.n(s["direct_answers"], field("direct_answers")) if "direct_answers" in s else "—",
+        comp_rows.append([html.escape(name), p.n(s.get("rows", 0), f"wc -l < {shlex.quote(rel)}"),
+                          p.n(s.get(tools, 0), field(f".{tools}")) if tools in s else "—",
+                          p.n(s["direct_answers"], field(".direct_answers")) if "direct_answers" in s else "—",
                           html.escape(str(s.get("mean_answer_chars", "—"))),
-                          ", ".join(html.escape(k) + " " + p.n(v, field('by_source["' + k + '"]'))
+                          ", ".join(html.escape(k) + " " + p.n(v, field(f".by_source[{_lit(k)}]"))
                                     for k, v in (s.get("by_source") or {}).items())])
     if comp_rows:
         sources = list(dict.fromkeys(src for _, counts in by_export for src in counts))
@@ -298,7 +299,7 @@ def _ledger(ws: Workspace, p: _Proofs) -> list[str]:
                           {m: [r["metrics"].get(m) for r in shown] for m in LEDGER_CHART},
                           "tracked metrics at each passing audit"))
     last, before = rows[-1], (rows[-2] if len(rows) > 1 else None)
-    cmd = lambda row, m: f"jq 'select(.seq=={row.get('seq')}) | .metrics[\"{m}\"]' {rel}"  # noqa: E731
+    cmd = lambda row, m: _jq(f"select(.seq=={_lit(row.get('seq'))}) | .metrics[{_lit(m)}]", rel)  # noqa: E731
     out.append(_table(["metric", f"row {last.get('seq')} (run {html.escape(str(last.get('run_id')))})",
                        "the row before"],
                       [[html.escape(m), p.n(_num(v), cmd(last, m)),
@@ -328,9 +329,19 @@ def _quarantine_files(stage: str) -> list[str]:
 def _reason_command(stage: str, reason: str, files: list[str]) -> str:
     if stage.startswith("export-"):
         name = stage.removeprefix("export-")
-        return (f"jq -c 'select(.reason==\"{reason}\" and (.exports | index(\"{name}\")))' "
-                f"{' '.join(files)} | wc -l")
-    return f"jq -c 'select(.reason==\"{reason}\")' {' '.join(files)} | wc -l"
+        return f"{_jq(f'select(.reason=={_lit(reason)} and (.exports | index({_lit(name)})))', *files)} | wc -l"
+    return f"{_jq(f'select(.reason=={_lit(reason)})', *files)} | wc -l"
+
+
+def _lit(value: Any) -> str:
+    """`value` as a jq literal (JSON): a name with quotes or backslashes stays a string."""
+    return orjson.dumps(value).decode()
+
+
+def _jq(program: str, *files: str) -> str:
+    """A jq command, each part quoted for the shell: what the page shows can be pasted as is,
+    whatever a source or rule is called."""
+    return " ".join(["jq", "-c", shlex.quote(program), *map(shlex.quote, files)])
 
 
 _PAGE = """<!doctype html>

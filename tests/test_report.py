@@ -42,7 +42,7 @@ def test_the_report_is_one_page_of_the_run_with_its_charts(sample_run, ws):
     _, receipts, _ = load_run(ws, rid)
     for stage, r in receipts.items():
         for key in ("rows_in", "rows_out", "quarantined"):
-            cmd = f"jq '.counts.{key}' {ws.rel(ws.reports)}/{rid}/receipts/{stage}.json"
+            cmd = report._jq(f".counts.{key}", f"{ws.rel(ws.reports)}/{rid}/receipts/{stage}.json")
             assert (f"{r['counts'][key]:,}" in [shown for _, c, shown in numbers if c == cmd]), (stage, key)
     # built again from the same run: the same bytes
     before = path.read_bytes()
@@ -150,3 +150,14 @@ def test_run_all_and_audit_full_write_the_page(ws, monkeypatch):
     assert "report: " in audited.output
     forced = runner.invoke(app, ["run-all", "--force", "--no-report", "--workspace", str(ws.root)])
     assert forced.exit_code == 0 and "report: " not in forced.output
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (apt-get install jq)")
+def test_a_command_holds_any_name_as_a_string_never_as_shell(tmp_path):
+    """A source or rule is named by its operator's files: quotes, `$(…)` and backslashes in a
+    name stay inside the jq string, so the command shown can be pasted as it is."""
+    name = "it's \"odd\" $(touch pwned) \\ `x`"
+    (tmp_path / "rows.jsonl").write_bytes(b"".join(orjson.dumps({"source": n}) + b"\n" for n in (name, "x")))
+    cmd = f"{report._jq(f'select(.source=={report._lit(name)})', 'rows.jsonl')} | wc -l"
+    done = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "1" and not (tmp_path / "pwned").exists()
