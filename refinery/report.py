@@ -77,7 +77,9 @@ def _matplotlib() -> Any:
                           "does — or `pip install 'refinery[report]'`") from None
 
     matplotlib.use("Agg")
-    matplotlib.rcParams.update({"svg.hashsalt": "refinery", "svg.fonttype": "none", "font.size": 9})
+    # names are text, never maths ("v$1_a_b$" would not parse); fixed ids: the same bytes every time
+    matplotlib.rcParams.update({"svg.hashsalt": "refinery", "svg.fonttype": "none", "font.size": 9,
+                                "text.parse_math": False})
     import matplotlib.pyplot as plt
 
     return plt
@@ -120,7 +122,7 @@ def _hbars(rows: list[tuple[str, dict[str, int]]], keys: Iterable[str], title: s
     others = iter(PALETTE * (1 + len(keys) // len(PALETTE)))
     for key in keys:
         values = [counts.get(key, 0) for _, counts in rows][::-1]
-        ax.barh(labels, values, left=left, label=key, color=COLOURS.get(key) or next(others))
+        ax.barh(labels, values, left=left, label=_label(key), color=COLOURS.get(key) or next(others))
         left = [a + b for a, b in zip(left, values)]
     ax.set_title(title)
     if len(keys) > 1:
@@ -132,13 +134,21 @@ def _hbars(rows: list[tuple[str, dict[str, int]]], keys: Iterable[str], title: s
 def _lines(xs: list[str], series: dict[str, list[float | None]], title: str) -> str:
     plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(8, 3))
-    for name, ys in series.items():
-        ax.plot(range(len(xs)), [float("nan") if y is None else y for y in ys], marker="o", label=name)
-    ax.set_xticks(range(len(xs)), [x[:15] for x in xs], rotation=30, ha="right", fontsize=7)
+    styles = [(m, ls) for ls in ("-", "--", ":") for m in ("o", "s", "^", "D", "v")]
+    for (name, ys), (marker, line) in zip(series.items(), styles * (1 + len(series) // len(styles))):
+        # markers and lines differ: two series with the same values stay visible
+        ax.plot(range(len(xs)), [float("nan") if y is None else y for y in ys], marker=marker, linestyle=line,
+                label=_label(name), alpha=0.8)
+    ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right", fontsize=6)
     ax.set_title(title)
     ax.legend(fontsize=7, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
+
+
+def _label(name: str) -> str:
+    """A legend label (matplotlib leaves out a label that starts with "_")."""
+    return "\u200b" + name if name.startswith("_") else name
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -167,8 +177,7 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
 
     rid = resolve_run(ws, run_id)
     summary, rs, drift = load_run(ws, rid)
-    published = _published_run(ws)
-    on_disk = published == rid
+    on_disk = _published_run(ws) == rid and _intact(ws, rs)
     p = _Proofs()
     rdir = f"{ws.rel(ws.reports)}/{rid}"
     receipt = lambda stage, k: _jq(f".counts.{k}", f"{rdir}/receipts/{stage}.json")  # noqa: E731
@@ -177,7 +186,8 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
              f"<p>status <b>{esc(summary.get('status'))}</b>, exit code {esc(summary.get('exit_code'))}, overall "
              f"hash <code>{esc(summary.get('overall_hash'))[:16]}…</code> (<code>refinery receipts --run-id {esc(rid)}"
              "</code> re-checks it)"
-             + ("" if on_disk else " — not the run whose outputs are on disk: counts from its receipts only") + "</p>"]
+             + ("" if on_disk else " — its outputs are not on disk as it wrote them (a later run or command "
+                                   "replaced them): the counts and their commands are its receipts'") + "</p>"]
 
     # 1. rows through the stages, quarantine by reason
     flow_rows, table_rows = [], []
@@ -186,7 +196,9 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
         reasons = r.get("by_reason") or {}
         qfile = _quarantine_files(stage)
         flow_rows.append((stage, {"out": c.get("rows_out", 0), **reasons}))
-        why = ", ".join(f"{html.escape(k)} {p.n(v, _reason_command(stage, k, qfile))}" for k, v in reasons.items())
+        proof = (lambda k, stage=stage, qfile=qfile: _reason_command(stage, k, qfile)) if on_disk else \
+            (lambda k, stage=stage: _jq(f".by_reason[{_lit(k)}]", f"{rdir}/receipts/{stage}.json"))
+        why = ", ".join(f"{html.escape(k)} {p.n(v, proof(k))}" for k, v in reasons.items())
         table_rows.append([html.escape(stage), p.n(c.get("rows_in", 0), receipt(stage, "rows_in")),
                            p.n(c.get("rows_out", 0), receipt(stage, "rows_out")),
                            p.n(c.get("quarantined", 0), receipt(stage, "quarantined")),
@@ -202,6 +214,8 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
         by_source = score.get("by_source") or {}
         scored = f"find {shlex.quote(ws.rel(ws.scored_runs))} -name '*.jsonl' -exec cat {{}} +"
         def count(src: str, cat: str) -> str:
+            if not on_disk:
+                return _jq(f".by_source[{_lit(src)}][{_lit(cat)}] // 0", f"{rdir}/receipts/score.json")
             return f"{scored} | {_jq(f'select(.source=={_lit(src)} and .category=={_lit(cat)}) | .id')} | wc -l"
 
         rows = [[html.escape(src)] + [p.n(counts.get(cat, 0), count(src, cat)) for cat in CATEGORIES]
@@ -230,20 +244,19 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
                            "—" if m["previous"] is None else p.n(_num(m["previous"]), cmd(m["name"], "previous")),
                            "—" if m["change_pct"] is None else html.escape(str(m["change_pct"])),
                            html.escape(m["severity"])] for m in moved])]
-    trend = [r for r in list_runs(ws) if r.get("status") == "complete"][-20:]
+    # the runs up to this one: a later run does not change its page
+    trend = [r for r in list_runs(ws) if r.get("status") == "complete" and r["run_id"] <= rid][-20:]
     if len(trend) > 1:
         series: dict[str, list[float | None]] = {}
-        for r in trend:
+        for i, r in enumerate(trend):
             _, their, _ = load_run(ws, r["run_id"])
             for stage, rec in their.items():
-                series.setdefault(f"{stage} out", []).append(rec["counts"].get("rows_out"))
-        n = len(trend)
-        series = {k: ([None] * (n - len(v)) + v) for k, v in series.items()}
+                series.setdefault(f"{stage} out", [None] * len(trend))[i] = rec["counts"].get("rows_out")
         parts += ["<h2>Trend over the last complete runs</h2>",
                   _lines([r["run_id"] for r in trend], series, "rows out per stage, run by run")]
 
     # 5. the audit ledger: every passing audit's tracked metrics
-    parts += _ledger(ws, p)
+    parts += _ledger(ws, p, rid)
 
     # 6. what each export is made of
     comp_rows, by_export = [], []
@@ -253,21 +266,24 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
         if not on_disk or not stats_path.is_file():
             continue
         s = orjson.loads(stats_path.read_bytes())
-        by_export.append((name, s.get("by_source") or {}))
+        source_key = "by_source" if "by_source" in s else "by_chosen_source"  # pairs: by their chosen answer's
+        by_export.append((name, s.get(source_key) or {}))
         field = lambda k, stats_rel=stats_rel: _jq(k, stats_rel)  # noqa: E731
         tools = "tool_using" if "tool_using" in s else "tool_using_chosen"
         comp_rows.append([html.escape(name), p.n(s.get("rows", 0), f"wc -l < {shlex.quote(rel)}"),
                           p.n(s.get(tools, 0), field(f".{tools}")) if tools in s else "—",
                           p.n(s["direct_answers"], field(".direct_answers")) if "direct_answers" in s else "—",
                           html.escape(str(s.get("mean_answer_chars", "—"))),
-                          ", ".join(html.escape(k) + " " + p.n(v, field(f".by_source[{_lit(k)}]"))
-                                    for k, v in (s.get("by_source") or {}).items())])
+                          ", ".join(html.escape(k) + " " + p.n(v, field(f".{source_key}[{_lit(k)}]"))
+                                    for k, v in (s.get(source_key) or {}).items())])
     if comp_rows:
         sources = list(dict.fromkeys(src for _, counts in by_export for src in counts))
         parts += ["<h2>What the exports are made of</h2>",
                   _hbars(by_export, sources, "rows of each export (pairs for preference), by source"),
                   _table(["export", "rows", "tool-using", "direct answers", "mean answer chars", "by source"],
-                         comp_rows)]
+                         comp_rows),
+                  "<p>A preference row is a pair, counted by its chosen answer's source; the stage table's rows "
+                  "out for export-preference are the scored runs in at least one pair.</p>"]
 
     parts.append(p.section())
     page = _PAGE.format(title=html.escape(f"refinery run {rid}"), body="\n".join(parts))
@@ -281,26 +297,27 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
 LEDGER_CHART = ("source_rows", "evidence_rows", "scored_rows", "quarantined_total")
 
 
-def _ledger(ws: Workspace, p: _Proofs) -> list[str]:
-    """The audit ledger's rows (data/_kb/audit_baselines.jsonl, one per passing audit-full): the
-    trend of its tracked metrics, and the last row's values with the baseline before it."""
+def _ledger(ws: Workspace, p: _Proofs, rid: str) -> list[str]:
+    """The audit ledger's rows (data/_kb/audit_baselines.jsonl, one per passing audit-full) of
+    the runs up to `rid`: the trend of its tracked metrics, and the last row's values with the
+    baseline before it."""
     from refinery.audit import ledger_path
 
     path = ledger_path(ws)
     rows = [line.obj for line in read_jsonl(path) if isinstance(line.obj, dict)] if path.is_file() else []
-    rows = [r for r in rows if isinstance(r.get("metrics"), dict)]
+    rows = [r for r in rows if isinstance(r.get("metrics"), dict) and str(r.get("run_id")) <= rid]
     if not rows:
         return []
     rel = ws.rel(path)
     out = [f"<h2>Audit ledger: {len(rows):,} passing audit{'s' if len(rows) != 1 else ''}</h2>"]
     if len(rows) > 1:
         shown = rows[-20:]
-        out.append(_lines([f"#{r.get('seq')} {r.get('run_id', '')}" for r in shown],
+        out.append(_lines([f"#{r.get('seq')} {str(r.get('run_id', ''))[:16]}" for r in shown],
                           {m: [r["metrics"].get(m) for r in shown] for m in LEDGER_CHART},
                           "tracked metrics at each passing audit"))
     last, before = rows[-1], (rows[-2] if len(rows) > 1 else None)
     cmd = lambda row, m: _jq(f"select(.seq=={_lit(row.get('seq'))}) | .metrics[{_lit(m)}]", rel)  # noqa: E731
-    out.append(_table(["metric", f"row {last.get('seq')} (run {html.escape(str(last.get('run_id')))})",
+    out.append(_table(["metric", f"row {last.get('seq')} (run {last.get('run_id')})",
                        "the row before"],
                       [[html.escape(m), p.n(_num(v), cmd(last, m)),
                         "—" if before is None or m not in before["metrics"] else p.n(_num(before["metrics"][m]),
@@ -311,6 +328,22 @@ def _ledger(ws: Workspace, p: _Proofs) -> list[str]:
 
 def _num(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _intact(ws: Workspace, rs: dict[str, dict[str, Any]]) -> bool:
+    """Whether every output the run's receipts name is on disk as the run left it: its size and
+    mtime as recorded (`fingerprints`; a stage command run since, or a later run, replaced
+    them — a copy of the workspace keeps both). `refinery receipts` re-hashes them."""
+    for r in rs.values():
+        marks = r.get("fingerprints") or {}
+        for o in r["outputs"]:
+            path, mark = ws.out / o["path"], marks.get(o["path"])
+            if mark is None or not path.is_file():
+                return False
+            st = path.stat()
+            if [st.st_size, st.st_mtime_ns] != mark[:2]:
+                return False
+    return True
 
 
 def _published_run(ws: Workspace) -> str | None:

@@ -54,19 +54,39 @@ def test_the_report_is_one_page_of_the_run_with_its_charts(sample_run, ws):
 def test_every_number_is_what_its_command_prints(sample_run, ws):
     """Run each number's command in the workspace, as a reader of the page would (the audit
     ledger's numbers too: two rows of it, as two passing audits append them)."""
-    rows = [{"seq": i, "run_id": f"r{i}", "metrics": {"source_rows": 100.0 + i, "evidence_rows": 90.0,
-                                                       "category_share_pct.accepted": 22.84 + i}} for i in (1, 2)]
+    metrics = lambda i: {"source_rows": 100.0 + i, "evidence_rows": 90.0, "category_share_pct.accepted": 22.84 + i}  # noqa: E731
+    rows = [{"seq": i, "run_id": f"20200101T00000{i}Z-0000", "metrics": metrics(i)} for i in (1, 2)]
     (ws.kb / "audit_baselines.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     page = report.build(ws).read_text()
     assert "Audit ledger: 2 passing audits" in page and page.count("<svg") >= 5
-    numbers = _numbers(page)
-    assert len(numbers) > 50
+    assert _mismatches(page, ws.root) == [] and len(_numbers(page)) > 50
+
+
+def _mismatches(page: str, root) -> list[str]:
+    """The commands of the page that print another number than the one they link from."""
     printed: dict[str, str] = {}
-    for _, cmd, shown in numbers:
+    bad = []
+    for _, cmd, shown in _numbers(page):
         if cmd not in printed:
-            printed[cmd] = subprocess.run(["bash", "-c", cmd], cwd=ws.root, capture_output=True, text=True,
+            printed[cmd] = subprocess.run(["bash", "-c", cmd], cwd=root, capture_output=True, text=True,
                                           timeout=60).stdout.strip()
-        assert printed[cmd] == shown.replace(",", ""), cmd
+        if printed[cmd] != shown.replace(",", ""):
+            bad.append(f"{cmd}: {printed[cmd]!r}, not {shown}")
+    return bad
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (apt-get install jq)")
+def test_a_page_whose_outputs_were_replaced_proves_its_numbers_from_its_receipts(sample_run, ws):
+    """A stage command run after the run (or a later run) replaces the files the run wrote:
+    the page says so, and each number's command reads the run's receipts, not today's files."""
+    rid = resolve_run(ws, None)
+    runs = next(ws.kb.glob("runs*.csv"))
+    runs.write_bytes(b"".join(runs.read_bytes().splitlines(keepends=True)[:40]))
+    for cmd in ("materialize", "score", "export-all"):
+        assert CliRunner().invoke(app, [cmd, "--workspace", str(ws.root)]).exit_code == 0
+    page = report.build(ws, rid).read_text()
+    assert "its outputs are not on disk as it wrote them" in page
+    assert _mismatches(page, ws.root) == []
 
 
 def _chromium() -> str | None:
@@ -100,7 +120,7 @@ def test_a_run_without_its_outputs_on_disk_is_reported_from_its_receipts(sample_
     first = resolve_run(ws, None)
     CliRunner().invoke(app, ["run-all", "--force", "--workspace", str(ws.root)])
     page = report.build(ws, first).read_text()
-    assert "not the run whose outputs are on disk" in page
+    assert "its outputs are not on disk as it wrote them" in page
     assert "Rules that fired most" not in page and "What the exports are made of" not in page
     newest = report.build(ws).read_text()
     assert "Trend over the last complete runs" in newest and "Rules that fired most" in newest
@@ -117,6 +137,23 @@ def test_the_proofs_are_plain_commands():
     assert link == '<a class="n" href="#p1" title="jq &#x27;.counts.rows_in&#x27; x.json">1,234</a>'
     assert p.n(5, "jq '.counts.rows_in' x.json").startswith('<a class="n" href="#p1"')  # one entry per command
     assert orjson.dumps(p.commands) == b'{"jq \'.counts.rows_in\' x.json":1}'
+
+
+def test_names_are_drawn_as_text_and_a_page_that_fails_never_fails_the_run(ws, monkeypatch):
+    """A source named like maths ("v$1_a_b$") or starting with "_" is drawn as it is written; and
+    should the page fail all the same, run-all says so and ends as the run did."""
+    svg = report._hbars([("v$1_a_b$", {"_x": 1, "cost$5$": 2})], ["_x", "cost$5$"], "t")
+    assert "v$1_a_b$" in svg and "cost$5$" in svg and "_x" in svg
+    from conftest import copy_sample
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw")
+
+    monkeypatch.setattr(report, "build", broken)
+    monkeypatch.setenv("REFINERY_REPORT", "1")
+    copy_sample(ws.kb)
+    done = CliRunner().invoke(app, ["run-all", "--workspace", str(ws.root)])
+    assert done.exit_code == 0 and "warning: no report page: ValueError: cannot draw" in done.output
 
 
 def test_a_chart_of_many_sources_folds_the_smallest_into_others():
@@ -142,14 +179,14 @@ def test_run_all_and_audit_full_write_the_page(ws, monkeypatch):
     assert first.exit_code == 0, first.output
     rid = resolve_run(ws, None)
     page = ws.reports / rid / report.REPORT
-    assert f"report: {page}" in first.output and page.is_file()
+    assert f"report page: {page}" in first.output and page.is_file()
     again = runner.invoke(app, ["run-all", "--workspace", str(ws.root)])
     assert "nothing was recomputed: `refinery report` writes this run's page" in again.output
     assert not (ws.reports / resolve_run(ws, None) / report.REPORT).exists()
     audited = runner.invoke(app, ["audit-full", "--no-rerun", "--workspace", str(ws.root)])
-    assert "report: " in audited.output
+    assert "report page: " in audited.output
     forced = runner.invoke(app, ["run-all", "--force", "--no-report", "--workspace", str(ws.root)])
-    assert forced.exit_code == 0 and "report: " not in forced.output
+    assert forced.exit_code == 0 and "report page: " not in forced.output
 
 
 @pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (apt-get install jq)")
