@@ -139,7 +139,8 @@ def _lines(xs: list[str], series: dict[str, list[float | None]], title: str) -> 
         # markers and lines differ: two series with the same values stay visible
         ax.plot(range(len(xs)), [float("nan") if y is None else y for y in ys], marker=marker, linestyle=line,
                 label=_label(name), alpha=0.8)
-    ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right", fontsize=6)
+    every = max(1, -(-len(xs) // 20))  # at most 20 labels
+    ax.set_xticks(range(0, len(xs), every), xs[::every], rotation=30, ha="right", fontsize=6)
     ax.set_title(title)
     ax.legend(fontsize=7, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
@@ -285,11 +286,56 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
                   "<p>A preference row is a pair, counted by its chosen answer's source; the stage table's rows "
                   "out for export-preference are the scored runs in at least one pair.</p>"]
 
+    # 7. training: the adapters kept, their loss curves and base-vs-adapter evaluation
+    parts += _training(ws, p)
+
     parts.append(p.section())
     page = _PAGE.format(title=html.escape(f"refinery run {rid}"), body="\n".join(parts))
     out = ws.reports / rid / REPORT
     with atomic_write(out) as f:
         f.write(page.encode())
+    return out
+
+
+def _training(ws: Workspace, p: _Proofs) -> list[str]:
+    """The adapters `refinery train` keeps (not the archived ones): each one's loss curves,
+    its evaluation against the base model (when `train eval` ran), and which one the router
+    serves. The workspace's, whichever run the page is of."""
+    from refinery.training.config import DistillConfigError, load_distill_config
+    from refinery.training.registry import adapters
+
+    try:
+        kept = [a for a in adapters(ws, load_distill_config(ws.root)) if not a["archived"]]
+    except (DistillConfigError, OSError, ValueError, KeyError):
+        return []
+    if not kept:
+        return []
+    curves: dict[str, list[float | None]] = {}
+    steps: list[int] = []
+    metrics = {}
+    for a in kept:
+        path = ws.root / a["path"] / "metrics.json"
+        if path.is_file():
+            metrics[a["adapter_id"]] = m = orjson.loads(path.read_bytes())
+            steps = sorted({*steps, *(s for s, _ in m.get("train_loss", [])), *(s for s, _ in m.get("val_loss", []))})
+    for aid, m in metrics.items():
+        for kind in ("train_loss", "val_loss"):
+            at = dict((s, v) for s, v in m.get(kind, []))
+            curves[f"{aid} {kind.removesuffix('_loss')}"] = [at.get(s) for s in steps]
+    out = ["<h2>Training: the adapters kept</h2>"]
+    if curves:
+        out.append(_lines([str(s) for s in steps], curves, "loss by step (train, and validation where measured)"))
+    rows = []
+    for a in kept:
+        rel = a["path"]
+        comp = f"{rel}/eval/comparison.json"
+        ev = a.get("average")
+        state = "served (router.json)" if a["current"] else ("promoted before" if a["promoted"] else "kept")
+        rows.append([html.escape(a["adapter_id"]), state, p.n(a["steps"], _jq(".steps", f"{rel}/receipt.json")),
+                     p.n(a["final_val_loss"], _jq(".final_val_loss", f"{rel}/receipt.json")),
+                     "not evaluated" if ev is None else p.n(ev["base"], _jq(".average.base", comp)),
+                     "—" if ev is None else p.n(ev["adapter"], _jq(".average.adapter", comp))])
+    out.append(_table(["adapter", "", "steps", "final validation loss", "eval average: base", "adapter"], rows))
     return out
 
 

@@ -57,9 +57,21 @@ def test_every_number_is_what_its_command_prints(sample_run, ws):
     metrics = lambda i: {"source_rows": 100.0 + i, "evidence_rows": 90.0, "category_share_pct.accepted": 22.84 + i}  # noqa: E731
     rows = [{"seq": i, "run_id": f"20200101T00000{i}Z-0000", "metrics": metrics(i)} for i in (1, 2)]
     (ws.kb / "audit_baselines.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    _adapter(ws)
     page = report.build(ws).read_text()
-    assert "Audit ledger: 2 passing audits" in page and page.count("<svg") >= 5
+    assert "Audit ledger: 2 passing audits" in page and page.count("<svg") >= 6
+    assert "Training: the adapters kept" in page and "ad-0123456789ab" in page
     assert _mismatches(page, ws.root) == [] and len(_numbers(page)) > 50
+
+
+def _adapter(ws) -> None:
+    """An adapter folder as `train run` and `train eval` leave it (what the page reads of it)."""
+    folder = ws.root / "distill_out" / "ad-0123456789ab"
+    (folder / "eval").mkdir(parents=True)
+    (folder / "receipt.json").write_bytes(orjson.dumps({"steps": 3, "final_val_loss": 1.25}))
+    (folder / "metrics.json").write_bytes(orjson.dumps({"train_loss": [[1, 2.5], [2, 1.75], [3, 1.5]],
+                                                        "val_loss": [[0, 2.75], [3, 1.25]]}))
+    (folder / "eval" / "comparison.json").write_bytes(orjson.dumps({"average": {"base": 0.5, "adapter": 0.625}}))
 
 
 def _mismatches(page: str, root) -> list[str]:

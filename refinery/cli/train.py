@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from refinery.cli.common import JsonOpt, WorkspaceOpt, _fail, _print_json, _progress, app
+from refinery.cli.common import JsonOpt, WorkspaceOpt, _fail, _print_json, _progress, _write_report, app
 
 
 train_app = typer.Typer(
@@ -134,7 +134,8 @@ def train_eval(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = N
     answer match, format validity (a tool call parses and uses name/arguments), tool-vs-direct
     choice and safety; and, reported apart, tool-vs-direct choice with every tool of the
     training split offered on every held-out row. Writes <adapter>/eval/: rows.jsonl,
-    comparison.json, comparison.md and scores.png."""
+    comparison.json, comparison.md and scores.png; then the newest run's page (`refinery
+    report`), which shows the adapters kept, their loss curves and this evaluation."""
     from refinery.training.evaluate import eval_size, evaluate, markdown
 
     ws, dcfg = _training(workspace, config)
@@ -148,6 +149,10 @@ def train_eval(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = N
     else:
         typer.echo(markdown(comparison), nl=False)
         typer.echo(f"written to {dcfg.output_dir}/{aid}/eval/ (rows.jsonl, comparison.json, comparison.md, scores.png)")
+    from refinery.runs import list_runs
+
+    if list_runs(ws):  # the newest run's page shows the adapters and this evaluation
+        _write_report(ws, None, None)
 
 
 @train_app.command("promote")
