@@ -305,11 +305,12 @@ def _training(ws: Workspace, p: _Proofs) -> list[str]:
     from refinery.training.registry import adapters
 
     try:
-        kept = [a for a in adapters(ws, load_distill_config(ws.root)) if not a["archived"]]
+        dcfg = load_distill_config(ws.root)
+        kept = [a for a in adapters(ws, dcfg) if not a["archived"]]
     except (DistillConfigError, OSError, ValueError, KeyError):
         return []
     if not kept:
-        return []
+        return _replay_ab(ws, dcfg.output_dir, p)
     curves: dict[str, list[float | None]] = {}
     steps: list[int] = []
     metrics = {}
@@ -336,7 +337,33 @@ def _training(ws: Workspace, p: _Proofs) -> list[str]:
                      "not evaluated" if ev is None else p.n(ev["base"], _jq(".average.base", comp)),
                      "—" if ev is None else p.n(ev["adapter"], _jq(".average.adapter", comp))])
     out.append(_table(["adapter", "", "steps", "final validation loss", "eval average: base", "adapter"], rows))
-    return out
+    return out + _replay_ab(ws, dcfg.output_dir, p)
+
+
+#: What replay-eval measures per mode, as its report names them.
+REPLAY_METRICS = ("answer_match", "grounding", "format_valid", "failed_checks")
+
+
+def _replay_ab(ws: Workspace, output_dir: str, p: _Proofs) -> list[str]:
+    """`refinery replay-eval`'s A/B, when it ran: the offline model with retrieved playbooks and
+    without, on the held-out tasks."""
+    from refinery.replay.evaluate import OUT
+
+    rel = f"{output_dir}/{OUT}/report.json"
+    path = ws.root / rel
+    if not path.is_file():
+        return []
+    doc = orjson.loads(path.read_bytes())
+    modes = doc.get("modes") or {}
+    if not isinstance(modes, dict) or not modes:
+        return []
+    rows = [[html.escape(m)] + [p.n(_num(modes[mode][m]), _jq(f".modes[{_lit(mode)}][{_lit(m)}]", rel))
+                                if m in modes[mode] else "—" for mode in modes] for m in REPLAY_METRICS]
+    rows.append(["latency mean, ms"] + [p.n(_num(modes[mode]["latency_ms"]["mean"]),
+                                            _jq(f".modes[{_lit(mode)}].latency_ms.mean", rel))
+                                        if "latency_ms" in modes[mode] else "—" for mode in modes])
+    return [f"<h2>Replay A/B: {p.n(doc.get('tasks', 0), _jq('.tasks', rel))} held-out tasks, "
+            f"{html.escape(str(doc.get('model')))}</h2>", _table(["", *modes], rows)]
 
 
 #: The ledger's metrics drawn, of those every row tracks (the table lists the last row's all).

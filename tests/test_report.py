@@ -60,7 +60,7 @@ def test_every_number_is_what_its_command_prints(sample_run, ws):
     _adapter(ws)
     page = report.build(ws).read_text()
     assert "Audit ledger: 2 passing audits" in page and page.count("<svg") >= 6
-    assert "Training: the adapters kept" in page and "ad-0123456789ab" in page
+    assert "Training: the adapters kept" in page and "ad-0123456789ab" in page and "Replay A/B" in page
     assert _mismatches(page, ws.root) == [] and len(_numbers(page)) > 50
 
 
@@ -72,6 +72,12 @@ def _adapter(ws) -> None:
     (folder / "metrics.json").write_bytes(orjson.dumps({"train_loss": [[1, 2.5], [2, 1.75], [3, 1.5]],
                                                         "val_loss": [[0, 2.75], [3, 1.25]]}))
     (folder / "eval" / "comparison.json").write_bytes(orjson.dumps({"average": {"base": 0.5, "adapter": 0.625}}))
+    replay = ws.root / "distill_out" / "replay-eval"
+    replay.mkdir()
+    mode = lambda match: {"rows": 4, "answer_match": match, "grounding": 0.75, "format_valid": 1.0,  # noqa: E731
+                          "failed_checks": 0, "latency_ms": {"mean": 812.5}}
+    (replay / "report.json").write_bytes(orjson.dumps({"tasks": 4, "model": "base + ad-0123456789ab",
+                                                       "modes": {"retrieval": mode(0.5), "no_retrieval": mode(0.25)}}))
 
 
 def _mismatches(page: str, root) -> list[str]:
