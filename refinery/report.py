@@ -183,8 +183,11 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
     rdir = f"{ws.rel(ws.reports)}/{rid}"
     receipt = lambda stage, k: _jq(f".counts.{k}", f"{rdir}/receipts/{stage}.json")  # noqa: E731
     esc = lambda v: html.escape(str(v))  # noqa: E731
+    code = summary.get("exit_code")
+    exit_code = "—" if code is None else p.n(code, _jq(".exit_code", f"{rdir}/summary.json"))
     parts = [f"<h1>refinery run {esc(rid)}</h1>",
-             f"<p>status <b>{esc(summary.get('status'))}</b>, exit code {esc(summary.get('exit_code'))}, overall "
+             f"<p>status <b>{esc(summary.get('status'))}</b>, exit code "
+             f"{exit_code}, overall "
              f"hash <code>{esc(summary.get('overall_hash'))[:16]}…</code> (<code>refinery receipts --run-id {esc(rid)}"
              "</code> re-checks it)"
              + ("" if on_disk else " — its outputs are not on disk as it wrote them (a later run or command "
@@ -243,7 +246,7 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
                   _table(["metric", "value", "previous", "change %", "severity"],
                          [[html.escape(m["name"]), p.n(_num(m["value"]), cmd(m["name"], "value")),
                            "—" if m["previous"] is None else p.n(_num(m["previous"]), cmd(m["name"], "previous")),
-                           "—" if m["change_pct"] is None else html.escape(str(m["change_pct"])),
+                           "—" if m["change_pct"] is None else p.n(_num(m["change_pct"]), cmd(m["name"], "change_pct")),
                            html.escape(m["severity"])] for m in moved])]
     # the runs up to this one: a later run does not change its page
     trend = [r for r in list_runs(ws) if r.get("status") == "complete" and r["run_id"] <= rid][-20:]
@@ -272,9 +275,8 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
         field = lambda k, stats_rel=stats_rel: _jq(k, stats_rel)  # noqa: E731
         tools = "tool_using" if "tool_using" in s else "tool_using_chosen"
         comp_rows.append([html.escape(name), p.n(s.get("rows", 0), f"wc -l < {shlex.quote(rel)}"),
-                          p.n(s.get(tools, 0), field(f".{tools}")) if tools in s else "—",
-                          p.n(s["direct_answers"], field(".direct_answers")) if "direct_answers" in s else "—",
-                          html.escape(str(s.get("mean_answer_chars", "—"))),
+                          *(p.n(_num(s[k]), field(f".{k}")) if k in s else "—"
+                            for k in (tools, "direct_answers", "mean_answer_chars")),
                           ", ".join(html.escape(k) + " " + p.n(v, field(f".{source_key}[{_lit(k)}]"))
                                     for k, v in (s.get(source_key) or {}).items())])
     if comp_rows:
