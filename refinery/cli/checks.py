@@ -62,9 +62,10 @@ def receipts(
 def report(workspace: WorkspaceOpt = Path("."), run_id: RunIdOpt = None) -> None:
     """Write one self-contained page of what a run did — rows through the stages and quarantine
     by reason, categories per source, the rules that fired most, drift and the trend over runs,
-    what the exports are made of — as reports/distillation/<run_id>/report.html, and print its
-    path. It opens from disk (no server, nothing fetched); every number links to the jq or
-    refinery command that proves it."""
+    the audit ledger, what the exports are made of, and the adapters and replay A/B when there
+    are — as reports/distillation/<run_id>/report.html, and print its path. It opens from disk
+    (no server, nothing fetched); every number links to the jq command that proves it (listed at
+    the end; run them in the workspace folder). run-all, audit-full and train eval write it too."""
     from refinery.report import build
     from refinery.workspace import Workspace
 
