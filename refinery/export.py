@@ -142,20 +142,26 @@ class FileJob:
 
 
 def _pairs(job: FileJob) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
-    """(evidence record, scored run, provenance of the scored-run line) for every scored line."""
+    return pairs(job.evidence, job.evidence_rel, job.scored, job.scored_rel)
+
+
+def pairs(evidence_path: Path, evidence_rel: str, scored: Path, scored_rel: str
+          ) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """(evidence record, scored run, provenance of the scored-run line) for every line of a
+    scored-run file and its evidence file. Raises StaleInputError when they do not match."""
     sha256, dumps, sort_keys = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
-    evidence = LineCursor(read_jsonl(job.evidence))
-    for line in read_jsonl(job.scored):
+    evidence = LineCursor(read_jsonl(evidence_path))
+    for line in read_jsonl(scored):
         if line.obj is None:
-            raise StaleInputError(f"{job.scored_rel}:{line.offset}: {line.reason} — scored runs are written by "
+            raise StaleInputError(f"{scored_rel}:{line.offset}: {line.reason} — scored runs are written by "
                                   "`refinery score`; run it again")
         sr = line.obj
         target = sr["provenance"]["line_offset"]
         ev_line = evidence.at(target)
         if ev_line is None or ev_line.obj is None or ev_line.obj["id"] != sr["id"]:
-            raise StaleInputError(f"{job.scored_rel}:{line.offset} does not match {job.evidence_rel}:{target}; "
+            raise StaleInputError(f"{scored_rel}:{line.offset} does not match {evidence_rel}:{target}; "
                                   "run `refinery score` again")
-        prov = {"source_file": job.scored_rel, "line_offset": line.offset,
+        prov = {"source_file": scored_rel, "line_offset": line.offset,
                 "sig_hash": sha256(dumps(sr, option=sort_keys)).hexdigest(), "recorded_at": sr["recorded_at"]}
         yield ev_line.obj, sr, prov
 

@@ -288,7 +288,11 @@ def build(ws: Workspace, run_id: str | None = None) -> Path:
                   "<p>A preference row is a pair, counted by its chosen answer's source; the stage table's rows "
                   "out for export-preference are the scored runs in at least one pair.</p>"]
 
-    # 7. training: the adapters kept, their loss curves and base-vs-adapter evaluation
+    # 7. the human review queue (`refinery review export`), when it was written from these scored runs
+    if on_disk:
+        parts += _review_queue(ws, p)
+
+    # 8. training: the adapters kept, their loss curves and base-vs-adapter evaluation
     parts += _training(ws, p)
 
     parts.append(p.section())
@@ -340,6 +344,39 @@ def _training(ws: Workspace, p: _Proofs) -> list[str]:
                      "—" if ev is None else p.n(ev["adapter"], _jq(".average.adapter", comp))])
     out.append(_table(["adapter", "", "steps", "final validation loss", "eval average: base", "adapter"], rows))
     return out + _replay_ab(ws, dcfg.output_dir, p)
+
+
+#: Rows of the review queue shown on the page (the files hold them all).
+QUEUE_SHOWN = 20
+
+
+def _review_queue(ws: Workspace, p: _Proofs) -> list[str]:
+    """The review queue's size by source and its first rows, when `refinery review export` wrote
+    it after the scored runs on disk (else it may be another run's: not shown)."""
+    from refinery.review import QUEUE_DIR
+
+    rel = f"{QUEUE_DIR}/queue.jsonl"
+    path, manifest = ws.root / rel, ws.scored_runs / "manifest.json"
+    if not path.is_file() or not manifest.is_file() or path.stat().st_mtime_ns < manifest.stat().st_mtime_ns:
+        return []
+    sources: Counter[str] = Counter()
+    shown = []
+    for line in read_jsonl(path):
+        if isinstance(line.obj, dict):
+            sources[str(line.obj.get("source"))] += 1
+            if len(shown) < QUEUE_SHOWN:
+                shown.append(line.obj)
+    total = sum(sources.values())
+    cut = lambda t: html.escape(str(t or "")[:200]) + ("…" if len(str(t or "")) > 200 else "")  # noqa: E731
+    count = lambda src: _jq(f"select(.source=={_lit(src)}) | .review_id", rel) + " | wc -l"  # noqa: E731
+    return [f"<h2>Review queue: {p.n(total, f'wc -l < {shlex.quote(rel)}')} scored runs for a person</h2>",
+            "<p>" + ", ".join(f"{html.escape(src)} {p.n(n, count(src))}" for src, n in sources.most_common()) + "</p>",
+            f"<p>The first {len(shown)}, in scored-run order (all of them: <code>{html.escape(rel)}</code>, and "
+            f"<code>{html.escape(rel.replace('.jsonl', '.csv'))}</code> with columns to decide in):</p>",
+            _table(["review id", "source", "prompt", "answer", "rules that fired"],
+                   [[html.escape(r.get("review_id", "")), html.escape(str(r.get("source"))), cut(r.get("prompt")),
+                     cut(r.get("response")), html.escape(", ".join(f["rule"] for f in r.get("rules_fired") or []))]
+                    for r in shown])]
 
 
 #: What replay-eval measures per mode, as its report names them.

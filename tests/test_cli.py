@@ -27,12 +27,15 @@ def test_every_command_has_help(command):
     assert "Usage" in result.output and len(result.output) > 200
 
 
-TRAIN_COMMANDS = sorted(c.name for c in app.registered_groups[0].typer_instance.registered_commands)
+GROUPS = {g.name: g.typer_instance for g in app.registered_groups}
+TRAIN_COMMANDS = sorted(c.name for c in GROUPS["train"].registered_commands)
+REVIEW_COMMANDS = sorted(c.name for c in GROUPS["review"].registered_commands)
 
 
-@pytest.mark.parametrize("command", TRAIN_COMMANDS)
-def test_every_train_command_has_help(command):
-    result = invoke("train", command, "--help")
+@pytest.mark.parametrize("group,command", [("train", c) for c in TRAIN_COMMANDS] +
+                         [("review", c) for c in REVIEW_COMMANDS])
+def test_every_group_command_has_help(group, command):
+    result = invoke(group, command, "--help")
     assert result.exit_code == 0
     assert "Usage" in result.output and len(result.output) > 200
 

@@ -1,6 +1,6 @@
 """The `refinery` command line. Exit codes: 0 ok, 1 a check failed, 2 bad usage or input.
 
-One module per command group (pipeline, checks, data, train, replay) over the shared parts in
+One module per command group (pipeline, checks, review, data, train, replay) over the shared parts in
 common; the commands call refinery.api and the stage modules, imported inside each command, so
 `refinery --help` stays fast and never imports the training stack.
 """
@@ -11,7 +11,7 @@ import os
 import sys
 
 # each module registers its commands on `app` as it is imported: this order is --help's
-from refinery.cli import pipeline, checks, data, train, replay  # noqa: F401, I001
+from refinery.cli import pipeline, checks, review, data, train, replay  # noqa: F401, I001
 from refinery.cli.common import app
 from refinery.errors import EXIT_OK
 
