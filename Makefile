@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install blas browser report smollm2 train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install blas browser report review smollm2 train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -52,6 +52,9 @@ report: install ## write the newest run's report page and open it (or print its 
 	@page=$$($(RUN) report $(if $(RUN_ID),--run-id $(RUN_ID))) && echo "$$page" && \
 	  if [ -z "$$CI" ] && [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ] && command -v xdg-open >/dev/null 2>&1; then xdg-open "$$page"; \
 	  elif [ -z "$$CI" ] && [ "$$(uname)" = Darwin ]; then open "$$page"; fi
+
+review: install ## write the human review queue (every needs_human_review row): reports/review/queue.jsonl and .csv
+	$(RUN) review export
 
 run-all: install ## run the pipeline on the bundled sample data in data/_kb/ (FORCE=1 recomputes every stage)
 	$(RUN) run-all $(if $(FORCE),--force)
