@@ -329,20 +329,17 @@ class Reader:
         self.files.clear()
 
     def close(self) -> dict[str, ExportStats]:
-        for f in self.files.values():
-            f.close()
-        spread = [key[1] for key in self.files if type(key) is tuple and key[0] == "spread"]
-        self.files.clear()
-        for e in spread:  # into the buckets' files: only this reader's are open
+        self.suspend()
+        # every spread file made, not only those open now: a suspended reader closed its own
+        spread = [key[1] for key in self.made if type(key) is tuple and key[0] == "spread"]
+        for e in sorted(spread):  # into the buckets' files: only this reader's are open
             path = self._spread_path(e)
             with open(path, "rb") as lines:
                 for line in lines:
                     tab = line.index(b"\t")
                     b = int(line[:tab])
                     self._file((e, b), lambda e=e, b=b: part_path(self.parts, e, self.index, b)).write(line[tab + 1:])
-            for f in self.files.values():
-                f.close()
-            self.files.clear()
+            self.suspend()
             path.unlink()
         for e, n in self.lines.items():
             self.stats[e].candidates = n

@@ -158,14 +158,17 @@ def test_evidence_changed_after_it_was_written_stops_the_run(ws, monkeypatch):
 
 DAYS = '''
 from datetime import date, timedelta
-from refinery.transform import TransformSpec, new_evidence
+from refinery.transform import TransformSpec, new_evidence, new_signals
 
 SPEC = TransformSpec(name="days", patterns=("days*.jsonl",), format="json", kind="qa")
 
 def transform(row, ctx):
     day = (date(2026, 1, 1) + timedelta(days=row["day"])).isoformat()
+    good = row["a"].endswith(".0")  # the first answer of a day is approved and scored high, the second low
     return new_evidence("qa", recorded_at=f"{day}T00:00:00Z", prompt=row["q"],
-                        response=row["a"] * row.get("times", 1))
+                        response=row["a"] * row.get("times", 1),
+                        signals=new_signals(eval_score=0.95 if good else 0.1, approved=good, approver="qa",
+                                            stop_reason="stop"))
 '''
 
 
@@ -189,6 +192,19 @@ def test_a_job_keeps_only_some_tails_open(ws, monkeypatch):
     outcome, single, single_receipts = _run(ws, {}, single_pass=True)
     assert (single, single_receipts) == (staged, staged_receipts)
     assert len(outcome.materialize.prepared.tails) == 40
+
+
+def test_a_tail_closed_for_now_still_spreads_its_grouped_candidates(ws, monkeypatch):
+    """Past DIRECT_BUCKETS a tail writes a grouped export's candidates into one file and spreads
+    them into their buckets when it closes — also when it had closed its files for now."""
+    _days(ws, 40)
+    _, staged, _ = _run(ws, {}, single_pass=False)
+    monkeypatch.setattr(single_pass, "OPEN_TAILS", 2)
+    monkeypatch.setattr(single_pass, "BUCKET_BYTES", 64)
+    outcome, single, _ = _run(ws, {}, single_pass=True)
+    assert outcome.materialize.prepared.plan.buckets > single_pass.DIRECT_BUCKETS
+    assert outcome.receipts["export-preference"]["counts"]["written"] > 10  # pairs came out of the spread
+    assert single == staged
 
 
 def test_an_evidence_line_over_the_line_limit_is_refused_by_score_as_on_its_own(ws):
