@@ -323,11 +323,6 @@ class Reader:
     def _spread_path(self, e: str) -> Path:
         return self.parts / f"g-{e}-{self.index:06d}.jsonl"
 
-    def discard(self) -> None:
-        for f in self.files.values():
-            f.close()
-        self.files.clear()
-
     def close(self) -> dict[str, ExportStats]:
         self.suspend()
         # every spread file made, not only those open now: a suspended reader closed its own

@@ -73,10 +73,7 @@ class ScoreResult:
     seconds: float
 
     def _sum(self, attr: str) -> dict[str, int]:
-        c: Counter[str] = Counter()
-        for f in self.files:
-            c.update(getattr(f, attr))
-        return dict(sorted(c.items()))
+        return summed(self.files, attr)
 
     @property
     def rows_in(self) -> int:
@@ -110,6 +107,14 @@ class ScoreResult:
             "policy_version": self.policy_version, "policy_hash": self.policy_hash,
             "files": [asdict(f) for f in self.files], "outputs": self.outputs, "seconds": round(self.seconds, 3),
         }
+
+
+def summed(files: list[FileResult], attr: str) -> dict[str, int]:
+    """One of the files' counters (by_category, by_reason, by_rule) summed, keys sorted."""
+    c: Counter[str] = Counter()
+    for f in files:
+        c.update(getattr(f, attr))
+    return dict(sorted(c.items()))
 
 
 def scored_run(ev: dict[str, Any], evidence_file: str, offset: int, sig: str, scfg: ScoreConfig,
@@ -152,7 +157,8 @@ class Scorer:
     def _resume(self) -> None:
         if self.f is None:
             self.f, self.qf = (open(p, "ab", buffering=self.buffer) for p in self.paths)
-            self.w._f, self.qw._f = self.f, self.qf
+            self.w.switch(self.f)
+            self.qw.switch(self.qf)
 
     def refuse(self, source: str, offset: int, detail: str, sig: str, raw: bytes | None) -> None:
         self._resume()
@@ -224,7 +230,7 @@ def evidence_files(ws: Workspace) -> list[Path]:
     return sorted(ws.evidence.rglob("*.jsonl"), key=lambda p: p.relative_to(ws.evidence).as_posix())
 
 
-def _tails(ws: Workspace, cfg: Config, prepared: Prepared | None) -> dict[str, TailResult]:
+def _tails(cfg: Config, prepared: Prepared | None) -> dict[str, TailResult]:
     """The evidence files the single pass already scored, with this stage's settings."""
     if prepared is None or (prepared.plan.score, prepared.plan.preview_chars) != \
             (cfg.score, cfg.materialize.quarantine_preview_chars):
@@ -242,7 +248,7 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
         recover_dir(ws.scored_runs)
         staging = staging_dir(ws.scored_runs)
         parts = Path(tempfile.mkdtemp(prefix=".score-", dir=ws.root / "data"))
-        tails = _tails(ws, cfg, prepared)
+        tails = _tails(cfg, prepared)
         try:
             jobs, quarantine_parts = [], []
             done: dict[int, FileResult] = {}
@@ -265,12 +271,9 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
             left = iter(scored)
             results = [done[i] if i in done else next(left) for i in range(len(files))]
             phash = policy_hash(cfg.score)
-            fired: Counter[str] = Counter()
-            for r in results:
-                fired.update(r.by_rule)
             manifest = {
                 "stage": STAGE, "policy_version": POLICY_VERSION, "policy_hash": phash,
-                "by_rule": dict(sorted(fired.items())),  # how often each rule fired (what the report shows)
+                "by_rule": summed(results, "by_rule"),  # how often each rule fired (what the report shows)
                 "files": [{"evidence": r.evidence_file, "evidence_sha256": r.evidence_sha256,
                            "scored": r.scored_file, "sha256": r.sha256, "rows": r.scored} for r in results],
             }

@@ -25,7 +25,6 @@ import hashlib
 import io
 import mmap
 import shutil
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -144,7 +143,7 @@ class Tail:
 
     def discard(self) -> None:
         self.scorer.discard()
-        self.reader.discard()
+        self.reader.suspend()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -171,13 +170,12 @@ def _part_names(buckets: int) -> list[str]:
 def join_tails(tails: list[TailResult], folder: Path, evidence_sha256: str, buckets: int) -> TailResult:
     """The tail of a partition put together from several parts: the parts' tails (in the parts'
     order) joined, each line numbered as the reading of the whole partition numbers it."""
-    from refinery.score import FileResult
+    from refinery.score import FileResult, summed
 
     loads, dumps, sort_keys, sha256 = orjson.loads, orjson.dumps, orjson.OPT_SORT_KEYS, hashlib.sha256
     folder.mkdir(parents=True, exist_ok=True)
     first = tails[0].score
     res = FileResult(first.evidence_file, first.scored_file, evidence_sha256)
-    counts: dict[str, Counter[str]] = {"by_category": Counter(), "by_reason": Counter(), "by_rule": Counter()}
     # the scored runs: each part's evidence lines moved by the evidence lines before it; the new
     # sig_hash of each scored run (32 bytes a line, in a file) for the lines that point at them
     with open(folder / SCORED, "wb") as f, open(folder / SCORE_QUARANTINE, "wb") as qf, \
@@ -198,13 +196,11 @@ def join_tails(tails: list[TailResult], folder: Path, evidence_sha256: str, buck
             shift += t.score.rows_in
             res.rows_in += t.score.rows_in
             res.quarantined += t.score.quarantined
-            for name, c in counts.items():
-                c.update(getattr(t.score, name))
         f.flush()
         fsync(f.fileno())
     res.scored, res.sha256 = w.rows, w.sha256
-    for name, c in counts.items():
-        setattr(res, name, dict(sorted(c.items())))
+    for name in ("by_category", "by_reason", "by_rule"):
+        setattr(res, name, summed([t.score for t in tails], name))
 
     # the exports' reading: each line's scored-run provenance moved by the scored runs before it
     def renumber(prov: dict[str, Any], shift: int) -> None:
