@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install blas browser report review smollm2 train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install blas browser report review review-import smollm2 train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -55,6 +55,10 @@ report: install ## write the newest run's report page and open it (or print its 
 
 review: install ## write the human review queue (every needs_human_review row): reports/review/queue.jsonl and .csv
 	$(RUN) review export
+
+review-import: install ## take a filled-in review queue's decisions: make review-import FILE=reports/review/queue.csv [REVIEWER=name]
+	@test -n "$(FILE)" || { echo "usage: make review-import FILE=<filled-in queue.csv or .jsonl> [REVIEWER=name]" >&2; exit 2; }
+	$(RUN) review import "$(FILE)" $(if $(REVIEWER),--reviewer "$(REVIEWER)")
 
 run-all: install ## run the pipeline on the bundled sample data in data/_kb/ (FORCE=1 recomputes every stage)
 	$(RUN) run-all $(if $(FORCE),--force)

@@ -26,11 +26,13 @@ if TYPE_CHECKING:
     from refinery.audit import AuditResult
     from refinery.config import Config
     from refinery.invariants import Check
+    from refinery.review import Imported, Queue
     from refinery.runs import Progress, RunOutcome
     from refinery.trace import Trace
     from refinery.workspace import Workspace
 
-__all__ = ["open_workspace", "source_folder", "run_all", "audit", "acceptance", "trace", "convert"]
+__all__ = ["open_workspace", "source_folder", "run_all", "audit", "acceptance", "trace", "convert", "review_export",
+           "review_import"]
 
 
 def open_workspace(workspace: str | Path = ".", config: str | Path | None = None,
@@ -92,6 +94,26 @@ def trace(workspace: str | Path, row_id: str) -> Trace:
 
     ws, _ = open_workspace(workspace)
     return do_trace(ws, row_id)
+
+
+def review_export(workspace: str | Path = ".", *, config: str | Path | None = None) -> Queue:
+    """The review queue of the published run: reports/review/queue.jsonl and queue.csv."""
+    from refinery.review import export_queue
+
+    ws, cfg = open_workspace(workspace, config)
+    ws.try_recover()
+    return export_queue(ws, cfg)
+
+
+def review_import(workspace: str | Path, decisions: str | Path, *, config: str | Path | None = None,
+                  reviewer: str | None = None, decided_at: str | None = None) -> Imported:
+    """Append the decisions of a filled-in review queue to the human_reviews stream (the next
+    run_all applies them); `result.refused` are the lines it could not take, with why."""
+    from refinery.review import import_decisions
+
+    ws, cfg = open_workspace(workspace, config)
+    ws.try_recover()
+    return import_decisions(ws, cfg, Path(decisions), reviewer=reviewer, decided_at=decided_at)
 
 
 def convert(src: str | Path, dest: str | Path, to: str) -> int:

@@ -6,10 +6,13 @@ are applied in a fixed precedence:
 
 1. a *hard* failure (an error, no answer, a malformed tool call, a runaway loop, a truncated
    answer, a safety flag) rejects the row, whatever else it has going for it;
-2. otherwise conflicting signals (approved but scored low, ...) send it to a human;
-3. otherwise a *soft* failure (a failing audit, a human rejection, a low eval score) rejects it;
-4. otherwise an audit flag or the absence of any signal sends it to a human;
-5. otherwise it is accepted — unless a *cap* rule holds it at partially_accepted.
+2. otherwise a person's decision on the review queue (refinery.decisions) decides: accepted
+   or rejected as they said — a corrected answer rejects the original;
+3. otherwise conflicting signals (approved but scored low, ...) send it to a human;
+4. otherwise a *soft* failure (a failing audit, a human rejection, a low eval score) rejects it;
+5. otherwise an audit flag, the absence of any signal, or a decision on a row that has
+   changed since sends it to a human;
+6. otherwise it is accepted — unless a *cap* rule holds it at partially_accepted.
 
 A source declared curated in refinery.toml (`[sources.<name>] trust = "curated"`: a reviewed
 fine-tuning or preference dataset) counts as approved, with full quality unless a score of its
@@ -22,19 +25,25 @@ the rules and the thresholds in `[score]`, so any change shows up in receipts as
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from refinery.canonical import sig_hash
 from refinery.config import ScoreConfig
 
-POLICY_VERSION = "2026.11.2"
+if TYPE_CHECKING:
+    from refinery.decisions import Reviews
+
+POLICY_VERSION = "2026.11.3"
 
 REJECT_HARD, REVIEW_CONFLICT, REJECT_SOFT, REVIEW, CAP = "reject-hard", "review-conflict", "reject", "review", "cap"
+HUMAN_ACCEPT, HUMAN_REJECT = "human-accept", "human-reject"
 APPROVE = "approve"  # a rule that supplies an approval; it decides no category by itself
 #: effect → what it does to the category, in precedence order (an earlier effect wins).
 EFFECTS: dict[str, str] = {
     REJECT_HARD: "rejected, whatever else the row has",
-    REVIEW_CONFLICT: "needs_human_review (unless a reject-hard rule fired)",
+    HUMAN_REJECT: "rejected: a person decided so (unless a reject-hard rule fired)",
+    HUMAN_ACCEPT: "accepted: a person decided so (unless a reject-hard rule fired)",
+    REVIEW_CONFLICT: "needs_human_review (unless a reject-hard rule fired or a person decided)",
     REJECT_SOFT: "rejected",
     REVIEW: "needs_human_review",
     CAP: "partially_accepted at most",
@@ -53,6 +62,10 @@ RULES: dict[str, tuple[str, str]] = {
     "conflicting_signals": (REVIEW_CONFLICT, "approval and quality disagree: approved but scored below "
                                              "accept_min_score, disapproved but scored at or above it, or an "
                                              "audit verdict that contradicts the reviewer"),
+    "human_review_accept": (HUMAN_ACCEPT, "a reviewer accepted it from the review queue (refinery review import)"),
+    "human_review_reject": (HUMAN_REJECT, "a reviewer rejected it from the review queue (refinery review import)"),
+    "human_review_corrected": (HUMAN_REJECT, "a reviewer replaced its answer with a corrected one, which is "
+                                             "evidence of its own (source human_reviews)"),
     "audit_fail": (REJECT_SOFT, "an auditor's verdict is fail"),
     "human_rejection": (REJECT_SOFT, "a reviewer rejected it: thumbs down, or a rating at or below "
                                      "human_reject_max"),
@@ -60,6 +73,10 @@ RULES: dict[str, tuple[str, str]] = {
     "dispreferred": (REJECT_SOFT, "a preference dataset marks this answer as the worse one of its pair"),
     "audit_flag": (REVIEW, "an auditor flagged it for a human"),
     "no_signal": (REVIEW, "no outcome signal at all: no score, rating, approval or verdict"),
+    "human_review_stale": (REVIEW, "a reviewer decided on this row, but its prompt or answer has changed "
+                                   "since: review it again"),
+    "human_review_conflict": (REVIEW, "the human_reviews stream holds different decisions on this row: "
+                                      "keep one"),
     "missing_stop": (CAP, "no stop reason where the source records one: it may be cut off"),
     "below_accept_score": (CAP, "quality score between partial_min_score and accept_min_score"),
     "no_approval": (CAP, "no approval (approver, thumbs up or audit pass) while require_approval is set"),
@@ -74,8 +91,10 @@ def policy_hash(cfg: ScoreConfig) -> str:
     return sig_hash({"version": POLICY_VERSION, "rules": RULES, "thresholds": cfg.model_dump(mode="json")})
 
 
-def score_record(ev: dict[str, Any], cfg: ScoreConfig) -> tuple[str, float, list[str]]:
-    """(category, score, rules fired) for one evidence record (a dict as written by materialize)."""
+def score_record(ev: dict[str, Any], cfg: ScoreConfig, reviews: Reviews | None = None
+                 ) -> tuple[str, float, list[str]]:
+    """(category, score, rules fired) for one evidence record (a dict as written by materialize);
+    `reviews`: the decisions people made on the review queue (refinery.decisions)."""
     s = ev["signals"]
     fired: list[str] = []
     calls = ev["tool_calls"]
@@ -131,10 +150,15 @@ def score_record(ev: dict[str, Any], cfg: ScoreConfig) -> tuple[str, float, list
         fired.append("no_score")
     if curated:
         fired.append("curated_source")
+    if reviews and (decided := reviews.rule(ev)) is not None:
+        fired.append(decided)
 
     effects = {RULES[r][0] for r in fired}
     if REJECT_HARD in effects:
         category = "rejected"
+    elif HUMAN_REJECT in effects or HUMAN_ACCEPT in effects:
+        category = "rejected" if HUMAN_REJECT in effects else "accepted"
+        return category, 0.0 if category == "rejected" else 1.0, fired
     elif REVIEW_CONFLICT in effects:
         category = "needs_human_review"
     elif REJECT_SOFT in effects:

@@ -54,6 +54,9 @@ class Reason(StrEnum):
     UNMATCHED_JOIN = "unmatched_join"
     """A record that belongs with another (a Batch request and its response, a score and its
     trace, ...) whose partner is in no source file, and that cannot stand on its own."""
+    CONFLICTING_DECISIONS = "conflicting_decisions"
+    """Two decisions in the human_reviews stream on the same row, as it read then, that differ
+    (accept and reject, two corrections): neither is taken, and the row stays to review."""
     NO_MODEL_CALL = "no_model_call"
     """A trace (or run tree) that holds no LLM call in any file — only HTTP, tool or chain steps:
     nothing to learn from, unless the file holding its LLM call is missing."""
@@ -102,6 +105,8 @@ REASON_HELP: dict[Reason, str] = {
     Reason.UNREADABLE_FILE: "check the file's permissions",
     Reason.TRANSFORM_ERROR: "a bug in the transform module named in the detail; fix it and re-run",
     Reason.UNMATCHED_JOIN: "add the file holding its partner to data/_kb/ (e.g. the Batch input next to the output)",
+    Reason.CONFLICTING_DECISIONS: "keep one decision per row in data/_kb/human_reviews.jsonl (delete the other "
+                                  "line), then run run-all again",
     Reason.NO_MODEL_CALL: "expected for traces of plain HTTP/tool spans; if their LLM calls were exported to "
                           "another file, add it to data/_kb/",
     Reason.FILTERED_OUT: "expected: the mapping's filter keeps only the rows it names",

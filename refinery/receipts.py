@@ -145,8 +145,10 @@ def make_receipt(**fields: Any) -> dict[str, Any]:
 
 def check_chain(receipts: dict[str, dict[str, Any]]) -> list[str]:
     """Problems with the chain: each stage's inputs must be exactly the (non-quarantine)
-    outputs of the stages it reads from, with the same sha256 and rows."""
+    outputs of the stages it reads from, with the same sha256 and rows — and any source file
+    it reads besides (score: the human_reviews decisions), the same bytes materialize read."""
     problems = []
+    sources = {i["path"]: i for s, r in receipts.items() if not READS_FROM.get(s) for i in r["inputs"]}
     for stage, r in receipts.items():
         upstream = READS_FROM.get(stage, ())
         if not upstream:
@@ -162,6 +164,10 @@ def check_chain(receipts: dict[str, dict[str, Any]]) -> list[str]:
             p, i = produced.get(path), read.get(path)
             if i is None:
                 problems.append(f"{stage}: did not read {path}, which {_who(receipts, upstream, path)} wrote")
+            elif p is None and path in sources:
+                if sources[path]["sha256"] != i["sha256"]:
+                    problems.append(f"{stage}: read the source {path} with sha256 {i['sha256'][:12]}…, but "
+                                    f"materialize read sha256 {sources[path]['sha256'][:12]}…")
             elif p is None:
                 problems.append(f"{stage}: read {path}, which no stage before it wrote")
             elif (p["sha256"], p["rows"]) != (i["sha256"], i["rows"]):

@@ -1,4 +1,5 @@
-"""`refinery review export`: the human review queue — every scored run the rules left to a person.
+"""`refinery review export|import`: the human review queue — every scored run the rules left to a
+person — and the decisions people make on it.
 
     reports/review/queue.jsonl   one row per needs_human_review scored run: what was asked and
                                  answered, the rules that fired and what each means, provenance
@@ -11,23 +12,36 @@ text shown is redacted like a quarantine preview: a secret or personal data in a
 answer reads `[REDACTED:<kind>]` (the row names the kinds), so the queue can be handed around.
 Each row's `provenance` points at its scored-run line (`refinery trace <review_id>` walks it back
 to the source line).
+
+`refinery review import FILE` reads a filled-in queue (the CSV, or JSONL rows with the same
+columns) and appends each decision to the human_reviews source stream (refinery.decisions),
+with what was reviewed and where it came from; the next run-all applies them. Every line of
+the file ends up imported, left undecided (no decision), already imported (the same decision
+is in the stream) or refused with a reason — each named with its line in
+reports/review/import.jsonl; a refused line changes nothing.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from refinery import sensitive
+from refinery import decisions, sensitive
+from refinery.errors import RefineryError
 from refinery.jsonl import atomic_write, dumps_line
 from refinery.policy import RULES
+from refinery.transform import RowError, now_utc, parse_timestamp
 from refinery.workspace import Workspace
+
+if TYPE_CHECKING:
+    from refinery.config import Config
 
 QUEUE_DIR = "reports/review"
 CATEGORY = "needs_human_review"
@@ -45,10 +59,12 @@ class Queue:
     by_source: dict[str, int] = field(default_factory=dict)
     by_rule: dict[str, int] = field(default_factory=dict)
     redacted: int = 0
+    pending: int = 0
+    """rows decided since the run (imported decisions the next run-all applies): left out"""
 
     def to_json(self) -> dict[str, Any]:
         return {"queue": str(self.jsonl), "csv": str(self.csv), "rows": self.rows, "by_source": self.by_source,
-                "by_rule": self.by_rule, "redacted_rows": self.redacted}
+                "by_rule": self.by_rule, "redacted_rows": self.redacted, "decided_not_applied": self.pending}
 
 
 def _row(ev: dict[str, Any], sr: dict[str, Any], prov: dict[str, Any]) -> dict[str, Any]:
@@ -72,13 +88,15 @@ def _cell(text: str) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
 
-def export_queue(ws: Workspace) -> Queue:
-    """Write the review queue of the scored runs on disk (JSONL and CSV, each atomically).
+def export_queue(ws: Workspace, cfg: Config) -> Queue:
+    """Write the review queue of the scored runs on disk (JSONL and CSV, each atomically): the
+    rows awaiting review, less those decided since (imported, waiting for the next run-all).
     Raises StaleInputError when there are no scored runs or they do not match the evidence."""
     from refinery.export import pairs
     from refinery.score import read_manifest
 
     manifest = read_manifest(ws)
+    reviews = decisions.load(ws, cfg)
     out = ws.root / QUEUE_DIR
     q = Queue(out / "queue.jsonl", out / "queue.csv")
     sources: Counter[str] = Counter()
@@ -91,6 +109,9 @@ def export_queue(ws: Workspace) -> Queue:
             for ev, sr, prov in pairs(ws.out / entry["evidence"], entry["evidence"], ws.out / entry["scored"],
                                       entry["scored"]):
                 if sr["category"] != CATEGORY:
+                    continue
+                if reviews.rule(ev) in decisions.RULE.values():
+                    q.pending += 1
                     continue
                 row = _row(ev, sr, prov)
                 f.write(dumps_line(row))
@@ -109,3 +130,252 @@ def export_queue(ws: Workspace) -> Queue:
     q.by_source = dict(sorted(sources.items()))
     q.by_rule = dict(rules.most_common())
     return q
+
+
+# --- review import ------------------------------------------------------------------------
+
+IMPORT_LOG = f"{QUEUE_DIR}/import.jsonl"
+#: what became of a line of a decision file (the first three change nothing wrong)
+IMPORTED, UNDECIDED, ALREADY = "imported", "undecided", "already_imported"
+#: why a line was refused → what to do about it
+PROBLEMS: dict[str, str] = {
+    "bad_line": "write the line as the queue's columns (CSV) or a JSON object (JSONL)",
+    "missing_id": "keep the review_id column as `refinery review export` wrote it",
+    "bad_decision": "write accept, reject or correct (or leave it empty to decide later)",
+    "missing_answer": "write the corrected answer in corrected_answer, or choose accept or reject",
+    "answer_not_allowed": "a corrected answer goes with decision correct: change the decision or clear it",
+    "missing_reviewer": "say who decided in the reviewer column (or pass --reviewer NAME)",
+    "bad_time": "write decided_at as ISO 8601 (2026-11-30T14:00:00Z), or leave it empty for now",
+    "duplicate": "the file decides this row twice: delete the repeat (the first line was taken)",
+    "conflicting": "the file decides this row differently on several lines: keep one of them",
+    "unknown_id": "no scored run has this id: run `refinery review export` again and decide on its rows",
+    "not_in_review": "only rows awaiting review (needs_human_review) take a decision",
+    "conflicts_earlier": "this row was already decided otherwise (data/_kb/human_reviews.jsonl): keep that "
+                         "one, or edit that line and run run-all again",
+}
+_SYNONYMS = {"accepted": decisions.ACCEPT, "rejected": decisions.REJECT, "corrected": decisions.CORRECT}
+
+
+class DecisionFileError(RefineryError):
+    """A decision file that cannot be read at all (not a line of it: those are refused one by one)."""
+
+
+@dataclass
+class Entry:
+    """One line of a decision file, and what became of it."""
+
+    line: int
+    """where it starts in the file (a CSV cell may hold several lines)"""
+    row: int
+    """its row as a spreadsheet numbers them (the header is row 1; for JSONL, the line)"""
+    review_id: str | None = None
+    decision: str | None = None
+    corrected_answer: str | None = None
+    reviewer: str | None = None
+    note: str | None = None
+    decided_at: str | None = None
+    outcome: str = IMPORTED
+    detail: str = ""
+
+    def refuse(self, problem: str, detail: str) -> None:
+        self.outcome, self.detail = problem, detail
+
+    @property
+    def refused(self) -> bool:
+        return self.outcome not in (IMPORTED, UNDECIDED, ALREADY)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"line": self.line, "row": self.row, "review_id": self.review_id, "decision": self.decision,
+                "outcome": self.outcome, "detail": self.detail or None, "fix": PROBLEMS.get(self.outcome)}
+
+
+@dataclass
+class Imported:
+    file: str
+    stream: Path
+    log: Path
+    entries: list[Entry]
+
+    def count(self, outcome: str) -> int:
+        return sum(e.outcome == outcome for e in self.entries)
+
+    @property
+    def refused(self) -> list[Entry]:
+        return [e for e in self.entries if e.refused]
+
+    def by_decision(self) -> dict[str, int]:
+        c = Counter(e.decision for e in self.entries if e.outcome == IMPORTED)
+        return {d: c[d] for d in decisions.DECISIONS if c[d]}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "stream": str(self.stream), "log": str(self.log), "lines": len(self.entries),
+                "imported": self.count(IMPORTED), "by_decision": self.by_decision(),
+                "undecided": self.count(UNDECIDED), "already_imported": self.count(ALREADY),
+                "refused": [e.to_json() for e in self.refused]}
+
+
+def _rows(path: Path) -> Iterator[tuple[int, int, dict[str, Any] | None, str]]:
+    """(1-based line, row, the row's fields or None, why not) for each row of a CSV or JSONL
+    decision file."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DecisionFileError(f"{path}: cannot read it ({e.strerror})") from e
+    try:
+        text = data.decode("utf-8-sig")  # a spreadsheet's CSV may start with a byte-order mark
+    except UnicodeDecodeError as e:
+        raise DecisionFileError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from e
+    first = text.lstrip()[:1]
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json") or (path.suffix.lower() != ".csv" and first == "{"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                yield n, n, None, f"not JSON ({e})"
+                continue
+            yield (n, n, row, "") if isinstance(row, dict) else (n, n, None, "not a JSON object")
+        return
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if not header or "review_id" not in header or "decision" not in header:
+        raise DecisionFileError(f"{path}: no review_id and decision columns in its first line: fill in the "
+                                "queue.csv that `refinery review export` writes (or JSONL rows with those keys)")
+    start = reader.line_num + 1
+    for row, cells in enumerate(reader, 2):
+        n, start = start, reader.line_num + 1
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            yield n, row, None, f"{len(cells)} cells where the header has {len(header)}"
+            continue
+        yield n, row, dict(zip(header, cells, strict=True)), ""
+
+
+def _cell_text(row: dict[str, Any], key: str) -> str | None:
+    v = row.get(key)
+    if v is None:
+        return None
+    v = v if isinstance(v, str) else orjson.dumps(v).decode()
+    return v if v.strip() else None
+
+
+def _entries(path: Path, reviewer: str | None, now: str) -> list[Entry]:
+    entries = []
+    for n, at, row, why in _rows(path):
+        e = Entry(n, at)
+        entries.append(e)
+        if row is None:
+            e.refuse("bad_line", why)
+            continue
+        e.review_id = (_cell_text(row, "review_id") or "").strip() or None
+        raw = (_cell_text(row, "decision") or "").strip().lower()
+        e.decision = _SYNONYMS.get(raw, raw) or None
+        e.corrected_answer = _cell_text(row, "corrected_answer")
+        e.reviewer = (_cell_text(row, "reviewer") or "").strip() or reviewer
+        e.note = _cell_text(row, "note")
+        if e.review_id is None:
+            e.refuse("missing_id", "no review_id")
+        elif e.decision is None:
+            e.outcome = UNDECIDED
+        elif e.decision not in decisions.DECISIONS:
+            e.refuse("bad_decision", f"decision {raw!r} is not accept, reject or correct")
+        elif e.decision == decisions.CORRECT and e.corrected_answer is None:
+            e.refuse("missing_answer", "decision correct with no corrected_answer")
+        elif e.decision != decisions.CORRECT and e.corrected_answer is not None:
+            e.refuse("answer_not_allowed", f"a corrected_answer with decision {e.decision}")
+        elif e.reviewer is None:
+            e.refuse("missing_reviewer", "no reviewer")
+        else:
+            try:
+                when = _cell_text(row, "decided_at")
+                e.decided_at = parse_timestamp(when, "decided_at") if when else now
+            except RowError as err:
+                e.refuse("bad_time", err.detail)
+    return entries
+
+
+def _same_file(entries: list[Entry]) -> None:
+    """A row decided twice in one file: the same way, the repeats are refused (duplicate);
+    differently, every one of them is (conflicting) — there is no telling which was meant."""
+    by_id: dict[str, list[Entry]] = defaultdict(list)
+    for e in entries:
+        if e.outcome == IMPORTED:
+            by_id[e.review_id].append(e)
+    for group in by_id.values():
+        if len({(e.decision, e.corrected_answer) for e in group}) > 1:
+            lines = ", ".join(f"{e.decision} on line {e.line}" for e in group)
+            for e in group:
+                e.refuse("conflicting", f"decided {lines}")
+        else:
+            for e in group[1:]:
+                e.refuse("duplicate", f"also decided on line {group[0].line}")
+
+
+def _resolve(ws: Workspace, wanted: set[str]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """(evidence record, scored run) of each wanted id, from the scored runs on disk."""
+    from refinery.export import pairs
+    from refinery.score import read_manifest
+
+    found: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for entry in read_manifest(ws)["files"]:
+        for ev, sr, _ in pairs(ws.out / entry["evidence"], entry["evidence"], ws.out / entry["scored"],
+                               entry["scored"]):
+            if sr["id"] in wanted:
+                found[sr["id"]] = (ev, sr)
+    return found
+
+
+def _stream_line(e: Entry, ev: dict[str, Any], sr: dict[str, Any], file: str) -> bytes:
+    return dumps_line({
+        "review_id": e.review_id, "decision": e.decision, "corrected_answer": e.corrected_answer,
+        "reviewer": e.reviewer, "note": e.note, "decided_at": e.decided_at,
+        "answer_sha256": decisions.answer_sha256(ev), "reviewed": sr["provenance"],
+        "task_id": ev["task_id"], "task_name": ev["task_name"], "prompt": ev["prompt"], "messages": ev["messages"],
+        "response": ev["response"], "tool_calls": ev["tool_calls"],
+        "imported_from": {"file": file, "line": e.line},
+    })
+
+
+def import_decisions(ws: Workspace, cfg: Config, path: Path, *, reviewer: str | None = None,
+                     decided_at: str | None = None) -> Imported:
+    """Append the decisions in `path` (a filled-in queue.csv, or JSONL rows with its columns) to
+    data/_kb/human_reviews.jsonl, each with what was reviewed. A line that cannot be taken is
+    refused with its problem (PROBLEMS) and changes nothing; the others are imported. Every
+    line's outcome is written to reports/review/import.jsonl. `decided_at`: the time of the
+    decisions without one of their own (default: now)."""
+    file = str(path)
+    entries = _entries(path, reviewer, decided_at or now_utc())
+    _same_file(entries)
+    stream, log = ws.kb / decisions.STREAM, ws.root / IMPORT_LOG
+    with ws.lock():
+        earlier = decisions.load(ws, cfg).by_id
+        taken = [e for e in entries if e.outcome == IMPORTED]
+        found = _resolve(ws, {e.review_id for e in taken}) if taken else {}
+        lines = []
+        for e in taken:
+            if e.review_id not in found:
+                e.refuse("unknown_id", f"no scored run {e.review_id}")
+                continue
+            ev, sr = found[e.review_id]
+            digest = decisions.answer_sha256(ev)
+            before = [d for d in earlier.get(e.review_id, ()) if d.answer_sha256 == digest]
+            if before:
+                if any((d.decision, d.corrected_answer) != (e.decision, e.corrected_answer) for d in before):
+                    e.refuse("conflicts_earlier", f"already decided {before[0].decision} by {before[0].reviewer} "
+                                                  f"at {before[0].decided_at}")
+                else:
+                    e.outcome = ALREADY
+                continue
+            if sr["category"] != CATEGORY:
+                e.refuse("not_in_review", f"it is {sr['category']} ({', '.join(sr['rules_fired']) or 'no rule'})")
+                continue
+            lines.append(_stream_line(e, ev, sr, file))
+        if lines:
+            old = stream.read_bytes() if stream.exists() else b""
+            with atomic_write(stream) as f:
+                f.write(old + (b"\n" if old and not old.endswith(b"\n") else b"") + b"".join(lines))
+        with atomic_write(log) as f:
+            f.write(b"".join(dumps_line({"file": file, **e.to_json()}) for e in entries))
+    return Imported(file, stream, log, entries)

@@ -41,7 +41,7 @@ from typing import Any
 
 import orjson
 
-from refinery import drift, receipts
+from refinery import decisions, drift, receipts
 from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.errors import CheckFailed, RefineryError, exit_code
@@ -337,7 +337,7 @@ class _Run:
         if single_pass:
             self.carry["plan"] = Plan.make(self.staging / SINGLE_PASS, cfg, include_partial,
                                            self.staged.rel(self.staged.evidence),
-                                           self.staged.rel(self.staged.scored_runs))
+                                           self.staged.rel(self.staged.scored_runs), decisions.load(ws, cfg))
         self.code = receipts.code_version(ws, cfg)
         self.receipts: dict[str, dict[str, Any]] = {}
         self.why: dict[str, str] = {}

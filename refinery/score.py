@@ -26,8 +26,10 @@ from typing import Any
 
 import orjson
 
+from refinery import decisions
 from refinery.canonical import file_sha256
 from refinery.config import Config, ScoreConfig
+from refinery.decisions import Reviews
 from refinery.errors import AccountingError, RefineryError
 from refinery.jsonl import (
     HashingReader, JsonlWriter, concat_files, fsync, iter_lines, publish_dir, recover_dir, staging_dir,
@@ -118,9 +120,9 @@ def summed(files: list[FileResult], attr: str) -> dict[str, int]:
 
 
 def scored_run(ev: dict[str, Any], evidence_file: str, offset: int, sig: str, scfg: ScoreConfig,
-               phash: str) -> dict[str, Any]:
+               phash: str, reviews: Reviews | None = None) -> dict[str, Any]:
     """The ScoredRun dict for one evidence record (field order as in refinery.models.ScoredRun)."""
-    category, score, fired = score_record(ev, scfg)
+    category, score, fired = score_record(ev, scfg, reviews)
     return {
         "schema_version": 1, "id": ev["id"], "source": ev["source"], "kind": ev["kind"],
         "task_key": task_key(ev), "task_id": ev["task_id"], "task_name": ev["task_name"],
@@ -136,9 +138,9 @@ class Scorer:
     the lines it cannot score into its quarantine part); `close()` gives the file's result."""
 
     def __init__(self, out: Path, out_rel: str, evidence_rel: str, quarantine_part: Path, scfg: ScoreConfig,
-                 preview_chars: int, *, buffer: int = 1 << 20):
+                 preview_chars: int, reviews: Reviews | None = None, *, buffer: int = 1 << 20):
         self.res = FileResult(evidence_rel, out_rel, "")
-        self.scfg, self.phash, self.preview_chars = scfg, policy_hash(scfg), preview_chars
+        self.scfg, self.phash, self.preview_chars, self.reviews = scfg, policy_hash(scfg), preview_chars, reviews
         self.cats: Counter[str] = Counter()
         self.rules: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
@@ -171,7 +173,7 @@ class Scorer:
         """The scored run of evidence line `offset` (written), or None (quarantined)."""
         sig = hashlib.sha256(orjson.dumps(ev, option=orjson.OPT_SORT_KEYS)).hexdigest()
         try:
-            sr = scored_run(ev, self.res.evidence_file, offset, sig, self.scfg, self.phash)
+            sr = scored_run(ev, self.res.evidence_file, offset, sig, self.scfg, self.phash, self.reviews)
         except (KeyError, TypeError, AttributeError) as e:
             src = ev.get("source") if isinstance(ev.get("source"), str) else "?"
             self.refuse(src, offset, f"not an EvidenceRecord: {type(e).__name__} {e}", sig,
@@ -206,8 +208,8 @@ class Scorer:
 
 
 def score_file(evidence: Path, evidence_rel: str, out: Path, out_rel: str, quarantine_part: Path,
-               scfg: ScoreConfig, preview_chars: int) -> FileResult:
-    scorer = Scorer(out, out_rel, evidence_rel, quarantine_part, scfg, preview_chars)
+               scfg: ScoreConfig, preview_chars: int, reviews: Reviews | None = None) -> FileResult:
+    scorer = Scorer(out, out_rel, evidence_rel, quarantine_part, scfg, preview_chars, reviews)
     try:
         with open(evidence, "rb") as ev_file:
             reader = HashingReader(ev_file)  # the manifest's evidence sha256, from the one read
@@ -230,10 +232,10 @@ def evidence_files(ws: Workspace) -> list[Path]:
     return sorted(ws.evidence.rglob("*.jsonl"), key=lambda p: p.relative_to(ws.evidence).as_posix())
 
 
-def _tails(cfg: Config, prepared: Prepared | None) -> dict[str, TailResult]:
-    """The evidence files the single pass already scored, with this stage's settings."""
-    if prepared is None or (prepared.plan.score, prepared.plan.preview_chars) != \
-            (cfg.score, cfg.materialize.quarantine_preview_chars):
+def _tails(cfg: Config, reviews: Reviews, prepared: Prepared | None) -> dict[str, TailResult]:
+    """The evidence files the single pass already scored, with this stage's settings and decisions."""
+    if prepared is None or (prepared.plan.score, prepared.plan.preview_chars, prepared.plan.reviews.digest) != \
+            (cfg.score, cfg.materialize.quarantine_preview_chars, reviews.digest):
         return {}
     return {t.score.evidence_file: t for t in prepared.tails.values()}
 
@@ -241,14 +243,16 @@ def _tails(cfg: Config, prepared: Prepared | None) -> dict[str, TailResult]:
 def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int], None] | None = None,
         prepared: Prepared | None = None) -> ScoreResult:
     """Score every evidence file. `prepared`: the files run-all's single pass scored as it wrote
-    them (refinery.single_pass), taken as they are; the others are read and scored here."""
+    them (refinery.single_pass), taken as they are; the others are read and scored here. The
+    decisions in the human_reviews stream (refinery.decisions) move the rows they decide on."""
     t0 = time.perf_counter()
     with ws.lock():
         files = evidence_files(ws)
+        reviews = decisions.load(ws, cfg)
         recover_dir(ws.scored_runs)
         staging = staging_dir(ws.scored_runs)
         parts = Path(tempfile.mkdtemp(prefix=".score-", dir=ws.root / "data"))
-        tails = _tails(cfg, prepared)
+        tails = _tails(cfg, reviews, prepared)
         try:
             jobs, quarantine_parts = [], []
             done: dict[int, FileResult] = {}
@@ -264,7 +268,7 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
                     continue
                 quarantine_parts.append(parts / f"{i:06d}.jsonl")
                 jobs.append((p, ws.rel(p), staging / rel, f"{ws.rel(ws.scored_runs)}/{rel}",
-                             quarantine_parts[-1], cfg.score, cfg.materialize.quarantine_preview_chars))
+                             quarantine_parts[-1], cfg.score, cfg.materialize.quarantine_preview_chars, reviews))
             scored: list[FileResult] = map_files(
                 score_file, jobs, [j[0].stat().st_size for j in jobs], workers=cfg.materialize.workers,
                 parallel_min_bytes=cfg.materialize.parallel_min_bytes, on_done=on_file_done)

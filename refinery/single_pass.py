@@ -25,13 +25,14 @@ import hashlib
 import io
 import mmap
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from refinery.config import Config, ScoreConfig
+from refinery.decisions import Reviews
 from refinery.exporters import BY_NAME, NAMES, ExportStats, Settings
 from refinery.jsonl import DEFAULT_MAX_LINE_BYTES, JsonlWriter, dumps_line, fsync, iter_lines
 from refinery.quarantine import moved
@@ -74,15 +75,17 @@ class Plan:
     evidence_rel: str
     """the evidence tree, relative to the workspace (what score's provenance names)"""
     scored_rel: str
+    reviews: Reviews = field(default_factory=Reviews)
+    """the decisions people made on the review queue (refinery.decisions), which score applies"""
     buckets: int = 1
     """a grouped export's task buckets (`sized`, once the sources' sizes are known)"""
 
     @classmethod
     def make(cls, root: Path, cfg: Config, include_partial: bool | None, evidence_rel: str,
-             scored_rel: str) -> Plan:
+             scored_rel: str, reviews: Reviews | None = None) -> Plan:
         partial = cfg.export.include_partial if include_partial is None else include_partial
         return cls(root, cfg.score, cfg.materialize.quarantine_preview_chars, Settings(cfg.export, partial),
-                   evidence_rel, scored_rel)
+                   evidence_rel, scored_rel, reviews or Reviews())
 
     def sized(self, source_bytes: int) -> Plan:
         """The plan for sources of this many bytes (uncompressed): as many task buckets as the
@@ -113,7 +116,8 @@ class Tail:
         self.scored_rel = f"{plan.scored_rel}/{rel}"
         # one tail per partition a job writes is open at once: small buffers, a few files each
         self.scorer = Scorer(self.folder / SCORED, self.scored_rel, f"{plan.evidence_rel}/{rel}",
-                             self.folder / SCORE_QUARANTINE, plan.score, plan.preview_chars, buffer=BUFFER)
+                             self.folder / SCORE_QUARANTINE, plan.score, plan.preview_chars, plan.reviews,
+                             buffer=BUFFER)
         self.reader = Reader(self.folder, 0, NAMES, plan.settings, plan.buckets, buffer=BUFFER,
                              spread=plan.buckets > DIRECT_BUCKETS)
 

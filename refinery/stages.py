@@ -151,6 +151,13 @@ def _evidence(ws: Workspace, cfg: Config) -> list[tuple[Path, str]]:
     return sorted(((p, ws.rel(p)) for p in evidence_files(ws)), key=lambda f: f[1])
 
 
+def _score_inputs(ws: Workspace, cfg: Config) -> list[tuple[Path, str]]:
+    """The evidence, and the decisions people made on the review queue (refinery.decisions)."""
+    from refinery.decisions import decision_files
+
+    return sorted([*_evidence(ws, cfg), *decision_files(ws, cfg)], key=lambda f: f[1])
+
+
 def _run_score(ws: Workspace, cfg: Config, include_partial: bool | None, stages: tuple[str, ...],
                advance: Advance, carry: dict[str, Any]) -> tuple[list[StageResult], Any]:
     from refinery import score
@@ -177,7 +184,7 @@ def _run_exports(ws: Workspace, cfg: Config, include_partial: bool | None, stage
 
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("materialize", _sources, _run_materialize),
-    Step("score", _evidence, _run_score),
+    Step("score", _score_inputs, _run_score),
     Step("export", _scored, _run_exports, sized=False),  # it advances by evidence file, not by what it reads
 )}
 

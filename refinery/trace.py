@@ -51,6 +51,8 @@ class Hop:
 class Chain:
     label: str
     hops: list[Hop] = field(default_factory=list)
+    counts: bool = True
+    """False: shown, not part of the verdict (the row a decision was made on may have moved since)"""
 
     @property
     def ok(self) -> bool:
@@ -70,11 +72,12 @@ class Trace:
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.chains)
+        return all(c.ok for c in self.chains if c.counts)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "found_in": self.found_in, "line": self.line, "ok": self.ok,
-                "chains": [{"label": c.label, "ok": c.ok, "hops": [asdict(h) for h in c.hops]} for c in self.chains]}
+                "chains": [{"label": c.label, "ok": c.ok, "counts": c.counts, "hops": [asdict(h) for h in c.hops]}
+                           for c in self.chains]}
 
 
 def _candidates(ws: Workspace, row_id: str) -> list[Path]:
@@ -188,4 +191,18 @@ def trace(ws: Workspace, row_id: str) -> Trace:
         chains.append(follow(ws, row["rejected_provenance"], "rejected", start, sources))
     else:
         chains.append(follow(ws, row["provenance"], "row", start, sources))
+    for chain in list(chains):  # a person's decision (refinery.decisions): on to the row decided on
+        last = chain.hops[-1]
+        if not (chain.ok and last.file.startswith("data/_kb/") and last.line is not None):
+            continue
+        line = _read_line(ws, sources, last.file, last.line, last.record)
+        reviewed = line.obj.get("reviewed") if line is not None and isinstance(line.obj, dict) else None
+        if isinstance(reviewed, dict) and isinstance(line.obj.get("review_id"), str):
+            decided = follow(ws, reviewed, "decided on", Hop(last.file, last.line, None, last.expected_sig,
+                                                             last.actual_sig, True, None, last.preview), sources)
+            decided.counts = False  # where the row was when decided: a later run may have moved it
+            if (broken := decided.broken) is not None:
+                broken.problem = (f"{broken.problem} — the row decided on has moved or changed since; "
+                                  f"`refinery trace {line.obj['review_id']}` finds it now")
+            chains.append(decided)
     return Trace(row_id, rel, offset, chains)

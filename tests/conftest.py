@@ -45,7 +45,7 @@ def cfg(ws: Workspace) -> Config:
 
 
 #: Files in the repository's data/_kb/ that using it writes (git-ignored): not the bundled sample.
-WRITTEN_BY_USE = ("audit_baselines.jsonl", "runs_distill_train.csv", "replays*.jsonl")
+WRITTEN_BY_USE = ("audit_baselines.jsonl", "runs_distill_train.csv", "replays*.jsonl", "human_reviews*.jsonl")
 
 
 def copy_sample(kb: Path) -> None:

@@ -7,6 +7,7 @@ import copy
 import pytest
 
 from refinery.config import ScoreConfig
+from refinery.decisions import Decision, Reviews, answer_sha256
 from refinery.policy import POLICY_VERSION, RULES, policy_hash, score_record
 
 CFG = ScoreConfig()
@@ -70,7 +71,26 @@ CASES = [
     ({"eval_score": None, "approved": None, "verdict": "pass"}, "partially_accepted", "no_score"),
     ({"preference": "rejected"}, "rejected", "dispreferred"),
     ({"trust": "curated", "eval_score": None, "approved": None, "approver": None}, "accepted", "curated_source"),
+    # a person's decision on the review queue (`_decided`: what the human_reviews stream says)
+    ({"eval_score": 0.3, "_decided": ["accept"]}, "accepted", "human_review_accept"),
+    ({"eval_score": None, "approved": None, "approver": None, "_decided": ["accept"]}, "accepted",
+     "human_review_accept"),
+    ({"_decided": ["reject"]}, "rejected", "human_review_reject"),
+    ({"eval_score": 0.3, "_decided": ["correct"]}, "rejected", "human_review_corrected"),
+    ({"eval_score": 0.3, "_decided": ["accept@an older answer"]}, "needs_human_review", "human_review_stale"),
+    ({"eval_score": None, "approved": None, "approver": None, "_decided": ["accept", "reject"]},
+     "needs_human_review", "human_review_conflict"),
 ]
+
+
+def _reviews(ev: dict, decided: list[str]) -> Reviews:
+    """The stream's decisions on `ev`: "accept", or "accept@…" for one made on another reading of it."""
+    def one(said: str) -> Decision:
+        decision, _, older = said.partition("@")
+        digest = "0" * 64 if older else answer_sha256(ev)
+        return Decision(ev["id"], decision, digest, "dana", "fixed" if decision == "correct" else None, None,
+                        "2026-11-28T09:30:00.000000Z")
+    return Reviews({ev["id"]: tuple(one(d) for d in decided)}, "x")
 
 
 def test_a_curated_pair_becomes_chosen_and_rejected():
@@ -90,7 +110,10 @@ def test_a_curated_source_still_answers_to_its_own_signals():
 
 @pytest.mark.parametrize(("changes", "category", "rule"), CASES, ids=[f"{c[2]}-{i}" for i, c in enumerate(CASES)])
 def test_rule(changes, category, rule):
-    got, score, fired = score_record(evidence(**copy.deepcopy(changes)), CFG)
+    changes = copy.deepcopy(changes)
+    decided = changes.pop("_decided", None)
+    ev = evidence(**changes)
+    got, score, fired = score_record(ev, CFG, _reviews(ev, decided) if decided else None)
     assert rule in fired
     assert got == category
     assert 0.0 <= score <= 1.0

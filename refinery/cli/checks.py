@@ -208,7 +208,8 @@ def trace(
     as_json: JsonOpt = False,
 ) -> None:
     """Walk a row back to its source line: export → scored run → evidence → data/_kb/,
-    recomputing each sig_hash. Exit 0 when every hop checks, 1 naming the hop that does not,
+    recomputing each sig_hash; for a person's decision (human_reviews), on to the row it was
+    made on, as it was then. Exit 0 when every hop checks, 1 naming the hop that does not,
     2 when the id is not found."""
     from refinery.trace import trace as do_trace
     from refinery.workspace import Workspace
@@ -220,7 +221,7 @@ def trace(
     else:
         for c in t.chains:
             if len(t.chains) > 1:
-                typer.echo(f"[{c.label}]")
+                typer.echo(f"[{c.label}]" + ("" if c.counts else " (where it was when decided; not part of the check)"))
             for i, h in enumerate(c.hops):
                 where = (f"{h.file} {h.record}" if h.record else f"{h.file}:{h.line}") if h.line is not None \
                     else h.file
@@ -237,7 +238,7 @@ def trace(
                 typer.echo(f"  source record: {last.preview}")
     if not t.ok:
         for c in t.chains:
-            if (b := c.broken) is not None:
+            if c.counts and (b := c.broken) is not None:
                 at = f"{b.file} {b.record}" if b.record else f"{b.file}:{b.line}"
                 _err(f"trace {row_id}: broken at {at} ({b.problem})")
         raise typer.Exit(EXIT_CHECK_FAILED)
