@@ -151,12 +151,14 @@ def load(ws: Workspace, cfg: Config) -> Reviews:
     h = hashlib.sha256()
     by_id: dict[str, list[Decision]] = defaultdict(list)
     for path, rel in files:
-        data = path.read_bytes()
-        h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
-        for line in data.splitlines():
-            try:
-                d = parse(orjson.loads(line))
-            except (orjson.JSONDecodeError, RowError):
-                continue
-            by_id[d.review_id].append(d)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for line in f:
+                digest.update(line)
+                try:
+                    d = parse(orjson.loads(line))
+                except (orjson.JSONDecodeError, RowError):
+                    continue
+                by_id[d.review_id].append(d)
+        h.update(rel.encode() + b"\0" + digest.digest())
     return Reviews({k: tuple(v) for k, v in by_id.items()}, h.hexdigest())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -153,6 +154,8 @@ PROBLEMS: dict[str, str] = {
     "conflicts_earlier": "this row was already decided otherwise (data/_kb/human_reviews.jsonl): keep that "
                          "one, or edit that line and run run-all again",
 }
+#: the columns of a decision file that are read (the others are the row, for the reviewer)
+_COLUMNS = ("review_id", "decision", "corrected_answer", "reviewer", "note", "decided_at")
 _SYNONYMS = {"accepted": decisions.ACCEPT, "rejected": decisions.REJECT, "corrected": decisions.CORRECT}
 
 
@@ -160,7 +163,7 @@ class DecisionFileError(RefineryError):
     """A decision file that cannot be read at all (not a line of it: those are refused one by one)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One line of a decision file, and what became of it."""
 
@@ -216,32 +219,41 @@ class Imported:
 
 def _rows(path: Path) -> Iterator[tuple[int, int, dict[str, Any] | None, str]]:
     """(1-based line, row, the row's fields or None, why not) for each row of a CSV or JSONL
-    decision file."""
+    decision file, read as a stream (a queue at 10^6 rows is hundreds of MB)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            f.seek(0)
+            if path.suffix.lower() in (".jsonl", ".ndjson", ".json") or (path.suffix.lower() != ".csv"
+                                                                         and head[:1] == b"{"):
+                yield from _jsonl_rows(f)
+            else:
+                yield from _csv_rows(path, io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
     except OSError as e:
         raise DecisionFileError(f"{path}: cannot read it ({e.strerror})") from e
-    try:
-        text = data.decode("utf-8-sig")  # a spreadsheet's CSV may start with a byte-order mark
     except UnicodeDecodeError as e:
-        raise DecisionFileError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from e
-    first = text.lstrip()[:1]
-    if path.suffix.lower() in (".jsonl", ".ndjson", ".json") or (path.suffix.lower() != ".csv" and first == "{"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                yield n, n, None, f"not JSON ({e})"
-                continue
-            yield (n, n, row, "") if isinstance(row, dict) else (n, n, None, "not a JSON object")
-        return
-    reader = csv.reader(io.StringIO(text, newline=""))
+        raise DecisionFileError(f"{path}: not UTF-8 text ({e.reason}): save it as UTF-8") from e
+
+
+def _jsonl_rows(f: Any) -> Iterator[tuple[int, int, dict[str, Any] | None, str]]:
+    for n, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            yield n, n, None, f"not JSON ({e})"
+            continue
+        yield (n, n, row, "") if isinstance(row, dict) else (n, n, None, "not a JSON object")
+
+
+def _csv_rows(path: Path, text: io.TextIOWrapper) -> Iterator[tuple[int, int, dict[str, Any] | None, str]]:
+    reader = csv.reader(text)
     header = next(reader, None)
     if not header or "review_id" not in header or "decision" not in header:
         raise DecisionFileError(f"{path}: no review_id and decision columns in its first line: fill in the "
                                 "queue.csv that `refinery review export` writes (or JSONL rows with those keys)")
+    keep = [i for i, name in enumerate(header) if name in _COLUMNS]  # not the row's text: only what is decided
     start = reader.line_num + 1
     for row, cells in enumerate(reader, 2):
         n, start = start, reader.line_num + 1
@@ -250,7 +262,7 @@ def _rows(path: Path) -> Iterator[tuple[int, int, dict[str, Any] | None, str]]:
         if len(cells) != len(header):
             yield n, row, None, f"{len(cells)} cells where the header has {len(header)}"
             continue
-        yield n, row, dict(zip(header, cells, strict=True)), ""
+        yield n, row, {header[i]: cells[i] for i in keep}, ""
 
 
 def _cell_text(row: dict[str, Any], key: str) -> str | None:
@@ -313,16 +325,31 @@ def _same_file(entries: list[Entry]) -> None:
                 e.refuse("duplicate", f"also decided on line {group[0].line}")
 
 
+#: a scored run's id, near the start of its line (read before the line is parsed)
+_SCORED_ID = re.compile(rb'"id":"(ev-[0-9a-f]+)"')
+
+
 def _resolve(ws: Workspace, wanted: set[str]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """(evidence record, scored run) of each wanted id, from the scored runs on disk."""
-    from refinery.export import pairs
-    from refinery.score import read_manifest
+    """(evidence record, scored run) of each wanted id, from the scored runs on disk. Only the
+    wanted lines are parsed: a decision file names a few rows of a run of millions."""
+    from refinery.score import StaleInputError, read_manifest
 
     found: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for entry in read_manifest(ws)["files"]:
-        for ev, sr, _ in pairs(ws.out / entry["evidence"], entry["evidence"], ws.out / entry["scored"],
-                               entry["scored"]):
-            if sr["id"] in wanted:
+        with open(ws.out / entry["scored"], "rb") as scored, open(ws.out / entry["evidence"], "rb") as evidence:
+            at, ev_line = -1, b""
+            for line in scored:
+                m = _SCORED_ID.search(line, 0, 200)
+                if m is None or m[1].decode() not in wanted:
+                    continue
+                sr = orjson.loads(line)
+                target = sr["provenance"]["line_offset"]
+                while at < target and (ev_line := evidence.readline()):
+                    at += 1
+                ev = orjson.loads(ev_line) if at == target and ev_line else None
+                if ev is None or ev.get("id") != sr["id"]:
+                    raise StaleInputError(f"{entry['scored']} does not match {entry['evidence']}:{target}; "
+                                          "run `refinery score` again")
                 found[sr["id"]] = (ev, sr)
     return found
 
@@ -377,5 +404,6 @@ def import_decisions(ws: Workspace, cfg: Config, path: Path, *, reviewer: str | 
             with atomic_write(stream) as f:
                 f.write(old + (b"\n" if old and not old.endswith(b"\n") else b"") + b"".join(lines))
         with atomic_write(log) as f:
-            f.write(b"".join(dumps_line({"file": file, **e.to_json()}) for e in entries))
+            for e in entries:
+                f.write(dumps_line({"file": file, **e.to_json()}))
     return Imported(file, stream, log, entries)
