@@ -372,7 +372,9 @@ def _review_queue(ws: Workspace, p: _Proofs) -> list[str]:
     return [f"<h2>Review queue: {p.n(total, f'wc -l < {shlex.quote(rel)}')} scored runs for a person</h2>",
             "<p>" + ", ".join(f"{html.escape(src)} {p.n(n, count(src))}" for src, n in sources.most_common()) + "</p>",
             f"<p>The first {len(shown)}, in scored-run order (all of them: <code>{html.escape(rel)}</code>, and "
-            f"<code>{html.escape(rel.replace('.jsonl', '.csv'))}</code> with columns to decide in):</p>",
+            f"<code>{html.escape(rel.replace('.jsonl', '.csv'))}</code> with columns to decide in). Decide in the "
+            f"CSV, then <code>refinery review import {html.escape(rel.replace('.jsonl', '.csv'))}</code>; the "
+            "next run-all applies the decisions.</p>",
             _table(["review id", "source", "prompt", "answer", "rules that fired"],
                    [[html.escape(r.get("review_id", "")), html.escape(str(r.get("source"))), cut(r.get("prompt")),
                      cut(r.get("response")), html.escape(", ".join(f["rule"] for f in r.get("rules_fired") or []))]

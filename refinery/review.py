@@ -89,6 +89,31 @@ def _cell(text: str) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
 
+class UnimportedDecisions(RefineryError):
+    """The queue.csv an export would replace holds decisions not imported yet."""
+
+
+def _keep_decisions(ws: Workspace, path: Path, reviews: decisions.Reviews) -> None:
+    """Refuse to write over a queue.csv in which a reviewer decided rows not imported yet: a
+    re-export would throw their work away."""
+    if not path.is_file():
+        return
+    waiting = []
+    try:
+        for n, _, row, _ in _rows(path):
+            if row and (row.get("decision") or "").strip() and (row.get("review_id") or "").strip() \
+                    not in reviews.by_id:
+                waiting.append(n)
+    except DecisionFileError:
+        return  # not a queue with decisions in it
+    if waiting:
+        rel = ws.rel(path)
+        raise UnimportedDecisions(
+            f"{rel} holds {len(waiting):,} decision{'s' * (len(waiting) != 1)} not imported yet (line "
+            f"{', '.join(map(str, waiting[:5]))}{', …' if len(waiting) > 5 else ''}): take them in first with "
+            f"`refinery review import {rel}`, or move the file away to start over; nothing was written")
+
+
 def export_queue(ws: Workspace, cfg: Config) -> Queue:
     """Write the review queue of the scored runs on disk (JSONL and CSV, each atomically): the
     rows awaiting review, less those decided since (imported, waiting for the next run-all).
@@ -100,6 +125,7 @@ def export_queue(ws: Workspace, cfg: Config) -> Queue:
     reviews = decisions.load(ws, cfg)
     out = ws.root / QUEUE_DIR
     q = Queue(out / "queue.jsonl", out / "queue.csv")
+    _keep_decisions(ws, q.csv, reviews)
     sources: Counter[str] = Counter()
     rules: Counter[str] = Counter()
     with atomic_write(q.jsonl) as f, atomic_write(q.csv) as c:
@@ -251,7 +277,12 @@ def _csv_rows(path: Path, text: io.TextIOWrapper) -> Iterator[tuple[int, int, di
     reader = csv.reader(text)
     header = next(reader, None)
     if not header or "review_id" not in header or "decision" not in header:
-        raise DecisionFileError(f"{path}: no review_id and decision columns in its first line: fill in the "
+        hint = ""
+        if header and len(header) == 1 and "review_id" in header[0] and ";" in header[0]:
+            hint = " (its cells are separated by ';': save it as comma-separated CSV, UTF-8)"
+        elif path.suffix.lower() in (".xlsx", ".xls", ".ods"):
+            hint = " (a spreadsheet workbook: save it as CSV, UTF-8)"
+        raise DecisionFileError(f"{path}: no review_id and decision columns in its first line{hint}: fill in the "
                                 "queue.csv that `refinery review export` writes (or JSONL rows with those keys)")
     keep = [i for i, name in enumerate(header) if name in _COLUMNS]  # not the row's text: only what is decided
     start = reader.line_num + 1

@@ -115,7 +115,7 @@ def test_decisions_move_their_rows_and_a_correction_becomes_a_preference_pair(sa
     result = _import(ws, decisions_csv)
     assert result.exit_code == 0, result.output
     assert "3 decisions imported (accept 1, reject 1, correct 1)" in result.output
-    assert "1 rows undecided" in result.output
+    assert "1 row undecided" in result.output
     stream = ws.kb / "human_reviews.jsonl"
     lines = [orjson.loads(x) for x in stream.read_bytes().splitlines()]
     assert [(x["review_id"], x["decision"], x["reviewer"], x["decided_at"]) for x in lines] == [
@@ -204,7 +204,7 @@ def test_a_bad_decision_file_is_refused_line_by_line_and_the_good_lines_are_take
     _write_csv(path, lines)
     result = _import(ws, path)
     assert result.exit_code == 2
-    assert "1 decisions imported (accept 1)" in result.output
+    assert "1 decision imported (accept 1)" in result.output
     expected = {3: "duplicate", 4: "conflicting", 5: "conflicting", 6: "unknown_id", 7: "not_in_review",
                 8: "bad_decision", 9: "missing_reviewer", 10: "missing_answer", 11: "answer_not_allowed",
                 12: "missing_id", 13: "bad_line"}
@@ -257,3 +257,34 @@ def test_a_decision_holds_only_while_its_row_reads_as_it_was_reviewed():
     # a hard failure still rejects, whatever a person said
     broken = dict(ev, signals=dict(ev["signals"], error="timeout"))
     assert score_record(broken, cfg, said(("accept", decisions.answer_sha256(broken))))[0] == "rejected"
+
+
+def test_a_correction_is_paired_over_the_answer_it_replaced_first():
+    from refinery.exporters.preference import pair_group
+
+    def row(rid, category, score, text, **flags):
+        return {"id": rid, "category": category, "score": score, "text_key": text, "source": "s", "reply": [],
+                "text": text, "task_key": "tk-1", "correction": False, "replaced": False, **flags}
+
+    others = [row(f"ev-{i:02d}", "rejected", 0.0, f"bad {i}") for i in range(10)]
+    rows = [row("ev-fix", "accepted", 1.0, "fixed", correction=True), row("ev-zz", "accepted", 1.0, "good"),
+            *others, row("ev-orig", "rejected", 0.0, "original", replaced=True)]
+    picked, _ = pair_group(rows, 1)
+    assert [(c["id"], r["id"]) for c, r in picked] == [("ev-fix", "ev-orig")]
+    # without the review's flags the same rows pair by score and id, as before
+    plain = [dict(r, correction=False, replaced=False) for r in rows]
+    assert [(c["id"], r["id"]) for c, r in pair_group(plain, 1)[0]] == [("ev-fix", "ev-00")]
+
+
+def test_exporting_again_never_writes_over_decisions_not_imported_yet(sample_run, ws):
+    queue = _queue(ws)
+    path = ws.root / review.QUEUE_DIR / "queue.csv"
+    table = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
+    table[1][table[0].index("decision")], table[1][table[0].index("reviewer")] = "accept", "bob"
+    _write_csv(path, table[1:])
+    before = path.read_bytes()
+    result = CliRunner().invoke(app, ["review", "export", "--workspace", str(ws.root)])
+    assert result.exit_code == 2 and "1 decision not imported yet (line 2)" in result.output
+    assert path.read_bytes() == before
+    assert _import(ws, path).exit_code == 0  # taken in: the queue can be written again, less that row
+    assert len(_queue(ws)) == len(queue) - 1

@@ -17,6 +17,10 @@ review_app = typer.Typer(
 app.add_typer(review_app, name="review")
 
 
+def _n(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 @review_app.command("export")
 def review_export(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Write the review queue of the scored runs on disk: reports/review/queue.jsonl (one row per
@@ -24,7 +28,8 @@ def review_export(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None,
     what each means, provenance pointing at its scored-run line) and reports/review/queue.csv
     (the same rows for a spreadsheet, with empty columns to decide in: decision = accept, reject
     or correct, corrected_answer, reviewer, note). Rows decided since the run (imported, waiting
-    for the next run-all) are left out. Secrets and personal data in the text read
+    for the next run-all) are left out. A queue.csv holding decisions not imported yet is never
+    written over (exit 2: import it first). Secrets and personal data in the text read
     [REDACTED:<kind>]. Exit 2 when there are no scored runs (run `refinery run-all` first)."""
     from refinery.api import review_export as do_export
 
@@ -47,7 +52,7 @@ def review_export(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None,
 @review_app.command("import")
 def review_import(
     decisions: Annotated[Path, typer.Argument(
-        help="The filled-in queue: queue.csv (or a copy), or JSONL rows with review_id and decision.",
+        metavar="FILE", help="The filled-in queue: queue.csv (or a copy), or JSONL rows with review_id and decision.",
         dir_okay=False)],
     workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None,
     reviewer: Annotated[str | None, typer.Option(help="Who decided, for rows whose reviewer cell is empty.")] = None,
@@ -84,14 +89,14 @@ def review_import(
 
         ws = Workspace.at(workspace)
         kinds = ", ".join(f"{d} {n:,}" for d, n in result.by_decision().items())
-        typer.echo(f"{result.count('imported'):,} decisions imported{f' ({kinds})' if kinds else ''} into "
-                   f"{ws.rel(result.stream)}; {result.count('undecided'):,} rows undecided; "
+        typer.echo(f"{_n(result.count('imported'), 'decision')} imported{f' ({kinds})' if kinds else ''} into "
+                   f"{ws.rel(result.stream)}; {_n(result.count('undecided'), 'row')} undecided; "
                    f"{result.count('already_imported'):,} already imported")
         for e in result.refused:
             row = f" (row {e.row})" if e.row != e.line else ""
             _err(f"{result.file}:{e.line}{row}: {e.review_id or '-'}: {e.outcome}: {e.detail} — {PROBLEMS[e.outcome]}")
         if result.refused:
-            _err(f"{len(result.refused):,} lines refused; each line's outcome: {ws.rel(result.log)}")
+            _err(f"{_n(len(result.refused), 'line')} refused; each line's outcome: {ws.rel(result.log)}")
         if result.count("imported"):
             typer.echo("run `refinery run-all` to apply them")
     if result.refused:

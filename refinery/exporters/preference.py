@@ -45,6 +45,10 @@ class Preference(Exporter):
             "task_key": sr["task_key"], "id": sr["id"], "category": sr["category"], "score": sr["score"],
             "source": sr["source"], "prompt": ev["prompt"], "system": system or None, "text": c.answer,
             "reply": reply(ev), "text_key": c.norm, "prov": c.prov,
+            # a reviewer's corrected answer, and the answer it replaced: paired first (refinery.decisions)
+            "correction": ev["kind"] == "human_review" and any(
+                x["name"] == "human_review" and x["value"] == "correct" for x in ev["signals"]["scores"]),
+            "replaced": "human_review_corrected" in sr["rules_fired"],
         }) + b"\n"
 
     def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
@@ -92,7 +96,8 @@ def pair_group(rows: list[dict[str, Any]], max_pairs: int) -> tuple[list[tuple[d
     chosen: accepted / partially_accepted answers, best first; rejected: rejected answers,
     worst first. Identical texts (normalised) are kept once per side; a pair needs different
     ids, different texts and a strictly higher chosen score. Each answer is used once before
-    any is used twice, up to `max_pairs` pairs; output order is deterministic (by score, id).
+    any is used twice, up to `max_pairs` pairs — a reviewer's corrected answer over the answer
+    it replaced before any other; output order is deterministic (by score, id).
     """
     left: dict[str, Reason] = {}
 
@@ -112,6 +117,8 @@ def pair_group(rows: list[dict[str, Any]], max_pairs: int) -> tuple[list[tuple[d
     candidates = [(c, r) for c in chosen for r in rejected
                   if c["id"] != r["id"] and c["text_key"] != r["text_key"] and c["score"] > r["score"]]
     valid = [(c, r) for c, r in candidates if not repeats_chosen_call(c, r)]
+    # a reviewer's correction over the answer it replaced comes first: the pair the review made
+    valid.sort(key=lambda pair: not (pair[0].get("correction") and pair[1].get("replaced")))
     same_call = {x["id"] for pair in candidates for x in pair} - {x["id"] for pair in valid for x in pair}
     picked: list[tuple[dict, dict]] = []
     used: set[str] = set()
