@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from refinery.canonical import sig_hash
+from refinery.canonical import file_sha256, sig_hash
 from refinery.reasons import Reason
 from refinery.transform import RowError, parse_timestamp
 
 if TYPE_CHECKING:
     from refinery.config import Config
+    from refinery.discovery import Claim
+    from refinery.sources import SourceFile
     from refinery.workspace import Workspace
 
 #: where `review import` writes; the `human_reviews` importer claims every file this pattern names
@@ -104,17 +104,34 @@ def parse(row: Any) -> Decision:
     digest = _text(row, "answer_sha256", required=True)
     if len(digest) != 64 or not set(digest) <= _HEX:
         raise RowError(Reason.WRONG_TYPE, "field 'answer_sha256' is not a sha256 (64 hex digits)")
+    if answer_sha256(row) != digest:  # what it says was reviewed is not what was: never approve that
+        raise RowError(Reason.EDITED_DECISION, f"{review_id}: the reviewed prompt, conversation, answer or tool "
+                                               "calls no longer hash to its answer_sha256")
     return Decision(review_id, decision, digest, _text(row, "reviewer", required=True),
                     corrected or None, _text(row, "note"), parse_timestamp(row.get("decided_at"), "decided_at"))
 
 
-def decision_files(ws: Workspace, cfg: Config) -> list[tuple[Path, str]]:
-    """(path, workspace-relative path) of every human_reviews file under data/_kb, in order."""
-    from refinery.discovery import name_matches
+NAME = "human_reviews"
+
+
+def decision_sources(ws: Workspace, cfg: Config) -> list[tuple[SourceFile, Claim]]:
+    """Every source file the human_reviews importer reads, as materialize decides it (its name
+    pattern, or a [sources] table naming the importer), with the claim that says how to read it."""
+    from refinery.discovery import Registry, name_matches
     from refinery.sources import list_sources
 
-    return [(s.path, s.ws_rel) for s in list_sources(ws, cfg.materialize.ignore)[0]
-            if s.refused is None and not s.compressed and name_matches(s.kb_rel, PATTERNS)]
+    named = any(sc.importer == NAME for sc in cfg.sources.values())
+    maybe = [s for s in list_sources(ws, cfg.materialize.ignore)[0]
+             if s.refused is None and (named or name_matches(s.kb_rel, PATTERNS))]
+    if not maybe:
+        return []
+    registry = Registry.load(ws.root, cfg)
+    return [(s, c) for s in maybe if (c := registry.claim(s)).name == NAME and c.error is None]
+
+
+def decision_files(ws: Workspace, cfg: Config) -> list[tuple[Path, str]]:
+    """(path, workspace-relative path) of every human_reviews file under data/_kb, in order."""
+    return [(s.path, s.ws_rel) for s, _ in decision_sources(ws, cfg)]
 
 
 @dataclass(frozen=True)
@@ -143,22 +160,24 @@ class Reviews:
 
 
 def load(ws: Workspace, cfg: Config) -> Reviews:
-    """Every usable decision in the stream's files (a line that is not one is quarantined by
-    materialize, and ignored here)."""
-    files = decision_files(ws, cfg)
-    if not files:
+    """Every usable decision in the stream's files, read as materialize reads them (a line it
+    refuses — too long, not JSON, no decision — is ignored here, so the two never disagree)."""
+    from refinery.sources import read_rows
+
+    found = decision_sources(ws, cfg)
+    if not found:
         return Reviews()
     h = hashlib.sha256()
     by_id: dict[str, list[Decision]] = defaultdict(list)
-    for path, rel in files:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for line in f:
-                digest.update(line)
-                try:
-                    d = parse(orjson.loads(line))
-                except (orjson.JSONDecodeError, RowError):
-                    continue
-                by_id[d.review_id].append(d)
-        h.update(rel.encode() + b"\0" + digest.digest())
+    m = cfg.materialize
+    for src, claim in found:
+        for line in read_rows(src, m.max_line_bytes, claim.record_paths, m.max_document_bytes):
+            if line.obj is None:
+                continue
+            try:
+                d = parse(line.obj)
+            except RowError:
+                continue
+            by_id[d.review_id].append(d)
+        h.update(src.ws_rel.encode() + b"\0" + bytes.fromhex(file_sha256(src.path)))
     return Reviews({k: tuple(v) for k, v in by_id.items()}, h.hexdigest())

@@ -57,6 +57,9 @@ class Reason(StrEnum):
     CONFLICTING_DECISIONS = "conflicting_decisions"
     """Two decisions in the human_reviews stream on the same row, as it read then, that differ
     (accept and reject, two corrections): neither is taken, and the row stays to review."""
+    EDITED_DECISION = "edited_decision"
+    """A human_reviews line whose copy of the reviewed text no longer hashes to its
+    answer_sha256: it was edited after `review import`, so it would approve text nobody read."""
     NO_MODEL_CALL = "no_model_call"
     """A trace (or run tree) that holds no LLM call in any file — only HTTP, tool or chain steps:
     nothing to learn from, unless the file holding its LLM call is missing."""
@@ -107,6 +110,8 @@ REASON_HELP: dict[Reason, str] = {
     Reason.UNMATCHED_JOIN: "add the file holding its partner to data/_kb/ (e.g. the Batch input next to the output)",
     Reason.CONFLICTING_DECISIONS: "keep one decision per row in data/_kb/human_reviews.jsonl (delete the other "
                                   "line), then run run-all again",
+    Reason.EDITED_DECISION: "take the decision in again with `refinery review import`; never edit the reviewed "
+                            "text in data/_kb/human_reviews.jsonl",
     Reason.NO_MODEL_CALL: "expected for traces of plain HTTP/tool spans; if their LLM calls were exported to "
                           "another file, add it to data/_kb/",
     Reason.FILTERED_OUT: "expected: the mapping's filter keeps only the rows it names",

@@ -177,6 +177,8 @@ PROBLEMS: dict[str, str] = {
     "conflicting": "the file decides this row differently on several lines: keep one of them",
     "unknown_id": "no scored run has this id: run `refinery review export` again and decide on its rows",
     "not_in_review": "only rows awaiting review (needs_human_review) take a decision",
+    "too_long": "the reviewed row and the answer are too long for one line of the stream: shorten the corrected "
+                "answer, or raise materialize.max_line_bytes in refinery.toml",
     "conflicts_earlier": "this row was already decided otherwise (data/_kb/human_reviews.jsonl): keep that "
                          "one, or edit that line and run run-all again",
 }
@@ -274,7 +276,17 @@ def _jsonl_rows(f: Any) -> Iterator[tuple[int, int, dict[str, Any] | None, str]]
 
 
 def _csv_rows(path: Path, text: io.TextIOWrapper) -> Iterator[tuple[int, int, dict[str, Any] | None, str]]:
-    reader = csv.reader(text)
+    # a cell may be long (a corrected answer); the limit is process-wide, and set per read (sources.py)
+    csv.field_size_limit(1 << 30)
+    reader = csv.reader(text, strict=True)  # a quote left open must not swallow the rows after it
+    try:
+        yield from _csv_records(path, reader)
+    except csv.Error as e:
+        raise DecisionFileError(f"{path}:{reader.line_num}: {e} — a cell's quotes do not match (a quote opened "
+                                "and not closed?); fix that cell and import again; nothing was imported") from e
+
+
+def _csv_records(path: Path, reader: Any) -> Iterator[tuple[int, int, dict[str, Any] | None, str]]:
     header = next(reader, None)
     if not header or "review_id" not in header or "decision" not in header:
         hint = ""
@@ -403,8 +415,13 @@ def import_decisions(ws: Workspace, cfg: Config, path: Path, *, reviewer: str | 
     refused with its problem (PROBLEMS) and changes nothing; the others are imported. Every
     line's outcome is written to reports/review/import.jsonl. `decided_at`: the time of the
     decisions without one of their own (default: now)."""
-    file = str(path)
-    entries = _entries(path, reviewer, decided_at or now_utc())
+    try:
+        now = parse_timestamp(decided_at, "decided_at") if decided_at else now_utc()
+    except RowError as e:
+        raise DecisionFileError(f"{e.detail}: write it as ISO 8601, e.g. 2026-11-30T14:00:00Z") from e
+    resolved = path.resolve()
+    file = ws.rel(resolved) if resolved.is_relative_to(ws.root) else str(resolved)
+    entries = _entries(path, reviewer, now)
     _same_file(entries)
     stream, log = ws.kb / decisions.STREAM, ws.root / IMPORT_LOG
     with ws.lock():
@@ -429,7 +446,12 @@ def import_decisions(ws: Workspace, cfg: Config, path: Path, *, reviewer: str | 
             if sr["category"] != CATEGORY:
                 e.refuse("not_in_review", f"it is {sr['category']} ({', '.join(sr['rules_fired']) or 'no rule'})")
                 continue
-            lines.append(_stream_line(e, ev, sr, file))
+            line = _stream_line(e, ev, sr, file)
+            if len(line) > cfg.materialize.max_line_bytes:
+                e.refuse("too_long", f"its line in the stream would be {len(line):,} bytes, over "
+                                     f"materialize.max_line_bytes ({cfg.materialize.max_line_bytes:,})")
+                continue
+            lines.append(line)
         if lines:
             old = stream.read_bytes() if stream.exists() else b""
             with atomic_write(stream) as f:

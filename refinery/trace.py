@@ -24,7 +24,7 @@ from refinery.errors import RefineryError
 from refinery.jsonl import Line, LineCursor, read_jsonl
 from refinery.sources import SourceRecords
 from refinery.exporters import EXPORTERS
-from refinery.workspace import Workspace
+from refinery.workspace import Workspace, inside
 
 
 class NotFound(RefineryError, LookupError):
@@ -109,7 +109,7 @@ def find_row(ws: Workspace, row_id: str) -> tuple[Path, int, dict[str, Any]]:
 def _read_line(ws: Workspace, sources: SourceRecords, rel: str, offset: int,
                record: str | None = None) -> Line | None:
     path = ws.root / rel
-    if not path.is_file():
+    if not inside(rel) or not path.is_file():  # provenance names a file of the workspace, never one outside
         return None
     if rel.startswith("data/_kb/"):
         return sources.at(rel, offset, record)
@@ -191,13 +191,23 @@ def trace(ws: Workspace, row_id: str) -> Trace:
         chains.append(follow(ws, row["rejected_provenance"], "rejected", start, sources))
     else:
         chains.append(follow(ws, row["provenance"], "row", start, sources))
+    streams: set[str] | None = None
     for chain in list(chains):  # a person's decision (refinery.decisions): on to the row decided on
         last = chain.hops[-1]
         if not (chain.ok and last.file.startswith("data/_kb/") and last.line is not None):
             continue
+        if streams is None:
+            from refinery.config import load_config
+            from refinery.decisions import decision_files
+
+            streams = {rel for _, rel in decision_files(ws, load_config(ws.root))}
+        if last.file not in streams:
+            continue
         line = _read_line(ws, sources, last.file, last.line, last.record)
         reviewed = line.obj.get("reviewed") if line is not None and isinstance(line.obj, dict) else None
-        if isinstance(reviewed, dict) and isinstance(line.obj.get("review_id"), str):
+        if isinstance(reviewed, dict) and isinstance(reviewed.get("source_file"), str) \
+                and reviewed["source_file"].startswith("data/evidence/") and type(reviewed.get("line_offset")) is int \
+                and isinstance(reviewed.get("sig_hash"), str):
             decided = follow(ws, reviewed, "decided on", Hop(last.file, last.line, None, last.expected_sig,
                                                              last.actual_sig, True, None, last.preview), sources)
             decided.counts = False  # where the row was when decided: a later run may have moved it

@@ -9,6 +9,7 @@ import csv
 import io
 
 import orjson
+import pytest
 from typer.testing import CliRunner
 
 from refinery import decisions, review, sensitive
@@ -288,3 +289,108 @@ def test_exporting_again_never_writes_over_decisions_not_imported_yet(sample_run
     assert path.read_bytes() == before
     assert _import(ws, path).exit_code == 0  # taken in: the queue can be written again, less that row
     assert len(_queue(ws)) == len(queue) - 1
+
+
+@pytest.mark.parametrize("stored", ["gzip", "named-in-refinery.toml", "byte-order-mark"])
+def test_score_moves_a_row_exactly_when_materialize_takes_its_decision(sample_run, ws, tmp_path, stored):
+    """score reads the stream as materialize does, whatever way it is stored: a row moves iff its
+    decision became evidence."""
+    import gzip
+
+    row = _plain(_queue(ws))[0]
+    path = tmp_path / "d.csv"
+    _write_csv(path, [_decided(row, "reject")])
+    assert _import(ws, path).exit_code == 0
+    stream = ws.kb / "human_reviews.jsonl"
+    data = stream.read_bytes()
+    if stored == "gzip":
+        (ws.kb / "human_reviews.jsonl.gz").write_bytes(gzip.compress(data))
+        stream.unlink()
+    elif stored == "named-in-refinery.toml":
+        (ws.kb / "decisions").mkdir()
+        (ws.kb / "decisions" / "week48.jsonl").write_bytes(data)
+        stream.unlink()
+        (ws.root / "refinery.toml").write_text('[sources.week48]\nmatch = "decisions/*.jsonl"\n'
+                                                'importer = "human_reviews"\n')
+    else:
+        stream.write_bytes(b"\xef\xbb\xbf" + data)
+    assert run_all(ws, load_config(ws.root)).exit_code == 0
+    decided = [ev for p in ws.evidence.rglob("*.jsonl") for ev in map(orjson.loads, p.read_bytes().splitlines())
+               if ev["kind"] == "human_review"]
+    assert len(decided) == 1 and decided[0]["signals"]["approved"] is False
+    assert _scored(ws)[row["review_id"]]["category"] == "rejected"
+
+
+def test_a_stream_line_materialize_refuses_moves_no_row(sample_run, ws, tmp_path):
+    row = _plain(_queue(ws))[0]
+    path = tmp_path / "d.csv"
+    _write_csv(path, [_decided(row, "correct", "A long corrected answer. " * 2000)])
+    assert _import(ws, path).exit_code == 0
+    longest = max(len(line) for p in ws.kb.rglob("*") if p.is_file() and p.name != "human_reviews.jsonl"
+                  for line in p.read_bytes().splitlines())
+    assert len((ws.kb / "human_reviews.jsonl").read_bytes()) > longest + 1
+    # a smaller limit set after the import: every source line still fits, the decision's does not
+    (ws.root / "refinery.toml").write_text(f"[materialize]\nmax_line_bytes = {longest + 1}\n")
+    assert run_all(ws, load_config(ws.root)).exit_code == 0
+    assert _scored(ws)[row["review_id"]]["category"] == "needs_human_review"
+    refused = [q for q in map(orjson.loads, (ws.root / "exports/quarantine/materialize.jsonl").read_bytes()
+                              .splitlines()) if q["source"] == "human_reviews"]
+    assert [q["reason"] for q in refused] == ["line_too_long"]
+    # and import says so itself when a decision would not fit
+    other = _plain(_queue(ws))[1]
+    _write_csv(path, [_decided(other, "correct", "Another long corrected answer. " * 2000)])
+    result = _import(ws, path)
+    assert result.exit_code == 2 and ": too_long: " in result.output
+
+
+def test_a_quote_left_open_refuses_the_file_instead_of_swallowing_rows(sample_run, ws, tmp_path):
+    rows = _plain(_queue(ws))[:3]
+    path = tmp_path / "d.csv"
+    _write_csv(path, [_decided(r, "accept") for r in rows])
+    text = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    text[1] = text[1].rstrip("\r\n") + ',"he said ""ok""\r\n'  # an extra cell whose quote never closes
+    path.write_text("".join(text), encoding="utf-8")
+    result = _import(ws, path)
+    assert result.exit_code == 2 and "quotes do not match" in result.output
+    assert not (ws.kb / "human_reviews.jsonl").exists()
+
+
+def test_the_api_refuses_a_time_it_cannot_read(sample_run, ws, tmp_path):
+    from refinery import api
+    from refinery.errors import RefineryError
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(orjson.dumps({"review_id": _plain(_queue(ws))[0]["review_id"], "decision": "accept",
+                                   "reviewer": "dana"}))
+    with pytest.raises(RefineryError, match="ISO 8601"):
+        api.review_import(ws.root, path, decided_at="last tuesday")
+    assert not (ws.kb / "human_reviews.jsonl").exists()
+    done = api.review_import(ws.root, path, decided_at="2026-11-28T09:30:00+01:00")
+    assert done.count("imported") == 1 and done.file == str(path)
+    assert orjson.loads((ws.kb / "human_reviews.jsonl").read_bytes())["decided_at"] == "2026-11-28T08:30:00.000000Z"
+
+
+def test_a_correction_of_a_conversation_without_a_user_turn_keeps_none_of_the_old_answer():
+    from refinery.discovery import BUILTIN_DIR, discover_modules
+    from refinery.transform import Member
+
+    t = next(m for m in discover_modules([BUILTIN_DIR]) if m.spec.name == "human_reviews")
+    messages = [{"role": "system", "content": "Write a haiku.", "name": None, "tool_calls": None,
+                 "tool_call_id": None},
+                {"role": "assistant", "content": "Paper trails of debt", "name": None, "tool_calls": None,
+                 "tool_call_id": None}]
+    row = {"review_id": "ev-1", "decision": "correct", "corrected_answer": "A better haiku.", "reviewer": "dana",
+           "decided_at": DECIDED_AT, "prompt": None, "messages": messages, "response": "Paper trails of debt",
+           "tool_calls": []}
+    row["answer_sha256"] = decisions.answer_sha256(row)
+    [emit] = t.assemble([Member("decision", row, None, 0, 0, None, "x")], None)
+    assert emit.evidence["messages"] == messages[:1] and emit.evidence["response"] == "A better haiku."
+
+
+def test_trace_never_reads_a_file_outside_the_workspace(sample_run, ws):
+    from refinery import trace
+
+    sources = trace._sources(ws)
+    for rel in ("../../../../../../etc/passwd", "data/evidence/../../../../../../etc/passwd",
+                "data/_kb/../../../../../../etc/passwd", "/etc/passwd"):
+        assert trace._read_line(ws, sources, rel, 0) is None

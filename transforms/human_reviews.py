@@ -11,7 +11,11 @@ decision is evidence of what a person said about an answer to the reviewed row's
 The row decided on is named by `review_id` and `reviewed` (its evidence line); score moves it
 out of needs_human_review. Decisions on the same row as it read then are joined: repeats of
 one decision are duplicate_row, and decisions that differ (only a hand edit makes them) are
-all refused as conflicting_decisions — score then leaves the row to review. Times: `decided_at`.
+all refused as conflicting_decisions — score then leaves the row to review. A line whose copy
+of the reviewed text no longer hashes to its answer_sha256 is refused (edited_decision): it
+would approve text nobody read. A decision on an earlier reading of a row (its answer has
+changed since) still stands for the text that was read: that text, approved or not, is
+evidence; score leaves the row itself to review again. Times: `decided_at`.
 """
 
 from refinery import decisions
@@ -56,7 +60,11 @@ def _evidence(row, d):
     if d.decision == decisions.CORRECT:
         response, calls = d.corrected_answer, []
         if messages:  # the conversation up to the prompt: the corrected answer replaces what followed
-            messages = messages[:last_user_index(messages, len(messages) - 1) + 1]
+            end = last_user_index(messages)
+            if end is None:  # no user turn: up to the first answer
+                end = next((i for i, m in enumerate(messages) if m.get("role") in ("assistant", "tool")),
+                           len(messages)) - 1
+            messages = messages[:end + 1] or None
     else:
         response = _str(row, "response")
         calls = [tool_call(c) for c in row["tool_calls"]] if isinstance(row.get("tool_calls"), list) else []

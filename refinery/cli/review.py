@@ -72,14 +72,7 @@ def review_import(
     nothing; every line's outcome is in reports/review/import.jsonl. Exit 2 when any line was
     refused (the others are imported), or the file cannot be read."""
     from refinery.api import review_import as do_import
-    from refinery.transform import RowError, parse_timestamp
 
-    if decided_at is not None:
-        try:
-            decided_at = parse_timestamp(decided_at, "--decided-at")
-        except RowError as e:
-            _err(f"{e.detail}: write it as ISO 8601, e.g. 2026-11-30T14:00:00Z")
-            raise typer.Exit(2) from None
     result = do_import(workspace, decisions, config=config, reviewer=reviewer, decided_at=decided_at)
     if as_json:
         _print_json(result.to_json())
