@@ -37,6 +37,10 @@ class MaterializeConfig(Section):
     parallel_min_bytes: int = Field(
         default=8 << 20, ge=0,
         description="inputs smaller than this are processed in-process (workers cost start-up time)")
+    partition_bytes: int = Field(
+        default=64 << 20, ge=0,
+        description="a JSONL source larger than this is cut into line-aligned byte ranges of about this "
+                    "size, worked on in parallel (0: never cut); the outputs are the same whatever it is")
     max_document_bytes: int = Field(
         default=256 << 20, gt=0,
         description="a whole JSON document (or archive member) larger than this is refused as "

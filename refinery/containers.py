@@ -240,6 +240,14 @@ def read_records(path: Path, container: str | None, compressed: bool, record_pat
         raise ValueError(f"unknown container {container!r}")
 
 
+def read_span(path: Path, start: int, end: int, first_line: int, limits: Limits = Limits()) -> Iterator[Line]:
+    """The lines of an uncompressed JSONL file from byte `start` (a line's start: line number
+    `first_line`) up to byte `end`, numbered as in the whole file (refinery.partitions)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        yield from iter_lines(f, limits.max_line_bytes, first_line, end)
+
+
 def _damage(offset: int, what: str, err: BaseException) -> Line:
     return Line(offset, b"", None, Reason.DAMAGED_CONTAINER, f"{what}: {type(err).__name__}: {err}")
 

@@ -58,14 +58,20 @@ def read_jsonl(path: str | os.PathLike, max_line_bytes: int = DEFAULT_MAX_LINE_B
         yield from iter_lines(f, max_line_bytes)
 
 
-def iter_lines(f: Any, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Line]:
-    """`read_jsonl` over an open binary stream (a file, a gzip stream, a zip member)."""
+def iter_lines(f: Any, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, first: int = 0,
+               end: int | None = None) -> Iterator[Line]:
+    """`read_jsonl` over an open binary stream (a file, a gzip stream, a zip member). A byte
+    range of a file: `f` positioned at a line's start, `first` that line's number in the file,
+    `end` the position (a line's start, or the end of the file) to stop at."""
     loads = orjson.loads
     decode_error = orjson.JSONDecodeError
     limit = max_line_bytes + 2  # room for "\r\n"
     readline = f.readline
-    offset = -1
+    tell = f.tell if end is not None else None
+    offset = first - 1
     while True:
+        if tell is not None and tell() >= end:
+            return
         raw = readline(limit)
         if not raw:
             return

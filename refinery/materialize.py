@@ -46,8 +46,9 @@ from typing import Any
 
 import orjson
 
-from refinery import sensitive
+from refinery import partitions, sensitive
 from refinery.canonical import file_sha256
+from refinery.containers import Limits, read_span
 from refinery.config import Config, MaterializeConfig, table_name
 from refinery.dedup import SeenHashes
 from refinery.discovery import Claim, Registry, Transform
@@ -454,6 +455,10 @@ class FileJob:
     buckets: int
     validate: bool
     plan: Plan | None = None
+    seq: int = 0
+    """the job's number in the run (a file cut into ranges is several jobs): orders its parts"""
+    span: partitions.Span | None = None
+    """the byte range of the file it works on (refinery.partitions); None: the whole file"""
 
 
 #: Out of file handles: the system's limit, not the source's fault (the run stops).
@@ -482,12 +487,15 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
     fn = transform.fn if transform else None
     join_key = transform.join_key if transform is not None and transform.joins else None
     # The one structure that grows with the input: 64 bits of each row's hash (16 bytes a
-    # row), so that exact duplicates anywhere in the file are caught.
-    seen_add = SeenHashes(expected=max(src.size, 1) // 1024).add
+    # row), so that exact duplicates anywhere in the file are caught. A byte range of a file has
+    # its duplicates found for it, file-wide (refinery.partitions).
+    span = job.span
+    seen_add = SeenHashes(expected=max(src.size, 1) // 1024).add if span is None else None
+    dups = span.dups if span is not None else frozenset()
     from_bytes = int.from_bytes
     source = src.source
     is_csv = src.container == "csv"
-    spill = Spill(job.spill_dir, job.index, job.buckets)
+    spill = Spill(job.spill_dir, job.seq, job.buckets)
     trust = job.trust
 
     def refuse(offset, raw, row, reason, detail, sig, record=None, recorded_at=None):
@@ -511,7 +519,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
     try:
         if src.refused:
             raise OSError(0, src.refused)
-        res.input_sha256 = file_sha256(src.path)
+        res.input_sha256 = file_sha256(src.path) if span is None or span.start == 0 else None
         with open(job.quarantine_part, "wb", buffering=1 << 20) as qf:
             qw = JsonlWriter(qf)
             if src.container is None:
@@ -533,7 +541,8 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                     whole_file(Reason.DAMAGED_CONTAINER, f"not a readable zip archive (cut short?): {e}")
             else:
                 rows = read_rows(src, mcfg.max_line_bytes, job.record_paths, mcfg.max_document_bytes,
-                                 strict=job.strict_paths)
+                                 strict=job.strict_paths) if span is None else \
+                    read_span(src.path, span.start, span.end, span.first_line, Limits(mcfg.max_line_bytes))
                 for line in rows:
                     res.rows_in += 1
                     offset, raw, row, record = line.offset, line.raw, line.obj, line.record
@@ -552,7 +561,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
                         refuse(offset, raw, row, Reason.UNKNOWN_SOURCE,
                                f"no importer claims data/_kb/{src.kb_rel}: {job.claim_why}", sig, record)
                         continue
-                    if not seen_add(from_bytes(digest[:8], "little")):
+                    if (offset in dups) if seen_add is None else not seen_add(from_bytes(digest[:8], "little")):
                         refuse(offset, raw, row, Reason.DUPLICATE_ROW,
                                "exact duplicate of an earlier record in this file (same sig_hash)", sig, record)
                         continue
@@ -829,6 +838,65 @@ def _buckets(sources: list[SourceFile], claims: list[Claim]) -> int:
     return max(1, min(MAX_BUCKETS, -(-spill // BUCKET_BYTES)))
 
 
+def _cuttable(src: SourceFile, claim: Claim, target: int) -> bool:
+    """Whether a file may be worked on in byte ranges (refinery.partitions says which)."""
+    t = claim.transform
+    return (0 < target < src.size and src.container == "lines" and not src.compressed and src.refused is None
+            and claim.error is None and t is not None and not t.joins and t.paths is None and not claim.record_paths)
+
+
+def _spans(sources: list[SourceFile], claims: list[Claim], mcfg: MaterializeConfig,
+           folder: Path) -> dict[int, list[partitions.Span]]:
+    """The byte ranges of each file to cut (by file index), numbered and with their duplicates
+    found file-wide by a first pass over every range, in parallel."""
+    ranges = {i: r for i, (s, c) in enumerate(zip(sources, claims)) if _cuttable(s, c, mcfg.partition_bytes)
+              and len(r := partitions.cut(s.path, s.size, mcfg.partition_bytes)) > 1}
+    if not ranges:
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    scans = [(sources[i].path, a, b, mcfg.max_line_bytes, folder / f"{i:06d}-{k:06d}")
+             for i, r in ranges.items() for k, (a, b) in enumerate(r)]
+    lines = iter(map_files(partitions.scan, scans, [b - a for _, a, b, _, _ in scans], workers=mcfg.workers,
+                           parallel_min_bytes=mcfg.parallel_min_bytes))
+    found = iter(j[4] for j in scans)
+    return {i: partitions.spans(r, [next(lines) for _ in r], [next(found) for _ in r], sources[i].size // 1024)
+            for i, r in ranges.items()}
+
+
+def _files(jobs: list[FileJob], results: list[FileResult], n_files: int) -> list[FileResult]:
+    """One result per source file: a file worked on in byte ranges gets its ranges' results
+    summed — or, when one range could not be read, the file is unreadable as a whole: nothing
+    of it is kept but that one quarantine record, as when it is read in one piece."""
+    by_file: list[list[tuple[FileJob, FileResult]]] = [[] for _ in range(n_files)]
+    for j, r in zip(jobs, results, strict=True):
+        by_file[j.index].append((j, r))
+    out = []
+    for mine in by_file:
+        first = mine[0][1]
+        if len(mine) > 1 and (bad := next((r for _, r in mine if r.unreadable), None)) is not None:
+            for j, r in mine:
+                shutil.rmtree(j.evidence_dir, ignore_errors=True)
+                for t in r.tails:
+                    shutil.rmtree(t.folder, ignore_errors=True)
+                if r is not bad:
+                    j.quarantine_part.write_bytes(b"")
+            bad.tails, bad.partitions = [], {}
+            out.append(bad)
+            continue
+        for _, r in mine[1:]:
+            for name in ("rows_in", "evidence", "quarantined", "joined", "split", "undated", "transform_errors"):
+                setattr(first, name, getattr(first, name) + getattr(r, name))
+            first.by_reason = dict(sorted((Counter(first.by_reason) + Counter(r.by_reason)).items()))
+            first.dropped_fields = dict(sorted((Counter(first.dropped_fields) + Counter(r.dropped_fields)).items()))
+            first.partitions = dict(sorted((Counter(first.partitions) + Counter(r.partitions)).items()))
+            first.first_transform_error = first.first_transform_error or r.first_transform_error
+            first.file_error = first.file_error or r.file_error
+            first.warnings += [w for w in r.warnings if w not in first.warnings]
+            first.tails += r.tails
+        out.append(first)
+    return out
+
+
 def claims_for(ws: Workspace, cfg: Config, registry: Registry | None = None
                ) -> tuple[Registry, list[SourceFile], list[str], list[Claim]]:
     """The registry, the source files, the ignored files, and who claims each source file."""
@@ -901,6 +969,7 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
             if plan is not None:
                 plan = plan.sized(sum(s.size * (8 if s.compressed else 1) for s in sources))
             spill_root = parts / "spill"
+            cut = _spans(sources, claims, mcfg, parts / "scan")
             jobs = []
             for i, (s, c) in enumerate(zip(sources, claims)):
                 sc = c.source_cfg
@@ -908,15 +977,18 @@ def run(ws: Workspace, cfg: Config, *, validate: bool = False,
                     if sc is not None and sc.recorded_at else None
                 spill_dir = spill_root / (c.name or "_")
                 spill_dir.mkdir(parents=True, exist_ok=True)
-                jobs.append(FileJob(i, s, c.name, c.why, c.error, c.record_paths, c.strict_paths,
-                                    sc.trust if sc else None, fallback, parts / f"ev-a{i:06d}",
-                                    parts / f"q-a{i:06d}.jsonl", spill_dir, buckets, validate, plan))
+                for span in cut.get(i, [None]):
+                    k = len(jobs)
+                    jobs.append(FileJob(i, s, c.name, c.why, c.error, c.record_paths, c.strict_paths,
+                                        sc.trust if sc else None, fallback, parts / f"ev-a{k:06d}",
+                                        parts / f"q-a{k:06d}.jsonl", spill_dir, buckets, validate, plan, k, span))
             sensitive.prepare()  # compiled once, inherited by forked workers
             _allow_open_files()
-            files: list[FileResult] = map_files(
-                _work_file, [(j,) for j in jobs], [s.size for s in sources], workers=mcfg.workers,
-                parallel_min_bytes=mcfg.parallel_min_bytes, initializer=_init_worker, initargs=(str(ws.root), cfg),
-                on_done=on_file_done)
+            done_jobs: list[FileResult] = map_files(
+                _work_file, [(j,) for j in jobs], [j.span.end - j.span.start if j.span else j.src.size for j in jobs],
+                workers=mcfg.workers, parallel_min_bytes=mcfg.parallel_min_bytes, initializer=_init_worker,
+                initargs=(str(ws.root), cfg), on_done=on_file_done)
+            files = _files(jobs, done_jobs, len(sources))
 
             joining = sorted({c.name for c in claims if c.transform is not None and c.transform.joins})
             alias_jobs = [(spill_root / name, b, len(jobs) + b, buckets) for name in joining for b in range(buckets)

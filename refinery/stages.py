@@ -93,9 +93,10 @@ class Step:
 
 
 def _materialize_settings(cfg: Config, include_partial: bool | None) -> dict[str, Any]:
-    # worker counts never change an output; transforms_dirs only says where modules are (what
-    # they are is in the code version)
-    m = cfg.materialize.model_dump(mode="json", exclude={"workers", "parallel_min_bytes", "transforms_dirs"})
+    # worker counts and partition sizes never change an output; transforms_dirs only says where
+    # modules are (what they are is in the code version)
+    m = cfg.materialize.model_dump(mode="json", exclude={"workers", "parallel_min_bytes", "partition_bytes",
+                                                         "transforms_dirs"})
     doc: dict[str, Any] = {"materialize": m, "mappings": {k: v.model_dump(mode="json")
                                                            for k, v in cfg.mappings.items()}}
     if cfg.sources or cfg.signals:  # absent when unused, so older receipts stay comparable

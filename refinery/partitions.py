@@ -1,0 +1,97 @@
+"""Byte-range partitions: a large JSONL source cut into line-aligned ranges, worked on in parallel.
+
+One 20 GB source file would otherwise be one unit of work. A file larger than
+`materialize.partition_bytes` is cut into ranges of about that size, each starting at the start
+of a line; materialize works on each range as it would on a file of its own, and puts the
+file's results back together. Nothing in the outputs depends on the cut:
+
+- provenance stays file-global: a range knows the number of its first line;
+- "an exact duplicate of an earlier record in this file" stays file-wide: a first, cheap pass
+  over every range (in parallel) lists each record's 64-bit hash, and the duplicates are found
+  in file order from those lists before any range is worked on;
+- each range's evidence, quarantine and single-pass tails are parts, put together in range
+  order, as the parts of a joined source's partitions already are.
+
+Only what can be cut this way is cut: uncompressed JSONL read record by record by an importer
+module (not a declarative mapping, whose "this path matched nothing" is said per file; not a
+joined source; no record paths). Everything else is one unit per file, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from refinery.containers import Limits, read_span
+from refinery.dedup import SeenHashes
+
+
+@dataclass(frozen=True)
+class Span:
+    """One byte range of a source file, and what the file-wide pass found for it."""
+
+    start: int
+    end: int
+    first_line: int
+    """the number of its first line in the file"""
+    dups: frozenset[int]
+    """line numbers of its records that repeat an earlier record of the file"""
+
+
+def cut(path: Path, size: int, target: int) -> list[tuple[int, int]]:
+    """Line-aligned (start, end) ranges of about `target` bytes covering the file."""
+    bounds = [0]
+    with open(path, "rb") as f:
+        while bounds[-1] + target < size:
+            f.seek(bounds[-1] + target - 1)  # from the byte before: a cut right after a newline stays there
+            f.readline()
+            pos = f.tell()
+            if pos >= size:
+                break
+            bounds.append(pos)
+    return list(zip(bounds, [*bounds[1:], size], strict=True))
+
+
+def scan(path: Path, start: int, end: int, max_line_bytes: int, out: Path) -> int:
+    """The first pass over a range: the number of its lines, and (into `out`) each record's
+    line number in the range and the first 64 bits of its sig_hash — the records materialize
+    checks for duplicates: those that parse to an object orjson can write back."""
+    offsets, hashes = array("q"), array("Q")
+    sha256, dumps, sort_keys, from_bytes = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS, int.from_bytes
+    lines = 0
+    for line in read_span(path, start, end, 0 if start == 0 else 1, Limits(max_line_bytes)):
+        lines += 1
+        if line.obj is None:
+            continue
+        try:
+            digest = sha256(dumps(line.obj, option=sort_keys)).digest()
+        except TypeError:  # nested too deep: refused before the duplicate check
+            continue
+        offsets.append(line.offset - (0 if start == 0 else 1))
+        hashes.append(from_bytes(digest[:8], "little"))
+    with open(out, "wb") as f:
+        f.write(len(offsets).to_bytes(8, "little"))
+        offsets.tofile(f)
+        hashes.tofile(f)
+    return lines
+
+
+def spans(ranges: list[tuple[int, int]], lines: list[int], scanned: list[Path], expected_rows: int) -> list[Span]:
+    """The ranges numbered (each range's first line: the lines of those before it) with the
+    duplicates among their records, in file order — what one reader of the whole file finds."""
+    seen_add = SeenHashes(expected=expected_rows).add
+    out, first = [], 0
+    for (start, end), n, path in zip(ranges, lines, scanned, strict=True):
+        with open(path, "rb") as f:
+            count = int.from_bytes(f.read(8), "little")
+            offsets, hashes = array("q"), array("Q")
+            offsets.fromfile(f, count)
+            hashes.fromfile(f, count)
+        dups = frozenset(first + o for o, h in zip(offsets, hashes, strict=True) if not seen_add(h))
+        out.append(Span(start, end, first, dups))
+        first += n
+    return out
