@@ -13,8 +13,9 @@ CPU × parse is the stable figure on a shared machine; wall time depends on what
 from __future__ import annotations
 
 import argparse
-import hashlib
 import csv
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -153,6 +154,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="0 = one per core")
     ap.add_argument("--command", choices=("suite", "materialize", "run-all"), default="suite",
                     help="suite (default): bare parse, run-all, an unchanged re-run and audit-full, side by side")
+    ap.add_argument("--ray", choices=("auto", "yes", "no"), default="auto",
+                    help="also run-all with --executor ray (a Ray instance started on this machine for it), next to "
+                         "local: auto = when Ray is installed (refinery[ray])")
     args = ap.parse_args()
     tasks = args.rows // 4 if args.tasks is None else args.tasks
     ws = workspace(args.rows, args.seed, tasks)
@@ -178,6 +182,13 @@ def main() -> None:
             receipts = steps["re-run (unchanged)"]["result"]["receipts"].values()
             assert all(x["reused_from"] for x in receipts), "expected every stage to be reused"
             steps["audit-full"] = run("audit-full", ws, args.workers, [])
+        if args.ray == "yes" or (args.ray == "auto" and importlib.util.find_spec("ray") is not None):
+            # Ray's workers are not this command's children: the CPU column counts only the
+            # driver's; wall time is the figure (it includes starting the Ray instance)
+            steps["run-all (ray)"] = run("run-all", ws, args.workers, ["--force", "--executor", "ray"])
+            same = steps["run-all (ray)"]["result"]["summary"]["overall_hash"] == \
+                steps["run-all"]["result"]["summary"]["overall_hash"]
+            assert same, "run-all on Ray gave other receipts than the local run"
 
     distinct = -(-max(tasks, len(TASKS)) // len(TASKS)) * len(TASKS)  # whole sets of the built-in tasks' variants
     result = {"rows": None, "parsed_units": parsed, "bytes": size, "distinct_tasks": distinct, "cores": os.cpu_count(),

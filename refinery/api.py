@@ -56,14 +56,17 @@ def source_folder(ws: Workspace) -> Path:
 
 
 def run_all(workspace: str | Path = ".", *, config: str | Path | None = None, force: bool = False,
-            include_partial: bool | None = None, workers: int | None = None,
-            log: Callable[[str], None] = lambda msg: None, progress: Progress | None = None) -> RunOutcome:
+            include_partial: bool | None = None, workers: int | None = None, executor: str | None = None,
+            ray_address: str | None = None, log: Callable[[str], None] = lambda msg: None,
+            progress: Progress | None = None) -> RunOutcome:
     """One recorded run (refinery.runs): stages whose inputs, settings and code are unchanged are
-    reused unless `force`. `outcome.exit_code` is 2 when a source file could not be read."""
+    reused unless `force`. `outcome.exit_code` is 2 when a source file could not be read.
+    `executor`: "local" or "ray" (refinery.executors), over refinery.toml's [executor]."""
     from refinery.runs import _no_progress
     from refinery.runs import run_all as do_run_all
 
-    ws, cfg = open_workspace(workspace, config, {"materialize": {"workers": workers}})
+    ws, cfg = open_workspace(workspace, config, {"materialize": {"workers": workers},
+                                                 "executor": {"kind": executor, "ray_address": ray_address}})
     source_folder(ws)
     return do_run_all(ws, cfg, include_partial=include_partial, force=force, progress=progress or _no_progress,
                       log=log)

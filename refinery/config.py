@@ -367,8 +367,18 @@ class ReplayConfig(Section):
                               opt_in="allow_outside_workspace = true in [replay]")
 
 
+class ExecutorConfig(Section):
+    kind: Literal["local", "ray"] = Field(
+        default="local", description="where the per-partition work runs: this machine's process pool, or Ray "
+                                     "(refinery.executors); the outputs are the same")
+    ray_address: str | None = Field(
+        default=None, description="a running Ray cluster's address (ray://host:10001, or host:6379 on a node "
+                                  "of it); none: a Ray instance started on this machine for the run")
+
+
 class Config(Section):
     materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)

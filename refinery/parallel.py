@@ -1,5 +1,6 @@
 """Per-file parallelism shared by the stages: files are independent, so each goes to a worker
-process and the results come back in job order, whatever order the workers finish in."""
+process — or, with `run-all --executor ray`, to a Ray task (refinery.executors) — and the results
+come back in job order, whatever order the workers finish in."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def map_files(fn: Callable[..., R], jobs: Sequence[tuple[Any, ...]], sizes: Sequ
     `sizes[i]` is job i's input size in bytes: it decides whether workers pay off and lets the
     largest jobs start first. `on_done(result, size)` is called as each job finishes.
     """
+    from refinery import executors
+
+    cluster = executors.current()
+    if cluster is not None and jobs and sum(sizes) >= parallel_min_bytes:  # run-all --executor ray
+        return cluster.map(fn, jobs, sizes, initializer, initargs, on_done)
     results: list[Any] = [None] * len(jobs)
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers <= 1 or sum(sizes) < parallel_min_bytes:

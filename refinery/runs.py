@@ -41,7 +41,7 @@ from typing import Any
 
 import orjson
 
-from refinery import decisions, drift, receipts
+from refinery import decisions, drift, executors, receipts
 from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.errors import CheckFailed, RefineryError, exit_code
@@ -531,8 +531,9 @@ def run_all(ws: Workspace, cfg: Config, *, include_partial: bool | None = None, 
     """materialize → score → export-all as one recorded run (see the module docstring).
 
     Raises what the stages raise (TransformLoadError, StaleInputError, LeakError, WorkspaceBusy)
-    or ChainError, after recording the run as failed; nothing of a failed run is published."""
-    with ws.lock():
+    or ChainError, after recording the run as failed; nothing of a failed run is published.
+    The per-partition work runs on `cfg.executor` (refinery.executors)."""
+    with executors.using(cfg.executor.kind, cfg.executor.ray_address), ws.lock():
         run = _Run(ws, cfg, include_partial, force, progress, log, single_pass)
         try:
             return run.execute()

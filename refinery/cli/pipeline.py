@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from refinery.cli.common import (
-    ConfigOpt, JsonOpt, ReportOpt, WorkersOpt, WorkspaceOpt, _err, _load, _print_json, _progress, _write_report, app,
+    ConfigOpt, JsonOpt, ReportOpt, WorkersOpt, WorkspaceOpt, _err, _fail, _load, _print_json, _progress, _write_report,
+    app,
 )
 from refinery.exporters import BY_NAME, EXPORTERS, NAMES
 
@@ -238,6 +239,16 @@ def run_all(
         "--force", help="Recompute every stage, even one whose inputs, settings and code are unchanged "
                         "since the last successful run.")] = False,
     report: ReportOpt = None,
+    executor: Annotated[str | None, typer.Option(
+        "--executor", metavar="local|ray",
+        help="Where the per-partition work runs: this machine's process pool (local, the default) or Ray "
+             "tasks (ray: needs `pip install 'refinery[ray]'`). The outputs and receipt hashes are the same. "
+             "Default: [executor] kind in refinery.toml.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", metavar="ADDR",
+        help="With --executor ray: a running cluster's address (ray://head:10001); without it, a Ray "
+             "instance is started on this machine for the run. The workspace must be on a filesystem "
+             "every node mounts at the same path.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the pipeline on the workspace as one recorded run: materialize → score →
@@ -251,10 +262,13 @@ def run_all(
     leak, a broken receipt chain), else 0."""
     from refinery import api
 
+    if executor is not None and executor not in ("local", "ray"):
+        _fail(f"--executor {executor!r}: choose local or ray")
     ws, cfg = _load(workspace, config, {"materialize": {"workers": workers}})
     _sources_to_read(ws, cfg)
     outcome = api.run_all(workspace, config=config, include_partial=include_partial, force=force, workers=workers,
-                          progress=_stage_progress, log=lambda msg: typer.echo(msg, err=True))
+                          executor=executor, ray_address=ray_address, progress=_stage_progress,
+                          log=lambda msg: typer.echo(msg, err=True))
     if outcome.materialize is not None:
         _materialize_verdict(outcome.materialize)
     elif unclaimed := outcome.receipts["materialize"]["by_reason"].get("unknown_source"):
