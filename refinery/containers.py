@@ -26,6 +26,7 @@ how `refinery trace` and the audit re-check a record's sig_hash.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -246,6 +247,42 @@ def read_span(path: Path, start: int, end: int, first_line: int, limits: Limits 
     with open(path, "rb") as f:
         f.seek(start)
         yield from iter_lines(f, limits.max_line_bytes, first_line, end)
+
+
+class _Bounded(io.RawIOBase):
+    """The next `left` bytes of a binary file, as a file of their own."""
+
+    def __init__(self, f: Any, left: int):
+        self.f, self.left = f, left
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.left <= 0:
+            return 0
+        n = self.f.readinto(memoryview(b)[:min(len(b), self.left)]) or 0
+        self.left -= n
+        return n
+
+
+@contextlib.contextmanager
+def span_text(path: Path, start: int, end: int) -> Iterator[io.TextIOWrapper]:
+    """Bytes `start` to `end` of a file as text, decoded as _read_csv decodes the whole file."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        yield io.TextIOWrapper(io.BufferedReader(_Bounded(f, end - start)), encoding="utf-8",
+                               errors="surrogateescape", newline="")
+
+
+def read_csv_span(path: Path, start: int, end: int, first_line: int, header: list[str] | None,
+                  limits: Limits = Limits()) -> Iterator[Line]:
+    """The records of a CSV file from byte `start` (where a record starts: physical line
+    `first_line`) up to byte `end`; `header`: the file's (None for the range that holds it)."""
+    from refinery.sources import read_csv_stream
+
+    with span_text(path, start, end) as text:
+        yield from read_csv_stream(text, limits.max_line_bytes, header, first_line)
 
 
 def _damage(offset: int, what: str, err: BaseException) -> Line:

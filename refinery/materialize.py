@@ -48,7 +48,7 @@ import orjson
 
 from refinery import partitions, sensitive
 from refinery.canonical import file_sha256
-from refinery.containers import Limits, read_span
+from refinery.containers import Limits, span_text
 from refinery.config import Config, MaterializeConfig, table_name
 from refinery.dedup import SeenHashes
 from refinery.discovery import Claim, Registry, Transform
@@ -61,7 +61,7 @@ from refinery.parallel import map_files
 from refinery.quarantine import quarantine_record
 from refinery.reasons import Reason
 from refinery.single_pass import Plan, Prepared, Tail, TailResult, join_tails, open_tails
-from refinery.sources import SourceFile, csv_raw, list_sources, read_rows
+from refinery.sources import SourceFile, csv_header, csv_raw, list_sources, read_rows
 from refinery.stages import StageResult, by_source
 from refinery.transform import (
     PART_KEY, UNDATED, Emit, FieldHits, GroupContext, Keyed, Member, Refusal, Refuse, RowContext, RowError,
@@ -104,6 +104,10 @@ class FileResult:
     """the file could not be read: its one quarantine record is outside the counts"""
     tails: list[TailResult] = field(default_factory=list, repr=False)
     """with a single-pass plan: its evidence parts' scoring and export reading (not reported)"""
+    absent: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
+    """a CSV's columns its importer needs and it lacks → the rows refused for each, by reason"""
+    columns: list[str] = field(default_factory=list, repr=False)
+    """that CSV's header (for the warning)"""
 
     def add(self, other: dict[str, Any]) -> None:
         """Fold in what a join bucket did with this file's records."""
@@ -200,7 +204,7 @@ class MaterializeResult:
 
 
 def _public(f: FileResult) -> dict[str, Any]:
-    return {x.name: getattr(f, x.name) for x in fields(f) if x.name != "tails"}
+    return {x.name: getattr(f, x.name) for x in fields(f) if x.name not in ("tails", "absent", "columns")}
 
 
 def _validator() -> Callable[[dict[str, Any]], None]:
@@ -542,7 +546,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
             else:
                 rows = read_rows(src, mcfg.max_line_bytes, job.record_paths, mcfg.max_document_bytes,
                                  strict=job.strict_paths) if span is None else \
-                    read_span(src.path, span.start, span.end, span.first_line, Limits(mcfg.max_line_bytes))
+                    span.read(src.path, Limits(mcfg.max_line_bytes))
                 for line in rows:
                     res.rows_in += 1
                     offset, raw, row, record = line.offset, line.raw, line.obj, line.record
@@ -635,12 +639,9 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
     res.dropped_fields = dict(sorted(dropped.items()))
     if res.rows_in == 0:
         res.warnings.append(f"{src.ws_rel} is empty" if src.size == 0 else f"{src.ws_rel} holds no records")
-    for column, reasons in absent_columns.items():
-        refused = ", ".join(f"{n:,} as {r}" for r, n in reasons.items())
-        res.warnings.append(
-            f"{src.ws_rel}: the header has no column '{column}', which the {transform.spec.name} importer needs "
-            f"(rows quarantined for it: {refused}). Its columns are: {', '.join(header)}. Rename the column in "
-            "the file, or read the file with a [mappings.<name>] table in refinery.toml")
+    res.absent, res.columns = {c: dict(r) for c, r in absent_columns.items()}, header
+    if span is None:  # a byte range's are said once the file's ranges are summed (_files)
+        res.warnings += _absent_warnings(res)
     if hits is not None:
         table = table_name("mappings", transform.spec.name.removeprefix("mapping:"))
         res.warnings += [f"{src.ws_rel}: {w}" for w in unmatched_paths(table, transform.paths, hits)]
@@ -838,11 +839,23 @@ def _buckets(sources: list[SourceFile], claims: list[Claim]) -> int:
     return max(1, min(MAX_BUCKETS, -(-spill // BUCKET_BYTES)))
 
 
+def _absent_warnings(res: FileResult) -> list[str]:
+    out = []
+    for column, reasons in res.absent.items():
+        refused = ", ".join(f"{n:,} as {r}" for r, n in reasons.items())
+        out.append(
+            f"{res.source_file}: the header has no column '{column}', which the {res.transform} importer needs "
+            f"(rows quarantined for it: {refused}). Its columns are: {', '.join(res.columns)}. Rename the column in "
+            "the file, or read the file with a [mappings.<name>] table in refinery.toml")
+    return out
+
+
 def _cuttable(src: SourceFile, claim: Claim, target: int) -> bool:
     """Whether a file may be worked on in byte ranges (refinery.partitions says which)."""
     t = claim.transform
-    return (0 < target < src.size and src.container == "lines" and not src.compressed and src.refused is None
-            and claim.error is None and t is not None and not t.joins and t.paths is None and not claim.record_paths)
+    return (0 < target < src.size and src.container in ("lines", "csv") and not src.compressed
+            and src.refused is None and claim.error is None and t is not None and not t.joins and t.paths is None
+            and not claim.record_paths)
 
 
 def _spans(sources: list[SourceFile], claims: list[Claim], mcfg: MaterializeConfig,
@@ -851,16 +864,40 @@ def _spans(sources: list[SourceFile], claims: list[Claim], mcfg: MaterializeConf
     found file-wide by a first pass over every range, in parallel."""
     ranges = {i: r for i, (s, c) in enumerate(zip(sources, claims)) if _cuttable(s, c, mcfg.partition_bytes)
               and len(r := partitions.cut(s.path, s.size, mcfg.partition_bytes)) > 1}
+    headers: dict[int, tuple[str, ...] | None] = {}
+    for i in list(ranges):
+        if sources[i].container == "csv":
+            with span_text(sources[i].path, 0, sources[i].size) as text:
+                found = csv_header(text, mcfg.max_line_bytes)
+            if found is None:  # no header to give the ranges after the first: read in one piece
+                del ranges[i]
+                continue
+            headers[i] = tuple(found[0])
+        else:
+            headers[i] = None
     if not ranges:
         return {}
     folder.mkdir(parents=True, exist_ok=True)
-    scans = [(sources[i].path, a, b, mcfg.max_line_bytes, folder / f"{i:06d}-{k:06d}")
+    scans = [(sources[i].path, a, b, mcfg.max_line_bytes, folder / f"{i:06d}-{k:06d}", headers[i])
              for i, r in ranges.items() for k, (a, b) in enumerate(r)]
-    lines = iter(map_files(partitions.scan, scans, [b - a for _, a, b, _, _ in scans], workers=mcfg.workers,
-                           parallel_min_bytes=mcfg.parallel_min_bytes))
-    found = iter(j[4] for j in scans)
-    return {i: partitions.spans(r, [next(lines) for _ in r], [next(found) for _ in r], sources[i].size // 1024)
-            for i, r in ranges.items()}
+    scanned = iter(map_files(partitions.scan, scans, [j[2] - j[1] for j in scans], workers=mcfg.workers,
+                             parallel_min_bytes=mcfg.parallel_min_bytes))
+    paths = iter(j[4] for j in scans)
+    out = {}
+    for i, r in ranges.items():
+        found, where = [next(scanned) for _ in r], [next(paths) for _ in r]
+        # a cut inside a CSV record (a quoted line break): join the range to the next, read it again
+        k = 0
+        while k < len(r) - 1 and found[k][0] >= 0:
+            if found[k][1]:
+                k += 1
+                continue
+            r[k:k + 2] = [(r[k][0], r[k + 1][1])]
+            del where[k + 1], found[k + 1]
+            found[k] = partitions.scan(sources[i].path, *r[k], mcfg.max_line_bytes, where[k], headers[i])
+        if len(r) > 1 and (spans := partitions.spans(r, found, where, sources[i].size // 1024, headers[i])):
+            out[i] = spans
+    return out
 
 
 def _files(jobs: list[FileJob], results: list[FileResult], n_files: int) -> list[FileResult]:
@@ -893,6 +930,11 @@ def _files(jobs: list[FileJob], results: list[FileResult], n_files: int) -> list
             first.file_error = first.file_error or r.file_error
             first.warnings += [w for w in r.warnings if w not in first.warnings]
             first.tails += r.tails
+            for column, reasons in r.absent.items():
+                first.absent[column] = dict(Counter(first.absent.get(column, {})) + Counter(reasons))
+            first.columns = first.columns or r.columns
+        if len(mine) > 1:
+            first.warnings += _absent_warnings(first)
         out.append(first)
     return out
 

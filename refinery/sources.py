@@ -228,26 +228,30 @@ class _CappedLines:
         raise _RecordTooLong(self.used)
 
 
-def read_csv_stream(f: io.TextIOBase, max_line_bytes: int) -> Iterator[Line]:
+def read_csv_stream(f: io.TextIOBase, max_line_bytes: int, header: list[str] | None = None,
+                    first_line: int = 0) -> Iterator[Line]:
     """Yield every CSV record after the header as a dict row (header → value).
 
     `offset` is the physical line the record starts on (the header is line 0). A record over
     `max_line_bytes` is refused as line_too_long without being read whole (memory stays flat
-    on a 2 GB line).
+    on a 2 GB line). A byte range of a file after its header (refinery.partitions): `f` holds
+    the range, `header` is the file's, `first_line` the number of the range's first line.
     """
     # above the record cap, so that a long quoted field is caught (and drained) as a long record
     csv.field_size_limit(max_line_bytes + 3)
     lines = _CappedLines(f, max_line_bytes)
+    lines.line_num = first_line
     reader = csv.reader(lines)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except (csv.Error, _RecordTooLong) as e:
-        yield Line(0, b"", None, Reason.CSV_MALFORMED, f"unreadable header: {_too_long(e, max_line_bytes)}")
-        return
-    if header:
-        header[0] = header[0].removeprefix("\ufeff")  # a UTF-8 BOM (Excel writes one) is not a column name
+    if header is None:
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, _RecordTooLong) as e:
+            yield Line(0, b"", None, Reason.CSV_MALFORMED, f"unreadable header: {_too_long(e, max_line_bytes)}")
+            return
+        if header:
+            header[0] = header[0].removeprefix("\ufeff")  # a UTF-8 BOM (Excel writes one) is not a column name
     header_problem = None
     if len(set(header)) != len(header) or any(not h for h in header):
         header_problem = f"the header has empty or repeated column names: {header}"
@@ -289,6 +293,34 @@ def read_csv_stream(f: io.TextIOBase, max_line_bytes: int) -> Iterator[Line]:
             continue
         # raw is rebuilt from the row only if the row is refused later (see `row_raw`)
         yield Line(offset, None, dict(zip(header, fields)), None, None)
+
+
+def csv_header(f: io.TextIOBase, max_line_bytes: int) -> tuple[list[str], int] | None:
+    """A CSV text's header as read_csv_stream reads it, and the lines it takes; None when it
+    has none that can be read."""
+    csv.field_size_limit(max_line_bytes + 3)
+    lines = _CappedLines(f, max_line_bytes)
+    try:
+        header = next(csv.reader(lines))
+    except (StopIteration, csv.Error, _RecordTooLong):
+        return None
+    if header:
+        header[0] = header[0].removeprefix("\ufeff")
+    return header, lines.line_num
+
+
+def record_ends(f: io.TextIOBase) -> tuple[int, bool]:
+    """(the physical lines in a CSV text, whether it ends between records) — the csv module's
+    reading (_QuoteState): a byte range of a file may start only where the one before it ends
+    between records."""
+    n, state, between = 0, _QuoteState(), True
+    for line in f:
+        if line[-1] in "\r\n":
+            n += 1
+        between = state.feed(line)
+        if between:
+            state = _QuoteState()
+    return n, between and state.state == _START
 
 
 def _too_long(e: Exception, cap: int) -> str:

@@ -55,7 +55,8 @@ def test_the_outputs_do_not_depend_on_where_the_sources_are_cut(ws, settings, mo
     assert len(cuts) == 1 and len(cuts[0]) >= 5  # files were cut, into many ranges each
     assert all(len(spans) > 1 for spans in cuts[0].values())
     sources = materialize.list_sources(ws, [])[0]
-    assert names <= {sources[i].path for i in cuts[0]}
+    # eval.csv has answers over several lines in quotes: cuts that fell inside one were moved
+    assert names | {ws.kb / "runs.csv", ws.kb / "eval.csv"} <= {sources[i].path for i in cuts[0]}
     q = [orjson.loads(x) for x in (ws.root / "exports/quarantine/materialize.jsonl").read_bytes().splitlines()]
     mine = [r["reason"] for r in q if r["source"] == "agent_transcripts"]
     assert mine.count("duplicate_row") >= 4 and "blank_line" in mine and "invalid_json" in mine
@@ -75,6 +76,7 @@ def test_ranges_start_at_lines_and_cover_the_file(tmp_path):
         spans = partitions.spans(ranges, [partitions.scan(path, a, b, 1 << 20, tmp_path / f"s{k}")
                                           for k, (a, b) in enumerate(ranges)],
                                  [tmp_path / f"s{k}" for k in range(len(ranges))], 1)
+        assert spans is not None
         seen = [(line.offset, line.obj) for s in spans
                 for line in partitions.read_span(path, s.start, s.end, s.first_line)]
         assert [o for o, _ in seen] == list(range(data.count(b"\n") + 1))
@@ -93,14 +95,14 @@ def _source(path):
 def test_a_range_that_cannot_be_read_makes_the_whole_file_unreadable(ws, cfg, monkeypatch):
     """As when it is read in one piece: nothing of the file is kept but one quarantine record."""
     copy_sample(ws.kb)
-    real = materialize.read_span
+    real = partitions.read_span
 
     def failing(path, start, end, first_line, limits=None):
-        if start > 0 and path.name == "agent_transcripts.jsonl":
+        if first_line > 1 and path.name == "agent_transcripts.jsonl":  # the second pass, not the first
             raise OSError(5, "Input/output error")
         return real(path, start, end, first_line, limits)
 
-    monkeypatch.setattr(materialize, "read_span", failing)
+    monkeypatch.setattr(partitions, "read_span", failing)
     cut = load_config(ws.root, None, {"materialize": {"partition_bytes": 4096, "workers": 1}})
     result = materialize.run(ws, cut)
     mine = next(f for f in result.files if f.source == "agent_transcripts")
@@ -108,3 +110,21 @@ def test_a_range_that_cannot_be_read_makes_the_whole_file_unreadable(ws, cfg, mo
     assert not any(p.name == "agent_transcripts.jsonl" for p in ws.evidence.rglob("*.jsonl"))
     q = [orjson.loads(x) for x in (ws.root / "exports/quarantine/materialize.jsonl").read_bytes().splitlines()]
     assert [r["reason"] for r in q if r["source"] == "agent_transcripts"] == ["unreadable_file"]
+
+
+def test_a_range_the_first_pass_cannot_read_leaves_the_file_whole(ws, monkeypatch):
+    copy_sample(ws.kb)
+    whole = _run(ws, {"partition_bytes": 0})
+    real = partitions.read_span
+
+    def failing(path, start, end, first_line, limits=None):
+        if first_line == 1 and path.name == "agent_transcripts.jsonl":  # the first pass only
+            raise OSError(5, "Input/output error")
+        return real(path, start, end, first_line, limits)
+
+    monkeypatch.setattr(partitions, "read_span", failing)
+    cuts: list[dict] = []
+    monkeypatch.setattr(materialize, "_spans", lambda *a, _real=materialize._spans: cuts.append(_real(*a)) or cuts[-1])
+    assert _run(ws, {"partition_bytes": 4096, "workers": 1}) == whole
+    sources = materialize.list_sources(ws, [])[0]
+    assert "agent_transcripts" not in {sources[i].source for i in cuts[0]} and cuts[0]  # others were cut
