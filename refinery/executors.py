@@ -8,7 +8,8 @@ An executor only decides where those pieces run:
     local   a pool of worker processes on this machine (the default; `materialize.workers`)
     ray     Ray tasks (`run-all --executor ray [--ray-address ADDR]`, or `[executor]` in
             refinery.toml): on a running cluster (`ray start --head` there, then its address
-            here), or on a Ray instance started for the run on this machine (no address)
+            here); with no address, Ray's own choice — the cluster RAY_ADDRESS names or one
+            `ray start` began on this machine, else a Ray instance started for the run
 
 The outputs and receipt hashes are the same either way: a piece of work writes only its own
 part files, named by its job number, and a piece Ray retries (its worker died) writes them again
@@ -48,11 +49,13 @@ class RayExecutor:
                 "--extra ray); or run with --executor local") from e
         self.ray, self.started = ray, False
         if not ray.is_initialized():
+            if address:
+                _reachable(address)
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise ExecutorUnavailable(f"cannot reach a Ray cluster at {address}: {e} — start one there "
+                raise ExecutorUnavailable(f"cannot use the Ray cluster at {address}: {e} — start one there "
                                           "with `ray start --head`, or leave --ray-address out to run Ray on "
                                           "this machine") from e
             self.started = True
@@ -67,18 +70,47 @@ class RayExecutor:
         refs = {self.task.remote(fn, init, jobs[i]): i for i in order}
         results: list[Any] = [None] * len(jobs)
         pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                i = refs[ref]
-                results[i] = ray.get(ref)  # a job's own exception is raised here, as the original type
-                if on_done:
-                    on_done(results[i], sizes[i])
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    i = refs[ref]
+                    try:
+                        results[i] = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:
+                        # the job's own exception, as the local pool raises it (its errno, its message)
+                        raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+                    if on_done:
+                        on_done(results[i], sizes[i])
+        except BaseException:
+            # stop the others before the driver removes their folders (they would write on into them)
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            if pending:
+                ray.wait(pending, num_returns=len(pending), timeout=60)
+            raise
         return results
 
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def _reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, with exit 2, when nothing listens at a cluster's address (Ray itself retries
+    for minutes); `ray://host:port` (Ray Client) or `host:port` (a node's GCS)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ExecutorUnavailable(f"--ray-address {address!r}: write it as ray://host:10001 (Ray Client) or "
+                                  "host:6379 (on a node of the cluster)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ExecutorUnavailable(f"cannot reach a Ray cluster at {address}: {e.strerror or e} — start one there "
+                                  "with `ray start --head`, or leave --ray-address out to run Ray on this "
+                                  "machine") from e
 
 
 #: In a Ray worker process: the digest of the initializer it last ran (a run's workers are set

@@ -495,7 +495,7 @@ def process_file(job: FileJob, transform: Transform | None, mcfg: MaterializeCon
     # its duplicates found for it, file-wide (refinery.partitions).
     span = job.span
     seen_add = SeenHashes(expected=max(src.size, 1) // 1024).add if span is None else None
-    dups = span.dups if span is not None else frozenset()
+    dups = set(span.dups) if span is not None else set()
     from_bytes = int.from_bytes
     source = src.source
     is_csv = src.container == "csv"

@@ -46,8 +46,9 @@ class Span:
     end: int
     first_line: int
     """the number of its first line in the file"""
-    dups: frozenset[int]
-    """line numbers of its records that repeat an earlier record of the file"""
+    dups: array
+    """line numbers of its records that repeat an earlier record of the file (array('q'),
+    ascending: 8 bytes a duplicate, in the driver and on the way to the worker)"""
     header: tuple[str, ...] | None = None
     """a CSV's header, read from the first range, for the ranges after it"""
 
@@ -60,7 +61,17 @@ class Span:
 
 
 def cut(path: Path, size: int, target: int) -> list[tuple[int, int]]:
-    """Line-aligned (start, end) ranges of about `target` bytes covering the file."""
+    """Line-aligned (start, end) ranges of about `target` bytes covering the file (one range,
+    the whole file, when it cannot be read: read in one piece, it says so for itself)."""
+    try:
+        return _cut(path, size, target)
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            raise
+        return [(0, size)]
+
+
+def _cut(path: Path, size: int, target: int) -> list[tuple[int, int]]:
     bounds = [0]
     with open(path, "rb") as f:
         while bounds[-1] + target < size:
@@ -137,7 +148,7 @@ def spans(ranges: list[tuple[int, int]], scanned: list[tuple[int, bool]], found:
             offsets, hashes = array("q"), array("Q")
             offsets.fromfile(f, count)
             hashes.fromfile(f, count)
-        dups = frozenset(first + o for o, h in zip(offsets, hashes, strict=True) if not seen_add(h))
+        dups = array("q", (first + o for o, h in zip(offsets, hashes, strict=True) if not seen_add(h)))
         out.append(Span(start, end, first, dups, header))
         first += n
     return out

@@ -4,15 +4,21 @@ because its worker died."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import shutil
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import copy_sample
 from typer.testing import CliRunner
 
+from refinery import executors
 from refinery.cli import app
 from refinery.config import load_config
+from refinery.parallel import map_files
 from refinery.runs import run_all
 
 TREES = ("data/evidence", "data/scored-runs", "exports")
@@ -36,9 +42,27 @@ def transform(row, ctx):
 '''
 
 
+def _disk_full_or_write(i: int, folder: str) -> None:
+    """A piece of work that finds the disk full (the first), or writes its part a moment later."""
+    if i == 0:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    time.sleep(2)
+    Path(folder).mkdir(exist_ok=True)
+    (Path(folder) / str(i)).write_text("part")
+
+
 def _digests(ws) -> dict[str, str]:
     return {p.relative_to(ws.root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for tree in TREES for p in sorted((ws.root / tree).rglob("*")) if p.is_file()}
+
+
+def test_a_cluster_address_nothing_answers_at_is_a_usage_error_at_once(ws):
+    copy_sample(ws.kb)
+    for address, said in (("127.0.0.1:1", "cannot reach a Ray cluster"), ("ray://127.0.0.1:1", "cannot reach"),
+                          ("garbage", "write it as ray://host:10001")):
+        result = CliRunner().invoke(app, ["run-all", "--workspace", str(ws.root), "--executor", "ray",
+                                          "--ray-address", address])
+        assert result.exit_code == 2 and said in result.output, result.output
 
 
 def test_without_ray_installed_the_ray_executor_says_how_to_get_it(ws, monkeypatch):
@@ -52,7 +76,7 @@ def test_without_ray_installed_the_ray_executor_says_how_to_get_it(ws, monkeypat
 
 
 @pytest.mark.slow
-def test_ray_tasks_give_the_local_run_byte_for_byte_even_when_a_worker_dies(ws):
+def test_ray_tasks_give_the_local_run_byte_for_byte_even_when_a_worker_dies(ws, tmp_path):
     ray = pytest.importorskip("ray")
     copy_sample(ws.kb)
     (ws.root / "transforms").mkdir()
@@ -72,6 +96,17 @@ def test_ray_tasks_give_the_local_run_byte_for_byte_even_when_a_worker_dies(ws):
     try:
         remote = run_all(ws, load_config(ws.root, None, {**settings, "executor": {"kind": "ray"}}), force=True)
         assert ray.is_initialized()  # a run on a cluster that was already up leaves it up
+        # a task's own error comes back as the local pool's would (its type and errno: the CLI's
+        # exit 2 and message), and the others are stopped before the driver cleans up after them
+        folder = tmp_path / "parts"
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+        with executors.using("ray"), pytest.raises(OSError) as failed:
+            map_files(_disk_full_or_write, [(i, str(folder)) for i in range(6)], [1] * 6, workers=2,
+                      parallel_min_bytes=0)
+        assert failed.value.errno == errno.ENOSPC and type(failed.value) is OSError
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(3)
+        assert not folder.exists()  # nothing still running wrote it again
     finally:
         ray.shutdown()
     assert remote.exit_code == 0
