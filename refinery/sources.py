@@ -314,13 +314,13 @@ def record_ends(f: io.TextIOBase) -> tuple[int, bool]:
     reading (_QuoteState): a byte range of a file may start only where the one before it ends
     between records."""
     n, state, between = 0, _QuoteState(), True
-    for line in f:
-        if line[-1] in "\r\n":
+    while piece := f.readline(1 << 16):  # in pieces: a line may be gigabytes (it is refused, not held)
+        if piece[-1] in "\r\n":
             n += 1
-        between = state.feed(line)
+        between = state.feed(piece)
         if between:
             state = _QuoteState()
-    return n, between and state.state == _START
+    return n, between
 
 
 def _too_long(e: Exception, cap: int) -> str:

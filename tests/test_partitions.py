@@ -128,3 +128,15 @@ def test_a_range_the_first_pass_cannot_read_leaves_the_file_whole(ws, monkeypatc
     assert _run(ws, {"partition_bytes": 4096, "workers": 1}) == whole
     sources = materialize.list_sources(ws, [])[0]
     assert "agent_transcripts" not in {sources[i].source for i in cuts[0]} and cuts[0]  # others were cut
+
+
+def test_record_ends_reads_as_the_csv_module_in_pieces():
+    import io
+
+    from refinery.sources import record_ends
+
+    long = "a," + "x" * 300_000 + "\n"  # read in pieces, never whole
+    assert record_ends(io.StringIO("h1,h2\n" + long + 'b,"two\nlines"\n')) == (4, True)
+    assert record_ends(io.StringIO('b,"opened\n')) == (1, False)  # ends inside a quoted field
+    assert record_ends(io.StringIO('b,c"d\n')) == (1, True)  # a quote inside a plain field is a character
+    assert record_ends(io.StringIO("a,b\r\nc,d\r")) == (2, True)
