@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install blas browser report review review-import smollm2 train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install ray blas browser report review review-import smollm2 train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -20,11 +20,20 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
 
+# Every extra but Ray's: Ray (refinery[ray], ~200 MB) only for what uses it (make ray, test, bench).
+EXTRAS  := --extra train --extra replay --extra report
+
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --all-extras --quiet
+	$(UV) sync --frozen $(EXTRAS) --inexact --quiet
+	@touch $@
+
+$(VENV)/.synced-ray: $(VENV)/.synced
+	$(UV) sync --frozen $(EXTRAS) --extra ray --inexact --quiet
 	@touch $@
 
 install: $(VENV)/.synced ## create .venv from uv.lock (idempotent)
+
+ray: $(VENV)/.synced-ray ## install the Ray extra (run-all --executor ray); make test and make bench do it themselves
 
 blas: ## Linux: install Debian's OpenBLAS when missing; train and replay preload it (mlx[cpu] ships a ~20x slower reference BLAS)
 	@if [ "$$(uname)" = Linux ] && [ -z "$$(ls /usr/lib/*/libopenblas.so.0 /usr/lib64/libopenblas.so.0 2>/dev/null)" ]; then \
@@ -145,7 +154,7 @@ convert: install ## SFT/preference export -> a training format: make convert TO=
 sources: install ## list the source streams in data/_kb/ and the transform that claims each
 	$(RUN) sources
 
-test: install browser ## the whole test suite, then the acceptance gate; pytest's "no tests" (exit 5) fails
+test: install ray browser ## the whole test suite, then the acceptance gate; pytest's "no tests" (exit 5) fails
 	@$(PY) -m pytest -q -n auto; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 	$(RUN) acceptance
@@ -165,7 +174,7 @@ schemas: install ## regenerate schemas/*.json from the pydantic models
 sample: install ## regenerate the bundled sample sources in data/_kb/
 	$(RUN) sample --rows 1500 --seed 7 --out data/_kb
 
-bench: install ## bare parse, run-all, unchanged re-run and audit-full side by side at 10^5 rows (BENCH_ROWS=1000000 for 10^6); a join's memory at 10^5 and 10^6 records; replay's BM25 index at 10^5 playbooks
+bench: install ray ## bare parse, run-all, unchanged re-run and audit-full side by side at 10^5 rows (BENCH_ROWS=1000000 for 10^6); a join's memory at 10^5 and 10^6 records; replay's BM25 index at 10^5 playbooks
 	$(PY) bench/bench_pipeline.py --rows $${BENCH_ROWS:-100000}
 	$(PY) bench/bench_joins.py --records 100000 1000000
 	$(PY) bench/bench_retrieval.py --playbooks $${BENCH_PLAYBOOKS:-100000}
