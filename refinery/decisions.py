@@ -62,9 +62,10 @@ class Decision:
     note: str | None
     decided_at: str
 
-    def same_as(self, other: Decision) -> bool:
-        """The same verdict (who decided it, when, and why aside)."""
-        return (self.decision, self.corrected_answer) == (other.decision, other.corrected_answer)
+    @property
+    def verdict(self) -> tuple[str, str | None]:
+        """What was decided (who decided it, when, and why aside): two decisions agree when theirs do."""
+        return self.decision, self.corrected_answer
 
 
 def answer_sha256(ev: dict[str, Any]) -> str:
@@ -154,7 +155,7 @@ class Reviews:
         mine = [d for d in found if d.answer_sha256 == digest]
         if not mine:
             return STALE
-        if any(not d.same_as(mine[0]) for d in mine[1:]):
+        if any(d.verdict != mine[0].verdict for d in mine[1:]):
             return CONFLICT  # only a hand-edited stream holds both: `review import` refuses the second
         return RULE[mine[0].decision]
 

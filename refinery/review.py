@@ -89,6 +89,11 @@ def _cell(text: str) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 decision`, `2 decisions`."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 class UnimportedDecisions(RefineryError):
     """The queue.csv an export would replace holds decisions not imported yet."""
 
@@ -109,7 +114,7 @@ def _keep_decisions(ws: Workspace, path: Path, reviews: decisions.Reviews) -> No
     if waiting:
         rel = ws.rel(path)
         raise UnimportedDecisions(
-            f"{rel} holds {len(waiting):,} decision{'s' * (len(waiting) != 1)} not imported yet (line "
+            f"{rel} holds {counted(len(waiting), 'decision')} not imported yet (line "
             f"{', '.join(map(str, waiting[:5]))}{', …' if len(waiting) > 5 else ''}): take them in first with "
             f"`refinery review import {rel}`, or move the file away to start over; nothing was written")
 
@@ -210,6 +215,11 @@ class Entry:
 
     def refuse(self, problem: str, detail: str) -> None:
         self.outcome, self.detail = problem, detail
+
+    @property
+    def verdict(self) -> tuple[str | None, str | None]:
+        """As decisions.Decision.verdict: what two lines must share to agree."""
+        return self.decision, self.corrected_answer
 
     @property
     def refused(self) -> bool:
@@ -359,7 +369,7 @@ def _same_file(entries: list[Entry]) -> None:
         if e.outcome == IMPORTED:
             by_id[e.review_id].append(e)
     for group in by_id.values():
-        if len({(e.decision, e.corrected_answer) for e in group}) > 1:
+        if len({e.verdict for e in group}) > 1:
             lines = ", ".join(f"{e.decision} on line {e.line}" for e in group)
             for e in group:
                 e.refuse("conflicting", f"decided {lines}")
@@ -397,11 +407,11 @@ def _resolve(ws: Workspace, wanted: set[str]) -> dict[str, tuple[dict[str, Any],
     return found
 
 
-def _stream_line(e: Entry, ev: dict[str, Any], sr: dict[str, Any], file: str) -> bytes:
+def _stream_line(e: Entry, ev: dict[str, Any], digest: str, sr: dict[str, Any], file: str) -> bytes:
     return dumps_line({
         "review_id": e.review_id, "decision": e.decision, "corrected_answer": e.corrected_answer,
         "reviewer": e.reviewer, "note": e.note, "decided_at": e.decided_at,
-        "answer_sha256": decisions.answer_sha256(ev), "reviewed": sr["provenance"],
+        "answer_sha256": digest, "reviewed": sr["provenance"],
         "task_id": ev["task_id"], "task_name": ev["task_name"], "prompt": ev["prompt"], "messages": ev["messages"],
         "response": ev["response"], "tool_calls": ev["tool_calls"],
         "imported_from": {"file": file, "line": e.line},
@@ -437,7 +447,7 @@ def import_decisions(ws: Workspace, cfg: Config, path: Path, *, reviewer: str | 
             digest = decisions.answer_sha256(ev)
             before = [d for d in earlier.get(e.review_id, ()) if d.answer_sha256 == digest]
             if before:
-                if any((d.decision, d.corrected_answer) != (e.decision, e.corrected_answer) for d in before):
+                if any(d.verdict != e.verdict for d in before):
                     e.refuse("conflicts_earlier", f"already decided {before[0].decision} by {before[0].reviewer} "
                                                   f"at {before[0].decided_at}")
                 else:
@@ -446,7 +456,7 @@ def import_decisions(ws: Workspace, cfg: Config, path: Path, *, reviewer: str | 
             if sr["category"] != CATEGORY:
                 e.refuse("not_in_review", f"it is {sr['category']} ({', '.join(sr['rules_fired']) or 'no rule'})")
                 continue
-            line = _stream_line(e, ev, sr, file)
+            line = _stream_line(e, ev, digest, sr, file)
             if len(line) > cfg.materialize.max_line_bytes:
                 e.refuse("too_long", f"its line in the stream would be {len(line):,} bytes, over "
                                      f"materialize.max_line_bytes ({cfg.materialize.max_line_bytes:,})")

@@ -41,7 +41,7 @@ def assemble(group, ctx):
     members = sorted(group, key=lambda m: (m.file, m.offset))
     parsed = [decisions.parse(m.row) for m in members]
     first = parsed[0]
-    if any(not d.same_as(first) for d in parsed[1:]):
+    if any(d.verdict != first.verdict for d in parsed[1:]):
         said = "; ".join(f"{d.decision} by {d.reviewer}" for d in parsed)
         return [Refuse(m, Reason.CONFLICTING_DECISIONS, f"{first.review_id} is decided differently: {said}")
                 for m in members]

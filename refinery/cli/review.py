@@ -17,10 +17,6 @@ review_app = typer.Typer(
 app.add_typer(review_app, name="review")
 
 
-def _n(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'s' * (n != 1)}"
-
-
 @review_app.command("export")
 def review_export(workspace: WorkspaceOpt = Path("."), config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Write the review queue of the scored runs on disk: reports/review/queue.jsonl (one row per
@@ -72,6 +68,7 @@ def review_import(
     nothing; every line's outcome is in reports/review/import.jsonl. Exit 2 when any line was
     refused (the others are imported), or the file cannot be read."""
     from refinery.api import review_import as do_import
+    from refinery.review import counted
 
     result = do_import(workspace, decisions, config=config, reviewer=reviewer, decided_at=decided_at)
     if as_json:
@@ -82,14 +79,14 @@ def review_import(
 
         ws = Workspace.at(workspace)
         kinds = ", ".join(f"{d} {n:,}" for d, n in result.by_decision().items())
-        typer.echo(f"{_n(result.count('imported'), 'decision')} imported{f' ({kinds})' if kinds else ''} into "
-                   f"{ws.rel(result.stream)}; {_n(result.count('undecided'), 'row')} undecided; "
+        typer.echo(f"{counted(result.count('imported'), 'decision')} imported{f' ({kinds})' if kinds else ''} into "
+                   f"{ws.rel(result.stream)}; {counted(result.count('undecided'), 'row')} undecided; "
                    f"{result.count('already_imported'):,} already imported")
         for e in result.refused:
             row = f" (row {e.row})" if e.row != e.line else ""
             _err(f"{result.file}:{e.line}{row}: {e.review_id or '-'}: {e.outcome}: {e.detail} — {PROBLEMS[e.outcome]}")
         if result.refused:
-            _err(f"{_n(len(result.refused), 'line')} refused; each line's outcome: {ws.rel(result.log)}")
+            _err(f"{counted(len(result.refused), 'line')} refused; each line's outcome: {ws.rel(result.log)}")
         if result.count("imported"):
             typer.echo("run `refinery run-all` to apply them")
     if result.refused:
