@@ -25,13 +25,12 @@ The stream is small — decisions are made by people — so score holds it in me
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from refinery.canonical import file_sha256, sig_hash
+from refinery.canonical import sig_hash
 from refinery.reasons import Reason
 from refinery.transform import RowError, parse_timestamp
 
@@ -140,8 +139,6 @@ class Reviews:
     """The decisions in the human_reviews stream, by the id decided on — what score applies."""
 
     by_id: dict[str, tuple[Decision, ...]] = field(default_factory=dict)
-    digest: str = ""
-    """sha256 over the files read (empty: none): run-all's single pass scored with the same"""
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -168,7 +165,6 @@ def load(ws: Workspace, cfg: Config) -> Reviews:
     found = decision_sources(ws, cfg)
     if not found:
         return Reviews()
-    h = hashlib.sha256()
     by_id: dict[str, list[Decision]] = defaultdict(list)
     m = cfg.materialize
     for src, claim in found:
@@ -180,5 +176,4 @@ def load(ws: Workspace, cfg: Config) -> Reviews:
             except RowError:
                 continue
             by_id[d.review_id].append(d)
-        h.update(src.ws_rel.encode() + b"\0" + bytes.fromhex(file_sha256(src.path)))
-    return Reviews({k: tuple(v) for k, v in by_id.items()}, h.hexdigest())
+    return Reviews({k: tuple(v) for k, v in by_id.items()})

@@ -232,10 +232,10 @@ def evidence_files(ws: Workspace) -> list[Path]:
     return sorted(ws.evidence.rglob("*.jsonl"), key=lambda p: p.relative_to(ws.evidence).as_posix())
 
 
-def _tails(cfg: Config, reviews: Reviews, prepared: Prepared | None) -> dict[str, TailResult]:
-    """The evidence files the single pass already scored, with this stage's settings and decisions."""
-    if prepared is None or (prepared.plan.score, prepared.plan.preview_chars, prepared.plan.reviews.digest) != \
-            (cfg.score, cfg.materialize.quarantine_preview_chars, reviews.digest):
+def _tails(cfg: Config, prepared: Prepared | None) -> dict[str, TailResult]:
+    """The evidence files the single pass already scored, with this stage's settings."""
+    if prepared is None or (prepared.plan.score, prepared.plan.preview_chars) != \
+            (cfg.score, cfg.materialize.quarantine_preview_chars):
         return {}
     return {t.score.evidence_file: t for t in prepared.tails.values()}
 
@@ -248,11 +248,13 @@ def run(ws: Workspace, cfg: Config, *, on_file_done: Callable[[FileResult, int],
     t0 = time.perf_counter()
     with ws.lock():
         files = evidence_files(ws)
-        reviews = decisions.load(ws, cfg)
+        # the decisions the single pass scored with (read at the start of this run, under its
+        # lock: the same stream), else the stream's now
+        reviews = prepared.plan.reviews if prepared is not None else decisions.load(ws, cfg)
         recover_dir(ws.scored_runs)
         staging = staging_dir(ws.scored_runs)
         parts = Path(tempfile.mkdtemp(prefix=".score-", dir=ws.root / "data"))
-        tails = _tails(cfg, reviews, prepared)
+        tails = _tails(cfg, prepared)
         try:
             jobs, quarantine_parts = [], []
             done: dict[int, FileResult] = {}

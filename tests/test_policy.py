@@ -90,7 +90,7 @@ def _reviews(ev: dict, decided: list[str]) -> Reviews:
         digest = "0" * 64 if older else answer_sha256(ev)
         return Decision(ev["id"], decision, digest, "dana", "fixed" if decision == "correct" else None, None,
                         "2026-11-28T09:30:00.000000Z")
-    return Reviews({ev["id"]: tuple(one(d) for d in decided)}, "x")
+    return Reviews({ev["id"]: tuple(one(d) for d in decided)})
 
 
 def test_a_curated_pair_becomes_chosen_and_rejected():

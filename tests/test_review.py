@@ -245,7 +245,7 @@ def test_a_decision_holds_only_while_its_row_reads_as_it_was_reviewed():
 
     def said(*decided: tuple[str, str]) -> decisions.Reviews:
         return decisions.Reviews({"ev-1": tuple(decisions.Decision("ev-1", d, digest, "dana", None, None, DECIDED_AT)
-                                               for d, digest in decided)}, "x")
+                                               for d, digest in decided)})
 
     digest = decisions.answer_sha256(ev)
     assert score_record(ev, cfg, said(("accept", digest)))[:2] == ("accepted", 1.0)
