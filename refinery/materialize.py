@@ -872,7 +872,7 @@ def _spans(sources: list[SourceFile], claims: list[Claim], mcfg: MaterializeConf
             if found is None:  # no header to give the ranges after the first: read in one piece
                 del ranges[i]
                 continue
-            headers[i] = tuple(found[0])
+            headers[i] = tuple(found)
         else:
             headers[i] = None
     if not ranges:

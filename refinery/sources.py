@@ -244,14 +244,12 @@ def read_csv_stream(f: io.TextIOBase, max_line_bytes: int, header: list[str] | N
     reader = csv.reader(lines)
     if header is None:
         try:
-            header = next(reader)
+            header = _header(reader)
         except StopIteration:
             return
         except (csv.Error, _RecordTooLong) as e:
             yield Line(0, b"", None, Reason.CSV_MALFORMED, f"unreadable header: {_too_long(e, max_line_bytes)}")
             return
-        if header:
-            header[0] = header[0].removeprefix("\ufeff")  # a UTF-8 BOM (Excel writes one) is not a column name
     header_problem = None
     if len(set(header)) != len(header) or any(not h for h in header):
         header_problem = f"the header has empty or repeated column names: {header}"
@@ -295,18 +293,21 @@ def read_csv_stream(f: io.TextIOBase, max_line_bytes: int, header: list[str] | N
         yield Line(offset, None, dict(zip(header, fields)), None, None)
 
 
-def csv_header(f: io.TextIOBase, max_line_bytes: int) -> tuple[list[str], int] | None:
-    """A CSV text's header as read_csv_stream reads it, and the lines it takes; None when it
-    has none that can be read."""
+def _header(reader: Any) -> list[str]:
+    """The first record, as a header (raises what the reader raises)."""
+    header = next(reader)
+    if header:
+        header[0] = header[0].removeprefix("\ufeff")  # a UTF-8 BOM (Excel writes one) is not a column name
+    return header
+
+
+def csv_header(f: io.TextIOBase, max_line_bytes: int) -> list[str] | None:
+    """A CSV text's header as read_csv_stream reads it; None when it has none that can be read."""
     csv.field_size_limit(max_line_bytes + 3)
-    lines = _CappedLines(f, max_line_bytes)
     try:
-        header = next(csv.reader(lines))
+        return _header(csv.reader(_CappedLines(f, max_line_bytes)))
     except (StopIteration, csv.Error, _RecordTooLong):
         return None
-    if header:
-        header[0] = header[0].removeprefix("\ufeff")
-    return header, lines.line_num
 
 
 def record_ends(f: io.TextIOBase) -> tuple[int, bool]:
