@@ -70,6 +70,13 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def command_group(name: str, help: str) -> typer.Typer:
+    """A group of commands under `refinery <name> …`, its help shown as the app's is."""
+    group = typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None)
+    app.add_typer(group, name=name)
+    return group
+
 def _version(value: bool) -> None:
     if value:
         from refinery import __version__

@@ -7,14 +7,12 @@ from typing import Annotated
 
 import typer
 
-from refinery.cli.common import ConfigOpt, JsonOpt, WorkspaceOpt, _err, _print_json, app
+from refinery.cli.common import ConfigOpt, JsonOpt, WorkspaceOpt, _err, _print_json, command_group
 
-review_app = typer.Typer(
-    help="The human review queue: every scored run the rules left to a person (needs_human_review), "
-         "to read and decide. `review export` writes it, a person fills in decisions, `review import` "
-         "takes them, and the next `run-all` applies them.",
-    no_args_is_help=True, rich_markup_mode=None)
-app.add_typer(review_app, name="review")
+review_app = command_group(
+    "review", "The human review queue: every scored run the rules left to a person (needs_human_review), "
+              "to read and decide. `review export` writes it, a person fills in decisions, `review import` "
+              "takes them, and the next `run-all` applies them.")
 
 
 @review_app.command("export")

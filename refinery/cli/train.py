@@ -7,15 +7,13 @@ from typing import Annotated
 
 import typer
 
-from refinery.cli.common import JsonOpt, WorkspaceOpt, _fail, _print_json, _progress, _write_report, app
+from refinery.cli.common import JsonOpt, WorkspaceOpt, _fail, _print_json, _progress, _write_report, command_group
 
 
-train_app = typer.Typer(
-    help="The training stage (MLX LoRA): collect the SFT export into mlx-lm data, train an adapter, "
-         "evaluate it against the base, promote it (or keep the base), list, roll back and export adapters; "
-         "tiny-model builds a small local base model for trying it all without downloading anything.",
-    no_args_is_help=True, rich_markup_mode=None)
-app.add_typer(train_app, name="train")
+train_app = command_group(
+    "train", "The training stage (MLX LoRA): collect the SFT export into mlx-lm data, train an adapter, "
+             "evaluate it against the base, promote it (or keep the base), list, roll back and export adapters; "
+             "tiny-model builds a small local base model for trying it all without downloading anything.")
 DistillConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Training config (default: <workspace>/distill_config.json, if present).")]
 
