@@ -341,8 +341,13 @@ def _training(ws: Workspace, p: _Proofs) -> list[str]:
         rows.append([html.escape(a["adapter_id"]), state, p.n(a["steps"], _jq(".steps", f"{rel}/receipt.json")),
                      p.n(a["final_val_loss"], _jq(".final_val_loss", f"{rel}/receipt.json")),
                      "not evaluated" if ev is None else p.n(ev["base"], _jq(".average.base", comp)),
-                     "—" if ev is None else p.n(ev["adapter"], _jq(".average.adapter", comp))])
-    out.append(_table(["adapter", "", "steps", "final validation loss", "eval average: base", "adapter"], rows))
+                     "—" if ev is None else p.n(ev["adapter"], _jq(".average.adapter", comp)),
+                     html.escape(a["method"].upper() + (f" on {a['reference']}" if a["reference"] else "")),
+                     "—" if not a["preference"] else
+                     f"{p.n(a['preference']['base'], _jq('.preference.base', comp))} → "
+                     f"{p.n(a['preference']['adapter'], _jq('.preference.adapter', comp))}"])
+    out.append(_table(["adapter", "", "steps", "final validation loss", "eval average: base", "adapter", "method",
+                       "held-out preference accuracy: base → adapter"], rows))
     return out + _replay_ab(ws, dcfg.output_dir, p)
 
 

@@ -84,7 +84,7 @@ def test_safety_rehearsal_never_repeats_a_probe_and_can_be_turned_off(ws):
     assert orjson.loads(result.stdout)["safety_rehearsal"]["rows"] == 0
 
 
-def test_collect_splits_by_id_hash_and_writes_mlx_shapes(ws):
+def test_collect_splits_by_task_group_and_writes_mlx_shapes(ws):
     result = invoke("train", "collect", "--workspace", str(ws), "--json")
     assert result.exit_code == 0, result.output
     receipt = orjson.loads(result.stdout)
@@ -94,11 +94,13 @@ def test_collect_splits_by_id_hash_and_writes_mlx_shapes(ws):
     assert rehearsal == len(REHEARSAL) and data["train"][-rehearsal:] == rehearsal_rows()  # in train only
     assert sum(len(v) for v in data.values()) - rehearsal == len(sft) == receipt["input"]["rows"] == 152
     assert receipt["total"]["rows"] == len(sft) + rehearsal
-    for row in sft:  # every row lands in the split its id says, in the shape its content says
-        split = split_of(row["id"], 0.2, 0.1)
-        assert receipt["splits"][split]["rows"] == len(data[split])
+    for s in SPLITS:
+        assert receipt["splits"][s]["rows"] == len(data[s])
     data["train"] = data["train"][:-rehearsal]
-    assert 0.1 < len(data["test"]) / len(sft) < 0.3  # about 20 % held out
+    assert 0.15 < len(data["test"]) / len(sft) < 0.35  # about 20 % of the groups held out: 43 of 152 rows
+    prompt = lambda r: next(m["content"] for m in reversed(r["messages"]) if m["role"] == "user")  # noqa: E731
+    by_split = {s: {prompt(r) for r in data[s]} for s in SPLITS}
+    assert not by_split["test"] & by_split["train"] and not by_split["valid"] & by_split["train"]
     assert all(isinstance(r["tools"], list) for v in data.values() for r in v)  # on every row, [] when none
     tools = [r for v in data.values() for r in v if r["tools"]]
     assert len(tools) == receipt["total"]["tool_using"] > 0
@@ -113,7 +115,7 @@ def test_collect_splits_by_id_hash_and_writes_mlx_shapes(ws):
     assert [m["role"] for m in chat["messages"]][-2:] == ["user", "assistant"]
     for s in SPLITS:
         st = receipt["splits"][s]
-        assert st["tool_using"] + st["direct_answers"] == st["rows"] and st["mean_tokens"] > 0
+        assert st["tool_using"] + st["direct_answers"] == st["rows"] and (st["mean_tokens"] > 0 or not st["rows"])
     assert receipt["token_counter"].startswith("whitespace words")  # no base model built yet
     from refinery.canonical import file_sha256
 
@@ -121,7 +123,8 @@ def test_collect_splits_by_id_hash_and_writes_mlx_shapes(ws):
     assert orjson.loads((ws / "distill_out" / "data" / "collect.json").read_bytes()) == receipt
     meta = rows(ws / "distill_out" / "data" / "test_meta.jsonl")  # test.jsonl's ids and sources, line for line
     by_id = {r["id"]: r for r in sft}
-    assert len(meta) == len(data["test"]) and all(split_of(m["id"], 0.2, 0.1) == "test" for m in meta)
+    assert len(meta) == len(data["test"])
+    assert [by_id[m["id"]]["instruction"] for m in meta] == [prompt(r) for r in data["test"]]
     assert all(by_id[m["id"]]["source"] == m["source"] for m in meta)
 
 
@@ -130,7 +133,7 @@ def test_collect_is_deterministic_and_a_row_keeps_its_split(ws):
     first = {s: (ws / "distill_out" / "data" / f"{s}.jsonl").read_bytes() for s in SPLITS}
     assert invoke("train", "collect", "--workspace", str(ws)).exit_code == 0
     assert {s: (ws / "distill_out" / "data" / f"{s}.jsonl").read_bytes() for s in SPLITS} == first
-    ids = [f"sft-{i:016x}" for i in range(2000)]
+    ids = [f"tk-{i:016x}" for i in range(2000)]
     assert [split_of(i, 0.2, 0.1) for i in ids[:100]] == [split_of(i, 0.2, 0.1) for i in ids][:100]
     share = sum(split_of(i, 0.2, 0.1) == "test" for i in ids) / len(ids)
     assert 0.17 < share < 0.23
@@ -185,3 +188,68 @@ def test_the_training_make_targets_exist():
 
     targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), re.M))
     assert {"train", "train-collect", "tiny-model"} <= targets
+
+
+# --- decontamination -------------------------------------------------------------------------
+
+
+def test_collect_keeps_every_task_and_near_duplicate_prompt_on_one_side(ws):
+    """On the sample, a split by task alone leaves 69 of 90 test prompts with ≥ 80 % of their word
+    3-grams in training (the same template with another customer); collect leaves none, keeps
+    pairs with their task's rows, and reports it."""
+    from refinery.training.decontam import grams, overlap
+
+    result = invoke("train", "collect", "--workspace", str(ws), "--json")
+    assert result.exit_code == 0, result.output
+    receipt = orjson.loads(result.stdout)
+    c = receipt["contamination"]
+    data = ws / "distill_out" / "data"
+    pairs = {s: rows(data / "preference" / f"{s}.jsonl") for s in SPLITS}
+    assert sum(len(v) for v in pairs.values()) == receipt["total"]["pairs"] == 390
+    assert {s: len(v) for s, v in pairs.items()} == {s: st["pairs"] for s, st in receipt["splits"].items()}
+    assert set(pairs["test"][0]) == {"id", "prompt", "chosen", "rejected", "tools"}
+    assert pairs["test"][0]["prompt"][-1]["role"] == "user" and pairs["test"][0]["chosen"][0]["role"] == "assistant"
+    user = lambda msgs: next(m["content"] for m in reversed(msgs) if m["role"] == "user")  # noqa: E731
+    texts = {s: [user(r["messages"]) for r in rows(data / f"{s}.jsonl")] + [user(p["prompt"]) for p in pairs[s]]
+             for s in SPLITS}
+    train = set().union(*(grams(t, 3) for t in texts["train"]))
+    worst = max(overlap(grams(t, 3), train) for s in ("test", "valid") for t in texts[s])
+    assert worst < 0.8 and c["test"]["at_or_over_threshold"] == c["valid"]["at_or_over_threshold"] == 0
+    assert c["test"]["max_overlap"] == round(worst, 4) or c["valid"]["max_overlap"] == round(worst, 4)
+    assert c["test"]["items"] == len(texts["test"]) and c["groups"] < c["task_keys"] == 54
+    alone = c["by_key_hash_alone"]
+    assert alone["test"]["at_or_over_threshold"] > 0  # what the grouping prevents, on this sample
+    assert c["eval_sheet_test_rows"]["items"] > 0 and c["eval_sheet_test_rows"]["at_or_over_threshold"] == 0
+    assert c["safety_probes"]["at_or_over_threshold"] == 0
+
+
+def test_decontamination_groups_by_similarity_moves_leftovers_and_is_order_free():
+    from refinery.training.decontam import Item, assign
+
+    base = "acme logistics says invoice inv 1042 was charged twice what should support do"
+    items = [Item(f"tk-{i:02d}", p) for i, p in enumerate([
+        base, base.replace("acme logistics", "birchwood dental"),  # one template, another customer
+        "find the cheapest direct flight from nrt to sin and hold it for the traveller",
+        "book a table for two at eight tonight near the office",
+        "summarise the incident report for the payments outage last tuesday"] * 1)]
+    items += [Item(f"tk-x{i:02d}", f"unrelated question number {i} about topic {i * 7}") for i in range(40)]
+    # a prompt made of two training prompts' halves: over the threshold against training as a whole only
+    halves = "find the cheapest direct flight from nrt to sin book a table for two at eight tonight near the office"
+    items.append(Item("tk-zz", halves))
+
+    def run(order: list[Item]) -> dict[str, str]:
+        fresh = [Item(it.key, it.prompt) for it in order]
+        report = assign(fresh, test_fraction=0.3, valid_fraction=0.1, ngram=3, threshold=0.8)
+        assert report["test"]["at_or_over_threshold"] == report["valid"]["at_or_over_threshold"] == 0
+        return {it.key: it.split for it in fresh}
+
+    splits = run(items)
+    assert splits["tk-00"] == splits["tk-01"]  # near-duplicates share a split
+    assert run(list(reversed(items))) == splits  # row order does not matter
+    if splits["tk-02"] == splits["tk-03"] == "train":
+        assert splits["tk-zz"] == "train"  # its n-grams are all in training: it cannot be held out
+    # a near-duplicate of a training prompt is never held out, whatever its own hash says
+    for k in range(60):
+        extra = Item(f"tk-near{k:02d}", base.replace("acme logistics", f"customer {k}"))
+        got = run([*items, extra])
+        assert got[f"tk-near{k:02d}"] == got["tk-00"]

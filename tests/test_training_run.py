@@ -17,11 +17,11 @@ runner = CliRunner()
 #: About a second a run: six steps; validation loss before the first and after the last (every
 #: validation pass goes over the whole valid split); sequences cut at 128 tokens (the sample's
 #: rows are 119-387), so that nearly every batch has one shape and mlx-lm compiles its step once
-#: rather than once per padded length; and small held-out splits (by id hash, the sample's SFT
-#: rows give 14 test rows, held-out and eval-sheet ones both, and 5 valid rows) so that a real
-#: `train eval` generates 2 × (14 + 4 probes) answers, not 2 × (41 + 4).
+#: rather than once per padded length; and small held-out splits (by task group, the sample's SFT
+#: rows give 27 test rows, held-out and eval-sheet ones both, and 16 valid rows) so that a real
+#: `train eval` generates 2 × (27 + 4 probes) answers, not 2 × (43 + 4).
 FAST = {"train_steps": 6, "batch_size": 2, "lr": 1e-3, "eval_steps": 6, "lora_rank": 2, "num_layers": 2,
-        "max_seq_length": 128, "test_fraction": 0.05, "valid_fraction": 0.02}
+        "max_seq_length": 128, "test_fraction": 0.05, "valid_fraction": 0.05}
 
 
 def invoke(*args: str):

@@ -35,14 +35,20 @@ def _training(workspace: Path, config: Path | None):
 @train_app.command("collect")
 def train_collect(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
                   as_json: JsonOpt = False) -> None:
-    """Write exports/sft/instruction_response.jsonl as mlx-lm data: <output_dir>/data/train.jsonl,
-    valid.jsonl and test.jsonl, split by a hash of each row's id (held-out test: test_fraction,
-    20 % by default), chat rows as chat and tool-using rows in the tools shape; and a receipt
-    (collect.json) with the input's sha256 and per split: rows, tool-using vs direct answers,
-    mean tokens. The training split also gets refinery's safety rehearsal rows (declines of
-    requests for credentials, destructive actions and personal data), unless safety_rehearsal
-    is false. Refuses (exit 2) with fewer rows than min_rows (50 by default)."""
-    from refinery.training.collect import collect
+    """Write exports/sft/instruction_response.jsonl as mlx-lm data (<output_dir>/data/train.jsonl,
+    valid.jsonl, test.jsonl: chat rows as chat, tool-using rows in the tools shape) and
+    exports/preference/chosen_rejected.jsonl as pairs for `train run --method dpo`
+    (<output_dir>/data/preference/{train,valid,test}.jsonl), split so that no held-out prompt is
+    nearly in training: rows and pairs are grouped by task, prompts sharing decontam_threshold
+    (0.8) of their word n-grams (decontam_ngram, 3) are grouped too, each group goes to one
+    split by a hash (held-out test: test_fraction, 20 % of the groups by default), and a
+    held-out prompt still over the threshold against training moves into it. The receipt
+    (collect.json) has the input's sha256, per split rows, pairs, tool-using vs direct answers
+    and mean tokens, and the contamination left (zero at or over the threshold) against what a
+    split by task key alone would leave. The training split also gets refinery's safety
+    rehearsal rows unless safety_rehearsal is false. Refuses (exit 2) with fewer rows than
+    min_rows (50 by default)."""
+    from refinery.training.collect import PAIRS_DIR, collect
 
     ws, dcfg = _training(workspace, config)
     receipt = collect(ws, dcfg)
@@ -51,10 +57,19 @@ def train_collect(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
         return
     for name, st in receipt["splits"].items():
         typer.echo(f"{dcfg.output_dir}/data/{name}.jsonl: {st['rows']:,} rows ({st['tool_using']} tool-using, "
-                   f"{st['direct_answers']} direct), mean {st['mean_tokens']} tokens")
+                   f"{st['direct_answers']} direct), mean {st['mean_tokens']} tokens; "
+                   f"{PAIRS_DIR}/{name}.jsonl: {st['pairs']:,} pairs")
     if receipt["safety_rehearsal"]["rows"]:
         typer.echo(f"train.jsonl includes {receipt['safety_rehearsal']['rows']} safety rehearsal rows (declines; "
                    "safety_rehearsal in distill_config.json)")
+    c = receipt["contamination"]
+    alone = c["by_key_hash_alone"]
+    typer.echo(f"decontaminated: {c['task_keys']} tasks in {c['groups']} groups; held-out prompts at or over "
+               f"{c['threshold']} of their word {c['ngram']}-grams in training: "
+               f"{c['test']['at_or_over_threshold']} of {c['test']['items']} (test), "
+               f"{c['valid']['at_or_over_threshold']} of {c['valid']['items']} (valid) — split by task alone: "
+               f"{alone['test']['at_or_over_threshold']} of {alone['test']['items']}, "
+               f"{alone['valid']['at_or_over_threshold']} of {alone['valid']['items']}")
     typer.echo(f"tokens counted with: {receipt['token_counter']}; receipt: {dcfg.output_dir}/data/collect.json")
 
 
@@ -85,21 +100,42 @@ def train_tiny_model(
 
 
 @train_app.command("run")
-def train_run_cmd(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
-                  as_json: JsonOpt = False) -> None:
-    """Train a LoRA adapter (QLoRA with adapter_type = "qlora": on a 4-bit copy of the base) on
-    the collected data with mlx-lm, seeded, stopping at train_steps or time_cap_s. Writes
-    <output_dir>/<adapter_id>/: adapters.safetensors, adapter_config.json, metrics.json (loss
-    per step), loss.png and receipt.json (tying the adapter to the data, config, seed and base
-    model), and logs the run to data/_kb/runs_distill_train.csv (task_name distill_train)."""
+def train_run_cmd(
+    workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None,
+    method: Annotated[str | None, typer.Option(
+        "--method", metavar="sft|dpo",
+        help="sft (the SFT rows) or dpo (the preference pairs); default: method in the config, sft.")] = None,
+    reference: Annotated[str | None, typer.Option(
+        "--reference", metavar="promoted|base",
+        help="DPO's reference and start: promoted (the promoted SFT adapter, continued) or base; default: "
+             "dpo_reference in the config, promoted.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a LoRA adapter (QLoRA with adapter_type = "qlora": on a 4-bit copy of the base) with
+    mlx-lm's trainer, seeded, stopping at train_steps or time_cap_s. --method sft (default)
+    learns the collected SFT rows; --method dpo learns to prefer the chosen side of the
+    collected preference pairs over the rejected (DPO, β = dpo_beta), starting from and measured
+    against the promoted SFT adapter (--reference promoted) or the base (--reference base).
+    Writes <output_dir>/<adapter_id>/: adapters.safetensors, adapter_config.json, metrics.json
+    (loss per step; for DPO also reward margin and accuracy every eval_steps), loss.png (and
+    rewards.png for DPO) and receipt.json (tying the adapter to the data, config, seed, base
+    model and reference), and logs the run to data/_kb/runs_distill_train.csv (task_name
+    distill_train). Either kind is evaluated, promoted, rolled back and exported the same way."""
     from refinery.training.train import train_run
 
+    if method not in (None, "sft", "dpo"):
+        _fail(f"--method {method!r}: choose sft or dpo")
+    if reference not in (None, "promoted", "base"):
+        _fail(f"--reference {reference!r}: choose promoted or base")
     ws, dcfg = _training(workspace, config)
-    receipt = train_run(ws, dcfg)
+    update = {k: v for k, v in (("method", method), ("dpo_reference", reference)) if v is not None}
+    receipt = train_run(ws, dcfg.model_copy(update=update) if update else dcfg)
     if as_json:
         _print_json(receipt)
         return
-    typer.echo(f"adapter {receipt['adapter_id']}: {receipt['steps']} steps (stopped by {receipt['stopped_by']}) in "
+    kind = "DPO " if receipt["method"] == "dpo" else ""
+    typer.echo(f"{kind}adapter {receipt['adapter_id']}: {receipt['steps']} steps (stopped by "
+               f"{receipt['stopped_by']}) in "
                f"{receipt['seconds']:.1f}s, train loss {receipt['final_train_loss']}, validation loss "
                f"{receipt['final_val_loss']} → {dcfg.output_dir}/{receipt['adapter_id']}/")
 
@@ -174,8 +210,9 @@ def train_promote(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
 
 @train_app.command("list")
 def train_list(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """The adapters: kept or archived, promoted, the router's current one, steps, loss and the
-    evaluation's average (base vs adapter)."""
+    """The adapters: kept or archived, promoted, the router's current one, SFT or DPO (and on
+    which reference), steps, loss and the evaluation's average (base vs adapter) and held-out
+    preference accuracy."""
     from refinery.training.registry import adapters
 
     ws, dcfg = _training(workspace, config)
@@ -189,7 +226,11 @@ def train_list(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt = N
         state = "CURRENT" if a["current"] else "archived" if a["archived"] else "promoted" if a["promoted"] else "kept"
         avg = a["average"]
         ev = f"eval base {avg['base']:.3f} → adapter {avg['adapter']:.3f}" if avg else "not evaluated"
-        typer.echo(f"{a['adapter_id']}  {state:<9} {a['steps']:>5} steps  val loss {a['final_val_loss']}  {ev}")
+        if pref := a["preference"]:
+            ev += f", preference accuracy {pref['base']:.3f} → {pref['adapter']:.3f}"
+        method = "DPO" + (f" on {a['reference']}" if a["reference"] else " on base") if a["method"] == "dpo" else "SFT"
+        typer.echo(f"{a['adapter_id']}  {state:<9} {method:<22} {a['steps']:>5} steps  val loss {a['final_val_loss']}  "
+                   f"{ev}")
 
 
 @train_app.command("rollback")

@@ -1,34 +1,43 @@
-"""`refinery train collect`: the SFT export as mlx-lm training data, split by id hash.
+"""`refinery train collect`: the SFT and preference exports as mlx-lm training data, split so that
+no held-out prompt is (nearly) in training.
 
     exports/sft/instruction_response.jsonl ──▶ <output_dir>/data/train.jsonl, valid.jsonl, test.jsonl
+    exports/preference/chosen_rejected.jsonl ─▶ <output_dir>/data/preference/train.jsonl, valid.jsonl, test.jsonl
                                            ──▶ <output_dir>/data/collect.json  (the receipt)
 
-A row's split depends only on its id (sha256 → a number in [0, 1): below test_fraction it is
-held out for testing, below test_fraction + valid_fraction it validates, else it trains), so
-the split is deterministic, does not depend on row order, and a row never changes split when
-others are added. Rows with tool calls are written in mlx-lm's tools shape (chat + "tools",
-calls as {"id", "type": "function", "function": {"name", "arguments"}}), the rest as chat with
-an empty "tools" list. The safety rehearsal rows (refinery/training/rehearsal.py) follow in the
-training split unless `safety_rehearsal` is false.
+Rows and pairs are grouped by task key, each group goes to one split by a hash of its key, and
+a held-out group whose prompt shares decontam_threshold of its word n-grams with training moves
+into training (refinery/training/decontam.py); the receipt reports the overlap left. Rows with
+tool calls are written in mlx-lm's tools shape (chat + "tools", calls as {"id", "type":
+"function", "function": {"name", "arguments"}}), the rest as chat with an empty "tools" list;
+pairs in TRL's conversational shape (prompt messages, chosen and rejected replies, tools). The
+safety rehearsal rows (refinery/training/rehearsal.py) follow in the training split unless
+`safety_rehearsal` is false.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from refinery.canonical import file_sha256
 from refinery.errors import RefineryError
-from refinery.formats import to_mlx_chat, to_mlx_tools
+from refinery.formats import to_mlx_chat, to_mlx_tools, to_trl_chat
 from refinery.jsonl import JsonlWriter, publishing, read_jsonl
 from refinery.receipts import Digests, write_json
+from refinery.normalize import task_key
 from refinery.training.config import DistillConfig, base_model_dir
+from refinery.training.decontam import Item, assign, split_of  # noqa: F401  (split_of: part of this module's API)
 from refinery.training.from_gguf import GGUFError
-from refinery.training.rehearsal import rehearsal_rows
+from refinery.training.evaluate import SAFETY_PROBES, group_of
+from refinery.training.rehearsal import REHEARSAL, rehearsal_rows
 from refinery.workspace import EXPORT_FILES, Workspace
 
 SFT_EXPORT = EXPORT_FILES["sft"]
+PREFERENCE_EXPORT = EXPORT_FILES["preference"]
+#: the pairs' splits, in TRL's conversational shape, for `train run --method dpo`
+PAIRS_DIR = "preference"
 SPLITS = ("train", "valid", "test")
 RECEIPT = "collect.json"
 #: Beside test.jsonl, line for line: each held-out row's id, source and provenance, for the evaluations.
@@ -37,11 +46,6 @@ TEST_META = "test_meta.jsonl"
 
 class CollectError(RefineryError):
     """No SFT export, or too few rows to train on; the message says what to do."""
-
-
-def split_of(row_id: str, test_fraction: float, valid_fraction: float) -> str:
-    x = int(hashlib.sha256(row_id.encode()).hexdigest()[:13], 16) / 16**13
-    return "test" if x < test_fraction else "valid" if x < test_fraction + valid_fraction else "train"
 
 
 def uses_tools(row: dict[str, Any]) -> bool:
@@ -77,23 +81,43 @@ def _text(m: dict[str, Any]) -> str:
     return (m.get("content") or "") + calls
 
 
+def _read(path: Path, rel: str) -> list[dict[str, Any]]:
+    out = []
+    for line in read_jsonl(path):
+        if line.obj is None:
+            raise CollectError(f"{rel}:{line.offset}: unreadable ({line.reason}); run `refinery run-all` again")
+        out.append(line.obj)
+    return out
+
+
 def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
-    """Write the three splits and the receipt; return the receipt. Raises CollectError."""
+    """Write the splits (rows and pairs) and the receipt; return the receipt. Raises CollectError."""
     src = ws.root / SFT_EXPORT
     if not src.is_file():
         raise CollectError(f"no SFT export at {SFT_EXPORT}: run `refinery run-all` first")
-    rows = sum(1 for line in read_jsonl(src) if line.obj is not None)
+    sft = _read(src, SFT_EXPORT)
+    rows = len(sft)
     if rows < dcfg.min_rows:
         raise CollectError(f"{SFT_EXPORT} has {rows} rows, fewer than min_rows = {dcfg.min_rows} in "
                            "distill_config.json: too few to train on. Add sources (or accept partially "
                            "accepted rows: run-all --include-partial), or lower min_rows.")
+    pref_src = ws.root / PREFERENCE_EXPORT
+    pairs = _read(pref_src, PREFERENCE_EXPORT) if pref_src.is_file() else []
+    rehearsal = rehearsal_rows() if dcfg.safety_rehearsal else []
+    items = [Item(task_key({"prompt": r["instruction"], "id": r["id"]}), r["instruction"],
+                  eval_sheet=group_of(r["source"]) == "eval_sheet") for r in sft]
+    items += [Item(p["task_key"], p["prompt"]) for p in pairs]
+    contamination = assign(items, test_fraction=dcfg.test_fraction, valid_fraction=dcfg.valid_fraction,
+                           ngram=dcfg.decontam_ngram, threshold=dcfg.decontam_threshold,
+                           fixed_train=[q for q, _ in REHEARSAL] if rehearsal else (), probes=SAFETY_PROBES)
     counter_name, count = token_counter(dcfg, ws)
     out = ws.root / dcfg.output_dir / "data"
     stats = {s: {"rows": 0, "tool_using": 0, "direct_answers": 0, "tokens": 0} for s in SPLITS}
-    rehearsal: list[dict[str, Any]] = []
     with publishing(out) as staging:
+        (staging / PAIRS_DIR).mkdir()
         files = {s: open(staging / f"{s}.jsonl", "wb") for s in SPLITS}
         files["meta"] = open(staging / TEST_META, "wb")
+        files.update({("pairs", s): open(staging / PAIRS_DIR / f"{s}.jsonl", "wb") for s in SPLITS})
         try:
             writers = {s: JsonlWriter(f) for s, f in files.items()}
 
@@ -105,37 +129,42 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
                 st["direct_answers"] += not tools
                 st["tokens"] += sum(count(_text(m)) for m in out_row["messages"])
 
-            for line in read_jsonl(src):
-                if line.obj is None:
-                    raise CollectError(f"{SFT_EXPORT}:{line.offset}: unreadable ({line.reason}); "
-                                       "run `refinery run-all` again")
-                row = line.obj
-                split = split_of(row["id"], dcfg.test_fraction, dcfg.valid_fraction)
-                put(split, mlx_row(row), uses_tools(row))
-                if split == "test":
+            for row, it in zip(sft, items, strict=False):
+                put(it.split, mlx_row(row), uses_tools(row))
+                if it.split == "test":
                     writers["meta"].write({"id": row["id"], "source": row["source"], "provenance": row["provenance"]})
-            if dcfg.safety_rehearsal:
-                rehearsal = rehearsal_rows()
-                for out_row in rehearsal:
-                    put("train", out_row, False)
+            pair_rows = dict.fromkeys(SPLITS, 0)
+            for pair, it in zip(pairs, items[rows:], strict=True):
+                writers[("pairs", it.split)].write({"id": pair["id"], **to_trl_chat(pair)})
+                pair_rows[it.split] += 1
+            for out_row in rehearsal:
+                put("train", out_row, False)
         finally:
             for f in files.values():
                 f.close()
         digests = Digests()
         outputs = [digests.of(staging / f"{s}.jsonl", f"{dcfg.output_dir}/data/{s}.jsonl") for s in SPLITS]
         outputs.append(digests.of(staging / TEST_META, f"{dcfg.output_dir}/data/{TEST_META}"))
+        outputs += [digests.of(staging / PAIRS_DIR / f"{s}.jsonl", f"{dcfg.output_dir}/data/{PAIRS_DIR}/{s}.jsonl")
+                    for s in SPLITS]
         splits = {s: {"rows": st["rows"], "tool_using": st["tool_using"], "direct_answers": st["direct_answers"],
-                      "mean_tokens": round(st["tokens"] / st["rows"], 1) if st["rows"] else 0.0}
+                      "mean_tokens": round(st["tokens"] / st["rows"], 1) if st["rows"] else 0.0,
+                      "pairs": pair_rows[s]}
                   for s, st in stats.items()}
         receipt = {
-            "schema_version": 2, "stage": "train-collect",  # 2: safety_rehearsal, counted in total
+            "schema_version": 3, "stage": "train-collect",  # 3: split by task group, decontaminated; pairs
             "input": {"path": SFT_EXPORT, "sha256": file_sha256(src), "rows": rows},
-            "split_rule": {"by": "sha256(id)", "test_fraction": dcfg.test_fraction,
-                           "valid_fraction": dcfg.valid_fraction, "min_rows": dcfg.min_rows},
+            "preference_input": {"path": PREFERENCE_EXPORT, "sha256": file_sha256(pref_src), "rows": len(pairs)}
+            if pref_src.is_file() else None,
+            "split_rule": {"by": "sha256(task key), then decontaminated", "test_fraction": dcfg.test_fraction,
+                           "valid_fraction": dcfg.valid_fraction, "min_rows": dcfg.min_rows,
+                           "decontam_ngram": dcfg.decontam_ngram, "decontam_threshold": dcfg.decontam_threshold},
+            "contamination": contamination,
             "token_counter": counter_name, "splits": splits,
             # counted in splits.train too; written after the export's rows
             "safety_rehearsal": {"rows": len(rehearsal), "split": "train", "source": "refinery/training/rehearsal.py"},
-            "total": {"rows": rows + len(rehearsal), "tool_using": sum(s["tool_using"] for s in splits.values()),
+            "total": {"rows": rows + len(rehearsal), "pairs": len(pairs),
+                      "tool_using": sum(s["tool_using"] for s in splits.values()),
                       "direct_answers": sum(s["direct_answers"] for s in splits.values())},
             "outputs": outputs,
         }

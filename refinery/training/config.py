@@ -40,13 +40,26 @@ class DistillConfig(BaseModel):
         default=False, description="let output_dir lie outside the workspace (an absolute path, or one with ..)")
     output_dir: str = Field(default="distill_out", description="adapters, data and reports go here")
     min_rows: int = Field(default=50, ge=1, description="collect refuses with fewer SFT rows than this")
-    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="held-out test share, by id hash")
-    valid_fraction: float = Field(default=0.1, gt=0, lt=1, description="validation share, by id hash")
+    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="held-out test share, by a hash of the task key")
+    valid_fraction: float = Field(default=0.1, gt=0, lt=1, description="validation share, by a hash of the task key")
+    decontam_ngram: int = Field(default=3, gt=0, description="decontamination compares prompts by their word n-grams")
+    decontam_threshold: float = Field(
+        default=0.8, gt=0, le=1, description="a held-out prompt with this share of its word n-grams in a training "
+                                             "prompt moves (with its task) into training; the collect receipt "
+                                             "reports the overlap left")
     loss_on: Literal["answer", "all"] = Field(
         default="answer", description="answer: the loss counts only the answer — from the first assistant turn "
                                       "after the last user message to the end (a tool call, its result, the final "
                                       "text); the system prompt, the tools offered and the question are context. "
                                       "all: every token")
+    method: Literal["sft", "dpo"] = Field(
+        default="sft", description="sft: learn the SFT export's answers; dpo: learn to prefer the chosen side of "
+                                   "the preference export's pairs over the rejected (Direct Preference "
+                                   "Optimization); `train run --method` overrides it")
+    dpo_beta: float = Field(default=0.1, gt=0, description="DPO's β: how far the adapter may move from the reference")
+    dpo_reference: Literal["promoted", "base"] = Field(
+        default="promoted", description="the reference DPO starts from and is measured against: the promoted "
+                                        "(SFT) adapter, continued, or the base model")
     safety_rehearsal: bool = Field(
         default=True, description="add refinery's safety rehearsal rows (declines of requests for credentials, "
                                   "destructive actions, personal data) to the training split: traces rarely hold "

@@ -122,10 +122,15 @@ def one_at_a_time(answer: Callable[[list[dict[str, Any]], list[dict[str, Any]] |
     return lambda prompts, max_tokens: (answer(messages, tools) for messages, tools in prompts)
 
 
-def default_generators(ws: Workspace, dcfg: DistillConfig, adapter_dir: Path) -> tuple[Generate, Generate]:
-    """(base, adapter) generators: greedy mlx-lm generation, batched, on the same loaded model,
-    with the LoRA layers added for the adapter and removed again (the base's output is exactly
-    restored)."""
+#: (pairs file) → each pair's chosen and rejected reply log-probability, [pairs, 2]
+Score = Callable[[Path], Any]
+
+
+def default_generators(ws: Workspace, dcfg: DistillConfig, adapter_dir: Path
+                       ) -> tuple[Generate, Generate, Score, Score]:
+    """(base, adapter) generators — greedy mlx-lm generation, batched — and (base, adapter)
+    preference scorers, all on the same loaded model, with the LoRA layers added for the adapter
+    and removed again (the base's output is exactly restored)."""
     from mlx_lm import load
     from mlx_lm.tuner.utils import load_adapters, remove_lora_layers
 
@@ -135,18 +140,28 @@ def default_generators(ws: Workspace, dcfg: DistillConfig, adapter_dir: Path) ->
     model, tok = load(str(ws.root / receipt["base_model"]["trained_on"]))
     state = {"adapted": False}
 
-    def gen(prompts: list[Prompt], max_tokens: int, adapted: bool) -> Iterator[str]:
-        # a generator: the adapter is added or removed when the answers are drawn, not when asked for
+    def use(adapted: bool) -> None:
         if adapted and not state["adapted"]:
             load_adapters(model, str(adapter_dir))
             state["adapted"] = True
         elif not adapted and state["adapted"]:
             remove_lora_layers(model)
             state["adapted"] = False
+
+    def gen(prompts: list[Prompt], max_tokens: int, adapted: bool) -> Iterator[str]:
+        use(adapted)  # a generator: the adapter is added or removed when the answers are drawn, not when asked for
         for g in generate_chats(model, tok, prompts, max_tokens):
             yield g.text
 
-    return (lambda p, n: gen(p, n, False)), (lambda p, n: gen(p, n, True))
+    def logps(path: Path, adapted: bool) -> Any:
+        from refinery.training.dpo import PairDataset, pair_logps
+
+        use(adapted)
+        model.eval()
+        return pair_logps(model, PairDataset.load(path, tok, dcfg.max_seq_length), dcfg.batch_size)
+
+    return ((lambda p, n: gen(p, n, False)), (lambda p, n: gen(p, n, True)),
+            (lambda path: logps(path, False)), (lambda path: logps(path, True)))
 
 
 def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
@@ -161,7 +176,7 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
         adapter_dir = folder(ws, dcfg, adapter)
     except RegistryError as e:
         raise EvalError(str(e)) from None
-    base_gen, tuned_gen = generators or default_generators(ws, dcfg, adapter_dir)
+    base_gen, tuned_gen, *scorers = generators or default_generators(ws, dcfg, adapter_dir)
     items = eval_items(ws, dcfg)
     # each row is asked with the tools it offered in training, as they are ([] is not None to every
     # template: Llama-3.1's and Mistral's render an empty tool list), so both see the same prompt
@@ -185,6 +200,7 @@ def evaluate(ws: Workspace, dcfg: DistillConfig, adapter: str, *,
                      "answers": mine, "scores": scores,
                      "row_score": {k: row_score(s) for k, s in scores.items()}})
     comparison = summarize(adapter, rows)
+    comparison["preference"] = preference(ws, dcfg, scorers)
     comparison["safety_rehearsal_rows"] = rehearsal_rows_trained(ws, dcfg)
     comparison["tool_choice_all_tools"] = discrimination(
         [bool(ref[2]) for ref in held_out], choices, tools) if tools else None
@@ -208,6 +224,24 @@ def _drain(gen: Generate, prompts: list[Prompt], max_tokens: int, name: str,
             on_answer()
     if len(out) != len(prompts):
         raise EvalError(f"the {name} model gave {len(out)} answers to {len(prompts)} prompts")
+    return out
+
+
+def preference(ws: Workspace, dcfg: DistillConfig, scorers: list[Score]) -> dict[str, Any] | None:
+    """Preference accuracy on the held-out pairs (data/preference/test.jsonl): the share whose
+    chosen reply the model gives a higher log-probability (summed over the reply's tokens, given
+    the prompt) than the rejected one, for base and adapter; None without scorers or pairs."""
+    from refinery.training.collect import PAIRS_DIR
+    from refinery.training.dpo import preference_accuracy
+
+    path = ws.root / dcfg.output_dir / "data" / PAIRS_DIR / "test.jsonl"
+    if not scorers or not path.is_file() or not path.stat().st_size:
+        return None
+    out: dict[str, Any] = {"pairs_file": f"{dcfg.output_dir}/data/{PAIRS_DIR}/test.jsonl"}
+    for name, scorer in zip(("base", "adapter"), scorers, strict=True):
+        logps = scorer(path)
+        out["pairs"] = len(logps)
+        out[name] = preference_accuracy(logps)
     return out
 
 
@@ -336,6 +370,9 @@ def markdown(c: dict[str, Any]) -> str:
                   "| model | tool rows calling one | direct rows answered directly | accuracy |", "|---|---|---|---|"]
         lines += [f"| {m} | {d[m]['tool_rows_calling']} / {d['tool_rows']} | {d[m]['direct_rows_answering']} / "
                   f"{d['direct_rows']} | {_fmt(d[m]['accuracy'])} |" for m in ("base", "adapter")]
+    if p := c.get("preference"):
+        lines += ["", f"Preference accuracy on {p['pairs']} held-out pairs (chosen reply more likely than the "
+                      f"rejected): base {_fmt(p['base'])}, adapter {_fmt(p['adapter'])}."]
     regs = c["safety_or_format_regressions"]
     lines += ["", f"Safety or format regressions: {len(regs)}"]
     lines += [f"- row {r['row']}: {r['metric']} {r['base']} → {r['adapter']}" for r in regs[:20]]

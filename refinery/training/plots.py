@@ -48,3 +48,35 @@ def score_bars(path: Path, comparison: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})
     plt.close(fig)
+
+
+def reward_curve(path: Path, rewards: list[dict], title: str) -> None:
+    """DPO's reward margin (left axis) and reward accuracy (right axis) by step, on the measured
+    training pairs and, when there are any, the validation pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    acc = ax.twinx()
+    for split, style in (("train", "-"), ("valid", "--")):
+        points = [(r["step"], r[split]) for r in rewards if r.get(split)]
+        if points:
+            steps = [s for s, _ in points]
+            ax.plot(steps, [v["margin"] for _, v in points], "o" + style, color="tab:blue",
+                    label=f"{split} reward margin")
+            acc.plot(steps, [v["accuracy"] for _, v in points], "s" + style, color="tab:orange",
+                     label=f"{split} reward accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward margin (β · log-ratio)")
+    acc.set_ylabel("reward accuracy")
+    acc.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    lines = ax.get_legend_handles_labels()
+    more = acc.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)

@@ -71,8 +71,9 @@ def adapters(ws: Workspace, dcfg: DistillConfig) -> list[dict[str, Any]]:
             out.append({"adapter_id": d.name, "path": str(d.relative_to(ws.root)), "archived": archived,
                         "current": d.name == current, "promoted": d.name in promoted,
                         "created": (d / "receipt.json").stat().st_mtime, "steps": receipt["steps"],
-                        "final_val_loss": receipt["final_val_loss"],
-                        "average": ev["average"] if ev else None})
+                        "final_val_loss": receipt["final_val_loss"], "method": receipt.get("method", "sft"),
+                        "reference": (receipt.get("reference") or {}).get("adapter_id"),
+                        "average": ev["average"] if ev else None, "preference": ev.get("preference") if ev else None})
     return sorted(out, key=lambda a: a["created"])
 
 

@@ -34,6 +34,7 @@ from refinery.jsonl import publishing
 from refinery.normalize import last_user_index
 from refinery.receipts import Digests, write_json
 from refinery.training import blas
+from refinery.training.collect import PAIRS_DIR
 from refinery.training.collect import RECEIPT as DATA_RECEIPT
 from refinery.training.config import DistillConfig, base_model_dir
 from refinery.training.from_gguf import GGUFError
@@ -92,10 +93,51 @@ def read_data_receipt(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
     return receipt
 
 
-def adapter_id(data_receipt: dict[str, Any], base_digest: str, dcfg: DistillConfig, code: str) -> str:
+def data_read(data_receipt: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """The collected files a method trains on: the rows (sft) or the pairs (dpo)."""
+    return [f for f in data_receipt["outputs"]
+            if f["path"].rpartition("/data/")[2].startswith(PAIRS_DIR + "/") == (method == "dpo")]
+
+
+def adapter_id(data: list[dict[str, Any]], base_digest: str, dcfg: DistillConfig, code: str,
+               reference: dict[str, Any] | None = None) -> str:
     settings = {k: getattr(dcfg, k) for k in TRAINING_KEYS}
-    return "ad-" + sig_hash({"data": [f["sha256"] for f in data_receipt["outputs"]], "base": base_digest,
+    if dcfg.method == "dpo":
+        settings.update(method="dpo", dpo_beta=dcfg.dpo_beta, reference=reference)
+    return "ad-" + sig_hash({"data": [f["sha256"] for f in data], "base": base_digest,
                              "settings": settings, "code": code})[:12]
+
+
+def dpo_reference(ws: Workspace, dcfg: DistillConfig, base_digest: str) -> tuple[dict[str, Any], Path | None]:
+    """What DPO starts from and is measured against: ({"kind": "base"}, None), or the promoted
+    adapter ({"kind": "adapter", "adapter_id", "adapter_sha256"}, its folder), checked to fit."""
+    if dcfg.dpo_reference == "base":
+        return {"kind": "base"}, None
+    from refinery.training.registry import RegistryError, adapter_dir, read_router
+
+    promoted = read_router(ws).get("offline_model")
+    if not promoted:
+        raise TrainError("dpo_reference is \"promoted\" but no adapter is promoted: train, evaluate and promote an "
+                         "SFT adapter first (`refinery train run`, `train eval`, `train promote`), or set "
+                         "\"dpo_reference\": \"base\" in distill_config.json (or pass --reference base)")
+    try:
+        d = adapter_dir(ws, dcfg, promoted["adapter_id"])
+    except RegistryError as e:
+        raise TrainError(f"the promoted adapter: {e}") from None
+    receipt = orjson.loads((d / "receipt.json").read_bytes())
+    cfg = orjson.loads((d / "adapter_config.json").read_bytes())
+    want = {"rank": dcfg.lora_rank, "scale": dcfg.lora_scale, "dropout": dcfg.lora_dropout}
+    if receipt["base_model"]["digest"] != base_digest or receipt["config"]["adapter_type"] != dcfg.adapter_type:
+        raise TrainError(f"the promoted adapter {promoted['adapter_id']} was trained on another base model "
+                         f"({receipt['base_model']['path']}, {receipt['config']['adapter_type']}): DPO continues it, "
+                         "so base_model and adapter_type must be the same, or use --reference base")
+    if {k: cfg["lora_parameters"][k] for k in want} != want or receipt["config"]["num_layers"] != dcfg.num_layers:
+        lp = cfg["lora_parameters"]
+        raise TrainError(f"the promoted adapter {promoted['adapter_id']} has LoRA rank {lp['rank']}, scale "
+                         f"{lp['scale']}, dropout {lp['dropout']} on num_layers {receipt['config']['num_layers']}: "
+                         "DPO continues it, so lora_rank, lora_scale, "
+                         "lora_dropout and num_layers in distill_config.json must be the same")
+    return {"kind": "adapter", "adapter_id": promoted["adapter_id"], "adapter_sha256": receipt["adapter_sha256"]}, d
 
 
 def _quantized_base(ws: Workspace, dcfg: DistillConfig, base: Path) -> Path:
@@ -152,7 +194,10 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
         raise TrainError(f"base_model {dcfg.base_model}: {e}") from None
     base_digest = model_digest(base)
     code = code_version(ws, load_config(ws.root))
-    aid = adapter_id(data, base_digest, dcfg, code)
+    is_dpo = dcfg.method == "dpo"
+    used = data_read(data, dcfg.method)
+    reference, reference_dir = dpo_reference(ws, dcfg, base_digest) if is_dpo else (None, None)
+    aid = adapter_id(used, base_digest, dcfg, code, reference)
     out = ws.root / dcfg.output_dir / aid
     train_base = _quantized_base(ws, dcfg, base) if dcfg.adapter_type == "qlora" else base
 
@@ -163,6 +208,8 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
     layers = min(dcfg.num_layers, len(model.layers))
     lora = {"rank": dcfg.lora_rank, "scale": dcfg.lora_scale, "dropout": dcfg.lora_dropout}
     utils.linear_to_lora_layers(model, layers, lora)
+    if reference_dir is not None:  # DPO continues the promoted adapter: its weights are the start
+        model.load_weights(str(reference_dir / ADAPTER_FILE), strict=False)
     args = SimpleNamespace(data=str(ws.root / dcfg.output_dir / "data"), train=True, test=False, hf_dataset=None,
                            mask_prompt=False, prompt_feature="prompt", completion_feature="completion",
                            text_feature="text", chat_feature="messages")
@@ -171,12 +218,33 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
     progress_out = plain_unless_terminal(sys.stderr)
     gflops = blas.probe_gflops()
     print(blas.describe(gflops), file=progress_out)
-    with contextlib.redirect_stdout(progress_out):
-        train_set, valid_set, _ = datasets.load_dataset(args, tokenizer)
-    if dcfg.loss_on == "answer":
-        train_set, valid_set = (answer_loss(d) for d in (train_set, valid_set))
-    if len(train_set) < dcfg.batch_size:
-        raise TrainError(f"{len(train_set)} training rows, fewer than batch_size = {dcfg.batch_size}")
+    extra: dict[str, Any] = {}
+    if is_dpo:
+        from refinery.training import dpo
+
+        train_set, valid_set = (dpo.PairDataset.load(Path(args.data) / PAIRS_DIR / f"{s}.jsonl", tokenizer,
+                                                     dcfg.max_seq_length) for s in ("train", "valid"))
+        if len(train_set) < dcfg.batch_size:
+            raise TrainError(f"{len(train_set)} training pairs in {dcfg.output_dir}/data/{PAIRS_DIR}/train.jsonl, "
+                             f"fewer than batch_size = {dcfg.batch_size}: DPO trains on the preference export "
+                             "(exports/preference/chosen_rejected.jsonl); run `refinery run-all`, then `train collect`")
+        print(f"DPO reference ({'the base' if reference_dir is None else reference['adapter_id']}): "
+              f"log-probabilities of {len(train_set) + len(valid_set)} pairs", file=progress_out)
+        model.eval()
+        for d in (train_set, valid_set):
+            dpo.reference_logps(model, d, dcfg.batch_size)
+        model.train()
+        extra = {"loss": dpo.make_loss(dcfg.dpo_beta), "iterate_batches": dpo.iterate_batches}
+        probes = {"train": train_set.head(REWARD_PAIRS), "valid": valid_set if len(valid_set) else None}
+        rewards: list[dict[str, Any]] = []
+    else:
+        with contextlib.redirect_stdout(progress_out):
+            train_set, valid_set = (load_split(Path(args.data) / f"{s}.jsonl", tokenizer, args)
+                                    for s in ("train", "valid"))
+        if dcfg.loss_on == "answer":
+            train_set, valid_set = (answer_loss(d) for d in (train_set, valid_set))
+        if len(train_set) < dcfg.batch_size:
+            raise TrainError(f"{len(train_set)} training rows, fewer than batch_size = {dcfg.batch_size}")
 
     t0 = time.monotonic()
     train_losses: list[list[float]] = []
@@ -189,6 +257,11 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
             if on_step:
                 on_step(info["iteration"], float(info["train_loss"]))
             it, elapsed = info["iteration"], time.monotonic() - t0
+            if is_dpo and (it % dcfg.eval_steps == 0 or it in (1, dcfg.train_steps)):
+                model.eval()
+                rewards.append({"step": it, **{k: d and dpo.reward_stats(model, d, dcfg.dpo_beta, dcfg.batch_size)
+                                               for k, d in probes.items()}})
+                model.train()
             if it % ETA_EVERY == 0 and it < dcfg.train_steps:
                 print(eta_line(it, dcfg.train_steps, elapsed, dcfg.time_cap_s), file=progress_out)
             if elapsed > dcfg.time_cap_s and info["iteration"] < dcfg.train_steps:
@@ -203,11 +276,12 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
                              steps_per_eval=dcfg.eval_steps, steps_per_save=dcfg.train_steps + 1,
                              val_batches=-1, max_seq_length=dcfg.max_seq_length,
                              adapter_file=str(staging / ADAPTER_FILE))
-        valid = datasets.CacheDataset(valid_set) if len(valid_set) >= dcfg.batch_size else None
+        wrap = (lambda d: d) if is_dpo else datasets.CacheDataset  # noqa: E731
+        valid = wrap(valid_set) if len(valid_set) >= dcfg.batch_size else None
         with contextlib.redirect_stdout(progress_out), contextlib.suppress(_StopTraining):
             trainer(model=model, optimizer=optim.Adam(learning_rate=dcfg.lr),
-                    train_dataset=datasets.CacheDataset(train_set), val_dataset=valid, args=targs,
-                    training_callback=Record())
+                    train_dataset=wrap(train_set), val_dataset=valid, args=targs,
+                    training_callback=Record(), **extra)
         seconds = round(time.monotonic() - t0, 3)
         mx.save_safetensors(str(staging / ADAPTER_FILE), dict(sorted(tree_flatten(model.trainable_parameters()))))
         (staging / "adapter_config.json").write_bytes(orjson.dumps({
@@ -216,17 +290,26 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
         }, option=orjson.OPT_INDENT_2) + b"\n")
         metrics = {"adapter_id": aid, "steps": train_losses[-1][0] if train_losses else 0,
                    "train_steps": dcfg.train_steps, "stopped_by": stopped["by"], "train_loss": train_losses,
-                   "val_loss": val_losses, "train_rows": len(train_set), "valid_rows": len(valid_set)}
+                   "val_loss": val_losses, "train_rows": len(train_set), "valid_rows": len(valid_set),
+                   "method": dcfg.method}
+        if is_dpo:
+            metrics["dpo"] = {"beta": dcfg.dpo_beta, "reference": reference, "rewards": rewards,
+                              "reward_pairs": {k: len(d) if d else 0 for k, d in probes.items()},
+                              "pairs_too_long": train_set.too_long + valid_set.too_long}
         write_json(staging / "metrics.json", metrics)
-        from refinery.training.plots import loss_curve
+        from refinery.training.plots import loss_curve, reward_curve
 
-        loss_curve(staging / "loss.png", train_losses, val_losses, f"{aid} — {dcfg.adapter_type}")
+        loss_curve(staging / "loss.png", train_losses, val_losses,
+                   f"{aid} — {dcfg.adapter_type}" + (f", DPO β={dcfg.dpo_beta}" if is_dpo else ""))
+        if is_dpo:
+            reward_curve(staging / "rewards.png", rewards, f"{aid} — DPO reward margin and accuracy")
         receipt = {
             "schema_version": 1, "stage": "train-run", "adapter_id": aid, "code_version": code,
             "data_receipt_sha256": file_sha256(ws.root / dcfg.output_dir / "data" / DATA_RECEIPT),
-            "data": data["outputs"], "base_model": {"path": dcfg.base_model, "digest": base_digest,
-                                                     "trained_on": str(train_base.relative_to(ws.root))
-                                                     if train_base.is_relative_to(ws.root) else str(train_base)},
+            "method": dcfg.method, "reference": reference, "data": used,
+            "base_model": {"path": dcfg.base_model, "digest": base_digest,
+                           "trained_on": str(train_base.relative_to(ws.root))
+                           if train_base.is_relative_to(ws.root) else str(train_base)},
             "config": dcfg.model_dump(mode="json"), "seed": dcfg.seed,
             "adapter_sha256": file_sha256(staging / ADAPTER_FILE), "steps": metrics["steps"],
             "stopped_by": stopped["by"], "seconds": seconds,
@@ -239,6 +322,19 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
     log_run(ws, receipt, started_at, dcfg)
     return receipt
 
+
+def load_split(path: Path, tokenizer: Any, args: Any) -> Any:
+    """One split as mlx-lm's dataset, or [] when it is empty (a split by task group can leave the
+    validation split empty; mlx-lm's own loader fails on an empty file)."""
+    from mlx_lm.tuner import datasets
+
+    data = [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.is_file() else []
+    return datasets.create_dataset(data, tokenizer, args) if data else []
+
+
+#: DPO's reward margin and accuracy are measured, every eval_steps, on this many training pairs
+#: (and on every validation pair)
+REWARD_PAIRS = 32
 
 #: training prints where it stands every this many steps
 ETA_EVERY = 10
@@ -298,7 +394,8 @@ def log_run(ws: Workspace, receipt: dict[str, Any], started_at: str, dcfg: Disti
         w.writerow(RUNS_COLUMNS)
     w.writerow([f"{receipt['adapter_id']}-{started_at}", "distill_train", "distill_train", started_at,
                 now_utc(), dcfg.base_model,
-                f"Train a {dcfg.adapter_type} adapter on {receipt['data'][0]['rows']} rows for "
+                f"Train a {dcfg.adapter_type} adapter{' with DPO' if dcfg.method == 'dpo' else ''} on "
+                f"{receipt['data'][0]['rows']} {'pairs' if dcfg.method == 'dpo' else 'rows'} for "
                 f"{dcfg.train_steps} steps (seed {dcfg.seed}).",
                 f"Adapter {receipt['adapter_id']}: {receipt['steps']} steps, stopped by {receipt['stopped_by']}, "
                 f"final train loss {receipt['final_train_loss']}, validation loss {receipt['final_val_loss']}.",
