@@ -304,6 +304,13 @@ class ExportConfig(Section):
     allow_sensitive: list[SensitiveKind] = Field(
         default_factory=list, description="kinds explicitly allowed into exports (e.g. ['email'])")
     dedup: bool = Field(default=True, description="drop repeated (task, answer) rows from RAG and SFT")
+    near_duplicates: bool = Field(
+        default=True, description="with dedup on, also drop near-duplicate rows from RAG and SFT: MinHash/LSH over "
+                                  "the word 3-grams of the normalised prompt and answer; each is quarantined as "
+                                  "near_duplicate, naming the row kept")
+    near_duplicate_threshold: float = Field(
+        default=0.8, gt=0, le=1, description="estimated Jaccard similarity at or over which two rows are "
+                                             "near-duplicates (the first in file order stays)")
     max_pairs_per_task: int = Field(default=8, ge=1, description="preference pairs per task at most")
 
 

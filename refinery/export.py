@@ -30,6 +30,7 @@ refinery/exporters/; this module knows none of them by name.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import os
@@ -204,6 +205,12 @@ def refusals_path(parts: Path, index: int) -> Path:
     return parts / f"q-{index:06d}.jsonl"
 
 
+def near_path(parts: Path, export: str, index: int) -> Path:
+    """Where the reading of file `index` writes the MinHash record of each of an export's
+    candidates, in line order (refinery.neardup.RECORD)."""
+    return parts / f"n-{export}-{index:06d}.bin"
+
+
 def part_path(parts: Path, export: str, index: int, bucket: int | None = None) -> Path:
     """Where the reading of file `index` writes an export's candidates (a grouped one's, by bucket)."""
     return parts / (f"c-{export}-{index:06d}.jsonl" if bucket is None else
@@ -238,6 +245,13 @@ class Reader:
             self._candidates(e)
         self.lines = dict.fromkeys(self.ungrouped, 0)  # candidates written to each ungrouped export's part so far
         self.dedup = [e for e in self.ungrouped if BY_NAME[e].dedup and settings.export.dedup]
+        self.near = [e for e in self.dedup if settings.export.near_duplicates]
+        if self.near:
+            from refinery.neardup import Signer
+
+            self.signer = Signer()
+            for e in self.near:  # made even when empty: the near-duplicate pass takes one per file
+                self._file(("n", e), lambda e=e: near_path(parts, e, index))
         refusals = lambda: self._file(("q",), lambda: refusals_path(parts, index))  # noqa: E731
         refusals()  # made even when empty: it is moved into place
         self.qw = QuarantineWriter(_Lazy(refusals), shared=True)
@@ -305,6 +319,7 @@ class Reader:
         norm = normalize_text(answer)
         key = hashlib.sha256(f"{sr['task_key']}\x1f{norm}".encode()).hexdigest()[:16]
         c = Candidate(ev, sr, prov, answer, norm, key)
+        signature = None
         for x in wanted:
             e = x.name
             if x.grouped:
@@ -318,6 +333,9 @@ class Reader:
             self._candidates(e).write(x.candidate(c, s))
             if e in self.dedup:  # its key, for the dedup across files
                 stats[e].keys.append(int(key, 16))
+            if e in self.near:  # its signature, for the near-duplicate pass across files
+                signature = signature or self.signer.record(sr["id"], ev["prompt"], answer)
+                self._file(("n", e), lambda e=e: near_path(self.parts, e, self.index)).write(signature)
             self.lines[e] += 1
 
     def _spread_path(self, e: str) -> Path:
@@ -435,17 +453,41 @@ def _duplicates(keys: list[array[int]]) -> dict[int, set[int]]:
     return out
 
 
+def _near_duplicates(e: str, tmp_root: Path, s: Settings, counts: list[int],
+                     repeated: dict[int, set[int]]) -> dict[int, dict[int, str]]:
+    """file → {line of its candidates: the refusal's detail} for an export's near-duplicates
+    (refinery.neardup), the exact repeats left out; none when export.near_duplicates is off."""
+    if not (s.export.dedup and s.export.near_duplicates):
+        return {}
+    from refinery.neardup import find
+
+    starts = list(itertools.accumulate(counts, initial=0))
+    excluded = [starts[i] + line for i, lines in repeated.items() for line in lines]
+    threshold = s.export.near_duplicate_threshold
+    prefix = BY_NAME[e].id_prefix
+    out: dict[int, dict[int, str]] = {}
+    found = find([near_path(tmp_root, e, i) for i in range(len(counts))], excluded, threshold)
+    for place, (kept, sim) in sorted(found.items()):
+        i = bisect.bisect_right(starts, place) - 1
+        out.setdefault(i, {})[place - starts[i]] = (
+            f"near-duplicate of {prefix}-{kept:016x}, kept in the export (estimated Jaccard similarity {sim:.3f}; "
+            f"threshold {threshold})")
+    return out
+
+
 @dataclass
 class MergeUnit:
     """A part of one export's merge that needs no other: one file's candidates (an ungrouped
-    export; `duplicates`: its lines found repeated by the dedup), or one hash bucket of task
-    keys (a grouped one). Units run side by side; their outputs are joined in unit order."""
+    export; `duplicates`: its lines found repeated by the dedup; `near`: its lines found near
+    another, with the refusal's detail), or one hash bucket of task keys (a grouped one). Units
+    run side by side; their outputs are joined in unit order."""
 
     export: str
     parts: list[Path]
     out: Path
     quarantine: Path
     duplicates: frozenset[int]
+    near: dict[int, str]
 
 
 def _merge_unit(u: MergeUnit, s: Settings) -> tuple[ExportStats, Composition]:
@@ -460,7 +502,7 @@ def _merge_unit(u: MergeUnit, s: Settings) -> tuple[ExportStats, Composition]:
         def refuse(source: str, prov: dict[str, Any], reason: Reason, detail: str) -> None:
             qw.refuse([st], [u.export], source, prov, reason, detail)
 
-        for row in x.merge(_lines(u.parts), write, refuse, st, s, duplicates=u.duplicates):
+        for row in x.merge(_lines(u.parts), write, refuse, st, s, duplicates=u.duplicates, near=u.near):
             comp.add(row)
     return st, comp
 
@@ -471,27 +513,31 @@ UNIT_BYTES = 8 << 20
 
 
 def _merge_units(e: str, tmp_root: Path, buckets: int, candidates: list[int],
-                 repeated: dict[int, set[int]]) -> list[MergeUnit]:
+                 repeated: dict[int, set[int]], near: dict[int, dict[int, str]]) -> list[MergeUnit]:
     """An export's merge units: its task buckets (grouped), or runs of consecutive files' parts
-    with the lines among them that repeat an earlier candidate (ungrouped)."""
-    def unit(u: int, parts: list[Path], duplicates: frozenset[int] = frozenset()) -> MergeUnit:
-        return MergeUnit(e, parts, tmp_root / f"m-{e}-{u:06d}.jsonl", tmp_root / f"mq-{e}-{u:06d}.jsonl", duplicates)
+    with the lines among them that repeat an earlier candidate or are near one (ungrouped)."""
+    def unit(u: int, parts: list[Path], duplicates: frozenset[int] = frozenset(),
+             close: dict[int, str] | None = None) -> MergeUnit:
+        return MergeUnit(e, parts, tmp_root / f"m-{e}-{u:06d}.jsonl", tmp_root / f"mq-{e}-{u:06d}.jsonl", duplicates,
+                         close or {})
 
     if BY_NAME[e].grouped:
         return [unit(b, [part_path(tmp_root, e, i, b) for i in range(len(candidates))]) for b in range(buckets)]
     units: list[MergeUnit] = []
     parts: list[Path] = []
     duplicates: set[int] = set()
+    close: dict[int, str] = {}
     size = lines = 0
     for i, n in enumerate(candidates):
         path = part_path(tmp_root, e, i)
         parts.append(path)
         duplicates.update(lines + line for line in repeated.get(i, ()))
+        close.update((lines + line, detail) for line, detail in near.get(i, {}).items())
         lines += n
         size += path.stat().st_size if path.exists() else 0
         if size >= UNIT_BYTES or i == len(candidates) - 1:
-            units.append(unit(len(units), parts, frozenset(duplicates)))
-            parts, duplicates, size, lines = [], set(), 0, 0
+            units.append(unit(len(units), parts, frozenset(duplicates), close))
+            parts, duplicates, close, size, lines = [], set(), {}, 0, 0
     return units
 
 
@@ -535,8 +581,12 @@ def _merge(ws: Workspace, cfg: Config, s: Settings, exports: tuple[str, ...], tm
     then each export is joined in order. `read`: what the reading of each file found."""
     size = lambda paths: sum(p.stat().st_size for p in paths if p.exists())  # noqa: E731
     workers = {"workers": cfg.materialize.workers, "parallel_min_bytes": cfg.materialize.parallel_min_bytes}
-    units = {e: _merge_units(e, tmp_root, buckets, [f[e].candidates for f in read],
-                             _duplicates([f[e].keys for f in read])) for e in exports}
+    units = {}
+    for e in exports:
+        counts = [f[e].candidates for f in read]
+        repeated = _duplicates([f[e].keys for f in read])
+        near = _near_duplicates(e, tmp_root, s, counts, repeated) if BY_NAME[e].dedup else {}
+        units[e] = _merge_units(e, tmp_root, buckets, counts, repeated, near)
     flat = [u for e in exports for u in units[e]]
     merged = map_files(_merge_unit, [(u, s) for u in flat], [size(u.parts) for u in flat], **workers)
     finish, at = [], 0
@@ -565,6 +615,9 @@ def _take(t: TailResult, i: int, exports: tuple[str, ...], tmp_root: Path, bucke
             if (src := part_path(t.folder, e, 0, b)).exists():
                 os.replace(src, part_path(tmp_root, e, i, b))
     os.replace(refusals_path(t.folder, 0), refusals_path(tmp_root, i))
+    for e in exports:
+        if (src := near_path(t.folder, e, 0)).exists():
+            os.replace(src, near_path(tmp_root, e, i))
     return {e: t.exports[e] for e in exports}
 
 

@@ -28,7 +28,7 @@ from refinery import receipts as rc
 from refinery.canonical import sig_hash
 from refinery.config import Config
 from refinery.jsonl import DEFAULT_MAX_LINE_BYTES, Line, LineCursor, read_jsonl
-from refinery.normalize import normalize_text
+from refinery.normalize import answer_text, normalize_text
 from refinery import exporters, workspace
 from refinery.workspace import Workspace
 
@@ -675,6 +675,54 @@ def no_duplicate_answers(ctx: Context) -> list[str]:
     return problems.done()
 
 
+def near_duplicates_named(ctx: Context) -> list[str]:
+    """Each row RAG or SFT refused as a near-duplicate names a row the export kept, and is near
+    it: the similarity recomputed from the two rows' texts is at or over the threshold."""
+    if not (ctx.cfg.export.dedup and ctx.cfg.export.near_duplicates):
+        return []
+    import re
+
+    import numpy as np
+
+    from refinery.export import _redact_evidence
+    from refinery.neardup import Signer
+
+    problems = Problems()
+    lines = Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes)
+    signer, threshold = Signer(), ctx.cfg.export.near_duplicate_threshold
+    sig = lambda rid, prompt, answer: np.frombuffer(signer.record(rid, prompt, answer)[8:], "<u4")  # noqa: E731
+    for stage, x in EXPORTERS.items():
+        if not x.dedup:
+            continue
+        qrel, rel = workspace.quarantine_file(stage), EXPORT_FILES[stage]
+        names = re.compile(rf"near-duplicate of ({x.id_prefix}-[0-9a-f]{{16}})")
+        wanted: dict[str, list[tuple[int, Any]]] = {}  # a kept row's id → (refusal's line, its signature)
+        for line in ctx.rows(qrel):
+            rec = line.obj or {}
+            if rec.get("reason") != "near_duplicate":
+                continue
+            named = names.match(rec.get("detail") or "")
+            sr = _scored(ctx, lines, rec.get("provenance") or {})
+            ev = _scored(ctx, lines, sr.get("provenance") or {})
+            if named is None or not ev or not isinstance(ev.get("prompt"), str):
+                problems.add(f"{qrel}:{line.offset}: a near_duplicate refusal that names no kept row, or whose "
+                             "scored run and evidence do not resolve")
+                continue
+            if ctx.cfg.export.sensitive == "redact":  # as the export compared it
+                ev = _redact_evidence(ev, list(ctx.cfg.export.allow_sensitive))[0]
+            wanted.setdefault(named[1], []).append((line.offset, sig(ev["id"], ev["prompt"], answer_text(ev))))
+        for line in ctx.rows(rel):
+            row = line.obj or {}
+            for offset, refused in wanted.pop(row.get("id"), []):
+                kept = sig("ev-" + row["id"].split("-", 1)[1], row.get(x.prompt_field) or "", answer_text(row))
+                if (similar := float((kept == refused).mean())) < threshold:
+                    problems.add(f"{qrel}:{offset}: refused as a near-duplicate of {row['id']} ({rel}:{line.offset}), "
+                                 f"but their estimated similarity is {similar:.3f}, under {threshold}")
+        for kept_id, refs in sorted(wanted.items()):
+            problems.add(f"{qrel}:{refs[0][0]}: refused as a near-duplicate of {kept_id}, which is not in {rel}")
+    return problems.done()
+
+
 #: Fields refinery writes itself — ids, hashes, provenance, categories —, at the top of a row or
 #: in a converted row's `meta`: not scanned (a sha256 is not a key, and cannot carry one).
 REFINERY_FIELDS = frozenset({"schema_version", "id", "provenance", "rejected_provenance", "task_key", "chosen_id",
@@ -956,6 +1004,8 @@ INVARIANTS: list[tuple[str, str, Callable[[Context], list[str]]]] = [
      preference_chosen_outranks),
     ("preference_pair_limit", "at most export.max_pairs_per_task pairs per task", preference_pair_limit),
     ("no_duplicate_answers", "RAG and SFT hold each (task, answer) once", no_duplicate_answers),
+    ("near_duplicates_named", "each near-duplicate RAG or SFT refused names a row kept, and is near it",
+     near_duplicates_named),
     ("no_secrets_in_exports", "no secret or personal data in any export, converted format or quarantine record "
      "(the engine and an independent second pass)", no_secrets_in_exports),
     ("export_quarantine_holds_no_text", "export quarantine records never copy the refused text",

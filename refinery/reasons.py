@@ -79,6 +79,9 @@ class Reason(StrEnum):
     """An email address, a phone number or a note marked private in the row's text."""
     DUPLICATE_ANSWER = "duplicate_answer"
     """The same answer (normalised) to the same task was already exported."""
+    NEAR_DUPLICATE = "near_duplicate"
+    """The prompt and answer are nearly those of a row kept in the export (estimated Jaccard similarity
+    of their word 3-grams at or over export.near_duplicate_threshold); the detail names that row."""
     NO_PAIR = "no_pair"
     """No answer to the same task to pair with (a single answer, or only one side)."""
     PAIR_LIMIT = "pair_limit"
@@ -122,6 +125,8 @@ REASON_HELP: dict[Reason, str] = {
     Reason.PII_DETECTED: "redact at the source, set export.sensitive = \"redact\", or allow the kind "
                          "in export.allow_sensitive",
     Reason.DUPLICATE_ANSWER: "expected: one copy of each answer per task is kept",
+    Reason.NEAR_DUPLICATE: "expected: one of each group of near-identical rows is kept; raise "
+                           "export.near_duplicate_threshold (or set export.near_duplicates = false) to keep more",
     Reason.NO_PAIR: "expected for tasks answered once, or only well / only badly",
     Reason.PAIR_LIMIT: "raise export.max_pairs_per_task to use more answers of the same task",
     Reason.SAME_TOOL_CALL: "expected: a run that stopped after a right tool call is not a worse answer than the "

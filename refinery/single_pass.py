@@ -239,6 +239,14 @@ def join_tails(tails: list[TailResult], folder: Path, evidence_sha256: str, buck
         if res.scored:
             digests.close()
     (folder / "sigs.bin").unlink()
+    from refinery.export import near_path
+
+    for e in NAMES:  # the near-duplicate records: one per candidate, in line order, nothing to renumber
+        if parts := [p for t in tails if (p := near_path(t.folder, e, 0)).exists()]:
+            with open(near_path(folder, e, 0), "wb") as out:
+                for p in parts:
+                    with open(p, "rb") as f:
+                        shutil.copyfileobj(f, out)
     exports: dict[str, ExportStats] = {}
     for e in NAMES:
         st = exports[e] = ExportStats(e)

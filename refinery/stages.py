@@ -118,7 +118,13 @@ def _export_settings(stage: str) -> Callable[[Config, bool | None], dict[str, An
         # the sensitive-data rules' sources and versions: a new rule set re-scans every row
         from refinery.sensitive import ruleset
 
-        return {"export": e, "stage": stage, "sensitive_rules": ruleset()}
+        out = {"export": e, "stage": stage, "sensitive_rules": ruleset()}
+        # the signatures' hashing: a new rensa may group rows otherwise
+        if cfg.export.dedup and cfg.export.near_duplicates:
+            from refinery.neardup import version
+
+            out["near_duplicates"] = version()
+        return out
     return settings
 
 

@@ -46,7 +46,7 @@ def test_an_audit_of_a_clean_workspace_passes_reports_and_appends(ran):
             "quarantined_total"} <= set(doc["metrics"])
     report = (ran.reports / audit.REPORT).read_text()
     assert "**PASS**" in report and "## Checks" in report and "## Drift against the last baseline" in report
-    assert "| 25 | `determinism_rerun`" in report
+    assert "| 26 | `determinism_rerun`" in report
     (row0,) = ledger(ran)
     assert row0["seq"] == 0 and row0["prev_hash"] is None and row0["metrics"] == doc["metrics"]
     assert doc["appended"]["row_hash"] == row0["row_hash"]
@@ -65,7 +65,7 @@ def test_the_table_output_names_checks_and_drift(ran):
     assert result.exit_code == 0
     assert "  1 PASS  latest_run_complete" in result.stdout
     assert "drift against baseline row 0: 0 of" in result.stdout
-    assert "audit-full: PASS — 25 of 25 checks hold; report: reports/distillation/audit-full-report.md" in result.stdout
+    assert "audit-full: PASS — 26 of 26 checks hold; report: reports/distillation/audit-full-report.md" in result.stdout
 
 
 @pytest.mark.slow

@@ -350,11 +350,14 @@ def test_dedup_keeps_the_first_of_each_key_in_file_order_across_units(tmp_path, 
     assert repeated == {0: {2}, 1: {0}, 2: {0, 1}}
     for i, n in enumerate(len(k) for k in keys):
         export.part_path(tmp_path, "rag", i).write_bytes(b"{}\n" * n)
-    one = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated)
+    near = {1: {1: "near 1"}, 2: {2: "near 2"}}  # file → line → detail
+    one = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near)
     assert [len(u.parts) for u in one] == [3] and one[0].duplicates == {2, 3, 5, 6}  # lines across the run
+    assert one[0].near == {4: "near 1", 7: "near 2"}
     monkeypatch.setattr(export, "UNIT_BYTES", 1)
-    each = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated)
+    each = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near)
     assert [u.duplicates for u in each] == [{2}, {0}, {0, 1}]
+    assert [u.near for u in each] == [{}, {1: "near 1"}, {2: "near 2"}]
 
 
 def test_the_shared_quarantine_is_the_same_whichever_exports_a_command_writes(fixture_ws, cfg):

@@ -254,6 +254,19 @@ def t_no_duplicate_answers(ws):
                                      "tool_calls": rows[0]["tool_calls"]} if i == 1 else None)
 
 
+def t_near_duplicates_named(ws):
+    import re
+
+    named = re.compile(r"sft-[0-9a-f]{16}")
+    q = "exports/quarantine/export-sft.jsonl"
+    kept = next(named.search(r["detail"])[0] for r in map(orjson.loads, (ws.root / q).read_bytes().splitlines())
+                if r["reason"] == "near_duplicate")
+    other = next(r["id"] for r in map(orjson.loads, (ws.root / SFT).read_bytes().splitlines()) if r["id"] != kept)
+    # the refusal names another row of the export: one it is not near
+    edit_rows(ws, q, lambda i, r: {**r, "detail": named.sub(other, r["detail"])}
+              if r["reason"] == "near_duplicate" else None)
+
+
 def t_no_secrets_in_exports(ws):
     edit_rows(ws, RAG, lambda i, r: {**r, "response": r["response"] + " Use sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c."}
               if i == 0 else None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -156,10 +156,12 @@ class Exporter:
         return int(c.sr["task_key"][3:11], 16) * buckets >> 32
 
     def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
-              st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
+              st: ExportStats, s: Settings, *, duplicates: frozenset[int],
+              near: Mapping[int, str]) -> Iterator[dict[str, Any]]:
         """Write one unit of the export from its candidate lines — a run of consecutive files'
         (ungrouped; the lines numbered in `duplicates`, counted across the run, repeat an earlier
-        candidate's key: refuse them), or one hash bucket of tasks' (grouped) —; yield each row
+        candidate's key, and those in `near` are near-duplicates of a row kept (the value: the
+        refusal's detail): refuse them), or one hash bucket of tasks' (grouped) —; yield each row
         written, add to st.rows_out the candidates taken. `write(row, line)`: `line`, when given,
         is the row's JSONL line as the candidate already holds it (`dumps_line(row)`). Units run
         in parallel and are joined in order."""

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import orjson
@@ -27,12 +27,16 @@ class RowExporter(Exporter):
         return dumps_line(self.row(c))
 
     def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
-              st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
+              st: ExportStats, s: Settings, *, duplicates: frozenset[int],
+              near: Mapping[int, str]) -> Iterator[dict[str, Any]]:
         for i, line in enumerate(lines):
             row = orjson.loads(line)
             if i in duplicates:
                 refuse(row["source"], row["provenance"], Reason.DUPLICATE_ANSWER,
                        "the same answer to the same task is already in the export")
+                continue
+            if i in near:
+                refuse(row["source"], row["provenance"], Reason.NEAR_DUPLICATE, near[i])
                 continue
             write(row, line)  # the row's line as the reading wrote it: not serialized again
             st.rows_out += 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -52,7 +52,8 @@ class Preference(Exporter):
         }) + b"\n"
 
     def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
-              st: ExportStats, s: Settings, *, duplicates: frozenset[int]) -> Iterator[dict[str, Any]]:
+              st: ExportStats, s: Settings, *, duplicates: frozenset[int],
+              near: Mapping[int, str]) -> Iterator[dict[str, Any]]:
         """One hash bucket of tasks: its candidates grouped by task, each task's pairs in turn."""
         max_pairs = s.export.max_pairs_per_task
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
