@@ -10,7 +10,7 @@ VENV    := .venv
 RUN     := $(VENV)/bin/refinery
 PY      := $(VENV)/bin/python
 
-.PHONY: help install ray blas browser report review review-import smollm2 train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
+.PHONY: help install ray blas browser report review review-import smollm2 train-dpo train-tiny run-all runs receipts acceptance audit-full train train-collect tiny-model replay replay-eval materialize score policy export-rag export-sft export-preference export-all trace \
         convert sources test lint schemas sample bench clean
 
 help: ## list the targets
@@ -123,6 +123,11 @@ train: run-all blas smollm2 ## collect -> train -> eval -> promote on the bundle
 	$(RUN) train run
 	$(RUN) train eval
 	$(RUN) train promote
+
+train-dpo: blas smollm2 ## after make train: DPO on the preference pairs from the promoted SFT adapter (distill_config.dpo.json), eval, promote
+	$(RUN) train run --config distill_config.dpo.json
+	$(RUN) train eval --config distill_config.dpo.json
+	$(RUN) train promote --config distill_config.dpo.json
 
 train-tiny: run-all ## the same in seconds with a tiny random model built here (distill_config.tiny.json)
 	$(RUN) train tiny-model --config distill_config.tiny.json

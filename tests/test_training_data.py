@@ -187,7 +187,7 @@ def test_the_training_make_targets_exist():
     import re
 
     targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), re.M))
-    assert {"train", "train-collect", "tiny-model"} <= targets
+    assert {"train", "train-dpo", "train-collect", "tiny-model"} <= targets
 
 
 # --- decontamination -------------------------------------------------------------------------
@@ -253,3 +253,13 @@ def test_decontamination_groups_by_similarity_moves_leftovers_and_is_order_free(
         extra = Item(f"tk-near{k:02d}", base.replace("acme logistics", f"customer {k}"))
         got = run([*items, extra])
         assert got[f"tk-near{k:02d}"] == got["tk-00"]
+
+
+def test_the_repository_configs_load_and_dpo_continues_the_sft_adapter():
+    """make train-dpo continues make train's adapter: the same base, LoRA shape and data split."""
+    sft = load_distill_config(REPO, REPO / "distill_config.json")
+    dpo = load_distill_config(REPO, REPO / "distill_config.dpo.json")
+    assert sft.method == "sft" and dpo.method == "dpo" and dpo.dpo_reference == "promoted"
+    same = ("base_model", "adapter_type", "lora_rank", "lora_scale", "lora_dropout", "num_layers", "output_dir",
+            "test_fraction", "valid_fraction", "decontam_ngram", "decontam_threshold", "max_seq_length")
+    assert {k: getattr(dpo, k) for k in same} == {k: getattr(sft, k) for k in same}

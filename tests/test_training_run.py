@@ -272,6 +272,71 @@ def test_a_real_evaluation_writes_its_table_and_chart(ws):
     assert "| **average row score** |" in (out / "comparison.md").read_text()
     rows = [orjson.loads(x) for x in (out / "rows.jsonl").read_bytes().splitlines()]
     assert len(rows) == comp["rows"] and set(rows[0]["answers"]) == {"base", "adapter"}
+    pref = comp["preference"]  # the held-out pairs, scored by both models
+    pairs = len((ws / "distill_out" / "data" / "preference" / "test.jsonl").read_bytes().splitlines())
+    assert pref["pairs"] == pairs > 0 and 0 <= pref["base"] <= 1 and 0 <= pref["adapter"] <= 1
+    assert f"Preference accuracy on {pairs} held-out pairs" in (out / "comparison.md").read_text()
+
+
+# --- DPO -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_dpo_trains_on_the_pairs_from_the_reference_and_is_reproducible(ws):
+    import math
+
+    sft = train(ws)
+    first = train(ws, method="dpo", dpo_reference="base")
+    assert first["method"] == "dpo" and first["reference"] == {"kind": "base"}
+    assert first["adapter_id"] != sft["adapter_id"]
+    assert [d["path"] for d in first["data"]] == [f"distill_out/data/preference/{s}.jsonl"
+                                                  for s in ("train", "valid", "test")]
+    out = ws / "distill_out" / first["adapter_id"]
+    metrics = orjson.loads((out / "metrics.json").read_bytes())
+    # the reference is the model as training starts: every pair's first loss is log 2
+    assert metrics["train_loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)
+    assert metrics["val_loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)
+    rewards = metrics["dpo"]["rewards"]
+    assert [r["step"] for r in rewards] == [1, 6] and metrics["dpo"]["beta"] == 0.1
+    assert rewards[-1]["train"]["margin"] > 0 and rewards[-1]["train"]["accuracy"] > 0.5  # it learned to prefer
+    assert metrics["dpo"]["reward_pairs"]["valid"] > 0 and rewards[-1]["valid"] is not None
+    assert (out / "rewards.png").read_bytes()[:4] == b"\x89PNG"
+    again = train(ws, method="dpo", dpo_reference="base")
+    assert again["adapter_sha256"] == first["adapter_sha256"] and again["adapter_id"] == first["adapter_id"]
+    assert train(ws, method="dpo", dpo_reference="base", dpo_beta=0.5)["adapter_id"] != first["adapter_id"]
+
+
+@pytest.mark.slow
+def test_dpo_continues_the_promoted_adapter_or_says_what_is_missing(ws):
+    from refinery.training.config import load_distill_config
+    from refinery.training.evaluate import evaluate
+    from refinery.workspace import Workspace
+
+    (ws / "distill_config.json").write_text(orjson.dumps({**FAST, "method": "dpo"}).decode())
+    result = invoke("train", "run", "--workspace", str(ws))
+    assert result.exit_code == 2 and "no adapter is promoted" in result.output and "--reference base" in result.output
+    sft = train(ws)["adapter_id"]
+    perfect, poor = scripts(ws)
+    evaluate(Workspace.at(ws), load_distill_config(ws), sft, generators=scripted(poor, perfect))
+    assert invoke("train", "promote", "--adapter", sft, "--workspace", str(ws)).exit_code == 0
+    on_sft = train(ws, method="dpo")
+    assert on_sft["reference"]["adapter_id"] == sft and on_sft["reference"]["kind"] == "adapter"
+    on_base = train(ws, method="dpo", dpo_reference="base")
+    assert on_sft["adapter_sha256"] != on_base["adapter_sha256"]
+    import mlx.core as mx
+
+    # it starts from the SFT weights: after 6 small steps it is still far nearer them than zero
+    start = mx.load(str(ws / "distill_out" / sft / "adapters.safetensors"))
+    got = mx.load(str(ws / "distill_out" / on_sft["adapter_id"] / "adapters.safetensors"))
+    b_keys = [k for k in start if k.endswith("lora_b")]
+    assert all(float(mx.abs(got[k] - start[k]).max()) < float(mx.abs(start[k]).max()) for k in b_keys)
+    listed = invoke("train", "list", "--workspace", str(ws)).stdout
+    assert f"DPO on {sft}" in listed and "DPO on base" in listed
+    # a config whose LoRA does not fit the promoted adapter is refused, naming what differs
+    (ws / "distill_config.json").write_text(orjson.dumps({**FAST, "method": "dpo", "lora_rank": 4}).decode())
+    result = invoke("train", "run", "--workspace", str(ws))
+    assert result.exit_code == 2 and "has LoRA rank 2" in result.output
+    assert invoke("train", "run", "--method", "ppo", "--workspace", str(ws)).exit_code == 2
 
 
 @pytest.mark.slow
