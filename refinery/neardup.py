@@ -9,17 +9,20 @@ estimated Jaccard similarity of two rows is the share of equal signature values.
 
 The reading of each file writes, per candidate in line order, a record: the scored run's id
 (its 16 hex digits as 64 bits: the export row's id is made from it) and the signature. After
-every file is read (`find`):
-1. LSH: the signature is cut into `b` bands of `r` values (chosen for the threshold as
-   datasketch does: least false positives plus false negatives); rows whose band hashes
-   agree in any band are candidates. Band hashes are made one band at a time, with numpy.
-   Rows that share no band hash with another (most, in varied data) are kept at once.
-2. The others, in file order: a row is refused as `near_duplicate` when the earliest row kept
-   so far in one of its band groups is near it — estimated Jaccard at or over the threshold
-   (LSH alone lets through pairs well under it) —, naming that row and the similarity;
-   otherwise it is kept. So every refused row names a kept row it is near (no chains: a row
-   is never refused for resembling a row that was itself refused). Rows already refused as
-   exact duplicates take no part.
+every file is read (`find`), the records are joined into one file (read back a record at a
+time), and:
+1. LSH: the signature is cut into b bands of r values, r as long as still finds a pair exactly
+   at the threshold with probability ≥ 0.95 (18 × 7 at 0.8; a pair at 0.9 is found 99.99 % of
+   the time); rows whose hashes agree in some band are candidates. Rows that share no band
+   hash with another (most, in varied data) are kept at once.
+2. The others, in file order: a row is refused as `near_duplicate` when a row kept earlier in
+   one of its band groups (each group remembers its first KEPT_PER_GROUP kept rows) is near
+   it — estimated Jaccard at or over the threshold; LSH alone lets through pairs well under
+   it —, naming the nearest such row and the similarity; otherwise it is kept. So every
+   refused row names a kept row it is near (no chains: a row is never refused for resembling
+   a row that was itself refused). Rows already refused as exact duplicates take no part.
+   Near pairs can still both stay — one that no band catches (≤ 5 % at the threshold), or one
+   whose kept row a full band group no longer remembers — : a detector, not a proof.
 
 Same inputs → the same signatures, bands and choices: rensa's hashing is seeded, and rows are
 decided in file order.
@@ -27,7 +30,7 @@ decided in file order.
 
 from __future__ import annotations
 
-import math
+import os
 import re
 from collections.abc import Iterable
 from functools import lru_cache
@@ -48,10 +51,12 @@ _WORDS = re.compile(r"\w+")
 
 def version() -> str:
     """What the signatures depend on besides the text (in the export's config hash)."""
+    from importlib.metadata import version as installed
+
     import rensa
 
-    return f"rensa {getattr(rensa, '__version__', '?')}/{rensa.RMinHash.ALGORITHM_VERSION} perm {NUM_PERM} " \
-           f"seed {SEED} word {SHINGLE}-grams"
+    return (f"rensa {installed('rensa')}/{rensa.RMinHash.ALGORITHM_VERSION} perm {NUM_PERM} seed {SEED} "
+            f"word {SHINGLE}-grams, bands at recall {RECALL_AT_THRESHOLD}")
 
 
 def shingles(prompt: str, answer: str) -> list[str]:
@@ -79,121 +84,121 @@ class Signer:
         return int(row_id[3:], 16).to_bytes(8, "little") + np.asarray(m.digest(), "<u4").tobytes()
 
 
+#: LSH bands are chosen so that a pair exactly at the threshold becomes a candidate at least this
+#: often (a pair more alike, more often); every candidate is checked, so more candidates cost time only
+RECALL_AT_THRESHOLD = 0.95
+
+
 @lru_cache(maxsize=32)
 def bands(threshold: float) -> tuple[int, int]:
-    """(b, r) with b·r ≤ NUM_PERM minimising the false-positive area under the threshold plus
-    the false-negative area over it of P(candidate | s) = 1 − (1 − s^r)^b."""
-    s_lo, s_hi = np.linspace(0, threshold, 200), np.linspace(threshold, 1, 200)
-    best = (math.inf, 1, 1)
-    for b in range(1, NUM_PERM + 1):
-        for r in range(1, NUM_PERM // b + 1):
-            fp = np.trapezoid(1 - (1 - s_lo ** r) ** b, s_lo)
-            fn = np.trapezoid((1 - s_hi ** r) ** b, s_hi)
-            if fp + fn < best[0]:
-                best = (fp + fn, b, r)
-    return best[1], best[2]
-
-
-def _records(path: Path) -> np.ndarray:
-    return np.memmap(path, dtype=RECORD, mode="r") if path.stat().st_size else np.zeros(0, RECORD)
+    """(b, r): the longest bands r (fewest candidates under the threshold) with b = NUM_PERM // r
+    that still find a pair at the threshold with P = 1 − (1 − t^r)^b ≥ RECALL_AT_THRESHOLD."""
+    for r in range(NUM_PERM, 0, -1):
+        b = NUM_PERM // r
+        if 1 - (1 - threshold ** r) ** b >= RECALL_AT_THRESHOLD:
+            return b, r
+    return NUM_PERM, 1
 
 
 _POWERS = (np.uint64(0x9E3779B97F4A7C15) ** np.arange(1, NUM_PERM + 1, dtype=np.uint64)).astype(np.uint64)
 
 
-def _band_hashes(sig: np.ndarray, k: int, r: int) -> np.ndarray:
-    """One 64-bit hash per row of band k (signature values k·r … k·r + r − 1)."""
+def _band_hashes(sig: np.ndarray, b: int, r: int) -> np.ndarray:
+    """[b, rows]: a 64-bit hash of each row's band k (signature values k·r … k·r + r − 1)."""
     with np.errstate(over="ignore"):
-        h = (sig[:, k * r:(k + 1) * r].astype(np.uint64) * _POWERS[:r]).sum(axis=1, dtype=np.uint64)
+        x = sig[:, :b * r].astype(np.uint64).reshape(len(sig), b, r)
+        h = (x * _POWERS[:r]).sum(axis=2, dtype=np.uint64).T
         h ^= h >> np.uint64(33)
         h *= np.uint64(0xFF51AFD7ED558CCD)
         h ^= h >> np.uint64(33)
     return h
 
 
-class Signatures:
-    """Every file's records, addressed by the candidate's place in file order."""
+class Records:
+    """Every file's records joined into one file (`path`), read a record at a time: one file
+    descriptor, however many files, and no mapping that would count every page read as memory."""
 
-    def __init__(self, paths: Iterable[Path]):
-        self.files = [_records(p) for p in paths]
-        self.starts = np.cumsum([0] + [len(f) for f in self.files])
-        self.total = int(self.starts[-1])
+    def __init__(self, paths: list[Path], path: Path, b: int, r: int):
+        """Join `paths` into `path`, computing each record's band hashes on the way."""
+        self.path = path
+        self.total = 0
+        parts: list[np.ndarray] = []
+        with open(path, "wb") as out:
+            for src in paths:
+                with open(src, "rb") as f:
+                    while chunk := f.read(CHUNK * RECORD.itemsize):
+                        recs = np.frombuffer(chunk, RECORD)
+                        parts.append(_band_hashes(recs["sig"], b, r))
+                        out.write(chunk)
+                        self.total += len(recs)
+        self.hashes = np.concatenate(parts, axis=1) if parts else np.zeros((b, 0), np.uint64)
+        self._fd = os.open(path, os.O_RDONLY)
 
-    def band(self, k: int, r: int) -> np.ndarray:
-        out = np.empty(self.total, np.uint64)
-        for f, start in zip(self.files, self.starts, strict=False):
-            for i in range(0, len(f), CHUNK):
-                part = f["sig"][i:i + CHUNK]
-                out[start + i:start + i + len(part)] = _band_hashes(part, k, r)
-        return out
+    def close(self) -> None:
+        os.close(self._fd)
+        self.path.unlink()
 
-    def take(self, index: np.ndarray, field: str) -> np.ndarray:
-        """The records' `field` at the given places (any order)."""
-        which = np.searchsorted(self.starts, index, side="right") - 1
-        shape = (len(index), NUM_PERM) if field == "sig" else (len(index),)
-        out = np.empty(shape, np.uint32 if field == "sig" else np.uint64)
-        for fi in np.unique(which):
-            mask = which == fi
-            out[mask] = self.files[fi][field][index[mask] - self.starts[fi]]
-        return out
-
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Estimated Jaccard of each pair (a[i], b[i])."""
-        out = np.empty(len(a), np.float64)
-        for i in range(0, len(a), CHUNK):
-            out[i:i + CHUNK] = (self.take(a[i:i + CHUNK], "sig") == self.take(b[i:i + CHUNK], "sig")).mean(axis=1)
-        return out
+    def one(self, i: int) -> np.ndarray:
+        return np.frombuffer(os.pread(self._fd, RECORD.itemsize, i * RECORD.itemsize), RECORD)[0]
 
 
 def find(paths: list[Path], excluded: Iterable[int], threshold: float) -> dict[int, tuple[int, float]]:
     """The near-duplicates among the candidates the records in `paths` describe (in file order;
     `excluded`: places already refused): place → (the kept row's id as 64 bits, estimated
-    Jaccard to it)."""
-    sigs = Signatures(paths)
-    if sigs.total < 2:
+    Jaccard to it). Works in the folder of the first path."""
+    if not paths:
         return {}
-    live = np.ones(sigs.total, bool)
+    b, r = bands(threshold)
+    recs = Records(paths, paths[0].with_name(paths[0].name + ".all"), b, r)
+    try:
+        return _find(recs, excluded, threshold)
+    finally:
+        recs.close()
+
+
+#: kept rows a band group remembers: a row is checked against each (the first is not always the near one)
+KEPT_PER_GROUP = 4
+
+
+def _find(recs: Records, excluded: Iterable[int], threshold: float) -> dict[int, tuple[int, float]]:
+    if recs.total < 2:
+        return {}
+    live = np.ones(recs.total, bool)
     live[np.fromiter(excluded, np.int64)] = False
     places = np.flatnonzero(live)
-    b, r = bands(threshold)
-    # each band's hashes, and which rows share one with an earlier row in some band (vectorised)
-    hashes = np.empty((b, len(places)), np.uint64)
-    shared = np.zeros(len(places), bool)
-    for k in range(b):
-        h = hashes[k] = sigs.band(k, r)[places]
+    hashes = recs.hashes[:, places]
+    # which (row, band) hashes another row shares: only those can make a row a near-duplicate
+    shared = np.zeros(hashes.shape, bool)
+    for k, h in enumerate(hashes):
         order = np.argsort(h, kind="stable")
         hs = h[order]
-        repeat = np.r_[False, hs[1:] == hs[:-1]]
-        shared[order[repeat | np.r_[repeat[1:], False]]] = True  # every member of a group of two or more
-    if not shared.any():
-        return {}
-    # in file order, over the rows that share a band hash: a row near (checked) the earliest kept
-    # row of one of its band groups is refused; else it is kept, and the earliest kept of its groups
-    first_kept: list[dict[int, int]] = [{} for _ in range(b)]
+        same = hs[1:] == hs[:-1]
+        shared[k, order[np.r_[same, False] | np.r_[False, same]]] = True
+    rows = np.flatnonzero(shared.any(axis=0))
+    # in file order: a row near (checked) a row kept earlier in one of its shared band groups is
+    # refused, naming the nearest such row; else it is kept, and remembered in those groups
+    kept_in: list[dict[int, list[int]]] = [{} for _ in hashes]
+    sig: dict[int, np.ndarray] = {}  # kept rows' signatures, while a group remembers them
     out: dict[int, tuple[int, float]] = {}
-    rows = np.flatnonzero(shared)
-    sig_of = dict(zip(rows.tolist(), sigs.take(places[rows], "sig"), strict=True)) if len(rows) <= CHUNK * 4 else None
     for i in rows.tolist():
-        keys = hashes[:, i].tolist()
-        near = None
-        for k, key in enumerate(keys):
-            j = first_kept[k].get(key)
-            if j is None or (near is not None and j >= near[0]):
-                continue
-            sim = _similarity(sigs, sig_of, i, j, places)
-            if sim >= threshold:
-                near = (j, sim)
-        if near is None:
-            for k, key in enumerate(keys):
-                first_kept[k].setdefault(key, i)
+        mine = recs.one(int(places[i]))["sig"]
+        bands_of = [(k, int(hashes[k, i])) for k in np.flatnonzero(shared[:, i]).tolist()]
+        best: tuple[float, int] | None = None
+        seen: set[int] = set()
+        for k, key in bands_of:
+            for j in kept_in[k].get(key, ()):
+                if j not in seen:
+                    seen.add(j)
+                    sim = float((mine == sig[j]).mean())
+                    if sim >= threshold and (best is None or (sim, -j) > (best[0], -best[1])):
+                        best = (sim, j)
+        if best is None:
+            for k, key in bands_of:
+                group = kept_in[k].setdefault(key, [])
+                if len(group) < KEPT_PER_GROUP:
+                    group.append(i)
+                    sig[i] = mine
         else:
-            out[int(places[i])] = (near[0], round(near[1], 3))
-    kept = np.array([j for j, _ in out.values()], np.int64)
-    ids = sigs.take(places[kept], "id") if len(kept) else []
-    return {place: (int(kid), sim) for (place, (_, sim)), kid in zip(out.items(), ids, strict=True)}
-
-
-def _similarity(sigs: Signatures, sig_of: dict[int, np.ndarray] | None, i: int, j: int, places: np.ndarray) -> float:
-    if sig_of is not None:
-        return float((sig_of[i] == sig_of[j]).mean())
-    return float(sigs.similarity(places[[i]], places[[j]])[0])
+            kept_id = int(recs.one(int(places[best[1]]))["id"])
+            out[int(places[i])] = (kept_id, round(best[0], 3))
+    return out

@@ -401,14 +401,14 @@ def test_replay_eval_compares_retrieval_with_none(sample):
     report = replay_eval(ws, cfg, dcfg, generate=copy_first_playbook, index=index, model_label="scripted")
     tasks = eval_tasks(ws, dcfg, None)
     r, n = report["modes"]["retrieval"], report["modes"]["no_retrieval"]
-    assert report["tasks"] == len(tasks) == 26 and r["rows"] == n["rows"] == 26
+    assert report["tasks"] == len(tasks) == 22 and r["rows"] == n["rows"] == 22
     assert n["grounding"] == 0.0 and r["grounding"] > 0.8  # copying a retrieved playbook is grounded
     assert r["answer_match"] > n["answer_match"] and 0 < r["format_valid"] <= 1
     assert set(r["latency_ms"]) == {"mean", "p50", "p95"}
     out = sample / "distill_out" / "replay-eval"
     rows = read_jsonl_file(out / "rows.jsonl")
-    assert len(rows) == 52 and orjson.loads((out / "report.json").read_bytes()) == report
-    assert "| retrieval | 26 |" in (out / "report.md").read_text()
+    assert len(rows) == 44 and orjson.loads((out / "report.json").read_bytes()) == report
+    assert "| retrieval | 22 |" in (out / "report.md").read_text()
     assert not (sample / "data" / "_kb" / REPLAY_LOG).exists()  # an evaluation, not traces
 
     # a task's own row, and other runs of the same task, are in the RAG export too: never retrieved for it

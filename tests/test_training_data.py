@@ -23,7 +23,7 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def sample_exports(tmp_path_factory):
-    """The bundled sample, run once: its SFT export (93 rows, near-duplicates dropped) is what the tests collect."""
+    """The bundled sample, run once: its SFT export (80 rows, near-duplicates dropped) is what the tests collect."""
     return sample_workspace(tmp_path_factory.mktemp("sample"), "run-all")
 
 
@@ -92,12 +92,12 @@ def test_collect_splits_by_task_group_and_writes_mlx_shapes(ws):
     data = {s: rows(ws / "distill_out" / "data" / f"{s}.jsonl") for s in SPLITS}
     rehearsal = receipt["safety_rehearsal"]["rows"]
     assert rehearsal == len(REHEARSAL) and data["train"][-rehearsal:] == rehearsal_rows()  # in train only
-    assert sum(len(v) for v in data.values()) - rehearsal == len(sft) == receipt["input"]["rows"] == 93
+    assert sum(len(v) for v in data.values()) - rehearsal == len(sft) == receipt["input"]["rows"] == 80
     assert receipt["total"]["rows"] == len(sft) + rehearsal
     for s in SPLITS:
         assert receipt["splits"][s]["rows"] == len(data[s])
     data["train"] = data["train"][:-rehearsal]
-    assert 0.15 < len(data["test"]) / len(sft) < 0.35  # about 20 % of the groups held out: 26 of 93 rows
+    assert 0.15 < len(data["test"]) / len(sft) < 0.35  # about 20 % of the groups held out: 22 of 80 rows
     prompt = lambda r: next(m["content"] for m in reversed(r["messages"]) if m["role"] == "user")  # noqa: E731
     by_split = {s: {prompt(r) for r in data[s]} for s in SPLITS}
     assert not by_split["test"] & by_split["train"] and not by_split["valid"] & by_split["train"]
@@ -143,7 +143,7 @@ def test_collect_refuses_too_few_rows_and_a_missing_export(ws, tmp_path):
     (ws / "distill_config.json").write_text('{"min_rows": 1000}')
     result = invoke("train", "collect", "--workspace", str(ws))
     assert result.exit_code == 2
-    assert "has 93 rows, fewer than min_rows = 1000" in result.output
+    assert "has 80 rows, fewer than min_rows = 1000" in result.output
     assert not (ws / "distill_out" / "data").exists()
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -18,8 +18,8 @@ runner = CliRunner()
 #: validation pass goes over the whole valid split); sequences cut at 128 tokens (the sample's
 #: rows are 119-387), so that nearly every batch has one shape and mlx-lm compiles its step once
 #: rather than once per padded length; and small held-out splits (by task group, the sample's SFT
-#: rows give 13 test rows, held-out and eval-sheet ones both, and 13 valid rows) so that a real
-#: `train eval` generates 2 × (13 + 4 probes) answers, not 2 × (26 + 4).
+#: rows give 11 test rows, held-out and eval-sheet ones both, and 11 valid rows) so that a real
+#: `train eval` generates 2 × (11 + 4 probes) answers, not 2 × (22 + 4).
 FAST = {"train_steps": 6, "batch_size": 2, "lr": 1e-3, "eval_steps": 6, "lora_rank": 2, "num_layers": 2,
         "max_seq_length": 128, "test_fraction": 0.05, "valid_fraction": 0.05}
 

@@ -64,8 +64,8 @@ def train_collect(workspace: WorkspaceOpt = Path("."), config: DistillConfigOpt 
                    "safety_rehearsal in distill_config.json)")
     c = receipt["contamination"]
     alone = c["by_key_hash_alone"]
-    typer.echo(f"decontaminated: {c['task_keys']} tasks in {c['groups']} groups; held-out prompts at or over "
-               f"{c['threshold']} of their word {c['ngram']}-grams in training: "
+    typer.echo(f"decontaminated: {c['task_keys']} tasks in {c['groups']} groups; held-out rows and pairs whose "
+               f"prompt has {c['threshold']} or more of its word {c['ngram']}-grams in training: "
                f"{c['test']['at_or_over_threshold']} of {c['test']['items']} (test), "
                f"{c['valid']['at_or_over_threshold']} of {c['valid']['items']} (valid) — split by task alone: "
                f"{alone['test']['at_or_over_threshold']} of {alone['test']['items']}, "

@@ -117,7 +117,7 @@ def assign(items: list[Item], *, test_fraction: float, valid_fraction: float, ng
     probe_overlaps = [overlap(of(p), train) for p in probes]
     eval_test = [overlap(it.grams, train) for it in items if it.eval_sheet and it.split == "test"]
     return {
-        "measure": f"share of a held-out prompt's word {ngram}-grams that a training prompt has",
+        "measure": f"share of a held-out prompt's word {ngram}-grams found in the training split's prompts",
         "ngram": ngram, "threshold": threshold,
         "task_keys": len(root), "groups": len(groups),
         "moved_to_train": {"groups": moved_groups, "items": moved_items},

@@ -38,16 +38,20 @@ class PairDataset:
     def __init__(self, rows: list[dict[str, Any]], tokenizer: Any, max_seq_length: int):
         self.pairs: list[tuple[list[int], int, list[int], int]] = []
         self.too_long = 0
+        """pairs left out: the prompt alone fills max_seq_length, or both replies are the same
+        tokens within it"""
+        self.cut = 0
+        """pairs kept with a reply cut at max_seq_length (its tokens past it are not compared)"""
         for row in rows:
-            tools = row.get("tools") or None
+            tools = row.get("tools")  # as SFT and eval render it: [] is not None to every template
             prompt = tokenizer.apply_chat_template(row["prompt"], tools=tools, add_generation_prompt=True,
                                                    return_dict=False)
-            sides = [tokenizer.apply_chat_template(row["prompt"] + row[s], tools=tools, return_dict=False)
-                     for s in ("chosen", "rejected")]
-            if len(prompt) >= max_seq_length:  # no reply token would be left to compare
-                self.too_long += 1
+            c, r = (tokenizer.apply_chat_template(row["prompt"] + row[s], tools=tools, return_dict=False)
+                    for s in ("chosen", "rejected"))
+            if len(prompt) >= max_seq_length or c[:max_seq_length] == r[:max_seq_length]:
+                self.too_long += 1  # no reply token left to compare, or nothing that differs
                 continue
-            (c, r) = sides
+            self.cut += max(len(c), len(r)) > max_seq_length
             self.pairs.append((c, min(len(prompt), len(c) - 1), r, min(len(prompt), len(r) - 1)))
         self.ref = np.zeros((len(self.pairs), 2), np.float32)
         self.max_seq_length = max_seq_length
@@ -63,7 +67,8 @@ class PairDataset:
     def head(self, n: int) -> PairDataset:
         """The first n pairs, with their reference log-probabilities."""
         part = object.__new__(PairDataset)
-        part.pairs, part.ref, part.too_long, part.max_seq_length = self.pairs[:n], self.ref[:n], 0, self.max_seq_length
+        part.pairs, part.ref, part.max_seq_length = self.pairs[:n], self.ref[:n], self.max_seq_length
+        part.too_long = part.cut = 0
         return part
 
     def batch(self, idx: list[int]) -> tuple[Any, Any, Any]:

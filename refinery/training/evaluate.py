@@ -242,7 +242,7 @@ def preference(ws: Workspace, dcfg: DistillConfig, scorers: list[Score]) -> dict
         logps = scorer(path)
         out["pairs"] = len(logps)
         out[name] = preference_accuracy(logps)
-    return out
+    return out if out["pairs"] else None  # every pair longer than max_seq_length: nothing measured
 
 
 def rehearsal_rows_trained(ws: Workspace, dcfg: DistillConfig) -> int:

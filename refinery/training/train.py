@@ -209,7 +209,13 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
     lora = {"rank": dcfg.lora_rank, "scale": dcfg.lora_scale, "dropout": dcfg.lora_dropout}
     utils.linear_to_lora_layers(model, layers, lora)
     if reference_dir is not None:  # DPO continues the promoted adapter: its weights are the start
-        model.load_weights(str(reference_dir / ADAPTER_FILE), strict=False)
+        start = mx.load(str(reference_dir / ADAPTER_FILE))
+        names = {k for k, _ in tree_flatten(model.trainable_parameters())}
+        if set(start) != names:
+            raise TrainError(f"the promoted adapter {reference['adapter_id']}'s weights do not fit the LoRA layers "
+                             f"made here ({len(set(start) ^ names)} names differ): train it again, or use "
+                             "--reference base")
+        model.load_weights(list(start.items()))
     args = SimpleNamespace(data=str(ws.root / dcfg.output_dir / "data"), train=True, test=False, hf_dataset=None,
                            mask_prompt=False, prompt_feature="prompt", completion_feature="completion",
                            text_feature="text", chat_feature="messages")
@@ -225,9 +231,15 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
         train_set, valid_set = (dpo.PairDataset.load(Path(args.data) / PAIRS_DIR / f"{s}.jsonl", tokenizer,
                                                      dcfg.max_seq_length) for s in ("train", "valid"))
         if len(train_set) < dcfg.batch_size:
-            raise TrainError(f"{len(train_set)} training pairs in {dcfg.output_dir}/data/{PAIRS_DIR}/train.jsonl, "
-                             f"fewer than batch_size = {dcfg.batch_size}: DPO trains on the preference export "
-                             "(exports/preference/chosen_rejected.jsonl); run `refinery run-all`, then `train collect`")
+            left_out = (f" ({train_set.too_long} left out: the prompt alone fills max_seq_length = "
+                        f"{dcfg.max_seq_length}, or both replies are the same within it)") if train_set.too_long else ""
+            raise TrainError(f"{len(train_set)} training pairs in {dcfg.output_dir}/data/{PAIRS_DIR}/train.jsonl"
+                             f"{left_out}, fewer than batch_size = {dcfg.batch_size}: DPO trains on the preference "
+                             "export (exports/preference/chosen_rejected.jsonl); run `refinery run-all`, then "
+                             "`train collect`" + (", or raise max_seq_length" if left_out else ""))
+        if cut := train_set.cut + valid_set.cut:
+            print(f"warning: {cut} pairs have a reply longer than max_seq_length = {dcfg.max_seq_length} tokens: "
+                  "what is past it is not compared", file=progress_out)
         print(f"DPO reference ({'the base' if reference_dir is None else reference['adapter_id']}): "
               f"log-probabilities of {len(train_set) + len(valid_set)} pairs", file=progress_out)
         model.eval()
@@ -257,7 +269,7 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
             if on_step:
                 on_step(info["iteration"], float(info["train_loss"]))
             it, elapsed = info["iteration"], time.monotonic() - t0
-            if is_dpo and (it % dcfg.eval_steps == 0 or it in (1, dcfg.train_steps)):
+            if is_dpo and (it % dcfg.eval_steps == 0 or it in (1, dcfg.train_steps) or elapsed > dcfg.time_cap_s):
                 model.eval()
                 rewards.append({"step": it, **{k: d and dpo.reward_stats(model, d, dcfg.dpo_beta, dcfg.batch_size)
                                                for k, d in probes.items()}})
@@ -295,7 +307,8 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
         if is_dpo:
             metrics["dpo"] = {"beta": dcfg.dpo_beta, "reference": reference, "rewards": rewards,
                               "reward_pairs": {k: len(d) if d else 0 for k, d in probes.items()},
-                              "pairs_too_long": train_set.too_long + valid_set.too_long}
+                              "pairs_left_out": train_set.too_long + valid_set.too_long,
+                              "pairs_cut": train_set.cut + valid_set.cut}
         write_json(staging / "metrics.json", metrics)
         from refinery.training.plots import loss_curve, reward_curve
 
