@@ -91,3 +91,24 @@ def test_the_sample_drops_near_duplicates_naming_the_row_kept(tmp_path):
     assert CliRunner().invoke(app, ["run-all", "--workspace", str(ws)]).exit_code == 0
     assert len((ws / "exports/sft/instruction_response.jsonl").read_bytes().splitlines()) == 152
     assert b"near_duplicate" not in (ws / "exports/quarantine/export-sft.jsonl").read_bytes()
+
+
+def test_many_files_need_one_descriptor(tmp_path):
+    """A workspace with a scored-run file per day and source holds thousands of record files:
+    they are read one at a time (a mapping per file ran out of descriptors at 1,500)."""
+    import resource
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2**32, NUM_PERM, dtype=np.uint64).astype(np.uint32)
+    paths = []
+    for i in range(600):
+        paths.append(tmp_path / f"n-{i:06d}.bin")
+        write(paths[-1], [base if i % 100 == 0 else rng.integers(0, 2**32, NUM_PERM).astype(np.uint32)], first_id=i + 1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    try:
+        found = neardup.find(paths, [], 0.8)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert found == {i: (1, 1.0) for i in range(100, 600, 100)}  # every copy names the first
+    assert sorted(tmp_path.glob("n-*")) == sorted(paths)  # the joined file is gone
