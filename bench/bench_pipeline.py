@@ -208,9 +208,11 @@ def main() -> None:
         result["quarantined_materialize"] = r["materialize"]["counts"]["quarantined"]
         for e in ("rag", "sft", "preference"):
             c, why = r[f"export-{e}"]["counts"], r[f"export-{e}"]["by_reason"]
-            admitted = c["written"] + why.get("duplicate_answer", 0) + why.get("pair_limit", 0)
+            admitted = c["written"] + why.get("duplicate_answer", 0) + why.get("near_duplicate", 0) + \
+                why.get("pair_limit", 0)
             result[f"export_{e}"] = {"written": c["written"], "quarantined": c["quarantined"],
                                      "duplicate_answer": why.get("duplicate_answer", 0),
+                                     "near_duplicate": why.get("near_duplicate", 0),
                                      "distinct_share": round(1 - why.get("duplicate_answer", 0) / max(admitted, 1), 3)}
         quarantine = ws / "exports" / "quarantine"
         result["quarantine_files_mib"] = round(sum(p.stat().st_size for p in quarantine.glob("*.jsonl")) / 2**20, 1)

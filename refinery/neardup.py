@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -118,28 +119,33 @@ class Records:
     """Every file's records joined into one file (`path`), read a record at a time: one file
     descriptor, however many files, and no mapping that would count every page read as memory."""
 
-    def __init__(self, paths: list[Path], path: Path, b: int, r: int):
-        """Join `paths` into `path`, computing each record's band hashes on the way."""
+    def __init__(self, paths: list[Path], path: Path):
         self.path = path
-        self.total = 0
-        parts: list[np.ndarray] = []
+        self.total = sum(p.stat().st_size for p in paths) // RECORD.itemsize
         with open(path, "wb") as out:
             for src in paths:
                 with open(src, "rb") as f:
-                    while chunk := f.read(CHUNK * RECORD.itemsize):
-                        recs = np.frombuffer(chunk, RECORD)
-                        parts.append(_band_hashes(recs["sig"], b, r))
-                        out.write(chunk)
-                        self.total += len(recs)
-        self.hashes = np.concatenate(parts, axis=1) if parts else np.zeros((b, 0), np.uint64)
+                    shutil.copyfileobj(f, out, CHUNK * RECORD.itemsize)
         self._fd = os.open(path, os.O_RDONLY)
+
+    def band_hashes(self, places: np.ndarray, b: int, r: int) -> np.ndarray:
+        """[b, len(places)]: the band hashes of the records at `places` (increasing), read in chunks."""
+        out = np.empty((b, len(places)), np.uint64)
+        done = 0
+        for start in range(0, self.total, CHUNK):
+            recs = np.frombuffer(os.pread(self._fd, CHUNK * RECORD.itemsize, start * RECORD.itemsize), RECORD)
+            lo, hi = np.searchsorted(places, [start, start + len(recs)])
+            if hi > lo:
+                out[:, done:done + hi - lo] = _band_hashes(recs["sig"][places[lo:hi] - start], b, r)
+                done += hi - lo
+        return out
+
+    def one(self, i: int) -> np.ndarray:
+        return np.frombuffer(os.pread(self._fd, RECORD.itemsize, i * RECORD.itemsize), RECORD)[0]
 
     def close(self) -> None:
         os.close(self._fd)
         self.path.unlink()
-
-    def one(self, i: int) -> np.ndarray:
-        return np.frombuffer(os.pread(self._fd, RECORD.itemsize, i * RECORD.itemsize), RECORD)[0]
 
 
 def find(paths: list[Path], excluded: Iterable[int], threshold: float) -> dict[int, tuple[int, float]]:
@@ -148,8 +154,7 @@ def find(paths: list[Path], excluded: Iterable[int], threshold: float) -> dict[i
     Jaccard to it). Works in the folder of the first path."""
     if not paths:
         return {}
-    b, r = bands(threshold)
-    recs = Records(paths, paths[0].with_name(paths[0].name + ".all"), b, r)
+    recs = Records(paths, paths[0].with_name(paths[0].name + ".all"))
     try:
         return _find(recs, excluded, threshold)
     finally:
@@ -166,7 +171,8 @@ def _find(recs: Records, excluded: Iterable[int], threshold: float) -> dict[int,
     live = np.ones(recs.total, bool)
     live[np.fromiter(excluded, np.int64)] = False
     places = np.flatnonzero(live)
-    hashes = recs.hashes[:, places]
+    b, r = bands(threshold)
+    hashes = recs.band_hashes(places, b, r)
     # which (row, band) hashes another row shares: only those can make a row a near-duplicate
     shared = np.zeros(hashes.shape, bool)
     for k, h in enumerate(hashes):
@@ -178,7 +184,6 @@ def _find(recs: Records, excluded: Iterable[int], threshold: float) -> dict[int,
     # in file order: a row near (checked) a row kept earlier in one of its shared band groups is
     # refused, naming the nearest such row; else it is kept, and remembered in those groups
     kept_in: list[dict[int, list[int]]] = [{} for _ in hashes]
-    sig: dict[int, np.ndarray] = {}  # kept rows' signatures, while a group remembers them
     out: dict[int, tuple[int, float]] = {}
     for i in rows.tolist():
         mine = recs.one(int(places[i]))["sig"]
@@ -189,7 +194,7 @@ def _find(recs: Records, excluded: Iterable[int], threshold: float) -> dict[int,
             for j in kept_in[k].get(key, ()):
                 if j not in seen:
                     seen.add(j)
-                    sim = float((mine == sig[j]).mean())
+                    sim = float((mine == recs.one(int(places[j]))["sig"]).mean())
                     if sim >= threshold and (best is None or (sim, -j) > (best[0], -best[1])):
                         best = (sim, j)
         if best is None:
@@ -197,8 +202,6 @@ def _find(recs: Records, excluded: Iterable[int], threshold: float) -> dict[int,
                 group = kept_in[k].setdefault(key, [])
                 if len(group) < KEPT_PER_GROUP:
                     group.append(i)
-                    sig[i] = mine
         else:
-            kept_id = int(recs.one(int(places[best[1]]))["id"])
-            out[int(places[i])] = (kept_id, round(best[0], 3))
+            out[int(places[i])] = (int(recs.one(int(places[best[1]]))["id"]), round(best[0], 3))
     return out
