@@ -132,8 +132,9 @@ class Records:
         """[b, len(places)]: the band hashes of the records at `places` (increasing), read in chunks."""
         out = np.empty((b, len(places)), np.uint64)
         done = 0
-        for start in range(0, self.total, CHUNK):
-            recs = np.frombuffer(os.pread(self._fd, CHUNK * RECORD.itemsize, start * RECORD.itemsize), RECORD)
+        step = CHUNK // 8  # a chunk's bands as 64-bit values are 8 bytes a value: ~8 MiB at a time
+        for start in range(0, self.total, step):
+            recs = np.frombuffer(os.pread(self._fd, step * RECORD.itemsize, start * RECORD.itemsize), RECORD)
             lo, hi = np.searchsorted(places, [start, start + len(recs)])
             if hi > lo:
                 out[:, done:done + hi - lo] = _band_hashes(recs["sig"][places[lo:hi] - start], b, r)
@@ -173,35 +174,43 @@ def _find(recs: Records, excluded: Iterable[int], threshold: float) -> dict[int,
     places = np.flatnonzero(live)
     b, r = bands(threshold)
     hashes = recs.band_hashes(places, b, r)
-    # which (row, band) hashes another row shares: only those can make a row a near-duplicate
-    shared = np.zeros(hashes.shape, bool)
+    # per band, each row's group among the rows sharing its hash (−1: it shares it with none);
+    # numpy arrays, not dicts: 4 bytes a row and band, and 16 a shared group
+    group = np.full(hashes.shape, -1, np.int32)
+    kept = []  # per band: [shared groups, KEPT_PER_GROUP] rows kept in each, −1 for a free slot
     for k, h in enumerate(hashes):
         order = np.argsort(h, kind="stable")
         hs = h[order]
-        same = hs[1:] == hs[:-1]
-        shared[k, order[np.r_[same, False] | np.r_[False, same]]] = True
-    rows = np.flatnonzero(shared.any(axis=0))
-    # in file order: a row near (checked) a row kept earlier in one of its shared band groups is
-    # refused, naming the nearest such row; else it is kept, and remembered in those groups
-    kept_in: list[dict[int, list[int]]] = [{} for _ in hashes]
+        opens = np.r_[True, hs[1:] != hs[:-1]]
+        sizes = np.diff(np.r_[np.flatnonzero(opens), len(hs)])
+        shared_groups = sizes >= 2
+        compact = np.cumsum(shared_groups) - 1  # a shared group's number among the shared ones
+        g = np.repeat(np.where(shared_groups, compact, -1), sizes)
+        group[k, order] = g
+        kept.append(np.full((int(shared_groups.sum()), KEPT_PER_GROUP), -1, np.int32))
+    del hashes
+    rows = np.flatnonzero((group >= 0).any(axis=0))
+    # in file order: a row near (checked) a row kept earlier in one of its groups is refused,
+    # naming the nearest such row; else it is kept, and remembered in its groups
     out: dict[int, tuple[int, float]] = {}
     for i in rows.tolist():
         mine = recs.one(int(places[i]))["sig"]
-        bands_of = [(k, int(hashes[k, i])) for k in np.flatnonzero(shared[:, i]).tolist()]
+        mine_groups = [(k, int(g)) for k, g in enumerate(group[:, i].tolist()) if g >= 0]
         best: tuple[float, int] | None = None
         seen: set[int] = set()
-        for k, key in bands_of:
-            for j in kept_in[k].get(key, ()):
-                if j not in seen:
+        for k, g in mine_groups:
+            for j in kept[k][g].tolist():
+                if j >= 0 and j not in seen:
                     seen.add(j)
                     sim = float((mine == recs.one(int(places[j]))["sig"]).mean())
                     if sim >= threshold and (best is None or (sim, -j) > (best[0], -best[1])):
                         best = (sim, j)
         if best is None:
-            for k, key in bands_of:
-                group = kept_in[k].setdefault(key, [])
-                if len(group) < KEPT_PER_GROUP:
-                    group.append(i)
+            for k, g in mine_groups:
+                slots = kept[k][g]
+                free = np.flatnonzero(slots < 0)
+                if len(free):
+                    slots[free[0]] = i
         else:
             out[int(places[i])] = (int(recs.one(int(places[best[1]]))["id"]), round(best[0], 3))
     return out
