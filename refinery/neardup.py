@@ -129,15 +129,16 @@ class Records:
         self._fd = os.open(path, os.O_RDONLY)
 
     def band_hashes(self, places: np.ndarray, b: int, r: int) -> np.ndarray:
-        """[b, len(places)]: the band hashes of the records at `places` (increasing), read in chunks."""
-        out = np.empty((b, len(places)), np.uint64)
+        """[b, len(places)]: the band hashes of the records at `places` (increasing), read in chunks,
+        cut to 32 bits (4 bytes a row and band; a chance collision only costs a check)."""
+        out = np.empty((b, len(places)), np.uint32)
         done = 0
         step = CHUNK // 8  # a chunk's bands as 64-bit values are 8 bytes a value: ~8 MiB at a time
         for start in range(0, self.total, step):
             recs = np.frombuffer(os.pread(self._fd, step * RECORD.itemsize, start * RECORD.itemsize), RECORD)
             lo, hi = np.searchsorted(places, [start, start + len(recs)])
             if hi > lo:
-                out[:, done:done + hi - lo] = _band_hashes(recs["sig"][places[lo:hi] - start], b, r)
+                out[:, done:done + hi - lo] = _band_hashes(recs["sig"][places[lo:hi] - start], b, r) >> np.uint64(32)
                 done += hi - lo
         return out
 
