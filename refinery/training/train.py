@@ -215,7 +215,7 @@ def train_run(ws: Workspace, dcfg: DistillConfig, *, loader: Callable[[str], Any
             raise TrainError(f"the promoted adapter {reference['adapter_id']}'s weights do not fit the LoRA layers "
                              f"made here ({len(set(start) ^ names)} names differ): train it again, or use "
                              "--reference base")
-        model.load_weights(list(start.items()))
+        model.load_weights(list(start.items()), strict=False)  # the LoRA weights only: checked above
     args = SimpleNamespace(data=str(ws.root / dcfg.output_dir / "data"), train=True, test=False, hf_dataset=None,
                            mask_prompt=False, prompt_feature="prompt", completion_feature="completion",
                            text_feature="text", chat_feature="messages")
