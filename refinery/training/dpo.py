@@ -132,8 +132,10 @@ def iterate_batches(dataset: PairDataset, batch_size: int, max_seq_length: int, 
 
 
 def _in_batches(dataset: PairDataset, batch_size: int) -> Iterator[list[int]]:
-    for i in range(0, len(dataset), batch_size):
-        yield list(range(i, min(i + batch_size, len(dataset))))
+    """Every pair once, in batches of pairs alike in length (a batch is padded to its longest)."""
+    order = sorted(range(len(dataset)), key=lambda i: (max(len(dataset.pairs[i][0]), len(dataset.pairs[i][2])), i))
+    for i in range(0, len(order), batch_size):
+        yield order[i:i + batch_size]
 
 
 def pair_logps(model: Any, dataset: PairDataset, batch_size: int) -> np.ndarray:
