@@ -31,7 +31,6 @@ decided in file order.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from functools import lru_cache
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refinery.normalize import normalize_text
+from refinery.normalize import word_ngrams
 
 NUM_PERM = 128
 SEED = 0x5EED
@@ -47,7 +46,6 @@ SHINGLE = 3
 RECORD = np.dtype([("id", "<u8"), ("sig", "<u4", (NUM_PERM,))])
 #: candidates a band's hashes or a check's signatures are computed for at once
 CHUNK = 1 << 16
-_WORDS = re.compile(r"\w+")
 
 
 def version() -> str:
@@ -63,12 +61,7 @@ def version() -> str:
 def shingles(prompt: str, answer: str) -> list[str]:
     """Word 3-grams of the normalised prompt and of the normalised answer (a text of fewer
     words: itself), the answer's marked so that they never equal the prompt's."""
-    out = []
-    for mark, text in (("", prompt), ("a\x1f", answer)):
-        words = _WORDS.findall(normalize_text(text))
-        out += [mark + " ".join(words[i:i + SHINGLE]) for i in range(max(1, len(words) - SHINGLE + 1))] \
-            if words else []
-    return out
+    return word_ngrams(prompt, SHINGLE) + ["a\x1f" + g for g in word_ngrams(answer, SHINGLE)]
 
 
 class Signer:

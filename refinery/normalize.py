@@ -22,6 +22,17 @@ def normalize_text(s: str) -> str:
     return _WS.sub(" ", unicodedata.normalize("NFKC", s).casefold()).strip()
 
 
+_WORDS = re.compile(r"\w+")
+
+
+def word_ngrams(text: str, n: int) -> list[str]:
+    """The word n-grams of the normalised text, each as its words joined by a space; a text of
+    fewer than n words is one n-gram, a text without words none. What the decontaminated split
+    and the near-duplicate signatures compare."""
+    words = _WORDS.findall(normalize_text(text))
+    return [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))] if words else []
+
+
 def task_key(ev: dict[str, Any]) -> str:
     """`tk-<16 hex>` of the normalised prompt; rows without a prompt never share a key."""
     prompt = ev.get("prompt")

@@ -129,7 +129,7 @@ def collect(ws: Workspace, dcfg: DistillConfig) -> dict[str, Any]:
                 st["direct_answers"] += not tools
                 st["tokens"] += sum(count(_text(m)) for m in out_row["messages"])
 
-            for row, it in zip(sft, items, strict=False):
+            for row, it in zip(sft, items[:rows], strict=True):
                 put(it.split, mlx_row(row), uses_tools(row))
                 if it.split == "test":
                     writers["meta"].write({"id": row["id"], "source": row["source"], "provenance": row["provenance"]})

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from refinery.normalize import normalize_text
+from refinery.normalize import word_ngrams
 
-_WORDS = re.compile(r"\w+")
 HELD_OUT = ("test", "valid")
 
 
@@ -49,9 +47,8 @@ def split_of(key: str, test_fraction: float, valid_fraction: float) -> str:
 
 def grams(text: str, n: int) -> frozenset[int]:
     """The word n-grams of a text, each as 64 bits of its blake2b; a text shorter than n words is one gram."""
-    words = _WORDS.findall(normalize_text(text))
-    spans = [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))] if words else []
-    return frozenset(int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in spans)
+    return frozenset(int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
+                     for s in word_ngrams(text, n))
 
 
 def overlap(g: frozenset[int], train: set[int]) -> float:
@@ -90,15 +87,12 @@ def assign(items: list[Item], *, test_fraction: float, valid_fraction: float, ng
     for it in items:  # first what a split by task key alone gives, for the report
         it.split = split_of(it.key, test_fraction, valid_fraction)
     fixed = [of(p) for p in fixed_train]
-    by_hash = _measure(items, fixed, threshold)  # what the split by key alone leaves
+    by_hash = _measure(items, _training(items, fixed), threshold)  # what the split by key alone leaves
     for k, g in groups.items():
         for it in g:
             it.split = split_of(k, test_fraction, valid_fraction)
 
-    train: set[int] = set().union(*fixed)
-    for it in items:
-        if it.split == "train":
-            train |= it.grams
+    train = _training(items, fixed)
     moved_groups = moved_items = 0
     held = sorted(k for k, g in groups.items() if g[0].split != "train")
     changed = True
@@ -113,7 +107,7 @@ def assign(items: list[Item], *, test_fraction: float, valid_fraction: float, ng
                 moved_groups += 1
                 moved_items += len(g)
                 changed = True
-    after = _measure(items, fixed, threshold)
+    after = _measure(items, train, threshold)
     probe_overlaps = [overlap(of(p), train) for p in probes]
     eval_test = [overlap(it.grams, train) for it in items if it.eval_sheet and it.split == "test"]
     return {
@@ -164,11 +158,16 @@ def _cluster(items: list[Item], threshold: float) -> dict[str, str]:
     return {k: find(k) for k in parent}
 
 
-def _measure(items: list[Item], fixed: list[frozenset[int]], threshold: float) -> dict[str, Any]:
+def _training(items: list[Item], fixed: list[frozenset[int]]) -> set[int]:
+    """The n-grams of every prompt in the training split now, and of the fixed ones."""
     train: set[int] = set().union(*fixed)
     for it in items:
         if it.split == "train":
             train |= it.grams
+    return train
+
+
+def _measure(items: list[Item], train: set[int], threshold: float) -> dict[str, Any]:
     return {s: _summary([overlap(it.grams, train) for it in items if it.split == s], threshold) for s in HELD_OUT}
 
 
