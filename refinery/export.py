@@ -38,7 +38,8 @@ import shutil
 import tempfile
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -441,37 +442,110 @@ def _lines(paths: list[Path]) -> Iterator[bytes]:
                 yield from f
 
 
-def _duplicates(keys: list[array[int]]) -> dict[int, set[int]]:
-    """file → the lines of its candidates whose (task, answer) key an earlier candidate (in file
-    order) has: the export keeps the first of each. 8 bytes a key, one pass."""
+class Lines(AbstractSet[int]):
+    """Line numbers of a merge unit's candidates (ascending), as 8 bytes each until a worker asks
+    about one: then a set of this unit's only (at 10^6 rows sets of every repeated line held
+    tens of MiB in the driver and in each pickled unit)."""
+
+    def __init__(self, lines: Iterable[int] = ()):
+        self.lines = lines if isinstance(lines, array) else array("q", lines)
+        self._set: frozenset[int] | None = None
+
+    def __contains__(self, line: object) -> bool:
+        if self._set is None:
+            self._set = frozenset(self.lines)
+        return line in self._set
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.lines)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getstate__(self) -> array[int]:
+        return self.lines
+
+    def __setstate__(self, lines: array[int]) -> None:
+        self.lines, self._set = lines, None
+
+
+def _duplicates(keys: list[array[int]]) -> dict[int, array[int]]:
+    """file → the lines of its candidates (ascending) whose (task, answer) key an earlier
+    candidate (in file order) has: the export keeps the first of each. 8 bytes a key, one pass."""
     seen = SeenHashes(sum(map(len, keys))).add
-    out: dict[int, set[int]] = {}
+    out: dict[int, array[int]] = {}
     for i, file_keys in enumerate(keys):
         for line, key in enumerate(file_keys):
             if not seen(key):
-                out.setdefault(i, set()).add(line)
+                out.setdefault(i, array("q")).append(line)
     return out
 
 
+class NearRefusals(Mapping[int, str]):
+    """line → the refusal's detail for a merge unit's near-duplicates: the lines (ascending), the
+    kept rows' ids and the similarities as arrays, each detail written when it is asked for (as
+    strings in dicts they were ~300 bytes a refusal, and templated traces have many)."""
+
+    def __init__(self, prefix: str, threshold: float, lines: Iterable[int] = (), kept: Iterable[int] = (),
+                 sims: Iterable[float] = ()):
+        self.prefix, self.threshold = prefix, threshold
+        self.lines, self.kept, self.sims = array("q", lines), array("Q", kept), array("d", sims)
+        self._at: dict[int, int] | None = None
+
+    def extend(self, other: NearRefusals, offset: int) -> None:
+        self.lines.extend(line + offset for line in other.lines)
+        self.kept.extend(other.kept)
+        self.sims.extend(other.sims)
+
+    def _index(self) -> dict[int, int]:
+        if self._at is None:
+            self._at = {line: k for k, line in enumerate(self.lines)}
+        return self._at
+
+    def __contains__(self, line: object) -> bool:
+        return line in self._index()
+
+    def __getitem__(self, line: int) -> str:
+        k = self._index()[line]
+        return (f"near-duplicate of {self.prefix}-{self.kept[k]:016x}, kept in the export (estimated Jaccard "
+                f"similarity {self.sims[k]:.3f}; threshold {self.threshold})")
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.lines)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return self.prefix, self.threshold, self.lines, self.kept, self.sims
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.prefix, self.threshold, self.lines, self.kept, self.sims = state
+        self._at = None
+
+
 def _near_duplicates(e: str, tmp_root: Path, s: Settings, counts: list[int],
-                     repeated: dict[int, set[int]]) -> dict[int, dict[int, str]]:
-    """file → {line of its candidates: the refusal's detail} for an export's near-duplicates
-    (refinery.neardup), the exact repeats left out; none when export.near_duplicates is off."""
+                     repeated: dict[int, array[int]]) -> dict[int, NearRefusals]:
+    """file → its candidates' lines found near a kept row, with the refusals' details, for an
+    export's near-duplicates (refinery.neardup), the exact repeats left out; none when
+    export.near_duplicates is off."""
     if not (s.export.dedup and s.export.near_duplicates):
         return {}
     from refinery.neardup import find
 
     starts = list(itertools.accumulate(counts, initial=0))
-    excluded = [starts[i] + line for i, lines in repeated.items() for line in lines]
+    excluded = (starts[i] + line for i, lines in repeated.items() for line in lines)
     threshold = s.export.near_duplicate_threshold
     prefix = BY_NAME[e].id_prefix
-    out: dict[int, dict[int, str]] = {}
+    out: dict[int, NearRefusals] = {}
     found = find([near_path(tmp_root, e, i) for i in range(len(counts))], excluded, threshold)
-    for place, (kept, sim) in sorted(found.items()):
+    for place, kept, sim in zip(found.places.tolist(), found.kept.tolist(), found.sims.tolist()):
         i = bisect.bisect_right(starts, place) - 1
-        out.setdefault(i, {})[place - starts[i]] = (
-            f"near-duplicate of {prefix}-{kept:016x}, kept in the export (estimated Jaccard similarity {sim:.3f}; "
-            f"threshold {threshold})")
+        if i not in out:
+            out[i] = NearRefusals(prefix, threshold)
+        out[i].lines.append(place - starts[i])
+        out[i].kept.append(kept)
+        out[i].sims.append(sim)
     return out
 
 
@@ -486,8 +560,8 @@ class MergeUnit:
     parts: list[Path]
     out: Path
     quarantine: Path
-    duplicates: frozenset[int]
-    near: dict[int, str]
+    duplicates: Lines
+    near: Mapping[int, str]
 
 
 def _merge_unit(u: MergeUnit, s: Settings) -> tuple[ExportStats, Composition]:
@@ -512,32 +586,33 @@ def _merge_unit(u: MergeUnit, s: Settings) -> tuple[ExportStats, Composition]:
 UNIT_BYTES = 8 << 20
 
 
-def _merge_units(e: str, tmp_root: Path, buckets: int, candidates: list[int],
-                 repeated: dict[int, set[int]], near: dict[int, dict[int, str]]) -> list[MergeUnit]:
+def _merge_units(e: str, tmp_root: Path, buckets: int, candidates: list[int], repeated: dict[int, array[int]],
+                 near: dict[int, NearRefusals], threshold: float = 0.0) -> list[MergeUnit]:
     """An export's merge units: its task buckets (grouped), or runs of consecutive files' parts
     with the lines among them that repeat an earlier candidate or are near one (ungrouped)."""
-    def unit(u: int, parts: list[Path], duplicates: frozenset[int] = frozenset(),
-             close: dict[int, str] | None = None) -> MergeUnit:
-        return MergeUnit(e, parts, tmp_root / f"m-{e}-{u:06d}.jsonl", tmp_root / f"mq-{e}-{u:06d}.jsonl", duplicates,
-                         close or {})
+    def unit(u: int, parts: list[Path], duplicates: Lines | None = None,
+             close: NearRefusals | None = None) -> MergeUnit:
+        return MergeUnit(e, parts, tmp_root / f"m-{e}-{u:06d}.jsonl", tmp_root / f"mq-{e}-{u:06d}.jsonl",
+                         duplicates or Lines(), close or {})
 
     if BY_NAME[e].grouped:
         return [unit(b, [part_path(tmp_root, e, i, b) for i in range(len(candidates))]) for b in range(buckets)]
     units: list[MergeUnit] = []
     parts: list[Path] = []
-    duplicates: set[int] = set()
-    close: dict[int, str] = {}
+    new_close = lambda: NearRefusals(BY_NAME[e].id_prefix, threshold)  # noqa: E731
+    duplicates, close = Lines(), new_close()
     size = lines = 0
     for i, n in enumerate(candidates):
         path = part_path(tmp_root, e, i)
         parts.append(path)
-        duplicates.update(lines + line for line in repeated.get(i, ()))
-        close.update((lines + line, detail) for line, detail in near.get(i, {}).items())
+        duplicates.lines.extend(lines + line for line in repeated.get(i, ()))
+        if i in near:
+            close.extend(near[i], lines)
         lines += n
         size += path.stat().st_size if path.exists() else 0
         if size >= UNIT_BYTES or i == len(candidates) - 1:
-            units.append(unit(len(units), parts, frozenset(duplicates), close))
-            parts, duplicates, close, size, lines = [], set(), {}, 0, 0
+            units.append(unit(len(units), parts, duplicates, close))
+            parts, duplicates, close, size, lines = [], Lines(), new_close(), 0, 0
     return units
 
 
@@ -586,7 +661,7 @@ def _merge(ws: Workspace, cfg: Config, s: Settings, exports: tuple[str, ...], tm
         counts = [f[e].candidates for f in read]
         repeated = _duplicates([f[e].keys for f in read])
         near = _near_duplicates(e, tmp_root, s, counts, repeated) if BY_NAME[e].dedup else {}
-        units[e] = _merge_units(e, tmp_root, buckets, counts, repeated, near)
+        units[e] = _merge_units(e, tmp_root, buckets, counts, repeated, near, s.export.near_duplicate_threshold)
     flat = [u for e in exports for u in units[e]]
     merged = map_files(_merge_unit, [(u, s) for u in flat], [size(u.parts) for u in flat], **workers)
     finish, at = [], 0

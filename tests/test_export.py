@@ -347,17 +347,25 @@ def test_dedup_keeps_the_first_of_each_key_in_file_order_across_units(tmp_path, 
 
     keys = [array("Q", [1, 2, 1]), array("Q", [2, 3]), array("Q", [3, 1, 4])]
     repeated = export._duplicates(keys)
-    assert repeated == {0: {2}, 1: {0}, 2: {0, 1}}
+    assert {i: list(lines) for i, lines in repeated.items()} == {0: [2], 1: [0], 2: [0, 1]}
     for i, n in enumerate(len(k) for k in keys):
         export.part_path(tmp_path, "rag", i).write_bytes(b"{}\n" * n)
-    near = {1: {1: "near 1"}, 2: {2: "near 2"}}  # file → line → detail
-    one = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near)
+    near = {1: export.NearRefusals("rag", 0.8, [1], [0xA], [0.85]),  # file → its lines near a kept row
+            2: export.NearRefusals("rag", 0.8, [2], [0xB], [0.9])}
+    detail = "near-duplicate of rag-{:016x}, kept in the export (estimated Jaccard similarity {}; threshold 0.8)"
+    one = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near, 0.8)
     assert [len(u.parts) for u in one] == [3] and one[0].duplicates == {2, 3, 5, 6}  # lines across the run
-    assert one[0].near == {4: "near 1", 7: "near 2"}
+    assert dict(one[0].near) == {4: detail.format(0xA, "0.850"), 7: detail.format(0xB, "0.900")}
+    assert 5 not in one[0].near and 4 not in one[0].duplicates
     monkeypatch.setattr(export, "UNIT_BYTES", 1)
-    each = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near)
+    each = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near, 0.8)
     assert [u.duplicates for u in each] == [{2}, {0}, {0, 1}]
-    assert [u.near for u in each] == [{}, {1: "near 1"}, {2: "near 2"}]
+    assert [dict(u.near) for u in each] == [{}, {1: detail.format(0xA, "0.850")}, {2: detail.format(0xB, "0.900")}]
+    # a unit travels to a worker compact and answers there as before
+    import pickle
+
+    again = pickle.loads(pickle.dumps(one[0]))
+    assert again.duplicates == {2, 3, 5, 6} and dict(again.near) == dict(one[0].near)
 
 
 def test_the_shared_quarantine_is_the_same_whichever_exports_a_command_writes(fixture_ws, cfg):

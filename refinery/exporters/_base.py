@@ -19,6 +19,7 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -156,7 +157,7 @@ class Exporter:
         return int(c.sr["task_key"][3:11], 16) * buckets >> 32
 
     def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
-              st: ExportStats, s: Settings, *, duplicates: frozenset[int],
+              st: ExportStats, s: Settings, *, duplicates: AbstractSet[int],
               near: Mapping[int, str]) -> Iterator[dict[str, Any]]:
         """Write one unit of the export from its candidate lines — a run of consecutive files'
         (ungrouped; the lines numbered in `duplicates`, counted across the run, repeat an earlier

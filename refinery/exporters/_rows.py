@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any, ClassVar
 
 import orjson
@@ -27,7 +28,7 @@ class RowExporter(Exporter):
         return dumps_line(self.row(c))
 
     def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
-              st: ExportStats, s: Settings, *, duplicates: frozenset[int],
+              st: ExportStats, s: Settings, *, duplicates: AbstractSet[int],
               near: Mapping[int, str]) -> Iterator[dict[str, Any]]:
         for i, line in enumerate(lines):
             row = orjson.loads(line)

@@ -8,6 +8,7 @@ import hashlib
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import orjson
@@ -52,7 +53,7 @@ class Preference(Exporter):
         }) + b"\n"
 
     def merge(self, lines: Iterable[bytes], write: Write, refuse: Refuse,
-              st: ExportStats, s: Settings, *, duplicates: frozenset[int],
+              st: ExportStats, s: Settings, *, duplicates: AbstractSet[int],
               near: Mapping[int, str]) -> Iterator[dict[str, Any]]:
         """One hash bucket of tasks: its candidates grouped by task, each task's pairs in turn."""
         max_pairs = s.export.max_pairs_per_task
