@@ -348,6 +348,7 @@ class SourceRecords:
         self._cursors: dict[str, tuple[int, Line | None, LineCursor]] = {}
         self._docs: dict[str, tuple[Any, Line | None]] = {}  # most recently used last
         self._sniffed: dict[str, tuple[str | None, bool]] = {}
+        self._archive: tuple[str, Any] | None = None  # (rel, its open ZipFile): the one asked for last
 
     def _kind(self, rel: str) -> tuple[str | None, bool]:
         if rel not in self._sniffed:
@@ -411,8 +412,14 @@ class SourceRecords:
 
             path = self.root / rel
             if member is not None:
-                with zipfile.ZipFile(path) as zf:
-                    doc, bad = read_member(zf, member, self.limits.max_document_bytes)
+                # kept open: each opening reads the whole central directory again, once per member
+                # asked for (an inspect log of n samples cost n² entries read)
+                if self._archive is None or self._archive[0] != rel:
+                    if self._archive is not None:
+                        self._archive[1].close()
+                        self._archive = None
+                    self._archive = (rel, zipfile.ZipFile(path))
+                doc, bad = read_member(self._archive[1], member, self.limits.max_document_bytes)
             else:
                 doc, bad = read_document(path, self._kind(rel)[1], self.limits.max_document_bytes)
             self._docs[key] = (doc, bad)

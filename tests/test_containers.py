@@ -162,6 +162,26 @@ def test_source_records_resolve_every_locator(tmp_path):
     assert sr.at("data/_kb/l.jsonl", 0, None).obj == doc
 
 
+
+def test_source_records_open_an_archive_once_for_all_its_members(tmp_path, monkeypatch):
+    """Re-checking provenance asks for an archive's members one after another: opening the
+    archive for each read its whole central directory again (n² entries for n samples)."""
+    import zipfile
+
+    (tmp_path / "data" / "_kb").mkdir(parents=True)
+    samples = {f"samples/{i}.json": {"id": i} for i in range(20)}
+    (tmp_path / "data/_kb/a.eval").write_bytes(_eval_zip(samples))
+    (tmp_path / "data/_kb/b.eval").write_bytes(_eval_zip({"samples/0.json": {"id": "b"}}))
+    opened = []
+    real = zipfile.ZipFile
+    monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    sr = SourceRecords(tmp_path)
+    assert [sr.at("data/_kb/a.eval", i, f"samples/{i}.json").obj for i in range(20)] == list(samples.values())
+    assert len(opened) == 1
+    assert sr.at("data/_kb/b.eval", 0, "samples/0.json").obj == {"id": "b"}  # another archive: the first closed
+    assert sr.at("data/_kb/a.eval", 3, "samples/3.json").obj == {"id": 3}
+    assert len(opened) == 3
+
 DOC_TRANSFORM = '''
 from refinery.transform import TransformSpec, dated, new_evidence, text, text_or_empty
 SPEC = TransformSpec(name="docs", patterns=("docs*",), format="json", kind="doc", record_paths=("items[]",))
