@@ -677,49 +677,70 @@ def no_duplicate_answers(ctx: Context) -> list[str]:
 
 def near_duplicates_named(ctx: Context) -> list[str]:
     """Each row RAG or SFT refused as a near-duplicate names a row the export kept, and is near
-    it: the similarity recomputed from the two rows' texts is at or over the threshold."""
+    it: the similarity recomputed from the two rows' texts is at or over the threshold. The
+    refusals' signatures wait in a file (templated traces refuse hundreds of thousands), each
+    kept row is signed once."""
     if not (ctx.cfg.export.dedup and ctx.cfg.export.near_duplicates):
         return []
     import re
+    import tempfile
+    from array import array
 
     import numpy as np
 
     from refinery.export import _redact_evidence
-    from refinery.neardup import Signer
+    from refinery.neardup import RECORD, Signer
 
     problems = Problems()
     lines = Lines(ctx.ws, ctx.max_line_bytes, ctx.cfg.materialize.max_document_bytes)
     signer, threshold = Signer(), ctx.cfg.export.near_duplicate_threshold
-    sig = lambda rid, prompt, answer: np.frombuffer(signer.record(rid, prompt, answer)[8:], "<u4")  # noqa: E731
     for stage, x in EXPORTERS.items():
         if not x.dedup:
             continue
         qrel, rel = workspace.quarantine_file(stage), EXPORT_FILES[stage]
         names = re.compile(rf"near-duplicate of ({x.id_prefix}-[0-9a-f]{{16}})")
-        wanted: dict[str, list[tuple[int, Any]]] = {}  # a kept row's id → (refusal's line, its signature)
-        for line in ctx.rows(qrel):
-            rec = line.obj or {}
-            if rec.get("reason") != "near_duplicate":
-                continue
-            named = names.match(rec.get("detail") or "")
-            sr = _scored(ctx, lines, rec.get("provenance") or {})
-            ev = _scored(ctx, lines, sr.get("provenance") or {})
-            if named is None or not ev or not isinstance(ev.get("prompt"), str):
-                problems.add(f"{qrel}:{line.offset}: a near_duplicate refusal that names no kept row, or whose "
-                             "scored run and evidence do not resolve")
-                continue
-            if ctx.cfg.export.sensitive == "redact":  # as the export compared it
-                ev = _redact_evidence(ev, list(ctx.cfg.export.allow_sensitive))[0]
-            wanted.setdefault(named[1], []).append((line.offset, sig(ev["id"], ev["prompt"], answer_text(ev))))
-        for line in ctx.rows(rel):
-            row = line.obj or {}
-            for offset, refused in wanted.pop(row.get("id"), []):
-                kept = sig("ev-" + row["id"].split("-", 1)[1], row.get(x.prompt_field) or "", answer_text(row))
-                if (similar := float((kept == refused).mean())) < threshold:
-                    problems.add(f"{qrel}:{offset}: refused as a near-duplicate of {row['id']} ({rel}:{line.offset}), "
-                                 f"but their estimated similarity is {similar:.3f}, under {threshold}")
-        for kept_id, refs in sorted(wanted.items()):
-            problems.add(f"{qrel}:{refs[0][0]}: refused as a near-duplicate of {kept_id}, which is not in {rel}")
+        with tempfile.TemporaryFile() as spill:
+            # a record per refusal: its line's offset and its signature (neardup.RECORD's layout)
+            wanted: dict[str, array[int]] = {}  # a kept row's id → its refusals' records
+            refusals = 0
+            for line in ctx.rows(qrel):
+                rec = line.obj or {}
+                if rec.get("reason") != "near_duplicate":
+                    continue
+                named = names.match(rec.get("detail") or "")
+                sr = _scored(ctx, lines, rec.get("provenance") or {})
+                ev = _scored(ctx, lines, sr.get("provenance") or {})
+                if named is None or not ev or not isinstance(ev.get("prompt"), str):
+                    problems.add(f"{qrel}:{line.offset}: a near_duplicate refusal that names no kept row, or whose "
+                                 "scored run and evidence do not resolve")
+                    continue
+                if ctx.cfg.export.sensitive == "redact":  # as the export compared it
+                    ev = _redact_evidence(ev, list(ctx.cfg.export.allow_sensitive))[0]
+                signed = signer.record(ev["id"], ev["prompt"], answer_text(ev))
+                spill.write(line.offset.to_bytes(8, "little") + signed[8:])
+                wanted.setdefault(named[1], array("q")).append(refusals)
+                refusals += 1
+            spill.flush()
+
+            def refusal(k: int) -> tuple[int, Any]:
+                rec = np.frombuffer(os.pread(spill.fileno(), RECORD.itemsize, k * RECORD.itemsize), RECORD)[0]
+                return int(rec["id"]), rec["sig"]
+
+            for line in ctx.rows(rel):
+                row = line.obj or {}
+                if (refs := wanted.pop(row.get("id"), None)) is None:
+                    continue
+                kept_id = "ev-" + row["id"].split("-", 1)[1]
+                kept = np.frombuffer(signer.record(kept_id, row.get(x.prompt_field) or "", answer_text(row))[8:], "<u4")
+                for k in refs:
+                    offset, refused = refusal(k)
+                    if (similar := np.count_nonzero(kept == refused) / len(kept)) < threshold:
+                        problems.add(f"{qrel}:{offset}: refused as a near-duplicate of {row['id']} "
+                                     f"({rel}:{line.offset}), but their estimated similarity is {similar:.3f}, "
+                                     f"under {threshold}")
+            for kept_id, refs in sorted(wanted.items()):
+                problems.add(f"{qrel}:{refusal(refs[0])[0]}: refused as a near-duplicate of {kept_id}, which is not in "
+                             f"{rel}")
     return problems.done()
 
 

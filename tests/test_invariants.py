@@ -305,6 +305,30 @@ def test_each_invariant_fails_alone_on_its_tamper(gws, key):
     assert problems_of(gws, key)  # and says what it found
 
 
+def test_a_near_duplicate_refusal_is_checked_against_the_row_it_names(gws):
+    """Each refusal is compared with the kept row it names (each kept row signed once, the
+    refusals' signatures read back): one that names a row the export does not hold is named by
+    its own line, one that names a row it is not near says how near it is."""
+    import re
+
+    q = "exports/quarantine/export-sft.jsonl"
+    named = re.compile(r"sft-[0-9a-f]{16}")
+    original = (gws.root / q).read_bytes()
+    rows = list(map(orjson.loads, original.splitlines()))
+    at = next(i for i, r in enumerate(rows) if r["reason"] == "near_duplicate")
+    offset = sum(len(line) + 1 for line in original.splitlines()[:at])
+    edit_rows(gws, q, lambda i, r: {**r, "detail": named.sub("sft-00000000000000ab", r["detail"])} if i == at else None)
+    assert problems_of(gws, "near_duplicates_named") == [
+        f"{q}:{offset}: refused as a near-duplicate of sft-00000000000000ab, which is not in {SFT}"]
+    (gws.root / q).write_bytes(original)
+    other = next(r["id"] for r in map(orjson.loads, (gws.root / SFT).read_bytes().splitlines())
+                 if r["id"] != named.search(rows[at]["detail"])[0])
+    edit_rows(gws, q, lambda i, r: {**r, "detail": named.sub(other, r["detail"])} if i == at else None)
+    (found,) = problems_of(gws, "near_duplicates_named")
+    assert re.fullmatch(rf"{q}:{offset}: refused as a near-duplicate of {other} \({SFT}:\d+\), but "
+                        r"their estimated similarity is 0\.\d{3}, under 0\.8", found), found
+
+
 def test_an_edited_byte_is_caught_and_the_file_named(gws):
     for rel in (first_evidence(gws), RAG, "exports/quarantine/score.jsonl", "data/scored-runs/manifest.json"):
         p = gws.root / rel
