@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -151,15 +152,64 @@ def _task_id(t: Task) -> str:
 _TASKS_WANTED: ContextVar[int] = ContextVar("tasks_wanted", default=0)
 
 
+#: What makes a variant's case its own: who asked, where, about what, and who follows up. Two
+#: variants of one task share few word 3-grams (their fills differ), so a benchmark's export
+#: candidates are distinct rows, not near-duplicates (refinery.neardup) of one another.
+_TEAMS = ("payments", "platform", "growth", "support", "logistics", "finance", "security", "research", "mobile",
+          "partner", "compliance", "onboarding", "pricing", "fleet", "catalog", "retention", "marketplace",
+          "identity", "data", "warehouse", "procurement", "legal", "field", "sales", "editorial", "quality",
+          "infrastructure", "checkout", "loyalty", "reporting")
+_CITIES = ("Lisbon", "Porto", "Madrid", "Seville", "Lyon", "Nantes", "Ghent", "Utrecht", "Bremen", "Leipzig",
+           "Krakow", "Brno", "Graz", "Turin", "Bologna", "Valencia", "Bilbao", "Aarhus", "Malmo", "Tampere",
+           "Cork", "Galway", "Leeds", "Bristol", "Glasgow", "Toronto", "Denver", "Austin", "Portland", "Halifax")
+_PROJECTS = ("harbor", "lantern", "meadow", "summit", "orchard", "beacon", "cedar", "falcon", "granite", "juniper",
+             "kestrel", "lagoon", "maple", "nebula", "osprey", "prairie", "quartz", "raven", "sequoia", "tundra",
+             "willow", "aurora", "bramble", "cobalt", "delta", "ember", "fjord", "glacier", "heron", "indigo")
+_ASKS = ("wants an answer before the weekly review", "asked for a short written summary",
+         "needs this settled before the quarter closes", "is covering for a colleague on leave",
+         "flagged it as blocking a customer rollout", "prefers the reply in plain language",
+         "will forward the answer to an external auditor", "asked to keep the change minimal",
+         "is new to this system and wants the reasoning", "raised it twice already this month",
+         "needs a decision the manager can sign off", "asked whether anything else is affected",
+         "wants to know how to avoid it next time", "is comparing it with last year's handling",
+         "asked for the steps in order", "has a demo with the client tomorrow")
+_PEOPLE = ("Amara", "Bruno", "Chidi", "Dagny", "Elif", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
+           "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tamsin", "Umar", "Vera", "Wiktor",
+           "Ximena", "Yusuf", "Zora", "Anouk", "Bastian", "Carmen", "Dmitri")
+_WHEN = ("Monday morning", "Monday afternoon", "Tuesday morning", "Tuesday afternoon", "Wednesday morning",
+         "Wednesday afternoon", "Thursday morning", "Thursday afternoon", "Friday morning", "Friday afternoon",
+         "the end of the day", "the next standup")
+
+
+def _case(v: int, salt: str) -> tuple[str, str]:
+    """The variant's context sentence (after the prompt) and follow-up sentence (after answers)."""
+    rng = random.Random(f"{salt}:{v}")
+    pick = lambda xs: xs[rng.randrange(len(xs))]  # noqa: E731
+    context = (f"The request comes from the {pick(_TEAMS)} team in {pick(_CITIES)}, working on project "
+               f"{pick(_PROJECTS)}; the requester {pick(_ASKS)}.")
+    follow = (f"{pick(_PEOPLE)} from {pick(_TEAMS)} owns the follow-up and checks back {pick(_WHEN)} "
+              f"with {pick(_PEOPLE)} in {pick(_CITIES)}.")
+    return context, follow
+
+
 def variant(t: Task, v: int) -> Task:
     """Variant `v` of a built-in task (0 is the task itself): the same work for another case, so
-    its prompt and every answer carry the case reference and differ from every other variant's."""
+    its prompt and every answer carry the case reference and differ from every other variant's —
+    the prompt by a context sentence, the answers by a follow-up sentence, both of the variant's
+    own (see `_case`)."""
     if not v:
         return t
+    return _variant(TASK_IDS[t], v)
+
+
+@lru_cache(maxsize=1 << 14)
+def _variant(task_id: str, v: int) -> Task:
+    t = TASKS[int(task_id.rsplit("-", 1)[1])]
     ref = f"case C-{v:07d}"
-    return replace(t, prompt=f"{t.prompt} ({ref})", good=f"{t.good} Logged under {ref}.",
-                   good_alt=f"{t.good_alt} Noted on {ref}.", partial=f"{t.partial} ({ref})",
-                   bad=f"{t.bad} ({ref})", task_id=f"{TASK_IDS[t]}-{v:07d}")
+    context, follow = _case(v, task_id)
+    return replace(t, prompt=f"{t.prompt} {context} ({ref})", good=f"{t.good} {follow} Logged under {ref}.",
+                   good_alt=f"{t.good_alt} {follow} Noted on {ref}.", partial=f"{t.partial} ({ref})",
+                   bad=f"{t.bad} ({ref})", task_id=f"{task_id}-{v:07d}")
 
 
 MODELS = [("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4"), ("local", "qwen2.5-7b-instruct")]

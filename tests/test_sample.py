@@ -127,6 +127,14 @@ def test_more_tasks_than_the_built_in_ones_make_traces_that_rarely_repeat(tmp_pa
         if isinstance(r.get("prompt"), str) and "(case C-" in r["prompt"] and r.get("completion"):
             ref = r["prompt"].rsplit("(", 1)[1].rstrip(")")
             assert ref in r["completion"] or "sk-live" in r["completion"] or "BEGIN RSA" in r["completion"]
+    # and two variants of one task are different rows, not near-duplicates an export would refuse
+    from refinery.neardup import shingles
+    from refinery.sample import TASKS, variant
+
+    for t in TASKS:
+        a, b = variant(t, 11), variant(t, 12)
+        sa, sb = set(shingles(a.prompt, a.good)), set(shingles(b.prompt, b.good))
+        assert len(sa & sb) / len(sa | sb) < 0.7
     generate(2000, 7, tmp_path / "again", tasks=1000)  # deterministic
     assert tree_bytes(tmp_path / "kb") == tree_bytes(tmp_path / "again")
     generate(1500, 7, tmp_path / "built_in", tasks=54)  # up to the built-in count: the bundled sample
