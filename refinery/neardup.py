@@ -182,6 +182,8 @@ def find(paths: list[Path], excluded: Iterable[int], threshold: float) -> Found:
 
 #: kept rows a band group remembers: a row is checked against each (the first is not always the near one)
 KEPT_PER_GROUP = 4
+#: signatures of the rows kept most recently held in memory (~0.6 KiB each); older ones are read back
+KEPT_SIGNATURES = 1 << 14
 
 
 def _find(recs: Records, excluded: Iterable[int], threshold: float) -> Found:
@@ -211,24 +213,33 @@ def _find(recs: Records, excluded: Iterable[int], threshold: float) -> Found:
     # in file order: a row near (checked) a row kept earlier in one of its groups is refused,
     # naming the nearest such row; else it is kept, and remembered in its groups
     out_places, out_kept, out_sims = array("q"), array("Q"), array("d")
+    signatures: dict[int, np.ndarray] = {}  # the rows kept most recently: checked against without a read
+
+    def signature(j: int) -> np.ndarray:
+        got = signatures.get(j)
+        return got if got is not None else recs.one(int(places[j]))["sig"]
+
     for i in rows.tolist():
         mine = recs.one(int(places[i]))["sig"]
-        mine_groups = [(k, int(g)) for k, g in enumerate(group[:, i].tolist()) if g >= 0]
+        mine_groups = [(k, g) for k, g in enumerate(group[:, i].tolist()) if g >= 0]
         best: tuple[float, int] | None = None
         seen: set[int] = set()
         for k, g in mine_groups:
             for j in kept[k][g].tolist():
                 if j >= 0 and j not in seen:
                     seen.add(j)
-                    sim = np.count_nonzero(mine == recs.one(int(places[j]))["sig"]) / NUM_PERM
+                    sim = np.count_nonzero(mine == signature(j)) / NUM_PERM
                     if sim >= threshold and (best is None or (sim, -j) > (best[0], -best[1])):
                         best = (sim, j)
         if best is None:
             for k, g in mine_groups:
                 slots = kept[k][g]
-                free = np.flatnonzero(slots < 0)
-                if len(free):
-                    slots[free[0]] = i
+                free = slots.tolist()
+                if -1 in free:
+                    slots[free.index(-1)] = i
+            signatures[i] = mine
+            if len(signatures) > KEPT_SIGNATURES:
+                del signatures[next(iter(signatures))]
         else:
             out_places.append(int(places[i]))
             out_kept.append(int(recs.one(int(places[best[1]]))["id"]))

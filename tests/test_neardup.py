@@ -51,6 +51,19 @@ def test_a_row_is_refused_only_when_near_a_kept_earlier_row(tmp_path):
     assert neardup.find([tmp_path / "0.bin", tmp_path / "1.bin"], [], 1.0) == {4: (1, 1.0), 5: (1, 1.0)}
 
 
+def test_kept_signatures_read_back_when_no_longer_held(tmp_path, monkeypatch):
+    """The rows kept most recently are compared from memory, older ones read back from the
+    joined file: the same choices whichever way."""
+    rng = np.random.default_rng(3)
+    heads = [rng.integers(0, 2**32, NUM_PERM, dtype=np.uint64).astype(np.uint32) for _ in range(6)]
+    sigs = heads + [changed(heads[k % 6], range(100, 110), rng) for k in range(30)]
+    write(tmp_path / "0.bin", sigs)
+    held = neardup.find([tmp_path / "0.bin"], [], 0.8)
+    monkeypatch.setattr(neardup, "KEPT_SIGNATURES", 1)
+    assert neardup.find([tmp_path / "0.bin"], [], 0.8) == held
+    assert set(held) == set(range(6, 36)) and {kept for kept, _ in held.values()} == set(range(1, 7))
+
+
 def test_empty_and_single_files(tmp_path):
     (tmp_path / "e.bin").write_bytes(b"")
     write(tmp_path / "one.bin", [np.arange(NUM_PERM, dtype=np.uint32)])
