@@ -240,6 +240,20 @@ def test_second_pass_finds_what_the_engine_would_and_is_quiet_on_look_alikes():
         assert check.second_pass([("x", t)]) == [], t
 
 
+def test_second_pass_runs_the_keyword_detector_only_where_its_words_are(monkeypatch):
+    """detect-secrets' keyword detector is the second pass's slowest plugin; it is skipped on a
+    line holding none of its DENYLIST words ("monkey", "author" and "capital" are none)."""
+    calls = []
+    (det,) = [p for _, p in check._plugins() if type(p).__name__ == "KeywordDetector"]
+    real = det.analyze_line
+    monkeypatch.setattr(det, "analyze_line", lambda **kw: calls.append(kw["line"]) or real(**kw))
+    check._SEEN.clear()
+    assert check.second_pass([("x", "the monkey author raised capital for the api team")]) == []
+    assert calls == []
+    assert [f.kind for f in check.second_pass([("x", 'DB_PASS = "hunter2-prod-x9"')])] == ["password"]
+    assert calls and all("DB_PASS" in c for c in calls)
+
+
 @pytest.mark.parametrize("text_", [
     "integrity sha512-z4PhNX7vuL3xVChQ1m2AB9Yg5AULVxXcg/SpIdNs6c5H0NE8XYXysP+DGNKHfuwvY7kxvUdBeoGlODJ6+SfaPg==",
     "org-AbC123dEf456GhI789jKlmN", "cus_NffrFeUfNV2Hib", "pi_3MtwBwLkdIwHu7ix28a3tqPa",
