@@ -252,6 +252,9 @@ def test_second_pass_runs_the_keyword_detector_only_where_its_words_are(monkeypa
     assert calls == []
     assert [f.kind for f in check.second_pass([("x", 'DB_PASS = "hunter2-prod-x9"')])] == ["password"]
     assert calls and all("DB_PASS" in c for c in calls)
+    # the literal gates compare case foldings, as the detectors' (?i) expressions do
+    assert [f.kind for f in check.second_pass([("x", "paſſword = 'hunter2x9zz'")])] == ["password"]
+    assert [f.kind for f in check.second_pass([("x", "API_\u212aEY=abcdefghijklmnop1234")])] == ["api_key"]
 
 
 @pytest.mark.parametrize("text_", [

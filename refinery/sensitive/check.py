@@ -53,6 +53,23 @@ _LEGACY: dict[str, str] = {
     "ssn": r"(?i)\b(?:ssn|social security)\D{0,20}\d{9}\b",
 }
 _LEGACY_RES = [(k, re.compile(v, re.DOTALL)) for k, v in _LEGACY.items()]
+_DIGIT = re.compile(r"\d")
+
+
+def _legacy_gates(view: str, folded: str) -> dict[str, bool]:
+    """Per legacy expression, whether the line holds what every match of it needs (a line
+    without "@" holds no email; without a digit, no phone number or SSN): most lines skip most
+    of them. `folded`: the line's case folding, as the (?i) parts compare ("ſ" is an "s")."""
+    digit = _DIGIT.search(view) is not None
+    return {"private_key": "-----BEGIN " in view, "bearer_token": "Bearer" in view or "eyJ" in view,
+            "api_key": (any(w in view for w in _API_KEY_LITERALS)
+                        or any(w in folded for w in ("key", "token", "secret"))),
+            "password": "@" in view or "pass" in folded or "pwd" in folded, "email": "@" in view,
+            "phone": digit, "private_note": "[" in view or "<" in view, "ssn": digit}
+
+
+#: what each case-sensitive alternative of the legacy api_key expression starts with
+_API_KEY_LITERALS = ("sk-", "pk-", "rk-", "AKIA", "gh", "github_pat_", "xox", "AIza", "glpat-", "hf_")
 
 _TOKEN = re.compile(r"[A-Za-z0-9+/_-]{20,}={0,2}")  # "=" ends a token but for base64 padding (KEY=value)
 # card numbers start with 2–6 (Mastercard, Amex/Diners/JCB, Visa, Discover/UnionPay); a leading 1
@@ -146,20 +163,55 @@ def _keyword_gate() -> re.Pattern[str]:
     return re.compile("|".join(DENYLIST), re.IGNORECASE)
 
 
-def _in_view(view: str) -> Iterator[tuple[str, str]]:
-    keywordish = _keyword_gate().search(view) is not None
+@cache
+def _gated_plugins() -> list[tuple[str, Any, tuple[re.Pattern[str], ...] | None, tuple[str, ...] | None]]:
+    """(kind, plugin, gate, literals): a plugin that finds only what its denylist's regular
+    expressions match (detect-secrets' RegexBasedDetector, as it is) finds nothing in a line none
+    of them matches anywhere, so it is called only where one does — a search per expression
+    instead of a call through its machinery (most lines match none). The keyword detector's gate
+    is its DENYLIST words, searched for only in a line whose case folding holds one of `literals`."""
+    from detect_secrets.plugins.base import BasePlugin, RegexBasedDetector
+
+    out = []
     for kind, plugin in _plugins():
-        if not keywordish and type(plugin).__name__ == "KeywordDetector":
+        cls = type(plugin)
+        gate, literals = None, None
+        if cls.__name__ == "KeywordDetector":
+            gate, literals = (_keyword_gate(),), _keyword_literals()
+        elif (isinstance(plugin, RegexBasedDetector) and cls.analyze_line is BasePlugin.analyze_line
+              and cls.analyze_string is RegexBasedDetector.analyze_string):
+            gate = tuple(plugin.denylist)
+        out.append((kind, plugin, gate, literals))
+    return out
+
+
+@cache
+def _keyword_literals() -> tuple[str, ...] | None:
+    """A literal in each of the keyword detector's DENYLIST words (api_?key, db_?pass, passwd,
+    pwd, secret, contraseña, …), or None when a word of a later detect-secrets holds none of them."""
+    from detect_secrets.plugins.keyword import DENYLIST
+
+    literals = ("key", "pass", "pwd", "secret", "contrase")
+    return literals if all(any(w in word for w in literals) for word in DENYLIST) else None
+
+
+def _in_view(view: str) -> Iterator[tuple[str, str]]:
+    folded = view.casefold()
+    for kind, plugin, gate, literals in _gated_plugins():
+        if literals is not None and not any(w in folded for w in literals):
+            continue
+        if gate is not None and not any(rx.search(view) for rx in gate):
             continue
         if plugin.analyze_line(filename="refinery-export.txt", line=view, line_number=0):
             yield kind, f"detect-secrets scan:{type(plugin).__name__}"
     for token in _TOKEN.findall(view):
         if _generated(token) and not _ID.match(token) and not _pathlike(token):
             yield "api_key", "entropy"
+    gates = _legacy_gates(view, folded)
     for kind, rx in _LEGACY_RES:
-        if rx.search(view):
+        if gates[kind] and rx.search(view):
             yield kind, f"legacy:{kind}"
-    if any(c.isdigit() for c in view):
+    if gates["ssn"]:  # a digit: what the card, IBAN and SSN expressions below all need
         from stdnum import iban, luhn
 
         for run in _DIGITS.findall(view):
