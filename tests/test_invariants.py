@@ -329,6 +329,24 @@ def test_a_near_duplicate_refusal_is_checked_against_the_row_it_names(gws):
                         r"their estimated similarity is 0\.\d{3}, under 0\.8", found), found
 
 
+def test_the_row_a_near_duplicate_refusal_names_is_no_card_number(gws):
+    """The kept row's id is 16 hex digits of a sha256: now and then all decimal, and then a
+    Luhn-valid card number (seen at 10^6 rows) or a phone number to the scans. Refinery made it,
+    so the audit's scans do not read it; a card number anywhere else in the detail still fails."""
+    q = "exports/quarantine/export-sft.jsonl"
+    at = next(i for i, r in enumerate(map(orjson.loads, (gws.root / q).read_bytes().splitlines()))
+              if r["reason"] == "near_duplicate")
+    card = "4532015112830366"  # a Luhn-valid test Visa number
+
+    def name(detail: str) -> None:
+        edit_rows(gws, q, lambda i, r: {**r, "detail": detail} if i == at else None)
+
+    name(f"near-duplicate of sft-{card}, kept in the export (estimated Jaccard similarity 0.812; threshold 0.8)")
+    assert problems_of(gws, "no_secrets_in_exports") == []
+    name(f"near-duplicate of sft-0000000000000001, kept in the export (card {card}; threshold 0.8)")
+    assert any("credit_card in detail" in p for p in problems_of(gws, "no_secrets_in_exports"))
+
+
 def test_an_edited_byte_is_caught_and_the_file_named(gws):
     for rel in (first_evidence(gws), RAG, "exports/quarantine/score.jsonl", "data/scored-runs/manifest.json"):
         p = gws.root / rel
