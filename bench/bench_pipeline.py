@@ -120,7 +120,13 @@ def run(command: str, ws: Path, workers: int, extra: list[str]) -> dict:
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         if proc.returncode != 0:
-            sys.exit(f"{command} failed ({proc.returncode}): {err.read().decode()[-2000:]}")
+            try:  # a command that printed its JSON result: what failed (audit-full's checks, say)
+                failed = [f"{c['key']}: {'; '.join(c['problems'][:3])}"
+                          for c in orjson.loads(out.read()).get("checks", []) if not c.get("ok", True)]
+            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+                failed = []
+            sys.exit(f"{command} failed ({proc.returncode}): {err.read().decode()[-2000:]}"
+                     + "".join(f"\n  {f[:1000]}" for f in failed))
         return {"result": orjson.loads(out.read()), "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
                 "peak_rss_mib": usage.ru_maxrss / 1024}
 
