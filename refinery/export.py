@@ -462,11 +462,11 @@ class Lines(AbstractSet[int]):
     def __len__(self) -> int:
         return len(self.lines)
 
-    def __getstate__(self) -> array[int]:
-        return self.lines
+    def __getstate__(self) -> tuple[array[int]]:  # a tuple: an empty array is falsy, and pickle would drop it
+        return (self.lines,)
 
-    def __setstate__(self, lines: array[int]) -> None:
-        self.lines, self._set = lines, None
+    def __setstate__(self, state: tuple[array[int]]) -> None:
+        self.lines, self._set = state[0], None
 
 
 def _duplicates(keys: list[array[int]]) -> dict[int, array[int]]:
@@ -587,9 +587,10 @@ UNIT_BYTES = 8 << 20
 
 
 def _merge_units(e: str, tmp_root: Path, buckets: int, candidates: list[int], repeated: dict[int, array[int]],
-                 near: dict[int, NearRefusals], threshold: float = 0.0) -> list[MergeUnit]:
+                 near: dict[int, NearRefusals], threshold: float) -> list[MergeUnit]:
     """An export's merge units: its task buckets (grouped), or runs of consecutive files' parts
-    with the lines among them that repeat an earlier candidate or are near one (ungrouped)."""
+    with the lines among them that repeat an earlier candidate or are near one (ungrouped;
+    `threshold`: the near-duplicate threshold their refusals' details name)."""
     def unit(u: int, parts: list[Path], duplicates: Lines | None = None,
              close: NearRefusals | None = None) -> MergeUnit:
         return MergeUnit(e, parts, tmp_root / f"m-{e}-{u:06d}.jsonl", tmp_root / f"mq-{e}-{u:06d}.jsonl",

@@ -364,8 +364,10 @@ def test_dedup_keeps_the_first_of_each_key_in_file_order_across_units(tmp_path, 
     # a unit travels to a worker compact and answers there as before
     import pickle
 
-    again = pickle.loads(pickle.dumps(one[0]))
-    assert again.duplicates == {2, 3, 5, 6} and dict(again.near) == dict(one[0].near)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        again = pickle.loads(pickle.dumps(one[0], protocol))
+        assert again.duplicates == {2, 3, 5, 6} and dict(again.near) == dict(one[0].near)
+        assert pickle.loads(pickle.dumps(export.Lines(), protocol)) == set()  # empty, too
 
 
 def test_the_shared_quarantine_is_the_same_whichever_exports_a_command_writes(fixture_ws, cfg):
