@@ -754,7 +754,8 @@ REFINERY_FIELDS = frozenset({"schema_version", "id", "provenance", "rejected_pro
 #: The kept row a near-duplicate refusal names: an id refinery made (16 hex digits of a sha256),
 #: which one time in ~2,000 is all decimal digits — a card number to the Luhn check, a phone
 #: number to the engine (seen at 10^6 rows). Masked in the refusal's detail before the scans.
-_NAMED_ROW = re.compile(r"^(near-duplicate of )[a-z][a-z0-9]*-[0-9a-f]{16}(, kept in the export )")
+_NAMED_ROW = re.compile(r"^(near-duplicate of )[a-z][a-z0-9]*-[0-9a-f]{16}(, kept in the export \(estimated "
+                        r"Jaccard similarity [01]\.\d{3}; threshold [0-9.]+\))$")
 
 
 def scanned_fields(row: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -763,7 +764,7 @@ def scanned_fields(row: dict[str, Any]) -> list[tuple[str, Any]]:
     for k, v in row.items():
         if k in REFINERY_FIELDS:
             continue
-        if k == "detail" and isinstance(v, str) and v.startswith("near-duplicate of "):
+        if k == "detail" and row.get("reason") == "near_duplicate" and isinstance(v, str):
             v = _NAMED_ROW.sub(r"\1<row id>\2", v)
         if k == "meta" and isinstance(v, dict):
             out += [(f"meta.{mk}", mv) for mk, mv in v.items() if mk not in REFINERY_FIELDS]
