@@ -255,6 +255,8 @@ def test_second_pass_runs_the_keyword_detector_only_where_its_words_are(monkeypa
     # the literal gates compare case foldings, as the detectors' (?i) expressions do
     assert [f.kind for f in check.second_pass([("x", "paſſword = 'hunter2x9zz'")])] == ["password"]
     assert [f.kind for f in check.second_pass([("x", "API_\u212aEY=abcdefghijklmnop1234")])] == ["api_key"]
+    # the detector's own words, not a guess at them: "contraseña" was never looked at before
+    assert [f.kind for f in check.second_pass([("x", "contraseña = 'abc12345'")])] == ["password"]
 
 
 @pytest.mark.parametrize("text_", [
