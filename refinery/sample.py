@@ -195,7 +195,7 @@ def _case(v: int, salt: str) -> tuple[str, str]:
 def variant(t: Task, v: int) -> Task:
     """Variant `v` of a built-in task (0 is the task itself): the same work for another case, so
     its prompt and every answer carry the case reference and differ from every other variant's —
-    the prompt by a context sentence, the answers by a follow-up sentence, both of the variant's
+    the prompt by a context sentence, each answer by a follow-up sentence, both of the variant's
     own (see `_case`)."""
     if not v:
         return t
@@ -208,8 +208,8 @@ def _variant(task_id: str, v: int) -> Task:
     ref = f"case C-{v:07d}"
     context, follow = _case(v, task_id)
     return replace(t, prompt=f"{t.prompt} {context} ({ref})", good=f"{t.good} {follow} Logged under {ref}.",
-                   good_alt=f"{t.good_alt} {follow} Noted on {ref}.", partial=f"{t.partial} ({ref})",
-                   bad=f"{t.bad} ({ref})", task_id=f"{task_id}-{v:07d}")
+                   good_alt=f"{t.good_alt} {follow} Noted on {ref}.", partial=f"{t.partial} {follow} ({ref})",
+                   bad=f"{t.bad} {follow} ({ref})", task_id=f"{task_id}-{v:07d}")
 
 
 MODELS = [("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4"), ("local", "qwen2.5-7b-instruct")]
