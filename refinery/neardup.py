@@ -39,24 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
+from refinery.neardup_params import NUM_PERM, RECALL_AT_THRESHOLD, SEED, SHINGLE, version
 from refinery.normalize import word_ngrams
 
-NUM_PERM = 128
-SEED = 0x5EED
-SHINGLE = 3
+__all__ = ["NUM_PERM", "RECALL_AT_THRESHOLD", "RECORD", "SEED", "SHINGLE", "Found", "Signer", "bands", "find",
+           "shingles", "version"]
+
 RECORD = np.dtype([("id", "<u8"), ("sig", "<u4", (NUM_PERM,))])
 #: candidates a band's hashes or a check's signatures are computed for at once
 CHUNK = 1 << 16
-
-
-def version() -> str:
-    """What the signatures depend on besides the text (in the export's config hash)."""
-    from importlib.metadata import version as installed
-
-    import rensa
-
-    return (f"rensa {installed('rensa')}/{rensa.RMinHash.ALGORITHM_VERSION} perm {NUM_PERM} seed {SEED} "
-            f"word {SHINGLE}-grams, bands at recall {RECALL_AT_THRESHOLD}")
 
 
 def shingles(prompt: str, answer: str) -> list[str]:
@@ -77,11 +68,6 @@ class Signer:
         m = self._new(num_perm=NUM_PERM, seed=SEED)
         m.update(shingles(prompt, answer))
         return int(row_id[3:], 16).to_bytes(8, "little") + np.asarray(m.digest(), "<u4").tobytes()
-
-
-#: LSH bands are chosen so that a pair exactly at the threshold becomes a candidate at least this
-#: often (a pair more alike, more often); every candidate is checked, so more candidates cost time only
-RECALL_AT_THRESHOLD = 0.95
 
 
 @lru_cache(maxsize=32)

@@ -121,7 +121,7 @@ def _export_settings(stage: str) -> Callable[[Config, bool | None], dict[str, An
         out = {"export": e, "stage": stage, "sensitive_rules": ruleset()}
         # the signatures' hashing: a new rensa may group rows otherwise
         if cfg.export.dedup and cfg.export.near_duplicates:
-            from refinery.neardup import version
+            from refinery.neardup_params import version
 
             out["near_duplicates"] = version()
         return out
