@@ -125,3 +125,17 @@ def test_many_files_need_one_descriptor(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert found == {i: (1, 1.0) for i in range(100, 600, 100)}  # every copy names the first
     assert sorted(tmp_path.glob("n-*")) == sorted(paths)  # the joined file is gone
+
+
+def test_the_config_hash_needs_no_numpy():
+    """Every run computes the exports' config hash, which names the signatures' version: an
+    unchanged re-run (a second or less) should not spend ~0.2 s importing numpy for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from refinery.config import Config; from refinery.stages import BY_NAME; "
+            "h = [BY_NAME[s].config_hash(Config()) for s in BY_NAME]; "
+            "assert 'rensa' in str(BY_NAME['export-rag'].settings(Config(), None)); "
+            "print('numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
