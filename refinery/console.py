@@ -151,16 +151,31 @@ def _drift_line(drift: dict[str, Any] | None) -> str:
             f"({moved['alert']} alert, {moved['warn']} warn, {moved['ok']} ok{judged})")
 
 
+#: rows of run-all's categories-per-source table: past this, the largest sources and one row for the rest
+SOURCES_SHOWN = 25
+
+
 def run_all_summary(outcome: Any, console: Console | None = None) -> None:
     console = console or Console()
     rs = outcome.receipts
     console.print(_stage_table(f"run-all — run {outcome.run_id}", rs))
     if score := rs.get("score"):
         t = _table("score — categories per source", "source", "accepted", "partially", "rejected", "review")
-        for src, cats in score["by_source"].items():
-            t.add_row(src, *(f"{cats.get(c, 0):,}" for c in CATEGORIES))
+        sources = score["by_source"]
+        shown = set(sources)
+        if len(sources) > SOURCES_SHOWN:  # a source per file: thousands of rows would bury the rest
+            shown = set(sorted(sources, key=lambda src: (-sum(sources[src].values()), src))[:SOURCES_SHOWN - 1])
+        for src, cats in sources.items():
+            if src in shown:
+                t.add_row(src, *(f"{cats.get(c, 0):,}" for c in CATEGORIES))
+        if rest := [cats for src, cats in sources.items() if src not in shown]:
+            t.add_row(f"{len(rest):,} other sources",
+                      *(f"{sum(other.get(c, 0) for other in rest):,}" for c in CATEGORIES), style="dim")
         t.add_row("total", *(f"{score['by_category'].get(c, 0):,}" for c in CATEGORIES), style="bold")
         console.print(t)
+        if rest:
+            console.print(f"(the {SOURCES_SHOWN - 1} largest sources shown; `refinery receipts --json` lists all "
+                          f"{len(sources):,})")
     reasons = {stage.removeprefix("export-"): r["by_reason"] for stage, r in rs.items()}
     names = sorted({r for v in reasons.values() for r in v})
     if names:
