@@ -108,13 +108,14 @@ def list_sources(ws: Workspace, ignore: list[str]) -> tuple[list[SourceFile], li
             container, compressed = None, False  # unreadable: materialize says so by name
         found.append((path, kb_rel, container, compressed, refused))
     names = Counter(stream_name(f[1]) for f in found)
+    kb = ws.rel(ws.kb)  # once: it resolves the path (thousands of files, and run-all lists them four times)
     sources = []
     for path, kb_rel, container, compressed, refused in found:
         shown = kb_rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         if shown != kb_rel:
             refused = f"its name is not valid UTF-8 ({shown}): rename it"
         if refused:  # named as it can be shown, and refused (see materialize)
-            sources.append(SourceFile(path, shown, f"{ws.rel(ws.kb)}/{shown}", None, 0, False,
+            sources.append(SourceFile(path, shown, f"{kb}/{shown}", None, 0, False,
                                       shown.replace("/", "."), refused=refused))
             continue
         name = stream_name(kb_rel)
@@ -125,7 +126,7 @@ def list_sources(ws: Workspace, ignore: list[str]) -> tuple[list[SourceFile], li
         except OSError:
             size = 0
         # the path under data/_kb, as the operator put it (not where a link points)
-        sources.append(SourceFile(path, kb_rel, f"{ws.rel(ws.kb)}/{kb_rel}", container, size, compressed, name))
+        sources.append(SourceFile(path, kb_rel, f"{kb}/{kb_rel}", container, size, compressed, name))
     return sources, ignored
 
 
