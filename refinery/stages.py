@@ -155,7 +155,7 @@ def _run_materialize(ws: Workspace, cfg: Config, include_partial: bool | None, s
 def _evidence(ws: Workspace, cfg: Config) -> list[tuple[Path, str]]:
     from refinery.score import evidence_files
 
-    return sorted(((p, ws.rel(p)) for p in evidence_files(ws)), key=lambda f: f[1])
+    return sorted(ws.rels(evidence_files(ws)), key=lambda f: f[1])
 
 
 def _score_inputs(ws: Workspace, cfg: Config) -> list[tuple[Path, str]]:
@@ -175,7 +175,7 @@ def _run_score(ws: Workspace, cfg: Config, include_partial: bool | None, stages:
 
 def _scored(ws: Workspace, cfg: Config) -> list[tuple[Path, str]]:
     """What the exports read: the evidence, the scored runs and the scored runs' manifest."""
-    scored = ((p, ws.rel(p)) for p in ws.scored_runs.rglob("*") if p.is_file())
+    scored = ws.rels(p for p in ws.scored_runs.rglob("*") if p.is_file())
     return sorted([*_evidence(ws, cfg), *scored], key=lambda f: f[1])
 
 

@@ -15,7 +15,7 @@ import fcntl
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,9 +158,26 @@ class Workspace:
     def reports(self) -> Path:
         return self.root / "reports" / "distillation"
 
+    def rels(self, paths: Iterable[Path]) -> list[tuple[Path, str]]:
+        """(path, `rel(path)`) for many files: each folder is resolved once, not once per file in
+        it (an unchanged re-run lists thousands of output files); a file that is itself a link
+        is resolved whole, as `rel` does."""
+        folders: dict[Path, Path] = {}
+        out = []
+        for p in paths:
+            if p.is_symlink():
+                out.append((p, self.rel(p)))
+                continue
+            if (real := folders.get(p.parent)) is None:
+                real = folders[p.parent] = p.parent.resolve()
+            out.append((p, self._rel_resolved(real / p.name)))
+        return out
+
     def rel(self, path: Path) -> str:
         """`path` relative to the (output) root, with forward slashes (as in provenance)."""
-        path = path.resolve()
+        return self._rel_resolved(path.resolve())
+
+    def _rel_resolved(self, path: Path) -> str:
         if self.out_root is not None and path.is_relative_to(self.out_root):
             return path.relative_to(self.out_root).as_posix()
         return path.relative_to(self.root).as_posix()

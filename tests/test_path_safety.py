@@ -206,3 +206,25 @@ def test_the_index_never_replaces_a_folder_that_is_not_an_index(ws):
     with pytest.raises(RetrievalError, match="holds files that are not a RAG index"):
         RagIndex.open(ws, "distill_out")
     assert (ws.root / "distill_out" / "ad-0123456789ab").is_dir()
+
+
+def test_rels_of_many_files_are_what_rel_says_of_each(tmp_path):
+    """`Workspace.rels` resolves each folder once; links — a linked folder, a linked file — come
+    out as `rel` makes them."""
+    from refinery.workspace import Workspace
+
+    root = tmp_path / "ws"
+    (root / "data" / "evidence" / "2026").mkdir(parents=True)
+    elsewhere = tmp_path / "big" / "scored"
+    elsewhere.mkdir(parents=True)
+    (root / "data" / "scored-runs").symlink_to(elsewhere)
+    for name in ("a.jsonl", "b.jsonl"):
+        (root / "data" / "evidence" / "2026" / name).write_text("{}\n")
+        (elsewhere / name).write_text("{}\n")
+    (root / "data" / "evidence" / "2026" / "c.jsonl").symlink_to(root / "data" / "evidence" / "2026" / "a.jsonl")
+    ws = Workspace(root.resolve(), tmp_path.resolve())
+    files = sorted(p for p in (root / "data" / "evidence").rglob("*") if p.is_file())
+    files += sorted(p for p in (root / "data" / "scored-runs").rglob("*") if p.is_file())  # through the link
+    assert len(files) == 5
+    assert ws.rels(files) == [(p, ws.rel(p)) for p in files]
+    assert ws.rels(files)[-1][1] == "big/scored/b.jsonl" and ws.rels(files)[2][1] == "ws/data/evidence/2026/a.jsonl"
