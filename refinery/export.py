@@ -587,10 +587,9 @@ UNIT_BYTES = 8 << 20
 
 
 def _merge_units(e: str, tmp_root: Path, buckets: int, candidates: list[int], repeated: dict[int, array[int]],
-                 near: dict[int, NearRefusals], threshold: float) -> list[MergeUnit]:
+                 near: dict[int, NearRefusals]) -> list[MergeUnit]:
     """An export's merge units: its task buckets (grouped), or runs of consecutive files' parts
-    with the lines among them that repeat an earlier candidate or are near one (ungrouped;
-    `threshold`: the near-duplicate threshold their refusals' details name)."""
+    with the lines among them that repeat an earlier candidate or are near one (ungrouped)."""
     def unit(u: int, parts: list[Path], duplicates: Lines | None = None,
              close: NearRefusals | None = None) -> MergeUnit:
         return MergeUnit(e, parts, tmp_root / f"m-{e}-{u:06d}.jsonl", tmp_root / f"mq-{e}-{u:06d}.jsonl",
@@ -600,20 +599,20 @@ def _merge_units(e: str, tmp_root: Path, buckets: int, candidates: list[int], re
         return [unit(b, [part_path(tmp_root, e, i, b) for i in range(len(candidates))]) for b in range(buckets)]
     units: list[MergeUnit] = []
     parts: list[Path] = []
-    new_close = lambda: NearRefusals(BY_NAME[e].id_prefix, threshold)  # noqa: E731
-    duplicates, close = Lines(), new_close()
+    duplicates, close = Lines(), None
     size = lines = 0
     for i, n in enumerate(candidates):
         path = part_path(tmp_root, e, i)
         parts.append(path)
         duplicates.lines.extend(lines + line for line in repeated.get(i, ()))
         if i in near:
+            close = close or NearRefusals(near[i].prefix, near[i].threshold)
             close.extend(near[i], lines)
         lines += n
         size += path.stat().st_size if path.exists() else 0
         if size >= UNIT_BYTES or i == len(candidates) - 1:
             units.append(unit(len(units), parts, duplicates, close))
-            parts, duplicates, close, size, lines = [], Lines(), new_close(), 0, 0
+            parts, duplicates, close, size, lines = [], Lines(), None, 0, 0
     return units
 
 
@@ -662,7 +661,7 @@ def _merge(ws: Workspace, cfg: Config, s: Settings, exports: tuple[str, ...], tm
         counts = [f[e].candidates for f in read]
         repeated = _duplicates([f[e].keys for f in read])
         near = _near_duplicates(e, tmp_root, s, counts, repeated) if BY_NAME[e].dedup else {}
-        units[e] = _merge_units(e, tmp_root, buckets, counts, repeated, near, s.export.near_duplicate_threshold)
+        units[e] = _merge_units(e, tmp_root, buckets, counts, repeated, near)
     flat = [u for e in exports for u in units[e]]
     merged = map_files(_merge_unit, [(u, s) for u in flat], [size(u.parts) for u in flat], **workers)
     finish, at = [], 0

@@ -353,12 +353,12 @@ def test_dedup_keeps_the_first_of_each_key_in_file_order_across_units(tmp_path, 
     near = {1: export.NearRefusals("rag", 0.8, [1], [0xA], [0.85]),  # file → its lines near a kept row
             2: export.NearRefusals("rag", 0.8, [2], [0xB], [0.9])}
     detail = "near-duplicate of rag-{:016x}, kept in the export (estimated Jaccard similarity {}; threshold 0.8)"
-    one = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near, 0.8)
+    one = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near)
     assert [len(u.parts) for u in one] == [3] and one[0].duplicates == {2, 3, 5, 6}  # lines across the run
     assert dict(one[0].near) == {4: detail.format(0xA, "0.850"), 7: detail.format(0xB, "0.900")}
     assert 5 not in one[0].near and 4 not in one[0].duplicates
     monkeypatch.setattr(export, "UNIT_BYTES", 1)
-    each = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near, 0.8)
+    each = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near)
     assert [u.duplicates for u in each] == [{2}, {0}, {0, 1}]
     assert [dict(u.near) for u in each] == [{}, {1: detail.format(0xA, "0.850")}, {2: detail.format(0xB, "0.900")}]
     # a unit travels to a worker compact and answers there as before
