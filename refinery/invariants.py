@@ -93,7 +93,8 @@ class Context:
 
     def files(self, tree: str, pattern: str = "*.jsonl") -> list[str]:
         root = self.path(tree)
-        return sorted(self.ws.rel(p) for p in root.rglob(pattern) if p.is_file()) if root.is_dir() else []
+        return sorted(rel for _, rel in self.ws.rels(p for p in root.rglob(pattern) if p.is_file())) \
+            if root.is_dir() else []
 
     def outputs(self, stage: str) -> list[dict[str, Any]]:
         return self.receipts.get(stage, {}).get("outputs", [])

@@ -306,7 +306,7 @@ def read_manifest(ws: Workspace, digest: Callable[[Path], str] = file_sha256) ->
     if not path.exists():
         raise StaleInputError("no scored runs in data/scored-runs/; run `refinery score` first")
     manifest = orjson.loads(path.read_bytes())
-    on_disk = [ws.rel(p) for p in evidence_files(ws)]
+    on_disk = [rel for _, rel in ws.rels(evidence_files(ws))]
     listed = [f["evidence"] for f in manifest["files"]]
     if on_disk != listed:
         raise StaleInputError("the evidence files changed since scoring; run `refinery score` again")
