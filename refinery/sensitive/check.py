@@ -56,11 +56,11 @@ _LEGACY_RES = [(k, re.compile(v, re.DOTALL)) for k, v in _LEGACY.items()]
 _DIGIT = re.compile(r"\d")
 
 
-def _legacy_gates(view: str, folded: str) -> dict[str, bool]:
+def _legacy_gates(view: str, folded: str, digit: bool) -> dict[str, bool]:
     """Per legacy expression, whether the line holds what every match of it needs (a line
     without "@" holds no email; without a digit, no phone number or SSN): most lines skip most
-    of them. `folded`: the line's case folding, as the (?i) parts compare ("ſ" is an "s")."""
-    digit = _DIGIT.search(view) is not None
+    of them. `folded`: the line's case folding, as the (?i) parts compare ("ſ" is an "s");
+    `digit`: whether it holds a digit (as `\\d` matches)."""
     return {"private_key": "-----BEGIN " in view, "bearer_token": "Bearer" in view or "eyJ" in view,
             "api_key": (any(w in view for w in _API_KEY_LITERALS)
                         or any(w in folded for w in ("key", "token", "secret"))),
@@ -207,11 +207,12 @@ def _in_view(view: str) -> Iterator[tuple[str, str]]:
     for token in _TOKEN.findall(view):
         if _generated(token) and not _ID.match(token) and not _pathlike(token):
             yield "api_key", "entropy"
-    gates = _legacy_gates(view, folded)
+    digit = _DIGIT.search(view) is not None
+    gates = _legacy_gates(view, folded, digit)
     for kind, rx in _LEGACY_RES:
         if gates[kind] and rx.search(view):
             yield kind, f"legacy:{kind}"
-    if gates["ssn"]:  # a digit: what the card, IBAN and SSN expressions below all need
+    if digit:  # what the card, IBAN and SSN expressions below all need
         from stdnum import iban, luhn
 
         for run in _DIGITS.findall(view):
