@@ -34,6 +34,7 @@ import bisect
 import hashlib
 import itertools
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -479,6 +480,12 @@ def _duplicates(keys: list[array[int]]) -> dict[int, array[int]]:
             if not seen(key):
                 out.setdefault(i, array("q")).append(line)
     return out
+
+
+#: A near-duplicate refusal's detail as `NearRefusals` writes it (`row`: the kept row's id): the
+#: audit masks that id before its secret scans, since refinery made it (invariants.scanned_fields).
+NEAR_DETAIL = re.compile(r"near-duplicate of (?P<row>[a-z][a-z0-9]*-[0-9a-f]{16}), kept in the export \(estimated "
+                         r"Jaccard similarity [01]\.\d{3}; threshold [0-9.]+\)")
 
 
 class NearRefusals(Mapping[int, str]):

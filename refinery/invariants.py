@@ -28,6 +28,7 @@ import orjson
 from refinery import receipts as rc
 from refinery.canonical import sig_hash
 from refinery.config import Config
+from refinery.export import NEAR_DETAIL
 from refinery.jsonl import DEFAULT_MAX_LINE_BYTES, Line, LineCursor, read_jsonl
 from refinery.normalize import answer_text, normalize_text
 from refinery import exporters, workspace
@@ -752,11 +753,10 @@ REFINERY_FIELDS = frozenset({"schema_version", "id", "provenance", "rejected_pro
                              "raw_length", "raw_sha256"})
 
 
-#: The kept row a near-duplicate refusal names: an id refinery made (16 hex digits of a sha256),
+#: The kept row a near-duplicate refusal names is an id refinery made (16 hex digits of a sha256),
 #: which one time in ~2,000 is all decimal digits — a card number to the Luhn check, a phone
-#: number to the engine (seen at 10^6 rows). Masked in the refusal's detail before the scans.
-_NAMED_ROW = re.compile(r"^(near-duplicate of )[a-z][a-z0-9]*-[0-9a-f]{16}(, kept in the export \(estimated "
-                        r"Jaccard similarity [01]\.\d{3}; threshold [0-9.]+\))$")
+#: number to the engine (seen at 10^6 rows): masked in the refusal's detail before the scans.
+_ROW_MASK = "<row id>"
 
 
 def scanned_fields(row: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -765,8 +765,9 @@ def scanned_fields(row: dict[str, Any]) -> list[tuple[str, Any]]:
     for k, v in row.items():
         if k in REFINERY_FIELDS:
             continue
-        if k == "detail" and row.get("reason") == "near_duplicate" and isinstance(v, str):
-            v = _NAMED_ROW.sub(r"\1<row id>\2", v)
+        if k == "detail" and row.get("reason") == "near_duplicate" and isinstance(v, str) \
+                and (named := NEAR_DETAIL.fullmatch(v)):
+            v = v[:named.start("row")] + _ROW_MASK + v[named.end("row"):]
         if k == "meta" and isinstance(v, dict):
             out += [(f"meta.{mk}", mv) for mk, mv in v.items() if mk not in REFINERY_FIELDS]
         else:

@@ -357,6 +357,9 @@ def test_dedup_keeps_the_first_of_each_key_in_file_order_across_units(tmp_path, 
     assert [len(u.parts) for u in one] == [3] and one[0].duplicates == {2, 3, 5, 6}  # lines across the run
     assert dict(one[0].near) == {4: detail.format(0xA, "0.850"), 7: detail.format(0xB, "0.900")}
     assert 5 not in one[0].near and 4 not in one[0].duplicates
+    # the audit finds the kept row's id in each detail by the pattern written beside the writer
+    assert [export.NEAR_DETAIL.fullmatch(d)["row"] for d in one[0].near.values()] == [
+        "rag-000000000000000a", "rag-000000000000000b"]
     monkeypatch.setattr(export, "UNIT_BYTES", 1)
     each = export._merge_units("rag", tmp_path, 1, [3, 2, 3], repeated, near)
     assert [u.duplicates for u in each] == [{2}, {0}, {0, 1}]
